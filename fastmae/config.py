@@ -1,0 +1,101 @@
+"""Dataclass configs with named presets. The resolved config is written to ``config.json`` beside the checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .errors import FastMAEError
+from .models import check_mask_ratio, list_models
+
+LOADERS = ("auto", "torchvision", "synthetic")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class PretrainConfig:
+    """Everything a pretraining run depends on. CLI flags are these field names in kebab-case."""
+
+    model: str = _f("mae_vit_tiny_patch16", "model name (fastmae models lists them)")
+    img_size: int = _f(224, "input resolution in pixels")
+    data: str | None = _f(None, "folder of images, searched recursively (default: scikit-image's bundled photos)")
+    output_dir: str = _f("output/pretrain", "where config, metrics, checkpoints and pictures go")
+    epochs: int = _f(800, "epochs over the data set")
+    warmup_epochs: float = _f(40, "linear warmup length in epochs (then cosine decay per iteration)")
+    batch_size: int = _f(64, "images per optimizer step")
+    blr: float = _f(1.5e-4, "base learning rate: lr = blr * batch_size / 256")
+    lr: float | None = _f(None, "absolute learning rate (overrides --blr)")
+    min_lr: float = _f(0.0, "floor of the cosine schedule")
+    weight_decay: float = _f(0.05, "AdamW weight decay (not on biases, norms, tokens)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    mask_ratio: float = _f(0.75, "fraction of patches removed, in [0, 1)")
+    norm_pix_loss: bool = _f(False, "normalise each target patch by its mean and std")
+    encoder_mode: str = _f("visible", "visible (MAE) or mask_token (encoder sees all patches)")
+    seed: int = _f(0, "random seed")
+    device: str = _f("auto", "auto | cpu | cuda")
+    loader: str = _f("auto", "auto | torchvision | synthetic")
+    num_workers: int | None = _f(None, "data loader processes (default: min(8, CPU count))")
+    synthetic_images: int = _f(4096, "images per epoch for --loader synthetic")
+    kernels: str = _f("auto", "auto | reference | triton, or per op: masking=triton,masked_mse=reference")
+    attn_backend: str = _f("auto", "auto | xformers | sdpa | math")
+    precision: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32")
+    compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA, off for CPU)")
+    stop_after_steps: int | None = _f(None, "stop once the global step reaches N (schedule unchanged)")
+    log_every: int = _f(10, "log metrics every N optimizer steps")
+    save_every: int | None = _f(None, "save checkpoint-last.pth every N steps (always at the end)")
+    resume: str | None = _f(None, "checkpoint path, or 'auto' for the output folder's checkpoint-last.pth")
+    num_reconstructions: int = _f(4, "images shown in each reconstructions/*.png")
+    progress: bool = _f(True, "show a progress bar")
+
+    def validate(self) -> PretrainConfig:
+        if self.model not in list_models():
+            raise FastMAEError(f"unknown model {self.model!r}; known models: {', '.join(list_models())}")
+        check_mask_ratio(self.mask_ratio)
+        for name, choices in (("loader", LOADERS), ("device", DEVICES), ("precision", PRECISIONS)):
+            if getattr(self, name) not in choices:
+                raise FastMAEError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        for name in ("epochs", "batch_size", "img_size", "log_every", "synthetic_images"):
+            if getattr(self, name) <= 0:
+                raise FastMAEError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("stop_after_steps", "save_every"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise FastMAEError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
+            raise FastMAEError(f"--warmup-epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
+        return self
+
+    def effective_lr(self) -> float:
+        return self.lr if self.lr is not None else self.blr * self.batch_size / 256
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, PretrainConfig] = {
+    # The default: a tiny MAE on the bundled photos that visibly learns in a few minutes on a 2-core CPU.
+    "demo": PretrainConfig(
+        model="mae_vit_tiny_patch16", img_size=96, epochs=60, warmup_epochs=5, batch_size=8, blr=0.05,
+        output_dir="output/demo", log_every=5,
+    ),
+    # The official MAE recipe (facebookresearch/mae PRETRAIN.md): batch 4096, blr 1.5e-4, 40 warmup epochs, norm-pix.
+    **{
+        name: PretrainConfig(
+            model=name, img_size=224, epochs=800, warmup_epochs=40, batch_size=4096, blr=1.5e-4, norm_pix_loss=True,
+            output_dir=f"output/{name}", log_every=20, save_every=1000,
+        )
+        for name in ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14")
+    },
+}  # fmt: skip
+
+
+def preset(name: str) -> PretrainConfig:
+    if name not in PRESETS:
+        raise FastMAEError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])

@@ -1,0 +1,1 @@
+"""fastmae.train: pretraining loop, data loaders, checkpoints, schedules, pictures."""

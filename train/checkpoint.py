@@ -1,0 +1,56 @@
+"""Checkpoints: written atomically (temp file in the same folder, fsync, rename), read with ``weights_only=True``."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fastmae.errors import FastMAEError
+
+LAST = "checkpoint-last.pth"
+
+
+def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
+    """Write ``obj`` to ``path`` so that a crash at any moment leaves either the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint on CPU with ``weights_only=True``; a missing or unreadable file is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FastMAEError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FastMAEError(f"checkpoint {path} could not be read: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise FastMAEError(f"checkpoint {path} is not a fastmae/MAE checkpoint (no 'model' entry)")
+    return ckpt
+
+
+def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | None:
+    """``None`` -> no resume; ``"auto"`` -> the output folder's last checkpoint if there is one; else the path."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        last = Path(output_dir) / LAST
+        return last if last.is_file() else None
+    if not Path(resume).is_file():
+        raise FastMAEError(f"--resume {resume} does not exist")
+    return Path(resume)

@@ -1,0 +1,223 @@
+"""MAE pretraining loop: the official recipe, resumable, with metrics, atomic checkpoints and reconstruction pictures.
+
+Output folder (later tools rely on these names): ``config.json``, ``metrics.jsonl``, ``checkpoint-last.pth``,
+``summary.json``, ``reconstructions/step*.png``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import fastmae
+from fastmae.config import PretrainConfig
+from fastmae.errors import FastMAEError
+
+from .checkpoint import LAST, load_checkpoint, resolve_resume, save_checkpoint
+from .data import SyntheticLoader, TorchvisionLoader, index_images, sample_images
+from .schedule import build_optimizer, lr_at
+from .visualize import save_reconstructions
+
+logger = logging.getLogger("fastmae.pretrain")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FastMAEError("--device cuda was requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def _build_loader(cfg: PretrainConfig, device: torch.device):
+    if cfg.loader == "synthetic":
+        return SyntheticLoader(cfg.img_size, cfg.batch_size, cfg.synthetic_images, cfg.seed, device), None
+    index = index_images(cfg.data)
+    workers = cfg.num_workers if cfg.num_workers is not None else min(8, os.cpu_count() or 1)
+    loader = TorchvisionLoader(index, cfg.img_size, cfg.batch_size, cfg.seed, workers, pin=device.type == "cuda")
+    return loader, index
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Run MAE pretraining as ``cfg`` says; returns the summary (also written to ``summary.json``)."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    loader_name = "torchvision" if cfg.loader == "auto" else cfg.loader
+    cfg.loader = loader_name
+    out = Path(cfg.output_dir)
+    resume_path = resolve_resume(cfg.resume, out)  # checked before any work
+
+    torch.manual_seed(cfg.seed)
+    loader, index = _build_loader(cfg, device)
+    model = fastmae.create_model(
+        cfg.model,
+        img_size=cfg.img_size,
+        norm_pix_loss=cfg.norm_pix_loss,
+        kernels=cfg.kernels,
+        attn_backend=cfg.attn_backend,
+        encoder_mode=cfg.encoder_mode,
+    ).to(device)
+    act_dtype = torch.bfloat16 if use_bf16 else torch.float32
+    attn_used = model.resolve_attention(device, act_dtype)  # raises here if an explicit backend cannot run
+    kernels_used = model.kernels_used(device)
+    base_lr = cfg.effective_lr()
+    optimizer = build_optimizer(model, base_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+    step, start_epoch, start_batch = 0, 0, 0
+    if resume_path is not None:
+        ckpt = load_checkpoint(resume_path)
+        try:
+            model.load_state_dict(ckpt["model"], strict=True)
+        except RuntimeError as exc:
+            raise FastMAEError(f"checkpoint {resume_path} does not fit model {cfg.model}: {str(exc).splitlines()[0]}")
+        if "optimizer" in ckpt:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        step = int(ckpt.get("step", 0))
+        if "rng_cpu" in ckpt:
+            torch.set_rng_state(ckpt["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in ckpt:
+            torch.cuda.set_rng_state(ckpt["rng_cuda"])
+        logger.info("resumed from %s at step %d", resume_path, step)
+
+    steps_per_epoch = loader.steps_per_epoch
+    total_steps = cfg.epochs * steps_per_epoch
+    last_step = min(total_steps, cfg.stop_after_steps or total_steps)
+    start_epoch, start_batch = divmod(step, steps_per_epoch)
+
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = {
+        **cfg.to_dict(),
+        "lr": base_lr,
+        "device": device.type,
+        "precision": "bf16" if use_bf16 else "fp32",
+        "compile": use_compile,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "data": str(index.root) if index is not None else None,
+        "num_images": len(index) if index is not None else None,
+    }
+    _write_json(out / "config.json", resolved)
+    logger.info(
+        "model %s on %s (%s), attention %s, kernels %s, loader %s, %d steps/epoch, lr %.3g",
+        cfg.model, device, resolved["precision"], attn_used, kernels_used, loader_name, steps_per_epoch, base_lr,
+    )  # fmt: skip
+    recon_imgs = (
+        sample_images(index, cfg.img_size, cfg.num_reconstructions)
+        if index is not None
+        else next(loader.epoch(0))[0][: cfg.num_reconstructions].cpu()
+    )
+
+    step_fn = torch.compile(model) if use_compile else model
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    )
+
+    def save(epoch: int) -> None:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "epoch": epoch,
+            "config": resolved,
+            "rng_cpu": torch.get_rng_state(),
+        }
+        if device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state()
+        save_checkpoint(state, out / LAST)
+
+    def picture() -> None:
+        if len(recon_imgs):
+            save_reconstructions(model, recon_imgs.to(device), out / "reconstructions" / f"step{step:07d}.png",
+                                 cfg.mask_ratio, cfg.seed)  # fmt: skip
+
+    model.train()
+    metrics = open(out / "metrics.jsonl", "a")
+    bar = tqdm(total=last_step, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    first_loss = last_loss = None
+    images_seen, t_start = 0, time.perf_counter()
+    t_log, imgs_since_log = t_start, 0
+    epoch = start_epoch
+    try:
+        while step < last_step:
+            for imgs, _ in loader.epoch(epoch, start_batch):
+                lr = lr_at(step / steps_per_epoch, base_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                imgs = imgs.to(device, non_blocking=True)
+                with autocast:
+                    loss, _, _ = step_fn(imgs, mask_ratio=cfg.mask_ratio)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                images_seen += imgs.shape[0]
+                imgs_since_log += imgs.shape[0]
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == last_step:
+                    loss_value = loss.item()  # the only host sync, on logging steps
+                    if not torch.isfinite(torch.tensor(loss_value)):
+                        raise FastMAEError(f"loss is {loss_value} at step {step}; lower the learning rate")
+                    now = time.perf_counter()
+                    rate = imgs_since_log / max(now - t_log, 1e-9)
+                    t_log, imgs_since_log = now, 0
+                    first_loss = loss_value if first_loss is None else first_loss
+                    last_loss = loss_value
+                    row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss_value, "lr": lr,
+                           "img_per_s": rate}  # fmt: skip
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+                if cfg.save_every and step % cfg.save_every == 0 and step < last_step:
+                    save(epoch)
+                if step >= last_step:
+                    break
+            else:
+                epoch, start_batch = epoch + 1, 0
+                continue
+            break
+    finally:
+        bar.close()
+        metrics.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t_start
+    save(step // steps_per_epoch)
+    picture()
+    summary = {
+        "steps": step,
+        "images_seen": images_seen,
+        "skipped_files": len(loader.skipped),
+        "skipped_examples": sorted(loader.skipped)[:5],
+        "wall_time_s": wall,
+        "img_per_s": images_seen / max(wall, 1e-9),
+        "first_logged_loss": first_loss,
+        "final_loss": last_loss,
+        "attn_backend": model.attn_backend_used or attn_used,
+        "kernels": kernels_used,
+        "loader": loader_name,
+        "device": device.type,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "precision": resolved["precision"],
+        "compile": use_compile,
+        "fastmae": fastmae.__version__,
+        "torch": torch.__version__,
+    }
+    _write_json(out / "summary.json", summary)
+    if loader.skipped:
+        logger.warning("skipped %d undecodable file(s) in total", len(loader.skipped))
+    return summary
