@@ -50,7 +50,7 @@ class PretrainConfig:
     log_every: int = _f(10, "log metrics every N optimizer steps")
     save_every: int | None = _f(None, "save checkpoint-last.pth every N steps (always at the end)")
     resume: str | None = _f(None, "checkpoint path, or 'auto' for the output folder's checkpoint-last.pth")
-    num_reconstructions: int = _f(4, "images shown in each reconstructions/*.png")
+    num_reconstructions: int = _f(8, "fixed images shown in each reconstructions/*.png")
     progress: bool = _f(True, "show a progress bar")
 
     def validate(self) -> PretrainConfig:
@@ -81,7 +81,7 @@ class PretrainConfig:
 PRESETS: dict[str, PretrainConfig] = {
     # The default: a tiny MAE on the bundled photos that visibly learns in a few minutes on a 2-core CPU.
     "demo": PretrainConfig(
-        model="mae_vit_tiny_patch16", img_size=96, epochs=60, warmup_epochs=5, batch_size=8, blr=0.05,
+        model="mae_vit_tiny_patch16", img_size=96, epochs=150, warmup_epochs=5, batch_size=8, blr=0.05,
         output_dir="output/demo", log_every=5,
     ),
     # The official MAE recipe (facebookresearch/mae PRETRAIN.md): batch 4096, blr 1.5e-4, 40 warmup epochs, norm-pix.

@@ -21,6 +21,7 @@ from .kernels.masked_mse import patchify, unpatchify
 from .pos_embed import sincos_2d
 
 ENCODER_MODES = ("visible", "mask_token")
+LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)  # the official norm layer
 NO_WEIGHT_DECAY = ("cls_token", "mask_token", "encoder_mask_token", "pos_embed", "decoder_pos_embed")
 
 
@@ -103,7 +104,7 @@ class MaskedAutoencoderViT(nn.Module):
         decoder_depth: int = 8,
         decoder_num_heads: int = 16,
         mlp_ratio: float = 4.0,
-        norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+        norm_layer: Callable[[int], nn.Module] = LayerNorm6,
         norm_pix_loss: bool = False,
         *,
         kernels: str | Mapping[str, str] = "auto",
@@ -131,7 +132,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
         if encoder_mode == "mask_token":
             self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth, linear in depth
         self.blocks = nn.ModuleList(
             [Block(embed_dim, num_heads, mlp_ratio, norm_layer, dpr[i], attn_backend) for i in range(depth)]
         )
@@ -352,7 +353,7 @@ def model_args(name: str) -> dict:
 
 
 def create_model(name: str, **overrides) -> MaskedAutoencoderViT:
-    """Build a named MAE; ``overrides`` replace constructor arguments (e.g. ``img_size=112``, ``kernels="reference"``)."""
+    """Build a named MAE; ``overrides`` replace constructor arguments (``img_size=112``, ``kernels="reference"``)."""
     return MaskedAutoencoderViT(**{**model_args(name), **overrides})
 
 

@@ -21,7 +21,9 @@ def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 3, 5, 1).reshape(N, h * w, p * p * C)
 
 
-def unpatchify(x: torch.Tensor, patch_size: int, channels: int = 3, grid: tuple[int, int] | None = None) -> torch.Tensor:
+def unpatchify(
+    x: torch.Tensor, patch_size: int, channels: int = 3, grid: tuple[int, int] | None = None
+) -> torch.Tensor:
     """[N, L, p*p*C] -> [N, C, H, W]; the grid is square unless given as (rows, cols)."""
     N, L, _ = x.shape
     p = patch_size

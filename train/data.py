@@ -53,7 +53,9 @@ def index_images(root: str | os.PathLike | None) -> ImageIndex:
     if root.is_file():
         raise FastMAEError(f"--data {root} is a file; give a folder of images")
     files = sorted(
-        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
     )
     if not files:
         raise FastMAEError(f"no images under {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")

@@ -23,9 +23,10 @@ from fastmae.errors import FastMAEError
 from .checkpoint import LAST, load_checkpoint, resolve_resume, save_checkpoint
 from .data import SyntheticLoader, TorchvisionLoader, index_images, sample_images
 from .schedule import build_optimizer, lr_at
-from .visualize import save_reconstructions
+from .visualize import reconstruct, save_reconstructions
 
 logger = logging.getLogger("fastmae.pretrain")
+EVAL_IMAGES = 32  # fixed images scored for eval_loss_start / eval_loss_end
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,7 +85,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
         try:
             model.load_state_dict(ckpt["model"], strict=True)
         except RuntimeError as exc:
-            raise FastMAEError(f"checkpoint {resume_path} does not fit model {cfg.model}: {str(exc).splitlines()[0]}")
+            raise FastMAEError(
+                f"checkpoint {resume_path} does not fit model {cfg.model}: {str(exc).splitlines()[0]}"
+            ) from exc
         if "optimizer" in ckpt:
             optimizer.load_state_dict(ckpt["optimizer"])
         step = int(ckpt.get("step", 0))
@@ -116,16 +119,15 @@ def pretrain(cfg: PretrainConfig) -> dict:
         "model %s on %s (%s), attention %s, kernels %s, loader %s, %d steps/epoch, lr %.3g",
         cfg.model, device, resolved["precision"], attn_used, kernels_used, loader_name, steps_per_epoch, base_lr,
     )  # fmt: skip
-    recon_imgs = (
-        sample_images(index, cfg.img_size, cfg.num_reconstructions)
+    # Fixed images (centre crops of the first decodable files) with a fixed mask: pictures and a comparable eval loss.
+    eval_imgs = (
+        sample_images(index, cfg.img_size, max(cfg.num_reconstructions, EVAL_IMAGES))
         if index is not None
         else next(loader.epoch(0))[0][: cfg.num_reconstructions].cpu()
     )
 
     step_fn = torch.compile(model) if use_compile else model
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-    )
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
     def save(epoch: int) -> None:
         state = {
@@ -140,11 +142,17 @@ def pretrain(cfg: PretrainConfig) -> dict:
             state["rng_cuda"] = torch.cuda.get_rng_state()
         save_checkpoint(state, out / LAST)
 
-    def picture() -> None:
-        if len(recon_imgs):
-            save_reconstructions(model, recon_imgs.to(device), out / "reconstructions" / f"step{step:07d}.png",
-                                 cfg.mask_ratio, cfg.seed)  # fmt: skip
+    def picture() -> float | None:
+        """Save the reconstruction picture; returns the loss on the fixed images with a fixed mask."""
+        if not len(eval_imgs):
+            return None
+        path = out / "reconstructions" / f"step{step:07d}.png"
+        imgs = eval_imgs.to(device)
+        with autocast:
+            save_reconstructions(model, imgs[: cfg.num_reconstructions], path, cfg.mask_ratio, cfg.seed)
+            return reconstruct(model, imgs, cfg.mask_ratio, cfg.seed)[0]
 
+    eval_loss_start = picture()
     model.train()
     metrics = open(out / "metrics.jsonl", "a")
     bar = tqdm(total=last_step, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
@@ -168,7 +176,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 images_seen += imgs.shape[0]
                 imgs_since_log += imgs.shape[0]
                 bar.update(1)
-                if step % cfg.log_every == 0 or step == last_step:
+                if step % cfg.log_every == 0 or step == last_step or step == 1:
                     loss_value = loss.item()  # the only host sync, on logging steps
                     if not torch.isfinite(torch.tensor(loss_value)):
                         raise FastMAEError(f"loss is {loss_value} at step {step}; lower the learning rate")
@@ -197,7 +205,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         torch.cuda.synchronize()
     wall = time.perf_counter() - t_start
     save(step // steps_per_epoch)
-    picture()
+    eval_loss_end = picture()
     summary = {
         "steps": step,
         "images_seen": images_seen,
@@ -207,6 +215,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         "img_per_s": images_seen / max(wall, 1e-9),
         "first_logged_loss": first_loss,
         "final_loss": last_loss,
+        "eval_loss_start": eval_loss_start,
+        "eval_loss_end": eval_loss_end,
         "attn_backend": model.attn_backend_used or attn_used,
         "kernels": kernels_used,
         "loader": loader_name,

@@ -13,12 +13,13 @@ from .data import IMAGENET_MEAN, IMAGENET_STD
 
 @torch.no_grad()
 def reconstruct(model, imgs: torch.Tensor, mask_ratio: float, seed: int = 0):
-    """(original, masked, reconstruction) as [N, 3, H, W] images in [0, 1], with a fixed masking noise."""
+    """(loss, original, masked, reconstruction): the loss on these images and the [N, 3, H, W] pictures in [0, 1],
+    with a fixed masking noise so that calls at different steps are comparable."""
     was_training = model.training
     model.eval()
     g = torch.Generator().manual_seed(seed)
     noise = torch.rand(imgs.shape[0], model.patch_embed.num_patches, generator=g).to(imgs.device)
-    _, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=noise)
+    loss, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=noise)
     model.train(was_training)
     pred = pred.float()
     if model.norm_pix_loss:  # undo the per-patch normalisation with the true patch statistics
@@ -31,15 +32,15 @@ def reconstruct(model, imgs: torch.Tensor, mask_ratio: float, seed: int = 0):
     orig = (imgs.float() * std + mean).clamp(0, 1)
     rec = (rec * std + mean).clamp(0, 1)
     masked = orig * (1 - m) + 0.5 * m
-    return orig, masked, orig * (1 - m) + rec * m
+    return loss.item(), orig, masked, orig * (1 - m) + rec * m
 
 
-def save_reconstructions(model, imgs: torch.Tensor, path: str | Path, mask_ratio: float, seed: int = 0) -> Path:
-    """Write the picture grid as PNG; returns the path."""
-    orig, masked, rec = reconstruct(model, imgs, mask_ratio, seed)
+def save_reconstructions(model, imgs: torch.Tensor, path: str | Path, mask_ratio: float, seed: int = 0) -> float:
+    """Write the picture grid as PNG; returns the loss on these images."""
+    loss, orig, masked, rec = reconstruct(model, imgs, mask_ratio, seed)
     rows = [torch.cat([o, mk, r], dim=2) for o, mk, r in zip(orig, masked, rec, strict=True)]  # [3, H, 3W] each
     grid = torch.cat(rows, dim=1).permute(1, 2, 0).cpu().numpy()  # [N*H, 3W, 3]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((grid * 255 + 0.5).astype(np.uint8)).save(path)
-    return path
+    return loss

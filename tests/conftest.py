@@ -1,0 +1,22 @@
+import os
+
+import pytest
+import torch
+
+# Small, awkward geometries: 49 patches (not a power of two), head dims 15 and 12 (not multiples of 8).
+AWKWARD = dict(img_size=56, patch_size=8, in_chans=3, embed_dim=60, depth=2, num_heads=4, decoder_embed_dim=36,
+               decoder_depth=2, decoder_num_heads=3, mlp_ratio=4.0)  # fmt: skip
+SQUARE = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32,
+              decoder_depth=1, decoder_num_heads=4, mlp_ratio=2.0)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _no_env_override(monkeypatch):
+    """Tests choose kernels explicitly; a developer's FASTMAE_KERNELS must not leak in."""
+    monkeypatch.delenv("FASTMAE_KERNELS", raising=False)
+    yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _threads():
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
