@@ -64,16 +64,22 @@ def _module(op: str):
     return importlib.import_module(f"fastmae.kernels.{_IMPLS[op][0]}")
 
 
+def _kernels_interpreted() -> bool:
+    from fastmae.kernels import _common
+
+    return _common.INTERPRETED
+
+
 def triton_unavailable_reason(op: str, device: torch.device | None = None) -> str | None:
     """Why the fused ``op`` cannot run on ``device`` (None when it can)."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if getattr(_module(op), _IMPLS[op][2], None) is None:
         return f"no Triton implementation of {op} is available in this build"
-    if device is not None and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device is not None and device.type != "cuda" and not _kernels_interpreted():
         return (
             f"Triton kernels need a CUDA device, the inputs are on {device.type}; "
-            "set TRITON_INTERPRET=1 to run them (slowly) on CPU"
+            "set TRITON_INTERPRET=1 before importing fastmae to run them (slowly) on CPU"
         )
     return None
 

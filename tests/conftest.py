@@ -1,7 +1,12 @@
 import os
 
-import pytest
 import torch
+
+# Triton kernels run under the interpreter on CPU; it must be chosen before fastmae (and its kernels) is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 # Small, awkward geometries: 49 patches (not a power of two), head dims 15 and 12 (not multiples of 8).
 AWKWARD = dict(img_size=56, patch_size=8, in_chans=3, embed_dim=60, depth=2, num_heads=4, decoder_embed_dim=36,

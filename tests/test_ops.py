@@ -30,14 +30,20 @@ def test_auto_is_reference_on_cpu():
 
 
 def test_forced_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    try:
-        model = MaskedAutoencoderViT(**SQUARE, kernels="triton")
-    except FastMAEError as exc:  # a build without Triton kernels refuses at construction
-        assert "triton" in str(exc).lower()
-        return
-    with pytest.raises(FastMAEError, match="TRITON_INTERPRET=1"):
+    from fastmae.kernels import _common
+
+    monkeypatch.setattr(_common, "INTERPRETED", False)  # as if fastmae was imported without TRITON_INTERPRET=1
+    model = MaskedAutoencoderViT(**SQUARE, kernels="triton")
+    assert model.kernels_used("cuda") == dict.fromkeys(ops.OPS, "triton")
+    with pytest.raises(
+        FastMAEError, match="kernels='triton' requested for masking but it cannot run: .*TRITON_INTERPRET=1"
+    ):
         model(torch.randn(1, 3, 32, 32))
+
+
+def test_auto_on_cuda_picks_triton():
+    model = MaskedAutoencoderViT(**SQUARE)
+    assert model.kernels_used("cuda") == dict.fromkeys(ops.OPS, "triton")
 
 
 def test_reference_ops_compose_to_the_model_loss():

@@ -1,0 +1,137 @@
+"""Fused Triton ops (run under TRITON_INTERPRET=1 on CPU) against their PyTorch references, and in the model."""
+
+import pytest
+import torch
+from fastmae.kernels.masked_mse import masked_mse, masked_mse_reference
+from fastmae.kernels.masking import random_masking, random_masking_reference
+from fastmae.kernels.unshuffle import unshuffle, unshuffle_reference
+
+from fastmae import FastMAEError, MaskedAutoencoderViT
+
+from .conftest import AWKWARD
+
+SHAPES = [(1, 49, 72), (3, 197, 123)]  # (batch, L, D): L and D not powers of two
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _noise_with_ties(N, L, g):
+    noise = torch.rand(N, L, generator=g)
+    noise[:, L // 2] = noise[:, 3]  # ties must break by index, as a stable argsort does
+    noise[:, -1] = noise[:, 0]
+    return noise
+
+
+@pytest.mark.parametrize("N, L, D", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pos_dtype", [None, torch.float32])
+def test_masking(N, L, D, dtype, pos_dtype):
+    g = torch.Generator().manual_seed(L + D)
+    # a transposed (non-contiguous) x, as the patch embedding produces
+    x = torch.randn(N, D, L, generator=g).to(dtype).transpose(1, 2).requires_grad_(True)
+    noise = _noise_with_ties(N, L, g)
+    pos = torch.randn(1, L + 1, D, generator=g).to(pos_dtype) if pos_dtype else None
+    K = int(L * 0.25)
+    out = random_masking(x, noise, K, pos)
+    ref = random_masking_reference(x, noise, K, pos)
+    for o, r in zip(out, ref, strict=True):
+        assert o.dtype == r.dtype and torch.equal(o, r)
+    grad = torch.randn(out[0].shape, generator=g).to(out[0].dtype)
+    (gx,) = torch.autograd.grad(out[0], x, grad)
+    (rx,) = torch.autograd.grad(ref[0], x, grad)
+    assert torch.equal(gx, rx)
+    again = random_masking(x, noise, K, pos)
+    assert all(torch.equal(a, b) for a, b in zip(out, again, strict=True))
+
+
+@pytest.mark.parametrize("N, L, D", SHAPES)
+@pytest.mark.parametrize("dtype, tok_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                              (torch.bfloat16, torch.bfloat16)])  # fmt: skip
+def test_unshuffle(N, L, D, dtype, tok_dtype):
+    g = torch.Generator().manual_seed(L * D)
+    K = int(L * 0.25)
+    x = torch.randn(N, 1 + K, D, generator=g).to(dtype).requires_grad_(True)
+    tok = (0.02 * torch.randn(1, 1, D, generator=g)).to(tok_dtype).requires_grad_(True)
+    ids = torch.argsort(torch.argsort(torch.rand(N, L, generator=g), 1), 1)
+    pos = torch.randn(1, L + 1, D, generator=g).to(tok_dtype)
+    out, ref = unshuffle(x, tok, ids, pos), unshuffle_reference(x, tok, ids, pos)
+    assert out.dtype == ref.dtype and torch.equal(out, ref)
+    grad = torch.randn(out.shape, generator=g).to(out.dtype)
+    gx, gt = torch.autograd.grad(out, (x, tok), grad)
+    rx, rt = torch.autograd.grad(ref, (x, tok), grad)
+    assert torch.equal(gx, rx)
+    # the mask token's gradient is a sum over removed positions: fp32 accumulation, order differs from torch's
+    assert gt.dtype == tok_dtype and _rel(gt, rt) < (1e-6 if tok_dtype == torch.float32 else 8e-3)
+    assert torch.equal(unshuffle(x, tok, ids, pos), out)
+
+
+@pytest.mark.parametrize("N, img, patch", [(1, 56, 8), (3, 48, 16), (2, 112, 16)])  # L = 49, 9, 49
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_masked_mse(N, img, patch, dtype, norm_pix):
+    g = torch.Generator().manual_seed(img + patch)
+    L, P = (img // patch) ** 2, patch * patch * 3
+    imgs = torch.randn(N, 3, img, img, generator=g)
+    pred = torch.randn(N, L, P, generator=g).to(dtype).requires_grad_(True)
+    mask = (torch.rand(N, L, generator=g) < 0.75).float()
+    mask[0, 0] = 1
+    out, ref = masked_mse(pred, imgs, mask, patch, norm_pix), masked_mse_reference(pred, imgs, mask, patch, norm_pix)
+    assert out.dtype == torch.float32 and abs(out.item() - ref.item()) <= 1e-5 * ref.item()
+    (gp,) = torch.autograd.grad(out, pred)
+    (rp,) = torch.autograd.grad(ref, pred)
+    assert gp.dtype == dtype and _rel(gp, rp) < 1e-5
+    assert torch.all(gp[mask == 0] == 0)  # visible patches get exactly zero gradient
+    assert torch.equal(masked_mse(pred, imgs, mask, patch, norm_pix), out)
+
+
+def test_input_checks_are_clear():
+    x = torch.randn(2, 10, 8)
+    with pytest.raises(FastMAEError, match=r"masking: noise must be \[N, L\] = \[2, 10\], got \[2, 9\]"):
+        random_masking(x, torch.rand(2, 9), 3)
+    with pytest.raises(FastMAEError, match="masking: x must be float16/bfloat16/float32, got torch.int64"):
+        random_masking(torch.ones(2, 10, 8, dtype=torch.long), torch.rand(2, 10), 3)
+    with pytest.raises(FastMAEError, match="unshuffle: ids_restore must be int64"):
+        unshuffle(
+            torch.randn(2, 4, 8), torch.randn(1, 1, 8), torch.zeros(2, 10, dtype=torch.int32), torch.randn(1, 11, 8)
+        )
+    with pytest.raises(FastMAEError, match=r"masked_mse: pred must be \[N, L, p\*p\*C\] = \[1, 4, 48\]"):
+        masked_mse(torch.randn(1, 4, 47), torch.randn(1, 3, 8, 8), torch.ones(1, 4), 4)
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+@pytest.mark.parametrize("encoder_mode", ["visible", "mask_token"])
+def test_model_with_triton_kernels_matches_reference(norm_pix, encoder_mode):
+    torch.manual_seed(0)
+    ref = MaskedAutoencoderViT(**AWKWARD, kernels="reference", norm_pix_loss=norm_pix, encoder_mode=encoder_mode)
+    fused = MaskedAutoencoderViT(**AWKWARD, kernels="triton", norm_pix_loss=norm_pix, encoder_mode=encoder_mode)
+    fused.load_state_dict(ref.state_dict())
+    assert fused.kernels_used("cpu") == {"masking": "triton", "unshuffle": "triton", "masked_mse": "triton"}
+    imgs, noise = torch.randn(3, 3, 56, 56), _noise_with_ties(3, 49, torch.Generator().manual_seed(1))
+    lr_, pr, mr = ref(imgs, mask_ratio=0.6, noise=noise)
+    lf, pf, mf = fused(imgs, mask_ratio=0.6, noise=noise)
+    lr_.backward()
+    lf.backward()
+    assert torch.equal(mf, mr) and torch.equal(pf, pr)  # the fused glue is exact; only the loss sum order differs
+    assert abs(lf.item() - lr_.item()) <= 1e-6 * lr_.item()
+    for (name, p), q in zip(fused.named_parameters(), ref.parameters(), strict=True):
+        if q.grad is None:
+            assert p.grad is None, name
+            continue
+        assert _rel(p.grad, q.grad) < 1e-5, name
+
+
+@pytest.mark.parametrize("kernels", ["triton", "reference"])
+def test_compile_fullgraph_without_graph_breaks(kernels):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MaskedAutoencoderViT(**AWKWARD, kernels=kernels, norm_pix_loss=True)
+    imgs, noise = torch.randn(2, 3, 56, 56), torch.rand(2, 49)
+    eager_loss, eager_pred, _ = model(imgs, noise=noise)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # fullgraph: any graph break raises
+    loss, pred, mask = compiled(imgs, noise=noise)
+    loss.backward()
+    assert torch.equal(pred, eager_pred) and abs(loss.item() - eager_loss.item()) < 1e-6
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
