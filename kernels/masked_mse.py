@@ -81,16 +81,28 @@ def _patch_target(img_ptr, rows, active, L, GW, C, H, W, P, p, NORM: tl.constexp
 
 
 @triton.jit
-def _mse_fwd(
-    pred_ptr, img_ptr, mask_ptr, loss_ptr, NL, L, GW, C, H, W, P, p,
+def _removed_patches(
+    pred_ptr, img_ptr, mask_ptr, NL, L, GW, C, H, W, P, p,
     NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    """Per-patch MSE for BLOCK_R patches (0 for visible ones, which are not read)."""
+    """This program's BLOCK_R patches: their mask values, targets and predictions (fp32; zero where visible)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     valid_r = rows < NL
     m = tl.load(mask_ptr + rows, mask=valid_r, other=0.0)
     t, e, m2 = _patch_target(img_ptr, rows, valid_r & (m != 0), L, GW, C, H, W, P, p, NORM, BLOCK_P)
     pv = tl.load(pred_ptr + rows[:, None] * P + e[None, :], mask=m2, other=0.0).to(tl.float32)
+    return rows, valid_r, m, t, pv, e, m2
+
+
+@triton.jit
+def _mse_fwd(
+    pred_ptr, img_ptr, mask_ptr, loss_ptr, NL, L, GW, C, H, W, P, p,
+    NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """Per-patch MSE for BLOCK_R patches (0 for visible ones, which are not read)."""
+    rows, valid_r, m, t, pv, e, m2 = _removed_patches(
+        pred_ptr, img_ptr, mask_ptr, NL, L, GW, C, H, W, P, p, NORM, BLOCK_R, BLOCK_P
+    )
     diff = tl.where(m2, pv - t, 0.0)
     tl.store(loss_ptr + rows, tl.sum(diff * diff, axis=1) / P, mask=valid_r)
 
@@ -101,11 +113,9 @@ def _mse_bwd(
     NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     """d pred = 2 (pred - target) / P * mask / sum(mask) * d loss, written for every patch (0 where visible)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    valid_r = rows < NL
-    m = tl.load(mask_ptr + rows, mask=valid_r, other=0.0)
-    t, e, m2 = _patch_target(img_ptr, rows, valid_r & (m != 0), L, GW, C, H, W, P, p, NORM, BLOCK_P)
-    pv = tl.load(pred_ptr + rows[:, None] * P + e[None, :], mask=m2, other=0.0).to(tl.float32)
+    rows, valid_r, m, t, pv, e, m2 = _removed_patches(
+        pred_ptr, img_ptr, mask_ptr, NL, L, GW, C, H, W, P, p, NORM, BLOCK_R, BLOCK_P
+    )
     scale = tl.load(scale_ptr)
     dp = tl.where(m2, 2.0 * (pv - t) * (m * scale / P)[:, None], 0.0)
     out = cast_rtne(dp, dpred_ptr.dtype.element_ty)

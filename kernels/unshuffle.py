@@ -25,18 +25,25 @@ from ._common import FLOAT_DTYPES, cast_rtne, check, next_pow2, tl, triton  # no
 
 
 @triton.jit
-def _unshuffle_fwd(
-    x_ptr, tok_ptr, ids_ptr, pos_ptr, out_ptr, L, K1, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr
-):  # fmt: skip
-    """out[n, t] = (t == 0 ? x[n, 0] : ids[n, t-1] < K ? x[n, 1 + ids[n, t-1]] : mask_token) + pos[t]."""
-    n = tl.program_id(0)
+def _token_sources(ids_ptr, n, L, K1, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """For this program's output tokens t: the row of x they come from (cls first, kept tokens at 1 + rank) and
+    whether they come from x at all (else the mask token), plus the column offsets and the tile mask."""
     offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     valid_t, valid_d = offs_t < L + 1, offs_d < D
     r = tl.load(ids_ptr + n * L + offs_t - 1, mask=valid_t & (offs_t > 0), other=0)
     src = tl.where(offs_t == 0, 0, r + 1)
     from_x = (offs_t == 0) | (r < K1 - 1)
-    m2 = valid_t[:, None] & valid_d[None, :]
+    return offs_t, offs_d, valid_d, src, from_x, valid_t[:, None] & valid_d[None, :]
+
+
+@triton.jit
+def _unshuffle_fwd(
+    x_ptr, tok_ptr, ids_ptr, pos_ptr, out_ptr, L, K1, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr
+):  # fmt: skip
+    """out[n, t] = (t == 0 ? x[n, 0] : ids[n, t-1] < K ? x[n, 1 + ids[n, t-1]] : mask_token) + pos[t]."""
+    n = tl.program_id(0)
+    offs_t, offs_d, valid_d, src, from_x, m2 = _token_sources(ids_ptr, n, L, K1, D, BLOCK_T, BLOCK_D)
     xv = tl.load(x_ptr + n * K1 * D + src[:, None] * D + offs_d[None, :], mask=m2 & from_x[:, None], other=0.0)
     tok = tl.load(tok_ptr + offs_d, mask=valid_d, other=0.0)
     v = tl.where(from_x[:, None], xv.to(tl.float32), tok.to(tl.float32)[None, :])
@@ -53,13 +60,7 @@ def _unshuffle_bwd(
     token's gradient, summed over this program's removed positions, goes to one partial-sum row per program."""
     n = tl.program_id(0)
     pid_t = tl.program_id(1)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    valid_t, valid_d = offs_t < L + 1, offs_d < D
-    r = tl.load(ids_ptr + n * L + offs_t - 1, mask=valid_t & (offs_t > 0), other=0)
-    src = tl.where(offs_t == 0, 0, r + 1)
-    from_x = (offs_t == 0) | (r < K1 - 1)
-    m2 = valid_t[:, None] & valid_d[None, :]
+    offs_t, offs_d, valid_d, src, from_x, m2 = _token_sources(ids_ptr, n, L, K1, D, BLOCK_T, BLOCK_D)
     g = tl.load(g_ptr + n * (L + 1) * D + offs_t[:, None] * D + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
     gx = cast_rtne(g, gx_ptr.dtype.element_ty)
     tl.store(gx_ptr + n * K1 * D + src[:, None] * D + offs_d[None, :], gx, mask=m2 & from_x[:, None])
