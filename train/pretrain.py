@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -178,7 +179,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == last_step or step == 1:
                     loss_value = loss.item()  # the only host sync, on logging steps
-                    if not torch.isfinite(torch.tensor(loss_value)):
+                    if not math.isfinite(loss_value):
                         raise FastMAEError(f"loss is {loss_value} at step {step}; lower the learning rate")
                     now = time.perf_counter()
                     rate = imgs_since_log / max(now - t_log, 1e-9)
