@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from .errors import FastMAEError
 from .models import check_mask_ratio, list_models
 
-LOADERS = ("auto", "torchvision", "synthetic")
+LOADERS = ("auto", "dali", "torchvision", "synthetic")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -23,7 +23,11 @@ class PretrainConfig:
 
     model: str = _f("mae_vit_tiny_patch16", "model name (fastmae models lists them)")
     img_size: int = _f(224, "input resolution in pixels")
-    data: str | None = _f(None, "folder of images, searched recursively (default: scikit-image's bundled photos)")
+    data: str | None = _f(
+        None,
+        "folder of images (searched recursively; ImageFolder sub-folders give labels), a folder of webdataset .tar "
+        "shards, a .tar, or a brace pattern like shards/train-{0000..0146}.tar (default: scikit-image's photos)",
+    )
     output_dir: str = _f("output/pretrain", "where config, metrics, checkpoints and pictures go")
     epochs: int = _f(800, "epochs over the data set")
     warmup_epochs: float = _f(40, "linear warmup length in epochs (then cosine decay per iteration)")
@@ -39,8 +43,10 @@ class PretrainConfig:
     encoder_mode: str = _f("visible", "visible (MAE) or mask_token (encoder sees all patches)")
     seed: int = _f(0, "random seed")
     device: str = _f("auto", "auto | cpu | cuda")
-    loader: str = _f("auto", "auto | torchvision | synthetic")
-    num_workers: int | None = _f(None, "data loader processes (default: min(8, CPU count))")
+    loader: str = _f(
+        "auto", "auto (dali on CUDA when nvidia-dali is installed, else torchvision) | dali | torchvision | synthetic"
+    )
+    num_workers: int | None = _f(None, "loader processes (torchvision) or threads (dali); default min(8, CPU count)")
     synthetic_images: int = _f(4096, "images per epoch for --loader synthetic")
     kernels: str = _f("auto", "auto | reference | triton, or per op: masking=triton,masked_mse=reference")
     attn_backend: str = _f("auto", "auto | xformers | sdpa | math")

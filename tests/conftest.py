@@ -23,5 +23,12 @@ def _no_env_override(monkeypatch):
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _index_cache(tmp_path_factory):
+    """The validated image index cache goes to a temporary folder, not the developer's ~/.cache."""
+    os.environ["FASTMAE_CACHE"] = str(tmp_path_factory.mktemp("fastmae-cache"))
+    yield
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _threads():
     torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -45,7 +45,7 @@ def test_short_run_writes_every_file(image_folder, tmp_path, capsys):
     assert (
         cfg["model"] == "mae_vit_tiny_patch16" and cfg["img_size"] == 32 and cfg["lr"] == pytest.approx(1e-3 * 2 / 256)
     )
-    assert cfg["num_images"] == 7  # the broken file is indexed, then skipped at decode
+    assert cfg["num_images"] == 6  # the broken file is found by the validated index and left out
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
@@ -56,7 +56,7 @@ def test_short_run_writes_every_file(image_folder, tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["attn_backend"] == "sdpa" and summary["loader"] == "torchvision"
     assert summary["kernels"] == {"masking": "reference", "unshuffle": "reference", "masked_mse": "reference"}
-    assert summary["images_seen"] in (5, 6)  # 3 batches of 2, less the broken file if it was drawn
+    assert summary["images_seen"] == 6 and summary["skipped_files"] == 1
     pngs = sorted(p.name for p in (out / "reconstructions").glob("*.png"))
     assert pngs == ["step0000000.png", "step0000003.png"]
     with Image.open(out / "reconstructions" / pngs[1]) as im:
@@ -64,13 +64,21 @@ def test_short_run_writes_every_file(image_folder, tmp_path, capsys):
     assert np.isfinite(summary["eval_loss_start"]) and np.isfinite(summary["eval_loss_end"])
 
 
-def test_broken_files_are_skipped_and_counted(image_folder, tmp_path, capsys):
+@pytest.mark.parametrize("loader", ["torchvision", "dali"])
+def test_every_image_mode_trains_and_broken_files_are_counted(loader, tmp_path, capsys):
+    from .test_data import BROKEN, make_mixed_folder
+
+    root = make_mixed_folder(tmp_path / "mixed")
     out = tmp_path / "run"
-    # 2 epochs of 3 batches over 7 files: the broken one is drawn in every epoch but counted once.
-    code, _, _ = _run([*TINY, "--data", str(image_folder), "--output-dir", str(out)], capsys)
-    assert code == 0
+    # Batch 4 over the valid files: every one is decoded (all modes), each broken one is counted once.
+    code, _, err = _run([*TINY, "--data", str(root), "--output-dir", str(out), "--loader", loader,
+                         "--batch-size", "4", "--epochs", "1"], capsys)  # fmt: skip
+    assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["skipped_files"] == 1 and summary["skipped_examples"][0].endswith("broken.jpg")
+    assert summary["loader"] == loader and summary["steps"] >= 3
+    assert summary["skipped_files"] == len(BROKEN)
+    assert sorted(p.rsplit("/", 1)[-1] for p in summary["skipped_examples"]) == sorted(BROKEN)[:5]
+    assert np.isfinite(summary["final_loss"])
 
 
 def test_resume_continues_from_the_checkpoint(image_folder, tmp_path, capsys):

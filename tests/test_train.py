@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 from fastmae.train.checkpoint import load_checkpoint, save_checkpoint
-from fastmae.train.data import ResumableBatchSampler, index_images, load_rgb
 from fastmae.train.schedule import build_optimizer, lr_at
+from fastmae.train.sources import index_data, load_rgb
 from PIL import Image
 
 from fastmae import FastMAEError, MaskedAutoencoderViT
@@ -69,19 +69,6 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(bad)
 
 
-def test_sampler_resumes_at_the_same_batches():
-    full = ResumableBatchSampler(23, 4, seed=7)
-    full.set_position(epoch=3)
-    batches = list(full)
-    assert len(batches) == 5 and len({i for b in batches for i in b}) == 20
-    part = ResumableBatchSampler(23, 4, seed=7)
-    part.set_position(epoch=3, start_batch=2)
-    assert list(part) == batches[2:] and len(part) == 3
-    other = ResumableBatchSampler(23, 4, seed=7)
-    other.set_position(epoch=4)
-    assert list(other) != batches
-
-
 def test_every_image_mode_decodes_to_rgb(tmp_path):
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 255, (9, 5, 3), dtype=np.uint8)
@@ -92,11 +79,11 @@ def test_every_image_mode_decodes_to_rgb(tmp_path):
     Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(tmp_path / "deep.png")
     Image.fromarray(rgb[:1, :1]).save(tmp_path / "tiny.png")
     Image.fromarray(rng.integers(0, 255, (2, 300, 3), dtype=np.uint8)).save(tmp_path / "long.png")
-    index = index_images(tmp_path)
+    index = index_data(tmp_path)
     assert len(index) == 7
-    for path in index.files:
-        img = load_rgb(path)
-        assert img.mode == "RGB", path
+    for i in range(len(index)):
+        img = load_rgb(index.read(i))
+        assert img.mode == "RGB", index.keys[i]
     deep = np.asarray(load_rgb(tmp_path / "deep.png"))[..., 0]
     np.testing.assert_array_equal(deep, rgb[..., 0])  # 16-bit rescaled, not clipped to white
 
@@ -105,5 +92,5 @@ def test_index_labels_from_imagefolder_layout(tmp_path):
     for cls in ("b", "a"):
         (tmp_path / cls / "deeper").mkdir(parents=True)
         Image.new("RGB", (4, 4)).save(tmp_path / cls / "deeper" / "x.png")
-    index = index_images(tmp_path)
-    assert index.classes == ["a", "b"] and index.labels == [0, 1]
+    index = index_data(tmp_path)
+    assert index.classes == ["a", "b"] and index.labels.tolist() == [0, 1]

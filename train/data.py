@@ -1,86 +1,64 @@
-"""Image sources and loaders: a recursive image folder (ImageFolder layout gives labels), the torchvision/PIL loader
-with the MAE pretrain augmentation, and a synthetic loader for pure-compute benchmarks.
+"""Loaders: the torchvision/PIL loader (the MAE pretrain augmentation, eval and finetune transforms), the DALI loader
+(``fastmae.train.dali``) and a synthetic loader for pure-compute benchmarks, all behind one interface.
 
-Loaders are resumable: batches come from a seeded per-epoch permutation, so a run restarted at (epoch, batch) sees
-the same samples it would have seen. Files that fail to decode are skipped, counted and reported; never fatal.
+Every loader reads a validated :class:`~fastmae.train.sources.DataIndex` in the :class:`ShardedOrder` of its rank and
+is resumable: ``epoch(e, start_batch)`` yields exactly the batches a run that never stopped would have seen, and
+``position`` says where it is. Files that fail to decode are skipped, counted in ``skipped`` and reported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
+import random
+from collections.abc import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 
 from fastmae.errors import FastMAEError
 
+from .sources import (
+    IMAGE_EXTENSIONS,
+    DataIndex,
+    ShardedOrder,
+    augment_params,
+    bundled_images_dir,
+    dist_info,
+    index_data,
+    load_rgb,
+    sample_rng,
+)
+
+__all__ = ["IMAGE_EXTENSIONS", "bundled_images_dir", "index_data", "load_rgb", "dist_info"]
+
 logger = logging.getLogger("fastmae.data")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+KINDS = ("pretrain", "finetune", "eval")
+PRETRAIN_SCALE = (0.2, 1.0)  # MAE pretraining crop scale
+FINETUNE_SCALE = (0.08, 1.0)  # timm / DeiT default, used by the MAE finetune recipe
+FINETUNE_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
+RANDOM_ERASE_PROB = 0.25
 
 
-def bundled_images_dir() -> Path:
-    """scikit-image's bundled sample photos: the default data set, so a first run needs no download."""
-    import skimage
+def _normalize(t: torch.Tensor) -> torch.Tensor:
+    from torchvision.transforms import functional as TF
 
-    return Path(skimage.__file__).parent / "data"
-
-
-@dataclass
-class ImageIndex:
-    """The files of a data set and their labels (ImageFolder layout: the first sub-folder names the class)."""
-
-    root: Path
-    files: list[Path]
-    labels: list[int]
-    classes: list[str] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.files)
+    return TF.normalize(t, IMAGENET_MEAN, IMAGENET_STD)
 
 
-def index_images(root: str | os.PathLike | None) -> ImageIndex:
-    """Find images under ``root`` recursively (sorted, so every process agrees). Missing or empty: one-line error."""
-    root = bundled_images_dir() if root is None else Path(root)
-    if not root.exists():
-        raise FastMAEError(f"--data {root} does not exist")
-    if root.is_file():
-        raise FastMAEError(f"--data {root} is a file; give a folder of images")
-    files = sorted(
-        p
-        for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
-    )
-    if not files:
-        raise FastMAEError(f"no images under {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    top = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else "" for p in files]
-    classes = sorted(set(top) - {""}) if all(top) else []
-    labels = [classes.index(t) for t in top] if classes else [0] * len(files)
-    return ImageIndex(root, files, labels, classes)
+def crop_flip_tensor(img, box, flip: bool, img_size: int) -> torch.Tensor:
+    """Crop ``box`` (x, y, w, h) from a PIL image, bicubic resize to ``img_size``, flip, to a normalised tensor."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
 
-
-def load_rgb(path: Path) -> Image.Image:
-    """Decode any image mode to 8-bit RGB (16-bit and float images are rescaled, alpha composited on white)."""
-    with Image.open(path) as img:
-        img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(img, dtype=np.float64)
-            top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-            img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
-        elif img.mode == "F":
-            arr = np.asarray(img, dtype=np.float64)
-            img = Image.fromarray(np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8))
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, rgba).convert("RGB")
-        return img.convert("RGB")
+    x, y, w, h = (int(v) for v in box)
+    img = TF.resized_crop(img, y, x, h, w, [img_size, img_size], InterpolationMode.BICUBIC)
+    if flip:
+        img = TF.hflip(img)
+    return _normalize(TF.to_tensor(img))
 
 
 def pretrain_transform(img_size: int):
@@ -89,7 +67,7 @@ def pretrain_transform(img_size: int):
 
     return T.Compose(
         [
-            T.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomResizedCrop(img_size, scale=PRETRAIN_SCALE, interpolation=T.InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
@@ -111,88 +89,141 @@ def eval_transform(img_size: int):
     )
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """(image tensor, label) per file, or ``None`` (with the path recorded) when the file cannot be decoded."""
+def finetune_transform(img_size: int):
+    """The MAE finetune recipe through timm: RandomResizedCrop (0.08, 1) bicubic, flip, RandAugment
+    ``rand-m9-mstd0.5-inc1``, normalise, random erasing 0.25 (pixel mode). Mixup/cutmix belong to the step."""
+    from timm.data import create_transform
 
-    def __init__(self, index: ImageIndex, transform):
-        self.index, self.transform = index, transform
+    return create_transform(
+        img_size, is_training=True, auto_augment=FINETUNE_AUTO_AUGMENT, interpolation="bicubic",
+        re_prob=RANDOM_ERASE_PROB, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _seeded(rng: np.random.Generator):
+    """Run torch's and Python's global generators from ``rng`` inside, restoring them after (timm/torchvision
+    transforms draw from those)."""
+    torch_state, py_state = torch.get_rng_state(), random.getstate()
+    seed = int(rng.integers(2**62))
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(py_state)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Item ``(epoch, i)`` -> ``((image tensor, label), None)``, or ``(None, key)`` when the file does not decode.
+
+    The augmentation of sample ``i`` in ``epoch`` depends on nothing else, so restarts and worker counts do not
+    change it.
+    """
+
+    def __init__(self, index: DataIndex, kind: str, img_size: int, seed: int):
+        self.index, self.kind, self.img_size, self.seed = index, kind, img_size, seed
+        self.transform = {"eval": eval_transform, "finetune": finetune_transform}.get(kind, lambda s: None)(img_size)
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int):
-        path = self.index.files[i]
+    def __getitem__(self, item: tuple[int, int]):
+        epoch, i = item
         try:
-            img = load_rgb(path)
-        except Exception:  # corrupt, truncated, unsupported: skipped and counted, never fatal
-            return None, str(path)
-        return (self.transform(img), self.index.labels[i]), None
+            img = load_rgb(self.index.read(i))
+        except Exception:  # changed or unreadable since validation: skipped and counted, never fatal
+            return None, self.index.keys[i]
+        label = int(self.index.labels[i])
+        if self.kind == "pretrain":
+            boxes, flips = augment_params(self.index, np.array([i]), self.seed, epoch, PRETRAIN_SCALE)
+            return (crop_flip_tensor(img, boxes[0], bool(flips[0]), self.img_size), label), None
+        if self.kind == "finetune":
+            with _seeded(sample_rng(self.seed, epoch, i)):
+                return (self.transform(img), label), None
+        return (self.transform(img), label), None
 
 
 def _collate(items):
     good = [x for x, _ in items if x is not None]
-    failed = [p for _, p in items if p is not None]
+    failed = [k for _, k in items if k is not None]
     if not good:
         return None, None, failed
     return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), failed
 
 
-class ResumableBatchSampler(torch.utils.data.Sampler):
-    """Batches of a seeded per-epoch permutation (drop_last), started at any (epoch, batch)."""
+class IndexLoader:
+    """What every loader over a :class:`DataIndex` shares: order, position, skip accounting."""
 
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.epoch, self.start = 0, 0
+    name = "base"
 
-    def set_position(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start = epoch, start_batch
+    def __init__(self, index: DataIndex, kind: str, img_size: int, batch_size: int, seed: int, rank=None, world=None):
+        if kind not in KINDS:
+            raise FastMAEError(f"pipeline kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        env_rank, env_world, _ = dist_info()
+        rank = env_rank if rank is None else rank
+        world = env_world if world is None else world
+        train = kind != "eval"
+        self.index, self.kind, self.img_size, self.batch_size, self.seed = index, kind, img_size, batch_size, seed
+        self.order = ShardedOrder(len(index), batch_size, seed, rank, world, shuffle=train, drop_last=train)
+        self.steps_per_epoch = self.order.steps_per_epoch
+        self.skipped: set[str] = {key for key, _ in index.bad}
+        self.position = (0, 0)  # (epoch, batches consumed in it)
+
+    def _record_failures(self, failed: list[str]) -> None:
+        new = [k for k in failed if k not in self.skipped]
+        self.skipped.update(failed)
+        if new:
+            logger.warning("skipped %d undecodable file(s), e.g. %s", len(new), ", ".join(new[:3]))
+
+    def _batches(self, epoch: int, start_batch: int) -> Iterator[tuple[int, torch.Tensor | None, torch.Tensor]]:
+        raise NotImplementedError
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(images [B, 3, S, S] float32 normalised, labels [B])`` for batches ``start_batch..`` of ``epoch``."""
+        self.position = (epoch, start_batch)
+        for b, imgs, labels in self._batches(epoch, start_batch):
+            self.position = (epoch, b + 1)
+            if imgs is not None:
+                yield imgs, labels
+
+
+class _EpochBatches(torch.utils.data.Sampler):
+    def __init__(self, order: ShardedOrder):
+        self.order, self.epoch, self.start = order, 0, 0
 
     def __len__(self) -> int:
-        return self.n // self.batch_size - self.start
+        return self.order.steps_per_epoch - self.start
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g).tolist()
-        for b in range(self.start, self.n // self.batch_size):
-            yield perm[b * self.batch_size : (b + 1) * self.batch_size]
+        for ids in self.order.batches(self.epoch, self.start):
+            yield [(self.epoch, int(i)) for i in ids]
 
 
-class TorchvisionLoader:
-    """PIL decode + torchvision transforms in DataLoader worker processes."""
+class TorchvisionLoader(IndexLoader):
+    """PIL decode + torchvision/timm transforms in DataLoader worker processes."""
 
     name = "torchvision"
 
-    def __init__(self, index: ImageIndex, img_size: int, batch_size: int, seed: int, num_workers: int, pin: bool):
-        if len(index) < batch_size:
-            raise FastMAEError(
-                f"batch size {batch_size} is larger than the data set ({len(index)} images under {index.root}); "
-                "lower --batch-size"
-            )
-        self.index = index
-        self.sampler = ResumableBatchSampler(len(index), batch_size, seed)
+    def __init__(self, index, img_size, batch_size, seed, num_workers=0, pin=False, kind="pretrain", rank=None,
+                 world=None):  # fmt: skip
+        super().__init__(index, kind, img_size, batch_size, seed, rank, world)
+        self.sampler = _EpochBatches(self.order)
         self.loader = torch.utils.data.DataLoader(
-            ImageFiles(index, pretrain_transform(img_size)),
+            ImageFiles(index, kind, img_size, seed),
             batch_sampler=self.sampler,
             num_workers=num_workers,
             collate_fn=_collate,
             pin_memory=pin,
             persistent_workers=num_workers > 0,
         )
-        self.steps_per_epoch = len(index) // batch_size
-        self.skipped: set[str] = set()
 
-    def epoch(self, epoch: int, start_batch: int = 0):
-        """Yield ``(images [B, 3, S, S], labels [B])`` for the rest of ``epoch``; bad files are skipped."""
-        self.sampler.set_position(epoch, start_batch)
-        for imgs, labels, failed in self.loader:
-            if failed:
-                new = [p for p in failed if p not in self.skipped]
-                self.skipped.update(failed)
-                if new:
-                    logger.warning("skipped %d undecodable file(s), e.g. %s", len(new), ", ".join(new[:3]))
-            if imgs is None:
-                continue
-            yield imgs, labels
+    def _batches(self, epoch, start_batch):
+        self.sampler.epoch, self.sampler.start = epoch, start_batch
+        for b, (imgs, labels, failed) in enumerate(self.loader, start=start_batch):
+            self._record_failures(failed)
+            yield b, imgs, labels
 
 
 class SyntheticLoader:
@@ -204,22 +235,26 @@ class SyntheticLoader:
         self.img_size, self.batch_size, self.seed, self.device = img_size, batch_size, seed, device
         self.steps_per_epoch = max(images_per_epoch // batch_size, 1)
         self.skipped: set[str] = set()
+        self.position = (0, 0)
 
     def epoch(self, epoch: int, start_batch: int = 0):
-        g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + epoch)
+        self.position = (epoch, start_batch)
+        g = torch.Generator(device=self.device)
         shape = (self.batch_size, 3, self.img_size, self.img_size)
-        for _ in range(start_batch, self.steps_per_epoch):
+        for b in range(start_batch, self.steps_per_epoch):
+            g.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + b)  # batch b is the same after a restart
+            self.position = (epoch, b + 1)
             yield torch.randn(shape, generator=g, device=self.device), torch.zeros(self.batch_size, dtype=torch.long)
 
 
-def sample_images(index: ImageIndex, img_size: int, count: int) -> torch.Tensor:
+def sample_images(index: DataIndex, img_size: int, count: int) -> torch.Tensor:
     """The first ``count`` decodable images, centre-cropped: fixed inputs for reconstruction pictures."""
     tf, out = eval_transform(img_size), []
-    for path in index.files:
+    for i in range(len(index)):
         if len(out) == count:
             break
         try:
-            out.append(tf(load_rgb(path)))
+            out.append(tf(load_rgb(index.read(i))))
         except Exception:
             continue
     return torch.stack(out) if out else torch.empty(0, 3, img_size, img_size)

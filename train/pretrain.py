@@ -22,8 +22,10 @@ from fastmae.config import PretrainConfig
 from fastmae.errors import FastMAEError
 
 from .checkpoint import LAST, load_checkpoint, resolve_resume, save_checkpoint
-from .data import SyntheticLoader, TorchvisionLoader, index_images, sample_images
+from .dali import DALILoader, dali_unavailable_reason
+from .data import SyntheticLoader, TorchvisionLoader, sample_images
 from .schedule import build_optimizer, lr_at
+from .sources import index_data
 from .visualize import reconstruct, save_reconstructions
 
 logger = logging.getLogger("fastmae.pretrain")
@@ -38,12 +40,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_loader(name: str, device: torch.device) -> str:
+    """``auto`` is DALI on CUDA when it imports, torchvision otherwise; an explicit ``dali`` that cannot run fails."""
+    if name == "auto":
+        return "dali" if device.type == "cuda" and dali_unavailable_reason() is None else "torchvision"
+    if name == "dali" and (reason := dali_unavailable_reason()):
+        raise FastMAEError(f"--loader dali: {reason}")
+    return name
+
+
 def _build_loader(cfg: PretrainConfig, device: torch.device):
     if cfg.loader == "synthetic":
         return SyntheticLoader(cfg.img_size, cfg.batch_size, cfg.synthetic_images, cfg.seed, device), None
-    index = index_images(cfg.data)
+    index = index_data(cfg.data)
     workers = cfg.num_workers if cfg.num_workers is not None else min(8, os.cpu_count() or 1)
-    loader = TorchvisionLoader(index, cfg.img_size, cfg.batch_size, cfg.seed, workers, pin=device.type == "cuda")
+    if cfg.loader == "dali":
+        loader = DALILoader(index, cfg.img_size, cfg.batch_size, cfg.seed, device, num_threads=max(workers, 1))
+    else:
+        loader = TorchvisionLoader(index, cfg.img_size, cfg.batch_size, cfg.seed, workers, pin=device.type == "cuda")
     return loader, index
 
 
@@ -59,7 +73,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     device = resolve_device(cfg.device)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
-    loader_name = "torchvision" if cfg.loader == "auto" else cfg.loader
+    loader_name = resolve_loader(cfg.loader, device)
     cfg.loader = loader_name
     out = Path(cfg.output_dir)
     resume_path = resolve_resume(cfg.resume, out)  # checked before any work
@@ -138,6 +152,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
             "epoch": epoch,
             "config": resolved,
             "rng_cpu": torch.get_rng_state(),
+            "data_position": list(loader.position),  # (epoch, batches consumed): where a restart continues
         }
         if device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state()

@@ -1,0 +1,365 @@
+"""Data: the validated index (folders, tar shards), every image mode, sharding, resumable order, and the DALI
+pipelines (CPU form, the same definition that decodes on the GPU) against the torchvision loader."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from fastmae.train import sources
+from fastmae.train.dali import DALILoader, build_pipeline, eval_geometry
+from fastmae.train.data import IMAGENET_MEAN, IMAGENET_STD, TorchvisionLoader, eval_transform
+from fastmae.train.sources import (
+    ShardedOrder,
+    augment_params,
+    expand_braces,
+    index_data,
+    load_rgb,
+    random_resized_crop,
+)
+from PIL import Image
+
+from fastmae import FastMAEError
+
+CPU = torch.device("cpu")
+BROKEN = ["empty.jpg", "garbage.jpg", "truncated.jpg", "truncated.png"]
+LO = [(0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]
+HI = [(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]
+
+
+def make_mixed_folder(root):
+    """Valid images in every mode a data set throws at a loader, broken files, and a file that is no image."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+
+    def photo(h, w):  # smooth content, so resampling differences stay small
+        y, x = np.mgrid[0:h, 0:w]
+        base = np.stack([x / max(w, 1), y / max(h, 1), (x + y) / max(w + h, 1)], -1) * 200 + 20
+        return (base + rng.normal(0, 3, base.shape)).clip(0, 255).astype(np.uint8)
+
+    Image.fromarray(photo(40, 52)).save(root / "rgb.jpg", quality=95)
+    Image.fromarray(photo(44, 36)[..., 0]).save(root / "grey.jpg", quality=95)
+    Image.fromarray(photo(36, 48)).convert("CMYK").save(root / "cmyk.jpg", quality=95)
+    Image.fromarray(np.dstack([photo(30, 34), rng.integers(0, 255, (30, 34), dtype=np.uint8)])).save(root / "rgba.png")
+    Image.fromarray(photo(33, 41)).convert("P").save(root / "palette.png")
+    Image.fromarray(photo(33, 41)).convert("P").save(root / "palette-alpha.png", transparency=0)
+    Image.fromarray(photo(38, 30)[..., 1].astype(np.uint16) * 257).save(root / "deep16.png")
+    Image.fromarray(photo(40, 40)[..., 0], "L").convert("LA").save(root / "grey-alpha.png")
+    Image.fromarray(photo(1, 1)).save(root / "tiny.png")
+    Image.fromarray(photo(1, 1)).save(root / "tiny.jpg")
+    Image.fromarray(photo(3, 300)).save(root / "wide.png")
+    Image.fromarray(photo(290, 4)).save(root / "tall.jpg")
+    Image.fromarray(photo(32, 32)).save(root / "anim.gif")
+    Image.fromarray(photo(32, 32)).save(root / "lossless.webp", lossless=True)
+    Image.fromarray(photo(32, 32)).save(root / "plain.bmp")
+    Image.fromarray(photo(32, 32)).save(root / "scan.tif")
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "garbage.jpg").write_bytes(rng.bytes(700))
+    good = (root / "rgb.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    png = (root / "rgba.png").read_bytes()
+    (root / "truncated.png").write_bytes(png[: len(png) // 2])
+    (root / "notes.txt").write_text("not an image")
+    (root / ".hidden.jpg").write_bytes(b"ignored: hidden")
+    return root
+
+
+VALID = 16
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    return make_mixed_folder(tmp_path / "mixed")
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return index_data(None)
+
+
+def test_index_keeps_every_mode_and_skips_exactly_the_broken_files(mixed):
+    index = index_data(mixed)
+    assert len(index) == VALID
+    assert sorted(k.rsplit("/", 1)[-1] for k, _ in index.bad) == sorted(BROKEN)
+    names = [k.rsplit("/", 1)[-1] for k in index.keys]
+    assert "notes.txt" not in names and ".hidden.jpg" not in names
+    for i in range(len(index)):
+        img = load_rgb(index.read(i))
+        assert img.mode == "RGB" and img.size == (index.widths[i], index.heights[i]), names[i]
+    # Alpha, GIF and 16-bit-in-TIFF-like cases go through PIL; plain JPEG/PNG are DALI-native.
+    native = dict(zip(names, index.native, strict=True))
+    assert native["rgb.jpg"] and native["cmyk.jpg"] and native["deep16.png"] and native["palette.png"]
+    assert not native["rgba.png"] and not native["palette-alpha.png"] and not native["anim.gif"]
+
+
+def test_index_cache_is_used_and_revalidates_changed_files(mixed, monkeypatch):
+    first = index_data(mixed)
+    calls = []
+    real = sources._inspect
+
+    def counting(data):
+        calls.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(sources, "_inspect", counting)
+    second = index_data(mixed)
+    assert calls == [] and second.keys == first.keys and second.bad == first.bad
+    (mixed / "garbage.jpg").write_bytes((mixed / "rgb.jpg").read_bytes() + b"\0")  # repaired: new size, revalidated
+    third = index_data(mixed)
+    assert len(calls) == 1 and len(third) == VALID + 1 and len(third.bad) == len(BROKEN) - 1
+
+
+def test_missing_and_empty_sources_are_one_line_errors(tmp_path):
+    with pytest.raises(FastMAEError, match=f"--data {tmp_path / 'nope'} does not exist"):
+        index_data(tmp_path / "nope")
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "a.txt").write_text("x")
+    with pytest.raises(FastMAEError, match="no images under"):
+        index_data(tmp_path / "e")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x.jpg").write_bytes(b"junk")
+    with pytest.raises(FastMAEError, match=r"no images under .* decode \(1 broken file"):
+        index_data(tmp_path / "b")
+    with pytest.raises(FastMAEError, match=r"2 shard\(s\) do not exist"):
+        index_data(str(tmp_path / "s-{0..1}.tar"))
+
+
+def test_expand_braces():
+    assert expand_braces("a-{000..002}.tar") == ["a-000.tar", "a-001.tar", "a-002.tar"]
+    assert expand_braces("{train,val}/{8..10}") == ["train/8", "train/9", "train/10", "val/8", "val/9", "val/10"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+
+
+def _write_shards(folder, photos, per_shard=5):
+    """webdataset-style shards: key.jpg + key.cls per sample, in folders inside the tar."""
+    folder.mkdir()
+    labels = {}
+    for s in range(2):
+        with tarfile.open(folder / f"train-{s:03d}.tar", "w") as tar:
+            for j in range(per_shard):
+                i = s * per_shard + j
+                buf = io.BytesIO()
+                load_rgb(photos.read(i)).save(buf, format="JPEG", quality=90)
+                for name, data in ((f"part/s{i:04d}.jpg", buf.getvalue()), (f"part/s{i:04d}.cls", str(i % 3).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                labels[f"s{i:04d}"] = i % 3
+            bad = tarfile.TarInfo("part/broken.png")
+            bad.size = 9
+            tar.addfile(bad, io.BytesIO(b"not a png"))
+    return labels
+
+
+def test_webdataset_shards_folder_tar_and_pattern(tmp_path, photos):
+    labels = _write_shards(tmp_path / "shards", photos)
+    by_pattern = index_data(str(tmp_path / "shards" / "train-{000..001}.tar"))
+    by_folder = index_data(tmp_path / "shards")
+    one = index_data(tmp_path / "shards" / "train-001.tar")
+    assert len(by_pattern) == len(by_folder) == 10 and len(one) == 5
+    assert len(by_folder.bad) == 2 and all(k.endswith("broken.png") for k, _ in by_folder.bad)
+    assert by_pattern.keys == by_folder.keys
+    got = {k.rsplit("/", 1)[-1].split(".")[0]: int(y) for k, y in zip(by_folder.keys, by_folder.labels, strict=True)}
+    assert got == labels
+    dali = DALILoader(by_folder, 32, 5, seed=0, device=CPU, num_threads=1)
+    tv = TorchvisionLoader(by_folder, 32, 5, seed=0)
+    for (a, ya), (b, yb) in zip(dali.epoch(0), tv.epoch(0), strict=True):
+        assert torch.equal(ya, yb) and a.shape == (5, 3, 32, 32)
+        assert (a - b).abs().mean() < 0.02
+
+
+def test_pretrain_pipeline_matches_torchvision_on_the_bundled_photos(photos):
+    """Same crops and flips in both loaders; pixels differ only by decoder/resampler rounding."""
+    dali = DALILoader(photos, 64, 4, seed=3, device=CPU, num_threads=2)
+    tv = TorchvisionLoader(photos, 64, 4, seed=3)
+    seen = 0
+    for (a, ya), (b, yb) in zip(dali.epoch(2), tv.epoch(2), strict=True):
+        assert a.shape == (4, 3, 64, 64) and a.dtype == torch.float32 and a.is_contiguous()
+        for c in range(3):
+            assert a[:, c].min() >= LO[c] - 1e-4 and a[:, c].max() <= HI[c] + 1e-4
+        assert torch.equal(ya, yb)
+        assert (a - b).abs().mean() < 0.01 and torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.999
+        seen += 1
+    assert seen == dali.steps_per_epoch == len(photos) // 4
+
+
+@pytest.mark.parametrize("loader", ["dali", "torchvision"])
+def test_every_mode_decodes_the_same_in_both_loaders(mixed, loader):
+    index = index_data(mixed)
+    make = {
+        "dali": lambda: DALILoader(index, 24, VALID, seed=0, device=CPU, num_threads=1, kind="eval"),
+        "torchvision": lambda: TorchvisionLoader(index, 24, VALID, seed=0, kind="eval"),
+    }[loader]
+    ((imgs, _),) = list(make().epoch(0))
+    tf = eval_transform(24)
+    expected = torch.stack([tf(load_rgb(index.read(i))) for i in range(len(index))])
+    err = (imgs - expected).abs().flatten(1).mean(1)
+    assert err.max() < 0.03, dict(zip(index.keys, err.tolist(), strict=True))
+
+
+def test_eval_pipeline_equals_resize_and_centre_crop(photos):
+    dali = DALILoader(photos, 48, 5, seed=0, device=CPU, num_threads=2, kind="eval")
+    tv = TorchvisionLoader(photos, 48, 5, seed=0, kind="eval")
+    assert dali.steps_per_epoch == -(-len(photos) // 5)  # every image once, last batch short
+    batches = list(zip(dali.epoch(0), tv.epoch(0), strict=True))
+    assert sum(len(y) for (_, y), _ in batches) == len(photos)
+    for (a, _), (b, _) in batches:
+        assert (a - b).abs().mean() < 0.01
+    assert eval_geometry(300, 200, 224)[0].tolist() == [384, 256]
+
+
+def test_pipeline_flip_and_crop_are_exact():
+    """Drive the pipeline definition directly: a crop box selects exactly those pixels; flip mirrors them."""
+    h, w = 40, 60
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([x * 4, y * 6, np.full_like(x, 128)], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    enc = np.frombuffer(buf.getvalue(), np.uint8)
+    box = np.array([10, 5, 16, 16], np.float32)  # x, y, w, h: resized 16 -> 16 is the identity
+
+    def source(info):
+        if info.iteration:
+            raise StopIteration
+        return [enc, enc], [box[:2], box[:2]], [box[2:], box[2:]], [np.int32(0), np.int32(1)]
+
+    pipe = build_pipeline("pretrain", 16, 2, 1, None, 0, source)
+    (out,) = pipe.run()
+    out = torch.from_numpy(np.array(out.as_tensor()))
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
+    want = (torch.from_numpy(img[5:21, 10:26]).permute(2, 0, 1).float() - mean) / std
+    torch.testing.assert_close(out[0], want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[1], want.flip(-1), atol=1e-4, rtol=0)
+
+
+def test_crop_and_flip_statistics():
+    """Crop boxes follow torchvision's RandomResizedCrop distribution (its sampler is the reference)."""
+    from torchvision.transforms import RandomResizedCrop
+
+    rng = np.random.default_rng(0)
+    boxes = np.array([random_resized_crop(rng, 500, 375) for _ in range(4000)])
+    area = boxes[:, 2] * boxes[:, 3] / (500 * 375)
+    aspect = boxes[:, 2] / boxes[:, 3]
+    torch.manual_seed(0)
+    ref = np.array([RandomResizedCrop.get_params(torch.empty(3, 375, 500), [0.2, 1.0], [3 / 4, 4 / 3])
+                    for _ in range(4000)])  # fmt: skip  # (top, left, h, w)
+    ref_area = ref[:, 2] * ref[:, 3] / (500 * 375)
+    assert area.min() >= 0.2 - 0.01 and area.max() <= 1.0
+    assert abs(area.mean() - ref_area.mean()) < 0.015 and abs(area.std() - ref_area.std()) < 0.015
+    assert abs(np.log(aspect).mean() - np.log(ref[:, 3] / ref[:, 2]).mean()) < 0.015
+    assert aspect.min() >= 0.75 - 0.02 and aspect.max() <= 4 / 3 + 0.02
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 0] + boxes[:, 2] <= 500).all()
+    assert (boxes[:, 1] + boxes[:, 3] <= 375).all()
+    assert random_resized_crop(rng, 300, 3) == (148, 0, 4, 3)  # elongated: falls back to the clamped centre crop
+    assert random_resized_crop(rng, 1, 1) == (0, 0, 1, 1)
+    index = type("I", (), {"widths": np.full(2000, 64), "heights": np.full(2000, 48)})()
+    _, flips = augment_params(index, np.arange(2000), seed=1, epoch=0)
+    assert 0.45 < flips.mean() < 0.55
+
+
+def test_shards_are_disjoint_cover_the_data_and_have_equal_batch_counts():
+    n, world, batch = 23, 3, 2
+    orders = [ShardedOrder(n, batch, seed=5, rank=r, world_size=world) for r in range(world)]
+    assert {o.steps_per_epoch for o in orders} == {4}  # ceil(23 / 3) = 8 per rank -> 4 batches each
+    shards = [o.shard(epoch=1) for o in orders]
+    assert all(len(s) == 8 for s in shards)
+    flat = np.concatenate(shards)
+    assert set(flat.tolist()) == set(range(n))  # together they cover the data set
+    assert len(flat) - len(set(flat.tolist())) == 1  # 24 slots for 23 samples: exactly one padded repeat
+    for r, o in enumerate(orders):
+        assert sum(len(b) for b in o.batches(1)) == 8
+        assert np.array_equal(np.concatenate(list(o.batches(1))), shards[r])
+    assert not np.array_equal(orders[0].shard(1), orders[0].shard(2))  # reshuffled every epoch
+    with pytest.raises(FastMAEError, match="batch size 9 is larger than the 8 images each of 3 rank"):
+        ShardedOrder(n, 9, seed=0, rank=0, world_size=3)
+
+
+def test_loaders_shard_by_torchrun_environment(photos, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rank1 = TorchvisionLoader(photos, 32, 2, seed=0)
+    rank0 = TorchvisionLoader(photos, 32, 2, seed=0, rank=0)
+    assert rank1.order.rank == 1 and rank1.order.world_size == 2 and rank0.order.rank == 0
+    assert rank1.steps_per_epoch == rank0.steps_per_epoch == len(photos) // 2 // 2
+    assert not set(rank1.order.shard(0)) & set(rank0.order.shard(0))
+
+
+@pytest.mark.parametrize("loader", ["dali", "torchvision"])
+def test_same_seed_same_batches_and_restart_repeats_them(photos, loader):
+    def make(seed):
+        if loader == "dali":
+            return DALILoader(photos, 32, 3, seed=seed, device=CPU, num_threads=2)
+        return TorchvisionLoader(photos, 32, 3, seed=seed)
+
+    first = list(make(7).epoch(4))
+    again = make(7)
+    second = list(again.epoch(4))
+    assert again.position == (4, len(second))
+    for (a, ya), (b, yb) in zip(first, second, strict=True):
+        assert torch.equal(a, b) and torch.equal(ya, yb)
+    restarted = make(7)
+    tail = restarted.epoch(4, start_batch=5)
+    for k, (a, _) in enumerate(tail, start=5):
+        assert torch.equal(a, first[k][0])
+        assert restarted.position == (4, k + 1)
+    assert not torch.equal(next(make(8).epoch(4))[0], first[0][0])
+
+
+def test_dali_survives_a_file_that_breaks_after_validation(photos, tmp_path):
+    index = index_data(_copy_photos(photos, tmp_path / "p", 8))
+    victim = index.keys.index(str(tmp_path / "p" / "3.jpg"))
+    (tmp_path / "p" / "3.jpg").write_bytes(b"\xff\xd8\xff\xe0 garbage now")
+    loader = DALILoader(index, 32, 2, seed=0, device=CPU, num_threads=1)
+    batches = list(loader.epoch(0))
+    assert loader.skipped == {index.keys[victim]}
+    assert sum(len(y) for _, y in batches) == 7 and all(torch.isfinite(x).all() for x, _ in batches)
+
+
+def _copy_photos(photos, folder, n):
+    folder.mkdir()
+    for i in range(n):
+        load_rgb(photos.read(i)).save(folder / f"{i}.jpg", quality=90)
+    return folder
+
+
+def test_finetune_pipeline_shapes_and_erasing(photos):
+    dali = DALILoader(photos, 32, 4, seed=0, device=CPU, num_threads=2, kind="finetune")
+    tv = TorchvisionLoader(photos, 32, 4, seed=0, kind="finetune")
+    for loader in (dali, tv):
+        imgs, labels = next(loader.epoch(0))
+        assert imgs.shape == (4, 3, 32, 32) and imgs.dtype == torch.float32 and torch.isfinite(imgs).all()
+        assert labels.shape == (4,)
+    assert dali.erase is not None and dali.erase.probability == 0.25 and dali.erase.mode == "pixel"
+
+
+def test_dali_float16_output(photos):
+    imgs, _ = next(DALILoader(photos, 32, 2, seed=0, device=CPU, num_threads=1, dtype="float16").epoch(0))
+    assert imgs.dtype == torch.float16
+
+
+def test_dali_missing_fails_loudly_and_auto_falls_back(monkeypatch):
+    from fastmae.train import dali as dali_mod
+    from fastmae.train import pretrain
+
+    monkeypatch.setattr(pretrain, "dali_unavailable_reason", lambda: "nvidia-dali is not importable (test)")
+    with pytest.raises(FastMAEError, match="--loader dali: nvidia-dali is not importable"):
+        pretrain.resolve_loader("dali", CPU)
+    assert pretrain.resolve_loader("auto", torch.device("cuda")) == "torchvision"
+    monkeypatch.undo()
+    assert dali_mod.dali_unavailable_reason() is None
+    assert pretrain.resolve_loader("auto", CPU) == "torchvision"  # CPU: DALI only when asked for
+
+
+def test_summary_names_the_loader(tmp_path, photos):
+    from fastmae.cli import main
+
+    root = _copy_photos(photos, tmp_path / "p", 6)
+    code = main(["pretrain", "--model", "mae_vit_tiny_patch16", "--img-size", "32", "--batch-size", "2",
+                 "--epochs", "1", "--warmup-epochs", "0", "--num-workers", "1", "--no-progress", "--loader", "dali",
+                 "--data", str(root), "--output-dir", str(tmp_path / "o")])  # fmt: skip
+    assert code == 0
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["loader"] == "dali" and summary["steps"] == 3 and summary["skipped_files"] == 0
