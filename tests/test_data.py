@@ -300,6 +300,9 @@ def test_same_seed_same_batches_and_restart_repeats_them(photos, loader):
     assert again.position == (4, len(second))
     for (a, ya), (b, yb) in zip(first, second, strict=True):
         assert torch.equal(a, b) and torch.equal(ya, yb)
+    # Running on into the next epoch (DALI keeps its pipeline and prefetches across the boundary) = starting there.
+    for (a, _), (b, _) in zip(again.epoch(5), make(7).epoch(5), strict=True):
+        assert torch.equal(a, b)
     restarted = make(7)
     tail = restarted.epoch(4, start_batch=5)
     for k, (a, _) in enumerate(tail, start=5):

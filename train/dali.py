@@ -12,6 +12,7 @@ skipped and counted.
 
 from __future__ import annotations
 
+import collections
 import io
 import logging
 
@@ -141,6 +142,7 @@ class DALILoader(IndexLoader):
         self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         self.num_threads, self.dtype = num_threads, dtype
         self.via_pil: set[int] = set()  # samples DALI failed on at run time: decoded by PIL from then on
+        self._pipe, self._pending, self._next = None, collections.deque(), (0, 0)
         self.erase = None
         if kind == "finetune":
             from timm.data.random_erasing import RandomErasing
@@ -155,15 +157,27 @@ class DALILoader(IndexLoader):
         except Exception:  # unreadable now, or PIL cannot decode it: skipped and counted
             return None
 
-    def _source(self, epoch: int, batches: list[np.ndarray], fed: dict[int, np.ndarray]):
+    def _plan(self, epoch: int, start_batch: int):
+        """(epoch, batch, sample ids) from ``(epoch, start_batch)`` on, running on into the following epochs."""
+        while True:
+            for b, ids in enumerate(self.order.batches(epoch, start_batch), start=start_batch):
+                yield epoch, b, ids
+            epoch, start_batch = epoch + 1, 0
+
+    def _start(self, epoch: int, start_batch: int) -> None:
+        """(Re)build the pipeline so that its next output is batch ``start_batch`` of ``epoch``.
+
+        The pipeline then lives across epochs (its source runs on into the next epoch, so prefetching never stalls at
+        an epoch boundary); it is rebuilt only when asked for a position that is not the next one.
+        """
         scale = FINETUNE_SCALE if self.kind == "finetune" else PRETRAIN_SCALE
+        plan = self._plan(epoch, start_batch)
+        pending: collections.deque = collections.deque()  # (epoch, batch, ids fed) of batches not yet returned
 
         def source(info):
-            k = info.iteration
-            if k >= len(batches):
-                raise StopIteration
+            e, b, batch = next(plan)
             ids, data = [], []
-            for i in batches[k]:
+            for i in batch:
                 enc = self._encoded(int(i))
                 if enc is None:
                     self._record_failures([self.index.keys[i]])
@@ -171,46 +185,43 @@ class DALILoader(IndexLoader):
                     ids.append(int(i))
                     data.append(np.frombuffer(enc, dtype=np.uint8))
             if not ids:
-                raise FastMAEError(f"no sample of batch {k} of epoch {epoch} can be read any more (files changed?)")
-            fed[k] = np.array(ids)
+                raise FastMAEError(f"no sample of batch {b} of epoch {e} can be read any more (files changed?)")
+            ids = np.array(ids)
+            pending.append((e, b, ids))
             if self.kind == "eval":
                 geometry = [eval_geometry(int(self.index.widths[i]), int(self.index.heights[i]), self.img_size)
-                            for i in fed[k]]  # fmt: skip
+                            for i in ids]  # fmt: skip
                 return data, [g[0] for g in geometry], [g[1] for g in geometry]
-            boxes, flips = augment_params(self.index, fed[k], self.seed, epoch, scale)
-            anchors = [b[:2].astype(np.float32) for b in boxes]
-            shapes = [b[2:].astype(np.float32) for b in boxes]
+            boxes, flips = augment_params(self.index, ids, self.seed, e, scale)
+            anchors = [box[:2].astype(np.float32) for box in boxes]
+            shapes = [box[2:].astype(np.float32) for box in boxes]
             return data, anchors, shapes, [np.array(f, dtype=np.int32) for f in flips]
 
-        return source
+        # DALI's own randomness (finetune RandAugment) is seeded by the start position.
+        self._pipe = build_pipeline(self.kind, self.img_size, self.batch_size, self.num_threads, self.device_id,
+                                    hash((self.seed, epoch, start_batch)), source, self.dtype)  # fmt: skip
+        self._pending, self._next = pending, (epoch, start_batch)
 
     def _batches(self, epoch, start_batch):
-        b = start_batch
-        while b < self.steps_per_epoch:
-            batches = list(self.order.batches(epoch, b))
-            fed: dict[int, np.ndarray] = {}
-            # DALI's own randomness (finetune RandAugment) is seeded per (epoch, start) so restarts repeat it.
-            source = self._source(epoch, batches, fed)
-            pipe = build_pipeline(self.kind, self.img_size, self.batch_size, self.num_threads, self.device_id,
-                                  hash((self.seed, epoch, b)), source, self.dtype)  # fmt: skip
-            for k in range(len(batches)):
-                try:
-                    (images,) = pipe.run()
-                except StopIteration:
-                    return
-                except Exception as exc:  # a file DALI cannot decode: retry this batch and the prefetched ones via PIL
-                    logger.warning("DALI failed on batch %d of epoch %d (%s); retrying it with PIL decoding",
-                                   b + k, epoch, str(exc).splitlines()[0][:120])  # fmt: skip
-                    retry = set(int(i) for j in range(k, min(k + PREFETCH + 1, len(batches))) for i in batches[j])
-                    if retry <= self.via_pil:
-                        raise
-                    self.via_pil |= retry
-                    b += k
-                    break
-                imgs = _to_torch(images, self.device)
-                if self.erase is not None:
-                    imgs = self.erase(imgs)
-                yield b + k, imgs, torch.from_numpy(self.index.labels[fed[k]])
-            else:
-                return
-            del pipe
+        if self._pipe is None or self._next != (epoch, start_batch):
+            self._start(epoch, start_batch)
+        while self._next[0] == epoch:
+            try:
+                (images,) = self._pipe.run()
+            except Exception as exc:  # a file DALI cannot decode: retry from here with PIL for the fed batches
+                retry = {int(i) for _, _, ids in self._pending for i in ids}
+                logger.warning("DALI failed on batch %d of epoch %d (%s); retrying it with PIL decoding",
+                               self._next[1], epoch, str(exc).splitlines()[0][:120])  # fmt: skip
+                self._pipe = None
+                if not retry or retry <= self.via_pil:
+                    raise
+                self.via_pil |= retry
+                self._start(*self._next)
+                continue
+            e, b, ids = self._pending.popleft()
+            assert (e, b) == self._next, f"DALI returned batch {(e, b)}, expected {self._next}"
+            self._next = (e, b + 1) if b + 1 < self.steps_per_epoch else (e + 1, 0)
+            imgs = _to_torch(images, self.device)
+            if self.erase is not None:
+                imgs = self.erase(imgs)
+            yield b, imgs, torch.from_numpy(self.index.labels[ids])
