@@ -7,49 +7,23 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+from fastmae.bench import env_info as bench_env_info
+
 RESULTS = Path(__file__).parent / "results"
 
 
-def _version(pkg: str) -> str | None:
-    for name in (pkg, pkg.replace("-", "_")):
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
-
-
-def git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], capture_output=True, text=True, cwd=Path(__file__).parent
-        )
-        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
-    except OSError:
-        return None
-
-
 def env_info(device: torch.device) -> dict:
-    """What ran: device and its name, library versions, git sha, CPU threads."""
+    """What ran: device, GPU name, library versions, git sha, date (``fastmae.bench.env_info``) plus CPU details."""
     return {
         "device": device.type,
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        **bench_env_info(device),
         "cpu": platform.processor() or platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "xformers": _version("xformers"),
-        "dali": _version("nvidia-dali-cuda120") or _version("nvidia-dali-cuda130"),
-        "timm": _version("timm"),
-        "fastmae": _version("fastmae"),
-        "git_sha": git_sha(),
+        "fastmae": importlib.metadata.version("fastmae"),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

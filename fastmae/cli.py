@@ -1,4 +1,4 @@
-"""The ``fastmae`` command: ``fastmae pretrain [flags]``, ``fastmae models``.
+"""The ``fastmae`` command: ``fastmae pretrain [flags]``, ``fastmae bench [flags]``, ``fastmae models``.
 
 Flags are generated from :class:`fastmae.config.PretrainConfig` (``--field-name``); a flag given on the command line
 overrides the chosen ``--preset``. Bad input ends with one ``fastmae: error: ...`` line and exit code 2.
@@ -47,7 +47,68 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument(flag, dest=f.name, type=tp, default=None, metavar=f.name.upper(), help=f.metadata["help"])
     sub.add_parser("models", help="list the model names")
+    b = sub.add_parser(
+        "bench",
+        help="pretrain-step benchmark suite (eager vs fastmae vs mask-token encoder), results JSON, chart, table",
+        description="Benchmark the pretraining step side by side in one run and write benchmarks/results/<gpu>-<date>"
+        ".json; or, with --report, draw the chart and README table from a results JSON.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    b.add_argument("--models", default="mae_vit_base_patch16,mae_vit_large_patch16,mae_vit_huge_patch14")
+    b.add_argument("--decoder-depths", default="8,1", help="decoder depths to run for each model")
+    b.add_argument("--suite", default="pretrain,kernels,loader", help="which row kinds: pretrain, kernels, loader")
+    b.add_argument("--batch", type=int, default=None, help="default: B 256, L 128, H 64 (fixed per model)")
+    b.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+    b.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning)")
+    b.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    b.add_argument("--quick", action="store_true", help="tiny shapes on any device: checks the suite, not a number")
+    b.add_argument("--out", default=None, help="results JSON path (default: benchmarks/results/<gpu>-<date>.json)")
+    b.add_argument("--report", default=None, metavar="JSON", help="draw chart + table from this results JSON")
+    b.add_argument("--png", default=None, help="chart path for --report (default: JSON path with .png)")
+    b.add_argument("--readme", default=None, help="README to update between the fastmae-bench markers (--report)")
     return parser
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    if args.report:
+        done = bench.report(args.report, args.png, args.readme)
+        print(done["table"])
+        print(f"chart: {done['png']}" + (f"; table written into {args.readme}" if args.readme else ""))
+        return 0
+    suites = [x.strip() for x in args.suite.split(",") if x.strip()]
+    unknown = set(suites) - {"pretrain", "kernels", "loader"}
+    if unknown:
+        raise FastMAEError(f"--suite: unknown {', '.join(sorted(unknown))}; choose from pretrain, kernels, loader")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    depths = [int(d) for d in args.decoder_depths.split(",") if d.strip()]
+    if args.quick:
+        models, depths = ["mae_vit_tiny_patch16"], [2, 1]
+        args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
+    device = torch_device(args.device)
+    rows = []
+    if "pretrain" in suites:
+        rows += bench.run_suite(models, depths, device, args.steps, args.warmup, args.quick, args.batch)
+    for extra in ("kernels", "loader"):
+        if extra in suites:
+            rows += bench.extra_rows(extra, args.quick)
+    path = bench.write_results(rows, bench.env_info(device), args.out)
+    for s in bench.speedups(rows):
+        print(f"{s['model']} dec{s['decoder_depth']}: fastmae {bench._fmt(s['fastmae_vs_eager'], '.2f')}x eager, "
+              f"visible {bench._fmt(s['visible_vs_mask_token'], '.2f')}x mask-token")  # fmt: skip
+    print(f"wrote {path}; chart and README table: fastmae bench --report {path} --readme README.md")
+    return 0
+
+
+def torch_device(name: str | None):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FastMAEError(f"--device {name} was requested but no CUDA device is available")
+    return torch.device(name)
 
 
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
@@ -67,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print("\n".join(list_models()))
             return 0
+        if args.command == "bench":
+            return run_bench(args)
         from fastmae.train.pretrain import pretrain
 
         summary = pretrain(config_from_args(args))

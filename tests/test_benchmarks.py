@@ -4,6 +4,10 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
+from fastmae import FastMAEError
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -24,3 +28,71 @@ def test_loader_benchmark_writes_rows(tmp_path):
     for row in rows.values():
         assert row["name"] == "loader" and row["threads"] == 1 and row["img_per_s"] > 0
         assert row["device"] == "cpu" and row["img_size"] == 64
+
+
+def test_fastmae_bench_quick_writes_the_results_json(tmp_path, capsys):
+    from fastmae.cli import main
+
+    out = tmp_path / "r.json"
+    assert main(["bench", "--quick", "--suite", "pretrain", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {"gpu", "cuda", "torch", "triton", "xformers", "dali", "git_sha", "date"} <= set(data["env"])
+    rows = data["rows"]
+    cases = {(r["decoder_depth"], r["config"], r["encoder_mode"]) for r in rows}
+    assert cases == {(d, c, m) for d in (2, 1) for c, m in (("eager", "visible"), ("fastmae", "visible"),
+                                                            ("fastmae", "mask_token"))}  # fmt: skip
+    keys = {"name", "model", "decoder_depth", "encoder_mode", "config", "batch_size", "dtype", "attn_backend",
+            "kernels", "compile", "img_per_s", "tflops", "mfu", "peak_mem_gb"}  # fmt: skip
+    for r in rows:
+        assert keys <= set(r) and r["name"] == "pretrain_step" and r["img_per_s"] > 0 and r["tflops"] > 0
+        assert r["attn_backend"] == ("math" if r["config"] == "eager" else "sdpa")  # what actually ran on CPU
+        assert set(r["kernels"]) == {"masking", "unshuffle", "masked_mse"}
+    assert {(s["decoder_depth"]) for s in data["speedups"]} == {1, 2}
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_report_draws_the_chart_and_rewrites_only_the_table(tmp_path):
+    from fastmae import bench
+
+    rows = []
+    for depth in (8, 1):
+        for (config, mode), rate in zip(bench.CASES, (100.0, 250.0, 80.0), strict=True):
+            rows.append({"name": "pretrain_step", "model": "mae_vit_large_patch16", "decoder_depth": depth,
+                         "encoder_mode": mode, "config": config, "batch_size": 128, "dtype": "bf16",
+                         "attn_backend": "sdpa", "kernels": {"masking": "triton"}, "compile": config == "fastmae",
+                         "img_per_s": rate * depth, "tflops": 1.0, "mfu": 0.5, "peak_mem_gb": 10.0,
+                         "peak_mem_gb_per_image": 0.1 if config == "fastmae" else 0.2})  # fmt: skip
+    env = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11", "triton": "3.5", "xformers": None, "date": "d",
+           "git_sha": "abc"}  # fmt: skip
+    path = bench.write_results(rows, env, tmp_path / "h100.json")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{bench.TABLE_START}\nstale\n{bench.TABLE_END}\noutro\n")
+    done = bench.report(path, readme=readme)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "stale" not in text
+    assert "| mae_vit_large_patch16 | 8 | fastmae | visible | 128 | bf16 | sdpa | triton | yes | 2000.0 |" in text
+    assert "| 2.50 | 3.12 |" in text  # same-run ratios: 250/100 vs eager, 250/80 vs mask-token
+    assert "50.0%" in text and "![pretrain step chart](h100.png)" in text
+    from PIL import Image
+
+    with Image.open(done["png"]) as im:
+        assert im.size[0] > 300 and im.size[1] > 200
+    readme.write_text("no markers")
+    with pytest.raises(FastMAEError, match="no <!-- fastmae-bench:start -->"):
+        bench.report(path, readme=readme)
+
+
+def test_flops_formula_matches_torch_flop_counter():
+    """The MFU numerator: our closed-form matmul FLOPs equal what torch's FlopCounterMode counts in a forward."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fastmae import create_model, flops_per_image
+
+    for mode in ("visible", "mask_token"):
+        model = create_model("mae_vit_tiny_patch16", img_size=64, attn_backend="math", encoder_mode=mode)
+        imgs = torch.randn(2, 3, 64, 64)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(imgs, mask_ratio=0.75)
+        expected = flops_per_image(model, 0.75)["total"] * 2
+        assert counter.get_total_flops() == pytest.approx(expected, rel=1e-6), mode
