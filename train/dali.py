@@ -105,8 +105,7 @@ def build_pipeline(kind: str, img_size: int, batch_size: int, num_threads: int, 
 
             # rand-m9 with increasing magnitudes (inc1); DALI has no magnitude noise (mstd0.5).
             images = rand_augment.rand_augment(images, n=2, m=9, monotonic_mag=True)
-        if gpu:
-            flip = flip.gpu()
+        # flip stays a CPU node: DALI takes per-sample named arguments from the CPU, also for GPU operators.
         return fn.crop_mirror_normalize(images, mirror=flip, mean=mean, std=std, dtype=out_type, output_layout="CHW")
 
     pipe = mae_pipeline(
