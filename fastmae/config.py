@@ -54,7 +54,8 @@ class PretrainConfig:
     compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA, off for CPU)")
     stop_after_steps: int | None = _f(None, "stop once the global step reaches N (schedule unchanged)")
     log_every: int = _f(10, "log metrics every N optimizer steps")
-    save_every: int | None = _f(None, "save checkpoint-last.pth every N steps (always at the end)")
+    save_every: int | None = _f(None, "save checkpoint-last.pth every N steps (also at each epoch end and the end)")
+    keep_every: int | None = _f(None, "also keep checkpoint-<step>.pth when a save falls on a multiple of N steps")
     resume: str | None = _f(None, "checkpoint path, or 'auto' for the output folder's checkpoint-last.pth")
     num_reconstructions: int = _f(8, "fixed images shown in each reconstructions/*.png")
     progress: bool = _f(True, "show a progress bar")
@@ -69,7 +70,7 @@ class PretrainConfig:
         for name in ("epochs", "batch_size", "img_size", "log_every", "synthetic_images"):
             if getattr(self, name) <= 0:
                 raise FastMAEError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("stop_after_steps", "save_every"):
+        for name in ("stop_after_steps", "save_every", "keep_every"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise FastMAEError(f"--{name.replace('_', '-')} must be positive, got {value}")

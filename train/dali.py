@@ -223,4 +223,4 @@ class DALILoader(IndexLoader):
             imgs = _to_torch(images, self.device)
             if self.erase is not None:
                 imgs = self.erase(imgs)
-            yield b, imgs, torch.from_numpy(self.index.labels[ids])
+            yield b, imgs, torch.from_numpy(self.index.labels[ids]), torch.from_numpy(ids)

@@ -138,19 +138,20 @@ class ImageFiles(torch.utils.data.Dataset):
         label = int(self.index.labels[i])
         if self.kind == "pretrain":
             boxes, flips = augment_params(self.index, np.array([i]), self.seed, epoch, PRETRAIN_SCALE)
-            return (crop_flip_tensor(img, boxes[0], bool(flips[0]), self.img_size), label), None
+            return (crop_flip_tensor(img, boxes[0], bool(flips[0]), self.img_size), label, i), None
         if self.kind == "finetune":
             with _seeded(sample_rng(self.seed, epoch, i)):
-                return (self.transform(img), label), None
-        return (self.transform(img), label), None
+                return (self.transform(img), label, i), None
+        return (self.transform(img), label, i), None
 
 
 def _collate(items):
     good = [x for x, _ in items if x is not None]
     failed = [k for _, k in items if k is not None]
     if not good:
-        return None, None, failed
-    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), failed
+        return None, None, None, failed
+    ids = torch.tensor([i for _, _, i in good])
+    return torch.stack([x for x, _, _ in good]), torch.tensor([y for _, y, _ in good]), ids, failed
 
 
 class IndexLoader:
@@ -170,6 +171,7 @@ class IndexLoader:
         self.steps_per_epoch = self.order.steps_per_epoch
         self.skipped: set[str] = {key for key, _ in index.bad}
         self.position = (0, 0)  # (epoch, batches consumed in it)
+        self.last_ids: torch.Tensor | None = None  # index positions of the samples in the batch just yielded
 
     def _record_failures(self, failed: list[str]) -> None:
         new = [k for k in failed if k not in self.skipped]
@@ -177,15 +179,17 @@ class IndexLoader:
         if new:
             logger.warning("skipped %d undecodable file(s), e.g. %s", len(new), ", ".join(new[:3]))
 
-    def _batches(self, epoch: int, start_batch: int) -> Iterator[tuple[int, torch.Tensor | None, torch.Tensor]]:
+    def _batches(self, epoch: int, start_batch: int) -> Iterator[tuple[int, torch.Tensor | None, torch.Tensor, ...]]:
         raise NotImplementedError
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield ``(images [B, 3, S, S] float32 normalised, labels [B])`` for batches ``start_batch..`` of ``epoch``."""
+        """Yield ``(images [B, 3, S, S] float32 normalised, labels [B])`` for batches ``start_batch..`` of ``epoch``;
+        ``last_ids`` then holds the batch's sample indices (for per-sample mask noise)."""
         self.position = (epoch, start_batch)
-        for b, imgs, labels in self._batches(epoch, start_batch):
+        for b, imgs, labels, ids in self._batches(epoch, start_batch):
             self.position = (epoch, b + 1)
             if imgs is not None:
+                self.last_ids = ids
                 yield imgs, labels
 
 
@@ -221,9 +225,9 @@ class TorchvisionLoader(IndexLoader):
 
     def _batches(self, epoch, start_batch):
         self.sampler.epoch, self.sampler.start = epoch, start_batch
-        for b, (imgs, labels, failed) in enumerate(self.loader, start=start_batch):
+        for b, (imgs, labels, ids, failed) in enumerate(self.loader, start=start_batch):
             self._record_failures(failed)
-            yield b, imgs, labels
+            yield b, imgs, labels, ids
 
 
 class SyntheticLoader:
@@ -236,6 +240,7 @@ class SyntheticLoader:
         self.steps_per_epoch = max(images_per_epoch // batch_size, 1)
         self.skipped: set[str] = set()
         self.position = (0, 0)
+        self.last_ids: torch.Tensor | None = None
 
     def epoch(self, epoch: int, start_batch: int = 0):
         self.position = (epoch, start_batch)
@@ -244,6 +249,7 @@ class SyntheticLoader:
         for b in range(start_batch, self.steps_per_epoch):
             g.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + b)  # batch b is the same after a restart
             self.position = (epoch, b + 1)
+            self.last_ids = torch.arange(b * self.batch_size, (b + 1) * self.batch_size)
             yield torch.randn(shape, generator=g, device=self.device), torch.zeros(self.batch_size, dtype=torch.long)
 
 

@@ -11,9 +11,12 @@ import json
 import logging
 import math
 import os
+import random
+import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -24,6 +27,7 @@ from fastmae.errors import FastMAEError
 from .checkpoint import LAST, load_checkpoint, resolve_resume, save_checkpoint
 from .dali import DALILoader, dali_unavailable_reason
 from .data import SyntheticLoader, TorchvisionLoader, sample_images
+from .noise import mask_noise
 from .schedule import build_optimizer, lr_at
 from .sources import index_data
 from .visualize import reconstruct, save_reconstructions
@@ -61,6 +65,55 @@ def _build_loader(cfg: PretrainConfig, device: torch.device):
     return loader, index
 
 
+def rng_state(device: torch.device) -> dict:
+    """Every generator a step can touch: Python, NumPy, torch CPU (and CUDA)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {  # plain containers and tensors only, so the checkpoint loads with weights_only=True
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "torch_cpu": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["torch_cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch_cpu"])
+    if device.type == "cuda" and "torch_cuda" in state:
+        torch.cuda.set_rng_state(state["torch_cuda"], device)
+
+
+class StopSignal:
+    """SIGTERM / SIGINT (preemption, Ctrl-C) ask the loop to finish the current step, save and exit cleanly."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        logger.warning("%s received: finishing this step, saving a checkpoint, then exiting", self.received)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
@@ -79,6 +132,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     resume_path = resolve_resume(cfg.resume, out)  # checked before any work
 
     torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
     loader, index = _build_loader(cfg, device)
     model = fastmae.create_model(
         cfg.model,
@@ -94,7 +149,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     base_lr = cfg.effective_lr()
     optimizer = build_optimizer(model, base_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
-    step, start_epoch, start_batch = 0, 0, 0
+    step, start_epoch, start_batch, rng_resume = 0, 0, 0, None
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
         try:
@@ -106,16 +161,17 @@ def pretrain(cfg: PretrainConfig) -> dict:
         if "optimizer" in ckpt:
             optimizer.load_state_dict(ckpt["optimizer"])
         step = int(ckpt.get("step", 0))
-        if "rng_cpu" in ckpt:
-            torch.set_rng_state(ckpt["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in ckpt:
-            torch.cuda.set_rng_state(ckpt["rng_cuda"])
+        rng_resume = ckpt.get("rng")
         logger.info("resumed from %s at step %d", resume_path, step)
 
     steps_per_epoch = loader.steps_per_epoch
     total_steps = cfg.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.stop_after_steps or total_steps)
     start_epoch, start_batch = divmod(step, steps_per_epoch)
+    if resume_path is not None and "data_position" in ckpt:
+        start_epoch, start_batch = (int(v) for v in ckpt["data_position"])
+        if start_batch >= steps_per_epoch:
+            start_epoch, start_batch = start_epoch + 1, 0
 
     out.mkdir(parents=True, exist_ok=True)
     resolved = {
@@ -151,12 +207,12 @@ def pretrain(cfg: PretrainConfig) -> dict:
             "step": step,
             "epoch": epoch,
             "config": resolved,
-            "rng_cpu": torch.get_rng_state(),
+            "rng": rng_state(device),
             "data_position": list(loader.position),  # (epoch, batches consumed): where a restart continues
         }
-        if device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state()
         save_checkpoint(state, out / LAST)
+        if cfg.keep_every and step % cfg.keep_every == 0:
+            save_checkpoint(state, out / f"checkpoint-{step:07d}.pth")
 
     def picture() -> float | None:
         """Save the reconstruction picture; returns the loss on the fixed images with a fixed mask."""
@@ -169,6 +225,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
             return reconstruct(model, imgs, cfg.mask_ratio, cfg.seed)[0]
 
     eval_loss_start = picture()
+    if rng_resume is not None:
+        set_rng_state(rng_resume, device)  # after the picture, so the step sees exactly the saved state
     model.train()
     metrics = open(out / "metrics.jsonl", "a")
     bar = tqdm(total=last_step, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
@@ -176,54 +234,60 @@ def pretrain(cfg: PretrainConfig) -> dict:
     images_seen, t_start = 0, time.perf_counter()
     t_log, imgs_since_log = t_start, 0
     epoch = start_epoch
-    try:
-        while step < last_step:
-            for imgs, _ in loader.epoch(epoch, start_batch):
-                lr = lr_at(step / steps_per_epoch, base_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                imgs = imgs.to(device, non_blocking=True)
-                with autocast:
-                    loss, _, _ = step_fn(imgs, mask_ratio=cfg.mask_ratio)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                images_seen += imgs.shape[0]
-                imgs_since_log += imgs.shape[0]
-                bar.update(1)
-                if step % cfg.log_every == 0 or step == last_step or step == 1:
-                    loss_value = loss.item()  # the only host sync, on logging steps
-                    if not math.isfinite(loss_value):
-                        raise FastMAEError(f"loss is {loss_value} at step {step}; lower the learning rate")
-                    now = time.perf_counter()
-                    rate = imgs_since_log / max(now - t_log, 1e-9)
-                    t_log, imgs_since_log = now, 0
-                    first_loss = loss_value if first_loss is None else first_loss
-                    last_loss = loss_value
-                    row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss_value, "lr": lr,
-                           "img_per_s": rate}  # fmt: skip
-                    metrics.write(json.dumps(row) + "\n")
-                    metrics.flush()
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
-                if cfg.save_every and step % cfg.save_every == 0 and step < last_step:
-                    save(epoch)
-                if step >= last_step:
-                    break
-            else:
-                epoch, start_batch = epoch + 1, 0
-                continue
-            break
-    finally:
-        bar.close()
-        metrics.close()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - t_start
-    save(step // steps_per_epoch)
+    num_patches = model.patch_embed.num_patches
+    with StopSignal() as stop:
+        try:
+            while step < last_step and not stop.received:
+                for imgs, _ in loader.epoch(epoch, start_batch):
+                    lr = lr_at(step / steps_per_epoch, base_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    imgs = imgs.to(device, non_blocking=True)
+                    noise = mask_noise(cfg.seed, epoch, loader.last_ids, num_patches, device)  # per-sample masks
+                    with autocast:
+                        loss, _, _ = step_fn(imgs, mask_ratio=cfg.mask_ratio, noise=noise)
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    images_seen += imgs.shape[0]
+                    imgs_since_log += imgs.shape[0]
+                    bar.update(1)
+                    if step % cfg.log_every == 0 or step == last_step or step == 1 or stop.received:
+                        loss_value = loss.item()  # the only host sync, on logging steps
+                        if not math.isfinite(loss_value):
+                            raise FastMAEError(f"loss is {loss_value} at step {step}; lower the learning rate")
+                        now = time.perf_counter()
+                        rate = imgs_since_log / max(now - t_log, 1e-9)
+                        t_log, imgs_since_log = now, 0
+                        first_loss = loss_value if first_loss is None else first_loss
+                        last_loss = loss_value
+                        row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss_value, "lr": lr,
+                               "img_per_s": rate}  # fmt: skip
+                        metrics.write(json.dumps(row) + "\n")
+                        metrics.flush()
+                        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+                    if step >= last_step or stop.received:
+                        break
+                    if cfg.save_every and step % cfg.save_every == 0:
+                        save(epoch)
+                else:
+                    epoch, start_batch = epoch + 1, 0
+                    if step < last_step:
+                        save(epoch)  # every epoch end
+                    continue
+                break
+        finally:
+            bar.close()
+            metrics.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t_start
+        save(step // steps_per_epoch)  # at the end, and on SIGTERM/SIGINT (a second Ctrl-C still stops at once)
     eval_loss_end = picture()
     summary = {
         "steps": step,
+        "stopped_by": stop.received,  # SIGTERM / SIGINT, or None when the run reached its last step
         "images_seen": images_seen,
         "skipped_files": len(loader.skipped),
         "skipped_examples": sorted(loader.skipped)[:5],
