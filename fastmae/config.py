@@ -31,7 +31,8 @@ class PretrainConfig:
     output_dir: str = _f("output/pretrain", "where config, metrics, checkpoints and pictures go")
     epochs: int = _f(800, "epochs over the data set")
     warmup_epochs: float = _f(40, "linear warmup length in epochs (then cosine decay per iteration)")
-    batch_size: int = _f(64, "images per optimizer step")
+    batch_size: int = _f(64, "images per step per process (effective batch = batch x accum-iter x world size)")
+    accum_iter: int = _f(1, "accumulate gradients over N batches per optimizer step")
     blr: float = _f(1.5e-4, "base learning rate: lr = blr * batch_size / 256")
     lr: float | None = _f(None, "absolute learning rate (overrides --blr)")
     min_lr: float = _f(0.0, "floor of the cosine schedule")
@@ -39,6 +40,10 @@ class PretrainConfig:
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.95, "AdamW beta2")
     mask_ratio: float = _f(0.75, "fraction of patches removed, in [0, 1)")
+    clip_grad: float | None = _f(None, "clip the gradient norm to this value (off by default, as in the paper)")
+    nan_guard: bool = _f(True, "skip optimizer updates whose loss or gradients are not finite (no host sync)")
+    nan_rollback_after: int = _f(3, "after N non-finite steps in a row, reload the last checkpoint and go on")
+    max_rollbacks: int = _f(2, "stop with an error after this many rollbacks")
     norm_pix_loss: bool = _f(False, "normalise each target patch by its mean and std")
     encoder_mode: str = _f("visible", "visible (MAE) or mask_token (encoder sees all patches)")
     seed: int = _f(0, "random seed")
@@ -67,7 +72,8 @@ class PretrainConfig:
         for name, choices in (("loader", LOADERS), ("device", DEVICES), ("precision", PRECISIONS)):
             if getattr(self, name) not in choices:
                 raise FastMAEError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
-        for name in ("epochs", "batch_size", "img_size", "log_every", "synthetic_images"):
+        for name in ("epochs", "batch_size", "accum_iter", "img_size", "log_every", "synthetic_images",
+                     "nan_rollback_after"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise FastMAEError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         for name in ("stop_after_steps", "save_every", "keep_every"):
@@ -78,8 +84,38 @@ class PretrainConfig:
             raise FastMAEError(f"--warmup-epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
         return self
 
-    def effective_lr(self) -> float:
-        return self.lr if self.lr is not None else self.blr * self.batch_size / 256
+    def effective_batch(self, world_size: int = 1) -> int:
+        return self.batch_size * self.accum_iter * world_size
+
+    def effective_lr(self, world_size: int = 1) -> float:
+        """lr = blr x effective batch / 256 (the paper's scaling rule), unless --lr is given."""
+        return self.lr if self.lr is not None else self.blr * self.effective_batch(world_size) / 256
+
+    def recipe_check(self, world_size: int, steps_per_epoch: int) -> tuple[list[str], list[str]]:
+        """(summary lines, warnings) about the recipe this configuration amounts to, printed at the start."""
+        eff = self.effective_batch(world_size)
+        total = self.epochs * steps_per_epoch
+        warmup = round(self.warmup_epochs * steps_per_epoch)
+        lines = [
+            f"effective batch {eff} = {self.batch_size} per step x {self.accum_iter} accumulation x {world_size} "
+            f"process(es)",
+            f"lr {self.effective_lr(world_size):.3g}"
+            + ("" if self.lr is not None else f" = blr {self.blr:g} x {eff} / 256"),
+            f"{steps_per_epoch} steps/epoch, warmup {warmup} steps ({self.warmup_epochs:g} epochs), {total} steps",
+        ]
+        warns = []
+        if self.stop_after_steps is None and warmup >= total:
+            warns.append(f"warmup ({warmup} steps) is as long as the whole run ({total}): the lr never decays")
+        elif self.warmup_epochs > 0.5 * self.epochs:
+            warns.append(
+                f"warmup is {self.warmup_epochs:g} of {self.epochs} epochs: unusually long (the paper: 40/800)"
+            )
+        if self.model in ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"):
+            if not 1024 <= eff <= 16384:
+                warns.append(f"effective batch {eff} is far from the recipe's 4096; raise --accum-iter or check blr")
+        if not 0.6 <= self.mask_ratio <= 0.9:
+            warns.append(f"mask ratio {self.mask_ratio:g} is unusual (the paper finds 0.75 best; 0.6-0.9 work)")
+        return lines, warns
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -113,3 +113,103 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(folder, tmp_path):
     assert proc.returncode == 0, proc.stderr
     steps = [json.loads(r)["step"] for r in metrics.read_text().splitlines()]
     assert steps[-2:] == [ckpt["step"] + 1, ckpt["step"] + 2]
+
+
+def _run_cfg(folder, out, **kw):
+    from fastmae.train.pretrain import pretrain
+
+    from fastmae.config import PretrainConfig
+
+    args = dict(model="mae_vit_tiny_patch16", img_size=32, batch_size=2, epochs=2, warmup_epochs=0, blr=1e-2,
+                num_workers=0, progress=False, log_every=1, data=str(folder), output_dir=str(out),
+                num_reconstructions=1)  # fmt: skip
+    args.update(kw)
+    return pretrain(PretrainConfig(**args))
+
+
+def test_gradient_accumulation_matches_the_large_batch(folder, tmp_path):
+    """accum 2 x batch 2 == batch 4: the same samples (sharded order), the same per-sample masks and crops."""
+    small = _run_cfg(folder, tmp_path / "a", batch_size=2, accum_iter=2, lr=1e-3, stop_after_steps=1)
+    large = _run_cfg(folder, tmp_path / "b", batch_size=4, accum_iter=1, lr=1e-3, stop_after_steps=1)
+    assert small["steps"] == large["steps"] == 1 and small["images_seen"] == large["images_seen"] == 4
+    assert small["final_loss"] == pytest.approx(large["final_loss"], rel=1e-6)
+    a = torch.load(tmp_path / "a" / "checkpoint-last.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint-last.pth", weights_only=True)["model"]
+    # Adam's first step is lr * g / (|g| + eps), about +-lr per weight: only weights whose gradient is ~0 (sign decided
+    # by rounding) may differ, and by at most 2 lr.
+    diff = torch.cat([(a[n] - b[n]).abs().flatten() for n in a])
+    assert diff.max() <= 2e-3 * 1.01 and (diff > 1e-6).float().mean() < 1e-3, (diff > 1e-6).float().mean()
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["effective_batch"] == 4 and cfg["steps_per_epoch"] == 1  # 7 images: 3 batches of 2 -> 1 step of 2
+
+
+class _NaNAt:
+    """Wrap create_model so that the model's loss is NaN on chosen forward calls (training mode only)."""
+
+    def __init__(self, calls):
+        self.calls, self.count = set(calls), 0
+
+    def __call__(self, name, **kw):
+        import fastmae.models
+
+        model = fastmae.models.create_model(name, **kw)
+        forward = model.forward
+
+        def patched(imgs, *a, **k):
+            loss, pred, mask = forward(imgs, *a, **k)
+            if model.training:
+                self.count += 1
+                if self.count in self.calls or (-1 in self.calls and self.count >= 3):
+                    loss = loss * float("nan")
+            return loss, pred, mask
+
+        model.forward = patched
+        return model
+
+
+def test_non_finite_steps_are_skipped_without_touching_the_weights(folder, tmp_path, monkeypatch):
+    import fastmae
+
+    monkeypatch.setattr(fastmae, "create_model", _NaNAt({3, 4}))
+    summary = _run_cfg(folder, tmp_path / "n", stop_after_steps=5, save_every=1)
+    assert summary["nan_skipped"] == 2 and summary["rollbacks"] == 0 and summary["steps"] == 5
+    rows = [json.loads(r) for r in (tmp_path / "n" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] is None for r in rows] == [False, False, True, True, False]
+    assert [r["nan_skipped"] for r in rows] == [0, 0, 1, 2, 2]
+    ckpt = torch.load(tmp_path / "n" / "checkpoint-last.pth", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    assert int(ckpt["optimizer"]["state"][0]["step"]) == 3  # 5 steps, 2 skipped: AdamW counted only 3
+
+
+def test_persistent_non_finite_steps_roll_back_then_stop(folder, tmp_path, monkeypatch, caplog):
+    import fastmae
+    from fastmae import FastMAEError
+
+    monkeypatch.setattr(fastmae, "create_model", _NaNAt({-1}))  # every step from the 3rd on
+    with pytest.raises(FastMAEError, match=r"not finite for 2 steps in a row at step \d+ after 1 rollback"):
+        _run_cfg(folder, tmp_path / "r", epochs=10, save_every=1, nan_rollback_after=2, max_rollbacks=1)
+    assert "rolled back to" in caplog.text
+    ckpt = torch.load(tmp_path / "r" / "checkpoint-last.pth", weights_only=True)  # still loadable and finite
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def test_recipe_check_warns_about_suspicious_settings():
+    from fastmae.config import PretrainConfig, preset
+
+    lines, warns = preset("mae_vit_large_patch16").recipe_check(world_size=1, steps_per_epoch=312)
+    assert lines[0] == "effective batch 4096 = 4096 per step x 1 accumulation x 1 process(es)"
+    assert lines[1] == "lr 0.0024 = blr 0.00015 x 4096 / 256" and warns == []
+    cfg = PretrainConfig(model="mae_vit_base_patch16", batch_size=64, accum_iter=2, epochs=10, warmup_epochs=10,
+                         mask_ratio=0.4)  # fmt: skip
+    lines, warns = cfg.recipe_check(world_size=2, steps_per_epoch=100)
+    assert "effective batch 256 = 64 per step x 2 accumulation x 2 process(es)" == lines[0]
+    assert cfg.effective_lr(2) == pytest.approx(1.5e-4)
+    assert any("warmup (1000 steps) is as long as the whole run (1000)" in w for w in warns)
+    assert any("effective batch 256 is far from the recipe's 4096" in w for w in warns)
+    assert any("mask ratio 0.4 is unusual" in w for w in warns)
+
+
+def test_torchrun_is_refused_until_distributed_training_exists(folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = main(["pretrain", *TINY, "--data", str(folder), "--output-dir", str(tmp_path / "o")])
+    assert code == 2 and "multi-process (torchrun) training is not implemented yet" in capsys.readouterr().err

@@ -29,7 +29,7 @@ from .dali import DALILoader, dali_unavailable_reason
 from .data import SyntheticLoader, TorchvisionLoader, sample_images
 from .noise import mask_noise
 from .schedule import build_optimizer, lr_at
-from .sources import index_data
+from .sources import dist_info, index_data
 from .visualize import reconstruct, save_reconstructions
 
 logger = logging.getLogger("fastmae.pretrain")
@@ -130,6 +130,11 @@ def pretrain(cfg: PretrainConfig) -> dict:
     cfg.loader = loader_name
     out = Path(cfg.output_dir)
     resume_path = resolve_resume(cfg.resume, out)  # checked before any work
+    _, world_size, _ = dist_info()
+    if world_size > 1:
+        raise FastMAEError(
+            f"WORLD_SIZE={world_size}: multi-process (torchrun) training is not implemented yet; run one process"
+        )
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -146,8 +151,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
     act_dtype = torch.bfloat16 if use_bf16 else torch.float32
     attn_used = model.resolve_attention(device, act_dtype)  # raises here if an explicit backend cannot run
     kernels_used = model.kernels_used(device)
-    base_lr = cfg.effective_lr()
-    optimizer = build_optimizer(model, base_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    base_lr = cfg.effective_lr(world_size)
+    # Fused AdamW (CPU and CUDA): it can skip a non-finite update on the device (found_inf), with no host sync.
+    optimizer = build_optimizer(model, base_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=True)
 
     step, start_epoch, start_batch, rng_resume = 0, 0, 0, None
     if resume_path is not None:
@@ -164,14 +170,26 @@ def pretrain(cfg: PretrainConfig) -> dict:
         rng_resume = ckpt.get("rng")
         logger.info("resumed from %s at step %d", resume_path, step)
 
-    steps_per_epoch = loader.steps_per_epoch
+    accum = cfg.accum_iter
+    steps_per_epoch = loader.steps_per_epoch // accum  # optimizer steps; a last partial accumulation is dropped
+    if steps_per_epoch == 0:
+        raise FastMAEError(
+            f"--accum-iter {accum} needs at least {accum} batches per epoch, the data gives {loader.steps_per_epoch}"
+        )
+    micro_per_epoch = steps_per_epoch * accum
     total_steps = cfg.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.stop_after_steps or total_steps)
-    start_epoch, start_batch = divmod(step, steps_per_epoch)
+    start_epoch, start_step = divmod(step, steps_per_epoch)
+    start_batch = start_step * accum
     if resume_path is not None and "data_position" in ckpt:
         start_epoch, start_batch = (int(v) for v in ckpt["data_position"])
-        if start_batch >= steps_per_epoch:
+        if start_batch >= micro_per_epoch:
             start_epoch, start_batch = start_epoch + 1, 0
+    recipe, warnings_ = cfg.recipe_check(world_size, steps_per_epoch)
+    for line in recipe:
+        logger.info("recipe: %s", line)
+    for line in warnings_:
+        logger.warning("recipe: %s", line)
 
     out.mkdir(parents=True, exist_ok=True)
     resolved = {
@@ -181,6 +199,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
         "precision": "bf16" if use_bf16 else "fp32",
         "compile": use_compile,
         "steps_per_epoch": steps_per_epoch,
+        "effective_batch": cfg.effective_batch(world_size),
+        "world_size": world_size,
+        "recipe_warnings": warnings_,
         "total_steps": total_steps,
         "data": str(index.root) if index is not None else None,
         "num_images": len(index) if index is not None else None,
@@ -235,48 +256,96 @@ def pretrain(cfg: PretrainConfig) -> dict:
     t_log, imgs_since_log = t_start, 0
     epoch = start_epoch
     num_patches = model.patch_embed.num_patches
+    params = [p for p in model.parameters() if p.requires_grad]
+    nan_skipped = torch.zeros((), device=device)  # device-side counters, read on logging steps only
+    nan_in_a_row = torch.zeros((), device=device)
+    rollbacks, skipped_logged = 0, 0
+
+    def optimizer_step(loss_sum: torch.Tensor) -> None:
+        nonlocal nan_in_a_row
+        if cfg.nan_guard or cfg.clip_grad:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            if cfg.clip_grad:
+                torch.nn.utils.clip_grads_with_norm_(params, cfg.clip_grad, norm)
+            if cfg.nan_guard:
+                bad = (~torch.isfinite(norm + loss_sum)).float()
+                optimizer.found_inf = bad  # fused AdamW leaves weights and moments untouched where this is 1
+                nan_skipped.add_(bad)
+                nan_in_a_row = (nan_in_a_row + bad) * bad
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def rollback() -> None:
+        nonlocal rollbacks, nan_in_a_row
+        rollbacks += 1
+        if rollbacks > cfg.max_rollbacks or not (out / LAST).exists():
+            raise FastMAEError(
+                f"loss or gradients not finite for {int(nan_in_a_row.item())} steps in a row at step {step}"
+                + (f" after {rollbacks - 1} rollback(s)" if rollbacks > 1 else ", and no checkpoint to roll back to")
+                + "; lower the learning rate or enable --clip-grad"
+            )
+        ckpt = load_checkpoint(out / LAST)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        nan_in_a_row = torch.zeros((), device=device)
+        logger.warning("rolled back to %s (step %s) after non-finite steps; continuing at step %d (rollback %d/%d)",
+                       out / LAST, ckpt.get("step"), step, rollbacks, cfg.max_rollbacks)  # fmt: skip
+
     with StopSignal() as stop:
         try:
             while step < last_step and not stop.received:
+                micro, loss_sum = start_batch, torch.zeros((), device=device)
                 for imgs, _ in loader.epoch(epoch, start_batch):
-                    lr = lr_at(step / steps_per_epoch, base_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
                     imgs = imgs.to(device, non_blocking=True)
                     noise = mask_noise(cfg.seed, epoch, loader.last_ids, num_patches, device)  # per-sample masks
                     with autocast:
                         loss, _, _ = step_fn(imgs, mask_ratio=cfg.mask_ratio, noise=noise)
-                    loss.backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
+                    (loss / accum).backward()
+                    loss_sum = loss_sum + loss.detach().float()
+                    micro += 1
                     images_seen += imgs.shape[0]
                     imgs_since_log += imgs.shape[0]
+                    if micro % accum:
+                        continue
+                    lr = lr_at(step / steps_per_epoch, base_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    optimizer_step(loss_sum)
+                    step_loss, loss_sum = loss_sum / accum, torch.zeros((), device=device)
+                    step += 1
                     bar.update(1)
                     if step % cfg.log_every == 0 or step == last_step or step == 1 or stop.received:
-                        loss_value = loss.item()  # the only host sync, on logging steps
-                        if not math.isfinite(loss_value):
-                            raise FastMAEError(f"loss is {loss_value} at step {step}; lower the learning rate")
+                        loss_value = step_loss.item()  # the only host syncs, on logging steps
+                        skipped_now = int(nan_skipped.item())
                         now = time.perf_counter()
                         rate = imgs_since_log / max(now - t_log, 1e-9)
                         t_log, imgs_since_log = now, 0
-                        first_loss = loss_value if first_loss is None else first_loss
-                        last_loss = loss_value
-                        row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss_value, "lr": lr,
-                               "img_per_s": rate}  # fmt: skip
+                        finite = math.isfinite(loss_value)
+                        if finite:
+                            first_loss = loss_value if first_loss is None else first_loss
+                            last_loss = loss_value
+                        row = {"step": step, "epoch": step / steps_per_epoch, "loss": loss_value if finite else None,
+                               "lr": lr, "img_per_s": rate, "nan_skipped": skipped_now}  # fmt: skip
                         metrics.write(json.dumps(row) + "\n")
                         metrics.flush()
                         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+                        if skipped_now > skipped_logged:
+                            logger.warning("skipped %d non-finite update(s) so far (step %d)", skipped_now, step)
+                            skipped_logged = skipped_now
+                        if cfg.nan_guard and nan_in_a_row.item() >= cfg.nan_rollback_after:
+                            rollback()
+                        elif not cfg.nan_guard and not finite:
+                            raise FastMAEError(f"loss is {loss_value} at step {step}; lower the learning rate")
                     if step >= last_step or stop.received:
                         break
                     if cfg.save_every and step % cfg.save_every == 0:
                         save(epoch)
-                else:
-                    epoch, start_batch = epoch + 1, 0
-                    if step < last_step:
-                        save(epoch)  # every epoch end
-                    continue
-                break
+                    if micro >= micro_per_epoch:  # the rest of the epoch cannot fill an accumulation
+                        break
+                if step >= last_step or stop.received:
+                    break
+                epoch, start_batch = epoch + 1, 0
+                save(epoch)  # every epoch end
         finally:
             bar.close()
             metrics.close()
@@ -288,6 +357,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     summary = {
         "steps": step,
         "stopped_by": stop.received,  # SIGTERM / SIGINT, or None when the run reached its last step
+        "nan_skipped": int(nan_skipped.item()),
+        "rollbacks": rollbacks,
         "images_seen": images_seen,
         "skipped_files": len(loader.skipped),
         "skipped_examples": sorted(loader.skipped)[:5],
