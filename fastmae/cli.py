@@ -1,4 +1,4 @@
-"""The ``fastmae`` command: ``fastmae pretrain [flags]``, ``fastmae bench [flags]``, ``fastmae models``.
+"""The ``fastmae`` command: ``fastmae pretrain``, ``fastmae visualize``, ``fastmae bench``, ``fastmae models``.
 
 Flags are generated from :class:`fastmae.config.PretrainConfig` (``--field-name``); a flag given on the command line
 overrides the chosen ``--preset``. Bad input ends with one ``fastmae: error: ...`` line and exit code 2.
@@ -47,6 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument(flag, dest=f.name, type=tp, default=None, metavar=f.name.upper(), help=f.metadata["help"])
     sub.add_parser("models", help="list the model names")
+    v = sub.add_parser(
+        "visualize",
+        help="draw original | masked | reconstruction rows from a pretraining checkpoint",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    v.add_argument("--checkpoint", required=True, help="a checkpoint-*.pth written by fastmae pretrain")
+    v.add_argument("--images", default=None, help="images to draw (default: scikit-image's bundled photos)")
+    v.add_argument("--output", default="reconstructions.png", help="PNG to write")
+    v.add_argument("--count", type=int, default=8, help="how many images")
+    v.add_argument("--mask-ratio", type=float, default=None, help="default: the checkpoint's")
+    v.add_argument("--seed", type=int, default=0, help="seed of the fixed mask")
     b = sub.add_parser(
         "bench",
         help="pretrain-step benchmark suite (eager vs fastmae vs mask-token encoder), results JSON, chart, table",
@@ -130,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "bench":
             return run_bench(args)
+        if args.command == "visualize":
+            from fastmae.train.visualize import visualize_checkpoint
+
+            loss = visualize_checkpoint(args.checkpoint, args.output, args.images, args.count, args.mask_ratio,
+                                        args.seed)  # fmt: skip
+            print(f"wrote {args.output} (loss on these images {loss:.4f})")
+            return 0
         from fastmae.train.pretrain import pretrain
 
         summary = pretrain(config_from_args(args))

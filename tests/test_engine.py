@@ -213,3 +213,63 @@ def test_torchrun_is_refused_until_distributed_training_exists(folder, tmp_path,
     monkeypatch.setenv("WORLD_SIZE", "2")
     code = main(["pretrain", *TINY, "--data", str(folder), "--output-dir", str(tmp_path / "o")])
     assert code == 2 and "multi-process (torchrun) training is not implemented yet" in capsys.readouterr().err
+
+
+def test_visualize_any_checkpoint_and_loss_curve(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", *TINY, "--data", str(folder), "--output-dir", str(out), "--epochs", "1"]) == 0
+    assert (out / "loss.png").stat().st_size > 1000
+    png = tmp_path / "rec.png"
+    assert main(["visualize", "--checkpoint", str(out / "checkpoint-last.pth"), "--images", str(folder),
+                 "--output", str(png), "--count", "3"]) == 0  # fmt: skip
+    with Image.open(png) as im:
+        assert im.size == (3 * 32, 3 * 32)  # original | masked | reconstruction, 3 rows
+    assert "wrote" in capsys.readouterr().out
+    code = main(["visualize", "--checkpoint", str(tmp_path / "missing.pth"), "--output", str(png)])
+    assert code == 2 and "missing.pth" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_model_is_a_one_line_error(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", *TINY, "--data", str(folder), "--output-dir", str(out), "--stop-after-steps", "1"]) == 0
+    capsys.readouterr()
+    code = main(["pretrain", *TINY, "--model", "mae_vit_small_patch16", "--data", str(folder), "--output-dir",
+                 str(out), "--resume", "auto"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "does not fit model mae_vit_small_patch16" in err[0]
+
+
+_SAVER = """
+import sys, torch
+from fastmae.train.checkpoint import save_checkpoint
+path = sys.argv[1]
+step = 0
+while True:
+    step += 1
+    save_checkpoint({"model": {"w": torch.full((1_000_000,), float(step))}, "step": step}, path)
+    print(step, flush=True)
+"""
+
+
+def test_kill_9_while_saving_leaves_a_loadable_checkpoint(tmp_path):
+    """SIGKILL at arbitrary moments of back-to-back saves: the file on disk is always a whole checkpoint."""
+    from fastmae.train.checkpoint import load_checkpoint
+
+    path = tmp_path / "checkpoint-last.pth"
+    rng = np.random.default_rng(0)
+    last = 0
+    for _ in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(path)], stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # at least one save finished
+        time.sleep(rng.uniform(0.05, 0.4))
+        proc.kill()
+        proc.wait()
+        ckpt = load_checkpoint(path)
+        assert torch.all(ckpt["model"]["w"] == ckpt["step"]) and ckpt["step"] >= 1
+        last = ckpt["step"]
+    assert last >= 1
+    from fastmae.train.checkpoint import save_checkpoint
+
+    save_checkpoint({"step": last + 1}, path)  # the next save also clears temp files a killed writer left behind
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]

@@ -30,7 +30,7 @@ from .data import SyntheticLoader, TorchvisionLoader, sample_images
 from .noise import mask_noise
 from .schedule import build_optimizer, lr_at
 from .sources import dist_info, index_data
-from .visualize import reconstruct, save_reconstructions
+from .visualize import plot_loss_curve, reconstruct, save_reconstructions
 
 logger = logging.getLogger("fastmae.pretrain")
 EVAL_IMAGES = 32  # fixed images scored for eval_loss_start / eval_loss_end
@@ -379,6 +379,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         "torch": torch.__version__,
     }
     _write_json(out / "summary.json", summary)
+    plot_loss_curve(out / "metrics.jsonl", out / "loss.png")  # skipped when matplotlib is not installed
     if loader.skipped:
         logger.warning("skipped %d undecodable file(s) in total", len(loader.skipped))
     return summary

@@ -44,3 +44,52 @@ def save_reconstructions(model, imgs: torch.Tensor, path: str | Path, mask_ratio
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((grid * 255 + 0.5).astype(np.uint8)).save(path)
     return loss
+
+
+def visualize_checkpoint(checkpoint: str | Path, output: str | Path, images: str | None = None, count: int = 8,
+                         mask_ratio: float | None = None, seed: int = 0) -> float:  # fmt: skip
+    """Reconstructions from any pretraining checkpoint (its config names the model); returns the loss on them."""
+    import fastmae
+
+    from .checkpoint import load_checkpoint
+    from .data import sample_images
+    from .sources import index_data
+
+    ckpt = load_checkpoint(checkpoint)
+    cfg = ckpt.get("config") or {}
+    if "model" not in cfg or "model" not in ckpt:
+        raise fastmae.FastMAEError(f"{checkpoint} is not a fastmae pretraining checkpoint (no model config inside)")
+    model = fastmae.create_model(cfg["model"], img_size=cfg["img_size"], norm_pix_loss=cfg.get("norm_pix_loss", False),
+                                 encoder_mode=cfg.get("encoder_mode", "visible"))  # fmt: skip
+    model.load_state_dict(ckpt["model"], strict=True)
+    imgs = sample_images(index_data(images), cfg["img_size"], count)
+    return save_reconstructions(model, imgs, output, mask_ratio or cfg.get("mask_ratio", 0.75), seed)
+
+
+def plot_loss_curve(metrics: str | Path, output: str | Path) -> Path | None:
+    """Loss (and lr) against step from ``metrics.jsonl``; None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    import json
+
+    rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("loss") is not None]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    lr_ax = ax.twinx()
+    lr_ax.plot([r["step"] for r in rows], [r["lr"] for r in rows], color="tab:orange", alpha=0.6, label="lr")
+    lr_ax.set_ylabel("lr")
+    fig.tight_layout()
+    output = Path(output)
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+    return output
