@@ -18,19 +18,7 @@ import torch
 
 from fastmae.errors import FastMAEError
 
-from .sources import (
-    IMAGE_EXTENSIONS,
-    DataIndex,
-    ShardedOrder,
-    augment_params,
-    bundled_images_dir,
-    dist_info,
-    index_data,
-    load_rgb,
-    sample_rng,
-)
-
-__all__ = ["IMAGE_EXTENSIONS", "bundled_images_dir", "index_data", "load_rgb", "dist_info"]
+from .sources import DataIndex, ShardedOrder, augment_params, dist_info, load_rgb, sample_rng
 
 logger = logging.getLogger("fastmae.data")
 
@@ -59,20 +47,6 @@ def crop_flip_tensor(img, box, flip: bool, img_size: int) -> torch.Tensor:
     if flip:
         img = TF.hflip(img)
     return _normalize(TF.to_tensor(img))
-
-
-def pretrain_transform(img_size: int):
-    """RandomResizedCrop(scale=(0.2, 1), bicubic) + horizontal flip + ImageNet normalisation (the MAE recipe)."""
-    from torchvision import transforms as T
-
-    return T.Compose(
-        [
-            T.RandomResizedCrop(img_size, scale=PRETRAIN_SCALE, interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
 
 
 def eval_transform(img_size: int):

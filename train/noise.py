@@ -12,10 +12,10 @@ import torch
 _MASK32 = 0xFFFFFFFF
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit avalanche hash (xor-shift-multiply, "lowbias32") on int64 tensors holding values < 2**32.
-
-    The second product can pass 2**63 and wrap; wrapping keeps the low 32 bits, which are all that is kept.
+def _mix32(x):
+    """A 32-bit avalanche hash (xor-shift-multiply, "lowbias32") on Python ints or int64 tensors holding values
+    < 2**32. On tensors the second product can pass 2**63 and wrap; wrapping keeps the low 32 bits, which are all
+    that is kept, so ints and tensors agree.
     """
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _MASK32
@@ -28,8 +28,7 @@ def mask_noise(seed: int, epoch: int, ids: torch.Tensor, num_patches: int, devic
     """Uniform noise [B, L] in [0, 1) for samples ``ids`` [B] in ``epoch``: feed it to ``model(imgs, noise=...)``."""
     device = ids.device if device is None else device
     ids = ids.to(device=device, dtype=torch.int64)
-    base = _mix32(torch.tensor((seed & _MASK32) ^ 0x5BD1E995, dtype=torch.int64, device=device))
-    base = _mix32(base ^ (epoch & _MASK32))
+    base = _mix32(_mix32((seed & _MASK32) ^ 0x5BD1E995) ^ (epoch & _MASK32))  # a Python int: no host-device copy
     key = _mix32(base ^ (ids & _MASK32)).unsqueeze(1)  # [B, 1]
     patch = _mix32(torch.arange(num_patches, dtype=torch.int64, device=device) + 0x27D4EB2F).unsqueeze(0)  # [1, L]
     bits = _mix32(key ^ patch)  # [B, L] in [0, 2**32)

@@ -297,7 +297,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 micro, loss_sum = start_batch, torch.zeros((), device=device)
                 for imgs, _ in loader.epoch(epoch, start_batch):
                     imgs = imgs.to(device, non_blocking=True)
-                    noise = mask_noise(cfg.seed, epoch, loader.last_ids, num_patches, device)  # per-sample masks
+                    ids = loader.last_ids
+                    if device.type == "cuda" and ids.device.type == "cpu":
+                        ids = ids.pin_memory().to(device, non_blocking=True)  # a pageable copy would sync the host
+                    noise = mask_noise(cfg.seed, epoch, ids, num_patches, device)  # per-sample masks
                     with autocast:
                         loss, _, _ = step_fn(imgs, mask_ratio=cfg.mask_ratio, noise=noise)
                     (loss / accum).backward()
