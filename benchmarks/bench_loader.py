@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _harness import env_info, median, sync, write_results  # noqa: E402
 from fastmae.train.dali import DALILoader, dali_unavailable_reason  # noqa: E402
 from fastmae.train.data import TorchvisionLoader  # noqa: E402
+from fastmae.train.pretrain import resolve_device  # noqa: E402
 from fastmae.train.sources import index_data  # noqa: E402
 
 
@@ -76,8 +77,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/...)")
     args = ap.parse_args(argv)
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))  # fmt: skip
+    device = resolve_device(args.device)
     gpu = device.type == "cuda"
     if args.smoke:
         args.images, args.img_size, args.batch, args.batches, args.rounds = 24, 64, 4, 2, 1

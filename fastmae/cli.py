@@ -97,7 +97,9 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.quick:
         models, depths = ["mae_vit_tiny_patch16"], [2, 1]
         args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
-    device = torch_device(args.device)
+    from fastmae.train.pretrain import resolve_device
+
+    device = resolve_device(args.device or "auto")
     rows = []
     if "pretrain" in suites:
         rows += bench.run_suite(models, depths, device, args.steps, args.warmup, args.quick, args.batch)
@@ -110,16 +112,6 @@ def run_bench(args: argparse.Namespace) -> int:
               f"visible {bench._fmt(s['visible_vs_mask_token'], '.2f')}x mask-token")  # fmt: skip
     print(f"wrote {path}; chart and README table: fastmae bench --report {path} --readme README.md")
     return 0
-
-
-def torch_device(name: str | None):
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FastMAEError(f"--device {name} was requested but no CUDA device is available")
-    return torch.device(name)
 
 
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:

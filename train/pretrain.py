@@ -37,10 +37,11 @@ EVAL_IMAGES = 32  # fixed images scored for eval_loss_start / eval_loss_end
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU; an explicit ``cuda``/``cuda:N`` without a GPU is a one-line error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FastMAEError("--device cuda was requested but no CUDA device is available")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FastMAEError(f"--device {name} was requested but no CUDA device is available")
     return torch.device(name)
 
 
@@ -294,7 +295,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     with StopSignal() as stop:
         try:
             while step < last_step and not stop.received:
-                micro, loss_sum = start_batch, torch.zeros((), device=device)
+                micro, loss_sum = start_batch, 0.0  # becomes a device tensor at the first micro-batch
                 for imgs, _ in loader.epoch(epoch, start_batch):
                     imgs = imgs.to(device, non_blocking=True)
                     ids = loader.last_ids
@@ -314,7 +315,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     optimizer_step(loss_sum)
-                    step_loss, loss_sum = loss_sum / accum, torch.zeros((), device=device)
+                    step_loss, loss_sum = loss_sum / accum, 0.0
                     step += 1
                     bar.update(1)
                     if step % cfg.log_every == 0 or step == last_step or step == 1 or stop.received:

@@ -143,9 +143,6 @@ class DataIndex:
     def read(self, i: int) -> bytes:
         return _read(self.paths[i], int(self.offsets[i]), int(self.sizes[i]))
 
-    def describe(self) -> str:
-        return f"{len(self)} images under {self.root}" + (f", {len(self.bad)} skipped" if self.bad else "")
-
 
 def _cache_file(root: str) -> Path:
     base = Path(os.environ.get("FASTMAE_CACHE", Path.home() / ".cache" / "fastmae"))
@@ -191,6 +188,7 @@ def _scan_tars(shards: list[Path]) -> list[tuple[str, str, int, int, int, str]]:
     items = []
     for shard in shards:
         try:
+            mtime = shard.stat().st_mtime_ns  # members are revalidated when their shard changes
             with tarfile.open(shard) as tar:
                 members = [m for m in tar.getmembers() if m.isfile()]
                 groups: dict[str, dict[str, tarfile.TarInfo]] = {}
@@ -204,7 +202,6 @@ def _scan_tars(shards: list[Path]) -> list[tuple[str, str, int, int, int, str]]:
                         label = tar.extractfile(exts["cls"]).read().decode().strip()
                     image = next((exts[e] for e in exts if "." + e.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), None)
                     if image is not None:
-                        mtime = shard.stat().st_mtime_ns
                         items.append((f"{shard}/{image.name}", str(shard), image.offset_data, image.size, mtime, label))
         except (OSError, tarfile.TarError) as exc:
             raise FastMAEError(f"cannot read tar shard {shard}: {exc}") from exc
