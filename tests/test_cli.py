@@ -150,3 +150,12 @@ def test_default_demo_learns_on_the_bundled_photos(tmp_path, capsys):
     assert summary["eval_loss_end"] < 0.75 * summary["eval_loss_start"], summary
     assert summary["skipped_files"] == 1  # scikit-image ships one TIFF that Pillow cannot decode
     assert len(list((out / "reconstructions").glob("*.png"))) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error given when no GPU exists")
+@pytest.mark.parametrize("command, device", [(["pretrain", *TINY], "cuda"), (["bench", "--quick"], "cuda:1")])
+def test_cuda_without_a_gpu_is_one_line(command, device, tmp_path, capsys):
+    extra = ["--output-dir", str(tmp_path)] if command[0] == "pretrain" else []
+    code = main([*command, "--device", device, *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"fastmae: error: --device {device} was requested but no CUDA device is available"]
