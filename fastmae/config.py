@@ -10,7 +10,8 @@ from .models import check_mask_ratio, list_models
 
 LOADERS = ("auto", "dali", "torchvision", "synthetic")
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PARALLEL = ("ddp", "fsdp")
 
 
 def _f(default, help: str, **kw):
@@ -55,7 +56,12 @@ class PretrainConfig:
     synthetic_images: int = _f(4096, "images per epoch for --loader synthetic")
     kernels: str = _f("auto", "auto | reference | triton, or per op: masking=triton,masked_mse=reference")
     attn_backend: str = _f("auto", "auto | xformers | sdpa | math")
-    precision: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32")
+    precision: str = _f(
+        "auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp16 (autocast + dynamic GradScaler) | fp32"
+    )
+    parallel: str = _f(
+        "ddp", "under torchrun: ddp (DistributedDataParallel) | fsdp (FSDP2 fully_shard per block, for ViT-H and up)"
+    )
     compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA, off for CPU)")
     stop_after_steps: int | None = _f(None, "stop once the global step reaches N (schedule unchanged)")
     log_every: int = _f(10, "log metrics every N optimizer steps")
@@ -63,19 +69,28 @@ class PretrainConfig:
     keep_every: int | None = _f(None, "also keep checkpoint-<step>.pth when a save falls on a multiple of N steps")
     resume: str | None = _f(None, "checkpoint path, or 'auto' for the output folder's checkpoint-last.pth")
     num_reconstructions: int = _f(8, "fixed images shown in each reconstructions/*.png")
+    picture_every: int | None = _f(1000, "reconstruction picture + eval loss every N steps (0: only at start and end)")
+    tensorboard: bool | None = _f(None, "TensorBoard event files in <output>/tensorboard (default: when installed)")
     progress: bool = _f(True, "show a progress bar")
 
     def validate(self) -> PretrainConfig:
         if self.model not in list_models():
             raise FastMAEError(f"unknown model {self.model!r}; known models: {', '.join(list_models())}")
         check_mask_ratio(self.mask_ratio)
-        for name, choices in (("loader", LOADERS), ("device", DEVICES), ("precision", PRECISIONS)):
+        for name, choices in (
+            ("loader", LOADERS),
+            ("device", DEVICES),
+            ("precision", PRECISIONS),
+            ("parallel", PARALLEL),
+        ):
             if getattr(self, name) not in choices:
                 raise FastMAEError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         for name in ("epochs", "batch_size", "accum_iter", "img_size", "log_every", "synthetic_images",
                      "nan_rollback_after"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise FastMAEError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.picture_every is not None and self.picture_every < 0:
+            raise FastMAEError(f"--picture-every must be >= 0 (0: only at start and end), got {self.picture_every}")
         for name in ("stop_after_steps", "save_every", "keep_every"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -125,7 +140,7 @@ PRESETS: dict[str, PretrainConfig] = {
     # The default: a tiny MAE on the bundled photos that visibly learns in a few minutes on a 2-core CPU.
     "demo": PretrainConfig(
         model="mae_vit_tiny_patch16", img_size=96, epochs=150, warmup_epochs=5, batch_size=8, blr=0.05,
-        output_dir="output/demo", log_every=5,
+        output_dir="output/demo", log_every=5, picture_every=250,
     ),
     # The official MAE recipe (facebookresearch/mae PRETRAIN.md): batch 4096, blr 1.5e-4, 40 warmup epochs, norm-pix.
     **{

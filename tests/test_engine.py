@@ -1,6 +1,7 @@
 """The pretraining engine: bit-exact resume, per-sample masks, preemption (SIGTERM), checkpoints kept."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -47,7 +48,8 @@ def test_mask_noise_is_per_sample():
 
 
 def _losses(out):
-    return [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    rows = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
 def test_interrupted_and_resumed_run_is_bit_identical(folder, tmp_path, capsys):
@@ -209,10 +211,101 @@ def test_recipe_check_warns_about_suspicious_settings():
     assert any("mask ratio 0.4 is unusual" in w for w in warns)
 
 
-def test_torchrun_is_refused_until_distributed_training_exists(folder, tmp_path, monkeypatch, capsys):
+def test_fp16_grad_scaler_tensorboard_and_pictures_every_n_steps(folder, tmp_path):
+    """fp16 autocast with the dynamic GradScaler (its state in the checkpoint and on resume), TensorBoard scalars
+    matching metrics.jsonl, and reconstruction pictures + eval loss every --picture-every steps."""
+    out = tmp_path / "fp16"
+    args = [*TINY, "--data", str(folder), "--epochs", "2", "--precision", "fp16", "--picture-every", "2",
+            "--output-dir", str(out)]  # fmt: skip
+    assert main(["pretrain", *args, "--stop-after-steps", "4"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["precision"] == "fp16" and summary["fp16_scale"] > 0 and summary["nan_skipped"] == 0
+    ckpt = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    assert ckpt["scaler"]["scale"] == summary["fp16_scale"]
+    assert sorted(p.name for p in (out / "reconstructions").iterdir()) == [
+        "step0000000.png", "step0000002.png", "step0000004.png"]  # fmt: skip
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    assert [s for s, _ in evals] == [2] and math.isfinite(evals[0][1])  # step 4 is the end: summary's eval_loss_end
+    losses = _losses(out)
+    assert all(math.isfinite(v) for _, v in losses)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert {"loss", "lr", "img_per_s", "eval_loss"} <= set(events.Tags()["scalars"])
+    assert [(e.step, round(e.value, 5)) for e in events.Scalars("loss")] == [(s, round(v, 5)) for s, v in losses]
+    assert main(["pretrain", *args, "--stop-after-steps", "5", "--resume", "auto"]) == 0
+    assert [s for s, _ in _losses(out)][-1] == 5
+
+
+def test_tensorboard_requested_but_missing_is_one_line(folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as when not installed
+    code = main(["pretrain", *TINY, "--data", str(folder), "--tensorboard", "--output-dir", str(tmp_path / "o")])
+    assert code == 2 and "pip install 'fastmae[tensorboard]'" in capsys.readouterr().err
+
+
+def test_world_size_without_torchrun_is_a_one_line_error(folder, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
+    for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
     code = main(["pretrain", *TINY, "--data", str(folder), "--output-dir", str(tmp_path / "o")])
-    assert code == 2 and "multi-process (torchrun) training is not implemented yet" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "could not join the gloo process group" in err and "launch with torchrun" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def _torchrun(args, nproc=2, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "fastmae.cli", "pretrain", *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture
+def folder8(tmp_path):
+    rng = np.random.default_rng(2)
+    root = tmp_path / "imgs8"
+    root.mkdir()
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (40, 36 + 2 * i, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    return root
+
+
+def test_two_process_ddp_and_fsdp_match_one_process(folder8, tmp_path):
+    """torchrun, 2 gloo processes: DDP (batch 1 x accum 2, so no_sync runs) and FSDP2 (batch 2) on the same global
+    batch of 4 as one process: same per-step losses, same weights, ranks in sync; the one process then resumes the
+    FSDP run's checkpoint."""
+    base = [*TINY, "--data", str(folder8), "--epochs", "2", "--precision", "fp32"]
+    single, ddp, fsdp = tmp_path / "single", tmp_path / "ddp", tmp_path / "fsdp"
+    assert main(["pretrain", *base, "--batch-size", "4", "--output-dir", str(single)]) == 0
+    _torchrun([*base, "--batch-size", "1", "--accum-iter", "2", "--output-dir", str(ddp)])
+    _torchrun([*base, "--batch-size", "2", "--parallel", "fsdp", "--output-dir", str(fsdp)])
+    ref = _losses(single)
+    assert [s for s, _ in ref] == [1, 2, 3, 4]
+    want = torch.load(single / "checkpoint-last.pth", weights_only=True)
+    for out, parallel in ((ddp, "ddp"), (fsdp, "fsdp")):
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["parallel"] == parallel and summary["ranks_in_sync"]
+        assert summary["images_seen"] == 16
+        config = json.loads((out / "config.json").read_text())
+        assert config["effective_batch"] == 4 and config["lr"] == pytest.approx(1e-2 * 4 / 256)
+        got = _losses(out)
+        assert [s for s, _ in got] == [1, 2, 3, 4]
+        assert np.allclose([v for _, v in got], [v for _, v in ref], rtol=1e-5, atol=1e-6), (parallel, got, ref)
+        ckpt = torch.load(out / "checkpoint-last.pth", weights_only=True)
+        assert ckpt["model"].keys() == want["model"].keys() and ckpt["step"] == 4
+        for key, value in want["model"].items():
+            torch.testing.assert_close(ckpt["model"][key], value, rtol=1e-4, atol=1e-5, msg=f"{parallel}: {key}")
+        for idx, state in want["optimizer"]["state"].items():  # FSDP's sharded moments come back in one-process form
+            torch.testing.assert_close(ckpt["optimizer"]["state"][idx]["exp_avg"], state["exp_avg"], rtol=1e-3,
+                                       atol=1e-6)  # fmt: skip
+    # a one-process run resumes the FSDP checkpoint (different world size: a warning, then it goes on)
+    assert main(["pretrain", *base, "--batch-size", "4", "--epochs", "3", "--output-dir", str(fsdp), "--resume",
+                 "auto"]) == 0  # fmt: skip
+    assert [s for s, _ in _losses(fsdp)][-2:] == [5, 6]
 
 
 def test_visualize_any_checkpoint_and_loss_curve(folder, tmp_path, capsys):

@@ -205,13 +205,15 @@ class TorchvisionLoader(IndexLoader):
 
 
 class SyntheticLoader:
-    """Random normalised images made on the device: measures compute with no data loading in the way."""
+    """Random normalised images made on the device: measures compute with no data loading in the way. Under torchrun
+    each rank makes its own images (sample ids ``rank * batch_size + ...`` within each global batch)."""
 
     name = "synthetic"
 
     def __init__(self, img_size: int, batch_size: int, images_per_epoch: int, seed: int, device: torch.device):
         self.img_size, self.batch_size, self.seed, self.device = img_size, batch_size, seed, device
-        self.steps_per_epoch = max(images_per_epoch // batch_size, 1)
+        self.rank, self.world, _ = dist_info()
+        self.steps_per_epoch = max(images_per_epoch // (batch_size * self.world), 1)
         self.skipped: set[str] = set()
         self.position = (0, 0)
         self.last_ids: torch.Tensor | None = None
@@ -221,9 +223,10 @@ class SyntheticLoader:
         g = torch.Generator(device=self.device)
         shape = (self.batch_size, 3, self.img_size, self.img_size)
         for b in range(start_batch, self.steps_per_epoch):
-            g.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + b)  # batch b is the same after a restart
+            first = (b * self.world + self.rank) * self.batch_size
+            g.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + first)  # the same batch after a restart
             self.position = (epoch, b + 1)
-            self.last_ids = torch.arange(b * self.batch_size, (b + 1) * self.batch_size)
+            self.last_ids = torch.arange(first, first + self.batch_size)
             yield torch.randn(shape, generator=g, device=self.device), torch.zeros(self.batch_size, dtype=torch.long)
 
 

@@ -35,14 +35,21 @@ def reconstruct(model, imgs: torch.Tensor, mask_ratio: float, seed: int = 0):
     return loss.item(), orig, masked, orig * (1 - m) + rec * m
 
 
-def save_reconstructions(model, imgs: torch.Tensor, path: str | Path, mask_ratio: float, seed: int = 0) -> float:
-    """Write the picture grid as PNG; returns the loss on these images."""
-    loss, orig, masked, rec = reconstruct(model, imgs, mask_ratio, seed)
+def write_grid(pictures, path: str | Path, count: int | None = None) -> Path:
+    """Write (original, masked, reconstruction) [N, 3, H, W] tensors as a PNG grid, one row per image."""
+    orig, masked, rec = (p[:count] for p in pictures)
     rows = [torch.cat([o, mk, r], dim=2) for o, mk, r in zip(orig, masked, rec, strict=True)]  # [3, H, 3W] each
     grid = torch.cat(rows, dim=1).permute(1, 2, 0).cpu().numpy()  # [N*H, 3W, 3]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((grid * 255 + 0.5).astype(np.uint8)).save(path)
+    return path
+
+
+def save_reconstructions(model, imgs: torch.Tensor, path: str | Path, mask_ratio: float, seed: int = 0) -> float:
+    """Write the picture grid of ``imgs`` as PNG; returns the loss on these images."""
+    loss, *pictures = reconstruct(model, imgs, mask_ratio, seed)
+    write_grid(pictures, path)
     return loss
 
 

@@ -1,0 +1,191 @@
+"""Multi-process training under ``torchrun``: process group, DDP / FSDP2 wrapping, full-state checkpoints.
+
+One process per GPU (or per CPU slot with gloo). ``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``;
+without them everything here is a no-op and the model runs unwrapped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from fastmae.errors import FastMAEError
+
+from .sources import dist_info
+
+logger = logging.getLogger("fastmae.distributed")
+STRATEGIES = ("ddp", "fsdp")
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    strategy: str = "none"  # none (one process) | ddp | fsdp
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks (no host sync on CUDA: the collective is queued on the stream)."""
+        if not self.enabled:
+            return value
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value / self.world_size
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank when ``flag`` is true on any (a host sync: call it on logging steps only)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor(float(flag), device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_distributed(strategy: str, device: torch.device) -> tuple[DistContext, torch.device]:
+    """Join torchrun's process group (nccl on CUDA, gloo on CPU) and pick this process's device (cuda:LOCAL_RANK)."""
+    rank, world, local = dist_info()
+    if world <= 1:
+        return DistContext(), device
+    if strategy not in STRATEGIES:
+        raise FastMAEError(f"--parallel must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise FastMAEError(f"LOCAL_RANK={local} but only {torch.cuda.device_count()} GPU(s) are visible")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        try:
+            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        except (ValueError, RuntimeError) as exc:
+            raise FastMAEError(
+                f"WORLD_SIZE={world}: could not join the {backend} process group ({str(exc).splitlines()[0]}); "
+                "launch with torchrun, which sets RANK, MASTER_ADDR and MASTER_PORT"
+            ) from exc
+    if dist.get_world_size() != world:
+        raise FastMAEError(f"WORLD_SIZE={world} but the process group has {dist.get_world_size()} processes")
+    if rank != 0:  # one voice: the other ranks only report problems
+        logging.getLogger("fastmae").setLevel(logging.WARNING)
+    return DistContext(rank, world, local, strategy), device
+
+
+def wrap_model(model: torch.nn.Module, ctx: DistContext, device: torch.device) -> torch.nn.Module:
+    """The module the step calls: the model itself, ``DistributedDataParallel`` around it, or the model made FSDP2
+    (``fully_shard`` on every transformer block, then the root; parameters become sharded DTensors)."""
+    if ctx.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        # In mask_token mode the decoder's mask_token receives no gradient, so DDP must look for unused parameters.
+        unused = getattr(model, "encoder_mode", "visible") == "mask_token"
+        return DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused
+        )
+    if ctx.strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (ctx.world_size,))
+        for block in [*model.blocks, *model.decoder_blocks]:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return model
+
+
+def no_sync(step_module: torch.nn.Module, model: torch.nn.Module, ctx: DistContext, sync: bool):
+    """Context for one micro-batch's backward: gradient all-reduce only on the last micro-batch of an accumulation."""
+    if ctx.strategy == "ddp" and not sync:
+        ddp = getattr(step_module, "_orig_mod", step_module)  # torch.compile wraps the DDP module
+        return ddp.no_sync()
+    if ctx.strategy == "fsdp":
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def _fqn_order(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext) -> tuple[dict, dict]:
+    """(model state, optimizer state) of the whole model in the one-process format, whatever the strategy: under
+    FSDP every rank must call this (it gathers the shards); the result is complete on rank 0."""
+    if ctx.strategy != "fsdp":
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=opts)
+    osd = get_optimizer_state_dict(model, optimizer, options=opts)
+    if not ctx.is_main:
+        return msd, osd
+    # FQN-keyed -> index-keyed (the order of the optimizer's param groups), so any strategy can resume it.
+    order = _fqn_order(model, optimizer)
+    index = {name: i for i, name in enumerate(order)}
+    groups, start = [], 0
+    for group in osd["param_groups"]:
+        n = len(group["params"])
+        groups.append({**group, "params": list(range(start, start + n))})
+        start += n
+    return msd, {"state": {index[k]: v for k, v in osd["state"].items()}, "param_groups": groups}
+
+
+def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, msd: dict, osd: dict | None,
+                    ctx: DistContext) -> None:  # fmt: skip
+    """Load a one-process-format state (every rank read the same file) into the model and optimizer."""
+    if ctx.strategy != "fsdp":
+        model.load_state_dict(msd, strict=True)
+        if optimizer is not None and osd is not None:
+            optimizer.load_state_dict(osd)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, msd, options=opts)
+    if optimizer is not None and osd is not None:
+        order = _fqn_order(model, optimizer)
+        groups, start = [], 0
+        for group in osd["param_groups"]:
+            n = len(group["params"])
+            groups.append({**group, "params": order[start : start + n]})
+            start += n
+        fqn_osd = {"state": {order[int(i)]: v for i, v in osd["state"].items()}, "param_groups": groups}
+        set_optimizer_state_dict(model, optimizer, fqn_osd, options=opts)
+
+
+def params_in_sync(model: torch.nn.Module, ctx: DistContext, device: torch.device) -> bool:
+    """Whether every rank holds the same weights (DDP): a float64 fingerprint per rank, compared across ranks."""
+    if ctx.strategy != "ddp":
+        return True  # one process, or FSDP where each rank holds a different shard by design
+    with torch.no_grad():
+        fp = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1).to(device)
+    fps = [torch.zeros_like(fp) for _ in range(ctx.world_size)]
+    dist.all_gather(fps, fp)
+    return all(torch.equal(f, fps[0]) for f in fps)
