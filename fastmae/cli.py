@@ -13,7 +13,15 @@ import sys
 import types
 import typing
 
-from .config import PRESETS, PretrainConfig, preset
+from .config import (
+    FINETUNE_PRESETS,
+    LINPROBE_PRESETS,
+    PRESETS,
+    FinetuneConfig,
+    LinprobeConfig,
+    PretrainConfig,
+    preset,
+)
 from .errors import FastMAEError
 
 
@@ -27,6 +35,20 @@ def _flag_type(tp):
     return tp
 
 
+def _config_flags(p: argparse.ArgumentParser, cls, presets: dict) -> None:
+    """``--preset`` plus one flag per dataclass field (``--field-name``); booleans get ``--x/--no-x``."""
+    p.add_argument("--preset", default="demo", choices=list(presets), help="named configuration to start from")
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        tp = _flag_type(f.type)
+        if tp is bool:
+            p.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"]
+            )
+        else:
+            p.add_argument(flag, dest=f.name, type=tp, default=None, metavar=f.name.upper(), help=f.metadata["help"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmae", description="Fast, verified Masked Autoencoder pretraining.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -36,16 +58,32 @@ def build_parser() -> argparse.ArgumentParser:
         description="MAE pretraining. Flags override the preset's values.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--preset", default="demo", choices=list(PRESETS), help="named configuration to start from")
-    for f in dataclasses.fields(PretrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        tp = _flag_type(f.type)
-        if tp is bool:
-            p.add_argument(
-                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"]
-            )
-        else:
-            p.add_argument(flag, dest=f.name, type=tp, default=None, metavar=f.name.upper(), help=f.metadata["help"])
+    _config_flags(p, PretrainConfig, PRESETS)
+    f = sub.add_parser(
+        "finetune",
+        help="finetune a pretrained encoder with the paper's recipe (default: a tiny ViT on scikit-learn's digits)",
+        description="End-to-end finetuning (timm ViT, global pool + fc_norm, layer decay, mixup/cutmix, RandAugment, "
+        "random erasing). Flags override the preset's values.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _config_flags(f, FinetuneConfig, FINETUNE_PRESETS)
+    lp = sub.add_parser(
+        "linprobe",
+        help="linear probes (several lrs in one pass) and kNN on a frozen encoder (default: scikit-learn's digits)",
+        description="Linear probing: frozen encoder, BatchNorm without affine + linear head, LARS; several learning "
+        "rates trained side by side on the same features, and a kNN evaluation. Flags override the preset's values.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _config_flags(lp, LinprobeConfig, LINPROBE_PRESETS)
+    e = sub.add_parser(
+        "export",
+        help="write a checkpoint's encoder for timm (strict load into vit_*_224, num_classes=0) or the official format",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    e.add_argument("checkpoint", help="fastmae pretrain/finetune checkpoint or official MAE file (.pth/.safetensors)")
+    e.add_argument("output", help="file to write: .pth, or .safetensors (timm only)")
+    e.add_argument("--to", choices=("timm", "official"), default="timm", help="target format")
+    e.add_argument("--img-size", type=int, default=None, help="resample the position table to this resolution")
     sub.add_parser("models", help="list the model names")
     v = sub.add_parser(
         "visualize",
@@ -114,11 +152,10 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def config_from_args(args: argparse.Namespace) -> PretrainConfig:
-    cfg = preset(args.preset)
-    given = {
-        f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig) if getattr(args, f.name) is not None
-    }
+def config_from_args(args: argparse.Namespace, cls=PretrainConfig, presets: dict | None = None):
+    """The chosen preset with every flag given on the command line applied, validated."""
+    cfg = preset(args.preset) if presets is None else dataclasses.replace(presets[args.preset])
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
     return dataclasses.replace(cfg, **given).validate()
 
 
@@ -139,6 +176,28 @@ def main(argv: list[str] | None = None) -> int:
             loss = visualize_checkpoint(args.checkpoint, args.output, args.images, args.count, args.mask_ratio,
                                         args.seed)  # fmt: skip
             print(f"wrote {args.output} (loss on these images {loss:.4f})")
+            return 0
+        if args.command == "export":
+            from .interop import export_encoder
+
+            done = export_encoder(args.checkpoint, args.output, args.to, args.img_size)
+            h, w = done["img_size"]
+            print(f"wrote {done['output']}: {done['model']} encoder, {done['keys']} tensors, {h}x{w} px ({args.to})")
+            if args.to == "timm":
+                print(f"load it with: model = {done['timm']}; model.load_state_dict(state_dict, strict=True)")
+            return 0
+        if args.command == "finetune":
+            from fastmae.train.finetune import finetune
+
+            s = finetune(config_from_args(args, FinetuneConfig, FINETUNE_PRESETS))
+            print(f"done: {s['steps']} steps, val top-1 {s['top1']:.2f}% (best {s['best_top1']:.2f}%), top-5 "
+                  f"{s['top5']:.2f}%; outputs in {args.output_dir or 'the'} output folder (summary.json)")  # fmt: skip
+            return 0
+        if args.command == "linprobe":
+            from fastmae.train.linprobe import linprobe
+
+            s = linprobe(config_from_args(args, LinprobeConfig, LINPROBE_PRESETS))
+            print(s["table"])
             return 0
         from fastmae.train.pretrain import pretrain
 

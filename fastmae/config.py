@@ -157,3 +157,153 @@ def preset(name: str) -> PretrainConfig:
     if name not in PRESETS:
         raise FastMAEError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     return dataclasses.replace(PRESETS[name])
+
+
+# ---------------------------------------------------------------------- downstream: finetune and linear probe
+@dataclass
+class _DownstreamConfig:
+    """What finetuning and linear probing share. CLI flags are these field names in kebab-case."""
+
+    model: str = _f("mae_vit_tiny_patch16", "encoder of this MAE model (fastmae models lists them)")
+    pretrained: str | None = _f(
+        None, "checkpoint to start from: fastmae pretrain/finetune, official {'model': ...} (full or encoder-only), "
+        ".pth or .safetensors (default: random init, with a warning)"
+    )  # fmt: skip
+    data: str | None = _f(
+        None, "ImageFolder layout: DIR/train/<class>/* and DIR/val/<class>/*, or DIR/<class>/* split by --val-split "
+        "(default: scikit-learn's handwritten digits, 10 classes, no download)"
+    )  # fmt: skip
+    val_split: float = _f(0.2, "fraction held out for validation when --data has no train/ and val/ folders")
+    img_size: int = _f(224, "input resolution (the position table is resampled from the checkpoint's)")
+    output_dir: str = _f("output/finetune", "where config, metrics, checkpoints and summary go")
+    epochs: int = _f(100, "epochs over the training set")
+    warmup_epochs: float = _f(5, "linear warmup length in epochs (then cosine decay per iteration)")
+    batch_size: int = _f(64, "images per step (effective batch = batch x accum-iter)")
+    accum_iter: int = _f(1, "accumulate gradients over N batches per optimizer step")
+    min_lr: float = _f(1e-6, "floor of the cosine schedule")
+    weight_decay: float = _f(0.05, "weight decay (not on biases, norms, tokens)")
+    seed: int = _f(0, "random seed")
+    device: str = _f("auto", "auto | cpu | cuda")
+    loader: str = _f("auto", "auto (dali on CUDA when installed, else torchvision) | dali | torchvision")
+    num_workers: int | None = _f(None, "loader processes (torchvision) or threads (dali); default min(8, CPU count)")
+    precision: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32")
+    compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA, off for CPU)")
+    log_every: int = _f(10, "log metrics every N optimizer steps")
+    stop_after_steps: int | None = _f(None, "stop once the step reaches N (schedule unchanged; smoke runs)")
+    progress: bool = _f(True, "show a progress bar")
+
+    def validate(self):
+        if self.model not in list_models():
+            raise FastMAEError(f"unknown model {self.model!r}; known models: {', '.join(list_models())}")
+        for name, choices in (("device", DEVICES), ("precision", ("auto", "bf16", "fp32")),
+                              ("loader", ("auto", "dali", "torchvision"))):  # fmt: skip
+            if getattr(self, name) not in choices:
+                raise FastMAEError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        for name in ("epochs", "batch_size", "accum_iter", "img_size", "log_every"):
+            if getattr(self, name) <= 0:
+                raise FastMAEError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not 0 < self.val_split < 1:
+            raise FastMAEError(f"--val-split must be in (0, 1), got {self.val_split}")
+        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
+            raise FastMAEError(f"--warmup-epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
+        return self
+
+    def scaled_lr(self, blr: float) -> float:
+        """The paper's rule: lr = blr x effective batch / 256."""
+        return blr * self.batch_size * self.accum_iter / 256
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class FinetuneConfig(_DownstreamConfig):
+    """End-to-end finetuning with the paper's recipe (facebookresearch/mae FINETUNE.md)."""
+
+    blr: float = _f(1e-3, "base learning rate: lr = blr * effective batch / 256")
+    lr: float | None = _f(None, "absolute learning rate (overrides --blr)")
+    layer_decay: float = _f(0.75, "layer-wise lr decay: block i gets decay^(depth + 1 - (i + 1)) (0.65 for ViT-B)")
+    drop_path: float = _f(0.1, "stochastic depth rate (0.1 B, 0.2 L, 0.3 H)")
+    mixup: float = _f(0.8, "mixup alpha (0 turns it off)")
+    cutmix: float = _f(1.0, "cutmix alpha (0 turns it off)")
+    smoothing: float = _f(0.1, "label smoothing")
+    clip_grad: float | None = _f(None, "clip the gradient norm to this value")
+    ema: bool = _f(False, "keep an exponential moving average of the weights (timm ModelEmaV3) and evaluate it too")
+    ema_decay: float = _f(0.9999, "EMA decay per optimizer step")
+    save_every: int | None = _f(None, "also save checkpoint-last.pth every N steps (it is saved every epoch)")
+    resume: str | None = _f(None, "checkpoint path, or 'auto' for the output folder's checkpoint-last.pth")
+
+    def effective_lr(self) -> float:
+        return self.lr if self.lr is not None else self.scaled_lr(self.blr)
+
+    def validate(self):
+        super().validate()
+        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
+            raise FastMAEError(f"mixup/cutmix need an even --batch-size, got {self.batch_size}")
+        if not 0 < self.layer_decay <= 1:
+            raise FastMAEError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        return self
+
+
+@dataclass
+class LinprobeConfig(_DownstreamConfig):
+    """Linear probing of the frozen encoder (facebookresearch/mae LINPROBE.md), several lrs in one pass, plus kNN."""
+
+    output_dir: str = _f("output/linprobe", "where config, metrics, checkpoints and summary go")
+    epochs: int = _f(90, "epochs over the training set")
+    warmup_epochs: float = _f(10, "linear warmup length in epochs")
+    probe_blrs: str = _f("0.05,0.1,0.2,0.4", "base learning rates of the probes trained side by side on the same "
+                         "features, lr = blr * effective batch / 256 (the paper's blr is 0.1)")  # fmt: skip
+    lr: float | None = _f(None, "one probe with this absolute learning rate instead of --probe-blrs")
+    weight_decay: float = _f(0.0, "LARS weight decay")
+    min_lr: float = _f(0.0, "floor of the cosine schedule")
+    global_pool: bool = _f(False, "probe the mean of the patch tokens instead of the cls token")
+    knn_k: int = _f(20, "neighbours for the kNN evaluation (0 turns it off)")
+    knn_t: float = _f(0.07, "temperature of the kNN vote weights exp(sim / t)")
+
+    def probe_lrs(self) -> list[float]:
+        return [self.lr] if self.lr is not None else [self.scaled_lr(b) for b in self.blrs()]
+
+    def blrs(self) -> list[float]:
+        try:
+            values = [float(x) for x in self.probe_blrs.split(",") if x.strip()]
+        except ValueError as exc:
+            raise FastMAEError(f"--probe-blrs must be comma-separated numbers, got {self.probe_blrs!r}") from exc
+        if not values or any(v <= 0 for v in values):
+            raise FastMAEError(f"--probe-blrs must be positive numbers, got {self.probe_blrs!r}")
+        return values
+
+    def validate(self):
+        super().validate()
+        self.blrs()
+        if self.knn_k < 0:
+            raise FastMAEError(f"--knn-k must be >= 0, got {self.knn_k}")
+        return self
+
+
+_OFFICIAL_FT = {  # FINETUNE.md: effective batch 1024, 5 warmup epochs, wd 0.05, mixup 0.8, cutmix 1.0, reprob 0.25
+    "mae_vit_base_patch16": dict(blr=5e-4, layer_decay=0.65, drop_path=0.1, epochs=100),
+    "mae_vit_large_patch16": dict(blr=1e-3, layer_decay=0.75, drop_path=0.2, epochs=50),
+    "mae_vit_huge_patch14": dict(blr=1e-3, layer_decay=0.75, drop_path=0.3, epochs=50),
+}
+FINETUNE_PRESETS: dict[str, FinetuneConfig] = {
+    # A tiny ViT on scikit-learn's digits (upscaled to 32 px): minutes on a 2-core CPU.
+    "demo": FinetuneConfig(img_size=32, epochs=10, warmup_epochs=1, batch_size=32, blr=2e-3, layer_decay=0.75,
+                           drop_path=0.0, output_dir="output/finetune-demo", log_every=10),
+    **{
+        name: FinetuneConfig(model=name, img_size=224, batch_size=1024, warmup_epochs=5, output_dir=f"output/ft-{name}",
+                             log_every=20, **kw)
+        for name, kw in _OFFICIAL_FT.items()
+    },
+}  # fmt: skip
+LINPROBE_PRESETS: dict[str, LinprobeConfig] = {
+    # LARS moves small probes slowly (trust ratio 0.001): a 220-step demo needs far larger blrs than the 90-epoch recipe.
+    "demo": LinprobeConfig(img_size=32, epochs=10, warmup_epochs=1, batch_size=64, probe_blrs="100,400,1600",
+                           output_dir="output/linprobe-demo"),
+    # LINPROBE.md: batch 16384, blr 0.1, LARS, wd 0, 90 epochs, 10 warmup; cls token (H: 50 epochs)
+    **{
+        name: LinprobeConfig(model=name, img_size=224, batch_size=16384, epochs=50 if "huge" in name else 90,
+                             output_dir=f"output/lp-{name}", log_every=20)
+        for name in _OFFICIAL_FT
+    },
+}  # fmt: skip

@@ -269,6 +269,15 @@ class MaskedAutoencoderViT(nn.Module):
             x = blk(x)
         return self.norm(x), mask, ids_restore
 
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The encoder on every patch in order, no masking: [N, 1+L, D] normed tokens (timm's ``forward_features``)."""
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]  # [N, L, D]
+        cls_token = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat((cls_token, x), dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         x = self.decoder_embed(x)  # [N, 1+K, Dd] (visible) or [N, 1+L, Dd] (mask_token)
         if self.encoder_mode == "visible":

@@ -63,10 +63,25 @@ def eval_transform(img_size: int):
     )
 
 
+def _posterize(img, bits_to_keep, **_):
+    """timm's posterize, with 0 bits kept meaning a black image as Pillow < 12 gave: newer Pillow raises for 0, which
+    RandAugment's increasing posterize reaches at magnitude 9 + noise (mstd0.5)."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep < 1:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
 def finetune_transform(img_size: int):
     """The MAE finetune recipe through timm: RandomResizedCrop (0.08, 1) bicubic, flip, RandAugment
     ``rand-m9-mstd0.5-inc1``, normalise, random erasing 0.25 (pixel mode). Mixup/cutmix belong to the step."""
-    from timm.data import create_transform
+    from timm.data import auto_augment, create_transform
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        auto_augment.NAME_TO_OP[name] = _posterize
 
     return create_transform(
         img_size, is_training=True, auto_augment=FINETUNE_AUTO_AUGMENT, interpolation="bicubic",

@@ -131,7 +131,7 @@ class StopSignal:
         return False
 
 
-def _write_json(path: Path, obj: dict) -> None:
+def write_json(path: Path, obj: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
     os.replace(tmp, path)
@@ -241,7 +241,7 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext, device: torch.device, preci
         "num_images": len(index) if index is not None else None,
     }
     if main:
-        _write_json(out / "config.json", resolved)
+        write_json(out / "config.json", resolved)
     logger.info(
         "model %s on %s (%s), attention %s, kernels %s, loader %s, %d steps/epoch, lr %.3g, %d process(es) (%s)",
         cfg.model, device, precision, attn_used, kernels_used, loader_name, steps_per_epoch, base_lr, world_size,
@@ -471,7 +471,7 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext, device: torch.device, preci
     if writer is not None:
         writer.close()
     if main:
-        _write_json(out / "summary.json", summary)
+        write_json(out / "summary.json", summary)
         plot_loss_curve(out / "metrics.jsonl", out / "loss.png")  # skipped when matplotlib is not installed
     if loader.skipped:
         logger.warning("skipped %d undecodable file(s) in total", len(loader.skipped))

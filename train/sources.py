@@ -143,6 +143,14 @@ class DataIndex:
     def read(self, i: int) -> bytes:
         return _read(self.paths[i], int(self.offsets[i]), int(self.sizes[i]))
 
+    def subset(self, ids) -> DataIndex:
+        """The samples at positions ``ids`` (a split); classes kept, bad files stay with the whole."""
+        ids = np.asarray(ids, dtype=np.int64)
+        return DataIndex(
+            self.root, [self.keys[i] for i in ids], [self.paths[i] for i in ids], self.offsets[ids], self.sizes[ids],
+            self.labels[ids], self.widths[ids], self.heights[ids], self.native[ids], list(self.classes), [],
+        )  # fmt: skip
+
 
 def _cache_file(root: str) -> Path:
     base = Path(os.environ.get("FASTMAE_CACHE", Path.home() / ".cache" / "fastmae"))

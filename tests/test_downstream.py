@@ -1,0 +1,217 @@
+"""Finetune, linear probe and interop: layer decay, position tables, timm export, official checkpoints, commands."""
+
+import json
+
+import pytest
+import timm
+import torch
+from fastmae.train.finetune import layer_decay_groups
+from fastmae.train.linprobe import knn_classify
+
+import fastmae
+from fastmae.cli import main
+from fastmae.interop import create_vit, interpolate_pos_embed, load_encoder, read_state_dict
+from fastmae.pos_embed import sincos_1d, sincos_2d
+
+TINY = "mae_vit_tiny_patch16"
+FAST = ["--img-size", "32", "--num-workers", "0", "--no-progress", "--log-every", "5"]
+
+
+@pytest.fixture(scope="module")
+def official_ckpts(tmp_path_factory):
+    """A full MAE state_dict and its encoder-only half, both in the official {"model": ...} format."""
+    root = tmp_path_factory.mktemp("official")
+    torch.manual_seed(0)
+    full = fastmae.create_model(TINY, kernels="reference").state_dict()
+    encoder = {k: v for k, v in full.items() if not k.startswith(("decoder_", "mask_token"))}
+    torch.save({"model": full}, root / "mae_full.pth")
+    torch.save({"model": encoder}, root / "mae_pretrain_vit_tiny.pth")
+    return root
+
+
+def _official_layer_id(name: str, depth: int) -> int:
+    """facebookresearch/mae util/lr_decay.py get_layer_id_for_vit, written out again."""
+    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks"):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def test_layer_decay_groups_match_the_official_rule():
+    model = create_vit("mae_vit_small_patch16", 7, 32, "avg")
+    depth, decay, wd = len(model.blocks), 0.65, 0.05
+    got = {}
+    for group in layer_decay_groups(model, wd, decay):
+        names = {id(p): n for n, p in model.named_parameters()}
+        for p in group["params"]:
+            got[names[id(p)]] = (group["lr_scale"], group["weight_decay"])
+    assert len(got) == len(list(model.parameters()))
+    for name, p in model.named_parameters():
+        scale = decay ** (depth + 1 - _official_layer_id(name, depth))
+        no_wd = p.ndim == 1 or name in ("cls_token", "pos_embed")
+        assert got[name] == (pytest.approx(scale), 0.0 if no_wd else wd), name
+    assert got["head.weight"][0] == 1.0 and got["pos_embed"][0] == pytest.approx(decay ** (depth + 1))
+    assert got["blocks.0.attn.qkv.weight"][0] == pytest.approx(decay**depth)
+
+
+def test_pos_embed_interpolation():
+    dim = 64
+    square = sincos_2d(dim, 4, 4, cls_token=True).unsqueeze(0)
+    assert interpolate_pos_embed(square, 4) is square  # identity at the same size
+    wide = interpolate_pos_embed(square, (3, 5))  # sin-cos: regenerated for the new grid, not resized
+    assert wide.shape == (1, 1 + 15, dim)
+    torch.testing.assert_close(wide[0], sincos_2d(dim, 3, 5, cls_token=True), rtol=0, atol=0)
+    # same channel layout as the square table (the official one): the first half of the channels depends only on
+    # the patch's column, the second only on its row
+    grid = wide[0, 1:].reshape(3, 5, dim)
+    cols, rows = sincos_1d(dim // 2, torch.arange(5.0)), sincos_1d(dim // 2, torch.arange(3.0))
+    assert torch.equal(grid[:, :, : dim // 2], cols.expand(3, 5, -1))
+    assert torch.equal(grid[:, :, dim // 2 :], rows[:, None].expand(3, 5, -1))
+    # learned tables: bicubic as an image, the cls row kept
+    torch.manual_seed(0)
+    ramp = torch.linspace(0, 1, 4).view(4, 1, 1).expand(4, 4, dim).reshape(1, 16, dim)
+    learned = torch.cat([torch.randn(1, 1, dim), ramp + 0.01 * torch.randn(1, 16, dim)], dim=1)
+    out = interpolate_pos_embed(learned, (8, 6))
+    assert out.shape == (1, 49, dim) and torch.equal(out[:, :1], learned[:, :1])
+    rows = out[0, 1:].reshape(8, 6, dim).mean(dim=(1, 2))
+    assert (rows.diff() > 0).all()  # the ramp along the rows survives the resize
+    with pytest.raises(fastmae.FastMAEError, match="not a square grid"):
+        interpolate_pos_embed(learned[:, :15], 4)
+
+
+def test_models_accept_a_non_square_img_size(tmp_path):
+    mae = fastmae.create_model(TINY, img_size=(32, 48), kernels="reference")
+    assert mae.patch_embed.grid_size == (2, 3)
+    torch.testing.assert_close(mae.pos_embed[0], sincos_2d(192, 2, 3, cls_token=True), rtol=0, atol=0)
+    imgs = torch.randn(2, 3, 32, 48)
+    loss, pred, mask = mae(imgs, mask_ratio=0.5)
+    assert pred.shape == (2, 6, 768) and mae.unpatchify(pred).shape == imgs.shape and loss.isfinite()
+    ckpt = _save({"model": mae.state_dict(), "config": {"model": TINY, "img_size": [32, 48]}}, tmp_path / "ns.pth")
+    vit = create_vit(TINY, 5, (32, 48))
+    load_encoder(vit, ckpt, TINY)
+    assert torch.equal(vit.pos_embed, mae.pos_embed) and vit(imgs).shape == (2, 5)
+    tall = create_vit(TINY, 5, (48, 32))  # the 2x3 table regenerated for 3x2
+    load_encoder(tall, ckpt, TINY)
+    torch.testing.assert_close(tall.pos_embed[0], sincos_2d(192, 3, 2, cls_token=True))
+    assert tall(torch.randn(1, 3, 48, 32)).shape == (1, 5)
+
+
+def _save(obj, path):
+    torch.save(obj, path)
+    return path
+
+
+def test_export_to_timm_loads_strictly_and_features_match(tmp_path, capsys):
+    torch.manual_seed(1)
+    mae = fastmae.create_model(TINY, kernels="reference").eval()
+    ckpt = _save({"model": mae.state_dict(), "config": {"model": TINY, "img_size": 224}}, tmp_path / "c.pth")
+    x = torch.randn(2, 3, 224, 224)
+    for out in (tmp_path / "enc.safetensors", tmp_path / "enc.pth"):
+        assert main(["export", str(ckpt), str(out), "--to", "timm"]) == 0
+        assert 'timm.create_model("vit_tiny_patch16_224", num_classes=0)' in capsys.readouterr().out
+        sd, _ = read_state_dict(out)
+        vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, pretrained=False).eval()
+        vit.load_state_dict(sd, strict=True)
+        with torch.no_grad():
+            torch.testing.assert_close(vit.forward_features(x), mae.forward_features(x), rtol=1e-5, atol=1e-5)
+    # another resolution: the sin-cos table regenerated; timm made at that size loads it strictly
+    assert main(["export", str(ckpt), str(tmp_path / "e64.pth"), "--img-size", "64"]) == 0
+    assert "img_size=64" in capsys.readouterr().out
+    small = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=64)
+    small.load_state_dict(torch.load(tmp_path / "e64.pth", weights_only=True), strict=True)
+    torch.testing.assert_close(small.pos_embed[0].detach(), sincos_2d(192, 4, 4, cls_token=True))
+    # the official encoder-only format
+    assert main(["export", str(ckpt), str(tmp_path / "off.pth"), "--to", "official"]) == 0
+    off = torch.load(tmp_path / "off.pth", weights_only=True)
+    assert set(off) == {"model"} and not any(k.startswith(("decoder", "mask_token")) for k in off["model"])
+    assert off["model"].keys() == sd.keys()
+
+
+def test_official_checkpoints_load_into_the_finetune_model(official_ckpts):
+    for name in ("mae_full.pth", "mae_pretrain_vit_tiny.pth"):
+        vit = create_vit(TINY, 10, 32, "avg")
+        missing, unexpected = load_encoder(vit, official_ckpts / name, TINY)
+        assert sorted(missing) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+        assert sorted(unexpected) == ["norm.bias", "norm.weight"]  # global pool uses fc_norm instead, as official
+        sd = torch.load(official_ckpts / name, weights_only=True)["model"]
+        assert torch.equal(vit.blocks[3].mlp.fc1.weight, sd["blocks.3.mlp.fc1.weight"])
+        torch.testing.assert_close(vit.pos_embed[0], sincos_2d(192, 2, 2, cls_token=True))  # 224 -> 32 px, regenerated
+        assert vit.head.weight.std() < 1e-4  # the official head init (trunc normal, std 2e-5)
+    probe = create_vit(TINY, 0, 32, "token")  # linear probe: cls token through the pretrained norm
+    missing, unexpected = load_encoder(probe, official_ckpts / "mae_full.pth", TINY)
+    assert missing == [] and unexpected == []
+
+
+def test_wrong_architecture_is_one_line(official_ckpts, tmp_path, capsys):
+    code = main(["finetune", *FAST, "--model", "mae_vit_small_patch16", "--pretrained",
+                 str(official_ckpts / "mae_full.pth"), "--output-dir", str(tmp_path / "o")])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "is a ViT with patch 16, width 192, 12 blocks, not mae_vit_small_patch16 (patch 16, width 384" in err[0]
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    assert main(["export", str(tmp_path / "junk.pth"), str(tmp_path / "x.pth")]) == 2
+    assert "could not be read" in capsys.readouterr().err
+
+
+def test_finetune_on_digits_learns_then_resumes(official_ckpts, tmp_path):
+    out = tmp_path / "ft"
+    args = ["finetune", *FAST, "--epochs", "2", "--warmup-epochs", "0.2", "--batch-size", "32", "--blr", "4e-3",
+            "--pretrained", str(official_ckpts / "mae_pretrain_vit_tiny.pth"), "--output-dir", str(out)]  # fmt: skip
+    assert main([*args, "--mixup", "0", "--cutmix", "0"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["steps"] == 88 and s["num_classes"] == 10 and s["loader"] == "torchvision"
+    assert s["val_loss"] < 0.9 * s["val_loss_start"] and s["top1"] > s["top1_start"] + 15, s
+    assert sorted(s["missing_keys"]) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    best = torch.load(out / "checkpoint-best.pth", weights_only=True)
+    assert best["best_top1"] == s["best_top1"] and best["model"]["head.weight"].shape == (10, 192)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if "top1" in r] == [1, 2]
+    # the paper's full recipe (mixup + cutmix + smoothing, EMA), stopped mid-epoch and resumed
+    mix = tmp_path / "mix"
+    recipe = [*args[:-1], str(mix), "--ema", "--ema-decay", "0.9"]
+    assert main([*recipe, "--stop-after-steps", "30"]) == 0
+    mid = torch.load(mix / "checkpoint-last.pth", weights_only=True)
+    assert mid["step"] == 30 and mid["data_position"] == [0, 30] and "ema" in mid
+    assert main([*recipe, "--resume", "auto"]) == 0
+    s = json.loads((mix / "summary.json").read_text())
+    assert s["steps"] == 88 and s["ema_top1"] is not None
+    logged = [r["step"] for r in map(json.loads, (mix / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert logged[logged.index(30) + 1] == 35  # the step count goes on after the resume
+
+
+def test_finetune_with_dali_loader(official_ckpts, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    out = tmp_path / "dali"
+    assert main(["finetune", *FAST, "--loader", "dali", "--stop-after-steps", "3", "--batch-size", "16",
+                 "--output-dir", str(out)]) == 0  # fmt: skip
+    s = json.loads((out / "summary.json").read_text())
+    assert s["loader"] == "dali" and s["steps"] == 3 and 0 <= s["top1"] <= 100
+
+
+def test_linprobe_several_lrs_and_knn(official_ckpts, tmp_path, capsys):
+    out = tmp_path / "lp"
+    assert main(["linprobe", *FAST, "--epochs", "4", "--pretrained", str(official_ckpts / "mae_full.pth"),
+                 "--probe-blrs", "25,400", "--output-dir", str(out)]) == 0  # fmt: skip
+    table = capsys.readouterr().out
+    assert "| linear, blr 25 |" in table and "| kNN, k=20, t=0.07 |" in table
+    s = json.loads((out / "summary.json").read_text())
+    assert [p["blr"] for p in s["probes"]] == [25, 400] and s["knn"]["k"] == 20
+    assert s["probes"][0]["lr"] == pytest.approx(25 * 64 / 256)
+    best = s["probes"][s["best_probe"]]
+    assert best["top1"] > max(p["top1_start"] for p in s["probes"]) + 15, s["probes"]  # chance is 10%
+    assert min(p["val_loss"] for p in s["probes"]) < 0.9 * s["probes"][0]["val_loss_start"], s["probes"]
+    assert s["knn"]["top1"] > 30
+    probes = torch.load(out / "checkpoint-last.pth", weights_only=True)["model"]
+    assert probes["0.1.weight"].shape == (10, 192) and "0.0.running_mean" in probes  # BN without affine: no weight
+    assert "0.0.weight" not in probes
+
+
+def test_knn_classify_on_separable_points():
+    torch.manual_seed(0)
+    centers = torch.randn(3, 16) * 5
+    train_y = torch.arange(3).repeat_interleave(20)
+    train_f = centers[train_y] + torch.randn(60, 16)
+    test_y = torch.tensor([2, 0, 1, 1])
+    res = knn_classify(train_f, train_y, centers[test_y] + 0.1 * torch.randn(4, 16), test_y, 3, k=5, t=0.07)
+    assert res["top1"] == 100.0 and res["top5"] == 100.0 and res["k"] == 5
