@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--models", default="mae_vit_base_patch16,mae_vit_large_patch16,mae_vit_huge_patch14")
     b.add_argument("--decoder-depths", default="8,1", help="decoder depths to run for each model")
-    b.add_argument("--suite", default="pretrain,kernels,loader", help="which row kinds: pretrain, kernels, loader")
+    b.add_argument("--suite", default="pretrain,kernels,loader,finetune",
+                   help="which row kinds: pretrain, kernels, loader, finetune")  # fmt: skip
     b.add_argument("--batch", type=int, default=None, help="default: B 256, L 128, H 64 (fixed per model)")
     b.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     b.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning)")
@@ -127,9 +128,9 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"chart: {done['png']}" + (f"; table written into {args.readme}" if args.readme else ""))
         return 0
     suites = [x.strip() for x in args.suite.split(",") if x.strip()]
-    unknown = set(suites) - {"pretrain", "kernels", "loader"}
+    unknown = set(suites) - {"pretrain", "kernels", "loader", "finetune"}
     if unknown:
-        raise FastMAEError(f"--suite: unknown {', '.join(sorted(unknown))}; choose from pretrain, kernels, loader")
+        raise FastMAEError(f"--suite: unknown {', '.join(sorted(unknown))}; choose from pretrain, kernels, loader, finetune")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     depths = [int(d) for d in args.decoder_depths.split(",") if d.strip()]
     if args.quick:
@@ -141,7 +142,7 @@ def run_bench(args: argparse.Namespace) -> int:
     rows = []
     if "pretrain" in suites:
         rows += bench.run_suite(models, depths, device, args.steps, args.warmup, args.quick, args.batch)
-    for extra in ("kernels", "loader"):
+    for extra in ("kernels", "loader", "finetune"):
         if extra in suites:
             rows += bench.extra_rows(extra, args.quick)
     path = bench.write_results(rows, bench.env_info(device), args.out)

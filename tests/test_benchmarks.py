@@ -30,6 +30,18 @@ def test_loader_benchmark_writes_rows(tmp_path):
         assert row["device"] == "cpu" and row["img_size"] == 64
 
 
+def test_finetune_benchmark_writes_rows(tmp_path):
+    from fastmae.cli import main
+
+    out = tmp_path / "r.json"
+    assert main(["bench", "--quick", "--suite", "finetune", "--out", str(out)]) == 0  # via fastmae bench --suite
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["name"] == "finetune" and row["model"] == "mae_vit_tiny_patch16" and row["batch"] == 4
+    assert row["img_per_s"] > 0 and row["compile"] is False and row["speedup_vs_eager"] == 1.0
+
+
 def test_fastmae_bench_quick_writes_the_results_json(tmp_path, capsys):
     from fastmae.cli import main
 
