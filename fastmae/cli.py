@@ -130,7 +130,9 @@ def run_bench(args: argparse.Namespace) -> int:
     suites = [x.strip() for x in args.suite.split(",") if x.strip()]
     unknown = set(suites) - {"pretrain", "kernels", "loader", "finetune"}
     if unknown:
-        raise FastMAEError(f"--suite: unknown {', '.join(sorted(unknown))}; choose from pretrain, kernels, loader, finetune")
+        raise FastMAEError(
+            f"--suite: unknown {', '.join(sorted(unknown))}; choose from pretrain, kernels, loader, finetune"
+        )
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     depths = [int(d) for d in args.decoder_depths.split(",") if d.strip()]
     if args.quick:

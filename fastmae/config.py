@@ -297,7 +297,8 @@ FINETUNE_PRESETS: dict[str, FinetuneConfig] = {
     },
 }  # fmt: skip
 LINPROBE_PRESETS: dict[str, LinprobeConfig] = {
-    # LARS moves small probes slowly (trust ratio 0.001): a 220-step demo needs far larger blrs than the 90-epoch recipe.
+    # LARS moves small probes slowly (trust ratio 0.001): a 220-step demo needs far larger blrs than the 90-epoch
+    # recipe.
     "demo": LinprobeConfig(img_size=32, epochs=10, warmup_epochs=1, batch_size=64, probe_blrs="100,400,1600",
                            output_dir="output/linprobe-demo"),
     # LINPROBE.md: batch 16384, blr 0.1, LARS, wd 0, 90 epochs, 10 warmup; cls token (H: 50 epochs)

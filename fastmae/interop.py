@@ -77,18 +77,19 @@ def write_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike, meta:
                      wrap: str | None = None) -> Path:  # fmt: skip
     """Write ``sd`` as ``.safetensors`` (``meta`` as string metadata) or ``.pth`` (``{wrap: sd}`` when ``wrap``),
     through a temp file and a rename, so an interrupted write never leaves a half file."""
+    from fastmae.train.checkpoint import save_checkpoint
+
     path = Path(path)
+    if path.suffix != ".safetensors":
+        return save_checkpoint({wrap: sd} if wrap else sd, path)
+    from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-            save_file(tensors, tmp, metadata={k: str(v) for k, v in (meta or {}).items()})
-        else:
-            torch.save({wrap: sd} if wrap else sd, tmp)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+        save_file(tensors, tmp, metadata={k: str(v) for k, v in (meta or {}).items()})
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

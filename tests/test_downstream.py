@@ -41,9 +41,8 @@ def _official_layer_id(name: str, depth: int) -> int:
 def test_layer_decay_groups_match_the_official_rule():
     model = create_vit("mae_vit_small_patch16", 7, 32, "avg")
     depth, decay, wd = len(model.blocks), 0.65, 0.05
-    got = {}
+    got, names = {}, {id(p): n for n, p in model.named_parameters()}
     for group in layer_decay_groups(model, wd, decay):
-        names = {id(p): n for n, p in model.named_parameters()}
         for p in group["params"]:
             got[names[id(p)]] = (group["lr_scale"], group["weight_decay"])
     assert len(got) == len(list(model.parameters()))

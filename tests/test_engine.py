@@ -21,14 +21,18 @@ TINY = ["--model", "mae_vit_tiny_patch16", "--img-size", "32", "--batch-size", "
         "--num-reconstructions", "2"]  # fmt: skip
 
 
-@pytest.fixture
-def folder(tmp_path):
-    rng = np.random.default_rng(1)
-    root = tmp_path / "imgs"
+def _noise_pngs(root, count: int, seed: int):
+    """``count`` random RGB PNGs of slightly different sizes (a few pixels over the 32 px crop)."""
+    rng = np.random.default_rng(seed)
     root.mkdir()
-    for i in range(7):
+    for i in range(count):
         Image.fromarray(rng.integers(0, 255, (36 + 3 * i, 40, 3), dtype=np.uint8)).save(root / f"{i}.png")
     return root
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return _noise_pngs(tmp_path / "imgs", 7, seed=1)
 
 
 def test_mask_noise_is_per_sample():
@@ -266,12 +270,7 @@ def _torchrun(args, nproc=2, timeout=300):
 
 @pytest.fixture
 def folder8(tmp_path):
-    rng = np.random.default_rng(2)
-    root = tmp_path / "imgs8"
-    root.mkdir()
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 255, (40, 36 + 2 * i, 3), dtype=np.uint8)).save(root / f"{i}.png")
-    return root
+    return _noise_pngs(tmp_path / "imgs8", 8, seed=2)  # an even count: 2 ranks split it without padding
 
 
 def test_two_process_ddp_and_fsdp_match_one_process(folder8, tmp_path):

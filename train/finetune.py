@@ -32,7 +32,15 @@ from .checkpoint import LAST, load_checkpoint, resolve_resume, save_checkpoint
 from .dali import DALILoader
 from .data import TorchvisionLoader
 from .labelled import labelled_splits, num_classes
-from .pretrain import StopSignal, resolve_device, resolve_loader, rng_state, set_rng_state, write_json
+from .pretrain import (
+    StopSignal,
+    resolve_device,
+    resolve_loader,
+    resolve_precision,
+    rng_state,
+    set_rng_state,
+    write_json,
+)
 from .schedule import lr_at
 from .sources import dist_info
 
@@ -46,8 +54,7 @@ def setup(cfg, what: str):
     if dist_info()[1] > 1:
         raise FastMAEError(f"fastmae {what} runs in one process; torchrun (WORLD_SIZE > 1) is only for pretraining")
     device = resolve_device(cfg.device)
-    precision = "bf16" if cfg.precision == "auto" and device.type == "cuda" else cfg.precision
-    precision = "fp32" if precision == "auto" else precision
+    precision = resolve_precision(cfg.precision, device)
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     loader_name = resolve_loader(cfg.loader, device)
     torch.manual_seed(cfg.seed)

@@ -61,6 +61,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` is bf16 autocast on CUDA and fp32 on CPU; anything else as given."""
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return name
+
+
 def resolve_loader(name: str, device: torch.device) -> str:
     """``auto`` is DALI on CUDA when it imports, torchvision otherwise; an explicit ``dali`` that cannot run fails."""
     if name == "auto":
@@ -141,8 +148,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     """Run MAE pretraining as ``cfg`` says; returns the summary (also written to ``summary.json``)."""
     cfg.validate()
     device = resolve_device(cfg.device)
-    precision = "bf16" if cfg.precision == "auto" and device.type == "cuda" else cfg.precision
-    precision = "fp32" if precision == "auto" else precision
+    precision = resolve_precision(cfg.precision, device)
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     loader_name = resolve_loader(cfg.loader, device)
     cfg.loader = loader_name
