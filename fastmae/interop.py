@@ -132,6 +132,16 @@ def check_model(sd: dict[str, torch.Tensor], name: str, source: str) -> None:
         )
 
 
+def _saved_grid(sd: dict[str, torch.Tensor], info: dict) -> tuple[int, int]:
+    """The patch grid the checkpoint's position table was made for: from its config's img_size, else square."""
+    cfg = info.get("config") or {}
+    if "img_size" in cfg:
+        patch = describe(sd)[0]
+        return tuple(s // patch for s in _pair(cfg["img_size"]))
+    side = round((sd["pos_embed"].shape[1] - 1) ** 0.5)
+    return side, side
+
+
 def interpolate_pos_embed(pos_embed: torch.Tensor, new_grid, old_grid=None, num_prefix: int = 1) -> torch.Tensor:
     """[1, P+Ho*Wo, D] -> [1, P+Hn*Wn, D] for the patch grid ``new_grid`` (int or (rows, cols)).
 
@@ -191,11 +201,7 @@ def load_encoder(vit: torch.nn.Module, path: str | os.PathLike, name: str) -> tu
         if key in sd and (not hasattr(head, "weight") or sd[key].shape != vit.state_dict()[key].shape):
             del sd[key]
     if "pos_embed" in sd:
-        cfg = info.get("config") or {}
-        old = None
-        if "img_size" in cfg:
-            old = tuple(s // describe(sd)[0] for s in _pair(cfg["img_size"]))
-        sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], vit.patch_embed.grid_size, old)
+        sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], vit.patch_embed.grid_size, _saved_grid(sd, info))
     missing, unexpected = vit.load_state_dict(sd, strict=False)
     lacking = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
     if lacking:
@@ -220,9 +226,7 @@ def export_encoder(checkpoint: str | os.PathLike, output: str | os.PathLike, to:
     enc = encoder_state(sd)
     name = infer_model(enc)
     patch = describe(enc)[0]
-    cfg = info.get("config") or {}
-    grid = round((enc["pos_embed"].shape[1] - 1) ** 0.5)
-    old = tuple(s // patch for s in _pair(cfg["img_size"])) if "img_size" in cfg else (grid, grid)
+    old = _saved_grid(enc, info)
     size = tuple(g * patch for g in old)
     if img_size is not None:
         size = _pair(img_size)

@@ -14,12 +14,9 @@ import contextlib
 import json
 import logging
 import math
-import os
-import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -29,15 +26,15 @@ from fastmae.errors import FastMAEError
 from fastmae.interop import create_vit, load_encoder
 
 from .checkpoint import LAST, load_checkpoint, resolve_resume, save_checkpoint
-from .dali import DALILoader
-from .data import TorchvisionLoader
 from .labelled import labelled_splits, num_classes
 from .pretrain import (
     StopSignal,
+    make_loader,
     resolve_device,
     resolve_loader,
     resolve_precision,
     rng_state,
+    seed_all,
     set_rng_state,
     write_json,
 )
@@ -57,21 +54,10 @@ def setup(cfg, what: str):
     precision = resolve_precision(cfg.precision, device)
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     loader_name = resolve_loader(cfg.loader, device)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
+    seed_all(cfg.seed)
     train_idx, val_idx = labelled_splits(cfg.data, cfg.val_split, cfg.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     return device, precision, use_compile, loader_name, train_idx, val_idx, autocast
-
-
-def make_loader(name: str, index, kind: str, cfg, device: torch.device, batch_size: int | None = None):
-    """A loader of ``kind`` (finetune / pretrain / eval) over ``index``: DALI or torchvision, as chosen."""
-    workers = cfg.num_workers if cfg.num_workers is not None else min(8, os.cpu_count() or 1)
-    bs = batch_size or cfg.batch_size
-    if name == "dali":
-        return DALILoader(index, cfg.img_size, bs, cfg.seed, device, num_threads=max(workers, 1), kind=kind)
-    return TorchvisionLoader(index, cfg.img_size, bs, cfg.seed, workers, pin=device.type == "cuda", kind=kind)
 
 
 def load_pretrained(model: torch.nn.Module, cfg) -> dict:

@@ -23,9 +23,9 @@ from fastmae.config import LinprobeConfig
 from fastmae.interop import create_vit
 
 from .checkpoint import LAST, save_checkpoint
-from .finetune import load_pretrained, make_loader, setup
+from .finetune import load_pretrained, setup
 from .labelled import num_classes
-from .pretrain import StopSignal, write_json
+from .pretrain import StopSignal, make_loader, write_json
 from .schedule import lr_at
 
 logger = logging.getLogger("fastmae.linprobe")

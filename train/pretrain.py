@@ -77,16 +77,29 @@ def resolve_loader(name: str, device: torch.device) -> str:
     return name
 
 
+def make_loader(name: str, index, kind: str, cfg, device: torch.device):
+    """A ``dali`` or ``torchvision`` loader of ``kind`` (pretrain / finetune / eval) over ``index``, with the config's
+    img_size, batch_size, seed and num_workers (default min(8, CPU count) processes or threads)."""
+    workers = cfg.num_workers if cfg.num_workers is not None else min(8, os.cpu_count() or 1)
+    if name == "dali":
+        return DALILoader(index, cfg.img_size, cfg.batch_size, cfg.seed, device, num_threads=max(workers, 1),
+                          kind=kind)  # fmt: skip
+    return TorchvisionLoader(index, cfg.img_size, cfg.batch_size, cfg.seed, workers, pin=device.type == "cuda",
+                             kind=kind)  # fmt: skip
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 def _build_loader(cfg: PretrainConfig, device: torch.device):
     if cfg.loader == "synthetic":
         return SyntheticLoader(cfg.img_size, cfg.batch_size, cfg.synthetic_images, cfg.seed, device), None
     index = index_data(cfg.data)
-    workers = cfg.num_workers if cfg.num_workers is not None else min(8, os.cpu_count() or 1)
-    if cfg.loader == "dali":
-        loader = DALILoader(index, cfg.img_size, cfg.batch_size, cfg.seed, device, num_threads=max(workers, 1))
-    else:
-        loader = TorchvisionLoader(index, cfg.img_size, cfg.batch_size, cfg.seed, workers, pin=device.type == "cuda")
-    return loader, index
+    return make_loader(cfg.loader, index, "pretrain", cfg, device), index
 
 
 def rng_state(device: torch.device) -> dict:
@@ -167,9 +180,7 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext, device: torch.device, preci
     if precision == "fp16" and ctx.strategy == "fsdp":
         raise FastMAEError("--precision fp16 is not supported with --parallel fsdp; use bf16")
 
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
+    seed_all(cfg.seed)
     loader, index = _build_loader(cfg, device)
     model = fastmae.create_model(
         cfg.model,
