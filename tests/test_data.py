@@ -328,6 +328,20 @@ def _copy_photos(photos, folder, n):
     return folder
 
 
+def test_finetune_augmentation_depends_only_on_the_sample(photos):
+    """RandAugment + random erasing of a sample are the same in any batch, rank or restart, whatever the global
+    generators hold (timm draws its RandAugment ops from NumPy's)."""
+    whole = TorchvisionLoader(photos, 32, 4, seed=0, kind="finetune")
+    x, _ = next(whole.epoch(0))
+    ids = whole.last_ids.tolist()
+    np.random.seed(123)
+    torch.manual_seed(9)
+    rank1 = TorchvisionLoader(photos, 32, 2, seed=0, kind="finetune", rank=1, world=2)
+    x1, _ = next(rank1.epoch(0))
+    for j, i in enumerate(rank1.last_ids.tolist()):  # rank 1's first batch: the 2nd and 4th of the global batch
+        assert torch.equal(x1[j], x[ids.index(i)]), i
+
+
 def test_finetune_pipeline_shapes_and_erasing(photos):
     dali = DALILoader(photos, 32, 4, seed=0, device=CPU, num_threads=2, kind="finetune")
     tv = TorchvisionLoader(photos, 32, 4, seed=0, kind="finetune")

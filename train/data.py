@@ -91,17 +91,19 @@ def finetune_transform(img_size: int):
 
 @contextlib.contextmanager
 def _seeded(rng: np.random.Generator):
-    """Run torch's and Python's global generators from ``rng`` inside, restoring them after (timm/torchvision
-    transforms draw from those)."""
-    torch_state, py_state = torch.get_rng_state(), random.getstate()
+    """Run torch's, Python's and NumPy's global generators from ``rng`` inside, restoring them after (timm and
+    torchvision transforms draw from all three: timm's RandAugment picks its ops with ``np.random``)."""
+    torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
     seed = int(rng.integers(2**62))
     torch.manual_seed(seed)
     random.seed(seed)
+    np.random.seed(seed % 2**32)
     try:
         yield
     finally:
         torch.set_rng_state(torch_state)
         random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -125,8 +127,8 @@ class ImageFiles(torch.utils.data.Dataset):
         except Exception:  # changed or unreadable since validation: skipped and counted, never fatal
             return None, self.index.keys[i]
         label = int(self.index.labels[i])
-        if self.kind == "pretrain":
-            boxes, flips = augment_params(self.index, np.array([i]), self.seed, epoch, PRETRAIN_SCALE)
+        if self.kind in ("pretrain", "linprobe"):
+            boxes, flips = augment_params(self.index, np.array([i]), self.seed, epoch, CROP_SCALE[self.kind])
             return (crop_flip_tensor(img, boxes[0], bool(flips[0]), self.img_size), label, i), None
         if self.kind == "finetune":
             with _seeded(sample_rng(self.seed, epoch, i)):
