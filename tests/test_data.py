@@ -277,6 +277,33 @@ def test_shards_are_disjoint_cover_the_data_and_have_equal_batch_counts():
         ShardedOrder(n, 9, seed=0, rank=0, world_size=3)
 
 
+def test_evaluation_shards_count_every_image_once():
+    """Evaluation pads nothing: metrics summed over the ranks are those of one process."""
+    n, world, batch = 23, 3, 4
+    orders = [ShardedOrder(n, batch, seed=5, rank=r, world_size=world, shuffle=False, drop_last=False)
+              for r in range(world)]  # fmt: skip
+    shards = [np.concatenate(list(o.batches(0))) for o in orders]
+    assert [len(s) for s in shards] == [8, 8, 7]  # differ by at most one image
+    assert [o.steps_per_epoch for o in orders] == [2, 2, 2]
+    assert sorted(np.concatenate(shards).tolist()) == list(range(n))  # each image exactly once
+    tiny = [ShardedOrder(2, 4, seed=0, rank=r, world_size=3, shuffle=False, drop_last=False) for r in range(3)]
+    assert [t.steps_per_epoch for t in tiny] == [1, 1, 0]  # fewer images than ranks: one rank scores none
+
+
+@pytest.mark.parametrize("loader", ["dali", "torchvision"])
+def test_eval_loaders_cover_the_set_across_ranks(photos, loader):
+    def make(rank, world):
+        if loader == "dali":
+            return DALILoader(photos, 32, 2, seed=0, device=CPU, num_threads=1, kind="eval", rank=rank, world=world)
+        return TorchvisionLoader(photos, 32, 2, seed=0, kind="eval", rank=rank, world=world)
+
+    whole = torch.cat([x for x, _ in make(0, 1).epoch(0)])
+    world = len(photos) + 1  # one rank more than images: the last one gets nothing and yields no batch
+    parts = [list(make(r, world).epoch(0)) for r in range(world)]
+    assert parts[-1] == [] and [len(p) for p in parts[:-1]] == [1] * len(photos)
+    torch.testing.assert_close(torch.cat([x for p in parts for x, _ in p]), whole, rtol=0, atol=0)
+
+
 def test_loaders_shard_by_torchrun_environment(photos, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")

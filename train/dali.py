@@ -202,6 +202,8 @@ class DALILoader(IndexLoader):
         self._pending, self._next = pending, (epoch, start_batch)
 
     def _batches(self, epoch, start_batch):
+        if start_batch >= self.steps_per_epoch:  # nothing left (or an empty evaluation shard, n < world size)
+            return
         if self._pipe is None or self._next != (epoch, start_batch):
             self._start(epoch, start_batch)
         while self._next[0] == epoch:

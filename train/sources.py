@@ -311,11 +311,15 @@ def dist_info() -> tuple[int, int, int]:
 class ShardedOrder:
     """Which samples each rank reads, batch by batch, in each epoch.
 
-    Every epoch shuffles all N samples with a generator seeded by ``(seed, epoch)``; the order is padded by repeating
-    its first samples to a multiple of ``world_size`` (as torch's ``DistributedSampler``), rank ``r`` takes every
-    ``world_size``-th sample from position ``r``, and the last incomplete batch is dropped. So the ranks' shards are
-    disjoint (up to the < world_size padded repeats) and together cover the data set, and every rank runs
-    ``steps_per_epoch`` batches. Evaluation uses ``shuffle=False, drop_last=False``: file order, last batch short.
+    Training (``drop_last=True``): every epoch shuffles all N samples with a generator seeded by ``(seed, epoch)``;
+    the order is padded by repeating its first samples to a multiple of ``world_size`` (as torch's
+    ``DistributedSampler``), rank ``r`` takes every ``world_size``-th sample from position ``r``, and the last
+    incomplete batch is dropped. So the ranks' shards are disjoint (up to the < world_size padded repeats) and together
+    cover the data set, and every rank runs ``steps_per_epoch`` batches (the collectives of a step need that).
+
+    Evaluation (``shuffle=False, drop_last=False``): file order, no padding, the last batch short. Every sample is
+    scored exactly once, so metrics summed over the ranks are those of one process; the ranks' shards differ by at most
+    one sample (and their batch counts by at most one), which evaluation, with no collective per batch, allows.
     """
 
     def __init__(
@@ -324,10 +328,14 @@ class ShardedOrder:
         if not 0 <= rank < world_size:
             raise FastMAEError(f"rank {rank} is outside world size {world_size}")
         self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
-        self.shuffle = shuffle
-        self.per_rank = math.ceil(n / world_size)
-        self.steps_per_epoch = self.per_rank // batch_size if drop_last else math.ceil(self.per_rank / batch_size)
-        if self.steps_per_epoch == 0:
+        self.shuffle, self.drop_last = shuffle, drop_last
+        if drop_last:
+            self.per_rank = math.ceil(n / world_size)
+            self.steps_per_epoch = self.per_rank // batch_size
+        else:
+            self.per_rank = len(range(rank, n, world_size))  # may be 0 on a rank when n < world_size
+            self.steps_per_epoch = math.ceil(self.per_rank / batch_size)
+        if self.steps_per_epoch == 0 and drop_last:
             raise FastMAEError(
                 f"batch size {batch_size} is larger than the {self.per_rank} images each of {world_size} rank(s) "
                 f"gets from a data set of {n}; lower --batch-size"
@@ -335,6 +343,8 @@ class ShardedOrder:
 
     def shard(self, epoch: int) -> np.ndarray:
         perm = np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
+        if not self.drop_last:
+            return perm[self.rank :: self.world_size]
         padded = np.concatenate([perm, perm[: self.per_rank * self.world_size - self.n]])
         return padded[self.rank :: self.world_size]
 
