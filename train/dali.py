@@ -22,10 +22,9 @@ import torch
 from fastmae.errors import FastMAEError
 
 from .data import (
-    FINETUNE_SCALE,
+    CROP_SCALE,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    PRETRAIN_SCALE,
     RANDOM_ERASE_PROB,
     IndexLoader,
 )
@@ -64,7 +63,8 @@ def _to_bmp(data: bytes) -> bytes:
 
 def build_pipeline(kind: str, img_size: int, batch_size: int, num_threads: int, device_id: int | None, seed: int,
                    source, dtype: str = "float32"):  # fmt: skip
-    """The MAE input pipeline of ``kind`` (pretrain | finetune | eval) for a GPU (``device_id``) or the CPU (None).
+    """The MAE input pipeline of ``kind`` (pretrain | linprobe | finetune | eval) for a GPU (``device_id``) or the
+    CPU (None).
 
     ``source(batch_info)`` returns the batch: encoded bytes, and for the training kinds also crop anchors (x, y) and
     shapes (w, h) in pixels and flips. Output: NCHW images normalised with the ImageNet mean/std.
@@ -169,7 +169,7 @@ class DALILoader(IndexLoader):
         The pipeline then lives across epochs (its source runs on into the next epoch, so prefetching never stalls at
         an epoch boundary); it is rebuilt only when asked for a position that is not the next one.
         """
-        scale = FINETUNE_SCALE if self.kind == "finetune" else PRETRAIN_SCALE
+        scale = CROP_SCALE.get(self.kind)
         plan = self._plan(epoch, start_batch)
         pending: collections.deque = collections.deque()  # (epoch, batch, ids fed) of batches not yet returned
 

@@ -24,9 +24,11 @@ logger = logging.getLogger("fastmae.data")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-KINDS = ("pretrain", "finetune", "eval")
+KINDS = ("pretrain", "linprobe", "finetune", "eval")
 PRETRAIN_SCALE = (0.2, 1.0)  # MAE pretraining crop scale
-FINETUNE_SCALE = (0.08, 1.0)  # timm / DeiT default, used by the MAE finetune recipe
+FINETUNE_SCALE = (0.08, 1.0)  # timm / DeiT default, used by the MAE finetune and linear-probe recipes
+# RandomResizedCrop scale of the training kinds: pretrain and linprobe are crop + flip only, finetune adds RandAugment.
+CROP_SCALE = {"pretrain": PRETRAIN_SCALE, "linprobe": FINETUNE_SCALE, "finetune": FINETUNE_SCALE}
 FINETUNE_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
 RANDOM_ERASE_PROB = 0.25
 
