@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import types
 import typing
@@ -162,6 +163,11 @@ def config_from_args(args: argparse.Namespace, cls=PretrainConfig, presets: dict
     return dataclasses.replace(cfg, **given).validate()
 
 
+def _main_process() -> bool:
+    """True except in torchrun's ranks other than 0, which stay quiet."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -193,23 +199,27 @@ def main(argv: list[str] | None = None) -> int:
             from fastmae.train.finetune import finetune
 
             s = finetune(config_from_args(args, FinetuneConfig, FINETUNE_PRESETS))
-            print(f"done: {s['steps']} steps, val top-1 {s['top1']:.2f}% (best {s['best_top1']:.2f}%), top-5 "
-                  f"{s['top5']:.2f}%; outputs in {args.output_dir or 'the'} output folder (summary.json)")  # fmt: skip
+            if _main_process():
+                where = args.output_dir or "the"
+                print(f"done: {s['steps']} steps, val top-1 {s['top1']:.2f}% (best {s['best_top1']:.2f}%), "
+                      f"top-5 {s['top5']:.2f}%; outputs in {where} output folder (summary.json)")  # fmt: skip
             return 0
         if args.command == "linprobe":
             from fastmae.train.linprobe import linprobe
 
             s = linprobe(config_from_args(args, LinprobeConfig, LINPROBE_PRESETS))
-            print(s["table"])
+            if _main_process():
+                print(s["table"])
             return 0
         from fastmae.train.pretrain import pretrain
 
         summary = pretrain(config_from_args(args))
-        print(
-            f"done: {summary['steps']} steps, {summary['images_seen']} images, loss {summary['first_logged_loss']:.4f} "
-            f"-> {summary['final_loss']:.4f}, {summary['img_per_s']:.1f} img/s; outputs in {args.output_dir or 'the'} "
-            "output folder (summary.json)"
-        )
+        if _main_process():
+            print(
+                f"done: {summary['steps']} steps, {summary['images_seen']} images, loss "
+                f"{summary['first_logged_loss']:.4f} -> {summary['final_loss']:.4f}, {summary['img_per_s']:.1f} img/s; "
+                f"outputs in {args.output_dir or 'the'} output folder (summary.json)"
+            )
         return 0
     except FastMAEError as exc:
         print(f"fastmae: error: {exc}", file=sys.stderr)

@@ -178,7 +178,7 @@ class _DownstreamConfig:
     output_dir: str = _f("output/finetune", "where config, metrics, checkpoints and summary go")
     epochs: int = _f(100, "epochs over the training set")
     warmup_epochs: float = _f(5, "linear warmup length in epochs (then cosine decay per iteration)")
-    batch_size: int = _f(64, "images per step (effective batch = batch x accum-iter)")
+    batch_size: int = _f(64, "images per step per process (effective batch = batch x accum-iter x world size)")
     accum_iter: int = _f(1, "accumulate gradients over N batches per optimizer step")
     min_lr: float = _f(1e-6, "floor of the cosine schedule")
     weight_decay: float = _f(0.05, "weight decay (not on biases, norms, tokens)")
@@ -191,6 +191,8 @@ class _DownstreamConfig:
     log_every: int = _f(10, "log metrics every N optimizer steps")
     stop_after_steps: int | None = _f(None, "stop once the step reaches N (schedule unchanged; smoke runs)")
     progress: bool = _f(True, "show a progress bar")
+    save_every: int | None = _f(None, "also save checkpoint-last.pth every N steps (it is saved every epoch)")
+    resume: str | None = _f(None, "checkpoint path, or 'auto' for the output folder's checkpoint-last.pth")
 
     def validate(self):
         if self.model not in list_models():
@@ -206,11 +208,18 @@ class _DownstreamConfig:
             raise FastMAEError(f"--val-split must be in (0, 1), got {self.val_split}")
         if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
             raise FastMAEError(f"--warmup-epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
+        for name in ("stop_after_steps", "save_every"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise FastMAEError(f"--{name.replace('_', '-')} must be positive, got {value}")
         return self
 
-    def scaled_lr(self, blr: float) -> float:
+    def effective_batch(self, world_size: int = 1) -> int:
+        return self.batch_size * self.accum_iter * world_size
+
+    def scaled_lr(self, blr: float, world_size: int = 1) -> float:
         """The paper's rule: lr = blr x effective batch / 256."""
-        return blr * self.batch_size * self.accum_iter / 256
+        return blr * self.effective_batch(world_size) / 256
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -230,11 +239,9 @@ class FinetuneConfig(_DownstreamConfig):
     clip_grad: float | None = _f(None, "clip the gradient norm to this value")
     ema: bool = _f(False, "keep an exponential moving average of the weights (timm ModelEmaV3) and evaluate it too")
     ema_decay: float = _f(0.9999, "EMA decay per optimizer step")
-    save_every: int | None = _f(None, "also save checkpoint-last.pth every N steps (it is saved every epoch)")
-    resume: str | None = _f(None, "checkpoint path, or 'auto' for the output folder's checkpoint-last.pth")
 
-    def effective_lr(self) -> float:
-        return self.lr if self.lr is not None else self.scaled_lr(self.blr)
+    def effective_lr(self, world_size: int = 1) -> float:
+        return self.lr if self.lr is not None else self.scaled_lr(self.blr, world_size)
 
     def validate(self):
         super().validate()
@@ -261,8 +268,8 @@ class LinprobeConfig(_DownstreamConfig):
     knn_k: int = _f(20, "neighbours for the kNN evaluation (0 turns it off)")
     knn_t: float = _f(0.07, "temperature of the kNN vote weights exp(sim / t)")
 
-    def probe_lrs(self) -> list[float]:
-        return [self.lr] if self.lr is not None else [self.scaled_lr(b) for b in self.blrs()]
+    def probe_lrs(self, world_size: int = 1) -> list[float]:
+        return [self.lr] if self.lr is not None else [self.scaled_lr(b, world_size) for b in self.blrs()]
 
     def blrs(self) -> list[float]:
         try:

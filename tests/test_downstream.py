@@ -1,17 +1,22 @@
 """Finetune, linear probe and interop: layer decay, position tables, timm export, official checkpoints, commands."""
 
+import concurrent.futures
 import json
 
+import numpy as np
 import pytest
 import timm
 import torch
 from fastmae.train.finetune import layer_decay_groups
+from fastmae.train.labelled import digits_folder
 from fastmae.train.linprobe import knn_classify
 
 import fastmae
 from fastmae.cli import main
 from fastmae.interop import create_vit, interpolate_pos_embed, load_encoder, read_state_dict
 from fastmae.pos_embed import sincos_1d, sincos_2d
+
+from ._util import noise_pngs, torchrun
 
 TINY = "mae_vit_tiny_patch16"
 FAST = ["--img-size", "32", "--num-workers", "0", "--no-progress", "--log-every", "5"]
@@ -214,3 +219,116 @@ def test_knn_classify_on_separable_points():
     test_y = torch.tensor([2, 0, 1, 1])
     res = knn_classify(train_f, train_y, centers[test_y] + 0.1 * torch.randn(4, 16), test_y, 3, k=5, t=0.07)
     assert res["top1"] == 100.0 and res["top5"] == 100.0 and res["k"] == 5
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """A tiny ImageFolder with train/ and val/: 2 classes x 10 training images, 7 validation images (an odd count,
+    so two ranks score unequal shards)."""
+    root = tmp_path_factory.mktemp("labelled")
+    for split, counts in (("train", (10, 10)), ("val", (4, 3))):
+        for c, count in enumerate(counts):
+            noise_pngs(root / split / f"class{c}", count, seed=10 * c + len(split))
+    return root
+
+
+def _rows(out, key):
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+
+def test_two_process_finetune_matches_one_process(labelled, official_ckpts, tmp_path):
+    """torchrun, 2 gloo processes with DDP (batch 1 x accum 2 each, so no_sync runs) against one process with batch 4
+    on the same global batches: same losses, weights and validation scores (each val image counted once)."""
+    base = ["finetune", *FAST, "--log-every", "1", "--data", str(labelled), "--epochs", "2", "--warmup-epochs", "1",
+            "--mixup", "0", "--cutmix", "0", "--drop-path", "0", "--blr", "1e-2", "--precision", "fp32",
+            "--pretrained", str(official_ckpts / "mae_pretrain_vit_tiny.pth")]  # fmt: skip
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    assert main([*base, "--batch-size", "4", "--output-dir", str(single)]) == 0
+    proc = torchrun([*base, "--batch-size", "1", "--accum-iter", "2", "--output-dir", str(ddp)])
+    assert proc.stdout.count("done: 10 steps") == 1  # rank 1 stays quiet
+    one, two = (json.loads((o / "summary.json").read_text()) for o in (single, ddp))
+    assert two["world_size"] == 2 and two["ranks_in_sync"] and two["images_seen"] == one["images_seen"] == 40
+    assert json.loads((ddp / "config.json").read_text())["effective_batch"] == 4
+    assert [r["step"] for r in _rows(ddp, "loss")] == list(range(1, 11))
+    np.testing.assert_allclose([r["loss"] for r in _rows(ddp, "loss")], [r["loss"] for r in _rows(single, "loss")],
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    for key in ("val_loss", "top1", "top5", "val_loss_start", "top1_start"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+    assert [r["top1"] for r in _rows(ddp, "top1")] == [r["top1"] for r in _rows(single, "top1")]
+    want = torch.load(single / "checkpoint-last.pth", weights_only=True)
+    got = torch.load(ddp / "checkpoint-last.pth", weights_only=True)
+    assert len(got["rng"]) == 2  # every rank's generators
+    for key, value in want["model"].items():
+        torch.testing.assert_close(got["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_two_process_linprobe_matches_one_process(labelled, official_ckpts, tmp_path):
+    """The ranks split the encoder work, every rank trains the probes on the gathered global batch: same probes,
+    batch-norm statistics, validation scores and kNN as one process."""
+    mae = str(official_ckpts / "mae_full.pth")
+    base = ["linprobe", *FAST, "--data", str(labelled), "--epochs", "3", "--warmup-epochs", "1", "--precision", "fp32",
+            "--probe-blrs", "100,400", "--knn-k", "15", "--pretrained", mae]  # fmt: skip
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    assert main([*base, "--batch-size", "4", "--output-dir", str(single)]) == 0
+    proc = torchrun([*base, "--batch-size", "2", "--output-dir", str(ddp)])
+    assert proc.stdout.count("| kNN, k=15") == 1  # more than one rank's 10 images: candidates merged
+    one, two = (json.loads((o / "summary.json").read_text()) for o in (single, ddp))
+    assert two["world_size"] == 2 and two["ranks_in_sync"] and two["val_images"] == one["val_images"] == 7
+    assert two["steps"] == one["steps"] == 15 and two["images_seen"] == 60
+    assert two["knn"] == one["knn"]
+    for a, b in zip(two["probes"], one["probes"], strict=True):
+        assert a["lr"] == b["lr"] == pytest.approx(float(a["blr"]) * 4 / 256)
+        for key in ("top1", "top5", "val_loss", "top1_start"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    want = torch.load(single / "checkpoint-last.pth", weights_only=True)["model"]
+    got = torch.load(ddp / "checkpoint-last.pth", weights_only=True)["model"]
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_linprobe_resumes_mid_epoch_exactly(labelled, official_ckpts, tmp_path, capsys):
+    mae = str(official_ckpts / "mae_full.pth")
+    base = ["linprobe", *FAST, "--data", str(labelled), "--epochs", "3", "--warmup-epochs", "1", "--batch-size", "4",
+            "--knn-k", "0", "--pretrained", mae]  # fmt: skip
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    base_two = [*base, "--probe-blrs", "100,400"]
+    assert main([*base_two, "--output-dir", str(whole)]) == 0
+    assert main([*base_two, "--output-dir", str(parts), "--stop-after-steps", "7"]) == 0
+    mid = torch.load(parts / "checkpoint-last.pth", weights_only=True)
+    assert mid["step"] == 7 and mid["data_position"] == [1, 2]  # 5 steps per epoch: 2 batches into the second
+    assert main([*base_two, "--output-dir", str(parts), "--resume", "auto"]) == 0
+    a, b = (torch.load(o / "checkpoint-last.pth", weights_only=True) for o in (whole, parts))
+    assert a["step"] == b["step"] == 15
+    for key, value in a["model"].items():
+        assert torch.equal(b["model"][key], value), key
+    s = json.loads((parts / "summary.json").read_text())
+    assert s["probes"][0]["top1_start"] == json.loads((whole / "summary.json").read_text())["probes"][0]["top1_start"]
+    capsys.readouterr()
+    # a checkpoint of other probes (here two, asked for one) is refused with one line
+    assert main([*base, "--probe-blrs", "100", "--output-dir", str(parts), "--resume", "auto"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not hold 1 probe(s) of 192 features x 2 classes" in err[0], err
+
+
+def test_digits_are_written_once_even_by_processes_starting_together(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTMAE_CACHE", str(tmp_path))
+    (tmp_path / "digits-v1" / "val").mkdir(parents=True)  # an incomplete copy from an interrupted first run
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        roots = list(pool.map(lambda _: digits_folder(), range(2)))
+    assert roots[0] == roots[1] == tmp_path / "digits-v1"
+    assert len(list(roots[0].rglob("*.png"))) == 1797 and (roots[0] / "done").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["digits-v1"]  # no private copy left behind
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["linprobe", "--save-every", "0"], "--save-every must be positive, got 0"),
+        (["finetune", "--stop-after-steps", "-1"], "--stop-after-steps must be positive, got -1"),
+        (["linprobe", "--resume", "/nonexistent/probes.pth"], "--resume /nonexistent/probes.pth does not exist"),
+    ],
+)
+def test_downstream_bad_flags_are_one_line(args, message, tmp_path, capsys):
+    assert main([*args, *FAST, "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

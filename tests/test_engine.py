@@ -16,18 +16,12 @@ from PIL import Image
 
 from fastmae.cli import main
 
+from ._util import noise_pngs as _noise_pngs
+from ._util import torchrun as _torchrun
+
 TINY = ["--model", "mae_vit_tiny_patch16", "--img-size", "32", "--batch-size", "2", "--warmup-epochs", "1",
         "--num-workers", "0", "--no-progress", "--log-every", "1", "--blr", "1e-2",
         "--num-reconstructions", "2"]  # fmt: skip
-
-
-def _noise_pngs(root, count: int, seed: int):
-    """``count`` random RGB PNGs of slightly different sizes (a few pixels over the 32 px crop)."""
-    rng = np.random.default_rng(seed)
-    root.mkdir()
-    for i in range(count):
-        Image.fromarray(rng.integers(0, 255, (36 + 3 * i, 40, 3), dtype=np.uint8)).save(root / f"{i}.png")
-    return root
 
 
 @pytest.fixture
@@ -259,15 +253,6 @@ def test_world_size_without_torchrun_is_a_one_line_error(folder, tmp_path, monke
     assert len(err.strip().splitlines()) == 1
 
 
-def _torchrun(args, nproc=2, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "fastmae.cli", "pretrain", *args]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
 @pytest.fixture
 def folder8(tmp_path):
     return _noise_pngs(tmp_path / "imgs8", 8, seed=2)  # an even count: 2 ranks split it without padding
@@ -280,8 +265,8 @@ def test_two_process_ddp_and_fsdp_match_one_process(folder8, tmp_path):
     base = [*TINY, "--data", str(folder8), "--epochs", "2", "--precision", "fp32"]
     single, ddp, fsdp = tmp_path / "single", tmp_path / "ddp", tmp_path / "fsdp"
     assert main(["pretrain", *base, "--batch-size", "4", "--output-dir", str(single)]) == 0
-    _torchrun([*base, "--batch-size", "1", "--accum-iter", "2", "--output-dir", str(ddp)])
-    _torchrun([*base, "--batch-size", "2", "--parallel", "fsdp", "--output-dir", str(fsdp)])
+    _torchrun(["pretrain", *base, "--batch-size", "1", "--accum-iter", "2", "--output-dir", str(ddp)])
+    _torchrun(["pretrain", *base, "--batch-size", "2", "--parallel", "fsdp", "--output-dir", str(fsdp)])
     ref = _losses(single)
     assert [s for s, _ in ref] == [1, 2, 3, 4]
     want = torch.load(single / "checkpoint-last.pth", weights_only=True)

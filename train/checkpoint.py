@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from fastmae.errors import FastMAEError
 
 LAST = "checkpoint-last.pth"
+logger = logging.getLogger("fastmae.checkpoint")
 
 
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
@@ -56,3 +58,21 @@ def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | 
     if not Path(resume).is_file():
         raise FastMAEError(f"--resume {resume} does not exist")
     return Path(resume)
+
+
+def resume_position(ckpt: dict, step: int, steps_per_epoch: int, accum: int, world_size: int) -> tuple[int, int]:
+    """(epoch, batch) where a run resumed at optimizer ``step`` continues: the loader position saved in ``ckpt`` when
+    the number of processes is the same (so it sees the batches the original run would have seen), else ``step``'s
+    place in the epoch, with a warning that the batches now differ."""
+    epoch, batch = divmod(step, steps_per_epoch)
+    batch *= accum
+    saved_world = (ckpt.get("config") or {}).get("world_size", 1)
+    if saved_world != world_size:
+        logger.warning("resuming a %d-process run with %d processes: continuing from step %d's place in the epoch; "
+                       "batches are no longer the ones the original run would have seen", saved_world, world_size,
+                       step)  # fmt: skip
+    elif "data_position" in ckpt:
+        epoch, batch = (int(v) for v in ckpt["data_position"])
+        if batch >= steps_per_epoch * accum:  # saved at the end of an epoch's usable batches
+            epoch, batch = epoch + 1, 0
+    return epoch, batch

@@ -56,6 +56,44 @@ class DistContext:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def agree_stop(self, received: bool, log_now: bool, device: torch.device) -> tuple[bool, bool]:
+        """(stop now, log this step). One process stops at the step a signal arrived (and logs it); under torchrun
+        the ranks agree on logging steps only (a host sync), so that all of them leave the loop at the same step."""
+        if not self.enabled:
+            return received, log_now or received
+        return (self.any(received, device) if log_now else False), log_now
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (a copy; the input is left alone)."""
+        if not self.enabled:
+            return value
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value
+
+    def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows of ``x`` [n_rank, ...] concatenated in rank order, on every rank. Row counts may differ
+        between ranks (they are exchanged first: a host sync)."""
+        if not self.enabled:
+            return x
+        n = torch.tensor([x.shape[0]], device=x.device)
+        sizes = [torch.zeros_like(n) for _ in range(self.world_size)]
+        dist.all_gather(sizes, n)
+        sizes = [int(v) for v in sizes]
+        padded = x.new_zeros((max(sizes), *x.shape[1:]))
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's picklable ``obj``, in rank order, on every rank."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()

@@ -5,13 +5,17 @@ lr decay (``timm.optim.param_groups_layer_decay``), drop path, mixup/cutmix with
 + ``SoftTargetCrossEntropy``) on the device, RandAugment + random erasing in the loader, AdamW, warmup + cosine per
 iteration, optional EMA (``timm.utils.ModelEmaV3``), top-1/top-5 every epoch, best and last checkpoints, resume.
 
+Under ``torchrun`` every rank trains its shard of the data with DistributedDataParallel (gradients all-reduced, on
+the last micro-batch only with ``--accum-iter``) and scores its shard of the validation set; the sums are reduced, so
+the reported accuracy is that of the whole validation set, each image counted once. Rank 0 alone writes files.
+
 Output folder: ``config.json``, ``metrics.jsonl``, ``checkpoint-last.pth``, ``checkpoint-best.pth``, ``summary.json``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import logging
 import math
 import time
@@ -25,11 +29,14 @@ from fastmae.config import FinetuneConfig
 from fastmae.errors import FastMAEError
 from fastmae.interop import create_vit, load_encoder
 
-from .checkpoint import LAST, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import LAST, load_checkpoint, resolve_resume, resume_position, save_checkpoint
+from .distributed import DistContext, init_distributed, no_sync, params_in_sync, wrap_model
 from .labelled import labelled_splits, num_classes
 from .pretrain import (
+    MetricsLog,
     StopSignal,
     make_loader,
+    optimizer_steps,
     resolve_device,
     resolve_loader,
     resolve_precision,
@@ -39,25 +46,63 @@ from .pretrain import (
     write_json,
 )
 from .schedule import lr_at
-from .sources import dist_info
 
 logger = logging.getLogger("fastmae.finetune")
 BEST = "checkpoint-best.pth"
 
 
-def setup(cfg, what: str):
-    """Device, precision, compile, loader name and labelled splits: what finetuning and probing share."""
+@dataclasses.dataclass
+class Setup:
+    """What finetuning and probing share: process group, device, precision, compile, loader and labelled splits."""
+
+    ctx: DistContext
+    device: torch.device
+    precision: str
+    use_compile: bool
+    loader_name: str
+    train_idx: object
+    val_idx: object
+    autocast: object
+
+    def __enter__(self) -> Setup:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.ctx.close()  # leave torchrun's process group, also on errors
+
+
+def setup(cfg) -> Setup:
+    """Validate ``cfg``, join torchrun's process group when there is one (DDP) and index the labelled data. Use it as
+    a context manager: it leaves the process group at the end."""
     cfg.validate()
-    if dist_info()[1] > 1:
-        raise FastMAEError(f"fastmae {what} runs in one process; torchrun (WORLD_SIZE > 1) is only for pretraining")
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     loader_name = resolve_loader(cfg.loader, device)
-    seed_all(cfg.seed)
-    train_idx, val_idx = labelled_splits(cfg.data, cfg.val_split, cfg.seed)
+    ctx, device = init_distributed("ddp", device)
+    try:
+        # Each rank its own stream (drop path, mixup draws), as the official code seeds with seed + rank; the data
+        # order and augmentations are drawn from (seed, epoch, sample) and do not depend on it.
+        seed_all(cfg.seed + ctx.rank)
+        train_idx, val_idx = labelled_splits(cfg.data, cfg.val_split, cfg.seed)
+    except BaseException:
+        ctx.close()
+        raise
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-    return device, precision, use_compile, loader_name, train_idx, val_idx, autocast
+    return Setup(ctx, device, precision, use_compile, loader_name, train_idx, val_idx, autocast)
+
+
+def rank_rng_state(ctx: DistContext, device: torch.device):
+    """This process's generators (one process), or every rank's in rank order (torchrun; a collective)."""
+    state = rng_state(device)
+    return state if not ctx.enabled else ctx.gather_objects(state)
+
+
+def restore_rng_state(saved, ctx: DistContext, device: torch.device) -> None:
+    """Put back the generators saved by :func:`rank_rng_state` when the number of processes is the same."""
+    states = saved if isinstance(saved, list) else [saved]
+    if len(states) == ctx.world_size:
+        set_rng_state(states[ctx.rank], device)
 
 
 def load_pretrained(model: torch.nn.Module, cfg) -> dict:
@@ -81,41 +126,54 @@ def layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, device: torch.device, autocast, classes: int) -> dict:
-    """Cross-entropy, top-1 and top-5 (%) over the whole validation loader."""
+def evaluate(model: torch.nn.Module, loader, device: torch.device, autocast, classes: int,
+             ctx: DistContext | None = None) -> dict:  # fmt: skip
+    """Cross-entropy, top-1 and top-5 (%) over the whole validation set. Sums stay on the device (one host sync at
+    the end) and, under torchrun, are added up over the ranks' disjoint shards."""
     was_training = model.training
     model.eval()
     k = min(5, classes)
-    loss_sum, hits1, hits5, n = 0.0, 0, 0, 0
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
     for imgs, labels in loader.epoch(0):
         imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast:
             logits = model(imgs)
         logits = logits.float()
-        loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        top = logits.topk(k, dim=1).indices  # [B, k]
-        hit = top == labels[:, None]
-        hits1 += int(hit[:, 0].sum())
-        hits5 += int(hit.any(dim=1).sum())
-        n += labels.numel()
+        hit = logits.topk(k, dim=1).indices == labels[:, None]  # [B, k]
+        sums += torch.stack([
+            torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double(),
+            hit[:, 0].sum().double(),
+            hit.any(dim=1).sum().double(),
+            torch.tensor(labels.numel(), dtype=torch.float64, device=device),
+        ])  # fmt: skip
+    if ctx is not None:
+        sums = ctx.sum(sums)
+    loss_sum, hits1, hits5, n = sums.tolist()
     model.train(was_training)
-    return {"val_loss": loss_sum / max(n, 1), "top1": 100 * hits1 / max(n, 1), "top5": 100 * hits5 / max(n, 1)}
+    n = max(n, 1)
+    return {"val_loss": loss_sum / n, "top1": 100 * hits1 / n, "top5": 100 * hits5 / n}
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
     """Finetune as ``cfg`` says; returns the summary (also written to ``summary.json``)."""
+    with setup(cfg) as env:
+        return _finetune(cfg, env)
+
+
+def _finetune(cfg: FinetuneConfig, env: Setup) -> dict:
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.utils import ModelEmaV3
 
-    device, precision, use_compile, loader_name, train_idx, val_idx, autocast = setup(cfg, "finetune")
+    ctx, device, autocast, train_idx, val_idx = env.ctx, env.device, env.autocast, env.train_idx, env.val_idx
+    main, world = ctx.is_main, ctx.world_size
     out = Path(cfg.output_dir)
     resume_path = resolve_resume(cfg.resume, out)
     classes = num_classes(train_idx)
     model = create_vit(cfg.model, classes, cfg.img_size, "avg", cfg.drop_path)
     loaded = load_pretrained(model, cfg)
     model.to(device)
-    base_lr = cfg.effective_lr()
+    base_lr = cfg.effective_lr(world)
     optimizer = torch.optim.AdamW(layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay), lr=base_lr, fused=True)
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
     mixup = None
@@ -127,13 +185,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
         criterion = LabelSmoothingCrossEntropy(cfg.smoothing)
     else:
         criterion = torch.nn.CrossEntropyLoss()
-    train_loader = make_loader(loader_name, train_idx, "finetune", cfg, device)
-    val_loader = make_loader(loader_name, val_idx, "eval", cfg, device)
+    train_loader = make_loader(env.loader_name, train_idx, "finetune", cfg, device)
+    val_loader = make_loader(env.loader_name, val_idx, "eval", cfg, device)
     accum = cfg.accum_iter
-    steps_per_epoch = train_loader.steps_per_epoch // accum
-    if steps_per_epoch == 0:
-        raise FastMAEError(f"--accum-iter {accum} needs at least {accum} batches per epoch, the data gives "
-                           f"{train_loader.steps_per_epoch}")  # fmt: skip
+    steps_per_epoch = optimizer_steps(train_loader.steps_per_epoch, accum)
     total_steps = cfg.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.stop_after_steps or total_steps)
 
@@ -149,43 +204,52 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if ema is not None and "ema" in ckpt:
             ema.module.load_state_dict(ckpt["ema"])
         step, best, rng_resume = int(ckpt["step"]), ckpt.get("best_top1"), ckpt.get("rng")
-        start_epoch, start_batch = (int(v) for v in ckpt["data_position"])
-        if start_batch >= steps_per_epoch * accum:
-            start_epoch, start_batch = start_epoch + 1, 0
+        start_epoch, start_batch = resume_position(ckpt, step, steps_per_epoch, accum, world)
         logger.info("resumed from %s at step %d", resume_path, step)
+    step_module = wrap_model(model, ctx, device)  # DDP after loading: it broadcasts rank 0's weights
 
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     resolved = {**cfg.to_dict(), "lr": base_lr, "num_classes": classes, "classes": train_idx.classes,
-                "device": device.type, "precision": precision, "compile": use_compile, "loader": loader_name,
+                "device": device.type, "precision": env.precision, "compile": env.use_compile,
+                "loader": env.loader_name, "world_size": world, "effective_batch": cfg.effective_batch(world),
                 "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "train_images": len(train_idx),
                 "val_images": len(val_idx), **loaded}  # fmt: skip
-    write_json(out / "config.json", resolved)
+    if main:
+        write_json(out / "config.json", resolved)
     logger.info(
-        "finetune %s (%d classes) on %s (%s), loader %s, %d steps/epoch, lr %.3g, layer decay %g",
-        cfg.model, classes, device, precision, loader_name, steps_per_epoch, base_lr, cfg.layer_decay,
+        "finetune %s (%d classes) on %s (%s), loader %s, %d process(es), effective batch %d, %d steps/epoch, lr %.3g, "
+        "layer decay %g", cfg.model, classes, device, env.precision, env.loader_name, world,
+        cfg.effective_batch(world), steps_per_epoch, base_lr, cfg.layer_decay,
     )  # fmt: skip
-    step_fn = torch.compile(model) if use_compile else model
+    step_fn = torch.compile(step_module) if env.use_compile else step_module
+
+    def score(module: torch.nn.Module) -> dict:
+        return evaluate(module, val_loader, device, autocast, classes, ctx)
 
     def save(path: Path, epoch: int) -> None:
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                 "best_top1": best, "config": resolved, "rng": rng_state(device),
-                 "data_position": list(train_loader.position)}  # fmt: skip
-        if ema is not None:
-            state["ema"] = ema.module.state_dict()
-        save_checkpoint(state, path)
+        rng = rank_rng_state(ctx, device)  # a collective under torchrun: every rank calls save
+        if main:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
+                     "best_top1": best, "config": resolved, "rng": rng,
+                     "data_position": list(train_loader.position)}  # fmt: skip
+            if ema is not None:
+                state["ema"] = ema.module.state_dict()
+            save_checkpoint(state, path)
+        ctx.barrier()
 
-    start_eval = evaluate(model, val_loader, device, autocast, classes) if resume_path is None else None
+    start_eval = score(model) if resume_path is None else None
     if rng_resume is not None:
-        set_rng_state(rng_resume, device)
-    metrics = open(out / "metrics.jsonl", "a")
-    bar = tqdm(total=last_step, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+        restore_rng_state(rng_resume, ctx, device)
+    metrics = MetricsLog(out / "metrics.jsonl", main)
+    bar = tqdm(total=last_step, initial=step, disable=not (cfg.progress and main), unit="step", dynamic_ncols=True)
     params = [p for p in model.parameters() if p.requires_grad]
     first_loss = last_loss = None
-    images, t_start, epoch, last_eval = 0, time.perf_counter(), start_epoch, None
+    images, t_start, epoch, last_eval, stopping = 0, time.perf_counter(), start_epoch, None, False
     model.train()
     with StopSignal() as stop:
         try:
-            while step < last_step and not stop.received:
+            while step < last_step and not stopping:
                 micro, loss_sum = start_batch, 0.0
                 for imgs, labels in train_loader.epoch(epoch, start_batch):
                     imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -195,11 +259,12 @@ def finetune(cfg: FinetuneConfig) -> dict:
                         imgs, targets = mixup(imgs, labels)
                     else:
                         targets = labels
-                    with autocast:
-                        loss = criterion(step_fn(imgs), targets)
-                    (loss / accum).backward()
-                    loss_sum = loss_sum + loss.detach().float()
                     micro += 1
+                    with no_sync(step_fn, model, ctx, sync=micro % accum == 0):  # all-reduce on the last micro-batch
+                        with autocast:
+                            loss = criterion(step_fn(imgs), targets)
+                        (loss / accum).backward()
+                    loss_sum = loss_sum + loss.detach().float()
                     images += imgs.shape[0]
                     if micro % accum:
                         continue
@@ -214,32 +279,31 @@ def finetune(cfg: FinetuneConfig) -> dict:
                     if ema is not None:
                         ema.update(model, step=step)
                     bar.update(1)
-                    if step % cfg.log_every == 0 or step == 1 or step == last_step or stop.received:
-                        value = (loss_sum / accum).item()  # host sync on logging steps only
+                    step_loss = ctx.all_reduce_mean(loss_sum / accum)  # queued on the stream: no host sync
+                    log_now = step % cfg.log_every == 0 or step == 1 or step == last_step
+                    stopping, log_now = ctx.agree_stop(stop.received is not None, log_now, device)
+                    if log_now:
+                        value = step_loss.item()  # host sync on logging steps only
                         if not math.isfinite(value):
                             raise FastMAEError(f"loss is {value} at step {step}; lower the learning rate")
                         first_loss = value if first_loss is None else first_loss
                         last_loss = value
-                        metrics.write(json.dumps({"step": step, "epoch": step / steps_per_epoch, "loss": value,
-                                                  "lr": lr}) + "\n")  # fmt: skip
-                        metrics.flush()
+                        metrics.write({"step": step, "epoch": step / steps_per_epoch, "loss": value, "lr": lr})
                         bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
                     loss_sum = 0.0
-                    if step >= last_step or stop.received:
+                    if step >= last_step or stopping:
                         break
                     if cfg.save_every and step % cfg.save_every == 0:
                         save(out / LAST, epoch)
                     if micro >= steps_per_epoch * accum:
                         break
-                if stop.received:
+                if stopping:
                     break
-                last_eval = evaluate(model, val_loader, device, autocast, classes)
+                last_eval = score(model)
                 row = {"step": step, "epoch": epoch + 1, **last_eval}
                 if ema is not None:
-                    row.update({f"ema_{k}": v for k, v in evaluate(ema.module, val_loader, device, autocast,
-                                                                  classes).items()})  # fmt: skip
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
+                    row.update({f"ema_{k}": v for k, v in score(ema.module).items()})
+                metrics.write(row)
                 logger.info("epoch %d: val loss %.4f, top-1 %.2f%%, top-5 %.2f%%", epoch + 1, last_eval["val_loss"],
                             last_eval["top1"], last_eval["top5"])  # fmt: skip
                 epoch, start_batch = epoch + 1, 0
@@ -254,29 +318,36 @@ def finetune(cfg: FinetuneConfig) -> dict:
             metrics.close()
         wall = time.perf_counter() - t_start
         save(out / LAST, epoch)
-    if last_eval is None or stop.received:  # stopped inside an epoch: evaluate where it stands
-        last_eval = evaluate(model, val_loader, device, autocast, classes)
+    if last_eval is None or stopping:  # stopped inside an epoch: evaluate where it stands
+        last_eval = score(model)
+    in_sync = params_in_sync(model, ctx, device)
+    if not in_sync:
+        logger.error("the ranks' weights differ at the end of the run: DDP lost synchronisation")
     summary = {
         "steps": step,
-        "stopped_by": stop.received,
-        "images_seen": images,
-        "img_per_s": images / max(wall, 1e-9),
+        # SIGTERM / SIGINT ("peer": another rank received it), or None when the run reached its last step
+        "stopped_by": (stop.received or "peer") if stopping else None,
+        "images_seen": images * world,
+        "img_per_s": images * world / max(wall, 1e-9),
         "first_logged_loss": first_loss,
         "final_loss": last_loss,
         **last_eval,
         "val_loss_start": start_eval["val_loss"] if start_eval else None,
         "top1_start": start_eval["top1"] if start_eval else None,
         "best_top1": best if best is not None else last_eval["top1"],
-        "ema_top1": evaluate(ema.module, val_loader, device, autocast, classes)["top1"] if ema is not None else None,
+        "ema_top1": score(ema.module)["top1"] if ema is not None else None,
         "num_classes": classes,
         "skipped_files": len(train_loader.skipped | val_loader.skipped),
-        "loader": loader_name,
+        "loader": env.loader_name,
         "device": device.type,
-        "precision": precision,
-        "compile": use_compile,
+        "precision": env.precision,
+        "compile": env.use_compile,
+        "world_size": world,
+        "ranks_in_sync": in_sync,
         **loaded,
         "fastmae": fastmae.__version__,
         "torch": torch.__version__,
     }
-    write_json(out / "summary.json", summary)
+    if main:
+        write_json(out / "summary.json", summary)
     return summary

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,8 @@ DIGITS_VAL_FRACTION = 0.2
 
 def digits_folder() -> Path:
     """scikit-learn's digits (1797 images, 10 classes) as ``train/<digit>/*.png`` and ``val/<digit>/*.png`` (a fixed
-    80/20 split) under the fastmae cache folder; written on first use."""
+    80/20 split) under the fastmae cache folder; written on first use into a private folder that is then renamed into
+    place, so processes starting together (torchrun) never read a half-written copy."""
     root = Path(os.environ.get("FASTMAE_CACHE", Path.home() / ".cache" / "fastmae")) / "digits-v1"
     if (root / "done").is_file():
         return root
@@ -29,13 +32,21 @@ def digits_folder() -> Path:
     digits = load_digits()
     order = np.random.default_rng(0).permutation(len(digits.target))
     n_val = round(len(order) * DIGITS_VAL_FRACTION)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
     for rank, i in enumerate(order):
         split = "val" if rank < n_val else "train"
-        folder = root / split / str(int(digits.target[i]))
+        folder = tmp / split / str(int(digits.target[i]))
         folder.mkdir(parents=True, exist_ok=True)
         pixels = (digits.images[i] * (255 / 16)).round().astype(np.uint8)  # 0..16 -> 0..255
         Image.fromarray(pixels).save(folder / f"{i:04d}.png")
-    (root / "done").write_text("ok\n")
+    (tmp / "done").write_text("ok\n")
+    if root.exists() and not (root / "done").is_file():  # an incomplete copy left by an older version
+        shutil.rmtree(root, ignore_errors=True)
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another process put its copy in place first: use that one
+        shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 

@@ -26,7 +26,7 @@ import fastmae
 from fastmae.config import PretrainConfig
 from fastmae.errors import FastMAEError
 
-from .checkpoint import LAST, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import LAST, load_checkpoint, resolve_resume, resume_position, save_checkpoint
 from .dali import DALILoader, dali_unavailable_reason
 from .data import SyntheticLoader, TorchvisionLoader, sample_images
 from .distributed import DistContext, full_state, init_distributed, load_full_state, no_sync, params_in_sync, wrap_model
@@ -86,6 +86,14 @@ def make_loader(name: str, index, kind: str, cfg, device: torch.device):
                           kind=kind)  # fmt: skip
     return TorchvisionLoader(index, cfg.img_size, cfg.batch_size, cfg.seed, workers, pin=device.type == "cuda",
                              kind=kind)  # fmt: skip
+
+
+def optimizer_steps(batches: int, accum: int) -> int:
+    """Optimizer steps per epoch from a loader's ``batches`` with ``accum`` micro-batches per step (a last partial
+    accumulation is dropped); a one-line error when the epoch cannot fill one step."""
+    if batches < accum:
+        raise FastMAEError(f"--accum-iter {accum} needs at least {accum} batches per epoch, the data gives {batches}")
+    return batches // accum
 
 
 def seed_all(seed: int) -> None:
@@ -149,6 +157,23 @@ class StopSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         return False
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON row per call, appended and flushed at once; written by rank 0 only (``enabled``),
+    a no-op on the other ranks."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.file = open(path, "a") if enabled else None
+
+    def write(self, row: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -215,25 +240,12 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext, device: torch.device, preci
         logger.info("resumed from %s at step %d", resume_path, step)
 
     accum = cfg.accum_iter
-    steps_per_epoch = loader.steps_per_epoch // accum  # optimizer steps; a last partial accumulation is dropped
-    if steps_per_epoch == 0:
-        raise FastMAEError(
-            f"--accum-iter {accum} needs at least {accum} batches per epoch, the data gives {loader.steps_per_epoch}"
-        )
+    steps_per_epoch = optimizer_steps(loader.steps_per_epoch, accum)
     micro_per_epoch = steps_per_epoch * accum
     total_steps = cfg.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.stop_after_steps or total_steps)
-    start_epoch, start_step = divmod(step, steps_per_epoch)
-    start_batch = start_step * accum
-    saved_world = (ckpt.get("config") or {}).get("world_size", 1) if resume_path is not None else world_size
-    if resume_path is not None and "data_position" in ckpt and saved_world == world_size:
-        start_epoch, start_batch = (int(v) for v in ckpt["data_position"])
-        if start_batch >= micro_per_epoch:
-            start_epoch, start_batch = start_epoch + 1, 0
-    elif saved_world != world_size:
-        logger.warning("resuming a %d-process run with %d processes: continuing from step %d's place in the epoch; "
-                       "batches are no longer the ones the original run would have seen", saved_world, world_size,
-                       step)  # fmt: skip
+    if resume_path is not None:
+        start_epoch, start_batch = resume_position(ckpt, step, steps_per_epoch, accum, world_size)
     recipe, warnings_ = cfg.recipe_check(world_size, steps_per_epoch)
     for line in recipe:
         logger.info("recipe: %s", line)
@@ -315,7 +327,7 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext, device: torch.device, preci
     if rng_resume is not None:
         set_rng_state(rng_resume, device)  # after the picture, so the step sees exactly the saved state
     model.train()
-    metrics = open(out / "metrics.jsonl", "a") if main else None
+    metrics = MetricsLog(out / "metrics.jsonl", main)
     bar = tqdm(total=last_step, initial=step, disable=not (cfg.progress and main), unit="step", dynamic_ncols=True)
     first_loss = last_loss = None
     images_seen, t_start = 0, time.perf_counter()  # images this process saw
@@ -328,13 +340,11 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext, device: torch.device, preci
     rollbacks, skipped_logged = 0, 0
 
     def log_row(row: dict) -> None:
-        if main:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-            if writer is not None:
-                for key, value in row.items():
-                    if key not in ("step", "epoch") and value is not None:
-                        writer.add_scalar(key, value, row["step"])
+        metrics.write(row)
+        if writer is not None:  # rank 0 only
+            for key, value in row.items():
+                if key not in ("step", "epoch") and value is not None:
+                    writer.add_scalar(key, value, row["step"])
 
     def optimizer_step(loss_sum: torch.Tensor) -> torch.Tensor:
         """One optimizer update from the accumulated gradients; returns the step's loss sum averaged over ranks."""
@@ -407,11 +417,7 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext, device: torch.device, preci
                     step += 1
                     bar.update(1)
                     log_now = step % cfg.log_every == 0 or step == last_step or step == 1
-                    if ctx.enabled:
-                        stopping = ctx.any(stop.received is not None, device) if log_now else False
-                    else:
-                        stopping = stop.received is not None
-                        log_now = log_now or stopping
+                    stopping, log_now = ctx.agree_stop(stop.received is not None, log_now, device)
                     if log_now:
                         loss_value = step_loss.item()  # the only host syncs, on logging steps
                         skipped_now = int(nan_skipped.item())
@@ -446,8 +452,7 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext, device: torch.device, preci
                 save(epoch)  # every epoch end
         finally:
             bar.close()
-            if metrics is not None:
-                metrics.close()
+            metrics.close()
         if device.type == "cuda":
             torch.cuda.synchronize()
         wall = time.perf_counter() - t_start

@@ -1,0 +1,29 @@
+"""Helpers shared by the test modules: small image folders and torchrun launches."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+
+def noise_pngs(root, count: int, seed: int, size: tuple[int, int] = (36, 40)):
+    """``count`` random RGB PNGs of slightly different sizes (a few pixels over a 32 px crop) in ``root``."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    h, w = size
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (h + 3 * i, w, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    return root
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --standalone -m fastmae.cli ARGS`` on ``nproc`` CPU (gloo) processes; asserts
+    that it exits 0."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "fastmae.cli", *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
