@@ -214,6 +214,9 @@ class TorchvisionLoader(IndexLoader):
             collate_fn=_collate,
             pin_memory=pin,
             persistent_workers=num_workers > 0,
+            # its own generator: a DataLoader iterator otherwise draws its base seed from torch's global generator,
+            # which would shift drop path / mixup after a mid-epoch resume (augmentations are seeded per sample)
+            generator=torch.Generator().manual_seed(seed),
         )
 
     def _batches(self, epoch, start_batch):
