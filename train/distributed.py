@@ -219,11 +219,15 @@ def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
 
 
 def params_in_sync(model: torch.nn.Module, ctx: DistContext, device: torch.device) -> bool:
-    """Whether every rank holds the same weights (DDP): a float64 fingerprint per rank, compared across ranks."""
+    """Whether every rank holds the same weights (DDP): a float64 fingerprint per rank, compared across ranks; an
+    error is logged when they differ."""
     if ctx.strategy != "ddp":
         return True  # one process, or FSDP where each rank holds a different shard by design
     with torch.no_grad():
         fp = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1).to(device)
     fps = [torch.zeros_like(fp) for _ in range(ctx.world_size)]
     dist.all_gather(fps, fp)
-    return all(torch.equal(f, fps[0]) for f in fps)
+    same = all(torch.equal(f, fps[0]) for f in fps)
+    if not same and ctx.is_main:
+        logger.error("the ranks' weights differ at the end of the run: they lost synchronisation")
+    return same

@@ -320,9 +320,7 @@ def _finetune(cfg: FinetuneConfig, env: Setup) -> dict:
         save(out / LAST, epoch)
     if last_eval is None or stopping:  # stopped inside an epoch: evaluate where it stands
         last_eval = score(model)
-    in_sync = params_in_sync(model, ctx, device)
-    if not in_sync:
-        logger.error("the ranks' weights differ at the end of the run: DDP lost synchronisation")
+    in_sync = params_in_sync(model, ctx, device)  # logs an error when they differ
     summary = {
         "steps": step,
         # SIGTERM / SIGINT ("peer": another rank received it), or None when the run reached its last step

@@ -258,9 +258,7 @@ def _linprobe(cfg: LinprobeConfig, env: Setup) -> dict:
         train_eval = make_loader(env.loader_name, train_idx, "eval", cfg, device)
         train_f, train_y = extract(features, train_eval, device, autocast, dim)
         knn = knn_classify(train_f, train_y, val_f, val_y, classes, cfg.knn_k, cfg.knn_t, ctx=ctx)
-    in_sync = params_in_sync(probes, ctx, device)
-    if not in_sync:
-        logger.error("the ranks' probes differ at the end of the run")
+    in_sync = params_in_sync(probes, ctx, device)  # logs an error when they differ
     probes_out = [{"blr": b, "lr": lr, **s, "top1_start": s0["top1"], "val_loss_start": s0["val_loss"]}
                   for b, lr, s, s0 in zip(blrs, lrs, scores, start_scores, strict=True)]  # fmt: skip
     best = max(range(len(probes_out)), key=lambda i: probes_out[i]["top1"])

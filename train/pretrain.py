@@ -458,9 +458,7 @@ def _pretrain(cfg: PretrainConfig, ctx: DistContext, device: torch.device, preci
         wall = time.perf_counter() - t_start
         save(step // steps_per_epoch)  # at the end, and on SIGTERM/SIGINT (a second Ctrl-C still stops at once)
     eval_loss_end = picture()
-    in_sync = params_in_sync(model, ctx, device)
-    if not in_sync:
-        logger.error("the ranks' weights differ at the end of the run: DDP lost synchronisation")
+    in_sync = params_in_sync(model, ctx, device)  # logs an error when they differ
     summary = {
         "steps": step,
         # SIGTERM / SIGINT ("peer": another rank received it), or None when the run reached its last step
