@@ -210,8 +210,9 @@ def _linprobe(cfg: LinprobeConfig, env: Setup) -> dict:
                 for imgs, labels in train_loader.epoch(epoch, start_batch):
                     with torch.no_grad(), autocast:
                         feats = features(imgs.to(device, non_blocking=True))
-                    # every rank: the whole global batch (a host sync for the row counts; the probes are tiny)
-                    feats, labels = _split_labels(ctx.gather_rows(_with_labels(feats.float(), labels)))
+                    feats, labels = feats.float(), labels.to(device, non_blocking=True)
+                    if ctx.enabled:  # every rank: the whole global batch (a host sync for the row counts)
+                        feats, labels = _split_labels(ctx.gather_rows(_with_labels(feats, labels)))
                     losses = torch.stack([nn.functional.cross_entropy(p(feats), labels) for p in probes])
                     (losses.sum() / accum).backward()  # the probes share no parameters: one backward trains all
                     loss_sum = loss_sum + losses.detach()
