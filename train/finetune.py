@@ -53,7 +53,8 @@ BEST = "checkpoint-best.pth"
 
 @dataclasses.dataclass
 class Setup:
-    """What finetuning and probing share: process group, device, precision, compile, loader and labelled splits."""
+    """What finetuning and probing share: process group, device, precision, compile, loader, labelled splits and the
+    output folder."""
 
     ctx: DistContext
     device: torch.device
@@ -62,7 +63,15 @@ class Setup:
     loader_name: str
     train_idx: object
     val_idx: object
+    classes: int
     autocast: object
+    out: Path
+    resume_path: Path | None
+
+    def run_info(self) -> dict:
+        """Where and how the run ran, for ``config.json`` and ``summary.json``."""
+        return {"device": self.device.type, "precision": self.precision, "compile": self.use_compile,
+                "loader": self.loader_name, "world_size": self.ctx.world_size}  # fmt: skip
 
     def __enter__(self) -> Setup:
         return self
@@ -79,6 +88,8 @@ def setup(cfg) -> Setup:
     precision = resolve_precision(cfg.precision, device)
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     loader_name = resolve_loader(cfg.loader, device)
+    out = Path(cfg.output_dir)
+    resume_path = resolve_resume(cfg.resume, out)  # checked before any work
     ctx, device = init_distributed("ddp", device)
     try:
         # Each rank its own stream (drop path, mixup draws), as the official code seeds with seed + rank; the data
@@ -89,7 +100,8 @@ def setup(cfg) -> Setup:
         ctx.close()
         raise
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-    return Setup(ctx, device, precision, use_compile, loader_name, train_idx, val_idx, autocast)
+    return Setup(ctx, device, precision, use_compile, loader_name, train_idx, val_idx, num_classes(train_idx), autocast,
+                 out, resume_path)  # fmt: skip
 
 
 def rank_rng_state(ctx: DistContext, device: torch.device):
@@ -166,10 +178,7 @@ def _finetune(cfg: FinetuneConfig, env: Setup) -> dict:
     from timm.utils import ModelEmaV3
 
     ctx, device, autocast, train_idx, val_idx = env.ctx, env.device, env.autocast, env.train_idx, env.val_idx
-    main, world = ctx.is_main, ctx.world_size
-    out = Path(cfg.output_dir)
-    resume_path = resolve_resume(cfg.resume, out)
-    classes = num_classes(train_idx)
+    main, world, out, resume_path, classes = ctx.is_main, ctx.world_size, env.out, env.resume_path, env.classes
     model = create_vit(cfg.model, classes, cfg.img_size, "avg", cfg.drop_path)
     loaded = load_pretrained(model, cfg)
     model.to(device)
@@ -211,8 +220,7 @@ def _finetune(cfg: FinetuneConfig, env: Setup) -> dict:
     if main:
         out.mkdir(parents=True, exist_ok=True)
     resolved = {**cfg.to_dict(), "lr": base_lr, "num_classes": classes, "classes": train_idx.classes,
-                "device": device.type, "precision": env.precision, "compile": env.use_compile,
-                "loader": env.loader_name, "world_size": world, "effective_batch": cfg.effective_batch(world),
+                **env.run_info(), "effective_batch": cfg.effective_batch(world),
                 "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "train_images": len(train_idx),
                 "val_images": len(val_idx), **loaded}  # fmt: skip
     if main:
@@ -336,11 +344,7 @@ def _finetune(cfg: FinetuneConfig, env: Setup) -> dict:
         "ema_top1": score(ema.module)["top1"] if ema is not None else None,
         "num_classes": classes,
         "skipped_files": len(train_loader.skipped | val_loader.skipped),
-        "loader": env.loader_name,
-        "device": device.type,
-        "precision": env.precision,
-        "compile": env.use_compile,
-        "world_size": world,
+        **env.run_info(),
         "ranks_in_sync": in_sync,
         **loaded,
         "fastmae": fastmae.__version__,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,10 +27,9 @@ from fastmae.config import LinprobeConfig
 from fastmae.errors import FastMAEError
 from fastmae.interop import create_vit
 
-from .checkpoint import LAST, load_checkpoint, resolve_resume, resume_position, save_checkpoint
+from .checkpoint import LAST, load_checkpoint, resume_position, save_checkpoint
 from .distributed import DistContext, params_in_sync
 from .finetune import Setup, load_pretrained, setup
-from .labelled import num_classes
 from .pretrain import MetricsLog, StopSignal, make_loader, optimizer_steps, write_json
 from .schedule import lr_at
 
@@ -145,10 +143,7 @@ def _linprobe(cfg: LinprobeConfig, env: Setup) -> dict:
     from timm.optim import Lars
 
     ctx, device, autocast, train_idx, val_idx = env.ctx, env.device, env.autocast, env.train_idx, env.val_idx
-    main, world = ctx.is_main, ctx.world_size
-    out = Path(cfg.output_dir)
-    resume_path = resolve_resume(cfg.resume, out)
-    classes = num_classes(train_idx)
+    main, world, out, resume_path, classes = ctx.is_main, ctx.world_size, env.out, env.resume_path, env.classes
     encoder = create_vit(cfg.model, 0, cfg.img_size, "avg" if cfg.global_pool else "token")
     loaded = load_pretrained(encoder, cfg)
     encoder.to(device).eval().requires_grad_(False)
@@ -164,9 +159,8 @@ def _linprobe(cfg: LinprobeConfig, env: Setup) -> dict:
     steps_per_epoch = optimizer_steps(train_loader.steps_per_epoch, accum)
     total_steps = cfg.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.stop_after_steps or total_steps)
-    resolved = {**cfg.to_dict(), "lrs": lrs, "num_classes": classes, "device": device.type,
-                "precision": env.precision, "compile": env.use_compile, "loader": env.loader_name,
-                "world_size": world, "effective_batch": cfg.effective_batch(world), "steps_per_epoch": steps_per_epoch,
+    resolved = {**cfg.to_dict(), "lrs": lrs, "num_classes": classes, **env.run_info(),
+                "effective_batch": cfg.effective_batch(world), "steps_per_epoch": steps_per_epoch,
                 "total_steps": total_steps, "feature_dim": dim, **loaded}  # fmt: skip
 
     step, epoch, start_batch, start_scores = 0, 0, 0, None
@@ -284,10 +278,7 @@ def _linprobe(cfg: LinprobeConfig, env: Setup) -> dict:
         "num_classes": classes,
         "val_images": val_f.shape[0],
         "skipped_files": len(train_loader.skipped | val_loader.skipped),
-        "loader": env.loader_name,
-        "device": device.type,
-        "precision": env.precision,
-        "world_size": world,
+        **env.run_info(),
         "ranks_in_sync": in_sync,
         **loaded,
         "fastmae": fastmae.__version__,
