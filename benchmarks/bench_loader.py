@@ -23,10 +23,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _harness import env_info, median, sync, write_results  # noqa: E402
-from fastmae.train.dali import DALILoader, dali_unavailable_reason  # noqa: E402
-from fastmae.train.data import TorchvisionLoader  # noqa: E402
-from fastmae.train.pretrain import resolve_device  # noqa: E402
-from fastmae.train.sources import index_data  # noqa: E402
+from fastmae.train.data.dali import DALILoader, dali_unavailable_reason  # noqa: E402
+from fastmae.train.data.loaders import TorchvisionLoader  # noqa: E402
+from fastmae.train.data.sources import index_data  # noqa: E402
+from fastmae.train.run import resolve_device  # noqa: E402
 
 
 def make_jpegs(folder: Path, count: int, size=(500, 375), seed: int = 0) -> Path:

@@ -36,18 +36,39 @@ def _flag_type(tp):
     return tp
 
 
-def _config_flags(p: argparse.ArgumentParser, cls, presets: dict) -> None:
-    """``--preset`` plus one flag per dataclass field (``--field-name``); booleans get ``--x/--no-x``."""
-    p.add_argument("--preset", default="demo", choices=list(presets), help="named configuration to start from")
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` for flags with a real default; a flag whose default is None says in its own help what
+    happens without it, so "(default: None)" is never printed."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def _config_flags(p: argparse.ArgumentParser, cls, presets: dict, default_preset: str = "demo") -> None:
+    """``--preset`` plus one flag per dataclass field (``--field-name``); booleans get ``--x/--no-x``. The argparse
+    default stays None (so that only the flags given override the chosen preset); the help shows the value the default
+    preset gives, or nothing where that is None and the help says what None means."""
+    p.add_argument("--preset", default=default_preset, choices=list(presets),
+                   help="named configuration to start from; the values shown below are this preset's")  # fmt: skip
+    base = presets[default_preset]
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         tp = _flag_type(f.type)
+        value = getattr(base, f.name)
+        text = f.metadata["help"] + ("" if value is None else f" ({default_preset}: {_shown(value)})")
+        text = text.replace("%", "%%")
         if tp is bool:
-            p.add_argument(
-                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"]
-            )
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            p.add_argument(flag, dest=f.name, type=tp, default=None, metavar=f.name.upper(), help=f.metadata["help"])
+            p.add_argument(flag, dest=f.name, type=tp, default=None, metavar=f.name.upper(), help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pretrain",
         help="MAE pretraining (default: a tiny model on the bundled sample photos)",
         description="MAE pretraining. Flags override the preset's values.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     _config_flags(p, PretrainConfig, PRESETS)
     f = sub.add_parser(
@@ -65,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="finetune a pretrained encoder with the paper's recipe (default: a tiny ViT on scikit-learn's digits)",
         description="End-to-end finetuning (timm ViT, global pool + fc_norm, layer decay, mixup/cutmix, RandAugment, "
         "random erasing). Flags override the preset's values.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     _config_flags(f, FinetuneConfig, FINETUNE_PRESETS)
     lp = sub.add_parser(
@@ -73,13 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="linear probes (several lrs in one pass) and kNN on a frozen encoder (default: scikit-learn's digits)",
         description="Linear probing: frozen encoder, BatchNorm without affine + linear head, LARS; several learning "
         "rates trained side by side on the same features, and a kNN evaluation. Flags override the preset's values.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     _config_flags(lp, LinprobeConfig, LINPROBE_PRESETS)
     e = sub.add_parser(
         "export",
         help="write a checkpoint's encoder for timm (strict load into vit_*_224, num_classes=0) or the official format",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     e.add_argument("checkpoint", help="fastmae pretrain/finetune checkpoint or official MAE file (.pth/.safetensors)")
     e.add_argument("output", help="file to write: .pth, or .safetensors (timm only)")
@@ -89,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser(
         "visualize",
         help="draw original | masked | reconstruction rows from a pretraining checkpoint",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     v.add_argument("--checkpoint", required=True, help="a checkpoint-*.pth written by fastmae pretrain")
     v.add_argument("--images", default=None, help="images to draw (default: scikit-image's bundled photos)")
@@ -102,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="pretrain-step benchmark suite (eager vs fastmae vs mask-token encoder), results JSON, chart, table",
         description="Benchmark the pretraining step side by side in one run and write benchmarks/results/<gpu>-<date>"
         ".json; or, with --report, draw the chart and README table from a results JSON.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     b.add_argument("--models", default="mae_vit_base_patch16,mae_vit_large_patch16,mae_vit_huge_patch14")
     b.add_argument("--decoder-depths", default="8,1", help="decoder depths to run for each model")
@@ -139,7 +160,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.quick:
         models, depths = ["mae_vit_tiny_patch16"], [2, 1]
         args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
-    from fastmae.train.pretrain import resolve_device
+    from fastmae.train.run import resolve_device
 
     device = resolve_device(args.device or "auto")
     rows = []

@@ -35,7 +35,7 @@ class PretrainConfig:
     batch_size: int = _f(64, "images per step per process (effective batch = batch x accum-iter x world size)")
     accum_iter: int = _f(1, "accumulate gradients over N batches per optimizer step")
     blr: float = _f(1.5e-4, "base learning rate: lr = blr * batch_size / 256")
-    lr: float | None = _f(None, "absolute learning rate (overrides --blr)")
+    lr: float | None = _f(None, "absolute learning rate (overrides --blr; unset by default)")
     min_lr: float = _f(0.0, "floor of the cosine schedule")
     weight_decay: float = _f(0.05, "AdamW weight decay (not on biases, norms, tokens)")
     beta1: float = _f(0.9, "AdamW beta1")
@@ -63,11 +63,21 @@ class PretrainConfig:
         "ddp", "under torchrun: ddp (DistributedDataParallel) | fsdp (FSDP2 fully_shard per block, for ViT-H and up)"
     )
     compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA, off for CPU)")
-    stop_after_steps: int | None = _f(None, "stop once the global step reaches N (schedule unchanged)")
+    stop_after_steps: int | None = _f(None, "stop once the global step reaches N (schedule unchanged; off by default)")
     log_every: int = _f(10, "log metrics every N optimizer steps")
-    save_every: int | None = _f(None, "save checkpoint-last.pth every N steps (also at each epoch end and the end)")
-    keep_every: int | None = _f(None, "also keep checkpoint-<step>.pth when a save falls on a multiple of N steps")
-    resume: str | None = _f(None, "checkpoint path, or 'auto' for the output folder's checkpoint-last.pth")
+    save_every: int | None = _f(
+        None, "save checkpoint-last.pth every N steps (off by default; always saved at the end and on SIGTERM)"
+    )
+    save_interval: float = _f(
+        5.0, "minutes: an epoch end saves checkpoint-last.pth only when this long has passed since the last save "
+        "(0: every epoch end), so runs of many short epochs do not fill the disk"
+    )  # fmt: skip
+    keep_every: int | None = _f(
+        None, "also keep checkpoint-<step>.pth when a save falls on a multiple of N steps (off by default)"
+    )
+    resume: str | None = _f(
+        None, "checkpoint path, or 'auto' for the output folder's checkpoint-last.pth (default: start fresh)"
+    )
     num_reconstructions: int = _f(8, "fixed images shown in each reconstructions/*.png")
     picture_every: int | None = _f(1000, "reconstruction picture + eval loss every N steps (0: only at start and end)")
     tensorboard: bool | None = _f(None, "TensorBoard event files in <output>/tensorboard (default: when installed)")
@@ -89,6 +99,8 @@ class PretrainConfig:
                      "nan_rollback_after"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise FastMAEError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.save_interval < 0:
+            raise FastMAEError(f"--save-interval must be >= 0 minutes (0: every epoch end), got {self.save_interval}")
         if self.picture_every is not None and self.picture_every < 0:
             raise FastMAEError(f"--picture-every must be >= 0 (0: only at start and end), got {self.picture_every}")
         for name in ("stop_after_steps", "save_every", "keep_every"):
@@ -189,10 +201,20 @@ class _DownstreamConfig:
     precision: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32")
     compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA, off for CPU)")
     log_every: int = _f(10, "log metrics every N optimizer steps")
-    stop_after_steps: int | None = _f(None, "stop once the step reaches N (schedule unchanged; smoke runs)")
+    stop_after_steps: int | None = _f(
+        None, "stop once the step reaches N (schedule unchanged; smoke runs; off by default)"
+    )
     progress: bool = _f(True, "show a progress bar")
-    save_every: int | None = _f(None, "also save checkpoint-last.pth every N steps (it is saved every epoch)")
-    resume: str | None = _f(None, "checkpoint path, or 'auto' for the output folder's checkpoint-last.pth")
+    save_every: int | None = _f(
+        None, "also save checkpoint-last.pth every N steps (off by default; always at the end and on SIGTERM)"
+    )
+    save_interval: float = _f(
+        5.0, "minutes: an epoch end saves checkpoint-last.pth only when this long has passed since the last save "
+        "(0: every epoch end; checkpoint-best.pth is written whenever top-1 improves)"
+    )  # fmt: skip
+    resume: str | None = _f(
+        None, "checkpoint path, or 'auto' for the output folder's checkpoint-last.pth (default: start fresh)"
+    )
 
     def validate(self):
         if self.model not in list_models():
@@ -204,6 +226,8 @@ class _DownstreamConfig:
         for name in ("epochs", "batch_size", "accum_iter", "img_size", "log_every"):
             if getattr(self, name) <= 0:
                 raise FastMAEError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.save_interval < 0:
+            raise FastMAEError(f"--save-interval must be >= 0 minutes (0: every epoch end), got {self.save_interval}")
         if not 0 < self.val_split < 1:
             raise FastMAEError(f"--val-split must be in (0, 1), got {self.val_split}")
         if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
@@ -230,13 +254,13 @@ class FinetuneConfig(_DownstreamConfig):
     """End-to-end finetuning with the paper's recipe (facebookresearch/mae FINETUNE.md)."""
 
     blr: float = _f(1e-3, "base learning rate: lr = blr * effective batch / 256")
-    lr: float | None = _f(None, "absolute learning rate (overrides --blr)")
+    lr: float | None = _f(None, "absolute learning rate (overrides --blr; unset by default)")
     layer_decay: float = _f(0.75, "layer-wise lr decay: block i gets decay^(depth + 1 - (i + 1)) (0.65 for ViT-B)")
     drop_path: float = _f(0.1, "stochastic depth rate (0.1 B, 0.2 L, 0.3 H)")
     mixup: float = _f(0.8, "mixup alpha (0 turns it off)")
     cutmix: float = _f(1.0, "cutmix alpha (0 turns it off)")
     smoothing: float = _f(0.1, "label smoothing")
-    clip_grad: float | None = _f(None, "clip the gradient norm to this value")
+    clip_grad: float | None = _f(None, "clip the gradient norm to this value (off by default)")
     ema: bool = _f(False, "keep an exponential moving average of the weights (timm ModelEmaV3) and evaluate it too")
     ema_decay: float = _f(0.9999, "EMA decay per optimizer step")
 
@@ -261,7 +285,7 @@ class LinprobeConfig(_DownstreamConfig):
     warmup_epochs: float = _f(10, "linear warmup length in epochs")
     probe_blrs: str = _f("0.05,0.1,0.2,0.4", "base learning rates of the probes trained side by side on the same "
                          "features, lr = blr * effective batch / 256 (the paper's blr is 0.1)")  # fmt: skip
-    lr: float | None = _f(None, "one probe with this absolute learning rate instead of --probe-blrs")
+    lr: float | None = _f(None, "one probe with this absolute learning rate instead of --probe-blrs (unset by default)")
     weight_decay: float = _f(0.0, "LARS weight decay")
     min_lr: float = _f(0.0, "floor of the cosine schedule")
     global_pool: bool = _f(False, "probe the mean of the patch tokens instead of the cls token")

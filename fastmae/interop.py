@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -23,6 +24,7 @@ from .errors import FastMAEError
 from .models import list_models, model_args
 from .pos_embed import sincos_2d
 
+logger = logging.getLogger("fastmae.interop")
 DECODER_KEYS = ("decoder_", "mask_token", "encoder_mask_token")  # key prefixes that belong to pretraining only
 TIMM_NAMES = {
     "mae_vit_tiny_patch16": "vit_tiny_patch16_224",
@@ -40,9 +42,10 @@ def _pair(size) -> tuple[int, int]:
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """(state_dict, info) from a ``.pth``/``.safetensors`` file. ``info`` holds the fastmae ``config`` (model name,
     img_size) when the file has one. A missing or unreadable file is a one-line :class:`FastMAEError`."""
+    from fastmae.train.checkpoint import check_checkpoint_file
+
     path = Path(path)
-    if not path.is_file():
-        raise FastMAEError(f"checkpoint {path} does not exist")
+    check_checkpoint_file(path)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -210,6 +213,17 @@ def load_encoder(vit: torch.nn.Module, path: str | os.PathLike, name: str) -> tu
         torch.nn.init.trunc_normal_(head.weight, std=2e-5)  # the official finetune head init
         torch.nn.init.zeros_(head.bias)
     return list(missing), list(unexpected)
+
+
+def load_pretrained(vit: torch.nn.Module, path: str | os.PathLike | None, name: str) -> dict:
+    """:func:`load_encoder` for a recipe's ``--pretrained``, logged; returns what to record in the run's config and
+    summary. Without a checkpoint the encoder keeps its random weights, with a warning."""
+    if path is None:
+        logger.warning("no --pretrained checkpoint: the encoder starts from random weights")
+        return {"pretrained": None}
+    missing, unexpected = load_encoder(vit, path, name)
+    logger.info("loaded %s: missing %s, unexpected %s", path, missing or "none", unexpected or "none")
+    return {"pretrained": str(path), "missing_keys": missing, "unexpected_keys": unexpected}
 
 
 def export_encoder(checkpoint: str | os.PathLike, output: str | os.PathLike, to: str = "timm",

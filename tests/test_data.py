@@ -8,10 +8,10 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from fastmae.train import sources
-from fastmae.train.dali import DALILoader, build_pipeline, eval_geometry
-from fastmae.train.data import IMAGENET_MEAN, IMAGENET_STD, TorchvisionLoader, eval_transform
-from fastmae.train.sources import (
+from fastmae.train.data import sources
+from fastmae.train.data.dali import DALILoader, build_pipeline, eval_geometry
+from fastmae.train.data.loaders import IMAGENET_MEAN, IMAGENET_STD, TorchvisionLoader, eval_transform
+from fastmae.train.data.sources import (
     ShardedOrder,
     augment_params,
     expand_braces,
@@ -385,16 +385,16 @@ def test_dali_float16_output(photos):
 
 
 def test_dali_missing_fails_loudly_and_auto_falls_back(monkeypatch):
-    from fastmae.train import dali as dali_mod
-    from fastmae.train import pretrain
+    from fastmae.train import data
+    from fastmae.train.data import dali as dali_mod
 
-    monkeypatch.setattr(pretrain, "dali_unavailable_reason", lambda: "nvidia-dali is not importable (test)")
+    monkeypatch.setattr(data, "dali_unavailable_reason", lambda: "nvidia-dali is not importable (test)")
     with pytest.raises(FastMAEError, match="--loader dali: nvidia-dali is not importable"):
-        pretrain.resolve_loader("dali", CPU)
-    assert pretrain.resolve_loader("auto", torch.device("cuda")) == "torchvision"
+        data.resolve_loader("dali", CPU)
+    assert data.resolve_loader("auto", torch.device("cuda")) == "torchvision"
     monkeypatch.undo()
     assert dali_mod.dali_unavailable_reason() is None
-    assert pretrain.resolve_loader("auto", CPU) == "torchvision"  # CPU: DALI only when asked for
+    assert data.resolve_loader("auto", CPU) == "torchvision"  # CPU: DALI only when asked for
 
 
 def test_summary_names_the_loader(tmp_path, photos):

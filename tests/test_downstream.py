@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import timm
 import torch
+from fastmae.train.data.labelled import digits_folder
 from fastmae.train.finetune import layer_decay_groups
-from fastmae.train.labelled import digits_folder
 from fastmae.train.linprobe import knn_classify
 
 import fastmae

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 from fastmae.train.checkpoint import load_checkpoint, save_checkpoint
+from fastmae.train.data.sources import index_data, load_rgb
 from fastmae.train.schedule import build_optimizer, lr_at
-from fastmae.train.sources import index_data, load_rgb
 from PIL import Image
 
 from fastmae import FastMAEError, MaskedAutoencoderViT
@@ -65,7 +65,7 @@ def test_checkpoint_is_atomic(tmp_path, monkeypatch):
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     bad = tmp_path / "c.pth"
     bad.write_bytes(b"garbage")
-    with pytest.raises(FastMAEError, match=f"checkpoint {bad} could not be read"):
+    with pytest.raises(FastMAEError, match=f"checkpoint {bad} is not a PyTorch checkpoint"):
         load_checkpoint(bad)
 
 

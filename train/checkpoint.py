@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -34,11 +35,48 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
     return path
 
 
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be a checkpoint, from a look at its bytes (no loading), or None. ``torch.save`` writes a
+    zip archive (older releases a pickle, accepted here); safetensors files have their own header."""
+    path = Path(path)
+    if not path.exists():
+        return "does not exist"
+    if path.is_dir():
+        return "is a folder, not a checkpoint file"
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as exc:
+            return f"is not a readable safetensors file ({str(exc).splitlines()[0]})"
+        return None
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:1] == b"\x80":  # a pickle (torch.save with the legacy format): torch.load decides
+        return None
+    if head != b"PK\x03\x04":
+        return "is not a PyTorch checkpoint (torch.save writes a zip archive; this file is something else)"
+    try:
+        with zipfile.ZipFile(path) as z:
+            if not any(name.endswith("data.pkl") for name in z.namelist()):
+                return "is a zip archive but not a PyTorch checkpoint (no data.pkl inside)"
+    except (zipfile.BadZipFile, OSError):
+        return "is truncated or corrupt (a zip archive whose directory cannot be read; was its copy cut short?)"
+    return None
+
+
+def check_checkpoint_file(path: str | os.PathLike, what: str = "checkpoint") -> None:
+    """A one-line error naming ``what`` (e.g. ``--resume``) and the path when ``path`` cannot be a checkpoint."""
+    if (problem := checkpoint_problem(path)) is not None:
+        raise FastMAEError(f"{what} {path} {problem}")
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint on CPU with ``weights_only=True``; a missing or unreadable file is a one-line error."""
     path = Path(path)
-    if not path.is_file():
-        raise FastMAEError(f"checkpoint {path} does not exist")
+    check_checkpoint_file(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from fastmae.errors import FastMAEError
 
-from .sources import dist_info
+from .data.sources import dist_info
 
 logger = logging.getLogger("fastmae.distributed")
 STRATEGIES = ("ddp", "fsdp")

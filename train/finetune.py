@@ -14,117 +14,36 @@ Output folder: ``config.json``, ``metrics.jsonl``, ``checkpoint-last.pth``, ``ch
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import logging
 import math
 import time
-from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-import fastmae
 from fastmae.config import FinetuneConfig
 from fastmae.errors import FastMAEError
-from fastmae.interop import create_vit, load_encoder
+from fastmae.interop import create_vit, load_pretrained
 
-from .checkpoint import LAST, load_checkpoint, resolve_resume, resume_position, save_checkpoint
-from .distributed import DistContext, init_distributed, no_sync, params_in_sync, wrap_model
-from .labelled import labelled_splits, num_classes
-from .pretrain import (
-    MetricsLog,
+from .checkpoint import LAST, load_checkpoint, resume_position, save_checkpoint
+from .data import labelled_splits, make_loader, num_classes
+from .distributed import DistContext, no_sync, params_in_sync, wrap_model
+from .run import (
+    Run,
+    RunLog,
+    SaveClock,
     StopSignal,
-    make_loader,
+    micro_batches,
     optimizer_steps,
-    resolve_device,
-    resolve_loader,
-    resolve_precision,
-    rng_state,
+    rank_rng_state,
+    restore_rng_state,
     seed_all,
-    set_rng_state,
-    write_json,
+    start_run,
+    versions,
 )
 from .schedule import lr_at
 
 logger = logging.getLogger("fastmae.finetune")
 BEST = "checkpoint-best.pth"
-
-
-@dataclasses.dataclass
-class Setup:
-    """What finetuning and probing share: process group, device, precision, compile, loader, labelled splits and the
-    output folder."""
-
-    ctx: DistContext
-    device: torch.device
-    precision: str
-    use_compile: bool
-    loader_name: str
-    train_idx: object
-    val_idx: object
-    classes: int
-    autocast: object
-    out: Path
-    resume_path: Path | None
-
-    def run_info(self) -> dict:
-        """Where and how the run ran, for ``config.json`` and ``summary.json``."""
-        return {"device": self.device.type, "precision": self.precision, "compile": self.use_compile,
-                "loader": self.loader_name, "world_size": self.ctx.world_size}  # fmt: skip
-
-    def __enter__(self) -> Setup:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.ctx.close()  # leave torchrun's process group, also on errors
-
-
-def setup(cfg) -> Setup:
-    """Validate ``cfg``, join torchrun's process group when there is one (DDP) and index the labelled data. Use it as
-    a context manager: it leaves the process group at the end."""
-    cfg.validate()
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
-    loader_name = resolve_loader(cfg.loader, device)
-    out = Path(cfg.output_dir)
-    resume_path = resolve_resume(cfg.resume, out)  # checked before any work
-    ctx, device = init_distributed("ddp", device)
-    try:
-        # Each rank its own stream (drop path, mixup draws), as the official code seeds with seed + rank; the data
-        # order and augmentations are drawn from (seed, epoch, sample) and do not depend on it.
-        seed_all(cfg.seed + ctx.rank)
-        train_idx, val_idx = labelled_splits(cfg.data, cfg.val_split, cfg.seed)
-    except BaseException:
-        ctx.close()
-        raise
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-    return Setup(ctx, device, precision, use_compile, loader_name, train_idx, val_idx, num_classes(train_idx), autocast,
-                 out, resume_path)  # fmt: skip
-
-
-def rank_rng_state(ctx: DistContext, device: torch.device):
-    """This process's generators (one process), or every rank's in rank order (torchrun; a collective)."""
-    state = rng_state(device)
-    return state if not ctx.enabled else ctx.gather_objects(state)
-
-
-def restore_rng_state(saved, ctx: DistContext, device: torch.device) -> None:
-    """Put back the generators saved by :func:`rank_rng_state` when the number of processes is the same."""
-    states = saved if isinstance(saved, list) else [saved]
-    if len(states) == ctx.world_size:
-        set_rng_state(states[ctx.rank], device)
-
-
-def load_pretrained(model: torch.nn.Module, cfg) -> dict:
-    """Load ``cfg.pretrained`` into ``model`` and log what was missing / unexpected; a warning without one."""
-    if cfg.pretrained is None:
-        logger.warning("no --pretrained checkpoint: the encoder starts from random weights")
-        return {"pretrained": None}
-    missing, unexpected = load_encoder(model, cfg.pretrained, cfg.model)
-    logger.info("loaded %s: missing %s, unexpected %s", cfg.pretrained, missing or "none", unexpected or "none")
-    return {"pretrained": cfg.pretrained, "missing_keys": missing, "unexpected_keys": unexpected}
 
 
 def layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
@@ -168,188 +87,219 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, autocast, cla
 
 def finetune(cfg: FinetuneConfig) -> dict:
     """Finetune as ``cfg`` says; returns the summary (also written to ``summary.json``)."""
-    with setup(cfg) as env:
-        return _finetune(cfg, env)
+    with start_run(cfg, "ddp") as run:
+        return Finetuning(cfg, run).train()
 
 
-def _finetune(cfg: FinetuneConfig, env: Setup) -> dict:
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.utils import ModelEmaV3
+class Finetuning:
+    """One finetuning run: the timm ViT, layer-decay AdamW, mixup / criterion, EMA, loaders and counters."""
 
-    ctx, device, autocast, train_idx, val_idx = env.ctx, env.device, env.autocast, env.train_idx, env.val_idx
-    main, world, out, resume_path, classes = ctx.is_main, ctx.world_size, env.out, env.resume_path, env.classes
-    model = create_vit(cfg.model, classes, cfg.img_size, "avg", cfg.drop_path)
-    loaded = load_pretrained(model, cfg)
-    model.to(device)
-    base_lr = cfg.effective_lr(world)
-    optimizer = torch.optim.AdamW(layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay), lr=base_lr, fused=True)
-    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
-    mixup = None
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
-                      num_classes=classes)  # fmt: skip
-        criterion = SoftTargetCrossEntropy()
-    elif cfg.smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(cfg.smoothing)
-    else:
-        criterion = torch.nn.CrossEntropyLoss()
-    train_loader = make_loader(env.loader_name, train_idx, "finetune", cfg, device)
-    val_loader = make_loader(env.loader_name, val_idx, "eval", cfg, device)
-    accum = cfg.accum_iter
-    steps_per_epoch = optimizer_steps(train_loader.steps_per_epoch, accum)
-    total_steps = cfg.epochs * steps_per_epoch
-    last_step = min(total_steps, cfg.stop_after_steps or total_steps)
+    def __init__(self, cfg: FinetuneConfig, run: Run):
+        self.cfg, self.run, self.device, world = cfg, run, run.device, run.ctx.world_size
+        # Each rank its own stream (drop path, mixup draws), as the official code seeds with seed + rank; the data
+        # order and augmentations are drawn from (seed, epoch, sample) and do not depend on it.
+        seed_all(cfg.seed + run.ctx.rank)
+        self.train_idx, self.val_idx = labelled_splits(cfg.data, cfg.val_split, cfg.seed)
+        self.classes = num_classes(self.train_idx)
+        self._build_model()
+        self.train_loader = make_loader(run.loader_name, self.train_idx, "finetune", cfg, self.device)
+        self.val_loader = make_loader(run.loader_name, self.val_idx, "eval", cfg, self.device)
+        self.accum = cfg.accum_iter
+        self.steps_per_epoch = optimizer_steps(self.train_loader.steps_per_epoch, self.accum)
+        total_steps = cfg.epochs * self.steps_per_epoch
+        self.last_step = min(total_steps, cfg.stop_after_steps or total_steps)
+        self.step, self.best, self.epoch, self.start_batch, self.rng_resume = 0, None, 0, 0, None
+        if run.resume_path is not None:
+            self._resume()
+        self.step_module = wrap_model(self.model, run.ctx, self.device)  # DDP after loading: rank 0's weights
+        self.log = RunLog(run.out, run.main)
+        self.resolved = {
+            **cfg.to_dict(), "lr": self.base_lr, "num_classes": self.classes, "classes": self.train_idx.classes,
+            **run.run_info(), "effective_batch": cfg.effective_batch(world), "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": total_steps, "train_images": len(self.train_idx), "val_images": len(self.val_idx),
+            **self.loaded,
+        }  # fmt: skip
+        self.log.config(self.resolved)
+        logger.info(
+            "finetune %s (%d classes) on %s (%s), loader %s, %d process(es), effective batch %d, %d steps/epoch, "
+            "lr %.3g, layer decay %g", cfg.model, self.classes, self.device, run.precision, run.loader_name, world,
+            cfg.effective_batch(world), self.steps_per_epoch, self.base_lr, cfg.layer_decay,
+        )  # fmt: skip
+        self.step_fn = run.compiled(self.step_module)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.first_loss = self.last_loss = self.last_eval = None
+        self.images = 0
+        self.save_clock = SaveClock(cfg.save_interval)
 
-    step, best, start_epoch, start_batch, rng_resume = 0, None, 0, 0, None
-    if resume_path is not None:
-        ckpt = load_checkpoint(resume_path)
+    def _build_model(self) -> None:
+        from timm.data import Mixup
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+        from timm.utils import ModelEmaV3
+
+        cfg = self.cfg
+        self.model = create_vit(cfg.model, self.classes, cfg.img_size, "avg", cfg.drop_path)
+        self.loaded = load_pretrained(self.model, cfg.pretrained, cfg.model)
+        self.model.to(self.device)
+        self.base_lr = cfg.effective_lr(self.run.ctx.world_size)
+        groups = layer_decay_groups(self.model, cfg.weight_decay, cfg.layer_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=self.base_lr, fused=True)
+        self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
+        self.mixup = None
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
+                               num_classes=self.classes)  # fmt: skip
+            self.criterion = SoftTargetCrossEntropy()
+        elif cfg.smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(cfg.smoothing)
+        else:
+            self.criterion = torch.nn.CrossEntropyLoss()
+
+    def _resume(self) -> None:
+        path, cfg = self.run.resume_path, self.cfg
+        ckpt = load_checkpoint(path)
         try:
-            model.load_state_dict(ckpt["model"], strict=True)
+            self.model.load_state_dict(ckpt["model"], strict=True)
         except RuntimeError as exc:
-            raise FastMAEError(f"checkpoint {resume_path} does not fit {cfg.model} with {classes} classes: "
+            raise FastMAEError(f"checkpoint {path} does not fit {cfg.model} with {self.classes} classes: "
                                f"{str(exc).splitlines()[0]}") from exc  # fmt: skip
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ema is not None and "ema" in ckpt:
-            ema.module.load_state_dict(ckpt["ema"])
-        step, best, rng_resume = int(ckpt["step"]), ckpt.get("best_top1"), ckpt.get("rng")
-        start_epoch, start_batch = resume_position(ckpt, step, steps_per_epoch, accum, world)
-        logger.info("resumed from %s at step %d", resume_path, step)
-    step_module = wrap_model(model, ctx, device)  # DDP after loading: it broadcasts rank 0's weights
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.ema is not None and "ema" in ckpt:
+            self.ema.module.load_state_dict(ckpt["ema"])
+        self.step, self.best, self.rng_resume = int(ckpt["step"]), ckpt.get("best_top1"), ckpt.get("rng")
+        self.epoch, self.start_batch = resume_position(ckpt, self.step, self.steps_per_epoch, self.accum,
+                                                       self.run.ctx.world_size)  # fmt: skip
+        logger.info("resumed from %s at step %d", path, self.step)
 
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-    resolved = {**cfg.to_dict(), "lr": base_lr, "num_classes": classes, "classes": train_idx.classes,
-                **env.run_info(), "effective_batch": cfg.effective_batch(world),
-                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "train_images": len(train_idx),
-                "val_images": len(val_idx), **loaded}  # fmt: skip
-    if main:
-        write_json(out / "config.json", resolved)
-    logger.info(
-        "finetune %s (%d classes) on %s (%s), loader %s, %d process(es), effective batch %d, %d steps/epoch, lr %.3g, "
-        "layer decay %g", cfg.model, classes, device, env.precision, env.loader_name, world,
-        cfg.effective_batch(world), steps_per_epoch, base_lr, cfg.layer_decay,
-    )  # fmt: skip
-    step_fn = torch.compile(step_module) if env.use_compile else step_module
-
-    def score(module: torch.nn.Module) -> dict:
-        return evaluate(module, val_loader, device, autocast, classes, ctx)
-
-    def save(path: Path, epoch: int) -> None:
-        rng = rank_rng_state(ctx, device)  # a collective under torchrun: every rank calls save
-        if main:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                     "best_top1": best, "config": resolved, "rng": rng,
-                     "data_position": list(train_loader.position)}  # fmt: skip
-            if ema is not None:
-                state["ema"] = ema.module.state_dict()
-            save_checkpoint(state, path)
-        ctx.barrier()
-
-    start_eval = score(model) if resume_path is None else None
-    if rng_resume is not None:
-        restore_rng_state(rng_resume, ctx, device)
-    metrics = MetricsLog(out / "metrics.jsonl", main)
-    bar = tqdm(total=last_step, initial=step, disable=not (cfg.progress and main), unit="step", dynamic_ncols=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    first_loss = last_loss = None
-    images, t_start, epoch, last_eval, stopping = 0, time.perf_counter(), start_epoch, None, False
-    model.train()
-    with StopSignal() as stop:
-        try:
-            while step < last_step and not stopping:
-                micro, loss_sum = start_batch, 0.0
-                for imgs, labels in train_loader.epoch(epoch, start_batch):
-                    imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                    if mixup is not None:
-                        if imgs.shape[0] % 2:  # a batch that lost an undecodable file: mixup pairs need an even one
-                            imgs, labels = imgs[:-1], labels[:-1]
-                        imgs, targets = mixup(imgs, labels)
-                    else:
-                        targets = labels
-                    micro += 1
-                    with no_sync(step_fn, model, ctx, sync=micro % accum == 0):  # all-reduce on the last micro-batch
-                        with autocast:
-                            loss = criterion(step_fn(imgs), targets)
-                        (loss / accum).backward()
-                    loss_sum = loss_sum + loss.detach().float()
-                    images += imgs.shape[0]
-                    if micro % accum:
-                        continue
-                    lr = lr_at(step / steps_per_epoch, base_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr * group.get("lr_scale", 1.0)  # layer decay
-                    if cfg.clip_grad:
-                        torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    if ema is not None:
-                        ema.update(model, step=step)
-                    bar.update(1)
-                    step_loss = ctx.all_reduce_mean(loss_sum / accum)  # queued on the stream: no host sync
-                    log_now = step % cfg.log_every == 0 or step == 1 or step == last_step
-                    stopping, log_now = ctx.agree_stop(stop.received is not None, log_now, device)
-                    if log_now:
-                        value = step_loss.item()  # host sync on logging steps only
-                        if not math.isfinite(value):
-                            raise FastMAEError(f"loss is {value} at step {step}; lower the learning rate")
-                        first_loss = value if first_loss is None else first_loss
-                        last_loss = value
-                        metrics.write({"step": step, "epoch": step / steps_per_epoch, "loss": value, "lr": lr})
-                        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+    # ------------------------------------------------------------------------------------------------- the loop
+    def train(self) -> dict:
+        cfg, run, accum = self.cfg, self.run, self.accum
+        start_eval = self.score(self.model) if run.resume_path is None else None
+        if self.rng_resume is not None:
+            restore_rng_state(self.rng_resume, run.ctx, self.device)
+        self.bar = self.log.progress(self.last_step, self.step, cfg.progress)
+        t_start, stopping = time.perf_counter(), False
+        self.model.train()
+        with StopSignal() as stop:
+            try:
+                while self.step < self.last_step and not stopping:
                     loss_sum = 0.0
-                    if step >= last_step or stopping:
+                    for imgs, labels, _, micro in micro_batches(self.train_loader, self.epoch, self.start_batch,
+                                                                accum, self.steps_per_epoch):  # fmt: skip
+                        with no_sync(self.step_fn, self.model, run.ctx, sync=micro % accum == 0):
+                            loss_sum = loss_sum + self.forward_backward(imgs, labels)
+                        if micro % accum:
+                            continue
+                        step_loss = self.update(loss_sum)
+                        loss_sum = 0.0
+                        stopping, log_now = run.log_and_stop(self.step, cfg.log_every, self.last_step, stop)
+                        if log_now:
+                            self.log_step(step_loss)
+                        if self.step >= self.last_step or stopping:
+                            break
+                        if cfg.save_every and self.step % cfg.save_every == 0:
+                            self.save(LAST)
+                    if stopping:
                         break
-                    if cfg.save_every and step % cfg.save_every == 0:
-                        save(out / LAST, epoch)
-                    if micro >= steps_per_epoch * accum:
+                    self.end_epoch()
+                    if self.step >= self.last_step:
                         break
-                if stopping:
-                    break
-                last_eval = score(model)
-                row = {"step": step, "epoch": epoch + 1, **last_eval}
-                if ema is not None:
-                    row.update({f"ema_{k}": v for k, v in score(ema.module).items()})
-                metrics.write(row)
-                logger.info("epoch %d: val loss %.4f, top-1 %.2f%%, top-5 %.2f%%", epoch + 1, last_eval["val_loss"],
-                            last_eval["top1"], last_eval["top5"])  # fmt: skip
-                epoch, start_batch = epoch + 1, 0
-                if best is None or last_eval["top1"] > best:
-                    best = last_eval["top1"]
-                    save(out / BEST, epoch)
-                save(out / LAST, epoch)
-                if step >= last_step:
-                    break
-        finally:
-            bar.close()
-            metrics.close()
-        wall = time.perf_counter() - t_start
-        save(out / LAST, epoch)
-    if last_eval is None or stopping:  # stopped inside an epoch: evaluate where it stands
-        last_eval = score(model)
-    in_sync = params_in_sync(model, ctx, device)  # logs an error when they differ
-    summary = {
-        "steps": step,
-        # SIGTERM / SIGINT ("peer": another rank received it), or None when the run reached its last step
-        "stopped_by": (stop.received or "peer") if stopping else None,
-        "images_seen": images * world,
-        "img_per_s": images * world / max(wall, 1e-9),
-        "first_logged_loss": first_loss,
-        "final_loss": last_loss,
-        **last_eval,
-        "val_loss_start": start_eval["val_loss"] if start_eval else None,
-        "top1_start": start_eval["top1"] if start_eval else None,
-        "best_top1": best if best is not None else last_eval["top1"],
-        "ema_top1": score(ema.module)["top1"] if ema is not None else None,
-        "num_classes": classes,
-        "skipped_files": len(train_loader.skipped | val_loader.skipped),
-        **env.run_info(),
-        "ranks_in_sync": in_sync,
-        **loaded,
-        "fastmae": fastmae.__version__,
-        "torch": torch.__version__,
-    }
-    if main:
-        write_json(out / "summary.json", summary)
-    return summary
+            finally:
+                self.log.end_progress()
+            wall = time.perf_counter() - t_start
+            self.save(LAST)
+        return self.finish(start_eval, wall, stop.stopped_by(stopping))
+
+    def forward_backward(self, imgs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One micro-batch: mixup / cutmix on the device, forward under autocast, backward of loss / accum."""
+        imgs, labels = imgs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        targets = labels
+        if self.mixup is not None:
+            if imgs.shape[0] % 2:  # a batch that lost an undecodable file: mixup pairs need an even one
+                imgs, labels = imgs[:-1], labels[:-1]
+            imgs, targets = self.mixup(imgs, labels)
+        with self.run.autocast():
+            loss = self.criterion(self.step_fn(imgs), targets)
+        (loss / self.accum).backward()
+        self.images += imgs.shape[0]
+        return loss.detach().float()
+
+    def update(self, loss_sum: torch.Tensor) -> torch.Tensor:
+        """One optimizer update at the scheduled lr (times each group's layer-decay scale), clipping, EMA; returns
+        the step's mean loss averaged over ranks (no host sync)."""
+        cfg = self.cfg
+        self.lr = lr_at(self.step / self.steps_per_epoch, self.base_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * group.get("lr_scale", 1.0)  # layer decay
+        if cfg.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+        self.bar.update(1)
+        return self.run.ctx.all_reduce_mean(loss_sum / self.accum)  # queued on the stream: no host sync
+
+    # ------------------------------------------------------------------------------------------ periodic work
+    def log_step(self, step_loss: torch.Tensor) -> None:
+        value = step_loss.item()  # host sync on logging steps only
+        if not math.isfinite(value):
+            raise FastMAEError(f"loss is {value} at step {self.step}; lower the learning rate")
+        self.first_loss = value if self.first_loss is None else self.first_loss
+        self.last_loss = value
+        self.log.row({"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": value, "lr": self.lr})
+        self.bar.set_postfix(loss=f"{value:.4f}", lr=f"{self.lr:.2e}")
+
+    def score(self, module: torch.nn.Module) -> dict:
+        return evaluate(module, self.val_loader, self.device, self.run.autocast(), self.classes, self.run.ctx)
+
+    def end_epoch(self) -> None:
+        """Validation (and of the EMA weights), the best checkpoint when top-1 improved, the last one when due."""
+        self.last_eval = self.score(self.model)
+        row = {"step": self.step, "epoch": self.epoch + 1, **self.last_eval}
+        if self.ema is not None:
+            row.update({f"ema_{k}": v for k, v in self.score(self.ema.module).items()})
+        self.log.row(row)
+        logger.info("epoch %d: val loss %.4f, top-1 %.2f%%, top-5 %.2f%%", self.epoch + 1, self.last_eval["val_loss"],
+                    self.last_eval["top1"], self.last_eval["top5"])  # fmt: skip
+        self.epoch, self.start_batch = self.epoch + 1, 0
+        if self.best is None or self.last_eval["top1"] > self.best:
+            self.best = self.last_eval["top1"]
+            self.save(BEST)
+        if self.save_clock.due(self.run.ctx, self.device):
+            self.save(LAST)
+
+    def save(self, name: str) -> None:
+        rng = rank_rng_state(self.run.ctx, self.device)  # a collective under torchrun: every rank calls save
+        if self.run.main:
+            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                     "epoch": self.epoch, "best_top1": self.best, "config": self.resolved, "rng": rng,
+                     "data_position": list(self.train_loader.position)}  # fmt: skip
+            if self.ema is not None:
+                state["ema"] = self.ema.module.state_dict()
+            save_checkpoint(state, self.run.out / name)
+        if name == LAST:
+            self.save_clock.saved()
+        self.run.ctx.barrier()
+
+    def finish(self, start_eval: dict | None, wall: float, stopped_by: str | None) -> dict:
+        run, world = self.run, self.run.ctx.world_size
+        last_eval = self.last_eval
+        if last_eval is None or stopped_by is not None:  # stopped inside an epoch: evaluate where it stands
+            last_eval = self.score(self.model)
+        in_sync = params_in_sync(self.model, run.ctx, self.device)  # logs an error when they differ
+        summary = {
+            "steps": self.step, "stopped_by": stopped_by, "images_seen": self.images * world,
+            "img_per_s": self.images * world / max(wall, 1e-9), "first_logged_loss": self.first_loss,
+            "final_loss": self.last_loss, **last_eval,
+            "val_loss_start": start_eval["val_loss"] if start_eval else None,
+            "top1_start": start_eval["top1"] if start_eval else None,
+            "best_top1": self.best if self.best is not None else last_eval["top1"],
+            "ema_top1": self.score(self.ema.module)["top1"] if self.ema is not None else None,
+            "num_classes": self.classes,
+            "skipped_files": len(self.train_loader.skipped | self.val_loader.skipped),
+            **run.run_info(), "ranks_in_sync": in_sync, **self.loaded, **versions(),
+        }  # fmt: skip
+        self.log.summary(summary)
+        self.log.close()
+        return summary

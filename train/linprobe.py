@@ -20,17 +20,15 @@ import time
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-import fastmae
 from fastmae.config import LinprobeConfig
 from fastmae.errors import FastMAEError
-from fastmae.interop import create_vit
+from fastmae.interop import create_vit, load_pretrained
 
 from .checkpoint import LAST, load_checkpoint, resume_position, save_checkpoint
+from .data import labelled_splits, make_loader, num_classes
 from .distributed import DistContext, params_in_sync
-from .finetune import Setup, load_pretrained, setup
-from .pretrain import MetricsLog, StopSignal, make_loader, optimizer_steps, write_json
+from .run import Run, RunLog, SaveClock, StopSignal, micro_batches, optimizer_steps, seed_all, start_run, versions
 from .schedule import lr_at
 
 logger = logging.getLogger("fastmae.linprobe")
@@ -135,156 +133,185 @@ def score_probes(probes: nn.ModuleList, feats: torch.Tensor, labels: torch.Tenso
 
 def linprobe(cfg: LinprobeConfig) -> dict:
     """Train the probes as ``cfg`` says, then kNN; returns the summary (also written to ``summary.json``)."""
-    with setup(cfg) as env:
-        return _linprobe(cfg, env)
+    with start_run(cfg, "ddp") as run:
+        return LinearProbing(cfg, run).train()
 
 
-def _linprobe(cfg: LinprobeConfig, env: Setup) -> dict:
-    from timm.optim import Lars
+class LinearProbing:
+    """One probing run: the frozen encoder, the probes trained side by side, LARS, loaders and counters."""
 
-    ctx, device, autocast, train_idx, val_idx = env.ctx, env.device, env.autocast, env.train_idx, env.val_idx
-    main, world, out, resume_path, classes = ctx.is_main, ctx.world_size, env.out, env.resume_path, env.classes
-    encoder = create_vit(cfg.model, 0, cfg.img_size, "avg" if cfg.global_pool else "token")
-    loaded = load_pretrained(encoder, cfg)
-    encoder.to(device).eval().requires_grad_(False)
-    dim = encoder.num_features
-    lrs, blrs = cfg.probe_lrs(world), ([None] if cfg.lr is not None else cfg.blrs())
-    with torch.random.fork_rng(devices=[]):  # the same initial probes on every rank (they are not broadcast)
-        torch.manual_seed(cfg.seed)
-        probes = nn.ModuleList([make_probe(dim, classes) for _ in lrs]).to(device)
-    optimizer = Lars(lars_groups(probes, lrs, cfg.weight_decay), lr=lrs[0], momentum=0.9)
-    train_loader = make_loader(env.loader_name, train_idx, "linprobe", cfg, device)  # RandomResizedCrop + flip
-    val_loader = make_loader(env.loader_name, val_idx, "eval", cfg, device)
-    accum = cfg.accum_iter
-    steps_per_epoch = optimizer_steps(train_loader.steps_per_epoch, accum)
-    total_steps = cfg.epochs * steps_per_epoch
-    last_step = min(total_steps, cfg.stop_after_steps or total_steps)
-    resolved = {**cfg.to_dict(), "lrs": lrs, "num_classes": classes, **env.run_info(),
-                "effective_batch": cfg.effective_batch(world), "steps_per_epoch": steps_per_epoch,
-                "total_steps": total_steps, "feature_dim": dim, **loaded}  # fmt: skip
+    def __init__(self, cfg: LinprobeConfig, run: Run):
+        from timm.optim import Lars
 
-    step, epoch, start_batch, start_scores = 0, 0, 0, None
-    if resume_path is not None:
-        ckpt = load_checkpoint(resume_path)
+        self.cfg, self.run, self.device, world = cfg, run, run.device, run.ctx.world_size
+        seed_all(cfg.seed + run.ctx.rank)
+        self.train_idx, self.val_idx = labelled_splits(cfg.data, cfg.val_split, cfg.seed)
+        self.classes = num_classes(self.train_idx)
+        self.encoder = create_vit(cfg.model, 0, cfg.img_size, "avg" if cfg.global_pool else "token")
+        self.loaded = load_pretrained(self.encoder, cfg.pretrained, cfg.model)
+        self.encoder.to(self.device).eval().requires_grad_(False)
+        self.dim = self.encoder.num_features
+        self.lrs, self.blr_list = cfg.probe_lrs(world), ([None] if cfg.lr is not None else cfg.blrs())
+        with torch.random.fork_rng(devices=[]):  # the same initial probes on every rank (they are not broadcast)
+            torch.manual_seed(cfg.seed)
+            self.probes = nn.ModuleList([make_probe(self.dim, self.classes) for _ in self.lrs]).to(self.device)
+        self.optimizer = Lars(lars_groups(self.probes, self.lrs, cfg.weight_decay), lr=self.lrs[0], momentum=0.9)
+        self.train_loader = make_loader(run.loader_name, self.train_idx, "linprobe", cfg, self.device)  # crop + flip
+        self.val_loader = make_loader(run.loader_name, self.val_idx, "eval", cfg, self.device)
+        self.accum = cfg.accum_iter
+        self.steps_per_epoch = optimizer_steps(self.train_loader.steps_per_epoch, self.accum)
+        total_steps = cfg.epochs * self.steps_per_epoch
+        self.last_step = min(total_steps, cfg.stop_after_steps or total_steps)
+        self.resolved = {**cfg.to_dict(), "lrs": self.lrs, "num_classes": self.classes, **run.run_info(),
+                         "effective_batch": cfg.effective_batch(world), "steps_per_epoch": self.steps_per_epoch,
+                         "total_steps": total_steps, "feature_dim": self.dim, **self.loaded}  # fmt: skip
+        self.step, self.epoch, self.start_batch, self.start_scores = 0, 0, 0, None
+        if run.resume_path is not None:
+            self._resume()
+        self.log = RunLog(run.out, run.main)
+        self.log.config(self.resolved)
+        logger.info("linear probes on %s features of %s (%d classes), lrs %s, loader %s, %d process(es), effective "
+                    "batch %d, %d steps/epoch", "mean-token" if cfg.global_pool else "cls-token", cfg.model,
+                    self.classes, ", ".join(f"{lr:.3g}" for lr in self.lrs), run.loader_name, world,
+                    cfg.effective_batch(world), self.steps_per_epoch)  # fmt: skip
+        self.features = run.compiled(self.encoder)
+        self.images = 0
+        self.first_losses = self.last_losses = None
+        self.save_clock = SaveClock(cfg.save_interval)
+
+    def _resume(self) -> None:
+        path = self.run.resume_path
+        ckpt = load_checkpoint(path)
         try:
-            probes.load_state_dict(ckpt["model"], strict=True)
-            optimizer.load_state_dict(ckpt["optimizer"])
+            self.probes.load_state_dict(ckpt["model"], strict=True)
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, KeyError, ValueError) as exc:
-            raise FastMAEError(f"checkpoint {resume_path} does not hold {len(lrs)} probe(s) of {dim} features x "
-                               f"{classes} classes: {str(exc).splitlines()[0]}") from exc  # fmt: skip
-        step, start_scores = int(ckpt["step"]), ckpt.get("start_scores")
-        epoch, start_batch = resume_position(ckpt, step, steps_per_epoch, accum, world)
-        logger.info("resumed from %s at step %d", resume_path, step)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", resolved)
-    logger.info("linear probes on %s features of %s (%d classes), lrs %s, loader %s, %d process(es), effective batch "
-                "%d, %d steps/epoch", "mean-token" if cfg.global_pool else "cls-token", cfg.model, classes,
-                ", ".join(f"{lr:.3g}" for lr in lrs), env.loader_name, world, cfg.effective_batch(world),
-                steps_per_epoch)  # fmt: skip
-    features = torch.compile(encoder) if env.use_compile else encoder
-    val_f, val_y = extract(features, val_loader, device, autocast, dim, ctx)  # the whole validation set, every rank
+            raise FastMAEError(f"checkpoint {path} does not hold {len(self.lrs)} probe(s) of {self.dim} features x "
+                               f"{self.classes} classes: {str(exc).splitlines()[0]}") from exc  # fmt: skip
+        self.step, self.start_scores = int(ckpt["step"]), ckpt.get("start_scores")
+        self.epoch, self.start_batch = resume_position(ckpt, self.step, self.steps_per_epoch, self.accum,
+                                                       self.run.ctx.world_size)  # fmt: skip
+        logger.info("resumed from %s at step %d", path, self.step)
 
-    def save() -> None:
-        if main:
-            save_checkpoint({"model": probes.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                             "epoch": epoch, "config": resolved, "data_position": list(train_loader.position),
-                             "start_scores": start_scores}, out / LAST)  # fmt: skip
-        ctx.barrier()
+    # ------------------------------------------------------------------------------------------------- the loop
+    def train(self) -> dict:
+        cfg, run, accum, micro_per_epoch = self.cfg, self.run, self.accum, self.steps_per_epoch * self.accum
+        # the whole validation set, on every rank
+        self.val_f, self.val_y = extract(self.features, self.val_loader, self.device, run.autocast(), self.dim,
+                                         run.ctx)  # fmt: skip
+        self.bar = self.log.progress(self.last_step, self.step, cfg.progress)
+        t_start, stopping = time.perf_counter(), False
+        self.start_scores = self.start_scores or score_probes(self.probes, self.val_f, self.val_y, self.classes)
+        with StopSignal() as stop:
+            try:
+                while self.step < self.last_step and not stopping:
+                    micro, loss_sum = self.start_batch, 0.0
+                    for imgs, labels, _, micro in micro_batches(self.train_loader, self.epoch, self.start_batch,
+                                                                accum, self.steps_per_epoch):  # fmt: skip
+                        loss_sum = loss_sum + self.forward_backward(imgs, labels)
+                        if micro % accum:
+                            continue
+                        self.update()
+                        stopping, log_now = run.log_and_stop(self.step, cfg.log_every, self.last_step, stop)
+                        if log_now:
+                            self.log_step(loss_sum / accum)
+                        loss_sum = 0.0
+                        if self.step >= self.last_step or stopping:
+                            break
+                        if cfg.save_every and self.step % cfg.save_every == 0:
+                            self.save()
+                    if micro < micro_per_epoch:  # stopped inside the epoch (last step, or a signal)
+                        break
+                    self.end_epoch()
+            finally:
+                self.log.end_progress()
+            wall = time.perf_counter() - t_start
+            self.save()
+        return self.finish(wall, stop.stopped_by(stopping))
 
-    metrics = MetricsLog(out / "metrics.jsonl", main)
-    bar = tqdm(total=last_step, initial=step, disable=not (cfg.progress and main), unit="step", dynamic_ncols=True)
-    images, t_start, stopping = 0, time.perf_counter(), False
-    first_losses = last_losses = None
-    start_scores = start_scores or score_probes(probes, val_f, val_y, classes)
-    with StopSignal() as stop:
-        try:
-            while step < last_step and not stopping:
-                micro, loss_sum = start_batch, 0.0
-                for imgs, labels in train_loader.epoch(epoch, start_batch):
-                    with torch.no_grad(), autocast:
-                        feats = features(imgs.to(device, non_blocking=True))
-                    feats, labels = feats.float(), labels.to(device, non_blocking=True)
-                    if ctx.enabled:  # every rank: the whole global batch (a host sync for the row counts)
-                        feats, labels = _split_labels(ctx.gather_rows(_with_labels(feats, labels)))
-                    losses = torch.stack([nn.functional.cross_entropy(p(feats), labels) for p in probes])
-                    (losses.sum() / accum).backward()  # the probes share no parameters: one backward trains all
-                    loss_sum = loss_sum + losses.detach()
-                    micro += 1
-                    images += imgs.shape[0]
-                    if micro % accum:
-                        continue
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr_at(step / steps_per_epoch, group["base_lr"], cfg.min_lr, cfg.warmup_epochs,
-                                            cfg.epochs)  # fmt: skip
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    bar.update(1)
-                    log_now = step % cfg.log_every == 0 or step == 1 or step == last_step
-                    stopping, log_now = ctx.agree_stop(stop.received is not None, log_now, device)
-                    if log_now:
-                        values = (loss_sum / accum).tolist()  # host sync on logging steps only
-                        first_losses = values if first_losses is None else first_losses
-                        last_losses = values
-                        lrs_now = [g["lr"] for g in optimizer.param_groups[::2]]
-                        metrics.write({"step": step, "epoch": step / steps_per_epoch, "losses": values, "lrs": lrs_now})
-                        bar.set_postfix(loss=f"{min(values):.4f}")
-                    loss_sum = 0.0
-                    if step >= last_step or stopping:
-                        break
-                    if cfg.save_every and step % cfg.save_every == 0:
-                        save()
-                    if micro >= steps_per_epoch * accum:
-                        break
-                if micro < steps_per_epoch * accum:  # stopped inside the epoch (last step, or a signal)
-                    break
-                epoch, start_batch = epoch + 1, 0
-                metrics.write({"step": step, "epoch": epoch, "probes": score_probes(probes, val_f, val_y, classes)})
-                save()
-        finally:
-            bar.close()
-            metrics.close()
-        wall = time.perf_counter() - t_start
-        save()
-    scores = score_probes(probes, val_f, val_y, classes)
-    knn = None
-    if cfg.knn_k > 0:  # training features without augmentation, each rank its shard
-        train_eval = make_loader(env.loader_name, train_idx, "eval", cfg, device)
-        train_f, train_y = extract(features, train_eval, device, autocast, dim)
-        knn = knn_classify(train_f, train_y, val_f, val_y, classes, cfg.knn_k, cfg.knn_t, ctx=ctx)
-    in_sync = params_in_sync(probes, ctx, device)  # logs an error when they differ
-    probes_out = [{"blr": b, "lr": lr, **s, "top1_start": s0["top1"], "val_loss_start": s0["val_loss"]}
-                  for b, lr, s, s0 in zip(blrs, lrs, scores, start_scores, strict=True)]  # fmt: skip
-    best = max(range(len(probes_out)), key=lambda i: probes_out[i]["top1"])
+    def forward_backward(self, imgs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One micro-batch: features of the frozen encoder (every rank's, under torchrun), every probe's loss, one
+        backward for all (they share no parameters); returns the probes' losses [K]."""
+        with torch.no_grad(), self.run.autocast():
+            feats = self.features(imgs.to(self.device, non_blocking=True))
+        feats, labels = feats.float(), labels.to(self.device, non_blocking=True)
+        if self.run.ctx.enabled:  # every rank: the whole global batch (a host sync for the row counts)
+            feats, labels = _split_labels(self.run.ctx.gather_rows(_with_labels(feats, labels)))
+        losses = torch.stack([nn.functional.cross_entropy(p(feats), labels) for p in self.probes])
+        (losses.sum() / self.accum).backward()
+        self.images += imgs.shape[0]
+        return losses.detach()
+
+    def update(self) -> None:
+        cfg = self.cfg
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step / self.steps_per_epoch, group["base_lr"], cfg.min_lr, cfg.warmup_epochs,
+                                cfg.epochs)  # fmt: skip
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.bar.update(1)
+
+    # ------------------------------------------------------------------------------------------ periodic work
+    def log_step(self, losses: torch.Tensor) -> None:
+        values = losses.tolist()  # host sync on logging steps only
+        self.first_losses = values if self.first_losses is None else self.first_losses
+        self.last_losses = values
+        lrs_now = [g["lr"] for g in self.optimizer.param_groups[::2]]
+        self.log.row({"step": self.step, "epoch": self.step / self.steps_per_epoch, "losses": values, "lrs": lrs_now})
+        self.bar.set_postfix(loss=f"{min(values):.4f}")
+
+    def end_epoch(self) -> None:
+        self.epoch, self.start_batch = self.epoch + 1, 0
+        scores = score_probes(self.probes, self.val_f, self.val_y, self.classes)
+        self.log.row({"step": self.step, "epoch": self.epoch, "probes": scores})
+        if self.save_clock.due(self.run.ctx, self.device):
+            self.save()
+
+    def save(self) -> None:
+        if self.run.main:
+            save_checkpoint({"model": self.probes.state_dict(), "optimizer": self.optimizer.state_dict(),
+                             "step": self.step, "epoch": self.epoch, "config": self.resolved,
+                             "data_position": list(self.train_loader.position), "start_scores": self.start_scores},
+                            self.run.out / LAST)  # fmt: skip
+        self.save_clock.saved()
+        self.run.ctx.barrier()
+
+    def finish(self, wall: float, stopped_by: str | None) -> dict:
+        cfg, run, world = self.cfg, self.run, self.run.ctx.world_size
+        scores = score_probes(self.probes, self.val_f, self.val_y, self.classes)
+        knn = None
+        if cfg.knn_k > 0:  # training features without augmentation, each rank its shard
+            train_eval = make_loader(run.loader_name, self.train_idx, "eval", cfg, self.device)
+            train_f, train_y = extract(self.features, train_eval, self.device, run.autocast(), self.dim)
+            knn = knn_classify(train_f, train_y, self.val_f, self.val_y, self.classes, cfg.knn_k, cfg.knn_t,
+                               ctx=run.ctx)  # fmt: skip
+        in_sync = params_in_sync(self.probes, run.ctx, self.device)  # logs an error when they differ
+        rows = zip(self.blr_list, self.lrs, scores, self.start_scores, strict=True)
+        probes_out = [{"blr": b, "lr": lr, **s, "top1_start": s0["top1"], "val_loss_start": s0["val_loss"]}
+                      for b, lr, s, s0 in rows]  # fmt: skip
+        best = max(range(len(probes_out)), key=lambda i: probes_out[i]["top1"])
+        summary = {
+            "steps": self.step, "stopped_by": stopped_by, "images_seen": self.images * world,
+            "img_per_s": self.images * world / max(wall, 1e-9), "probes": probes_out, "best_probe": best,
+            "top1": probes_out[best]["top1"], "knn": knn, "first_logged_losses": self.first_losses,
+            "final_losses": self.last_losses, "features": "mean-token" if cfg.global_pool else "cls-token",
+            "num_classes": self.classes, "val_images": self.val_f.shape[0],
+            "skipped_files": len(self.train_loader.skipped | self.val_loader.skipped),
+            **run.run_info(), "ranks_in_sync": in_sync, **self.loaded, **versions(),
+        }  # fmt: skip
+        self.log.summary(summary)
+        self.log.close()
+        summary["table"] = probe_table(probes_out, knn)
+        return summary
+
+
+def probe_table(probes: list[dict], knn: dict | None) -> str:
+    """The probes and kNN as a Markdown table (what ``fastmae linprobe`` prints)."""
     lines = ["| probe | lr | top-1 | top-5 |", "| --- | --- | --- | --- |"]
-    for p in probes_out:
+    for p in probes:
         name = f"linear, blr {p['blr']:g}" if p["blr"] is not None else "linear"
         lines.append(f"| {name} | {p['lr']:.3g} | {p['top1']:.2f} | {p['top5']:.2f} |")
     if knn is not None:
         lines.append(f"| kNN, k={knn['k']}, t={knn['t']:g} | - | {knn['top1']:.2f} | {knn['top5']:.2f} |")
-    summary = {
-        "steps": step,
-        "stopped_by": (stop.received or "peer") if stopping else None,
-        "images_seen": images * world,
-        "img_per_s": images * world / max(wall, 1e-9),
-        "probes": probes_out,
-        "best_probe": best,
-        "top1": probes_out[best]["top1"],
-        "knn": knn,
-        "first_logged_losses": first_losses,
-        "final_losses": last_losses,
-        "features": "mean-token" if cfg.global_pool else "cls-token",
-        "num_classes": classes,
-        "val_images": val_f.shape[0],
-        "skipped_files": len(train_loader.skipped | val_loader.skipped),
-        **env.run_info(),
-        "ranks_in_sync": in_sync,
-        **loaded,
-        "fastmae": fastmae.__version__,
-        "torch": torch.__version__,
-    }
-    if main:
-        write_json(out / "summary.json", summary)
-    summary["table"] = "\n".join(lines)
-    return summary
+    return "\n".join(lines)

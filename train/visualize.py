@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import IMAGENET_MEAN, IMAGENET_STD
+from .data.loaders import IMAGENET_MEAN, IMAGENET_STD
 
 
 @torch.no_grad()
@@ -59,8 +59,8 @@ def visualize_checkpoint(checkpoint: str | Path, output: str | Path, images: str
     import fastmae
 
     from .checkpoint import load_checkpoint
-    from .data import sample_images
-    from .sources import index_data
+    from .data.loaders import sample_images
+    from .data.sources import index_data
 
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.get("config") or {}

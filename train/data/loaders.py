@@ -1,7 +1,8 @@
 """Loaders: the torchvision/PIL loader (the MAE pretrain augmentation, eval and finetune transforms), the DALI loader
-(``fastmae.train.dali``) and a synthetic loader for pure-compute benchmarks, all behind one interface.
+(``fastmae.train.data.dali``) and a synthetic loader for pure-compute benchmarks, all behind one interface.
 
-Every loader reads a validated :class:`~fastmae.train.sources.DataIndex` in the :class:`ShardedOrder` of its rank and
+Every loader reads a validated :class:`~fastmae.train.data.sources.DataIndex` in the :class:`ShardedOrder` of its rank
+and
 is resumable: ``epoch(e, start_batch)`` yields exactly the batches a run that never stopped would have seen, and
 ``position`` says where it is. Files that fail to decode are skipped, counted in ``skipped`` and reported.
 """

@@ -2,7 +2,7 @@
 crop) when given a CUDA device and on the CPU (``device_id=None``) otherwise.
 
 The pipeline is fed by an external source that reads the encoded bytes of the validated index in this rank's
-:class:`~fastmae.train.sources.ShardedOrder`, with each sample's crop box and flip drawn from
+:class:`~fastmae.train.data.sources.ShardedOrder`, with each sample's crop box and flip drawn from
 ``(seed, epoch, sample)`` exactly as the torchvision loader draws them: both loaders crop the same regions, and a
 restart at ``(epoch, batch)`` repeats the same batches. Files DALI cannot turn into the same RGB as PIL (alpha,
 GIF, float, ...) are decoded by PIL and passed on as uncompressed BMP. If a file still fails inside DALI (changed
@@ -21,7 +21,7 @@ import torch
 
 from fastmae.errors import FastMAEError
 
-from .data import (
+from .loaders import (
     CROP_SCALE,
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -1,0 +1,107 @@
+"""The shared run machinery: the epoch-end checkpoint policy, --help, and one-line errors for bad paths."""
+
+import zipfile
+
+import pytest
+import torch
+
+from fastmae.cli import build_parser, main
+
+from ._util import noise_pngs
+
+TINY = ["--model", "mae_vit_tiny_patch16", "--img-size", "32", "--batch-size", "2", "--warmup-epochs", "0",
+        "--num-workers", "0", "--no-progress", "--log-every", "1", "--num-reconstructions", "1"]  # fmt: skip
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return noise_pngs(tmp_path / "imgs", 4, seed=3)  # 2 steps per epoch at batch 2
+
+
+class _CountSaves:
+    def __init__(self, monkeypatch):
+        from fastmae.train import pretrain
+
+        self.paths = []
+        real = pretrain.save_checkpoint
+
+        def spy(state, path):
+            self.paths.append(path.name)
+            return real(state, path)
+
+        monkeypatch.setattr(pretrain, "save_checkpoint", spy)
+
+
+def test_epoch_end_saves_follow_the_time_interval(folder, tmp_path, monkeypatch, capsys):
+    """Default policy: 5 epochs of 2 steps in seconds write one checkpoint (the end), not one per epoch;
+    --save-interval 0 saves at every epoch end; --save-every still saves on its step count."""
+    saves = _CountSaves(monkeypatch)
+    base = ["pretrain", *TINY, "--data", str(folder), "--epochs", "5"]
+    assert main([*base, "--output-dir", str(tmp_path / "a")]) == 0
+    assert saves.paths == ["checkpoint-last.pth"]
+    saves.paths.clear()
+    assert main([*base, "--output-dir", str(tmp_path / "b"), "--save-interval", "0"]) == 0
+    assert len(saves.paths) == 4 + 1  # epoch ends 1..4 (the 5th is the end of the run), then the end
+    saves.paths.clear()
+    assert main([*base, "--output-dir", str(tmp_path / "c"), "--save-every", "3"]) == 0
+    assert len(saves.paths) == 3 + 1  # steps 3, 6, 9, then the end (step 10)
+    # the resume from a run that saved only at its end is still exact
+    ckpt = torch.load(tmp_path / "a" / "checkpoint-last.pth", weights_only=True)
+    assert ckpt["step"] == 10 and ckpt["data_position"] == [4, 2]
+    capsys.readouterr()
+
+
+def test_help_shows_preset_values_never_none(capsys):
+    parser = build_parser()
+    for command in ("pretrain", "finetune", "linprobe", "export", "visualize", "bench"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--help"])
+        text = capsys.readouterr().out
+        assert "(default: None)" not in text, command
+        assert "None" not in text.replace("Nones", ""), command
+    with pytest.raises(SystemExit):
+        parser.parse_args(["pretrain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(demo: 96)" in text and "(demo: mae_vit_tiny_patch16)" in text and "(demo: 5.0)" in text
+
+
+def _one_line_error(args, capsys) -> str:
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    return err[0]
+
+
+def test_output_dir_that_is_a_file_is_one_line(folder, tmp_path, capsys):
+    path = tmp_path / "taken"
+    path.write_text("a file")
+    for command in ("pretrain", "finetune", "linprobe"):
+        err = _one_line_error([command, "--output-dir", str(path / "sub"), "--no-progress"], capsys)
+        assert f"--output-dir {path / 'sub'}: {path} is a file, not a folder" in err, err
+
+
+@pytest.mark.parametrize("kind", ["text", "truncated", "zip"])
+def test_resume_and_pretrained_that_are_not_checkpoints(kind, folder, tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "bad.pth"
+    if kind == "text":
+        bad.write_text("hello, not a checkpoint\n")
+        want = "is not a PyTorch checkpoint"
+    elif kind == "truncated":
+        torch.save({"model": {"w": torch.zeros(1000)}}, tmp_path / "good.pth")
+        bad.write_bytes((tmp_path / "good.pth").read_bytes()[:700])
+        want = "is truncated or corrupt"
+    else:
+        with zipfile.ZipFile(bad, "w") as z:
+            z.writestr("readme.txt", "zip, but no torch")
+        want = "is a zip archive but not a PyTorch checkpoint (no data.pkl inside)"
+    # --resume is checked before the data set is indexed: indexing would fail the test
+    from fastmae.train import pretrain
+
+    monkeypatch.setattr(pretrain, "index_data", lambda *a: pytest.fail("indexed the data before checking --resume"))
+    err = _one_line_error(["pretrain", *TINY, "--data", str(folder), "--resume", str(bad)], capsys)
+    assert err.startswith(f"fastmae: error: --resume {bad} {want}"), err
+    for command in ("finetune", "linprobe"):
+        err = _one_line_error([command, "--pretrained", str(bad), "--no-progress"], capsys)
+        assert err.startswith(f"fastmae: error: --pretrained {bad} {want}"), err
+    err = _one_line_error(["export", str(bad), str(tmp_path / "out.pth")], capsys)
+    assert f"{bad} {want}" in err

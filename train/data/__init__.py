@@ -1,0 +1,47 @@
+"""fastmae.train.data: the data layer every recipe reads through.
+
+- :mod:`.sources`: folders, webdataset shards and brace patterns indexed once and validated (broken files counted),
+  the sharded, resumable sample order, and each sample's crop box and flip drawn from (seed, epoch, sample).
+- :mod:`.loaders`: the torchvision/PIL loader (pretrain, linprobe, finetune and eval transforms), the synthetic loader.
+- :mod:`.dali`: the same pipelines in NVIDIA DALI (mixed decode on a GPU, CPU decode otherwise).
+- :mod:`.labelled`: labelled train/val splits and the built-in digits data set.
+
+:func:`make_loader` picks the implementation; every loader has the same interface (``epoch(e, start_batch)``,
+``position``, ``steps_per_epoch``, ``skipped``, ``last_ids``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fastmae.errors import FastMAEError
+
+from .dali import DALILoader, dali_unavailable_reason
+from .labelled import digits_folder, labelled_splits, num_classes
+from .loaders import SyntheticLoader, TorchvisionLoader, sample_images
+from .sources import DataIndex, index_data
+
+__all__ = ["DataIndex", "SyntheticLoader", "digits_folder", "index_data", "labelled_splits", "make_loader",
+           "num_classes", "resolve_loader", "sample_images"]  # fmt: skip
+
+
+def resolve_loader(name: str, device: torch.device) -> str:
+    """``auto`` is DALI on CUDA when it imports, torchvision otherwise; an explicit ``dali`` that cannot run fails."""
+    if name == "auto":
+        return "dali" if device.type == "cuda" and dali_unavailable_reason() is None else "torchvision"
+    if name == "dali" and (reason := dali_unavailable_reason()):
+        raise FastMAEError(f"--loader dali: {reason}")
+    return name
+
+
+def make_loader(name: str, index: DataIndex, kind: str, cfg, device: torch.device):
+    """A ``dali`` or ``torchvision`` loader of ``kind`` (pretrain / linprobe / finetune / eval) over ``index``, with
+    the config's img_size, batch_size, seed and num_workers (default min(8, CPU count) processes or threads)."""
+    workers = cfg.num_workers if cfg.num_workers is not None else min(8, os.cpu_count() or 1)
+    if name == "dali":
+        return DALILoader(index, cfg.img_size, cfg.batch_size, cfg.seed, device, num_threads=max(workers, 1),
+                          kind=kind)  # fmt: skip
+    return TorchvisionLoader(index, cfg.img_size, cfg.batch_size, cfg.seed, workers, pin=device.type == "cuda",
+                             kind=kind)  # fmt: skip

@@ -1,0 +1,323 @@
+"""The run machinery that pretrain, finetune and linprobe share, and nothing recipe-specific.
+
+- :func:`start_run` -> :class:`Run`: the configuration validated; device, precision, compile and loader chosen; the
+  output folder and the checkpoints to start from checked (before any data is indexed); torchrun's process group
+  joined. Use it as a context manager: it leaves the process group at the end, also on errors.
+- Seeding and random-generator capture / restore (:func:`seed_all`, :func:`rng_state`, :func:`rank_rng_state`, ...).
+- :class:`RunLog`: the output folder as rank 0 writes it (``config.json``, ``metrics.jsonl`` + TensorBoard,
+  ``summary.json``) and the progress bar.
+- :class:`SaveClock`: the epoch-end checkpoint policy (at most one per ``--save-interval`` minutes).
+- :func:`micro_batches`: an epoch's batches from where a run resumes, each with its place in the accumulation.
+- :class:`StopSignal`: SIGTERM / SIGINT finish the step, save and exit cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import fastmae
+from fastmae.errors import FastMAEError
+
+from .checkpoint import check_checkpoint_file, resolve_resume
+from .data import resolve_loader
+from .distributed import DistContext, init_distributed
+
+logger = logging.getLogger("fastmae.run")
+
+
+# ---------------------------------------------------------------------------------------------- choices of the run
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU; an explicit ``cuda``/``cuda:N`` without a GPU is a one-line error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FastMAEError(f"--device {name} was requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` is bf16 autocast on CUDA and fp32 on CPU; anything else as given."""
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return name
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """The output folder; one that exists as a file (or under a file) is a one-line error."""
+    out = Path(path)
+    for parent in (out, *out.parents):
+        if parent.exists() and not parent.is_dir():
+            raise FastMAEError(f"--output-dir {out}: {parent} is a file, not a folder")
+    return out
+
+
+def optimizer_steps(batches: int, accum: int) -> int:
+    """Optimizer steps per epoch from a loader's ``batches`` with ``accum`` micro-batches per step (a last partial
+    accumulation is dropped); a one-line error when the epoch cannot fill one step."""
+    if batches < accum:
+        raise FastMAEError(f"--accum-iter {accum} needs at least {accum} batches per epoch, the data gives {batches}")
+    return batches // accum
+
+
+@dataclass
+class Run:
+    """Where and how a run runs: process group, device, precision, compile, loader, output folder, resume file."""
+
+    ctx: DistContext
+    device: torch.device
+    precision: str
+    use_compile: bool
+    loader_name: str
+    out: Path
+    resume_path: Path | None
+
+    @property
+    def main(self) -> bool:
+        return self.ctx.is_main
+
+    @property
+    def act_dtype(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+
+    def autocast(self):
+        """The step's autocast context (bf16 / fp16), or a no-op in fp32."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.act_dtype)
+
+    def compiled(self, module: torch.nn.Module) -> torch.nn.Module:
+        return torch.compile(module) if self.use_compile else module
+
+    def run_info(self) -> dict:
+        """Where and how the run ran, for ``config.json`` and ``summary.json``."""
+        return {"device": self.device.type, "precision": self.precision, "compile": self.use_compile,
+                "loader": self.loader_name, "world_size": self.ctx.world_size}  # fmt: skip
+
+    def log_and_stop(self, step: int, every: int, last_step: int, stop: StopSignal) -> tuple[bool, bool]:
+        """(stop now, log this step): logging on every ``every``-th, the first and the last step; a stop signal is
+        agreed by all ranks on logging steps (:meth:`DistContext.agree_stop`)."""
+        log_now = step % every == 0 or step == 1 or step == last_step
+        return self.ctx.agree_stop(stop.received is not None, log_now, self.device)
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.ctx.close()  # leave torchrun's process group, also on errors
+
+
+def start_run(cfg, parallel: str = "ddp") -> Run:
+    """Validate ``cfg``, make every choice of the run and check its files, then join torchrun's process group (when
+    there is one). Everything here is quick: a wrong ``--resume`` fails before a data set is indexed."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    loader_name = resolve_loader(cfg.loader, device)
+    out = check_output_dir(cfg.output_dir)
+    resume_path = resolve_resume(cfg.resume, out)
+    if resume_path is not None:
+        check_checkpoint_file(resume_path, "--resume")
+    if getattr(cfg, "pretrained", None) is not None:
+        check_checkpoint_file(cfg.pretrained, "--pretrained")
+    ctx, device = init_distributed(parallel, device)
+    return Run(ctx, device, precision, use_compile, loader_name, out, resume_path)
+
+
+# ------------------------------------------------------------------------------------------ seeding and generators
+def seed_all(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def rng_state(device: torch.device) -> dict:
+    """Every generator a step can touch: Python, NumPy, torch CPU (and CUDA)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {  # plain containers and tensors only, so the checkpoint loads with weights_only=True
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "torch_cpu": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["torch_cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch_cpu"])
+    if device.type == "cuda" and "torch_cuda" in state:
+        torch.cuda.set_rng_state(state["torch_cuda"], device)
+
+
+def rank_rng_state(ctx: DistContext, device: torch.device):
+    """This process's generators (one process), or every rank's in rank order (torchrun; a collective)."""
+    state = rng_state(device)
+    return state if not ctx.enabled else ctx.gather_objects(state)
+
+
+def restore_rng_state(saved, ctx: DistContext, device: torch.device) -> None:
+    """Put back the generators saved by :func:`rank_rng_state` when the number of processes is the same."""
+    states = saved if isinstance(saved, list) else [saved]
+    if len(states) == ctx.world_size:
+        set_rng_state(states[ctx.rank], device)
+
+
+# ---------------------------------------------------------------------------------------------- the output folder
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _tensorboard(enabled: bool | None, path: Path):
+    """A SummaryWriter when TensorBoard is installed (and not turned off); asking for it without it fails loudly."""
+    if enabled is False:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        if enabled:
+            raise FastMAEError(f"--tensorboard: {exc}; pip install 'fastmae[tensorboard]'") from exc
+        return None
+    return SummaryWriter(str(path))
+
+
+class RunLog:
+    """The output folder as rank 0 writes it: ``config.json``, ``metrics.jsonl`` (one JSON row per call, flushed at
+    once) with the same numbers as TensorBoard scalars (``tensorboard/``, when asked for or installed),
+    ``summary.json``, and the progress bar. On the other ranks every method is a no-op."""
+
+    def __init__(self, out: Path, enabled: bool, tensorboard: bool | None = False):
+        self.out, self.enabled = out, enabled
+        self._metrics = self._writer = self._bar = None
+        if enabled:
+            out.mkdir(parents=True, exist_ok=True)
+            self._writer = _tensorboard(tensorboard, out / "tensorboard")
+
+    def config(self, resolved: dict) -> None:
+        if self.enabled:
+            write_json(self.out / "config.json", resolved)
+
+    def row(self, row: dict) -> None:
+        """A ``metrics.jsonl`` row; its numbers (but step and epoch) also go to TensorBoard at ``row["step"]``."""
+        if not self.enabled:
+            return
+        if self._metrics is None:
+            self._metrics = open(self.out / "metrics.jsonl", "a")
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+        for key, value in row.items():
+            if key not in ("step", "epoch") and isinstance(value, int | float):
+                self.scalar(key, value, row["step"])
+
+    def scalar(self, name: str, value: float, step: int) -> None:
+        """A TensorBoard scalar alone (not in ``metrics.jsonl``)."""
+        if self._writer is not None and value is not None:
+            self._writer.add_scalar(name, value, step)
+
+    def progress(self, total: int, initial: int, show: bool) -> tqdm:
+        self._bar = tqdm(total=total, initial=initial, disable=not (show and self.enabled), unit="step",
+                         dynamic_ncols=True)  # fmt: skip
+        return self._bar
+
+    def end_progress(self) -> None:
+        """Close the progress bar and ``metrics.jsonl`` (at the end of the loop)."""
+        for f in (self._bar, self._metrics):
+            if f is not None:
+                f.close()
+        self._bar = self._metrics = None
+
+    def summary(self, summary: dict) -> None:
+        if self.enabled:
+            write_json(self.out / "summary.json", summary)
+
+    def close(self) -> None:
+        self.end_progress()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def versions() -> dict:
+    return {"fastmae": fastmae.__version__, "torch": torch.__version__}
+
+
+# ---------------------------------------------------------------------------------------------- the loop's pieces
+class SaveClock:
+    """The epoch-end checkpoint policy: an epoch end saves only when ``minutes`` have passed since the last save
+    (0: at every epoch end). A run of many short epochs (the demo) then writes a few checkpoints, not one per epoch,
+    while an ImageNet epoch, longer than the interval, still ends with one. Saves every ``--save-every`` steps, at
+    the end and on a stop signal are not affected."""
+
+    def __init__(self, minutes: float):
+        self.seconds = 60.0 * minutes
+        self.last = time.monotonic()
+
+    def due(self, ctx: DistContext, device: torch.device) -> bool:
+        """Whether the epoch-end checkpoint is due; under torchrun the ranks agree (a host sync, at epoch ends only),
+        since saving is a collective."""
+        return ctx.any(time.monotonic() - self.last >= self.seconds, device)
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
+
+
+def micro_batches(loader, epoch: int, start_batch: int, accum: int, steps_per_epoch: int) -> Iterator[tuple]:
+    """``(images, labels, sample ids, micro)`` for the batches of ``epoch`` from ``start_batch`` on; ``micro`` counts
+    the epoch's batches so far (an optimizer step is complete when ``micro % accum == 0``). The epoch ends where its
+    rest could not fill an accumulation."""
+    micro = start_batch
+    for imgs, labels in loader.epoch(epoch, start_batch):
+        micro += 1
+        yield imgs, labels, loader.last_ids, micro
+        if micro >= steps_per_epoch * accum:
+            return
+
+
+class StopSignal:
+    """SIGTERM / SIGINT (preemption, Ctrl-C) ask the loop to finish the current step, save and exit cleanly."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        logger.warning("%s received: finishing this step, saving a checkpoint, then exiting", self.received)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def stopped_by(self, stopping: bool) -> str | None:
+        """For summaries: the signal that stopped the run ("peer": another rank received it), or None."""
+        return (self.received or "peer") if stopping else None
