@@ -99,12 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     _config_flags(lp, LinprobeConfig, LINPROBE_PRESETS)
     e = sub.add_parser(
         "export",
-        help="write a checkpoint's encoder for timm (strict load into vit_*_224, num_classes=0) or the official format",
+        help="write a checkpoint for timm (encoder, strict load into vit_*_224), the official format, or transformers",
         formatter_class=_HelpFormatter,
     )
-    e.add_argument("checkpoint", help="fastmae pretrain/finetune checkpoint or official MAE file (.pth/.safetensors)")
-    e.add_argument("output", help="file to write: .pth, or .safetensors (timm only)")
-    e.add_argument("--to", choices=("timm", "official"), default="timm", help="target format")
+    e.add_argument("checkpoint", help="fastmae pretrain/finetune checkpoint, official MAE file (.pth/.safetensors) or "
+                   "transformers ViT-MAE folder")  # fmt: skip
+    e.add_argument("output", help="file to write: .pth, or .safetensors (timm only); a folder for hf / hf-encoder")
+    e.add_argument("--to", choices=("timm", "official", "hf", "hf-encoder"), default="timm",
+                   help="timm / official: the encoder; hf: a ViTMAEForPreTraining folder (decoder included); "
+                   "hf-encoder: a ViTMAEModel folder")  # fmt: skip
     e.add_argument("--img-size", type=int, default=None, help="resample the position table to this resolution")
     sub.add_parser("models", help="list the model names")
     v = sub.add_parser(
@@ -118,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--count", type=int, default=8, help="how many images")
     v.add_argument("--mask-ratio", type=float, default=None, help="default: the checkpoint's")
     v.add_argument("--seed", type=int, default=0, help="seed of the fixed mask")
+    v.add_argument("--scale", type=int, default=None, help="draw each pixel as an N x N block (default: the run's)")
     b = sub.add_parser(
         "bench",
         help="pretrain-step benchmark suite (eager vs fastmae vs mask-token encoder), results JSON, chart, table",
@@ -178,9 +182,20 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def config_from_args(args: argparse.Namespace, cls=PretrainConfig, presets: dict | None = None):
-    """The chosen preset with every flag given on the command line applied, validated."""
+    """The chosen preset, then what a ``--pretrained`` checkpoint says of the architecture (model; for pretraining
+    also image size and norm-pix loss), then every flag given on the command line; validated."""
     cfg = preset(args.preset) if presets is None else dataclasses.replace(presets[args.preset])
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
+    if given.get("pretrained") == "none":  # a preset's checkpoint turned off: random weights
+        given["pretrained"] = None
+    pretrained = given.get("pretrained", cfg.pretrained)
+    if pretrained is not None:
+        from .interop import pretrained_fields
+
+        fields = pretrained_fields(pretrained, "--pretrained")
+        if cls is not PretrainConfig:
+            fields = {"model": fields["model"]}
+        cfg = dataclasses.replace(cfg, **fields)
     return dataclasses.replace(cfg, **given).validate()
 
 
@@ -204,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             from fastmae.train.visualize import visualize_checkpoint
 
             loss = visualize_checkpoint(args.checkpoint, args.output, args.images, args.count, args.mask_ratio,
-                                        args.seed)  # fmt: skip
+                                        args.seed, args.scale)  # fmt: skip
             print(f"wrote {args.output} (loss on these images {loss:.4f})")
             return 0
         if args.command == "export":
@@ -212,9 +227,11 @@ def main(argv: list[str] | None = None) -> int:
 
             done = export_encoder(args.checkpoint, args.output, args.to, args.img_size)
             h, w = done["img_size"]
-            print(f"wrote {done['output']}: {done['model']} encoder, {done['keys']} tensors, {h}x{w} px ({args.to})")
+            print(f"wrote {done['output']}: {done['model']}, {done['keys']} tensors, {h}x{w} px ({args.to})")
             if args.to == "timm":
-                print(f"load it with: model = {done['timm']}; model.load_state_dict(state_dict, strict=True)")
+                print(f"load it with: model = {done['load']}; model.load_state_dict(state_dict, strict=True)")
+            elif args.to.startswith("hf"):
+                print(f"load it with: {done['load']}")
             return 0
         if args.command == "finetune":
             from fastmae.train.finetune import finetune

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import hf
 from .errors import FastMAEError
-from .models import list_models, model_args
+from .models import ARCH_KEYS, MaskedAutoencoderViT, arch_name, create_from_arch, list_models, model_args, named_arch
 from .pos_embed import sincos_2d
 
 logger = logging.getLogger("fastmae.interop")
@@ -114,19 +115,9 @@ def describe(sd: dict[str, torch.Tensor]) -> tuple[int, int, int]:
     return int(w.shape[-1]), int(w.shape[0]), depth
 
 
-def infer_model(sd: dict[str, torch.Tensor]) -> str:
-    """The fastmae model name whose encoder has the geometry of ``sd``."""
-    patch, width, depth = describe(sd)
-    for name in list_models():
-        a = model_args(name)
-        if (a["patch_size"], a["embed_dim"], a["depth"]) == (patch, width, depth):
-            return name
-    raise FastMAEError(f"no known model has patch {patch}, width {width} and {depth} blocks")
-
-
-def check_model(sd: dict[str, torch.Tensor], name: str, source: str) -> None:
-    """One-line error when the encoder in ``sd`` is not the encoder of model ``name``."""
-    a = model_args(name)
+def check_model(sd: dict[str, torch.Tensor], name: str, source: str, arch: dict | None = None) -> None:
+    """One-line error when the encoder in ``sd`` is not the encoder of model ``name`` (of ``arch`` when given)."""
+    a = arch or model_args(name)
     patch, width, depth = describe(sd)
     if (patch, width, depth) != (a["patch_size"], a["embed_dim"], a["depth"]):
         raise FastMAEError(
@@ -135,14 +126,145 @@ def check_model(sd: dict[str, torch.Tensor], name: str, source: str) -> None:
         )
 
 
-def _saved_grid(sd: dict[str, torch.Tensor], info: dict) -> tuple[int, int]:
-    """The patch grid the checkpoint's position table was made for: from its config's img_size, else square."""
+def _grid(arch: dict) -> tuple[int, int]:
+    h, w = _pair(arch["img_size"])
+    return h // arch["patch_size"], w // arch["patch_size"]
+
+
+def arch_from_shapes(sd: dict[str, torch.Tensor]) -> dict:
+    """The architecture of an official / bare MAE state_dict, read from its shapes. Head counts are not in the
+    shapes: they come from the named model of the same widths (else width / 64, the ViT convention). An
+    encoder-only file gets that model's decoder (or the official 512 x 8, 16 heads)."""
+    patch, width, depth = describe(sd)
+    proj = sd["patch_embed.proj.weight"]
+    grid = sd["pos_embed"].shape[1] - 1 if "pos_embed" in sd else 196
+    side = round(grid**0.5)
+    if side * side != grid:
+        raise FastMAEError(f"position table has {grid} patches, not a square grid: give the architecture")
+    arch = {"img_size": side * patch, "patch_size": patch, "in_chans": int(proj.shape[1]), "embed_dim": width,
+            "depth": depth, "num_heads": max(width // 64, 1), "decoder_embed_dim": 512, "decoder_depth": 8,
+            "decoder_num_heads": 16, "mlp_ratio": sd["blocks.0.mlp.fc1.weight"].shape[0] / width if depth else 4.0,
+            "norm_eps": 1e-6, "norm_pix_loss": False}  # fmt: skip
+    same_encoder = [n for n in list_models() if (model_args(n)["embed_dim"], model_args(n)["depth"]) == (width, depth)]
+    if same_encoder:
+        ref = model_args(same_encoder[0])
+        arch.update(num_heads=ref["num_heads"], decoder_embed_dim=ref["decoder_embed_dim"],
+                    decoder_depth=ref["decoder_depth"], decoder_num_heads=ref["decoder_num_heads"])  # fmt: skip
+    if "decoder_embed.weight" in sd:
+        dec_dim = int(sd["decoder_embed.weight"].shape[0])
+        dec_depth = len({k.split(".")[1] for k in sd if k.startswith("decoder_blocks.")})
+        heads = [
+            model_args(n)["decoder_num_heads"]
+            for n in list_models()
+            if (model_args(n)["decoder_embed_dim"], model_args(n)["decoder_depth"]) == (dec_dim, dec_depth)
+        ]
+        arch.update(decoder_embed_dim=dec_dim, decoder_depth=dec_depth,
+                    decoder_num_heads=heads[0] if heads else max(dec_dim // 32, 1))  # fmt: skip
+    return arch
+
+
+def checkpoint_arch(sd: dict[str, torch.Tensor], info: dict) -> dict:
+    """A checkpoint's architecture: the ``arch`` a fastmae run saved, else its model name and resolution, else its
+    shapes (official files)."""
     cfg = info.get("config") or {}
-    if "img_size" in cfg:
-        patch = describe(sd)[0]
-        return tuple(s // patch for s in _pair(cfg["img_size"]))
-    side = round((sd["pos_embed"].shape[1] - 1) ** 0.5)
-    return side, side
+    if isinstance(cfg.get("arch"), dict):
+        return dict(cfg["arch"])
+    if cfg.get("model") in list_models():
+        arch = named_arch(cfg["model"])
+        arch.update({k: cfg[k] for k in ("img_size", "patch_size", "norm_pix_loss") if cfg.get(k) is not None})
+        return arch
+    return arch_from_shapes(sd)
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(state_dict in official names, architecture, other entries) of any checkpoint fastmae reads: a transformers
+    ViT-MAE folder or its ``model.safetensors``, a fastmae pretrain / finetune checkpoint, an official MAE file (full
+    or encoder-only), a bare state_dict or a timm export."""
+    if hf.is_hf(path):
+        sd, arch = hf.read_hf(path)
+        return sd, arch, {"source": "transformers"}
+    sd, info = read_state_dict(path)
+    if any(k.startswith(("vit.", "embeddings.", "encoder.layer.", "layers.")) for k in sd):
+        raise FastMAEError(f"{path} is in the transformers layout: give its folder, with the config.json beside it")
+    return sd, checkpoint_arch(sd, info), info
+
+
+def check_pretrained(path: str | os.PathLike, flag: str = "checkpoint") -> None:
+    """A quick look (no loading) that ``path`` can be read as a checkpoint: a transformers folder's config says
+    ViT-MAE, any other file passes :func:`~fastmae.train.checkpoint.check_checkpoint_file`; else a one-line error."""
+    from fastmae.train.checkpoint import check_checkpoint_file
+
+    if hf.is_hf(path):
+        hf.read_config(path)
+    else:
+        check_checkpoint_file(path, flag)
+
+
+def pretrained_fields(path: str | os.PathLike, flag: str = "checkpoint") -> dict:
+    """What a ``--pretrained`` checkpoint says of a run's configuration: ``model`` (its architecture's name, or None
+    for one that has no name), ``img_size`` (square grids) and ``norm_pix_loss``."""
+    check_pretrained(path, flag)
+    _, arch, _ = read_checkpoint(path)
+    fields = {"model": arch_name(arch), "norm_pix_loss": arch["norm_pix_loss"]}
+    if isinstance(arch["img_size"], int):
+        fields["img_size"] = arch["img_size"]
+    return fields
+
+
+def encoder_arch(model: str | None, pretrained: str | os.PathLike | None) -> dict:
+    """The architecture a finetune / probe builds: the ``pretrained`` checkpoint's, or the named ``model``'s when
+    there is none or when an explicit ``model`` disagrees (:func:`load_encoder` then says so in one line)."""
+    if pretrained is None:
+        return named_arch(model)
+    arch = read_checkpoint(pretrained)[1]
+    if model is not None and arch_name(arch) != model:
+        return named_arch(model)
+    return arch
+
+
+def check_arch_name(arch: dict, model: str | None, source: str) -> None:
+    """One-line error naming both when an explicit ``model`` is not the checkpoint's architecture."""
+    if model is None:
+        return
+    found = arch_name(arch)
+    if found != model:
+        what = found or (f"a ViT with patch {arch['patch_size']}, width {arch['embed_dim']}, {arch['depth']} blocks, "
+                         f"decoder {arch['decoder_embed_dim']} x {arch['decoder_depth']}")  # fmt: skip
+        raise FastMAEError(f"--model {model} disagrees with {source}, which is {what}; leave --model out to use it")
+
+
+def from_pretrained(path: str | os.PathLike, model: str | None = None, **overrides) -> MaskedAutoencoderViT:
+    """An MAE built and filled from a checkpoint, its architecture read from the checkpoint itself (see
+    :func:`read_checkpoint`). ``model``, when given, must be that architecture's name. ``overrides``: architecture
+    entries (``img_size``: position tables are moved to the new grid; ``norm_pix_loss``; ``norm_eps``) and the
+    model's keyword options (``kernels``, ``attn_backend``, ``encoder_mode``, ``drop_path_rate``). A full MAE loads
+    strictly; an encoder-only file gets a freshly initialised decoder, with a warning."""
+    sd, arch, _ = read_checkpoint(path)
+    return mae_from_state(sd, arch, f"checkpoint {path}", model, **overrides)
+
+
+def mae_from_state(sd: dict[str, torch.Tensor], arch: dict, source: str, model: str | None = None,
+                   **overrides) -> MaskedAutoencoderViT:  # fmt: skip
+    """:func:`from_pretrained` for a state_dict and architecture already read (``source`` names them in errors)."""
+    check_arch_name(arch, model, source)
+    new = {**arch, **{k: v for k, v in overrides.items() if k in ARCH_KEYS and v is not None}}
+    if new["patch_size"] != arch["patch_size"]:
+        raise FastMAEError(f"{source} has patch size {arch['patch_size']}, not {new['patch_size']}")
+    mae = create_from_arch(new, **{k: v for k, v in overrides.items() if k not in ARCH_KEYS})
+    sd = dict(sd)
+    for key in ("pos_embed", "decoder_pos_embed"):
+        if key in sd:
+            sd[key] = interpolate_pos_embed(sd[key], _grid(new), _grid(arch))
+    decoder = [k for k in mae.state_dict() if k.startswith(DECODER_KEYS) and k != "encoder_mask_token"]
+    if not any(k in sd for k in decoder):
+        logger.warning("%s holds an encoder only: the decoder starts from its initialisation", source)
+    optional = set(decoder if not any(k in sd for k in decoder) else []) | {"encoder_mask_token"}
+    missing, unexpected = mae.load_state_dict(sd, strict=False)
+    lacking = [k for k in missing if k not in optional]
+    if lacking or unexpected:
+        raise FastMAEError(f"{source} does not fit its architecture: missing {lacking[:3]}, unexpected "
+                           f"{unexpected[:3]}")  # fmt: skip
+    return mae
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, new_grid, old_grid=None, num_prefix: int = 1) -> torch.Tensor:
@@ -173,38 +295,44 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, new_grid, old_grid=None, num_
     return torch.cat([prefix, new], dim=1)
 
 
-def create_vit(name: str, num_classes: int, img_size=224, global_pool: str = "avg", drop_path_rate: float = 0.0,
-               **kw) -> torch.nn.Module:  # fmt: skip
-    """The encoder of MAE model ``name`` as a timm ``VisionTransformer`` for finetuning or probing.
+def create_vit(model: str | dict, num_classes: int, img_size=224, global_pool: str = "avg",
+               drop_path_rate: float = 0.0, **kw) -> torch.nn.Module:  # fmt: skip
+    """The encoder of an MAE (a model name, or an architecture from :func:`read_checkpoint`) as a timm
+    ``VisionTransformer`` for finetuning or probing.
 
     ``global_pool="avg"`` is the paper's finetune head (mean of the patch tokens, then ``fc_norm``, then ``head``);
     ``"token"`` uses the normed cls token (the linear probe). ``img_size`` is an int or (H, W).
     """
+    from functools import partial
+
     from timm.models.vision_transformer import VisionTransformer
 
-    a = model_args(name)
+    a = named_arch(model) if isinstance(model, str) else model
     return VisionTransformer(
-        img_size=_pair(img_size), patch_size=a["patch_size"], embed_dim=a["embed_dim"], depth=a["depth"],
-        num_heads=a["num_heads"], mlp_ratio=a["mlp_ratio"], qkv_bias=True, num_classes=num_classes,
-        global_pool=global_pool, drop_path_rate=drop_path_rate, **kw,
+        img_size=_pair(img_size), patch_size=a["patch_size"], in_chans=a["in_chans"], embed_dim=a["embed_dim"],
+        depth=a["depth"], num_heads=a["num_heads"], mlp_ratio=a["mlp_ratio"], qkv_bias=True, num_classes=num_classes,
+        global_pool=global_pool, drop_path_rate=drop_path_rate,
+        norm_layer=partial(torch.nn.LayerNorm, eps=a["norm_eps"]), **kw,
     )  # fmt: skip
 
 
-def load_encoder(vit: torch.nn.Module, path: str | os.PathLike, name: str) -> tuple[list[str], list[str]]:
-    """Fill ``vit`` (from :func:`create_vit`) with the encoder of a pretraining / official / finetuned checkpoint.
+def load_encoder(vit: torch.nn.Module, path: str | os.PathLike, name: str | None = None) -> tuple[list[str], list[str]]:
+    """Fill ``vit`` (from :func:`create_vit`) with the encoder of any checkpoint :func:`read_checkpoint` reads.
 
     Decoder entries are dropped, a head of another shape is dropped, the position table is moved to ``vit``'s grid.
-    Returns (missing, unexpected) keys; anything missing besides the head and ``fc_norm`` is an error.
+    Returns (missing, unexpected) keys; anything missing besides the head and ``fc_norm`` is an error, and so is an
+    encoder of another geometry than ``vit`` (``name`` names it in the message).
     """
-    sd, info = read_state_dict(path)
+    sd, arch, info = read_checkpoint(path)
     sd = encoder_state(sd)
-    check_model(sd, name, f"checkpoint {path}")
+    mine = {"patch_size": vit.patch_embed.patch_size[0], "embed_dim": vit.embed_dim, "depth": len(vit.blocks)}
+    check_model(sd, name or "this encoder", f"checkpoint {path}", mine)
     head = vit.get_classifier()
     for key in ("head.weight", "head.bias"):
         if key in sd and (not hasattr(head, "weight") or sd[key].shape != vit.state_dict()[key].shape):
             del sd[key]
     if "pos_embed" in sd:
-        sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], vit.patch_embed.grid_size, _saved_grid(sd, info))
+        sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], vit.patch_embed.grid_size, _grid(arch))
     missing, unexpected = vit.load_state_dict(sd, strict=False)
     lacking = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
     if lacking:
@@ -215,7 +343,7 @@ def load_encoder(vit: torch.nn.Module, path: str | os.PathLike, name: str) -> tu
     return list(missing), list(unexpected)
 
 
-def load_pretrained(vit: torch.nn.Module, path: str | os.PathLike | None, name: str) -> dict:
+def load_pretrained(vit: torch.nn.Module, path: str | os.PathLike | None, name: str | None) -> dict:
     """:func:`load_encoder` for a recipe's ``--pretrained``, logged; returns what to record in the run's config and
     summary. Without a checkpoint the encoder keeps its random weights, with a warning."""
     if path is None:
@@ -226,32 +354,56 @@ def load_pretrained(vit: torch.nn.Module, path: str | os.PathLike | None, name: 
     return {"pretrained": str(path), "missing_keys": missing, "unexpected_keys": unexpected}
 
 
+EXPORT_TARGETS = ("timm", "official", "hf", "hf-encoder")
+
+
+def _timm_call(arch: dict, size: tuple[int, int]) -> str:
+    name = arch_name(arch)
+    size_arg = size[0] if size[0] == size[1] else size
+    if name in TIMM_NAMES and arch["norm_eps"] == 1e-6 and arch["in_chans"] == 3:
+        return f'timm.create_model("{TIMM_NAMES[name]}", num_classes=0' + (
+            ")" if size == (224, 224) else f", img_size={size_arg})"
+        )
+    return (f"timm.models.vision_transformer.VisionTransformer(img_size={size_arg}, patch_size={arch['patch_size']}, "
+            f"in_chans={arch['in_chans']}, embed_dim={arch['embed_dim']}, depth={arch['depth']}, "
+            f"num_heads={arch['num_heads']}, mlp_ratio={arch['mlp_ratio']:g}, num_classes=0"
+            + ("" if arch["norm_eps"] == 1e-6 else f", norm_layer=partial(nn.LayerNorm, eps={arch['norm_eps']:g})")
+            + ")")  # fmt: skip
+
+
 def export_encoder(checkpoint: str | os.PathLike, output: str | os.PathLike, to: str = "timm",
                    img_size: int | None = None) -> dict:  # fmt: skip
-    """Write the encoder of ``checkpoint`` for timm or in the official encoder-only format; returns a description.
+    """Write ``checkpoint`` (anything :func:`read_checkpoint` reads) for another library; returns a description.
 
-    ``to="timm"``: a bare state_dict (``.pth`` or ``.safetensors``) that ``timm.create_model(<timm name>,
-    num_classes=0[, img_size=...])`` loads with ``strict=True``. ``to="official"``: ``{"model": encoder}`` as in the
-    released ``mae_pretrain_vit_*.pth``. ``img_size`` resamples the position table to another resolution.
+    ``to="timm"``: the encoder as a bare state_dict (``.pth`` or ``.safetensors``) that ``timm.create_model(<timm
+    name>, num_classes=0[, img_size=...])`` loads with ``strict=True``. ``to="official"``: ``{"model": encoder}`` as in
+    the released ``mae_pretrain_vit_*.pth``. ``to="hf"``: a folder (``config.json`` + ``model.safetensors``) that
+    ``transformers.ViTMAEForPreTraining.from_pretrained`` loads, decoder included; ``"hf-encoder"``: the same for
+    ``ViTMAEModel``. ``img_size`` moves the position tables to another resolution.
     """
-    if to not in ("timm", "official"):
-        raise FastMAEError(f"--to must be timm or official, got {to!r}")
-    sd, info = read_state_dict(checkpoint)
+    if to not in EXPORT_TARGETS:
+        raise FastMAEError(f"--to must be one of {', '.join(EXPORT_TARGETS)}, got {to!r}")
+    sd, arch, _ = read_checkpoint(checkpoint)
+    patch, old = arch["patch_size"], _grid(arch)
+    size = _pair(img_size) if img_size is not None else _pair(arch["img_size"])
+    if size[0] % patch or size[1] % patch:
+        raise FastMAEError(f"--img-size {img_size} is not a multiple of the patch size {patch}")
+    arch = {**arch, "img_size": size[0] if size[0] == size[1] else list(size)}
+    sd = dict(sd)
+    for key in ("pos_embed", "decoder_pos_embed"):
+        if key in sd:
+            sd[key] = interpolate_pos_embed(sd[key], _grid(arch), old)
+    name = arch_name(arch) or "custom"
     enc = encoder_state(sd)
-    name = infer_model(enc)
-    patch = describe(enc)[0]
-    old = _saved_grid(enc, info)
-    size = tuple(g * patch for g in old)
-    if img_size is not None:
-        size = _pair(img_size)
-        if size[0] % patch or size[1] % patch:
-            raise FastMAEError(f"--img-size {img_size} is not a multiple of the patch size {patch}")
-        enc["pos_embed"] = interpolate_pos_embed(enc["pos_embed"], (size[0] // patch, size[1] // patch), old)
+    if to in ("hf", "hf-encoder"):
+        if to == "hf" and "decoder_embed.weight" not in sd:
+            raise FastMAEError(f"checkpoint {checkpoint} holds an encoder only: export it with --to hf-encoder")
+        hf.write_hf(sd if to == "hf" else enc, arch, output, encoder_only=to == "hf-encoder")
+        cls = "ViTMAEForPreTraining" if to == "hf" else "ViTMAEModel"
+        return {"model": name, "img_size": size, "keys": len(sd if to == "hf" else enc), "output": str(output),
+                "load": f'transformers.{cls}.from_pretrained("{output}")'}  # fmt: skip
     if to == "official" and Path(output).suffix == ".safetensors":
         raise FastMAEError("--to official writes the released .pth format; use a .pth output")
-    write_state_dict(enc, output, meta={"model": name, "img_size": f"{size[0]}x{size[1]}"},
-                     wrap="model" if to == "official" else None)  # fmt: skip
-    timm_call = f'timm.create_model("{TIMM_NAMES[name]}", num_classes=0' + (
-        ")" if size == (224, 224) else f", img_size={size[0] if size[0] == size[1] else size})"
-    )
-    return {"model": name, "img_size": size, "keys": len(enc), "timm": timm_call, "output": str(output)}
+    meta = {"model": name, "img_size": f"{size[0]}x{size[1]}", "patch_size": patch}
+    write_state_dict(enc, output, meta=meta, wrap="model" if to == "official" else None)
+    return {"model": name, "img_size": size, "keys": len(enc), "load": _timm_call(arch, size), "output": str(output)}

@@ -333,6 +333,20 @@ _MODELS: dict[str, dict] = {
         patch_size=16, embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=256, decoder_depth=4,
         decoder_num_heads=8,
     ),
+    # Small images (32 px: CIFAR, digits): patch 4 gives an 8 x 8 grid. Decoders scaled down as above; "mini" is tiny
+    # at half the depth, the digits preset's model (1.4k training images do not need 12 blocks).
+    "mae_vit_mini_patch4": dict(
+        patch_size=4, embed_dim=192, depth=6, num_heads=3, decoder_embed_dim=128, decoder_depth=2,
+        decoder_num_heads=4,
+    ),
+    "mae_vit_tiny_patch4": dict(
+        patch_size=4, embed_dim=192, depth=12, num_heads=3, decoder_embed_dim=128, decoder_depth=2,
+        decoder_num_heads=4,
+    ),
+    "mae_vit_small_patch4": dict(
+        patch_size=4, embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=256, decoder_depth=4,
+        decoder_num_heads=8,
+    ),
     # The official models (facebookresearch/mae models_mae.py): decoder 512 wide, 8 blocks, 16 heads.
     "mae_vit_base_patch16": dict(
         patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512, decoder_depth=8,
@@ -387,3 +401,49 @@ def flops_per_image(model: MaskedAutoencoderViT, mask_ratio: float = 0.75) -> di
 
 
 __all__ = ["MaskedAutoencoderViT", "create_model", "flops_per_image", "list_models", "model_args"]
+
+
+# ---------------------------------------------------------------------- architectures
+# An architecture is the geometry a checkpoint needs to be rebuilt: the constructor arguments below, plus the
+# LayerNorm eps. Named models are architectures with a name; checkpoints carry theirs (``config["arch"]``).
+ARCH_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
+             "decoder_depth", "decoder_num_heads", "mlp_ratio", "norm_eps", "norm_pix_loss")  # fmt: skip
+
+
+def model_arch(model: MaskedAutoencoderViT) -> dict:
+    """The architecture of ``model`` (JSON-friendly: a square ``img_size`` is an int)."""
+    h, w = model.patch_embed.img_size
+    embed_dim = model.cls_token.shape[-1]
+    return {
+        "img_size": h if h == w else [h, w], "patch_size": model.patch_size, "in_chans": model.in_chans,
+        "embed_dim": embed_dim, "depth": len(model.blocks), "num_heads": model.blocks[0].attn.num_heads,
+        "decoder_embed_dim": model.mask_token.shape[-1], "decoder_depth": len(model.decoder_blocks),
+        "decoder_num_heads": model.decoder_blocks[0].attn.num_heads if len(model.decoder_blocks) else 1,
+        "mlp_ratio": model.blocks[0].mlp.fc1.out_features / embed_dim, "norm_eps": model.norm.eps,
+        "norm_pix_loss": model.norm_pix_loss,
+    }  # fmt: skip
+
+
+def named_arch(name: str, **overrides) -> dict:
+    """The architecture of a named model at 224 px (``overrides`` replace entries)."""
+    arch = {"img_size": 224, "in_chans": 3, "norm_eps": 1e-6, "norm_pix_loss": False, **model_args(name)}
+    return {**arch, **overrides}
+
+
+def arch_name(arch: dict) -> str | None:
+    """The named model with the same encoder and decoder geometry (any resolution, eps and loss), or None."""
+    keys = ("patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
+            "decoder_num_heads", "mlp_ratio")  # fmt: skip
+    for name in _MODELS:
+        ref = model_args(name)
+        if all(float(ref[k]) == float(arch[k]) for k in keys):
+            return name
+    return None
+
+
+def create_from_arch(arch: dict, **kw) -> MaskedAutoencoderViT:
+    """An MAE of architecture ``arch``; ``kw`` are the keyword-only options (kernels, attn_backend, ...)."""
+    args = {k: arch[k] for k in ARCH_KEYS if k != "norm_eps"}
+    if isinstance(args["img_size"], list | tuple):
+        args["img_size"] = tuple(args["img_size"])
+    return MaskedAutoencoderViT(**args, norm_layer=partial(nn.LayerNorm, eps=arch["norm_eps"]), **kw)

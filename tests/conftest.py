@@ -11,6 +11,9 @@ import pytest  # noqa: E402
 # Small, awkward geometries: 49 patches (not a power of two), head dims 15 and 12 (not multiples of 8).
 AWKWARD = dict(img_size=56, patch_size=8, in_chans=3, embed_dim=60, depth=2, num_heads=4, decoder_embed_dim=36,
                decoder_depth=2, decoder_num_heads=3, mlp_ratio=4.0)  # fmt: skip
+# Patch 4 on 32 px (the small-image models): 64 patches of 48 values.
+PATCH4 = dict(img_size=32, patch_size=4, in_chans=3, embed_dim=48, depth=2, num_heads=3, decoder_embed_dim=32,
+              decoder_depth=1, decoder_num_heads=4, mlp_ratio=4.0)  # fmt: skip
 SQUARE = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32,
               decoder_depth=1, decoder_num_heads=4, mlp_ratio=2.0)  # fmt: skip
 

@@ -155,7 +155,7 @@ def test_wrong_architecture_is_one_line(official_ckpts, tmp_path, capsys):
     assert "is a ViT with patch 16, width 192, 12 blocks, not mae_vit_small_patch16 (patch 16, width 384" in err[0]
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     assert main(["export", str(tmp_path / "junk.pth"), str(tmp_path / "x.pth")]) == 2
-    assert "could not be read" in capsys.readouterr().err
+    assert "junk.pth is not a PyTorch checkpoint" in capsys.readouterr().err
 
 
 def test_finetune_on_digits_learns_then_resumes(official_ckpts, tmp_path):

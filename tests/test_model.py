@@ -10,7 +10,7 @@ import fastmae
 from fastmae import FastMAEError, MaskedAutoencoderViT
 from fastmae.pos_embed import sincos_2d
 
-from .conftest import AWKWARD, SQUARE
+from .conftest import AWKWARD, PATCH4, SQUARE
 from .reference_mae import RefMAE, official_sincos_pos_embed
 
 
@@ -26,7 +26,7 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("cfg", [AWKWARD, SQUARE], ids=["L49-hd15", "L16"])
+@pytest.mark.parametrize("cfg", [AWKWARD, SQUARE, PATCH4], ids=["L49-hd15", "L16", "p4-L64"])
 @pytest.mark.parametrize("norm_pix", [False, True], ids=["raw", "normpix"])
 @pytest.mark.parametrize("mask_ratio", [0.75, 0.6])
 @pytest.mark.parametrize("batch", [1, 3])
@@ -172,6 +172,9 @@ def test_factories():
         fastmae.create_model("mae_vit_gigantic")
     m = fastmae.create_model("mae_vit_tiny_patch16", img_size=64, decoder_depth=1)
     assert len(m.decoder_blocks) == 1 and m.patch_embed.num_patches == 16
+    small = fastmae.create_model("mae_vit_mini_patch4", img_size=32)  # small images: an 8 x 8 grid of 4-px patches
+    assert small.patch_embed.num_patches == 64 and small.decoder_pred.out_features == 48 and len(small.blocks) == 6
+    assert fastmae.create_model("mae_vit_tiny_patch16", img_size=32, patch_size=4).patch_embed.num_patches == 64
 
 
 def test_official_flop_counts_match_reference_facts():

@@ -22,7 +22,7 @@ import torch
 
 from fastmae.config import FinetuneConfig
 from fastmae.errors import FastMAEError
-from fastmae.interop import create_vit, load_pretrained
+from fastmae.interop import create_vit, encoder_arch, load_pretrained
 
 from .checkpoint import LAST, load_checkpoint, resume_position, save_checkpoint
 from .data import labelled_splits, make_loader, num_classes
@@ -114,7 +114,8 @@ class Finetuning:
         self.step_module = wrap_model(self.model, run.ctx, self.device)  # DDP after loading: rank 0's weights
         self.log = RunLog(run.out, run.main)
         self.resolved = {
-            **cfg.to_dict(), "lr": self.base_lr, "num_classes": self.classes, "classes": self.train_idx.classes,
+            **cfg.to_dict(), "arch": self.arch, "lr": self.base_lr, "num_classes": self.classes,
+            "classes": self.train_idx.classes,
             **run.run_info(), "effective_batch": cfg.effective_batch(world), "steps_per_epoch": self.steps_per_epoch,
             "total_steps": total_steps, "train_images": len(self.train_idx), "val_images": len(self.val_idx),
             **self.loaded,
@@ -137,7 +138,8 @@ class Finetuning:
         from timm.utils import ModelEmaV3
 
         cfg = self.cfg
-        self.model = create_vit(cfg.model, self.classes, cfg.img_size, "avg", cfg.drop_path)
+        self.arch = {**encoder_arch(cfg.model, cfg.pretrained), "img_size": cfg.img_size}
+        self.model = create_vit(self.arch, self.classes, cfg.img_size, "avg", cfg.drop_path)
         self.loaded = load_pretrained(self.model, cfg.pretrained, cfg.model)
         self.model.to(self.device)
         self.base_lr = cfg.effective_lr(self.run.ctx.world_size)

@@ -23,7 +23,7 @@ from torch import nn
 
 from fastmae.config import LinprobeConfig
 from fastmae.errors import FastMAEError
-from fastmae.interop import create_vit, load_pretrained
+from fastmae.interop import create_vit, encoder_arch, load_pretrained
 
 from .checkpoint import LAST, load_checkpoint, resume_position, save_checkpoint
 from .data import labelled_splits, make_loader, num_classes
@@ -147,7 +147,8 @@ class LinearProbing:
         seed_all(cfg.seed + run.ctx.rank)
         self.train_idx, self.val_idx = labelled_splits(cfg.data, cfg.val_split, cfg.seed)
         self.classes = num_classes(self.train_idx)
-        self.encoder = create_vit(cfg.model, 0, cfg.img_size, "avg" if cfg.global_pool else "token")
+        arch = encoder_arch(cfg.model, cfg.pretrained)
+        self.encoder = create_vit(arch, 0, cfg.img_size, "avg" if cfg.global_pool else "token")
         self.loaded = load_pretrained(self.encoder, cfg.pretrained, cfg.model)
         self.encoder.to(self.device).eval().requires_grad_(False)
         self.dim = self.encoder.num_features

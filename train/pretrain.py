@@ -19,9 +19,11 @@ import torch
 import fastmae
 from fastmae.config import PretrainConfig
 from fastmae.errors import FastMAEError
+from fastmae.interop import from_pretrained
+from fastmae.models import model_arch
 
 from .checkpoint import LAST, load_checkpoint, resume_position, save_checkpoint
-from .data import SyntheticLoader, index_data, make_loader, sample_images
+from .data import SyntheticLoader, make_loader, pretrain_index, sample_images
 from .distributed import full_state, load_full_state, no_sync, params_in_sync, wrap_model
 from .noise import mask_noise
 from .run import (
@@ -62,7 +64,7 @@ class Pretraining:
             self.index = None
             self.loader = SyntheticLoader(cfg.img_size, cfg.batch_size, cfg.synthetic_images, cfg.seed, run.device)
         else:
-            self.index = index_data(cfg.data)
+            self.index = pretrain_index(cfg.data)
             self.loader = make_loader(run.loader_name, self.index, "pretrain", cfg, run.device)
         self._build_model()
         self.step, self.rng_resume = 0, None
@@ -94,9 +96,16 @@ class Pretraining:
 
     def _build_model(self) -> None:
         cfg, run = self.cfg, self.run
-        self.model = fastmae.create_model(cfg.model, img_size=cfg.img_size, norm_pix_loss=cfg.norm_pix_loss,
-                                          kernels=cfg.kernels, attn_backend=cfg.attn_backend,
-                                          encoder_mode=cfg.encoder_mode).to(self.device)  # fmt: skip
+        options = dict(kernels=cfg.kernels, attn_backend=cfg.attn_backend, encoder_mode=cfg.encoder_mode)
+        if cfg.pretrained is not None:  # continued pretraining: the checkpoint's architecture and weights
+            self.model = from_pretrained(cfg.pretrained, cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size,
+                                         norm_pix_loss=cfg.norm_pix_loss, **options)  # fmt: skip
+            logger.info("starting from the weights of %s", cfg.pretrained)
+        else:
+            patch = {"patch_size": cfg.patch_size} if cfg.patch_size is not None else {}
+            self.model = fastmae.create_model(cfg.model, img_size=cfg.img_size, norm_pix_loss=cfg.norm_pix_loss,
+                                              **patch, **options)  # fmt: skip
+        self.model.to(self.device)
         self.attn_used = self.model.resolve_attention(self.device, run.act_dtype)  # raises if an explicit one can't run
         self.kernels_used = self.model.kernels_used(self.device)
         self.base_lr = cfg.effective_lr(run.ctx.world_size)
@@ -128,7 +137,8 @@ class Pretraining:
         for line in warnings_:
             logger.warning("recipe: %s", line)
         self.resolved = {
-            **cfg.to_dict(), "loader": run.loader_name, "lr": self.base_lr, "device": self.device.type,
+            **cfg.to_dict(), "arch": model_arch(self.model), "loader": run.loader_name, "lr": self.base_lr,
+            "device": self.device.type,
             "precision": run.precision, "compile": run.use_compile, "parallel": run.ctx.strategy,
             "steps_per_epoch": self.steps_per_epoch, "effective_batch": cfg.effective_batch(world),
             "world_size": world, "recipe_warnings": warnings_, "total_steps": cfg.epochs * self.steps_per_epoch,
@@ -272,7 +282,8 @@ class Pretraining:
             loss, *pics = reconstruct(self.model, self.eval_imgs.to(self.device), self.cfg.mask_ratio, self.cfg.seed)
         if self.run.main:
             path = self.run.out / "reconstructions" / f"step{self.step:07d}.png"
-            write_grid(pics, path, self.cfg.num_reconstructions)
+            shown = torch.linspace(0, len(self.eval_imgs) - 1, min(self.cfg.num_reconstructions, len(self.eval_imgs)))
+            write_grid([p[shown.round().long()] for p in pics], path, scale=self.cfg.picture_scale)
         return loss
 
     def save(self, epoch: int) -> None:

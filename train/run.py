@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 import fastmae
 from fastmae.errors import FastMAEError
+from fastmae.interop import check_pretrained
 
 from .checkpoint import check_checkpoint_file, resolve_resume
 from .data import resolve_loader
@@ -132,7 +133,7 @@ def start_run(cfg, parallel: str = "ddp") -> Run:
     if resume_path is not None:
         check_checkpoint_file(resume_path, "--resume")
     if getattr(cfg, "pretrained", None) is not None:
-        check_checkpoint_file(cfg.pretrained, "--pretrained")
+        check_pretrained(cfg.pretrained, "--pretrained")
     ctx, device = init_distributed(parallel, device)
     return Run(ctx, device, precision, use_compile, loader_name, out, resume_path)
 

@@ -35,42 +35,43 @@ def reconstruct(model, imgs: torch.Tensor, mask_ratio: float, seed: int = 0):
     return loss.item(), orig, masked, orig * (1 - m) + rec * m
 
 
-def write_grid(pictures, path: str | Path, count: int | None = None) -> Path:
-    """Write (original, masked, reconstruction) [N, 3, H, W] tensors as a PNG grid, one row per image."""
+def write_grid(pictures, path: str | Path, count: int | None = None, scale: int = 1) -> Path:
+    """Write (original, masked, reconstruction) [N, 3, H, W] tensors as a PNG grid, one row per image, each pixel
+    drawn as a ``scale`` x ``scale`` block (small images readable at a glance)."""
     orig, masked, rec = (p[:count] for p in pictures)
     rows = [torch.cat([o, mk, r], dim=2) for o, mk, r in zip(orig, masked, rec, strict=True)]  # [3, H, 3W] each
-    grid = torch.cat(rows, dim=1).permute(1, 2, 0).cpu().numpy()  # [N*H, 3W, 3]
+    grid = torch.cat(rows, dim=1)
+    grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2).permute(1, 2, 0).cpu().numpy()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((grid * 255 + 0.5).astype(np.uint8)).save(path)
     return path
 
 
-def save_reconstructions(model, imgs: torch.Tensor, path: str | Path, mask_ratio: float, seed: int = 0) -> float:
+def save_reconstructions(model, imgs: torch.Tensor, path: str | Path, mask_ratio: float, seed: int = 0,
+                         scale: int = 1) -> float:  # fmt: skip
     """Write the picture grid of ``imgs`` as PNG; returns the loss on these images."""
     loss, *pictures = reconstruct(model, imgs, mask_ratio, seed)
-    write_grid(pictures, path)
+    write_grid(pictures, path, scale=scale)
     return loss
 
 
 def visualize_checkpoint(checkpoint: str | Path, output: str | Path, images: str | None = None, count: int = 8,
-                         mask_ratio: float | None = None, seed: int = 0) -> float:  # fmt: skip
-    """Reconstructions from any pretraining checkpoint (its config names the model); returns the loss on them."""
-    import fastmae
+                         mask_ratio: float | None = None, seed: int = 0,
+                         scale: int | None = None) -> float:  # fmt: skip
+    """Reconstructions from any full MAE checkpoint (fastmae, official, transformers; the architecture is read from
+    it); returns the loss on them."""
+    from fastmae.interop import mae_from_state, read_checkpoint
 
-    from .checkpoint import load_checkpoint
     from .data.loaders import sample_images
     from .data.sources import index_data
 
-    ckpt = load_checkpoint(checkpoint)
-    cfg = ckpt.get("config") or {}
-    if "model" not in cfg or "model" not in ckpt:
-        raise fastmae.FastMAEError(f"{checkpoint} is not a fastmae pretraining checkpoint (no model config inside)")
-    model = fastmae.create_model(cfg["model"], img_size=cfg["img_size"], norm_pix_loss=cfg.get("norm_pix_loss", False),
-                                 encoder_mode=cfg.get("encoder_mode", "visible"))  # fmt: skip
-    model.load_state_dict(ckpt["model"], strict=True)
-    imgs = sample_images(index_data(images), cfg["img_size"], count)
-    return save_reconstructions(model, imgs, output, mask_ratio or cfg.get("mask_ratio", 0.75), seed)
+    sd, arch, info = read_checkpoint(checkpoint)
+    cfg = info.get("config") or {}
+    model = mae_from_state(sd, arch, f"checkpoint {checkpoint}", encoder_mode=cfg.get("encoder_mode", "visible"))
+    imgs = sample_images(index_data(images), model.patch_embed.img_size[0], count)
+    scale = scale or cfg.get("picture_scale", 1)
+    return save_reconstructions(model, imgs, output, mask_ratio or cfg.get("mask_ratio", 0.75), seed, scale)
 
 
 def plot_loss_curve(metrics: str | Path, output: str | Path) -> Path | None:

@@ -20,11 +20,17 @@ from fastmae.errors import FastMAEError
 
 from .dali import DALILoader, dali_unavailable_reason
 from .labelled import digits_folder, labelled_splits, num_classes
-from .loaders import SyntheticLoader, TorchvisionLoader, sample_images
+from .loaders import Augment, SyntheticLoader, TorchvisionLoader, sample_images
 from .sources import DataIndex, index_data
 
-__all__ = ["DataIndex", "SyntheticLoader", "digits_folder", "index_data", "labelled_splits", "make_loader",
-           "num_classes", "resolve_loader", "sample_images"]  # fmt: skip
+__all__ = ["Augment", "DataIndex", "SyntheticLoader", "digits_folder", "index_data", "labelled_splits",
+           "make_loader", "num_classes", "pretrain_index", "resolve_loader", "sample_images"]  # fmt: skip
+
+
+def pretrain_index(data: str | None) -> DataIndex:
+    """The pretraining data set: a path (see :func:`index_data`), or ``"digits"``, the training split of the
+    built-in digits (their validation images are never seen in pretraining)."""
+    return index_data(digits_folder() / "train" if data == "digits" else data)
 
 
 def resolve_loader(name: str, device: torch.device) -> str:
@@ -40,8 +46,9 @@ def make_loader(name: str, index: DataIndex, kind: str, cfg, device: torch.devic
     """A ``dali`` or ``torchvision`` loader of ``kind`` (pretrain / linprobe / finetune / eval) over ``index``, with
     the config's img_size, batch_size, seed and num_workers (default min(8, CPU count) processes or threads)."""
     workers = cfg.num_workers if cfg.num_workers is not None else min(8, os.cpu_count() or 1)
+    augment = Augment.of(cfg)  # the config's crop scale, flip, RandAugment and erasing (the recipe's by default)
     if name == "dali":
         return DALILoader(index, cfg.img_size, cfg.batch_size, cfg.seed, device, num_threads=max(workers, 1),
-                          kind=kind)  # fmt: skip
+                          kind=kind, augment=augment)  # fmt: skip
     return TorchvisionLoader(index, cfg.img_size, cfg.batch_size, cfg.seed, workers, pin=device.type == "cuda",
-                             kind=kind)  # fmt: skip
+                             kind=kind, augment=augment)  # fmt: skip

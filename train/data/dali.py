@@ -21,13 +21,7 @@ import torch
 
 from fastmae.errors import FastMAEError
 
-from .loaders import (
-    CROP_SCALE,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    RANDOM_ERASE_PROB,
-    IndexLoader,
-)
+from .loaders import IMAGENET_MEAN, IMAGENET_STD, RECIPE, Augment, IndexLoader
 from .sources import DataIndex, augment_params, load_rgb
 
 logger = logging.getLogger("fastmae.data")
@@ -132,11 +126,15 @@ class DALILoader(IndexLoader):
     name = "dali"
 
     def __init__(self, index: DataIndex, img_size: int, batch_size: int, seed: int, device: torch.device,
-                 num_threads: int = 4, kind: str = "pretrain", rank=None, world=None, dtype="float32"):  # fmt: skip
+                 num_threads: int = 4, kind: str = "pretrain", rank=None, world=None, dtype="float32",
+                 augment: Augment = RECIPE):  # fmt: skip
         reason = dali_unavailable_reason()
         if reason:
             raise FastMAEError(f"--loader dali: {reason}")
-        super().__init__(index, kind, img_size, batch_size, seed, rank, world)
+        if kind == "finetune" and augment.rand_augment != RECIPE.rand_augment:
+            raise FastMAEError(f"--loader dali runs RandAugment {RECIPE.rand_augment} only, not "
+                               f"{augment.rand_augment!r}; use --loader torchvision")  # fmt: skip
+        super().__init__(index, kind, img_size, batch_size, seed, rank, world, augment)
         self.device = torch.device(device)
         self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         self.num_threads, self.dtype = num_threads, dtype
@@ -147,7 +145,7 @@ class DALILoader(IndexLoader):
             from timm.data.random_erasing import RandomErasing
 
             # Random erasing runs on the normalised batch on its device (timm, pixel mode), like mixup/cutmix.
-            self.erase = RandomErasing(RANDOM_ERASE_PROB, mode="pixel", device=str(self.device))
+            self.erase = RandomErasing(augment.reprob, mode="pixel", device=str(self.device))
 
     def _encoded(self, i: int) -> bytes | None:
         try:
@@ -169,7 +167,7 @@ class DALILoader(IndexLoader):
         The pipeline then lives across epochs (its source runs on into the next epoch, so prefetching never stalls at
         an epoch boundary); it is rebuilt only when asked for a position that is not the next one.
         """
-        scale = CROP_SCALE.get(self.kind)
+        scale = self.augment.scale(self.kind) if self.kind != "eval" else None
         plan = self._plan(epoch, start_batch)
         pending: collections.deque = collections.deque()  # (epoch, batch, ids fed) of batches not yet returned
 
@@ -191,7 +189,7 @@ class DALILoader(IndexLoader):
                 geometry = [eval_geometry(int(self.index.widths[i]), int(self.index.heights[i]), self.img_size)
                             for i in ids]  # fmt: skip
                 return data, [g[0] for g in geometry], [g[1] for g in geometry]
-            boxes, flips = augment_params(self.index, ids, self.seed, e, scale)
+            boxes, flips = augment_params(self.index, ids, self.seed, e, scale, self.augment.hflip)
             anchors = [box[:2].astype(np.float32) for box in boxes]
             shapes = [box[2:].astype(np.float32) for box in boxes]
             return data, anchors, shapes, [np.array(f, dtype=np.int32) for f in flips]

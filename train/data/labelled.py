@@ -56,7 +56,7 @@ def num_classes(index: DataIndex) -> int:
 
 def labelled_splits(data: str | None, val_split: float, seed: int) -> tuple[DataIndex, DataIndex]:
     """(train, val) indexes: ``DIR/train`` and ``DIR/val`` when both exist, else a seeded split of ``DIR``."""
-    root = digits_folder() if data is None else Path(data)
+    root = digits_folder() if data in (None, "digits") else Path(data)
     if (root / "train").is_dir() and (root / "val").is_dir():
         train, val = index_data(root / "train"), index_data(root / "val")
         if train.classes != val.classes:

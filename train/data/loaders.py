@@ -13,6 +13,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -78,17 +79,44 @@ def _posterize(img, bits_to_keep, **_):
     return ImageOps.posterize(img, bits_to_keep)
 
 
-def finetune_transform(img_size: int):
+@dataclass(frozen=True)
+class Augment:
+    """A training pipeline's augmentation; the defaults are the paper's recipes. ``crop_scale`` is the smallest
+    RandomResizedCrop area (None: the kind's recipe, :data:`CROP_SCALE`), ``hflip`` the flip probability;
+    ``rand_augment`` (``"none"``: off) and ``reprob`` (random erasing) apply to the finetune kind."""
+
+    crop_scale: float | None = None
+    hflip: float = 0.5
+    rand_augment: str = FINETUNE_AUTO_AUGMENT
+    reprob: float = RANDOM_ERASE_PROB
+
+    def scale(self, kind: str) -> tuple[float, float]:
+        return (self.crop_scale, 1.0) if self.crop_scale is not None else CROP_SCALE[kind]
+
+    @classmethod
+    def of(cls, cfg) -> Augment:
+        """The augmentation a run configuration asks for (fields it lacks keep the recipe's)."""
+        default = cls()
+        return cls(**{f: getattr(cfg, f, getattr(default, f)) for f in ("crop_scale", "hflip", "rand_augment",
+                                                                        "reprob")})  # fmt: skip
+
+
+RECIPE = Augment()  # the paper's augmentation
+
+
+def finetune_transform(img_size: int, augment: Augment = RECIPE):
     """The MAE finetune recipe through timm: RandomResizedCrop (0.08, 1) bicubic, flip, RandAugment
-    ``rand-m9-mstd0.5-inc1``, normalise, random erasing 0.25 (pixel mode). Mixup/cutmix belong to the step."""
+    ``rand-m9-mstd0.5-inc1``, normalise, random erasing 0.25 (pixel mode), or what ``augment`` says instead.
+    Mixup/cutmix belong to the step."""
     from timm.data import auto_augment, create_transform
 
     for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
         auto_augment.NAME_TO_OP[name] = _posterize
 
     return create_transform(
-        img_size, is_training=True, auto_augment=FINETUNE_AUTO_AUGMENT, interpolation="bicubic",
-        re_prob=RANDOM_ERASE_PROB, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        img_size, is_training=True, scale=augment.scale("finetune"), hflip=augment.hflip,
+        auto_augment=None if augment.rand_augment == "none" else augment.rand_augment, interpolation="bicubic",
+        re_prob=augment.reprob, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD,
     )  # fmt: skip
 
 
@@ -116,9 +144,13 @@ class ImageFiles(torch.utils.data.Dataset):
     change it.
     """
 
-    def __init__(self, index: DataIndex, kind: str, img_size: int, seed: int):
-        self.index, self.kind, self.img_size, self.seed = index, kind, img_size, seed
-        self.transform = {"eval": eval_transform, "finetune": finetune_transform}.get(kind, lambda s: None)(img_size)
+    def __init__(self, index: DataIndex, kind: str, img_size: int, seed: int, augment: Augment = RECIPE):
+        self.index, self.kind, self.img_size, self.seed, self.augment = index, kind, img_size, seed, augment
+        self.transform = None
+        if kind == "eval":
+            self.transform = eval_transform(img_size)
+        elif kind == "finetune":
+            self.transform = finetune_transform(img_size, augment)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -131,7 +163,8 @@ class ImageFiles(torch.utils.data.Dataset):
             return None, self.index.keys[i]
         label = int(self.index.labels[i])
         if self.kind in ("pretrain", "linprobe"):
-            boxes, flips = augment_params(self.index, np.array([i]), self.seed, epoch, CROP_SCALE[self.kind])
+            boxes, flips = augment_params(self.index, np.array([i]), self.seed, epoch, self.augment.scale(self.kind),
+                                          self.augment.hflip)  # fmt: skip
             return (crop_flip_tensor(img, boxes[0], bool(flips[0]), self.img_size), label, i), None
         if self.kind == "finetune":
             with _seeded(sample_rng(self.seed, epoch, i)):
@@ -153,7 +186,8 @@ class IndexLoader:
 
     name = "base"
 
-    def __init__(self, index: DataIndex, kind: str, img_size: int, batch_size: int, seed: int, rank=None, world=None):
+    def __init__(self, index: DataIndex, kind: str, img_size: int, batch_size: int, seed: int, rank=None, world=None,
+                 augment: Augment = RECIPE):  # fmt: skip
         if kind not in KINDS:
             raise FastMAEError(f"pipeline kind must be one of {', '.join(KINDS)}, got {kind!r}")
         env_rank, env_world, _ = dist_info()
@@ -161,6 +195,7 @@ class IndexLoader:
         world = env_world if world is None else world
         train = kind != "eval"
         self.index, self.kind, self.img_size, self.batch_size, self.seed = index, kind, img_size, batch_size, seed
+        self.augment = augment
         self.order = ShardedOrder(len(index), batch_size, seed, rank, world, shuffle=train, drop_last=train)
         self.steps_per_epoch = self.order.steps_per_epoch
         self.skipped: set[str] = {key for key, _ in index.bad}
@@ -205,11 +240,11 @@ class TorchvisionLoader(IndexLoader):
     name = "torchvision"
 
     def __init__(self, index, img_size, batch_size, seed, num_workers=0, pin=False, kind="pretrain", rank=None,
-                 world=None):  # fmt: skip
-        super().__init__(index, kind, img_size, batch_size, seed, rank, world)
+                 world=None, augment: Augment = RECIPE):  # fmt: skip
+        super().__init__(index, kind, img_size, batch_size, seed, rank, world, augment)
         self.sampler = _EpochBatches(self.order)
         self.loader = torch.utils.data.DataLoader(
-            ImageFiles(index, kind, img_size, seed),
+            ImageFiles(index, kind, img_size, seed, augment),
             batch_sampler=self.sampler,
             num_workers=num_workers,
             collate_fn=_collate,
@@ -254,9 +289,12 @@ class SyntheticLoader:
 
 
 def sample_images(index: DataIndex, img_size: int, count: int) -> torch.Tensor:
-    """The first ``count`` decodable images, centre-cropped: fixed inputs for reconstruction pictures."""
+    """``count`` decodable images spread evenly over the index (so over the classes of a sorted ImageFolder),
+    centre-cropped: fixed inputs for reconstruction pictures."""
     tf, out = eval_transform(img_size), []
-    for i in range(len(index)):
+    spread = np.unique(np.linspace(0, len(index) - 1, min(count, len(index))).round().astype(int)).tolist()
+    chosen = set(spread)
+    for i in spread + [i for i in range(len(index)) if i not in chosen]:  # the rest stand in for undecodable ones
         if len(out) == count:
             break
         try:

@@ -386,13 +386,14 @@ def random_resized_crop(
 
 
 def augment_params(
-    index: DataIndex, ids: np.ndarray, seed: int, epoch: int, scale=(0.2, 1.0)
+    index: DataIndex, ids: np.ndarray, seed: int, epoch: int, scale=(0.2, 1.0), hflip: float = 0.5
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Crop boxes ``[B, 4]`` (x, y, w, h) and flips ``[B]`` for samples ``ids`` of ``epoch``."""
+    """Crop boxes ``[B, 4]`` (x, y, w, h) and flips ``[B]`` (probability ``hflip``) for samples ``ids`` of
+    ``epoch``."""
     boxes = np.empty((len(ids), 4), dtype=np.int64)
     flips = np.empty(len(ids), dtype=bool)
     for j, i in enumerate(ids):
         rng = sample_rng(seed, epoch, i)
         boxes[j] = random_resized_crop(rng, int(index.widths[i]), int(index.heights[i]), scale)
-        flips[j] = rng.random() < 0.5
+        flips[j] = rng.random() < hflip
     return boxes, flips
