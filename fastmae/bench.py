@@ -90,8 +90,33 @@ def _build(model_name: str, decoder_depth: int, config: str, mode: str, device: 
     return create_model(model_name, **kw).to(device)
 
 
-def pretrain_step_row(model_name, decoder_depth, config, mode, batch, device, steps, warmup, quick=None) -> dict:
-    """Time ``steps`` optimizer steps of one configuration; returns its results row."""
+def profile_steps(step, device: torch.device, steps: int = 2, top: int = 10) -> list[dict]:
+    """Where a step's time goes: ``steps`` steps under torch.profiler, the ``top`` kernels by self time (CUDA kernels
+    on a GPU, CPU ops otherwise) with calls and ms per step, and their share of all kernel time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    events = [e for e in prof.key_averages() if (e.device_type.name == "CUDA") == cuda or not cuda]
+
+    def self_us(e) -> float:
+        return getattr(e, "self_device_time_total", 0.0) if cuda else e.self_cpu_time_total
+
+    events = [e for e in events if self_us(e) > 0]
+    total = sum(self_us(e) for e in events) or 1.0
+    events.sort(key=self_us, reverse=True)
+    return [{"kernel": e.key, "calls": e.count // steps, "ms_per_step": self_us(e) / 1e3 / steps,
+             "share": self_us(e) / total} for e in events[:top]]  # fmt: skip
+
+
+def pretrain_step_row(model_name, decoder_depth, config, mode, batch, device, steps, warmup, quick=None,
+                      profile: bool = False) -> dict:  # fmt: skip
+    """Time ``steps`` optimizer steps of one configuration; returns its results row (with ``profile``, also the
+    top kernels of a profiled pass after the timing)."""
     torch.manual_seed(0)
     model = _build(model_name, decoder_depth, config, mode, device, quick)
     cuda = device.type == "cuda"
@@ -123,6 +148,7 @@ def pretrain_step_row(model_name, decoder_depth, config, mode, batch, device, st
     flops = 3 * flops_per_image(model)["total"]  # forward + backward (2x forward) matmul FLOPs per image
     tflops = flops * img_s / 1e12
     peak = peak_tflops(torch.cuda.get_device_name(device)) if cuda else None
+    peak_mem = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None
     return {
         "name": "pretrain_step",
         "model": model_name,
@@ -139,9 +165,10 @@ def pretrain_step_row(model_name, decoder_depth, config, mode, batch, device, st
         "step_ms": seconds * 1e3,
         "tflops": tflops,
         "mfu": tflops / peak if peak else None,
-        "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
-        "peak_mem_gb_per_image": torch.cuda.max_memory_allocated(device) / 1e9 / batch if cuda else None,
+        "peak_mem_gb": peak_mem,
+        "peak_mem_gb_per_image": peak_mem / batch if cuda else None,
         "gflops_per_image": flops / 1e9,
+        "profile": profile_steps(step, device) if profile else None,
     }
 
 
@@ -166,7 +193,7 @@ def check_fast_matches_eager(model_name, decoder_depth, device, quick=None, batc
 
 
 def run_suite(models=MODELS, decoder_depths=(8, 1), device=None, steps=10, warmup=3, quick=False, batch=None,
-              log=print) -> list[dict]:  # fmt: skip
+              log=print, profile: bool = False) -> list[dict]:  # fmt: skip
     """Rows for every model x decoder depth x configuration (see the module docstring)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tiny = dict(img_size=32) if quick else None
@@ -176,11 +203,14 @@ def run_suite(models=MODELS, decoder_depths=(8, 1), device=None, steps=10, warmu
             check_fast_matches_eager(name, depth, device, tiny)
             for config, mode in CASES:
                 b = batch or (2 if quick else BATCH.get(name, 64))
-                row = pretrain_step_row(name, depth, config, mode, b, device, steps, warmup, tiny)
+                row = pretrain_step_row(name, depth, config, mode, b, device, steps, warmup, tiny, profile)
                 rows.append(row)
                 log(f"{name} dec{depth} {config:8s} {mode:10s} batch {b}: {row['img_per_s']:9.1f} img/s "
                     f"{row['tflops']:7.2f} TFLOP/s attn {row['attn_backend']} kernels "
                     f"{','.join(sorted(set(row['kernels'].values())))}")  # fmt: skip
+                if row["profile"]:
+                    top = ", ".join(f"{p['kernel'][:40]} {100 * p['share']:.0f}%" for p in row["profile"][:3])
+                    log(f"    where the time goes: {top}")
     return rows
 
 
@@ -294,16 +324,32 @@ def plot(results: dict, png: Path) -> Path:
     return png
 
 
-def report(json_path: str | Path, png: str | Path | None = None, readme: str | Path | None = None) -> dict:
-    """Chart and README table from a committed results JSON (never typed by hand)."""
-    json_path = Path(json_path)
-    try:
-        results = json.loads(json_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise FastMAEError(f"--report {json_path}: cannot read results JSON ({exc})") from exc
-    png = Path(png) if png else json_path.with_suffix(".png")
+def merge_results(paths: list[Path]) -> dict:
+    """Several results JSONs of one machine (a GPU sitting writes one per call) as one: rows concatenated, speedups
+    recomputed, the first file's env (the others' git sha and date must not differ in GPU)."""
+    merged = None
+    for path in paths:
+        try:
+            results = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise FastMAEError(f"--report {path}: cannot read results JSON ({exc})") from exc
+        if merged is None:
+            merged = {"env": results["env"], "rows": []}
+        elif results["env"]["gpu"] != merged["env"]["gpu"]:
+            raise FastMAEError(f"--report {path} was measured on {results['env']['gpu']}, not "
+                               f"{merged['env']['gpu']}: compare timings of one machine only")  # fmt: skip
+        merged["rows"] += results["rows"]
+    merged["speedups"] = speedups(merged["rows"])
+    return merged
+
+
+def report(json_path, png: str | Path | None = None, readme: str | Path | None = None) -> dict:
+    """Chart and README table from one committed results JSON or several merged (never typed by hand)."""
+    paths = [Path(p) for p in ([json_path] if isinstance(json_path, str | Path) else json_path)]
+    results = merge_results(paths)
+    png = Path(png) if png else paths[0].with_suffix(".png")
     plot(results, png)
-    table = results_table(results, json_path.name)
+    table = results_table(results, ", ".join(p.name for p in paths))
     if readme:
         update_readme(Path(readme), table + f"\n\n![pretrain step chart]({_relative(png, Path(readme).parent)})")
     return {"png": str(png), "table": table}

@@ -139,7 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     b.add_argument("--quick", action="store_true", help="tiny shapes on any device: checks the suite, not a number")
     b.add_argument("--out", default=None, help="results JSON path (default: benchmarks/results/<gpu>-<date>.json)")
-    b.add_argument("--report", default=None, metavar="JSON", help="draw chart + table from this results JSON")
+    b.add_argument("--report", default=None, nargs="+", metavar="JSON",
+                   help="draw chart + table from this results JSON (several: merged, e.g. one GPU sitting's files)")
+    b.add_argument("--profile", action="store_true",
+                   help="after timing each configuration, profile 2 steps: top kernels (name, calls, ms, share) in the "
+                   "row and a summary line (CPU ops on a CPU)")  # fmt: skip
     b.add_argument("--png", default=None, help="chart path for --report (default: JSON path with .png)")
     b.add_argument("--readme", default=None, help="README to update between the fastmae-bench markers (--report)")
     return parser
@@ -169,7 +173,8 @@ def run_bench(args: argparse.Namespace) -> int:
     device = resolve_device(args.device or "auto")
     rows = []
     if "pretrain" in suites:
-        rows += bench.run_suite(models, depths, device, args.steps, args.warmup, args.quick, args.batch)
+        rows += bench.run_suite(models, depths, device, args.steps, args.warmup, args.quick, args.batch,
+                                profile=args.profile)  # fmt: skip
     for extra in ("kernels", "loader", "finetune"):
         if extra in suites:
             rows += bench.extra_rows(extra, args.quick)

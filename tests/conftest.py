@@ -18,6 +18,16 @@ SQUARE = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=64, depth=2, num_
               decoder_depth=1, decoder_num_heads=4, mlp_ratio=2.0)  # fmt: skip
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: without it they are skipped, saying so (``pytest -m gpu`` selects them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False); run pytest -m gpu on one")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _no_env_override(monkeypatch):
     """Tests choose kernels explicitly; a developer's FASTMAE_KERNELS must not leak in."""

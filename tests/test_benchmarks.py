@@ -108,3 +108,61 @@ def test_flops_formula_matches_torch_flop_counter():
             model(imgs, mask_ratio=0.75)
         expected = flops_per_image(model, 0.75)["total"] * 2
         assert counter.get_total_flops() == pytest.approx(expected, rel=1e-6), mode
+
+
+def test_profile_writes_where_the_time_goes(tmp_path, capsys):
+    """--profile on CPU (quick shapes): every row carries its top ops with calls, ms per step and share."""
+    from fastmae.cli import main
+
+    out = tmp_path / "p.json"
+    assert main(["bench", "--quick", "--suite", "pretrain", "--decoder-depths", "1", "--profile", "--out",
+                 str(out)]) == 0  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    for r in rows:
+        prof = r["profile"]
+        assert 3 <= len(prof) <= 10 and all({"kernel", "calls", "ms_per_step", "share"} <= set(p) for p in prof)
+        assert all(p["ms_per_step"] > 0 and 0 < p["share"] <= 1 for p in prof)
+        assert [p["share"] for p in prof] == sorted((p["share"] for p in prof), reverse=True)
+    assert capsys.readouterr().out.count("where the time goes:") == len(rows)
+
+
+def test_report_merges_the_files_of_one_sitting(tmp_path):
+    from fastmae import bench
+
+    def row(model, depth, config, mode, rate):
+        return {"name": "pretrain_step", "model": model, "decoder_depth": depth, "encoder_mode": mode,
+                "config": config, "batch_size": 64, "dtype": "bf16", "attn_backend": "sdpa",
+                "kernels": {"masking": "triton"}, "compile": True, "img_per_s": rate, "tflops": 1.0, "mfu": 0.4,
+                "peak_mem_gb": 5.0, "peak_mem_gb_per_image": 0.1}  # fmt: skip
+
+    env = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11", "triton": "3.6", "date": "d", "git_sha": "abc"}
+    cases = [("eager", "visible", 100.0), ("fastmae", "visible", 300.0), ("fastmae", "mask_token", 100.0)]
+    a = bench.write_results([row("mae_vit_large_patch16", 8, *c) for c in cases], env, tmp_path / "l8.json")
+    b = bench.write_results([row("mae_vit_base_patch16", 1, *c) for c in cases], env, tmp_path / "b1.json")
+    done = bench.report([a, b], png=tmp_path / "all.png")
+    assert "mae_vit_large_patch16 | 8" in done["table"] and "mae_vit_base_patch16 | 1" in done["table"]
+    assert "l8.json, b1.json" in done["table"] and done["table"].count("| 3.00 | 3.00 |") == 2
+    other = bench.write_results([row("mae_vit_base_patch16", 8, *cases[0])], {**env, "gpu": "NVIDIA A100"},
+                                tmp_path / "a100.json")  # fmt: skip
+    with pytest.raises(FastMAEError, match="measured on NVIDIA A100, not NVIDIA H100"):
+        bench.report([a, other])
+
+
+def test_gpu_sitting_stages_dry_run_and_table(tmp_path, capsys):
+    sitting = _load("gpu_sitting")
+    assert sitting.main(["--stage", "1,2,3,4,5", "--dry-run", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split("]")[0] + "]" for line in printed] == ["[stage 1]"] * 2 + ["[stage 2]"] + [
+        "[stage 3]"] * 2 + ["[stage 4]", "[stage 5]"]  # fmt: skip
+    assert "-m pytest -m gpu" in printed[0] and "--profile" in printed[2] and str(tmp_path / "l8.json") in printed[2]
+    assert not list(tmp_path.iterdir())  # a dry run writes nothing
+    from fastmae.cli import main
+
+    assert main(["bench", "--quick", "--suite", "pretrain", "--decoder-depths", "1", "--profile", "--out",
+                 str(tmp_path / "q.json")]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert sitting.main(["--table", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert table.count("| q.json | mae_vit_tiny_patch16 | 1 |") == 3 and "other rows: none" in table
+    with pytest.raises(SystemExit):
+        sitting.main(["--stage", "9", "--dry-run"])
