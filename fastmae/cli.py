@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="tiny shapes on any device: checks the suite, not a number")
     b.add_argument("--out", default=None, help="results JSON path (default: benchmarks/results/<gpu>-<date>.json)")
     b.add_argument("--report", default=None, nargs="+", metavar="JSON",
-                   help="draw chart + table from this results JSON (several: merged, as one sitting's files)")  # fmt: skip
+                   help="chart + table from this results JSON (several: merged, as one sitting's)")  # fmt: skip
     b.add_argument("--profile", action="store_true",
                    help="after timing each configuration, profile 2 steps: top kernels (name, calls, ms, share) in the "
                    "row and a summary line (CPU ops on a CPU)")  # fmt: skip
