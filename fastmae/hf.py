@@ -202,11 +202,17 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def is_hf(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a transformers folder, or a weight file with a ``config.json`` beside it."""
+    """Whether ``path`` is a transformers folder, or a weight file with a ``config.json`` beside it (one that names a
+    ``model_type``: a fastmae output folder has a ``config.json`` too)."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
-    return (folder / "config.json").is_file() and (path.is_dir() or path.name in WEIGHT_FILES
-                                                   or path.suffix == ".safetensors")  # fmt: skip
+    if not (folder / "config.json").is_file() or not (path.is_dir() or path.name in WEIGHT_FILES
+                                                      or path.suffix == ".safetensors"):  # fmt: skip
+        return False
+    try:
+        return "model_type" in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return path.is_dir()  # read_config then says what is wrong with it
 
 
 def read_config(path: str | os.PathLike) -> dict:

@@ -123,9 +123,10 @@ def _mse_bwd(
 
 
 def _blocks(P: int) -> tuple[int, int]:
-    # Block sizes: chosen by rule, not yet measured on a GPU: a whole patch per row, ~4 K elements per program.
+    # A whole patch per row, ~2 K elements per program (was 4 K): 91-124 -> 48-72 registers, sm_90 occupancy 25-31% ->
+    # 44-62% in the static report (benchmarks/results/kernel-static.json); not yet timed on a GPU.
     block_p = next_pow2(P)
-    return max(1, 4096 // block_p), block_p
+    return max(1, 2048 // block_p), block_p
 
 
 def _geometry(pred, imgs, mask, patch_size):

@@ -86,6 +86,10 @@ def test_model_that_disagrees_with_the_checkpoint_is_one_line(patch4_ckpt, tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "--model mae_vit_tiny_patch4 disagrees with checkpoint" in err[0] and "mae_vit_mini_patch4" in err[0]
+    # the output folder instead of its checkpoint (it has a config.json, but not a transformers one)
+    code = main(["finetune", "--pretrained", str(patch4_ckpt.parent), *FAST, "--output-dir", str(tmp_path / "q")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"is a run's output folder; its checkpoint is {patch4_ckpt}" in err[0]
 
 
 def test_digits_presets_differ_from_the_paper_only_where_said():

@@ -135,3 +135,27 @@ def test_compile_fullgraph_without_graph_breaks(kernels):
     loss.backward()
     assert torch.equal(pred, eager_pred) and abs(loss.item() - eager_loss.item()) < 1e-6
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("encoder_mode", ["visible", "mask_token"])
+def test_inductor_compiles_the_training_step_with_the_fused_ops(encoder_mode):
+    """The default backend (inductor) over the whole model with the Triton ops inside (interpreted on CPU), fullgraph:
+    loss, pred, mask and every gradient equal eager's (inductor may reorder float sums in the rest of the model)."""
+    import copy
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = MaskedAutoencoderViT(**AWKWARD, kernels="triton", norm_pix_loss=True, encoder_mode=encoder_mode)
+    model = copy.deepcopy(eager)
+    imgs, noise = torch.randn(2, 3, 56, 56), torch.rand(2, 49)
+    el, ep, em = eager(imgs, mask_ratio=0.75, noise=noise)
+    el.backward()
+    compiled = torch.compile(model, fullgraph=True)  # inductor; any graph break raises
+    loss, pred, mask = compiled(imgs, mask_ratio=0.75, noise=noise)
+    loss.backward()
+    assert torch.equal(mask, em) and _rel(pred, ep) < 1e-5 and abs(loss.item() - el.item()) <= 1e-5 * el.item()
+    for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
+        if q.grad is None:
+            assert p.grad is None, name
+            continue
+        assert _rel(p.grad, q.grad) < 1e-4, name

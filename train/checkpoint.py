@@ -42,7 +42,9 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     if not path.exists():
         return "does not exist"
     if path.is_dir():
-        return "is a folder, not a checkpoint file"
+        if (path / LAST).is_file():
+            return f"is a run's output folder; its checkpoint is {path / LAST}"
+        return "is a folder, not a checkpoint file (nor a transformers folder with a config.json)"
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 

@@ -25,7 +25,7 @@ from fastmae.errors import FastMAEError
 from fastmae.interop import create_vit, encoder_arch, load_pretrained
 
 from .checkpoint import LAST, load_checkpoint, resume_position, save_checkpoint
-from .data import labelled_splits, make_loader, num_classes
+from .data import labelled_data, make_loader
 from .distributed import DistContext, no_sync, params_in_sync, wrap_model
 from .run import (
     Run,
@@ -99,8 +99,7 @@ class Finetuning:
         # Each rank its own stream (drop path, mixup draws), as the official code seeds with seed + rank; the data
         # order and augmentations are drawn from (seed, epoch, sample) and do not depend on it.
         seed_all(cfg.seed + run.ctx.rank)
-        self.train_idx, self.val_idx = labelled_splits(cfg.data, cfg.val_split, cfg.seed)
-        self.classes = num_classes(self.train_idx)
+        self.train_idx, self.val_idx, self.classes = labelled_data(cfg)
         self._build_model()
         self.train_loader = make_loader(run.loader_name, self.train_idx, "finetune", cfg, self.device)
         self.val_loader = make_loader(run.loader_name, self.val_idx, "eval", cfg, self.device)

@@ -26,7 +26,7 @@ from fastmae.errors import FastMAEError
 from fastmae.interop import create_vit, encoder_arch, load_pretrained
 
 from .checkpoint import LAST, load_checkpoint, resume_position, save_checkpoint
-from .data import labelled_splits, make_loader, num_classes
+from .data import labelled_data, make_loader
 from .distributed import DistContext, params_in_sync
 from .run import Run, RunLog, SaveClock, StopSignal, micro_batches, optimizer_steps, seed_all, start_run, versions
 from .schedule import lr_at
@@ -145,8 +145,7 @@ class LinearProbing:
 
         self.cfg, self.run, self.device, world = cfg, run, run.device, run.ctx.world_size
         seed_all(cfg.seed + run.ctx.rank)
-        self.train_idx, self.val_idx = labelled_splits(cfg.data, cfg.val_split, cfg.seed)
-        self.classes = num_classes(self.train_idx)
+        self.train_idx, self.val_idx, self.classes = labelled_data(cfg)
         arch = encoder_arch(cfg.model, cfg.pretrained)
         self.encoder = create_vit(arch, 0, cfg.img_size, "avg" if cfg.global_pool else "token")
         self.loaded = load_pretrained(self.encoder, cfg.pretrained, cfg.model)

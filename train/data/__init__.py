@@ -19,11 +19,11 @@ import torch
 from fastmae.errors import FastMAEError
 
 from .dali import DALILoader, dali_unavailable_reason
-from .labelled import digits_folder, labelled_splits, num_classes
+from .labelled import digits_folder, labelled_data, labelled_splits, num_classes
 from .loaders import Augment, SyntheticLoader, TorchvisionLoader, sample_images
 from .sources import DataIndex, index_data
 
-__all__ = ["Augment", "DataIndex", "SyntheticLoader", "digits_folder", "index_data", "labelled_splits",
+__all__ = ["Augment", "DataIndex", "SyntheticLoader", "digits_folder", "index_data", "labelled_data", "labelled_splits",
            "make_loader", "num_classes", "pretrain_index", "resolve_loader", "sample_images"]  # fmt: skip
 
 

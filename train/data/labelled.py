@@ -54,6 +54,12 @@ def num_classes(index: DataIndex) -> int:
     return len(index.classes) or int(index.labels.max()) + 1
 
 
+def labelled_data(cfg) -> tuple[DataIndex, DataIndex, int]:
+    """(train, val, number of classes) for a downstream config's ``data``, ``val_split`` and ``seed``."""
+    train, val = labelled_splits(cfg.data, cfg.val_split, cfg.seed)
+    return train, val, num_classes(train)
+
+
 def labelled_splits(data: str | None, val_split: float, seed: int) -> tuple[DataIndex, DataIndex]:
     """(train, val) indexes: ``DIR/train`` and ``DIR/val`` when both exist, else a seeded split of ``DIR``."""
     root = digits_folder() if data in (None, "digits") else Path(data)
