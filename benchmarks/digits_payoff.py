@@ -188,11 +188,11 @@ def main(argv=None) -> dict:
         return json.loads(Path(args.report).read_text())
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     work = Path(args.work)
+    env = env_info(torch.device("cpu"))  # at the start: the git sha of the code that runs
+    env["threads"] = torch.get_num_threads()
     t0 = time.perf_counter()
     result = run(seeds, work, args.quick)
     result["total_minutes"] = (time.perf_counter() - t0) / 60
-    env = env_info(torch.device("cpu"))
-    env["threads"] = torch.get_num_threads()
     path = Path(args.out) if args.out else RESULTS / f"digits-payoff-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"env": env, **result}, indent=2, default=str) + "\n")
