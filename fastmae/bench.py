@@ -160,6 +160,7 @@ def pretrain_step_row(model_name, decoder_depth, config, mode, batch, device, st
         "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
         "attn_backend": model.attn_backend_used or model.resolve_attention(device, dtype),
         "kernels": model.kernels_used(device),
+        "embed": model.embed_used(device),
         "compile": use_compile,
         "img_per_s": img_s,
         "step_ms": seconds * 1e3,

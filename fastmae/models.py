@@ -18,9 +18,11 @@ from . import attention as attn_dispatch
 from . import ops
 from .errors import FastMAEError
 from .kernels.masked_mse import patchify, unpatchify
+from .kernels.visible_embed import visible_embed
 from .pos_embed import sincos_2d
 
 ENCODER_MODES = ("visible", "mask_token")
+EMBED_MODES = ("auto", "full", "visible")
 LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)  # the official norm layer
 NO_WEIGHT_DECAY = ("cls_token", "mask_token", "encoder_mask_token", "pos_embed", "decoder_pos_embed")
 
@@ -90,6 +92,9 @@ class MaskedAutoencoderViT(nn.Module):
         attn_backend: ``"auto" | "xformers" | "sdpa" | "math"`` (see :mod:`fastmae.attention`).
         encoder_mode: ``"visible"`` (MAE) or ``"mask_token"`` (encoder sees all patches, removed ones replaced by a
             learned ``encoder_mask_token``; that parameter exists only in this mode).
+        embed: ``"auto" | "full" | "visible"``: embed every patch then keep 25% (the official order), or gather the
+            kept patches' pixels and embed only them (:mod:`fastmae.kernels.visible_embed`). ``auto``: visible on
+            CUDA unless ``kernels`` puts masking on the reference (see :meth:`embed_used`).
     """
 
     def __init__(
@@ -111,11 +116,15 @@ class MaskedAutoencoderViT(nn.Module):
         attn_backend: str = "auto",
         encoder_mode: str = "visible",
         drop_path_rate: float = 0.0,
+        embed: str = "auto",
     ):
         super().__init__()
         _check_geometry(img_size, patch_size, embed_dim, num_heads, decoder_embed_dim, decoder_num_heads)
         if encoder_mode not in ENCODER_MODES:
             raise FastMAEError(f"unknown encoder_mode {encoder_mode!r}; choose one of {', '.join(ENCODER_MODES)}")
+        if embed not in EMBED_MODES:
+            raise FastMAEError(f"unknown embed {embed!r}; choose one of {', '.join(EMBED_MODES)}")
+        self.embed = embed
         self.kernels = ops.parse_kernels(kernels)
         ops.check_triton(self.kernels)
         # Implementation per (device type, op), decided now so forward stays a straight line under torch.compile.
@@ -237,7 +246,18 @@ class MaskedAutoencoderViT(nn.Module):
         """[N, L, p*p*C] -> imgs [N, C, H, W]"""
         return unpatchify(x, self.patch_size, self.in_chans, tuple(self.patch_embed.grid_size))
 
+    def embed_used(self, device: torch.device | str = "cpu") -> str:
+        """``"visible"`` (only the kept patches are embedded) or ``"full"`` (the official conv over every patch, then
+        the masking op) for inputs on ``device``. ``auto``: visible on CUDA unless ``kernels`` puts masking on the
+        reference; the ``mask_token`` encoder embeds every patch."""
+        if self.encoder_mode != "visible" or self.embed == "full":
+            return "full"
+        if self.embed == "visible":
+            return "visible"
+        return "visible" if torch.device(device).type == "cuda" and self.kernels["masking"] != "reference" else "full"
+
     def _noise(self, x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        """``noise`` checked against x [N, L, ...] (or drawn when None)."""
         N, L = x.shape[:2]
         if noise is None:
             return torch.rand(N, L, device=x.device)
@@ -252,6 +272,16 @@ class MaskedAutoencoderViT(nn.Module):
         return self._op("masking", x.device)(x, self._noise(x, noise), int(L * (1 - mask_ratio)))
 
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+        if self.embed_used(imgs.device) == "visible":  # embed only the kept patches
+            if tuple(imgs.shape[-2:]) != tuple(self.patch_embed.img_size):
+                want = tuple(self.patch_embed.img_size)
+                raise FastMAEError(f"images are {tuple(imgs.shape[-2:])} pixels, the model takes {want}")
+            L = self.patch_embed.num_patches
+            noise = self._noise(imgs.new_empty(imgs.shape[0], L, 0), noise)
+            proj = self.patch_embed.proj
+            x, mask, ids_restore = visible_embed(imgs, proj.weight, proj.bias, noise, int(L * (1 - mask_ratio)),
+                                                 self.pos_embed)  # fmt: skip
+            return self._encode(x), mask, ids_restore
         x = self.patch_embed(imgs)  # [N, L, D]
         L = x.shape[1]
         noise = self._noise(x, noise)
@@ -263,11 +293,15 @@ class MaskedAutoencoderViT(nn.Module):
             mask = (ids_restore >= len_keep).to(torch.float32)  # [N, L]
             x = torch.where(mask.unsqueeze(-1).bool(), self.encoder_mask_token.to(x.dtype), x)
             x = x + self.pos_embed[:, 1:, :]  # [N, L, D]
+        return self._encode(x), mask, ids_restore
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The cls token first, then the transformer blocks and the final norm over x [N, T, D]."""
         cls_token = self.cls_token + self.pos_embed[:, :1, :]
         x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x), mask, ids_restore
+        return self.norm(x)
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         """The encoder on every patch in order, no masking: [N, 1+L, D] normed tokens (timm's ``forward_features``)."""

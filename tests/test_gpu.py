@@ -165,3 +165,23 @@ def test_bench_quick_on_cuda(tmp_path):
     fast = [r for r in data["rows"] if r["config"] == "fastmae"]
     assert fast and all(r["compile"] and set(r["kernels"].values()) == {"triton"} for r in fast)
     assert all(r["peak_mem_gb"] > 0 for r in data["rows"])
+
+
+@pytest.mark.parametrize("model", OFFICIAL)
+def test_visible_embedding_at_official_shapes(model):
+    from fastmae.kernels.visible_embed import visible_embed, visible_embed_reference
+
+    N, L, D, _, p, size = OFFICIAL[model]
+    g = torch.Generator(device=CUDA).manual_seed(D)
+    imgs = torch.randn(N, 3, size, size, device=CUDA, generator=g)
+    w = (0.02 * torch.randn(D, 3, p, p, device=CUDA, generator=g)).requires_grad_(True)
+    b = torch.zeros(D, device=CUDA, requires_grad=True)
+    noise = torch.rand(N, L, device=CUDA, generator=g)
+    pos = torch.randn(1, L + 1, D, device=CUDA, generator=g)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, mask, ids = visible_embed(imgs, w, b, noise, L // 4, pos)
+        ref, rmask, rids = visible_embed_reference(imgs, w, b, noise, L // 4, pos)
+    assert torch.equal(mask, rmask) and torch.equal(ids, rids) and out.dtype == ref.dtype
+    assert _rel(out, ref) < 1e-2
+    grad = torch.randn_like(out)
+    assert _rel(torch.autograd.grad(out, w, grad)[0], torch.autograd.grad(ref, w, grad)[0]) < 2e-2

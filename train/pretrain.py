@@ -335,6 +335,7 @@ class Pretraining:
             "first_logged_loss": self.first_loss, "final_loss": self.last_loss,
             "eval_loss_start": eval_loss_start, "eval_loss_end": eval_loss_end,
             "attn_backend": self.model.attn_backend_used or self.attn_used, "kernels": self.kernels_used,
+            "embed": self.model.embed_used(self.device),
             "loader": run.loader_name, "device": self.device.type,
             "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
             "precision": run.precision, "compile": run.use_compile, "world_size": world, "parallel": run.ctx.strategy,
