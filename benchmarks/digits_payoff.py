@@ -54,11 +54,13 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def run(seeds: list[int], work: Path, quick: bool) -> dict:
+def run(seeds: list[int], work: Path, quick: bool, pretrain_only: bool = False) -> dict:
     pre = work / "pretrain"
     pre_summary, pre_min = _run(["pretrain", "--preset", "digits"], pre, quick)
     ckpt = str(pre / "checkpoint-last.pth")
     rows = [{"kind": "pretrain", "seed": 0, "minutes": pre_min, "summary": pre_summary}]
+    if pretrain_only:
+        return {"pretrain_only": True, "quick": quick, "pretrain_minutes": pre_min, "rows": rows}
     for seed in seeds:
         for init, pretrained in (("mae", ckpt), ("scratch", "none")):
             common = ["--preset", "digits", "--pretrained", pretrained, "--seed", str(seed)]
@@ -180,6 +182,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--work", default="output/payoff", help="where the runs' output folders go")
     ap.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/digits-payoff-<date>.json)")
     ap.add_argument("--quick", action="store_true", help="2 steps of everything: checks the flow, not a number")
+    ap.add_argument("--pretrain-only", action="store_true",
+                    help="time the digits pretraining alone (nothing else running), JSON digits-pretrain-<date>.json")
     ap.add_argument("--readme", default=None, help="write the table into this README between the digits-payoff markers")
     ap.add_argument("--report", default=None, metavar="JSON", help="only write --readme from this results JSON")
     args = ap.parse_args(argv)
@@ -191,8 +195,13 @@ def main(argv=None) -> dict:
     env = env_info(torch.device("cpu"))  # at the start: the git sha of the code that runs
     env["threads"] = torch.get_num_threads()
     t0 = time.perf_counter()
-    result = run(seeds, work, args.quick)
+    result = run(seeds, work, args.quick, args.pretrain_only)
     result["total_minutes"] = (time.perf_counter() - t0) / 60
+    if args.pretrain_only:
+        path = Path(args.out) if args.out else RESULTS / f"digits-pretrain-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        path.write_text(json.dumps({"env": env, **result}, indent=2, default=str) + "\n")
+        print(f"digits pretraining: {result['pretrain_minutes']:.1f} min; wrote {path}")
+        return result
     path = Path(args.out) if args.out else RESULTS / f"digits-payoff-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"env": env, **result}, indent=2, default=str) + "\n")
