@@ -28,7 +28,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret (must happen before fastmae is imported)
+if __name__ == "__main__":  # compile, do not interpret (before fastmae is imported; an importer keeps its own mode)
+    os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
