@@ -256,9 +256,10 @@ def mae_from_state(sd: dict[str, torch.Tensor], arch: dict, source: str, model: 
         if key in sd:
             sd[key] = interpolate_pos_embed(sd[key], _grid(new), _grid(arch))
     decoder = [k for k in mae.state_dict() if k.startswith(DECODER_KEYS) and k != "encoder_mask_token"]
-    if not any(k in sd for k in decoder):
+    encoder_only = not any(k in sd for k in decoder)
+    if encoder_only:
         logger.warning("%s holds an encoder only: the decoder starts from its initialisation", source)
-    optional = set(decoder if not any(k in sd for k in decoder) else []) | {"encoder_mask_token"}
+    optional = set(decoder if encoder_only else []) | {"encoder_mask_token"}
     missing, unexpected = mae.load_state_dict(sd, strict=False)
     lacking = [k for k in missing if k not in optional]
     if lacking or unexpected:
