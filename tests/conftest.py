@@ -45,3 +45,52 @@ def _index_cache(tmp_path_factory):
 @pytest.fixture(autouse=True, scope="session")
 def _threads():
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _triton_stays_in_bounds(monkeypatch):
+    """Under the Triton interpreter, every load and store a kernel makes (where its mask is true) must fall inside the
+    tensors the kernel was given. The interpreter touches real memory: an out-of-bounds store would corrupt this
+    process's heap, and on a GPU another tensor."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    import numpy as np
+    from triton.runtime import interpreter as ti
+
+    spans: list[list[tuple[int, int]]] = []
+    real_call, real_load, real_store = (ti.GridExecutor.__call__, ti.InterpreterBuilder.create_masked_load,
+                                        ti.InterpreterBuilder.create_masked_store)  # fmt: skip
+
+    def call(self, *args, **kwargs):
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        spans.append([(t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr() + t.untyped_storage().nbytes())
+                      for t in tensors])  # fmt: skip
+        try:
+            return real_call(self, *args, **kwargs)
+        finally:
+            spans.pop()
+
+    def check(ptrs, mask, what):
+        if not spans:
+            return
+        size = ti._get_np_dtype(ptrs.get_element_ty()).itemsize
+        addr = np.broadcast_to(ptrs.data, np.broadcast_shapes(ptrs.data.shape, mask.data.shape))[mask.data]
+        inside = np.zeros(addr.shape, dtype=bool)
+        for lo, hi in spans[-1]:
+            inside |= (addr >= lo) & (addr + size <= hi)
+        if not inside.all():
+            raise AssertionError(f"Triton kernel {what} {int((~inside).sum())} element(s) outside its tensors")
+
+    def load(self, ptrs, mask, *rest):
+        check(ptrs, mask, "loads")
+        return real_load(self, ptrs, mask, *rest)
+
+    def store(self, ptrs, value, mask, *rest):
+        check(ptrs, mask, "stores")
+        return real_store(self, ptrs, value, mask, *rest)
+
+    monkeypatch.setattr(ti.GridExecutor, "__call__", call)
+    monkeypatch.setattr(ti.InterpreterBuilder, "create_masked_load", load)
+    monkeypatch.setattr(ti.InterpreterBuilder, "create_masked_store", store)
+    yield

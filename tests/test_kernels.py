@@ -159,3 +159,33 @@ def test_inductor_compiles_the_training_step_with_the_fused_ops(encoder_mode):
             assert p.grad is None, name
             continue
         assert _rel(p.grad, q.grad) < 1e-4, name
+
+
+def test_kernels_folder_found_as_a_top_level_package_registers_nothing_twice():
+    """With the repository root on sys.path (pytest, `python -m` from a checkout), transformers imports `kernels`
+    looking for Hugging Face's project of that name and finds this folder. That must hand out fastmae.kernels, not
+    load the ops again: a second registration of fastmae::masked_mse left the first one's handles dangling, and a
+    later custom op (transformers' grouped_mm_fallback in CI) was called in its place."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from fastmae.kernels.masked_mse import masked_mse, masked_mse_reference
+import fastmae.kernels, kernels
+assert kernels is fastmae.kernels and "kernels.masked_mse" not in sys.modules
+from transformers.utils.import_utils import is_kernels_available
+assert not is_kernels_available()
+
+@torch.library.custom_op("zz_test::other", mutates_args=())
+def other(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return a
+pred, imgs = torch.randn(2, 4, 192), torch.randn(2, 3, 16, 16)
+mask = torch.ones(2, 4)
+torch.testing.assert_close(masked_mse(pred, imgs, mask, 8, True), masked_mse_reference(pred, imgs, mask, 8, True))
+"""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", script, str(root)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
