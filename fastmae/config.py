@@ -12,6 +12,7 @@ LOADERS = ("auto", "dali", "torchvision", "synthetic")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PARALLEL = ("ddp", "fsdp")
+INDEX_CHECKS = ("listing", "stat")
 
 
 def _f(default, help: str, **kw):
@@ -50,6 +51,10 @@ class PretrainConfig:
         "shards, a .tar, a brace pattern like shards/train-{0000..0146}.tar, or 'digits' (the training split of "
         "scikit-learn's digits; labels unused) (default: scikit-image's photos)",
     )
+    index_check: str = _f(
+        "listing", "how a start finds changed files in a cached image folder: listing (one stat per folder; misses a "
+        "file rewritten in place under the same name) | stat (also one stat per file)"
+    )  # fmt: skip
     crop_scale: float = _f(0.2, "smallest RandomResizedCrop area (the paper: 0.2)")
     hflip: float = _f(0.5, "horizontal flip probability")
     output_dir: str = _f("output/pretrain", "where config, metrics, checkpoints and pictures go")
@@ -118,9 +123,11 @@ class PretrainConfig:
             ("device", DEVICES),
             ("precision", PRECISIONS),
             ("parallel", PARALLEL),
+            ("index_check", INDEX_CHECKS),
         ):
             if getattr(self, name) not in choices:
-                raise FastMAEError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+                raise FastMAEError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
+                                   f"got {getattr(self, name)!r}")  # fmt: skip
         for name in ("epochs", "batch_size", "accum_iter", "img_size", "log_every", "synthetic_images",
                      "nan_rollback_after", "picture_scale"):  # fmt: skip
             if getattr(self, name) <= 0:
@@ -226,6 +233,10 @@ class _DownstreamConfig:
         "(default, or 'digits': scikit-learn's handwritten digits, 10 classes, no download)"
     )  # fmt: skip
     val_split: float = _f(0.2, "fraction held out for validation when --data has no train/ and val/ folders")
+    index_check: str = _f(
+        "listing", "how a start finds changed files in a cached image folder: listing (one stat per folder; misses a "
+        "file rewritten in place under the same name) | stat (also one stat per file)"
+    )  # fmt: skip
     crop_scale: float = _f(0.08, "smallest RandomResizedCrop area (the paper: 0.08)")
     hflip: float = _f(0.5, "horizontal flip probability")
     img_size: int = _f(224, "input resolution (the position table is resampled from the checkpoint's)")
@@ -264,9 +275,10 @@ class _DownstreamConfig:
         if self.model is not None and self.model not in list_models():
             raise FastMAEError(f"unknown model {self.model!r}; known models: {', '.join(list_models())}")
         for name, choices in (("device", DEVICES), ("precision", ("auto", "bf16", "fp32")),
-                              ("loader", ("auto", "dali", "torchvision"))):  # fmt: skip
+                              ("loader", ("auto", "dali", "torchvision")), ("index_check", INDEX_CHECKS)):  # fmt: skip
             if getattr(self, name) not in choices:
-                raise FastMAEError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+                raise FastMAEError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
+                                   f"got {getattr(self, name)!r}")  # fmt: skip
         for name in ("epochs", "batch_size", "accum_iter", "img_size", "log_every"):
             if getattr(self, name) <= 0:
                 raise FastMAEError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

@@ -97,7 +97,8 @@ def test_resume_and_pretrained_that_are_not_checkpoints(kind, folder, tmp_path, 
     # --resume is checked before the data set is indexed: indexing would fail the test
     from fastmae.train import pretrain
 
-    monkeypatch.setattr(pretrain, "pretrain_index", lambda *a: pytest.fail("indexed the data before checking --resume"))
+    indexer = lambda *a, **k: pytest.fail("indexed the data before checking --resume")
+    monkeypatch.setattr(pretrain, "pretrain_index", indexer)
     err = _one_line_error(["pretrain", *TINY, "--data", str(folder), "--resume", str(bad)], capsys)
     assert err.startswith(f"fastmae: error: --resume {bad} {want}"), err
     for command in ("finetune", "linprobe"):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 from fastmae.train.checkpoint import load_checkpoint, save_checkpoint
-from fastmae.train.data.sources import index_data, load_rgb
+from fastmae.train.data.decode import load_rgb
+from fastmae.train.data.index import index_data
 from fastmae.train.schedule import build_optimizer, lr_at
 from PIL import Image
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from fastmae.errors import FastMAEError
 
-from .data.sources import dist_info
+from .launch import dist_info
 
 logger = logging.getLogger("fastmae.distributed")
 STRATEGIES = ("ddp", "fsdp")

@@ -25,7 +25,7 @@ from fastmae.errors import FastMAEError
 from fastmae.interop import create_vit, encoder_arch, load_pretrained
 
 from .checkpoint import LAST, load_checkpoint, resume_position, save_checkpoint
-from .data import labelled_data, make_loader
+from .data import labelled_data, make_loader, to_device
 from .distributed import DistContext, no_sync, params_in_sync, wrap_model
 from .run import (
     Run,
@@ -66,7 +66,7 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, autocast, cla
     k = min(5, classes)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
     for imgs, labels in loader.epoch(0):
-        imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        imgs, labels = to_device(imgs, device), labels.to(device, non_blocking=True)
         with autocast:
             logits = model(imgs)
         logits = logits.float()
@@ -99,7 +99,7 @@ class Finetuning:
         # Each rank its own stream (drop path, mixup draws), as the official code seeds with seed + rank; the data
         # order and augmentations are drawn from (seed, epoch, sample) and do not depend on it.
         seed_all(cfg.seed + run.ctx.rank)
-        self.train_idx, self.val_idx, self.classes = labelled_data(cfg)
+        self.train_idx, self.val_idx, self.classes = labelled_data(cfg, run.ctx)
         self._build_model()
         self.train_loader = make_loader(run.loader_name, self.train_idx, "finetune", cfg, self.device)
         self.val_loader = make_loader(run.loader_name, self.val_idx, "eval", cfg, self.device)
@@ -212,7 +212,7 @@ class Finetuning:
 
     def forward_backward(self, imgs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One micro-batch: mixup / cutmix on the device, forward under autocast, backward of loss / accum."""
-        imgs, labels = imgs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        imgs, labels = to_device(imgs, self.device), labels.to(self.device, non_blocking=True)
         targets = labels
         if self.mixup is not None:
             if imgs.shape[0] % 2:  # a batch that lost an undecodable file: mixup pairs need an even one

@@ -26,7 +26,7 @@ from fastmae.errors import FastMAEError
 from fastmae.interop import create_vit, encoder_arch, load_pretrained
 
 from .checkpoint import LAST, load_checkpoint, resume_position, save_checkpoint
-from .data import labelled_data, make_loader
+from .data import labelled_data, make_loader, to_device
 from .distributed import DistContext, params_in_sync
 from .run import Run, RunLog, SaveClock, StopSignal, micro_batches, optimizer_steps, seed_all, start_run, versions
 from .schedule import lr_at
@@ -70,7 +70,7 @@ def extract(encoder: nn.Module, loader, device: torch.device, autocast, dim: int
     feats, labels = [torch.empty(0, dim, device=device)], [torch.empty(0, dtype=torch.long, device=device)]
     for imgs, y in loader.epoch(0):
         with autocast:
-            feats.append(encoder(imgs.to(device, non_blocking=True)).float())
+            feats.append(encoder(to_device(imgs, device)).float())
         labels.append(y.to(device))
     feats, labels = torch.cat(feats), torch.cat(labels)
     if ctx is not None and ctx.enabled:
@@ -145,7 +145,7 @@ class LinearProbing:
 
         self.cfg, self.run, self.device, world = cfg, run, run.device, run.ctx.world_size
         seed_all(cfg.seed + run.ctx.rank)
-        self.train_idx, self.val_idx, self.classes = labelled_data(cfg)
+        self.train_idx, self.val_idx, self.classes = labelled_data(cfg, run.ctx)
         arch = encoder_arch(cfg.model, cfg.pretrained)
         self.encoder = create_vit(arch, 0, cfg.img_size, "avg" if cfg.global_pool else "token")
         self.loaded = load_pretrained(self.encoder, cfg.pretrained, cfg.model)
@@ -233,7 +233,7 @@ class LinearProbing:
         """One micro-batch: features of the frozen encoder (every rank's, under torchrun), every probe's loss, one
         backward for all (they share no parameters); returns the probes' losses [K]."""
         with torch.no_grad(), self.run.autocast():
-            feats = self.features(imgs.to(self.device, non_blocking=True))
+            feats = self.features(to_device(imgs, self.device))
         feats, labels = feats.float(), labels.to(self.device, non_blocking=True)
         if self.run.ctx.enabled:  # every rank: the whole global batch (a host sync for the row counts)
             feats, labels = _split_labels(self.run.ctx.gather_rows(_with_labels(feats, labels)))

@@ -23,7 +23,7 @@ from fastmae.interop import from_pretrained
 from fastmae.models import model_arch
 
 from .checkpoint import LAST, load_checkpoint, resume_position, save_checkpoint
-from .data import SyntheticLoader, make_loader, pretrain_index, sample_images
+from .data import SyntheticLoader, make_loader, pretrain_index, sample_images, to_device
 from .distributed import full_state, load_full_state, no_sync, params_in_sync, wrap_model
 from .noise import mask_noise
 from .run import (
@@ -64,7 +64,7 @@ class Pretraining:
             self.index = None
             self.loader = SyntheticLoader(cfg.img_size, cfg.batch_size, cfg.synthetic_images, cfg.seed, run.device)
         else:
-            self.index = pretrain_index(cfg.data)
+            self.index = pretrain_index(cfg.data, run.ctx, cfg.index_check)
             self.loader = make_loader(run.loader_name, self.index, "pretrain", cfg, run.device)
         self._build_model()
         self.step, self.rng_resume = 0, None
@@ -196,7 +196,7 @@ class Pretraining:
 
     def forward_backward(self, imgs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """One micro-batch: per-sample masks, forward under autocast, backward of loss / accum; returns the loss."""
-        imgs = imgs.to(self.device, non_blocking=True)
+        imgs = to_device(imgs, self.device)  # uint8 batches are normalised here, on the device
         if self.device.type == "cuda" and ids.device.type == "cpu":
             ids = ids.pin_memory().to(self.device, non_blocking=True)  # a pageable copy would sync the host
         noise = mask_noise(self.cfg.seed, self.epoch, ids, self.model.patch_embed.num_patches, self.device)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data.loaders import IMAGENET_MEAN, IMAGENET_STD
+from .data.decode import IMAGENET_MEAN, IMAGENET_STD
 
 
 @torch.no_grad()
@@ -63,8 +63,8 @@ def visualize_checkpoint(checkpoint: str | Path, output: str | Path, images: str
     it); returns the loss on them."""
     from fastmae.interop import mae_from_state, read_checkpoint
 
+    from .data.index import index_data
     from .data.loaders import sample_images
-    from .data.sources import index_data
 
     sd, arch, info = read_checkpoint(checkpoint)
     cfg = info.get("config") or {}

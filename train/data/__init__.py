@@ -1,8 +1,13 @@
 """fastmae.train.data: the data layer every recipe reads through.
 
-- :mod:`.sources`: folders, webdataset shards and brace patterns indexed once and validated (broken files counted),
-  the sharded, resumable sample order, and each sample's crop box and flip drawn from (seed, epoch, sample).
-- :mod:`.loaders`: the torchvision/PIL loader (pretrain, linprobe, finetune and eval transforms), the synthetic loader.
+- :mod:`.index`: find, validate, cache: folders, webdataset shards and brace patterns indexed into numpy arrays,
+  broken files counted, a binary cache that makes a later start cost what changed; the work split over torchrun ranks.
+- :mod:`.order`: the sharded, resumable sample order, and each sample's crop box and flip drawn from
+  (seed, epoch, sample).
+- :mod:`.decode`: bytes to uint8 pixels (torchvision.io for JPEG and PNG, Pillow for the rest), crop / resize / flip on
+  uint8 tensors, normalisation on the device.
+- :mod:`.loaders`: the torchvision loader (pretrain, linprobe, eval on uint8; finetune through timm), the synthetic
+  loader.
 - :mod:`.dali`: the same pipelines in NVIDIA DALI (mixed decode on a GPU, CPU decode otherwise).
 - :mod:`.labelled`: labelled train/val splits and the built-in digits data set.
 
@@ -19,18 +24,19 @@ import torch
 from fastmae.errors import FastMAEError
 
 from .dali import DALILoader, dali_unavailable_reason
+from .index import DataIndex, index_data
 from .labelled import digits_folder, labelled_data, labelled_splits, num_classes
-from .loaders import Augment, SyntheticLoader, TorchvisionLoader, sample_images
-from .sources import DataIndex, index_data
+from .loaders import Augment, SyntheticLoader, TorchvisionLoader, sample_images, to_device
 
 __all__ = ["Augment", "DataIndex", "SyntheticLoader", "digits_folder", "index_data", "labelled_data", "labelled_splits",
-           "make_loader", "num_classes", "pretrain_index", "resolve_loader", "sample_images"]  # fmt: skip
+           "make_loader", "num_classes", "pretrain_index", "resolve_loader", "sample_images",
+           "to_device"]  # fmt: skip
 
 
-def pretrain_index(data: str | None) -> DataIndex:
+def pretrain_index(data: str | None, group=None, check: str = "listing") -> DataIndex:
     """The pretraining data set: a path (see :func:`index_data`), or ``"digits"``, the training split of the
     built-in digits (their validation images are never seen in pretraining)."""
-    return index_data(digits_folder() / "train" if data == "digits" else data)
+    return index_data(digits_folder() / "train" if data == "digits" else data, group=group, check=check)
 
 
 def resolve_loader(name: str, device: torch.device) -> str:

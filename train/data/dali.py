@@ -2,7 +2,7 @@
 crop) when given a CUDA device and on the CPU (``device_id=None``) otherwise.
 
 The pipeline is fed by an external source that reads the encoded bytes of the validated index in this rank's
-:class:`~fastmae.train.data.sources.ShardedOrder`, with each sample's crop box and flip drawn from
+:class:`~fastmae.train.data.order.ShardedOrder`, with each sample's crop box and flip drawn from
 ``(seed, epoch, sample)`` exactly as the torchvision loader draws them: both loaders crop the same regions, and a
 restart at ``(epoch, batch)`` repeats the same batches. Files DALI cannot turn into the same RGB as PIL (alpha,
 GIF, float, ...) are decoded by PIL and passed on as uncompressed BMP. If a file still fails inside DALI (changed
@@ -21,8 +21,10 @@ import torch
 
 from fastmae.errors import FastMAEError
 
-from .loaders import IMAGENET_MEAN, IMAGENET_STD, RECIPE, Augment, IndexLoader
-from .sources import DataIndex, augment_params, load_rgb
+from .decode import IMAGENET_MEAN, IMAGENET_STD, load_rgb
+from .index import DataIndex
+from .loaders import RECIPE, Augment, IndexLoader
+from .order import augment_params
 
 logger = logging.getLogger("fastmae.data")
 PREFETCH = 2  # batches decoded ahead of the training step
@@ -150,7 +152,7 @@ class DALILoader(IndexLoader):
     def _encoded(self, i: int) -> bytes | None:
         try:
             data = self.index.read(i)
-            return data if self.index.native[i] and i not in self.via_pil else _to_bmp(data)
+            return data if self.index.native(i) and i not in self.via_pil else _to_bmp(data)
         except Exception:  # unreadable now, or PIL cannot decode it: skipped and counted
             return None
 
@@ -177,7 +179,7 @@ class DALILoader(IndexLoader):
             for i in batch:
                 enc = self._encoded(int(i))
                 if enc is None:
-                    self._record_failures([self.index.keys[i]])
+                    self._record_failures([self.index.key(i)])
                 else:
                     ids.append(int(i))
                     data.append(np.frombuffer(enc, dtype=np.uint8))

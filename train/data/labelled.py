@@ -14,7 +14,7 @@ from PIL import Image
 
 from fastmae.errors import FastMAEError
 
-from .sources import DataIndex, index_data
+from .index import DataIndex, cache_folder, index_data
 
 logger = logging.getLogger("fastmae.data")
 DIGITS_VAL_FRACTION = 0.2
@@ -24,7 +24,7 @@ def digits_folder() -> Path:
     """scikit-learn's digits (1797 images, 10 classes) as ``train/<digit>/*.png`` and ``val/<digit>/*.png`` (a fixed
     80/20 split) under the fastmae cache folder; written on first use into a private folder that is then renamed into
     place, so processes starting together (torchrun) never read a half-written copy."""
-    root = Path(os.environ.get("FASTMAE_CACHE", Path.home() / ".cache" / "fastmae")) / "digits-v1"
+    root = cache_folder() / "digits-v1"
     if (root / "done").is_file():
         return root
     from sklearn.datasets import load_digits
@@ -54,24 +54,27 @@ def num_classes(index: DataIndex) -> int:
     return len(index.classes) or int(index.labels.max()) + 1
 
 
-def labelled_data(cfg) -> tuple[DataIndex, DataIndex, int]:
-    """(train, val, number of classes) for a downstream config's ``data``, ``val_split`` and ``seed``."""
-    train, val = labelled_splits(cfg.data, cfg.val_split, cfg.seed)
+def labelled_data(cfg, group=None) -> tuple[DataIndex, DataIndex, int]:
+    """(train, val, number of classes) for a downstream config's ``data``, ``val_split``, ``seed`` and
+    ``index_check``; ``group``: a torchrun job's process group (the indexing is split over its ranks)."""
+    train, val = labelled_splits(cfg.data, cfg.val_split, cfg.seed, group, cfg.index_check)
     return train, val, num_classes(train)
 
 
-def labelled_splits(data: str | None, val_split: float, seed: int) -> tuple[DataIndex, DataIndex]:
+def labelled_splits(data: str | None, val_split: float, seed: int, group=None,
+                    check: str = "listing") -> tuple[DataIndex, DataIndex]:  # fmt: skip
     """(train, val) indexes: ``DIR/train`` and ``DIR/val`` when both exist, else a seeded split of ``DIR``."""
     root = digits_folder() if data in (None, "digits") else Path(data)
     if (root / "train").is_dir() and (root / "val").is_dir():
-        train, val = index_data(root / "train"), index_data(root / "val")
+        train = index_data(root / "train", group=group, check=check)
+        val = index_data(root / "val", group=group, check=check)
         if train.classes != val.classes:
             raise FastMAEError(
                 f"{root}/train has classes {train.classes[:5]}... but {root}/val has {val.classes[:5]}...; they must "
                 "match"
             )
     else:
-        whole = index_data(root)
+        whole = index_data(root, group=group, check=check)
         if not whole.classes and not (whole.labels > 0).any():
             raise FastMAEError(f"{root} has no class sub-folders (or .cls labels): labelled images are needed")
         order = np.random.default_rng([seed, 0x5B17]).permutation(len(whole))

@@ -1,15 +1,18 @@
-"""Loaders: the torchvision/PIL loader (the MAE pretrain augmentation, eval and finetune transforms), the DALI loader
-(``fastmae.train.data.dali``) and a synthetic loader for pure-compute benchmarks, all behind one interface.
+"""Loaders: the torchvision loader (uint8 decode, crop, resize and flip in DataLoader workers; timm's transforms for
+finetuning), the DALI loader (``fastmae.train.data.dali``) and a synthetic loader for pure-compute benchmarks, all
+behind one interface.
 
-Every loader reads a validated :class:`~fastmae.train.data.sources.DataIndex` in the :class:`ShardedOrder` of its rank
-and
-is resumable: ``epoch(e, start_batch)`` yields exactly the batches a run that never stopped would have seen, and
-``position`` says where it is. Files that fail to decode are skipped, counted in ``skipped`` and reported.
+Every loader reads a validated :class:`~fastmae.train.data.index.DataIndex` in the
+:class:`~fastmae.train.data.order.ShardedOrder` of its rank and is resumable: ``epoch(e, start_batch)`` yields exactly
+the batches a run that never stopped would have seen, and ``position`` says where it is. Files that fail to decode are
+skipped, counted in ``skipped`` and reported. Batches may be uint8 (normalised on the device by :func:`to_device`, in
+the step) or already normalised float32.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import random
 from collections.abc import Iterator
@@ -20,12 +23,13 @@ import torch
 
 from fastmae.errors import FastMAEError
 
-from .sources import DataIndex, ShardedOrder, augment_params, dist_info, load_rgb, sample_rng
+from ..launch import dist_info
+from .decode import IMAGENET_MEAN, IMAGENET_STD, crop_resize_flip, decode, eval_resize_crop, load_rgb, normalize
+from .index import DataIndex
+from .order import ShardedOrder, augment_params, sample_rng
 
 logger = logging.getLogger("fastmae.data")
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 KINDS = ("pretrain", "linprobe", "finetune", "eval")
 PRETRAIN_SCALE = (0.2, 1.0)  # MAE pretraining crop scale
 FINETUNE_SCALE = (0.08, 1.0)  # timm / DeiT default, used by the MAE finetune and linear-probe recipes
@@ -35,26 +39,16 @@ FINETUNE_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
 RANDOM_ERASE_PROB = 0.25
 
 
-def _normalize(t: torch.Tensor) -> torch.Tensor:
-    from torchvision.transforms import functional as TF
-
-    return TF.normalize(t, IMAGENET_MEAN, IMAGENET_STD)
-
-
-def crop_flip_tensor(img, box, flip: bool, img_size: int) -> torch.Tensor:
-    """Crop ``box`` (x, y, w, h) from a PIL image, bicubic resize to ``img_size``, flip, to a normalised tensor."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as TF
-
-    x, y, w, h = (int(v) for v in box)
-    img = TF.resized_crop(img, y, x, h, w, [img_size, img_size], InterpolationMode.BICUBIC)
-    if flip:
-        img = TF.hflip(img)
-    return _normalize(TF.to_tensor(img))
+def to_device(imgs: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch as the model takes it, on ``device``: uint8 batches are copied as they are (4x fewer bytes than float)
+    and normalised there; float batches (finetune, DALI, synthetic) only moved."""
+    imgs = imgs.to(device, non_blocking=True)
+    return normalize(imgs) if imgs.dtype == torch.uint8 else imgs
 
 
 def eval_transform(img_size: int):
-    """Resize the shorter side to img_size / 0.875, centre crop, normalise."""
+    """The PIL reference of the evaluation view: resize the shorter side to img_size / 0.875 (bicubic), centre crop,
+    normalise. The loaders compute the same on uint8 tensors (:func:`~fastmae.train.data.decode.eval_resize_crop`)."""
     from torchvision import transforms as T
 
     return T.Compose(
@@ -126,7 +120,9 @@ def _seeded(rng: np.random.Generator):
     torchvision transforms draw from all three: timm's RandAugment picks its ops with ``np.random``)."""
     torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
     seed = int(rng.integers(2**62))
-    torch.manual_seed(seed)
+    # The CPU generator only: torch.manual_seed also seeds CUDA, which (CUDA not initialised) records a stack trace
+    # per call, 0.9 ms a sample (benchmarks/bench_loader.py, fastmae-finetune row).
+    torch.default_generator.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     try:
@@ -138,19 +134,17 @@ def _seeded(rng: np.random.Generator):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Item ``(epoch, i)`` -> ``((image tensor, label), None)``, or ``(None, key)`` when the file does not decode.
+    """Item ``(epoch, i)`` -> ``((image, label, i), None)``, or ``(None, key)`` when the file does not decode.
 
-    The augmentation of sample ``i`` in ``epoch`` depends on nothing else, so restarts and worker counts do not
-    change it.
+    pretrain, linprobe and eval images are uint8 [3, S, S] (decoded by torchvision.io or Pillow, cropped, resized and
+    flipped as uint8); finetune images go through timm's Pillow transforms (RandAugment needs Pillow) and come out
+    normalised float32. The augmentation of sample ``i`` in ``epoch`` depends on nothing else, so restarts and worker
+    counts do not change it.
     """
 
     def __init__(self, index: DataIndex, kind: str, img_size: int, seed: int, augment: Augment = RECIPE):
         self.index, self.kind, self.img_size, self.seed, self.augment = index, kind, img_size, seed, augment
-        self.transform = None
-        if kind == "eval":
-            self.transform = eval_transform(img_size)
-        elif kind == "finetune":
-            self.transform = finetune_transform(img_size, augment)
+        self.transform = finetune_transform(img_size, augment) if kind == "finetune" else None
 
     def __len__(self) -> int:
         return len(self.index)
@@ -158,27 +152,71 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, item: tuple[int, int]):
         epoch, i = item
         try:
-            img = load_rgb(self.index.read(i))
+            return (self.image(epoch, i), int(self.index.labels[i]), i), None
         except Exception:  # changed or unreadable since validation: skipped and counted, never fatal
-            return None, self.index.keys[i]
-        label = int(self.index.labels[i])
-        if self.kind in ("pretrain", "linprobe"):
-            boxes, flips = augment_params(self.index, np.array([i]), self.seed, epoch, self.augment.scale(self.kind),
+            return None, self.index.key(i)
+
+    def __getitems__(self, items: list[tuple[int, int]]):
+        """A whole batch at once (the DataLoader calls this when it exists): crop boxes drawn together, images written
+        straight into the batch, which lives in shared memory inside a worker (no copy on the way out)."""
+        if self.kind == "finetune":
+            return _collate([self[item] for item in items])
+        epoch = items[0][0]
+        ids = np.array([i for _, i in items], dtype=np.int64)
+        if self.kind != "eval":
+            boxes, flips = augment_params(self.index, ids, self.seed, epoch, self.augment.scale(self.kind),
                                           self.augment.hflip)  # fmt: skip
-            return (crop_flip_tensor(img, boxes[0], bool(flips[0]), self.img_size), label, i), None
+        out = _batch_tensor((len(items), 3, self.img_size, self.img_size))
+        good, failed = [], []
+        for j, i in enumerate(ids.tolist()):
+            try:
+                img = decode(self.index.read(i), int(self.index.routes[i]))
+                if self.kind == "eval":
+                    img = eval_resize_crop(img, self.img_size)
+                else:
+                    img = crop_resize_flip(img, boxes[j], bool(flips[j]), self.img_size)
+                out[len(good)].copy_(img)
+                good.append(i)
+            except Exception:  # changed or unreadable since validation: skipped and counted, never fatal
+                failed.append(self.index.key(i))
+        if not good:
+            return None, None, None, failed
+        ids_t = torch.tensor(good)
+        return out[: len(good)], torch.from_numpy(self.index.labels[good]), ids_t, failed
+
+    def image(self, epoch: int, i: int) -> torch.Tensor:
+        data = self.index.read(i)
         if self.kind == "finetune":
             with _seeded(sample_rng(self.seed, epoch, i)):
-                return (self.transform(img), label, i), None
-        return (self.transform(img), label, i), None
+                return self.transform(load_rgb(data))
+        img = decode(data, int(self.index.routes[i]))
+        if self.kind == "eval":
+            return eval_resize_crop(img, self.img_size)
+        boxes, flips = augment_params(self.index, np.array([i]), self.seed, epoch, self.augment.scale(self.kind),
+                                      self.augment.hflip)  # fmt: skip
+        return crop_resize_flip(img, boxes[0], bool(flips[0]), self.img_size)
+
+
+def _batch_tensor(shape: tuple[int, ...], dtype=torch.uint8) -> torch.Tensor:
+    """An empty batch; inside a DataLoader worker in shared memory from the start, as torch's default_collate makes
+    it, so handing it to the main process copies nothing."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = int(np.prod(shape))
+    storage = torch.UntypedStorage._new_shared(numel * torch.empty((), dtype=dtype).element_size())
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
 def _collate(items):
+    if isinstance(items, tuple):  # a batch __getitems__ made
+        return items
     good = [x for x, _ in items if x is not None]
     failed = [k for _, k in items if k is not None]
     if not good:
         return None, None, None, failed
     ids = torch.tensor([i for _, _, i in good])
-    return torch.stack([x for x, _, _ in good]), torch.tensor([y for _, y, _ in good]), ids, failed
+    out = _batch_tensor((len(good), *good[0][0].shape), good[0][0].dtype)
+    return torch.stack([x for x, _, _ in good], out=out), torch.tensor([y for _, y, _ in good]), ids, failed
 
 
 class IndexLoader:
@@ -212,8 +250,9 @@ class IndexLoader:
         raise NotImplementedError
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield ``(images [B, 3, S, S] float32 normalised, labels [B])`` for batches ``start_batch..`` of ``epoch``;
-        ``last_ids`` then holds the batch's sample indices (for per-sample mask noise)."""
+        """Yield ``(images [B, 3, S, S], labels [B])`` for batches ``start_batch..`` of ``epoch``: uint8 or
+        normalised float32, :func:`to_device` takes either; ``last_ids`` then holds the batch's sample indices (for
+        per-sample mask noise)."""
         self.position = (epoch, start_batch)
         for b, imgs, labels, ids in self._batches(epoch, start_batch):
             self.position = (epoch, b + 1)
@@ -288,17 +327,19 @@ class SyntheticLoader:
             yield torch.randn(shape, generator=g, device=self.device), torch.zeros(self.batch_size, dtype=torch.long)
 
 
+
 def sample_images(index: DataIndex, img_size: int, count: int) -> torch.Tensor:
-    """``count`` decodable images spread evenly over the index (so over the classes of a sorted ImageFolder),
-    centre-cropped: fixed inputs for reconstruction pictures."""
-    tf, out = eval_transform(img_size), []
+    """``count`` decodable images spread evenly over the index (so over the classes of a sorted ImageFolder), as the
+    evaluation view, normalised: fixed inputs for reconstruction pictures."""
+    out: list[torch.Tensor] = []
     spread = np.unique(np.linspace(0, len(index) - 1, min(count, len(index))).round().astype(int)).tolist()
     chosen = set(spread)
-    for i in spread + [i for i in range(len(index)) if i not in chosen]:  # the rest stand in for undecodable ones
+    rest = (i for i in range(len(index)) if i not in chosen)  # they stand in for undecodable ones
+    for i in itertools.chain(spread, rest):
         if len(out) == count:
             break
         try:
-            out.append(tf(load_rgb(index.read(i))))
+            out.append(eval_resize_crop(decode(index.read(i), int(index.routes[i])), img_size))
         except Exception:
             continue
-    return torch.stack(out) if out else torch.empty(0, 3, img_size, img_size)
+    return normalize(torch.stack(out)) if out else torch.empty(0, 3, img_size, img_size)
