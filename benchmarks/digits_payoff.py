@@ -168,13 +168,9 @@ def readme_table(saved: dict, json_name: str) -> str:
 
 
 def write_readme(json_path: Path, readme: Path) -> None:
-    saved = json.loads(json_path.read_text())
-    text = readme.read_text()
-    start, end = "<!-- digits-payoff:start -->", "<!-- digits-payoff:end -->"
-    if start not in text or end not in text:
-        raise SystemExit(f"{readme} has no {start} ... {end} markers")
-    head, rest = text.split(start, 1)
-    readme.write_text(head + start + "\n" + readme_table(saved, json_path.name) + "\n" + end + rest.split(end, 1)[1])
+    from fastmae.bench import update_readme
+
+    update_readme(readme, readme_table(json.loads(json_path.read_text()), json_path.name), "digits-payoff")
 
 
 def main(argv=None) -> dict:

@@ -1,16 +1,22 @@
-"""A GPU sitting in stages: each stage one call of the device tool (under its 10-minute limit), every JSON and log
-written under one folder, a short table last. ../shared/GPU.md says how a session uses it.
+"""A GPU sitting in stages, each one call of the device tool, every JSON and log under one folder, a short table
+last. ../shared/GPU.md says how a session uses it. Device time is 15 minutes a session, start included: the
+``quick`` stage is the one call that yields the headline, and every stage stops its commands at its time budget.
 
-    python benchmarks/gpu_sitting.py --stage 1 --out $OUT     # GPU tests + kernel benchmark
-    python benchmarks/gpu_sitting.py --stage 2 --out $OUT     # ViT-L dec 8, eager / fastmae / mask-token, profiled
-    python benchmarks/gpu_sitting.py --stage 3 --out $OUT     # ViT-B dec 8 and 1, ViT-L dec 1
-    python benchmarks/gpu_sitting.py --stage 4 --out $OUT     # ViT-H dec 8
-    python benchmarks/gpu_sitting.py --stage 5 --out $OUT     # finetune step and data loader
-    python benchmarks/gpu_sitting.py --stage 1,2,3 --dry-run  # print the commands only
-    python benchmarks/gpu_sitting.py --table DIR              # the table of every JSON in DIR
+    python3 -m pip install -q --no-deps --no-build-isolation -e .    # on the machine, no network needed
+    python benchmarks/gpu_sitting.py --stage quick --out $OUT   # the headline in one call (budget 450 s)
+    python benchmarks/gpu_sitting.py --stage 2 --out $OUT       # slow GPU tests + kernel benchmark
+    python benchmarks/gpu_sitting.py --stage 3 --out $OUT       # ViT-B dec 1, ViT-L dec 1
+    python benchmarks/gpu_sitting.py --stage 4 --out $OUT       # ViT-H dec 8
+    python benchmarks/gpu_sitting.py --stage 5 --out $OUT       # finetune step, profiled ViT-L
+    python benchmarks/gpu_sitting.py --stage quick,2 --dry-run  # print the commands only
+    python benchmarks/gpu_sitting.py --table DIR                # the table of every JSON in DIR
 
-The stages' sizes were chosen to fit 9 minutes each on one H100 by estimate (FLOPs at 40% MFU plus compilation); no
-stage has run on a GPU yet. Afterwards: ``fastmae bench --report DIR/*.json --readme README.md`` for chart and table.
+``quick``, in order of value (a wrong fast path is worse than a slow one, so correctness comes first): nvidia-smi; the
+GPU tests that compile no whole model (``pytest -m "gpu and not slow"``: fused ops against their references at
+ViT-B/L/H shapes, attention, the visible-only embedding); ViT-L/16 dec 8 eager / fastmae / mask-token; ViT-B/16 dec 8;
+the loader rows (official vs fastmae vs decode alone, 16 workers). Its size is an estimate for one H100 (compilation
+plus 5 timed steps per configuration); no stage has run on a GPU yet. Afterwards:
+``fastmae bench --report DIR/*.json --readme README.md`` for the chart and the table.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import argparse
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,42 +34,72 @@ PY = sys.executable
 BENCH = [PY, "-m", "fastmae.cli", "bench"]
 
 
-def stages(out: Path) -> dict[int, list[list[str]]]:
-    """The commands of each stage; every result goes under ``out``."""
-    pretrain = [*BENCH, "--suite", "pretrain", "--profile"]
+BUDGETS = {"quick": 450, 2: 480, 3: 480, 4: 480, 5: 480}  # seconds of commands per stage (one device call each)
+
+
+def stages(out: Path) -> dict:
+    """The commands of each stage, in the order they run; every result goes under ``out``."""
+    pretrain = [*BENCH, "--suite", "pretrain"]
+    fast = ["--steps", "5", "--warmup", "2"]
     return {
-        1: [[PY, "-m", "pytest", "-m", "gpu", "-x", "-q", "-p", "no:cacheprovider"],
+        "quick": [["nvidia-smi"],
+                  [PY, "-m", "pytest", "-m", "gpu and not slow", "-x", "-q", "-p", "no:cacheprovider"],
+                  [*pretrain, *fast, "--models", "mae_vit_large_patch16", "--decoder-depths", "8", "--out",
+                   str(out / "l8.json")],
+                  [*pretrain, *fast, "--models", "mae_vit_base_patch16", "--decoder-depths", "8", "--out",
+                   str(out / "b8.json")],
+                  [PY, str(HERE / "bench_loader.py"), "--workers", "16", "--loaders", "official,fastmae,decode",
+                   "--rounds", "2", "--out", str(out / "loader.json")]],
+        2: [[PY, "-m", "pytest", "-m", "gpu and slow", "-x", "-q", "-p", "no:cacheprovider"],
             [PY, str(HERE / "bench_kernels.py"), "--out", str(out / "kernels.json")]],
-        2: [[*pretrain, "--models", "mae_vit_large_patch16", "--decoder-depths", "8", "--out", str(out / "l8.json")]],
-        3: [[*pretrain, "--models", "mae_vit_base_patch16", "--decoder-depths", "8,1", "--out", str(out / "b.json")],
+        3: [[*pretrain, "--models", "mae_vit_base_patch16", "--decoder-depths", "1", "--out", str(out / "b1.json")],
             [*pretrain, "--models", "mae_vit_large_patch16", "--decoder-depths", "1", "--out", str(out / "l1.json")]],
         4: [[*pretrain, "--models", "mae_vit_huge_patch14", "--decoder-depths", "8", "--out", str(out / "h8.json")]],
-        5: [[*BENCH, "--suite", "finetune,loader", "--out", str(out / "downstream.json")]],
+        5: [[*BENCH, "--suite", "finetune", "--out", str(out / "finetune.json")],
+            [*pretrain, "--profile", "--models", "mae_vit_large_patch16", "--decoder-depths", "8", "--out",
+             str(out / "l8-profile.json")]],
     }  # fmt: skip
 
 
-def run_stage(number: int, commands: list[list[str]], out: Path, dry_run: bool) -> int:
-    """Run a stage's commands in order, each logged to ``out/stage<N>.log`` (and echoed); stops at the first
-    failure and returns its exit code."""
-    log_path = out / f"stage{number}.log"
+def run_stage(name, commands: list[list[str]], out: Path, dry_run: bool, budget: float) -> int:
+    """Run a stage's commands in order, each logged to ``out/stage-<name>.log`` (and echoed), stopping at the first
+    failure (its exit code is returned) or when the stage's ``budget`` seconds are spent (the command running then is
+    stopped, and so noted in the log)."""
+    log_path = out / f"stage-{name}.log"
+    deadline = time.monotonic() + budget
     for cmd in commands:
         line = " ".join(shlex.quote(c) for c in cmd)
-        print(f"[stage {number}] {line}", flush=True)
+        print(f"[stage {name}] {line}", flush=True)
         if dry_run:
             continue
+        left = deadline - time.monotonic()
         out.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
         with open(log_path, "a") as log:
+            if left <= 0:
+                log.write(f"$ {line}\n# not run: the stage's {budget:.0f} s budget is spent\n")
+                print(f"[stage {name}] budget spent; not run", flush=True)
+                continue
             log.write(f"$ {line}\n")
             log.flush()
+            t0 = time.perf_counter()
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for text in proc.stdout:
-                sys.stdout.write(text)
-                log.write(text)
-            code = proc.wait()
-            log.write(f"# exit {code} after {time.perf_counter() - t0:.0f} s\n")
+            timer = threading.Timer(left, proc.kill)
+            timer.start()
+            try:
+                for text in proc.stdout:
+                    sys.stdout.write(text)
+                    log.write(text)
+                code = proc.wait()
+            finally:
+                timer.cancel()
+            stopped = time.perf_counter() - t0 >= left - 0.5 and code != 0
+            log.write(f"# exit {code} after {time.perf_counter() - t0:.0f} s"
+                      + (" (stopped at the stage budget)\n" if stopped else "\n"))  # fmt: skip
+        if stopped:
+            print(f"[stage {name}] stopped at the stage budget ({budget:.0f} s); see {log_path}", flush=True)
+            return 0
         if code != 0:
-            print(f"[stage {number}] failed with exit code {code}; see {log_path}", flush=True)
+            print(f"[stage {name}] failed with exit code {code}; see {log_path}", flush=True)
             return code
     return 0
 
@@ -91,8 +128,9 @@ def table(folder: Path) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", default=None, help="comma-separated stage numbers (1-5)")
+    ap.add_argument("--stage", default=None, help="comma-separated stages: quick, 2, 3, 4, 5")
     ap.add_argument("--out", default="benchmarks/results/sitting", help="folder for every JSON and log")
+    ap.add_argument("--budget", type=float, default=None, help="seconds per stage (default: each stage's own)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     ap.add_argument("--table", default=None, metavar="DIR", help="only print the table of the JSONs in DIR")
     args = ap.parse_args(argv)
@@ -103,14 +141,15 @@ def main(argv=None) -> int:
         ap.error("--stage is required (or --table DIR)")
     out = Path(args.out)
     plan = stages(out)
-    try:
-        chosen = [int(s) for s in args.stage.split(",") if s.strip()]
-    except ValueError:
-        ap.error(f"--stage takes numbers 1-{len(plan)}, got {args.stage!r}")
-    if unknown := [s for s in chosen if s not in plan]:
-        ap.error(f"--stage: no stage {unknown[0]}; stages are 1-{len(plan)}")
-    for number in chosen:
-        code = run_stage(number, plan[number], out, args.dry_run)
+    names = ", ".join(str(k) for k in plan)
+    chosen = []
+    for part in (p.strip() for p in args.stage.split(",") if p.strip()):
+        key = "quick" if part in ("quick", "1") else int(part) if part.isdigit() else part
+        if key not in plan:
+            ap.error(f"--stage: no stage {part!r}; stages are {names}")
+        chosen.append(key)
+    for name in chosen:
+        code = run_stage(name, plan[name], out, args.dry_run, args.budget or BUDGETS[name])
         if code:
             return code
     if not args.dry_run:

@@ -278,13 +278,15 @@ def results_table(results: dict, source: str) -> str:
     return "\n".join(lines)
 
 
-def update_readme(readme: Path, table: str) -> None:
-    text = readme.read_text()
-    if TABLE_START not in text or TABLE_END not in text:
-        raise FastMAEError(f"{readme} has no {TABLE_START} ... {TABLE_END} markers for the results table")
-    head, rest = text.split(TABLE_START, 1)
-    _, tail = rest.split(TABLE_END, 1)
-    readme.write_text(f"{head}{TABLE_START}\n{table}\n{TABLE_END}{tail}")
+def update_readme(readme: Path, table: str, name: str = "fastmae-bench") -> None:
+    """Replace what lies between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in ``readme`` with ``table``."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = Path(readme).read_text()
+    if start not in text or end not in text:
+        raise FastMAEError(f"{readme} has no {start} ... {end} markers for the results table")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    Path(readme).write_text(f"{head}{start}\n{table}\n{end}{tail}")
 
 
 def plot(results: dict, png: Path) -> Path:

@@ -20,14 +20,18 @@ def _load(name):
 
 def test_loader_benchmark_writes_rows(tmp_path):
     out = tmp_path / "loader.json"
-    _load("bench_loader").main(["--smoke", "--threads", "1", "--out", str(out)])
+    _load("bench_loader").main(["--smoke", "--workers", "1", "--out", str(out)])
     data = json.loads(out.read_text())
     assert {"torch", "dali", "git_sha", "device"} <= set(data["env"])
     rows = {r["loader"]: r for r in data["rows"]}
-    assert set(rows) == {"torchvision", "dali"}
+    assert set(rows) == {"official", "fastmae", "decode", "dali", "official-finetune", "fastmae-finetune"}
     for row in rows.values():
-        assert row["name"] == "loader" and row["threads"] == 1 and row["img_per_s"] > 0
-        assert row["device"] == "cpu" and row["img_size"] == 64
+        assert row["name"] == "loader" and row["workers"] == 1 and row["img_per_s"] > 0
+        assert row["device"] == "cpu" and row["img_size"] == 64 and row["img_per_s_per_worker"] == row["img_per_s"]
+    assert rows["official"]["vs_official"] == rows["official-finetune"]["vs_official"] == 1.0
+    assert rows["fastmae"]["output"] == "uint8" and rows["fastmae"]["normalize_on_device_ms_per_batch"] > 0
+    table = _load("bench_loader").main(["--report", str(out)])["table"]
+    assert "| fastmae | pretrain | uint8 |" in table and "| official-finetune | finetune | float32 |" in table
 
 
 def test_finetune_benchmark_writes_rows(tmp_path):
@@ -150,11 +154,14 @@ def test_report_merges_the_files_of_one_sitting(tmp_path):
 
 def test_gpu_sitting_stages_dry_run_and_table(tmp_path, capsys):
     sitting = _load("gpu_sitting")
-    assert sitting.main(["--stage", "1,2,3,4,5", "--dry-run", "--out", str(tmp_path)]) == 0
+    assert sitting.main(["--stage", "quick,2,3,4,5", "--dry-run", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert [line.split("]")[0] + "]" for line in printed] == ["[stage 1]"] * 2 + ["[stage 2]"] + [
-        "[stage 3]"] * 2 + ["[stage 4]", "[stage 5]"]  # fmt: skip
-    assert "-m pytest -m gpu" in printed[0] and "--profile" in printed[2] and str(tmp_path / "l8.json") in printed[2]
+    assert [line.split("]")[0] + "]" for line in printed] == ["[stage quick]"] * 5 + ["[stage 2]"] * 2 + [
+        "[stage 3]"] * 2 + ["[stage 4]"] + ["[stage 5]"] * 2  # fmt: skip
+    # The quick stage: correctness first, then the headline configurations, then the loader rows.
+    assert "nvidia-smi" in printed[0] and "-m pytest -m 'gpu and not slow'" in printed[1]
+    assert "mae_vit_large_patch16 --decoder-depths 8" in printed[2] and str(tmp_path / "l8.json") in printed[2]
+    assert "mae_vit_base_patch16 --decoder-depths 8" in printed[3] and "bench_loader.py" in printed[4]
     assert not list(tmp_path.iterdir())  # a dry run writes nothing
     from fastmae.cli import main
 
@@ -166,3 +173,18 @@ def test_gpu_sitting_stages_dry_run_and_table(tmp_path, capsys):
     assert table.count("| q.json | mae_vit_tiny_patch16 | 1 |") == 3 and "other rows: none" in table
     with pytest.raises(SystemExit):
         sitting.main(["--stage", "9", "--dry-run"])
+
+
+def test_gpu_sitting_stops_a_stage_at_its_budget(tmp_path, capsys):
+    """A stage's commands share its time budget: the one running when it is spent is stopped, later ones not run."""
+    import sys
+    import time
+
+    sitting = _load("gpu_sitting")
+    commands = [[sys.executable, "-c", "print('first')"], [sys.executable, "-c", "import time; time.sleep(60)"],
+                [sys.executable, "-c", "print('never')"]]  # fmt: skip
+    t0 = time.monotonic()
+    assert sitting.run_stage("t", commands, tmp_path, dry_run=False, budget=3) == 0
+    assert time.monotonic() - t0 < 20
+    log = (tmp_path / "stage-t.log").read_text()
+    assert "first" in log and "(stopped at the stage budget)" in log and "never" not in log

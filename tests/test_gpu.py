@@ -81,6 +81,7 @@ def test_masked_mse_at_official_shapes(model, dtype, norm_pix):
     assert _rel(gp, rp) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.slow
 def test_compiled_bf16_model_matches_fp32_reference():
     """kernels="triton", torch.compile, bf16 autocast against the eager fp32 reference model: the same masks; loss,
     prediction and gradients within bf16 arithmetic."""
@@ -122,6 +123,7 @@ def test_attention_auto_picks_a_fused_kernel_and_math_agrees():
     assert _rel(fused.float(), exact) < 1e-2
 
 
+@pytest.mark.slow
 def test_short_pretraining_on_cuda_with_compile_and_bf16(tmp_path):
     out = tmp_path / "run"
     assert main(["pretrain", "--model", "mae_vit_base_patch16", "--img-size", "224", "--loader", "synthetic",
@@ -136,6 +138,7 @@ def test_short_pretraining_on_cuda_with_compile_and_bf16(tmp_path):
     assert summary["final_loss"] < summary["first_logged_loss"]
 
 
+@pytest.mark.slow
 def test_dali_mixed_decode_pretraining(tmp_path):
     from fastmae.train.data.dali import dali_unavailable_reason
 
@@ -157,6 +160,7 @@ def test_dali_mixed_decode_pretraining(tmp_path):
     assert summary["loader"] == "dali" and summary["device"] == "cuda" and summary["skipped_files"] == 0
 
 
+@pytest.mark.slow
 def test_bench_quick_on_cuda(tmp_path):
     out = tmp_path / "r.json"
     assert main(["bench", "--quick", "--suite", "pretrain", "--device", "cuda", "--out", str(out)]) == 0
