@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 import types
 import typing
@@ -204,9 +203,26 @@ def config_from_args(args: argparse.Namespace, cls=PretrainConfig, presets: dict
     return dataclasses.replace(cfg, **given).validate()
 
 
+def _num(value, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _done_line(summary: dict, out: str) -> str:
+    """The last line of ``fastmae pretrain``."""
+    if summary.get("already_finished"):
+        return (f"already finished at step {summary['steps']}: nothing to do ({out}/summary.json is that run's "
+                "summary; a new run needs another --output-dir, or --overwrite)")  # fmt: skip
+    stopped = f", stopped by {summary['stopped_by']}" if summary.get("stopped_by") else ""
+    loss = f"{_num(summary['first_logged_loss'])} -> {_num(summary['final_loss'])}"
+    return (f"done: {summary['steps']} steps{stopped}, {summary['images_seen']} images, loss {loss}, "
+            f"{_num(summary['img_per_s'], '.1f')} img/s; outputs in {out}/ (summary.json)")  # fmt: skip
+
+
 def _main_process() -> bool:
-    """True except in torchrun's ranks other than 0, which stay quiet."""
-    return os.environ.get("RANK", "0") == "0"
+    """True except in the ranks other than 0 of a torchrun or srun job, which stay quiet."""
+    from fastmae.train.launch import dist_info
+
+    return dist_info()[0] == 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,17 +272,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from fastmae.train.pretrain import pretrain
 
-        summary = pretrain(config_from_args(args))
+        cfg = config_from_args(args)
+        summary = pretrain(cfg)
         if _main_process():
-            print(
-                f"done: {summary['steps']} steps, {summary['images_seen']} images, loss "
-                f"{summary['first_logged_loss']:.4f} -> {summary['final_loss']:.4f}, {summary['img_per_s']:.1f} img/s; "
-                f"outputs in {args.output_dir or 'the'} output folder (summary.json)"
-            )
+            print(_done_line(summary, cfg.output_dir))
         return 0
     except FastMAEError as exc:
         print(f"fastmae: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("fastmae: interrupted", file=sys.stderr)
         return 130

@@ -92,6 +92,10 @@ class PretrainConfig:
     )
     compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA, off for CPU)")
     stop_after_steps: int | None = _f(None, "stop once the global step reaches N (schedule unchanged; off by default)")
+    dist_timeout: float = _f(
+        10.0, "minutes a multi-process run waits to join its process group, and in any collective, before it ends "
+        "with one line (a lost or missing peer) instead of hanging"
+    )  # fmt: skip
     log_every: int = _f(10, "log metrics every N optimizer steps")
     save_every: int | None = _f(
         None, "save checkpoint-last.pth every N steps (off by default; always saved at the end and on SIGTERM)"
@@ -134,6 +138,8 @@ class PretrainConfig:
                 raise FastMAEError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.save_interval < 0:
             raise FastMAEError(f"--save-interval must be >= 0 minutes (0: every epoch end), got {self.save_interval}")
+        if self.dist_timeout <= 0:
+            raise FastMAEError(f"--dist-timeout must be positive minutes, got {self.dist_timeout}")
         _check_augment(self)
         if self.picture_every is not None and self.picture_every < 0:
             raise FastMAEError(f"--picture-every must be >= 0 (0: only at start and end), got {self.picture_every}")
@@ -258,6 +264,10 @@ class _DownstreamConfig:
         None, "stop once the step reaches N (schedule unchanged; smoke runs; off by default)"
     )
     progress: bool = _f(True, "show a progress bar")
+    dist_timeout: float = _f(
+        10.0, "minutes a multi-process run waits to join its process group, and in any collective, before it ends "
+        "with one line (a lost or missing peer) instead of hanging"
+    )  # fmt: skip
     save_every: int | None = _f(
         None, "also save checkpoint-last.pth every N steps (off by default; always at the end and on SIGTERM)"
     )
@@ -284,6 +294,8 @@ class _DownstreamConfig:
                 raise FastMAEError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.save_interval < 0:
             raise FastMAEError(f"--save-interval must be >= 0 minutes (0: every epoch end), got {self.save_interval}")
+        if self.dist_timeout <= 0:
+            raise FastMAEError(f"--dist-timeout must be positive minutes, got {self.dist_timeout}")
         _check_augment(self)
         if not 0 < self.val_split < 1:
             raise FastMAEError(f"--val-split must be in (0, 1), got {self.val_split}")

@@ -4,8 +4,6 @@ what changed), the compact cache, and the work split over torchrun ranks with on
 import io
 import json
 import os
-import socket
-import subprocess
 import sys
 import tarfile
 
@@ -15,6 +13,7 @@ from fastmae.train.data import index as index_mod
 from fastmae.train.data.index import index_data
 from PIL import Image
 
+from ._procs import finish, free_port, start
 from ._util import noise_pngs
 from .test_data import BROKEN, VALID, make_mixed_folder
 
@@ -143,12 +142,6 @@ def test_unchanged_shards_are_not_parsed_again(tmp_path, monkeypatch):
     assert Image.open(io.BytesIO(third.read(5))).size == (12, 11)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 RANK_SCRIPT = """
 import json, sys, torch
 from fastmae.train.distributed import init_distributed
@@ -171,16 +164,11 @@ def _tree(root, classes=3, per_class=40):
 
 
 def _ranks(script, data, out, envs, timeout=120):
-    """Start one process per environment (the launcher's variables only) and wait for all, killing stragglers."""
-    procs = [subprocess.Popen([sys.executable, str(script), str(data), str(out)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for env in envs]  # fmt: skip
-    try:
-        logs = [p.communicate(timeout=timeout)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, log in zip(procs, logs, strict=True):
-        assert p.returncode == 0, log[-3000:]
+    """Start one process per environment (the launcher's variables only) and wait for all, leaving none behind."""
+    procs = [start([sys.executable, str(script), str(data), str(out)], env) for env in envs]
+    for p in procs:
+        code, log, hung = finish(p, timeout)
+        assert code == 0 and not hung, log[-3000:]
     return [json.loads(open(f"{out}.{r}.json").read()) for r in range(len(envs))]
 
 
@@ -195,14 +183,14 @@ def test_ranks_split_the_validation_and_one_process_writes_a_shared_cache(tmp_pa
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     cache = tmp_path / "cache"
-    port = _free_port()
+    port = free_port()
     first = _ranks(script, data, tmp_path / "a", [_env(r, 2, port, cache, local_world=2) for r in range(2)])
     assert [r["validated"] for r in first] == [121, 121]  # 120 images + 1 broken file, found by both ranks
     assert sorted(r["validated_here"] for r in first) == [60, 61]  # each rank decoded its half
     assert first[0]["keys"] == first[1]["keys"] and first[0]["n"] == 120 and first[0]["bad"] == 1
     assert first[0]["labels"] == [0] * 40 + [1] * 40 + [2] * 40
     assert [r["wrote_cache"] for r in first] == [True, False] and len(list(cache.glob("index-*.bin"))) == 1
-    port = _free_port()
+    port = free_port()
     again = _ranks(script, data, tmp_path / "b", [_env(r, 2, port, cache, local_world=2) for r in range(2)])
     assert [(r["cache"], r["validated"], r["wrote_cache"]) for r in again] == [("hit", 0, False)] * 2
     assert again[0]["keys"] == first[0]["keys"]
@@ -215,11 +203,11 @@ def test_ranks_without_a_shared_cache_folder_each_keep_one(tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     caches = [tmp_path / "node0", tmp_path / "node1"]
-    port = _free_port()
+    port = free_port()
     first = _ranks(script, data, tmp_path / "a", [_env(r, 2, port, caches[r], local_rank=0) for r in range(2)])
     assert sorted(r["validated_here"] for r in first) == [60, 61]
     assert [r["wrote_cache"] for r in first] == [True, True]
     assert all(len(list(c.glob("index-*.bin"))) == 1 for c in caches)
-    port = _free_port()
+    port = free_port()
     again = _ranks(script, data, tmp_path / "b", [_env(r, 2, port, caches[r], local_rank=0) for r in range(2)])
     assert [(r["cache"], r["validated"]) for r in again] == [("hit", 0)] * 2

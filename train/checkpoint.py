@@ -1,35 +1,117 @@
-"""Checkpoints: written atomically (temp file in the same folder, fsync, rename), read with ``weights_only=True``."""
+"""Checkpoints: written atomically (temp file in the same folder, fsync, rename), read with ``weights_only=True``.
+
+A save that runs out of room (full disk, quota, a file size limit) ends with one line saying where, how much was
+needed and how much is free; the previous checkpoint is left as it was. ``--resume auto`` falls back from an
+unreadable ``checkpoint-last.pth`` to the newest readable numbered checkpoint.
+"""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
+import resource
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
-from fastmae.errors import FastMAEError
+from fastmae.errors import FastMAEError, NoRoom
 
 LAST = "checkpoint-last.pth"
+NUMBERED = re.compile(r"checkpoint-(\d+)\.pth$")
 logger = logging.getLogger("fastmae.checkpoint")
+_NO_ROOM = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+            errno.EFBIG: "the file size limit (ulimit -f) is reached"}  # fmt: skip
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in ``obj`` (nested dicts, lists, tuples), each storage counted once: about the size of
+    its checkpoint."""
+    seen, total, stack = set(), 0, [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            storage = x.untyped_storage()
+            key = (storage.data_ptr(), storage.nbytes())
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, list | tuple):
+            stack.extend(x)
+    return total
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:,.0f} MB" if n >= 2**20 else f"{n / 2**10:,.0f} KB"
+
+
+def _no_room(exc: BaseException) -> int | None:
+    """The errno of an out-of-room error anywhere in ``exc``'s chain (torch's zip writer wraps the OSError)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _NO_ROOM:
+            return exc.errno
+        text = str(exc)
+        if "file write failed" in text or "No space left on device" in text:
+            return errno.EFBIG if _file_limit() is not None else errno.ENOSPC
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _file_limit() -> int | None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def room_problem(folder: Path, needed: int) -> str | None:
+    """Why ``folder`` cannot take a file of ``needed`` bytes next to another (a save writes the new checkpoint
+    before the old one goes), or None."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    if free < 2 * needed:
+        return f"{_mb(free)} free on its disk, less than two checkpoints of about {_mb(needed)}"
+    limit = _file_limit()
+    if limit is not None and limit < needed:
+        return f"the file size limit (ulimit -f) is {_mb(limit)}, less than one checkpoint of about {_mb(needed)}"
+    return None
 
 
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
-    """Write ``obj`` to ``path`` so that a crash at any moment leaves either the old file or the new one."""
+    """Write ``obj`` to ``path`` so that a crash at any moment leaves either the old file or the new one. Running out
+    of room is a one-line :class:`NoRoom` fault; the old file stays."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        code = _no_room(exc) if isinstance(exc, Exception) else None
+        if code is None:
+            raise
+        try:
+            free = _mb(shutil.disk_usage(path.parent).free)
+        except OSError:
+            free = "unknown"
+        limit = f"; the file size limit is {_mb(_file_limit())}" if code == errno.EFBIG and _file_limit() else ""
+        kept = f"{path.name} there is the previous one, intact" if path.exists() else "no earlier checkpoint there"
+        raise NoRoom(f"cannot save {path.name} in {path.parent}: {_NO_ROOM[code]} (it needs about "
+                       f"{_mb(tensor_bytes(obj))}, {free} free on that disk{limit}); {kept}") from exc  # fmt: skip
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-save
         stale.unlink(missing_ok=True)
     return path
@@ -88,16 +170,43 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
+def numbered_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """``checkpoint-<step>.pth`` files of a folder, newest step first."""
+    found = [(int(m.group(1)), p) for p in Path(folder).glob("checkpoint-*.pth") if (m := NUMBERED.search(p.name))]
+    return sorted(found, reverse=True)
+
+
 def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | None:
-    """``None`` -> no resume; ``"auto"`` -> the output folder's last checkpoint if there is one; else the path."""
+    """``None`` -> no resume; ``"auto"`` -> the output folder's last checkpoint if there is one (an unreadable one:
+    the newest readable ``checkpoint-<step>.pth`` instead, with a warning); else the path."""
     if resume is None:
         return None
     if resume == "auto":
-        last = Path(output_dir) / LAST
-        return last if last.is_file() else None
+        out = Path(output_dir)
+        last = out / LAST
+        numbered = numbered_checkpoints(out)
+        if not last.is_file() and not numbered:
+            return None
+        problem = checkpoint_problem(last) if last.is_file() else "does not exist"
+        if problem is None:
+            return last
+        for step, path in numbered:
+            if checkpoint_problem(path) is None:
+                logger.warning("--resume auto: %s %s; resuming from %s (step %d) instead", last, problem, path.name,
+                               step)  # fmt: skip
+                return path
+        raise FastMAEError(f"--resume auto: {last} {problem}, and no readable checkpoint-<step>.pth in {out} to fall "
+                           "back to (--keep-every N keeps them)")  # fmt: skip
     if not Path(resume).is_file():
         raise FastMAEError(f"--resume {resume} does not exist")
     return Path(resume)
+
+
+def position_at(step: int, steps_per_epoch: int, accum: int) -> tuple[int, int]:
+    """(epoch, batches consumed) of a run right after optimizer ``step``: every epoch has ``steps_per_epoch`` steps of
+    ``accum`` batches."""
+    epoch, k = divmod(step, steps_per_epoch)
+    return epoch, k * accum
 
 
 def resume_position(ckpt: dict, step: int, steps_per_epoch: int, accum: int, world_size: int) -> tuple[int, int]:

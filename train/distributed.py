@@ -1,24 +1,39 @@
-"""Multi-process training under ``torchrun``: process group, DDP / FSDP2 wrapping, full-state checkpoints.
+"""Multi-process training under ``torchrun`` or SLURM's ``srun``: process group, DDP / FSDP2 wrapping, full-state
+checkpoints, and what a lost peer looks like.
 
 One process per GPU (or per CPU slot with gloo). ``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``;
-without them everything here is a no-op and the model runs unwrapped.
+``srun`` tasks get them from SLURM's variables (:mod:`fastmae.train.launch`). Without either, everything here is a
+no-op and the model runs unwrapped. Joining and every collective wait at most ``--dist-timeout`` minutes: a peer that
+never comes, or dies, ends the run with one line (and exit 1, so torchrun restarts it) instead of a hang.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from fastmae.errors import FastMAEError
+from fastmae.errors import FastMAEError, RunFault
 
-from .launch import dist_info
+from .launch import dist_info, export_slurm_env, launcher
 
 logger = logging.getLogger("fastmae.distributed")
 STRATEGIES = ("ddp", "fsdp")
+# Messages of collectives whose peer went away (gloo, NCCL, the TCP store), for errors torch does not type.
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out", "Timed out",
+              "NCCL communicator was aborted", "NCCL error", "DistBackendError", "connection refused")  # fmt: skip
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective failing because another rank died or stopped answering."""
+    if isinstance(exc, dist.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _PEER_LOST)
 
 
 @dataclass
@@ -99,8 +114,21 @@ class DistContext:
             dist.destroy_process_group()
 
 
-def init_distributed(strategy: str, device: torch.device) -> tuple[DistContext, torch.device]:
-    """Join torchrun's process group (nccl on CUDA, gloo on CPU) and pick this process's device (cuda:LOCAL_RANK)."""
+def _warn_shared_store(rank: int) -> None:
+    """torchrun shares its rendezvous TCPStore with the workers unless told not to; after a restart the new workers
+    can then read the old round's keys and hang while joining (pytorch issue 135712, gloo and NCCL alike)."""
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if rank == 0 and shared and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        logger.warning("torchrun shares its rendezvous store with the workers: a restart can hang while joining "
+                       "(pytorch#135712); launch it as TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ... "
+                       "(--dist-timeout bounds the wait)")  # fmt: skip
+
+
+def init_distributed(strategy: str, device: torch.device,
+                     timeout_min: float = 10.0) -> tuple[DistContext, torch.device]:  # fmt: skip
+    """Join the job's process group (nccl on CUDA, gloo on CPU; torchrun's or srun's variables) and pick this
+    process's device (cuda:LOCAL_RANK). Joining and collectives wait at most ``timeout_min`` minutes."""
+    export_slurm_env()
     rank, world, local = dist_info()
     if world <= 1:
         return DistContext(), device
@@ -113,13 +141,19 @@ def init_distributed(strategy: str, device: torch.device) -> tuple[DistContext, 
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        _warn_shared_store(rank)
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         try:
-            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-        except (ValueError, RuntimeError) as exc:
-            raise FastMAEError(
-                f"WORLD_SIZE={world}: could not join the {backend} process group ({str(exc).splitlines()[0]}); "
-                "launch with torchrun, which sets RANK, MASTER_ADDR and MASTER_PORT"
-            ) from exc
+            dist.init_process_group(backend, timeout=timedelta(minutes=timeout_min),
+                                    device_id=device if device.type == "cuda" else None)  # fmt: skip
+        except (ValueError, RuntimeError, dist.DistError, TimeoutError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            if "MASTER_ADDR" in str(exc) or "MASTER_PORT" in str(exc) or "environment variable" in str(exc):
+                raise FastMAEError(f"WORLD_SIZE={world}: could not join the {backend} process group ({first}); "
+                                   "launch with torchrun or srun, which set RANK, MASTER_ADDR and MASTER_PORT"
+                                   ) from exc  # fmt: skip
+            raise RunFault(f"rank {rank} of {world} ({launcher()}): could not join the {backend} process group at "
+                           f"{where} within --dist-timeout {timeout_min:g} min ({first})") from exc  # fmt: skip
     if dist.get_world_size() != world:
         raise FastMAEError(f"WORLD_SIZE={world} but the process group has {dist.get_world_size()} processes")
     if rank != 0:  # one voice: the other ranks only report problems

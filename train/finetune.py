@@ -24,7 +24,7 @@ from fastmae.config import FinetuneConfig
 from fastmae.errors import FastMAEError
 from fastmae.interop import create_vit, encoder_arch, load_pretrained
 
-from .checkpoint import LAST, load_checkpoint, resume_position, save_checkpoint
+from .checkpoint import LAST, load_checkpoint, position_at, resume_position, save_checkpoint
 from .data import labelled_data, make_loader, to_device
 from .distributed import DistContext, no_sync, params_in_sync, wrap_model
 from .run import (
@@ -32,6 +32,7 @@ from .run import (
     RunLog,
     SaveClock,
     StopSignal,
+    fault,
     micro_batches,
     optimizer_steps,
     rank_rng_state,
@@ -39,6 +40,7 @@ from .run import (
     seed_all,
     start_run,
     versions,
+    warn_if_no_room,
 )
 from .schedule import lr_at
 
@@ -112,6 +114,7 @@ class Finetuning:
             self._resume()
         self.step_module = wrap_model(self.model, run.ctx, self.device)  # DDP after loading: rank 0's weights
         self.log = RunLog(run.out, run.main)
+        warn_if_no_room(run, self.model, 4 if cfg.ema else 3)
         self.resolved = {
             **cfg.to_dict(), "arch": self.arch, "lr": self.base_lr, "num_classes": self.classes,
             "classes": self.train_idx.classes,
@@ -204,6 +207,8 @@ class Finetuning:
                     self.end_epoch()
                     if self.step >= self.last_step:
                         break
+            except Exception as exc:  # a lost peer or a dying loader: save what is whole, then one line
+                raise fault(exc, run, self.step, self.save_alone)  # noqa: B904 (fault sets the cause)
             finally:
                 self.log.end_progress()
             wall = time.perf_counter() - t_start
@@ -270,12 +275,20 @@ class Finetuning:
         if self.save_clock.due(self.run.ctx, self.device):
             self.save(LAST)
 
-    def save(self, name: str) -> None:
+    def save_alone(self) -> str:
+        """After a fault in a one-process run: ``checkpoint-last.pth`` at the last whole step (the data position of
+        that step). Under torchrun the ranks' generators cannot be gathered any more: nothing is written then."""
+        if self.run.ctx.enabled:
+            return "nothing saved now (the ranks' generators cannot be gathered); the last checkpoint stays"
+        self.save(LAST, list(position_at(self.step, self.steps_per_epoch, self.accum)))
+        return f"saved {self.run.out / LAST} at step {self.step}; --resume auto continues from there"
+
+    def save(self, name: str, position: list[int] | None = None) -> None:
         rng = rank_rng_state(self.run.ctx, self.device)  # a collective under torchrun: every rank calls save
         if self.run.main:
             state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
                      "epoch": self.epoch, "best_top1": self.best, "config": self.resolved, "rng": rng,
-                     "data_position": list(self.train_loader.position)}  # fmt: skip
+                     "data_position": position or list(self.train_loader.position)}  # fmt: skip
             if self.ema is not None:
                 state["ema"] = self.ema.module.state_dict()
             save_checkpoint(state, self.run.out / name)

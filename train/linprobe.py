@@ -28,7 +28,18 @@ from fastmae.interop import create_vit, encoder_arch, load_pretrained
 from .checkpoint import LAST, load_checkpoint, resume_position, save_checkpoint
 from .data import labelled_data, make_loader, to_device
 from .distributed import DistContext, params_in_sync
-from .run import Run, RunLog, SaveClock, StopSignal, micro_batches, optimizer_steps, seed_all, start_run, versions
+from .run import (
+    Run,
+    RunLog,
+    SaveClock,
+    StopSignal,
+    fault,
+    micro_batches,
+    optimizer_steps,
+    seed_all,
+    start_run,
+    versions,
+)
 from .schedule import lr_at
 
 logger = logging.getLogger("fastmae.linprobe")
@@ -223,6 +234,8 @@ class LinearProbing:
                     if micro < micro_per_epoch:  # stopped inside the epoch (last step, or a signal)
                         break
                     self.end_epoch()
+            except Exception as exc:  # a lost peer or a dying loader: one line
+                raise fault(exc, run, self.step)  # noqa: B904 (fault sets the cause)
             finally:
                 self.log.end_progress()
             wall = time.perf_counter() - t_start

@@ -22,7 +22,7 @@ from fastmae.errors import FastMAEError
 from fastmae.interop import from_pretrained
 from fastmae.models import model_arch
 
-from .checkpoint import LAST, load_checkpoint, resume_position, save_checkpoint
+from .checkpoint import LAST, load_checkpoint, position_at, resume_position, save_checkpoint
 from .data import SyntheticLoader, make_loader, pretrain_index, sample_images, to_device
 from .distributed import full_state, load_full_state, no_sync, params_in_sync, wrap_model
 from .noise import mask_noise
@@ -31,6 +31,8 @@ from .run import (
     RunLog,
     SaveClock,
     StopSignal,
+    already_finished,
+    fault,
     micro_batches,
     optimizer_steps,
     rng_state,
@@ -38,6 +40,7 @@ from .run import (
     set_rng_state,
     start_run,
     versions,
+    warn_if_no_room,
 )
 from .schedule import build_optimizer, lr_at
 from .visualize import plot_loss_curve, reconstruct, write_grid
@@ -49,7 +52,8 @@ EVAL_IMAGES = 32  # fixed images scored for eval_loss_start / eval_loss_end
 def pretrain(cfg: PretrainConfig) -> dict:
     """Run MAE pretraining as ``cfg`` says; returns the summary (also written to ``summary.json``)."""
     with start_run(cfg, cfg.parallel) as run:
-        return Pretraining(cfg, run).train()
+        job = Pretraining(cfg, run)
+        return already_finished(run, job.step) if job.finished else job.train()
 
 
 class Pretraining:
@@ -73,11 +77,15 @@ class Pretraining:
         self.steps_per_epoch = optimizer_steps(self.loader.steps_per_epoch, self.accum)
         total_steps = cfg.epochs * self.steps_per_epoch
         self.last_step = min(total_steps, cfg.stop_after_steps or total_steps)
+        self.finished = ckpt is not None and self.step >= self.last_step
+        if self.finished:  # a requeued or repeated job whose run is done: nothing more is built, nothing touched
+            return
         self.epoch, self.start_batch = 0, 0
         if ckpt is not None:
             self.epoch, self.start_batch = resume_position(ckpt, self.step, self.steps_per_epoch, self.accum,
                                                            run.ctx.world_size)  # fmt: skip
         self.log = RunLog(run.out, run.main, cfg.tensorboard)
+        warn_if_no_room(run, self.model)
         self._write_config()
         # Fixed images (centre crops of the first decodable files) with a fixed mask: pictures and a comparable loss.
         self.eval_imgs = (
@@ -154,7 +162,7 @@ class Pretraining:
 
     # ------------------------------------------------------------------------------------------------- the loop
     def train(self) -> dict:
-        cfg, run, accum = self.cfg, self.run, self.accum
+        cfg = self.cfg
         eval_loss_start = self.picture()
         self.log.scalar("eval_loss", eval_loss_start, self.step)
         if self.rng_resume is not None:
@@ -162,30 +170,11 @@ class Pretraining:
         self.model.train()
         self.bar = self.log.progress(self.last_step, self.step, cfg.progress)
         t_start = self.t_log = time.perf_counter()
-        stopping = False  # set from the signal flag; under torchrun agreed by all ranks on logging steps
         with StopSignal() as stop:
             try:
-                while self.step < self.last_step and not stopping:
-                    loss_sum = 0.0  # becomes a device tensor at the first micro-batch
-                    for imgs, _, ids, micro in micro_batches(self.loader, self.epoch, self.start_batch, accum,
-                                                             self.steps_per_epoch):  # fmt: skip
-                        with no_sync(self.step_fn, self.model, run.ctx, sync=micro % accum == 0):
-                            loss_sum = loss_sum + self.forward_backward(imgs, ids)
-                        if micro % accum:
-                            continue
-                        step_loss = self.update(loss_sum) / accum
-                        loss_sum = 0.0
-                        stopping, log_now = run.log_and_stop(self.step, cfg.log_every, self.last_step, stop)
-                        if log_now:
-                            self.log_step(step_loss)
-                        if self.step >= self.last_step or stopping:
-                            break
-                        self.periodic()
-                    if self.step >= self.last_step or stopping:
-                        break
-                    self.epoch, self.start_batch = self.epoch + 1, 0
-                    if self.save_clock.due(run.ctx, self.device):
-                        self.save(self.epoch)
+                stopping = self.loop(stop)
+            except Exception as exc:  # a lost peer or a dying loader: save what is whole, then one line
+                raise fault(exc, self.run, self.step, self.save_alone)  # noqa: B904 (fault sets the cause)
             finally:
                 self.log.end_progress()
             if self.device.type == "cuda":
@@ -193,6 +182,33 @@ class Pretraining:
             wall = time.perf_counter() - t_start
             self.save(self.step // self.steps_per_epoch)  # at the end, and on SIGTERM/SIGINT (a 2nd Ctrl-C: at once)
         return self.finish(eval_loss_start, wall, stop.stopped_by(stopping))
+
+    def loop(self, stop: StopSignal) -> bool:
+        """Epochs of optimizer steps until the last step or a stop signal (returns whether a signal stopped it)."""
+        cfg, run, accum = self.cfg, self.run, self.accum
+        stopping = False  # set from the signal flag; under torchrun agreed by all ranks on logging steps
+        while self.step < self.last_step and not stopping:
+            loss_sum = 0.0  # becomes a device tensor at the first micro-batch
+            for imgs, _, ids, micro in micro_batches(self.loader, self.epoch, self.start_batch, accum,
+                                                     self.steps_per_epoch):  # fmt: skip
+                with no_sync(self.step_fn, self.model, run.ctx, sync=micro % accum == 0):
+                    loss_sum = loss_sum + self.forward_backward(imgs, ids)
+                if micro % accum:
+                    continue
+                step_loss = self.update(loss_sum) / accum
+                loss_sum = 0.0
+                stopping, log_now = run.log_and_stop(self.step, cfg.log_every, self.last_step, stop)
+                if log_now:
+                    self.log_step(step_loss)
+                if self.step >= self.last_step or stopping:
+                    break
+                self.periodic()
+            if self.step >= self.last_step or stopping:
+                break
+            self.epoch, self.start_batch = self.epoch + 1, 0
+            if self.save_clock.due(run.ctx, self.device):
+                self.save(self.epoch)
+        return stopping
 
     def forward_backward(self, imgs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """One micro-batch: per-sample masks, forward under autocast, backward of loss / accum; returns the loss."""
@@ -290,19 +306,34 @@ class Pretraining:
         """``checkpoint-last.pth`` (and a numbered copy with ``--keep-every``); a collective under FSDP."""
         model_state, optim_state = full_state(self.model, self.optimizer, self.run.ctx)
         if self.run.main:
-            state = {
-                "model": model_state, "optimizer": optim_state, "step": self.step,
-                "epoch": epoch,
-                "config": self.resolved, "rng": rng_state(self.device),
-                "data_position": list(self.loader.position),  # (epoch, batches consumed): where a restart continues
-            }  # fmt: skip
-            if self.scaler is not None:
-                state["scaler"] = self.scaler.state_dict()
-            save_checkpoint(state, self.run.out / LAST)
-            if self.cfg.keep_every and self.step % self.cfg.keep_every == 0:
-                save_checkpoint(state, self.run.out / f"checkpoint-{self.step:07d}.pth")
+            self._write(model_state, optim_state, epoch, list(self.loader.position))
         self.save_clock.saved()
         self.run.ctx.barrier()  # no rank reads the checkpoint (rollback) before it is complete
+
+    def _write(self, model_state: dict, optim_state: dict, epoch: int, position: list[int]) -> None:
+        state = {
+            "model": model_state, "optimizer": optim_state, "step": self.step, "epoch": epoch,
+            "config": self.resolved, "rng": rng_state(self.device),
+            "data_position": position,  # (epoch, batches consumed): where a restart continues
+        }  # fmt: skip
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        save_checkpoint(state, self.run.out / LAST)
+        if self.cfg.keep_every and self.step % self.cfg.keep_every == 0:
+            save_checkpoint(state, self.run.out / f"checkpoint-{self.step:07d}.pth")
+
+    def save_alone(self) -> str:
+        """After a fault: ``checkpoint-last.pth`` at the last whole step, written by this process with no collective
+        (the other ranks may be gone). Weights and AdamW state are those after step ``self.step`` (an unfinished
+        step never reaches the optimizer); the data position is that step's. Returns what was kept, in words."""
+        ctx = self.run.ctx
+        if ctx.strategy == "fsdp":
+            return "no checkpoint written now (under FSDP every rank holds a shard); the last one stays"
+        if not self.run.main:
+            return "rank 0 saves the checkpoint"
+        epoch, batch = position_at(self.step, self.steps_per_epoch, self.accum)
+        self._write(self.model.state_dict(), self.optimizer.state_dict(), epoch, [epoch, batch])
+        return f"saved {self.run.out / LAST} at step {self.step}; --resume auto continues from there"
 
     def rollback(self) -> None:
         """Reload the last checkpoint's weights and optimizer after too many non-finite steps in a row."""

@@ -20,7 +20,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,12 +29,12 @@ import torch
 from tqdm import tqdm
 
 import fastmae
-from fastmae.errors import FastMAEError
+from fastmae.errors import FastMAEError, NoRoom, RunFault
 from fastmae.interop import check_pretrained
 
-from .checkpoint import check_checkpoint_file, resolve_resume
+from .checkpoint import check_checkpoint_file, resolve_resume, room_problem
 from .data import resolve_loader
-from .distributed import DistContext, init_distributed
+from .distributed import DistContext, init_distributed, peer_lost
 
 logger = logging.getLogger("fastmae.run")
 
@@ -134,7 +134,7 @@ def start_run(cfg, parallel: str = "ddp") -> Run:
         check_checkpoint_file(resume_path, "--resume")
     if getattr(cfg, "pretrained", None) is not None:
         check_pretrained(cfg.pretrained, "--pretrained")
-    ctx, device = init_distributed(parallel, device)
+    ctx, device = init_distributed(parallel, device, cfg.dist_timeout)
     return Run(ctx, device, precision, use_compile, loader_name, out, resume_path)
 
 
@@ -291,6 +291,46 @@ def micro_batches(loader, epoch: int, start_batch: int, accum: int, steps_per_ep
         yield imgs, labels, loader.last_ids, micro
         if micro >= steps_per_epoch * accum:
             return
+
+
+def already_finished(run: Run, step: int) -> dict:
+    """The summary of a run that ``--resume`` found at its last step: the folder's ``summary.json`` as it is (nothing
+    is written), marked ``already_finished``."""
+    try:
+        summary = json.loads((run.out / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}
+    logger.info("%s already finished at step %d: nothing to do", run.resume_path, step)
+    return {**summary, "steps": step, "already_finished": True, "output_dir": str(run.out)}
+
+
+def warn_if_no_room(run: Run, model: torch.nn.Module, copies: int = 3) -> None:
+    """A warning at the start when the output folder cannot hold two checkpoints (a save writes the new one before
+    the old one goes): ``copies`` times the weights (weights + AdamW's two moments)."""
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))  # DTensors too
+    if run.main and (problem := room_problem(run.out, copies * weights)):
+        logger.warning("--output-dir %s: %s; saving will fail there", run.out, problem)
+
+
+def fault(exc: Exception, run: Run, step: int, save_alone: Callable[[], str] | None = None) -> Exception:
+    """What an exception out of a training loop becomes. A collective that failed because another rank died or went
+    silent, or a :class:`RunFault` (a data-loader worker that kept dying), turns into one line, after
+    ``save_alone()`` kept the last whole step where it can; a full disk stays as it is (saving again would not
+    help); anything else, a bug, is returned unchanged, to be raised with its traceback."""
+    if isinstance(exc, NoRoom):
+        return exc
+    lost = run.ctx.enabled and peer_lost(exc)
+    if not lost and not isinstance(exc, RunFault):
+        return exc
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    what = f"lost another rank ({type(exc).__name__}: {first})" if lost else first
+    try:
+        kept = save_alone() if save_alone is not None else "nothing saved now; the last checkpoint stays"
+    except Exception as err:  # e.g. the disk is full as well
+        kept = f"could not save ({(str(err).splitlines() or [type(err).__name__])[0]})"
+    out = RunFault(f"rank {run.ctx.rank} of {run.ctx.world_size}: {what}, after step {step}; {kept}")
+    out.__cause__ = exc
+    return out
 
 
 class StopSignal:

@@ -15,13 +15,15 @@ import contextlib
 import itertools
 import logging
 import random
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from fastmae.errors import FastMAEError
+from fastmae.errors import FastMAEError, RunFault
 
 from ..launch import dist_info
 from .decode import IMAGENET_MEAN, IMAGENET_STD, crop_resize_flip, decode, eval_resize_crop, load_rgb, normalize
@@ -274,31 +276,87 @@ class _EpochBatches(torch.utils.data.Sampler):
 
 
 class TorchvisionLoader(IndexLoader):
-    """PIL decode + torchvision/timm transforms in DataLoader worker processes."""
+    """torchvision.io / Pillow decoding and uint8 transforms (timm's for finetuning) in DataLoader worker processes.
+
+    A worker that dies (the out-of-memory killer's usual victim) costs no step: the workers are started again at the
+    batch the run had reached, which then continues with exactly the batches it would have seen, at most
+    ``MAX_WORKER_RESTARTS`` times per run; after that it is a one-line :class:`RunFault`.
+    """
 
     name = "torchvision"
+    MAX_WORKER_RESTARTS = 3
 
     def __init__(self, index, img_size, batch_size, seed, num_workers=0, pin=False, kind="pretrain", rank=None,
                  world=None, augment: Augment = RECIPE):  # fmt: skip
         super().__init__(index, kind, img_size, batch_size, seed, rank, world, augment)
         self.sampler = _EpochBatches(self.order)
-        self.loader = torch.utils.data.DataLoader(
-            ImageFiles(index, kind, img_size, seed, augment),
+        self.dataset = ImageFiles(index, kind, img_size, seed, augment)
+        self.num_workers, self.pin = num_workers, pin
+        self.worker_restarts = 0
+        self.loader = self._data_loader()
+
+    def _data_loader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
+            self.dataset,
             batch_sampler=self.sampler,
-            num_workers=num_workers,
+            num_workers=self.num_workers,
             collate_fn=_collate,
-            pin_memory=pin,
-            persistent_workers=num_workers > 0,
+            pin_memory=self.pin,
+            persistent_workers=self.num_workers > 0,
             # its own generator: a DataLoader iterator otherwise draws its base seed from torch's global generator,
             # which would shift drop path / mixup after a mid-epoch resume (augmentations are seeded per sample)
-            generator=torch.Generator().manual_seed(seed),
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def _batches(self, epoch, start_batch):
-        self.sampler.epoch, self.sampler.start = epoch, start_batch
-        for b, (imgs, labels, ids, failed) in enumerate(self.loader, start=start_batch):
-            self._record_failures(failed)
-            yield b, imgs, labels, ids
+        b = start_batch
+        while True:
+            self.sampler.epoch, self.sampler.start = epoch, b
+            try:
+                for imgs, labels, ids, failed in self.loader:
+                    _quiet_sigchld()
+                    self._record_failures(failed)
+                    yield b, imgs, labels, ids
+                    b += 1
+                return
+            except RuntimeError as exc:
+                dead = _dead_workers(self.loader)
+                if not dead:
+                    raise
+                self._restart_workers(dead, epoch, b, exc)
+
+    def _restart_workers(self, dead: list[str], epoch: int, batch: int, exc: Exception) -> None:
+        """New workers at ``batch`` of ``epoch`` after ``dead`` ones, or a RunFault once that happened too often."""
+        self.worker_restarts += 1
+        what = f"DataLoader worker {', '.join(dead)} died at batch {batch} of epoch {epoch}"
+        if self.worker_restarts > self.MAX_WORKER_RESTARTS:
+            raise RunFault(f"{what}, the {self.worker_restarts}th worker death in this run (out of memory? lower "
+                           "--num-workers or --batch-size)") from exc  # fmt: skip
+        logger.warning("%s; starting the workers again there (%d/%d)", what, self.worker_restarts,
+                       self.MAX_WORKER_RESTARTS)  # fmt: skip
+        with contextlib.suppress(Exception):
+            self.loader._iterator._shutdown_workers()  # the survivors; a new DataLoader starts fresh ones
+        self.loader = self._data_loader()
+
+
+def _dead_workers(loader: torch.utils.data.DataLoader) -> list[str]:
+    """``pid N (SIGKILL)`` for each worker of ``loader``'s iterator that has died."""
+    workers = getattr(getattr(loader, "_iterator", None), "_workers", None) or []
+    dead = []
+    for w in workers:
+        code = w.exitcode
+        if code is not None and code != 0:
+            dead.append(f"pid {w.pid} ({signal.Signals(-code).name if code < 0 else f'exit {code}'})")
+    return dead
+
+
+def _quiet_sigchld() -> None:
+    """torch's DataLoader raises a worker's death from a SIGCHLD handler, i.e. at any line of the main thread (inside a
+    step as well). With the default handler back, the death is raised where it can be handled: by the loader's own
+    check, at the next batch it waits for (within 5 s)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGCHLD) not in (
+            signal.SIG_DFL, None):  # fmt: skip
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
 class SyntheticLoader:

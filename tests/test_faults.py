@@ -1,0 +1,332 @@
+"""Faults injected for real, each bounded in time: a rank SIGKILLed under torchrun (restarted, bit-identical), a
+DataLoader worker SIGKILLed (survived, bit-identical), a save that runs out of room, an unreadable last checkpoint,
+a peer that never comes, and ranks started with only SLURM's variables."""
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from ._procs import finish, free_port, logged_steps, pids_with, start, torchrun_cmd
+from ._util import noise_pngs
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+# A run of 96 optimizer steps (2 ranks x batch 2 over 16 images: 4 steps an epoch), a checkpoint every 8.
+RUN = ["--model", "mae_vit_mini_patch4", "--img-size", "32", "--batch-size", "2", "--epochs", "24",
+       "--warmup-epochs", "1", "--blr", "1e-2", "--no-progress", "--log-every", "1", "--save-every", "8",
+       "--picture-every", "0", "--num-reconstructions", "2", "--precision", "fp32", "--no-tensorboard",
+       "--num-workers", "0"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return noise_pngs(tmp_path_factory.mktemp("faults") / "imgs", 16, seed=5)
+
+
+def _start(cmd, env=None, whole_env=False, **kw):
+    """``cmd`` with ``env`` added to the test environment (or, with ``whole_env``, as the whole environment)."""
+    return start(cmd, env if whole_env else {**ENV, **(env or {})}, **kw)
+
+
+def _torchrun(args, nproc=2, restarts=0, env=None):
+    return _start(torchrun_cmd(args, nproc, restarts), env)
+
+
+def _finish(proc, timeout):
+    """(exit code, output) of ``proc``; a test fails when it does not end within ``timeout`` (a hang)."""
+    code, out, hung = finish(proc, timeout)
+    if hung:
+        pytest.fail(f"no exit within {timeout} s (a hang):\n{out[-3000:]}")
+    return code, out
+
+
+_steps, _pids_with = logged_steps, pids_with
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa["step"] == wb["step"]
+    for key, value in wa["model"].items():
+        assert torch.equal(value, wb["model"][key]), key
+    for idx, state in wa["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg_sq"], wb["optimizer"]["state"][idx]["exp_avg_sq"]), idx
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(images, tmp_path_factory):
+    """The 2-process run that nothing interrupts: the reference every fault must end at, bit for bit."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    code, log = _finish(_torchrun(["pretrain", *RUN, "--data", str(images), "--output-dir", str(out)]), 300)
+    assert code == 0, log[-3000:]
+    return out / "checkpoint-last.pth"
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 3])
+def test_killed_rank_restarts_and_ends_bit_identical(images, uninterrupted, tmp_path, attempt):
+    """The README's torchrun form (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, --max-restarts, --resume auto): rank 1 is
+    SIGKILLed mid-run, torchrun restarts both ranks, they resume from the last checkpoint and finish with the weights
+    of the run that was never interrupted. Three times in a row."""
+    out, marker = tmp_path / "run", uuid.uuid4().hex
+    proc = _torchrun(["pretrain", *RUN, "--data", str(images), "--output-dir", str(out), "--resume", "auto"],
+                     restarts=1, env={"FASTMAE_TEST_RUN": marker})  # fmt: skip
+    deadline = time.monotonic() + 120
+    while _steps(out) < 20 + 8 * attempt:  # somewhere after the second checkpoint
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the kill"
+        time.sleep(0.05)
+    victims = _pids_with(marker, rank="1")
+    assert len(victims) == 1
+    os.kill(victims[0], signal.SIGKILL)
+    code, log = _finish(proc, 240)
+    assert code == 0, log[-3000:]
+    assert "resumed from" in log and "Traceback" not in log.split("resumed from")[-1]
+    _assert_same_weights(out / "checkpoint-last.pth", uninterrupted)
+
+
+def _fastmae(args, env=None, preexec=None, timeout=300):
+    """``fastmae ARGS`` in a child process of its own; returns (exit code, output)."""
+    return _finish(_start([sys.executable, "-m", "fastmae.cli", *args], env, preexec_fn=preexec), timeout)
+
+
+ONE = [a if a != "24" else "12" for a in RUN]  # one process, batch 2 over 16 images: 8 steps an epoch, 96 in all
+
+
+@pytest.fixture(scope="module")
+def one_process(images, tmp_path_factory):
+    """One process, no worker processes, nothing interrupted: the reference of the one-process faults."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    code, log = _fastmae(["pretrain", *ONE, "--data", str(images), "--output-dir", str(out)])
+    assert code == 0, log[-3000:]
+    return out
+
+
+def test_killed_dataloader_worker_costs_no_step(images, one_process, tmp_path):
+    """The out-of-memory killer's usual victim: a DataLoader worker SIGKILLed mid-run. The workers start again at
+    the batch reached and the run ends with the weights of the run without worker processes, bit for bit."""
+    out, marker = tmp_path / "run", uuid.uuid4().hex
+    args = [*ONE[:-2], "--num-workers", "2", "--data", str(images), "--output-dir", str(out)]
+    proc = _start([sys.executable, "-m", "fastmae.cli", "pretrain", *args], {"FASTMAE_TEST_RUN": marker})
+    deadline = time.monotonic() + 120
+    while _steps(out) < 30:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the kill"
+        time.sleep(0.05)
+    workers = _pids_with(marker, workers=True)
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+    code, log = _finish(proc, 240)
+    assert code == 0, log[-3000:]
+    assert f"DataLoader worker pid {workers[0]} (SIGKILL) died at batch" in log and "starting the workers again" in log
+    assert "Traceback" not in log
+    _assert_same_weights(out / "checkpoint-last.pth", one_process / "checkpoint-last.pth")
+
+
+def test_unreadable_last_checkpoint_falls_back_to_a_numbered_one(images, one_process, tmp_path):
+    """checkpoint-last.pth cut short (a dying file system): --resume auto warns, naming both files, resumes from the
+    newest readable checkpoint-<step>.pth and ends where the uninterrupted run ends."""
+    out = tmp_path / "run"
+    base = ["pretrain", *ONE, "--data", str(images), "--output-dir", str(out), "--keep-every", "16"]
+    code, log = _fastmae([*base, "--stop-after-steps", "40"])
+    assert code == 0, log[-3000:]
+    last = out / "checkpoint-last.pth"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    code, log = _fastmae([*base, "--resume", "auto"])
+    assert code == 0, log[-3000:]
+    assert f"{last} is truncated or corrupt" in log and "resuming from checkpoint-0000032.pth (step 32) instead" in log
+    _assert_same_weights(last, one_process / "checkpoint-last.pth")
+
+
+def _limit_file_size(limit: int):
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_save_beyond_the_file_size_limit_is_one_line_and_keeps_the_old_checkpoint(images, one_process, tmp_path):
+    """A save that cannot be written (here a real RLIMIT_FSIZE: the kernel refuses the write with EFBIG) ends in one
+    line naming the folder, what was needed and what is free; the previous checkpoint is untouched."""
+    out = tmp_path / "run"
+    out.mkdir()
+    last = out / "checkpoint-last.pth"
+    last.write_bytes((one_process / "checkpoint-last.pth").read_bytes())
+    before = last.read_bytes()
+    size = len(before)
+    code, log = _fastmae(["pretrain", *ONE, "--data", str(images), "--output-dir", str(out), "--resume", "auto",
+                          "--epochs", "13"], preexec=_limit_file_size(size // 2))  # fmt: skip
+    lines = [line for line in log.splitlines() if line.startswith("fastmae: error:")]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in log, log[-3000:]
+    assert f"cannot save checkpoint-last.pth in {out}: the file size limit (ulimit -f) is reached" in lines[0]
+    assert "it needs about" in lines[0] and "free on that disk" in lines[0]
+    assert "checkpoint-last.pth there is the previous one, intact" in lines[0]
+    assert "less than one checkpoint" in log  # the warning at the start
+    assert last.read_bytes() == before and not list(out.glob(".checkpoint-last.pth.*.tmp"))
+
+
+def test_full_disk_is_one_line_and_keeps_the_old_checkpoint(images, one_process, tmp_path):
+    """A real full disk: a 1.5-checkpoint tmpfs mounted in a user and mount namespace (unshare -rm), a resumed run
+    writing its next checkpoint there. Warned at the start, one line at the save, the old checkpoint intact."""
+    ckpt = one_process / "checkpoint-last.pth"
+    size = ckpt.stat().st_size
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    script = (f'mount -t tmpfs -o size={size * 3 // 2} tmpfs "{mnt}" && cp "{ckpt}" "{mnt}/checkpoint-last.pth" && '
+              f'"{sys.executable}" -m fastmae.cli pretrain {" ".join(ONE)} --data "{images}" '
+              f'--output-dir "{mnt}" --resume auto --epochs 13; echo "exit=$?"; '
+              f'cmp "{ckpt}" "{mnt}/checkpoint-last.pth" && echo intact; ls -a "{mnt}"')  # fmt: skip
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"user + mount namespaces are not available here: {probe.stderr.decode().strip()}")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300,
+                          env=ENV)  # fmt: skip
+    log = proc.stdout + proc.stderr
+    lines = [line for line in log.splitlines() if line.startswith("fastmae: error:")]
+    assert "exit=1" in log and len(lines) == 1 and "Traceback" not in log, log[-3000:]
+    assert f"cannot save checkpoint-last.pth in {mnt}: the disk is full (it needs about" in lines[0]
+    assert "less than two checkpoints" in log and "intact" in log.splitlines()
+    assert ".checkpoint-last.pth." not in log  # no temp file left behind
+
+
+def test_missing_peer_is_one_line_within_the_dist_timeout(images, tmp_path):
+    """Rank 0 of 2 whose peer never comes: one line and exit 1 after --dist-timeout (6 s here), not a hang."""
+    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}  # fmt: skip
+    t0 = time.monotonic()
+    code, log = _fastmae(["pretrain", *ONE, "--data", str(images), "--output-dir", str(tmp_path / "run"),
+                          "--dist-timeout", "0.1"], env=env, timeout=120)  # fmt: skip
+    lines = [line for line in log.splitlines() if line.startswith("fastmae: error:")]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in log, log[-3000:]
+    assert "rank 0 of 2 (torchrun): could not join the gloo process group at 127.0.0.1:" in lines[0]
+    assert "within --dist-timeout 0.1 min" in lines[0] and time.monotonic() - t0 < 100
+
+
+def test_lost_peer_saves_the_last_whole_step_and_a_resume_ends_bit_identical(images, uninterrupted, tmp_path):
+    """No restarts left: rank 1 SIGKILLed, rank 0's collective fails; it saves the last whole step alone and ends
+    with one line. The same command with --resume auto then ends with the uninterrupted run's weights."""
+    out, marker = tmp_path / "run", uuid.uuid4().hex
+    args = ["pretrain", *RUN, "--data", str(images), "--output-dir", str(out), "--resume", "auto"]
+    proc = _torchrun(args, env={"FASTMAE_TEST_RUN": marker})
+    deadline = time.monotonic() + 120
+    while _steps(out) < 30:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the kill"
+        time.sleep(0.05)
+    os.kill(_pids_with(marker, rank="1")[0], signal.SIGKILL)
+    code, log = _finish(proc, 120)
+    assert code != 0
+    lines = [line for line in log.splitlines() if "fastmae: error: rank 0 of 2: lost another rank" in line]
+    assert len(lines) == 1 and "; saved " in lines[0], log[-3000:]
+    step = torch.load(out / "checkpoint-last.pth", weights_only=True)["step"]
+    assert step >= 30 and f"after step {step};" in lines[0]
+    code, log = _finish(_torchrun(args), 240)
+    assert code == 0, log[-3000:]
+    _assert_same_weights(out / "checkpoint-last.pth", uninterrupted)
+
+
+def test_two_processes_with_only_slurm_variables_are_one_ddp_run(images, uninterrupted, tmp_path):
+    """What srun starts without torchrun: SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, the node list and the job id,
+    nothing else. The two tasks form one DDP run (master: the node list's first host, a port from the job id) and end
+    with the weights of the torchrun run."""
+    out = tmp_path / "run"
+    job = str(10_000 + os.getpid() % 20_000)
+    base = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                      "MASTER_PORT", "LOCAL_WORLD_SIZE")}  # fmt: skip
+    slurm = {"SLURM_NTASKS": "2", "SLURM_JOB_ID": job, "SLURM_JOB_NODELIST": "localhost", "SLURM_STEP_ID": "0",
+             "SLURM_NTASKS_PER_NODE": "2"}  # fmt: skip
+    cmd = [sys.executable, "-m", "fastmae.cli", "pretrain", *RUN, "--data", str(images), "--output-dir", str(out)]
+    procs = [_start(cmd, {**base, **slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)}, whole_env=True)
+             for r in range(2)]  # fmt: skip
+    logs = [_finish(p, 300) for p in procs]
+    assert [code for code, _ in logs] == [0, 0], logs[0][1][-2000:] + logs[1][1][-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["ranks_in_sync"] and summary["parallel"] == "ddp"
+    assert logs[1][1].strip() == ""  # rank 1 is quiet
+    _assert_same_weights(out / "checkpoint-last.pth", uninterrupted)
+
+
+FAKE_SRUN = """#!{python}
+# srun for the tests: SLURM_NTASKS copies of the command on this machine, each with SLURM_PROCID / SLURM_LOCALID /
+# SLURM_STEP_ID; SIGTERM forwarded; --kill-on-bad-exit kills the others when one fails.
+import os, signal, subprocess, sys, time
+args, kill_on_bad = sys.argv[1:], False
+while args and args[0].startswith("-"):
+    kill_on_bad |= args[0].startswith("--kill-on-bad-exit")
+    args = args[1:]
+tasks = int(os.environ["SLURM_NTASKS"])
+procs = [subprocess.Popen(args, env={{**os.environ, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r),
+                                      "SLURM_STEP_ID": "0"}}) for r in range(tasks)]
+signal.signal(signal.SIGTERM, lambda *_: [p.send_signal(signal.SIGTERM) for p in procs if p.poll() is None])
+codes = [None] * tasks
+while None in codes:
+    for i, p in enumerate(procs):
+        if codes[i] is None and p.poll() is not None:
+            codes[i] = p.returncode
+            if codes[i] != 0 and kill_on_bad:
+                [q.kill() for q in procs if q.poll() is None]
+    time.sleep(0.05)
+sys.exit(0 if all(c == 0 for c in codes) else 1)
+"""
+
+
+@pytest.fixture
+def slurm_job(images, tmp_path):
+    """A SLURM job's environment for examples/slurm/pretrain.sbatch, with stand-ins for srun and scontrol."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN.format(python=sys.executable))
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    marker = uuid.uuid4().hex
+    env = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                     "MASTER_PORT", "LOCAL_WORLD_SIZE")}  # fmt: skip
+    env.update({"PATH": f"{bin_dir}:{env['PATH']}", "SLURM_JOB_ID": str(20_000 + os.getpid() % 10_000),
+                "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NODELIST": "localhost",
+                "DATA": str(images), "OUT": str(tmp_path / "run"), "PRESET": "demo", "EXTRA": " ".join(RUN),
+                "FASTMAE": f"{sys.executable} -m fastmae.cli", "MAX_RESTARTS": "1", "FASTMAE_TEST_RUN": marker})
+    script = Path(__file__).resolve().parents[1] / "examples" / "slurm" / "pretrain.sbatch"
+    start = lambda: _start(["bash", str(script)], env, whole_env=True)
+    return start, tmp_path / "run", marker, tmp_path / "scontrol.log"
+
+
+def test_sbatch_script_restarts_a_killed_task(slurm_job, uninterrupted):
+    """examples/slurm/pretrain.sbatch under a stand-in srun: a task SIGKILLed mid-run ends the step, the script
+    starts it again, the run resumes and ends with the weights of the run that was never interrupted."""
+    start, out, marker, _ = slurm_job
+    proc = start()
+    deadline = time.monotonic() + 120
+    while _steps(out) < 30:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the kill"
+        time.sleep(0.05)
+    os.kill(_pids_with(marker, rank="1", key="SLURM_PROCID")[0], signal.SIGKILL)
+    code, log = _finish(proc, 300)
+    assert code == 0, log[-3000:]
+    assert "attempt 0 ended with exit code 1; starting again" in log and "resumed from" in log
+    _assert_same_weights(out / "checkpoint-last.pth", uninterrupted)
+
+
+def test_sbatch_script_requeues_at_the_time_limit_signal(slurm_job, uninterrupted):
+    """SLURM's --signal=TERM before the time limit: the tasks save and exit 0, the script requeues the job; the
+    requeued job resumes and ends bit-identical to the uninterrupted run."""
+    start, out, marker, scontrol = slurm_job
+    proc = start()
+    deadline = time.monotonic() + 120
+    while _steps(out) < 20:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the signal"
+        time.sleep(0.05)
+    for pid in _pids_with(marker, key="SLURM_PROCID"):
+        os.kill(pid, signal.SIGTERM)
+    code, log = _finish(proc, 120)
+    assert code == 0 and "requeueing job" in log, log[-3000:]
+    assert scontrol.read_text().split() == ["requeue", str(20_000 + os.getpid() % 10_000)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by"] == "SIGTERM" and summary["steps"] < 96
+    code, log = _finish(start(), 300)  # the requeued job
+    assert code == 0 and "requeueing" not in log, log[-3000:]
+    _assert_same_weights(out / "checkpoint-last.pth", uninterrupted)
