@@ -8,10 +8,22 @@ Public API:
 """
 
 from .errors import FastMAEError
-from .interop import from_pretrained
-from .models import MaskedAutoencoderViT, create_model, flops_per_image, list_models
+from .registry import list_models
 
 __version__ = "0.1.0"
+_LAZY = {"MaskedAutoencoderViT": "models", "create_model": "models", "flops_per_image": "models",
+         "from_pretrained": "interop"}  # fmt: skip
+
+
+def __getattr__(name: str):
+    """The model API is imported on first use: ``import fastmae`` (and the CLI's ``--help``) loads no torch."""
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 __all__ = [
     "FastMAEError",
     "MaskedAutoencoderViT",

@@ -75,11 +75,11 @@ class XFormersAttention:
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
 
     def supports(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
+        if q.device.type != "cuda":  # whether installed or not: advice to install it would only mislead here
+            return [f"xformers has no {q.device.type.upper()} operator (inputs are on {q.device.type})"]
         reasons = []
         if _XFORMERS_REASON is not None:
             reasons.append(_XFORMERS_REASON)
-        if q.device.type != "cuda":
-            reasons.append(f"xformers has no {q.device.type.upper()} operator (inputs are on {q.device.type})")
         if q.dtype not in self.dtypes:
             reasons.append(f"dtype {q.dtype} is not one of float16, bfloat16, float32")
         if q.shape[-1] > self.max_head_dim:

@@ -30,7 +30,6 @@ from .errors import FastMAEError
 from .models import create_model, flops_per_image
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
 MODELS = ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14")
 BATCH = {"mae_vit_base_patch16": 256, "mae_vit_large_patch16": 128, "mae_vit_huge_patch14": 64}  # fixed per model
 CASES = (("eager", "visible"), ("fastmae", "visible"), ("fastmae", "mask_token"))
@@ -234,10 +233,11 @@ def speedups(rows: list[dict]) -> list[dict]:
 
 
 def write_results(rows: list[dict], env: dict, out: str | Path | None = None) -> Path:
-    """``{"env": ..., "rows": [...]}`` to ``out`` or ``benchmarks/results/<gpu>-<date>.json``."""
+    """``{"env": ..., "rows": [...]}`` to ``out`` or ``./fastmae-bench-<gpu>-<date>.json`` (the current folder: never
+    into the installed package)."""
     if out is None:
         gpu = env["gpu"].replace("NVIDIA ", "").replace(" ", "-").lower()
-        out = RESULTS / f"{gpu}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        out = Path.cwd() / f"fastmae-bench-{gpu}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"env": env, "rows": rows, "speedups": speedups(rows)}, indent=2) + "\n")

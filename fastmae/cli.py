@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import types
 import typing
@@ -124,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bench",
         help="pretrain-step benchmark suite (eager vs fastmae vs mask-token encoder), results JSON, chart, table",
-        description="Benchmark the pretraining step side by side in one run and write benchmarks/results/<gpu>-<date>"
-        ".json; or, with --report, draw the chart and README table from a results JSON.",
+        description="Benchmark the pretraining step side by side in one run and write ./fastmae-bench-<gpu>-<date>"
+        ".json (or --out); or, with --report, draw the chart and README table from a results JSON.",
         formatter_class=_HelpFormatter,
     )
     b.add_argument("--models", default="mae_vit_base_patch16,mae_vit_large_patch16,mae_vit_huge_patch14")
@@ -137,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning)")
     b.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     b.add_argument("--quick", action="store_true", help="tiny shapes on any device: checks the suite, not a number")
-    b.add_argument("--out", default=None, help="results JSON path (default: benchmarks/results/<gpu>-<date>.json)")
+    b.add_argument("--out", default=None, help="results JSON path (default: ./fastmae-bench-<gpu>-<date>.json in the "
+                   "current folder)")  # fmt: skip
     b.add_argument("--report", default=None, nargs="+", metavar="JSON",
                    help="chart + table from this results JSON (several: merged, as one sitting's)")  # fmt: skip
     b.add_argument("--profile", action="store_true",
@@ -193,6 +195,10 @@ def config_from_args(args: argparse.Namespace, cls=PretrainConfig, presets: dict
     if given.get("pretrained") == "none":  # a preset's checkpoint turned off: random weights
         given["pretrained"] = None
     pretrained = given.get("pretrained", cfg.pretrained)
+    if "pretrained" not in given and pretrained is not None and not os.path.exists(pretrained):
+        raise FastMAEError(f"--preset {args.preset} starts from {pretrained}, which does not exist yet: run `fastmae "
+                           f"pretrain --preset {args.preset}` first (it writes that checkpoint), or add --pretrained "
+                           "none to train from random weights")  # fmt: skip
     if pretrained is not None:
         from .interop import pretrained_fields
 
@@ -203,15 +209,43 @@ def config_from_args(args: argparse.Namespace, cls=PretrainConfig, presets: dict
     return dataclasses.replace(cfg, **given).validate()
 
 
+class _BarSafeHandler(logging.StreamHandler):
+    """Log lines written with tqdm.write: a line printed while a progress bar is shown goes above the bar instead
+    of being glued to it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # a logging failure must not end the run
+            self.handleError(record)
+
+
+def _log_through_progress_bars() -> None:
+    """logging.basicConfig with a bar-safe handler: nothing is added when the root logger has handlers already."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = _BarSafeHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+
+
 def _num(value, spec: str = ".4f") -> str:
     return "n/a" if value is None else format(value, spec)
+
+
+def _finished_line(summary: dict, out: str) -> str:
+    """What a command says when --resume found its run finished (nothing is done or written)."""
+    return (f"already finished at step {summary['steps']}: nothing to do ({out}/summary.json is that run's "
+            "summary; a new run needs another --output-dir, or --overwrite)")  # fmt: skip
 
 
 def _done_line(summary: dict, out: str) -> str:
     """The last line of ``fastmae pretrain``."""
     if summary.get("already_finished"):
-        return (f"already finished at step {summary['steps']}: nothing to do ({out}/summary.json is that run's "
-                "summary; a new run needs another --output-dir, or --overwrite)")  # fmt: skip
+        return _finished_line(summary, out)
     stopped = f", stopped by {summary['stopped_by']}" if summary.get("stopped_by") else ""
     loss = f"{_num(summary['first_logged_loss'])} -> {_num(summary['final_loss'])}"
     return (f"done: {summary['steps']} steps{stopped}, {summary['images_seen']} images, loss {loss}, "
@@ -227,7 +261,7 @@ def _main_process() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    _log_through_progress_bars()
     try:
         if args.command == "models":
             from .models import list_models
@@ -250,25 +284,31 @@ def main(argv: list[str] | None = None) -> int:
             h, w = done["img_size"]
             print(f"wrote {done['output']}: {done['model']}, {done['keys']} tensors, {h}x{w} px ({args.to})")
             if args.to == "timm":
-                print(f"load it with: model = {done['load']}; model.load_state_dict(state_dict, strict=True)")
+                out = done["output"]
+                read = (f"from safetensors.torch import load_file; state_dict = load_file({out!r})"
+                        if out.endswith(".safetensors") else f"state_dict = torch.load({out!r}, weights_only=True)")
+                print(f"load it with: import timm, torch; {read}; model = {done['load']}; "
+                      "model.load_state_dict(state_dict, strict=True)")  # fmt: skip
             elif args.to.startswith("hf"):
                 print(f"load it with: {done['load']}")
             return 0
         if args.command == "finetune":
             from fastmae.train.finetune import finetune
 
-            s = finetune(config_from_args(args, FinetuneConfig, FINETUNE_PRESETS))
+            cfg = config_from_args(args, FinetuneConfig, FINETUNE_PRESETS)
+            s = finetune(cfg)
             if _main_process():
-                where = args.output_dir or "the"
-                print(f"done: {s['steps']} steps, val top-1 {s['top1']:.2f}% (best {s['best_top1']:.2f}%), "
-                      f"top-5 {s['top5']:.2f}%; outputs in {where} output folder (summary.json)")  # fmt: skip
+                print(_finished_line(s, cfg.output_dir) if s.get("already_finished") else
+                      f"done: {s['steps']} steps, val top-1 {s['top1']:.2f}% (best {s['best_top1']:.2f}%), top-5 "
+                      f"{s['top5']:.2f}%; outputs in {cfg.output_dir}/ (summary.json)")  # fmt: skip
             return 0
         if args.command == "linprobe":
             from fastmae.train.linprobe import linprobe
 
-            s = linprobe(config_from_args(args, LinprobeConfig, LINPROBE_PRESETS))
+            cfg = config_from_args(args, LinprobeConfig, LINPROBE_PRESETS)
+            s = linprobe(cfg)
             if _main_process():
-                print(s["table"])
+                print(_finished_line(s, cfg.output_dir) if s.get("already_finished") else s["table"])
             return 0
         from fastmae.train.pretrain import pretrain
 

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .errors import FastMAEError
-from .models import check_mask_ratio, list_models
+from .registry import check_mask_ratio, list_models
 
 LOADERS = ("auto", "dali", "torchvision", "synthetic")
 DEVICES = ("auto", "cpu", "cuda")
@@ -62,7 +62,7 @@ class PretrainConfig:
     warmup_epochs: float = _f(40, "linear warmup length in epochs (then cosine decay per iteration)")
     batch_size: int = _f(64, "images per step per process (effective batch = batch x accum-iter x world size)")
     accum_iter: int = _f(1, "accumulate gradients over N batches per optimizer step")
-    blr: float = _f(1.5e-4, "base learning rate: lr = blr * batch_size / 256")
+    blr: float = _f(1.5e-4, "base learning rate: lr = blr * effective batch / 256 (batch x accum-iter x processes)")
     lr: float | None = _f(None, "absolute learning rate (overrides --blr; unset by default)")
     min_lr: float = _f(0.0, "floor of the cosine schedule")
     weight_decay: float = _f(0.05, "AdamW weight decay (not on biases, norms, tokens)")
@@ -108,10 +108,18 @@ class PretrainConfig:
         None, "also keep checkpoint-<step>.pth when a save falls on a multiple of N steps (off by default)"
     )
     resume: str | None = _f(
-        None, "checkpoint path, or 'auto' for the output folder's checkpoint-last.pth (default: start fresh)"
-    )
+        None, "checkpoint path (or a run's output folder), or 'auto' for the output folder's checkpoint-last.pth; "
+        "needed to write into an --output-dir that holds a run (default: start fresh)"
+    )  # fmt: skip
+    overwrite: bool = _f(
+        False, "start anew in an --output-dir that holds a run: its files are first moved to <dir>/replaced-<time>/ "
+        "(nothing is deleted)"
+    )  # fmt: skip
     num_reconstructions: int = _f(8, "fixed images shown in each reconstructions/*.png")
-    picture_scale: int = _f(1, "draw each pixel of the reconstruction pictures as an N x N block (small images)")
+    picture_scale: int | None = _f(
+        None, "draw each pixel of the reconstruction pictures as an N x N block (default: the smallest N that draws an "
+        "image at least 96 pixels high)"
+    )  # fmt: skip
     picture_every: int | None = _f(1000, "reconstruction picture + eval loss every N steps (0: only at start and end)")
     tensorboard: bool | None = _f(None, "TensorBoard event files in <output>/tensorboard (default: when installed)")
     progress: bool = _f(True, "show a progress bar")
@@ -133,7 +141,7 @@ class PretrainConfig:
                 raise FastMAEError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
                                    f"got {getattr(self, name)!r}")  # fmt: skip
         for name in ("epochs", "batch_size", "accum_iter", "img_size", "log_every", "synthetic_images",
-                     "nan_rollback_after", "picture_scale"):  # fmt: skip
+                     "nan_rollback_after"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise FastMAEError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.save_interval < 0:
@@ -143,7 +151,7 @@ class PretrainConfig:
         _check_augment(self)
         if self.picture_every is not None and self.picture_every < 0:
             raise FastMAEError(f"--picture-every must be >= 0 (0: only at start and end), got {self.picture_every}")
-        for name in ("stop_after_steps", "save_every", "keep_every"):
+        for name in ("stop_after_steps", "save_every", "keep_every", "picture_scale"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise FastMAEError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -165,7 +173,7 @@ class PretrainConfig:
         warmup = round(self.warmup_epochs * steps_per_epoch)
         lines = [
             f"effective batch {eff} = {self.batch_size} per step x {self.accum_iter} accumulation x {world_size} "
-            f"process(es)",
+            + ("process" if world_size == 1 else "processes"),
             f"lr {self.effective_lr(world_size):.3g}"
             + ("" if self.lr is not None else f" = blr {self.blr:g} x {eff} / 256"),
             f"{steps_per_epoch} steps/epoch, warmup {warmup} steps ({self.warmup_epochs:g} epochs), {total} steps",
@@ -276,8 +284,13 @@ class _DownstreamConfig:
         "(0: every epoch end; checkpoint-best.pth is written whenever top-1 improves)"
     )  # fmt: skip
     resume: str | None = _f(
-        None, "checkpoint path, or 'auto' for the output folder's checkpoint-last.pth (default: start fresh)"
-    )
+        None, "checkpoint path (or a run's output folder), or 'auto' for the output folder's checkpoint-last.pth; "
+        "needed to write into an --output-dir that holds a run (default: start fresh)"
+    )  # fmt: skip
+    overwrite: bool = _f(
+        False, "start anew in an --output-dir that holds a run: its files are first moved to <dir>/replaced-<time>/ "
+        "(nothing is deleted)"
+    )  # fmt: skip
 
     def validate(self):
         if self.model is None and self.pretrained is None:

@@ -157,6 +157,22 @@ def check_checkpoint_file(path: str | os.PathLike, what: str = "checkpoint") -> 
         raise FastMAEError(f"{what} {path} {problem}")
 
 
+def state_mismatch(expected: dict, found: dict, limit: int = 3) -> str:
+    """What differs between a model's state_dict (``expected``) and a checkpoint's (``found``), in words: keys missing
+    from the checkpoint, keys it has in excess, shapes that differ (the first ``limit`` of each)."""
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    shapes = [f"{k} {tuple(found[k].shape)} in the checkpoint, {tuple(v.shape)} in the model" for k, v in
+              expected.items() if k in found and hasattr(found[k], "shape") and found[k].shape != v.shape]  # fmt: skip
+    parts = []
+    for what, items in (("shapes differ", shapes), ("missing from the checkpoint", missing),
+                        ("not in the model", extra)):  # fmt: skip
+        if items:
+            more = f" and {len(items) - limit} more" if len(items) > limit else ""
+            parts.append(f"{what}: {', '.join(items[:limit])}{more}")
+    return "; ".join(parts) or "the same keys and shapes"
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint on CPU with ``weights_only=True``; a missing or unreadable file is a one-line error."""
     path = Path(path)
@@ -178,9 +194,14 @@ def numbered_checkpoints(folder: Path) -> list[tuple[int, Path]]:
 
 def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | None:
     """``None`` -> no resume; ``"auto"`` -> the output folder's last checkpoint if there is one (an unreadable one:
-    the newest readable ``checkpoint-<step>.pth`` instead, with a warning); else the path."""
+    the newest readable ``checkpoint-<step>.pth`` instead, with a warning); a run's output folder -> its last
+    checkpoint, the same way; else the path."""
     if resume is None:
         return None
+    if resume != "auto" and Path(resume).is_dir():  # a run's output folder: its last checkpoint
+        if not (Path(resume) / LAST).exists() and not numbered_checkpoints(Path(resume)):
+            raise FastMAEError(f"--resume {resume} is a folder with no {LAST} (nor checkpoint-<step>.pth) in it")
+        resume, output_dir = "auto", resume
     if resume == "auto":
         out = Path(output_dir)
         last = out / LAST

@@ -24,7 +24,7 @@ from fastmae.config import FinetuneConfig
 from fastmae.errors import FastMAEError
 from fastmae.interop import create_vit, encoder_arch, load_pretrained
 
-from .checkpoint import LAST, load_checkpoint, position_at, resume_position, save_checkpoint
+from .checkpoint import LAST, load_checkpoint, position_at, resume_position, save_checkpoint, state_mismatch
 from .data import labelled_data, make_loader, to_device
 from .distributed import DistContext, no_sync, params_in_sync, wrap_model
 from .run import (
@@ -32,9 +32,11 @@ from .run import (
     RunLog,
     SaveClock,
     StopSignal,
+    already_finished,
     fault,
     micro_batches,
     optimizer_steps,
+    processes,
     rank_rng_state,
     restore_rng_state,
     seed_all,
@@ -90,7 +92,8 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, autocast, cla
 def finetune(cfg: FinetuneConfig) -> dict:
     """Finetune as ``cfg`` says; returns the summary (also written to ``summary.json``)."""
     with start_run(cfg, "ddp") as run:
-        return Finetuning(cfg, run).train()
+        job = Finetuning(cfg, run)
+        return already_finished(run, job.step) if job.finished else job.train()
 
 
 class Finetuning:
@@ -112,8 +115,11 @@ class Finetuning:
         self.step, self.best, self.epoch, self.start_batch, self.rng_resume = 0, None, 0, 0, None
         if run.resume_path is not None:
             self._resume()
+        self.finished = run.resume_path is not None and self.step >= self.last_step
+        if self.finished:  # a requeued or repeated job whose run is done: nothing more is built, nothing touched
+            return
         self.step_module = wrap_model(self.model, run.ctx, self.device)  # DDP after loading: rank 0's weights
-        self.log = RunLog(run.out, run.main)
+        self.log = RunLog(run.out, run.main, resumed_at=self.step if run.resume_path is not None else None)
         warn_if_no_room(run, self.model, 4 if cfg.ema else 3)
         self.resolved = {
             **cfg.to_dict(), "arch": self.arch, "lr": self.base_lr, "num_classes": self.classes,
@@ -124,8 +130,9 @@ class Finetuning:
         }  # fmt: skip
         self.log.config(self.resolved)
         logger.info(
-            "finetune %s (%d classes) on %s (%s), loader %s, %d process(es), effective batch %d, %d steps/epoch, "
-            "lr %.3g, layer decay %g", cfg.model, self.classes, self.device, run.precision, run.loader_name, world,
+            "finetune %s (%d classes) on %s (%s), loader %s, %s, effective batch %d, %d steps/epoch, "
+            "lr %.3g, layer decay %g", cfg.model, self.classes, self.device, run.precision, run.loader_name,
+            processes(world, run.ctx.strategy),
             cfg.effective_batch(world), self.steps_per_epoch, self.base_lr, cfg.layer_decay,
         )  # fmt: skip
         self.step_fn = run.compiled(self.step_module)
@@ -164,8 +171,10 @@ class Finetuning:
         try:
             self.model.load_state_dict(ckpt["model"], strict=True)
         except RuntimeError as exc:
-            raise FastMAEError(f"checkpoint {path} does not fit {cfg.model} with {self.classes} classes: "
-                               f"{str(exc).splitlines()[0]}") from exc  # fmt: skip
+            raise FastMAEError(f"--resume {path} does not fit {cfg.model or 'this model'} with {self.classes} classes "
+                               f"at {cfg.img_size} px ({state_mismatch(self.model.state_dict(), ckpt['model'])}); "
+                               "resume with the flags of the run that wrote it (its config.json), or start a new run "
+                               "in another --output-dir") from exc  # fmt: skip
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.ema is not None and "ema" in ckpt:
             self.ema.module.load_state_dict(ckpt["ema"])
@@ -202,7 +211,7 @@ class Finetuning:
                             break
                         if cfg.save_every and self.step % cfg.save_every == 0:
                             self.save(LAST)
-                    if stopping:
+                    if stopping or self.step % self.steps_per_epoch:  # a signal, or the last step inside an epoch
                         break
                     self.end_epoch()
                     if self.step >= self.last_step:

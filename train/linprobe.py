@@ -33,9 +33,11 @@ from .run import (
     RunLog,
     SaveClock,
     StopSignal,
+    already_finished,
     fault,
     micro_batches,
     optimizer_steps,
+    processes,
     seed_all,
     start_run,
     versions,
@@ -145,7 +147,8 @@ def score_probes(probes: nn.ModuleList, feats: torch.Tensor, labels: torch.Tenso
 def linprobe(cfg: LinprobeConfig) -> dict:
     """Train the probes as ``cfg`` says, then kNN; returns the summary (also written to ``summary.json``)."""
     with start_run(cfg, "ddp") as run:
-        return LinearProbing(cfg, run).train()
+        job = LinearProbing(cfg, run)
+        return already_finished(run, job.step) if job.finished else job.train()
 
 
 class LinearProbing:
@@ -179,11 +182,15 @@ class LinearProbing:
         self.step, self.epoch, self.start_batch, self.start_scores = 0, 0, 0, None
         if run.resume_path is not None:
             self._resume()
-        self.log = RunLog(run.out, run.main)
+        self.finished = run.resume_path is not None and self.step >= self.last_step
+        if self.finished:  # a requeued or repeated job whose run is done: nothing more is built, nothing touched
+            return
+        self.log = RunLog(run.out, run.main, resumed_at=self.step if run.resume_path is not None else None)
         self.log.config(self.resolved)
-        logger.info("linear probes on %s features of %s (%d classes), lrs %s, loader %s, %d process(es), effective "
+        logger.info("linear probes on %s features of %s (%d classes), lrs %s, loader %s, %s, effective "
                     "batch %d, %d steps/epoch", "mean-token" if cfg.global_pool else "cls-token", cfg.model,
-                    self.classes, ", ".join(f"{lr:.3g}" for lr in self.lrs), run.loader_name, world,
+                    self.classes, ", ".join(f"{lr:.3g}" for lr in self.lrs), run.loader_name,
+                    processes(world, run.ctx.strategy),
                     cfg.effective_batch(world), self.steps_per_epoch)  # fmt: skip
         self.features = run.compiled(self.encoder)
         self.images = 0

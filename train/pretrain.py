@@ -19,10 +19,10 @@ import torch
 import fastmae
 from fastmae.config import PretrainConfig
 from fastmae.errors import FastMAEError
-from fastmae.interop import from_pretrained
+from fastmae.interop import check_model, from_pretrained
 from fastmae.models import model_arch
 
-from .checkpoint import LAST, load_checkpoint, position_at, resume_position, save_checkpoint
+from .checkpoint import LAST, load_checkpoint, position_at, resume_position, save_checkpoint, state_mismatch
 from .data import SyntheticLoader, make_loader, pretrain_index, sample_images, to_device
 from .distributed import full_state, load_full_state, no_sync, params_in_sync, wrap_model
 from .noise import mask_noise
@@ -35,6 +35,7 @@ from .run import (
     fault,
     micro_batches,
     optimizer_steps,
+    processes,
     rng_state,
     seed_all,
     set_rng_state,
@@ -43,7 +44,7 @@ from .run import (
     warn_if_no_room,
 )
 from .schedule import build_optimizer, lr_at
-from .visualize import plot_loss_curve, reconstruct, write_grid
+from .visualize import auto_scale, plot_loss_curve, reconstruct, write_grid
 
 logger = logging.getLogger("fastmae.pretrain")
 EVAL_IMAGES = 32  # fixed images scored for eval_loss_start / eval_loss_end
@@ -84,7 +85,7 @@ class Pretraining:
         if ckpt is not None:
             self.epoch, self.start_batch = resume_position(ckpt, self.step, self.steps_per_epoch, self.accum,
                                                            run.ctx.world_size)  # fmt: skip
-        self.log = RunLog(run.out, run.main, cfg.tensorboard)
+        self.log = RunLog(run.out, run.main, cfg.tensorboard, self.step if ckpt is not None else None)
         warn_if_no_room(run, self.model)
         self._write_config()
         # Fixed images (centre crops of the first decodable files) with a fixed mask: pictures and a comparable loss.
@@ -125,11 +126,15 @@ class Pretraining:
     def _resume(self) -> dict:
         path = self.run.resume_path
         ckpt = load_checkpoint(path)
+        mine = model_arch(self.model)
+        check_model(ckpt["model"], self.cfg.model or "this model", f"--resume {path}", mine)  # encoder: one line
         try:
             load_full_state(self.model, self.optimizer, ckpt["model"], ckpt.get("optimizer"), self.run.ctx)
         except (RuntimeError, KeyError, ValueError) as exc:
             raise FastMAEError(
-                f"checkpoint {path} does not fit model {self.cfg.model}: {str(exc).splitlines()[0]}"
+                f"--resume {path} does not fit {self.cfg.model or 'this model'} at {self.cfg.img_size} px "
+                f"({state_mismatch(self.model.state_dict(), ckpt['model'])}); resume with the flags of the run that "
+                "wrote it (its config.json), or start a new run in another --output-dir"
             ) from exc
         if self.scaler is not None and "scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -155,9 +160,9 @@ class Pretraining:
         }  # fmt: skip
         self.log.config(self.resolved)
         logger.info(
-            "model %s on %s (%s), attention %s, kernels %s, loader %s, %d steps/epoch, lr %.3g, %d process(es) (%s)",
+            "model %s on %s (%s), attention %s, kernels %s, loader %s, %d steps/epoch, lr %.3g, %s",
             cfg.model, self.device, run.precision, self.attn_used, self.kernels_used, run.loader_name,
-            self.steps_per_epoch, self.base_lr, world, run.ctx.strategy,
+            self.steps_per_epoch, self.base_lr, processes(world, run.ctx.strategy),
         )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------- the loop
@@ -299,7 +304,8 @@ class Pretraining:
         if self.run.main:
             path = self.run.out / "reconstructions" / f"step{self.step:07d}.png"
             shown = torch.linspace(0, len(self.eval_imgs) - 1, min(self.cfg.num_reconstructions, len(self.eval_imgs)))
-            write_grid([p[shown.round().long()] for p in pics], path, scale=self.cfg.picture_scale)
+            write_grid([p[shown.round().long()] for p in pics], path, scale=auto_scale(self.cfg.img_size,
+                       self.cfg.picture_scale), title=f"step {self.step}, eval loss {loss:.4f}")  # fmt: skip
         return loss
 
     def save(self, epoch: int) -> None:
@@ -377,6 +383,8 @@ class Pretraining:
         self.log.close()
         if run.main:
             plot_loss_curve(run.out / "metrics.jsonl", run.out / "loss.png")  # skipped without matplotlib
-        if self.loader.skipped:
-            logger.warning("skipped %d undecodable file(s) in total", len(self.loader.skipped))
+        found_late = len(self.loader.skipped) - (len(self.index.bad) if self.index is not None else 0)
+        if found_late > 0:  # the index's own were reported when it was built
+            logger.warning("%d more file(s) failed to decode during the run and were skipped (%d in all)", found_late,
+                           len(self.loader.skipped))  # fmt: skip
         return summary

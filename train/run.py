@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +33,7 @@ import fastmae
 from fastmae.errors import FastMAEError, NoRoom, RunFault
 from fastmae.interop import check_pretrained
 
+from .checkpoint import LAST as LAST_CHECKPOINT
 from .checkpoint import check_checkpoint_file, resolve_resume, room_problem
 from .data import resolve_loader
 from .distributed import DistContext, init_distributed, peer_lost
@@ -63,6 +65,61 @@ def check_output_dir(path: str | os.PathLike) -> Path:
         if parent.exists() and not parent.is_dir():
             raise FastMAEError(f"--output-dir {out}: {parent} is a file, not a folder")
     return out
+
+
+# What a run writes into its output folder (the contract); --overwrite moves exactly these aside.
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "loss.png", "reconstructions", "tensorboard")
+_CHECKPOINTS = re.compile(r"^\.?checkpoint-.*\.(pth|tmp)$")
+
+
+def run_files(out: Path) -> list[Path]:
+    """The files and folders of a run in ``out`` (none: ``out`` holds no run)."""
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if p.name in RUN_FILES or _CHECKPOINTS.match(p.name))
+
+
+def describe_run(out: Path) -> str:
+    """A few words on the run in ``out``: its command, model and the step it reached, as far as its files say."""
+    try:
+        config = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}
+    words = [config.get("model") or "a run"]
+    if summary.get("steps") is not None:
+        total = config.get("total_steps")
+        words.append(f"at step {summary['steps']}" + (f" of {total}" if total else ""))
+    elif (out / LAST_CHECKPOINT).exists():
+        words.append("with a checkpoint, unfinished")
+    return " ".join(words)
+
+
+def check_fresh_start(out: Path, resume: str | None, overwrite: bool) -> None:
+    """A folder that holds a run is only written into to continue it (``--resume``) or, with ``--overwrite``, after
+    its files are moved aside; otherwise a one-line error that touches nothing."""
+    if overwrite and resume is not None:
+        raise FastMAEError("--overwrite starts a run anew and --resume continues one: give one of them")
+    if resume is None and not overwrite and run_files(out):
+        raise FastMAEError(f"--output-dir {out} holds a run ({describe_run(out)}); continue it with --resume auto, "
+                           f"start anew with --overwrite (its files are moved to {out}/replaced-<time>/), or choose "
+                           "another --output-dir")  # fmt: skip
+
+
+def move_run_aside(out: Path) -> Path | None:
+    """--overwrite: the run's files into ``out/replaced-<time>/`` (nothing is deleted); returns that folder."""
+    files = run_files(out)
+    if not files:
+        return None
+    aside = out / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for path in files:
+        os.replace(path, aside / path.name)
+    logger.warning("--overwrite: moved the previous run's %d file(s) in %s to %s", len(files), out, aside)
+    return aside
 
 
 def optimizer_steps(batches: int, accum: int) -> int:
@@ -129,12 +186,19 @@ def start_run(cfg, parallel: str = "ddp") -> Run:
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     loader_name = resolve_loader(cfg.loader, device)
     out = check_output_dir(cfg.output_dir)
+    check_fresh_start(out, cfg.resume, cfg.overwrite)
     resume_path = resolve_resume(cfg.resume, out)
     if resume_path is not None:
         check_checkpoint_file(resume_path, "--resume")
     if getattr(cfg, "pretrained", None) is not None:
         check_pretrained(cfg.pretrained, "--pretrained")
     ctx, device = init_distributed(parallel, device, cfg.dist_timeout)
+    # --overwrite, or --resume auto with nothing to resume (a run that died before its first checkpoint): the old
+    # files go aside, so that the new run's metrics and pictures are its own.
+    if cfg.overwrite or (cfg.resume == "auto" and resume_path is None and run_files(out)):
+        if ctx.is_main:
+            move_run_aside(out)
+        ctx.barrier()
     return Run(ctx, device, precision, use_compile, loader_name, out, resume_path)
 
 
@@ -206,12 +270,31 @@ class RunLog:
     once) with the same numbers as TensorBoard scalars (``tensorboard/``, when asked for or installed),
     ``summary.json``, and the progress bar. On the other ranks every method is a no-op."""
 
-    def __init__(self, out: Path, enabled: bool, tensorboard: bool | None = False):
+    def __init__(self, out: Path, enabled: bool, tensorboard: bool | None = False, resumed_at: int | None = None):
         self.out, self.enabled = out, enabled
         self._metrics = self._writer = self._bar = None
         if enabled:
             out.mkdir(parents=True, exist_ok=True)
+            if resumed_at is not None:
+                self._forget_after(resumed_at)
             self._writer = _tensorboard(tensorboard, out / "tensorboard")
+
+    def _forget_after(self, step: int) -> None:
+        """A resumed run logs its steps after ``step`` again: the rows the interrupted run wrote for them go, so that
+        ``metrics.jsonl`` holds each step once (rewritten atomically)."""
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except ValueError:  # a line cut short by the crash
+                continue
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in keep))
+        os.replace(tmp, path)
 
     def config(self, resolved: dict) -> None:
         if self.enabled:
@@ -291,6 +374,11 @@ def micro_batches(loader, epoch: int, start_batch: int, accum: int, steps_per_ep
         yield imgs, labels, loader.last_ids, micro
         if micro >= steps_per_epoch * accum:
             return
+
+
+def processes(world: int, strategy: str) -> str:
+    """"1 process", or "8 processes (ddp)", for log lines."""
+    return "1 process" if world == 1 else f"{world} processes ({strategy})"
 
 
 def already_finished(run: Run, step: int) -> dict:

@@ -35,24 +35,51 @@ def reconstruct(model, imgs: torch.Tensor, mask_ratio: float, seed: int = 0):
     return loss.item(), orig, masked, orig * (1 - m) + rec * m
 
 
-def write_grid(pictures, path: str | Path, count: int | None = None, scale: int = 1) -> Path:
+COLUMNS = ("original", "masked", "reconstruction")
+MIN_SIDE = 96  # pictures are drawn at least this many pixels high per image (auto --picture-scale)
+
+
+def auto_scale(img_size: int, scale: int | None) -> int:
+    """``scale``, or the smallest whole scale that draws an image at least :data:`MIN_SIDE` pixels high."""
+    return scale if scale else max(1, -(-MIN_SIDE // img_size))
+
+
+def write_grid(pictures, path: str | Path, count: int | None = None, scale: int = 1, title: str | None = None) -> Path:
     """Write (original, masked, reconstruction) [N, 3, H, W] tensors as a PNG grid, one row per image, each pixel
-    drawn as a ``scale`` x ``scale`` block (small images readable at a glance)."""
+    drawn as a ``scale`` x ``scale`` block, under a header: ``title`` and the column labels. Both are also stored in
+    the PNG's text chunks (``Title``, ``Description``)."""
+    from PIL import ImageDraw, PngImagePlugin
+
     orig, masked, rec = (p[:count] for p in pictures)
     rows = [torch.cat([o, mk, r], dim=2) for o, mk, r in zip(orig, masked, rec, strict=True)]  # [3, H, 3W] each
     grid = torch.cat(rows, dim=1)
     grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2).permute(1, 2, 0).cpu().numpy()
+    body = Image.fromarray((grid * 255 + 0.5).astype(np.uint8))
+    line = 14
+    header = line * (2 if title else 1) + 6
+    canvas = Image.new("RGB", (body.width, body.height + header), (255, 255, 255))
+    canvas.paste(body, (0, header))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((4, 2), title, fill=(0, 0, 0))
+    column = body.width // 3
+    for k, label in enumerate(COLUMNS):
+        width = draw.textlength(label)
+        draw.text((k * column + max(2, (column - width) / 2), header - line - 2), label, fill=(60, 60, 60))
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Title", title or "")
+    info.add_text("Description", "columns: " + " | ".join(COLUMNS))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((grid * 255 + 0.5).astype(np.uint8)).save(path)
+    canvas.save(path, pnginfo=info)
     return path
 
 
 def save_reconstructions(model, imgs: torch.Tensor, path: str | Path, mask_ratio: float, seed: int = 0,
-                         scale: int = 1) -> float:  # fmt: skip
-    """Write the picture grid of ``imgs`` as PNG; returns the loss on these images."""
+                         scale: int = 1, title: str = "") -> float:  # fmt: skip
+    """Write the picture grid of ``imgs`` as PNG (``title`` and the loss in its header); returns the loss."""
     loss, *pictures = reconstruct(model, imgs, mask_ratio, seed)
-    write_grid(pictures, path, scale=scale)
+    write_grid(pictures, path, scale=scale, title=f"{title}{', ' if title else ''}loss {loss:.4f}")
     return loss
 
 
@@ -61,17 +88,26 @@ def visualize_checkpoint(checkpoint: str | Path, output: str | Path, images: str
                          scale: int | None = None) -> float:  # fmt: skip
     """Reconstructions from any full MAE checkpoint (fastmae, official, transformers; the architecture is read from
     it); returns the loss on them."""
-    from fastmae.interop import mae_from_state, read_checkpoint
+    from fastmae.errors import FastMAEError
+    from fastmae.interop import DECODER_KEYS, mae_from_state, read_checkpoint
 
     from .data.index import index_data
     from .data.loaders import sample_images
 
     sd, arch, info = read_checkpoint(checkpoint)
+    if not any(k.startswith(DECODER_KEYS) for k in sd):
+        raise FastMAEError(f"checkpoint {checkpoint} holds no MAE decoder (a finetuned or encoder-only checkpoint): "
+                           "reconstructions need the decoder of a pretraining checkpoint (fastmae pretrain's "
+                           "checkpoint-last.pth, an official full MAE .pth or a ViTMAEForPreTraining "
+                           "folder)")  # fmt: skip
     cfg = info.get("config") or {}
     model = mae_from_state(sd, arch, f"checkpoint {checkpoint}", encoder_mode=cfg.get("encoder_mode", "visible"))
-    imgs = sample_images(index_data(images), model.patch_embed.img_size[0], count)
-    scale = scale or cfg.get("picture_scale", 1)
-    return save_reconstructions(model, imgs, output, mask_ratio or cfg.get("mask_ratio", 0.75), seed, scale)
+    size = model.patch_embed.img_size[0]
+    imgs = sample_images(index_data(images), size, count)
+    scale = auto_scale(size, scale or cfg.get("picture_scale"))
+    step = f", step {info['step']}" if info.get("step") is not None else ""
+    return save_reconstructions(model, imgs, output, mask_ratio or cfg.get("mask_ratio", 0.75), seed, scale,
+                                f"{Path(checkpoint).name}{step}")  # fmt: skip
 
 
 def plot_loss_curve(metrics: str | Path, output: str | Path) -> Path | None:
@@ -86,18 +122,27 @@ def plot_loss_curve(metrics: str | Path, output: str | Path) -> Path | None:
     import json
 
     rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("loss") is not None]
-    if not rows:
+    train = [r for r in rows if r.get("loss") is not None]
+    evals = [r for r in rows if r.get("eval_loss") is not None]
+    if not train:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="loss")
-    ax.set_xlabel("step")
+    fig, (ax, lr_ax) = plt.subplots(2, 1, figsize=(6.5, 5), sharex=True, height_ratios=(3, 1))
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="training loss (mean over ranks)")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", ms=3,
+                label="eval loss (fixed images and mask)")  # fmt: skip
     ax.set_ylabel("loss")
-    lr_ax = ax.twinx()
-    lr_ax.plot([r["step"] for r in rows], [r["lr"] for r in rows], color="tab:orange", alpha=0.6, label="lr")
+    ax.legend(loc="upper right")
+    ax.grid(True, alpha=0.3)
+    ax.set_title(f"{Path(metrics).parent.name}: loss and learning rate")
+    lr_ax.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:orange", label="learning rate")
     lr_ax.set_ylabel("lr")
+    lr_ax.set_xlabel("optimizer step")
+    lr_ax.legend(loc="upper right")
+    lr_ax.grid(True, alpha=0.3)
     fig.tight_layout()
     output = Path(output)
-    fig.savefig(output, dpi=100)
+    fig.savefig(output, dpi=100, metadata={"Title": "loss and learning rate",
+                                           "Description": "top: training loss, eval loss; bottom: learning rate"})
     plt.close(fig)
     return output

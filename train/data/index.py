@@ -53,7 +53,7 @@ logger = logging.getLogger("fastmae.data")
 
 CHECKS = ("listing", "stat")
 _MAGIC = b"FASTMAE-INDEX-2\n"
-_VERSION = 1  # of what the cache's entries mean (decode routes): a cache of another version is validated anew
+_VERSION = 2  # of what the cache's entries mean (routes, reasons): a cache of another version is validated anew
 _RACY_NS = 1_000_000_000  # a folder changed this recently is listed again next time
 _EXTENSIONS = tuple(e.encode() for e in IMAGE_EXTENSIONS)
 _CHUNK = 256  # files per validation task
@@ -540,12 +540,20 @@ def _fresh_entries(files: list[tuple[bytes, int, int]], old: _Table | None, u_ol
 
 
 # ------------------------------------------------------------------------------------------------- validation
+def _reason(exc: Exception) -> str:
+    """Why a file does not decode, in a few words (no object reprs)."""
+    if type(exc).__name__ == "UnidentifiedImageError":
+        return "not an image Pillow can read"
+    text = re.sub(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(exc)).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
 def _probe_file(item: tuple[bytes, int, int]) -> tuple[int, int, int] | str:
     path, offset, size = item
     try:
         return probe(read_bytes(path, offset, size))
     except Exception as exc:  # any decode failure: recorded and skipped, never fatal
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+        return _reason(exc)
 
 
 def _probe_chunk(items: list[tuple[bytes, int, int]]) -> list:
@@ -707,8 +715,10 @@ def index_data(data: str | os.PathLike | None, cache: bool = True, workers: int 
                                f"{index.bad[0][0]})")  # fmt: skip
         raise FastMAEError(f"no images under {root} (looked for {', '.join(IMAGE_EXTENSIONS)} files and .tar shards)")
     if index.bad:
-        logger.warning("skipping %d file(s) that do not decode: %s%s", len(index.bad),
-                       "; ".join(f"{k} ({r})" for k, r in index.bad[:3]), ", ..." if len(index.bad) > 3 else "")
+        n = len(index.bad)
+        listed = "; ".join(f"{k} ({r})" for k, r in index.bad[:3]) + ("; ..." if n > 3 else "")
+        logger.warning("skipped %s that %s not decode: %s", f"{n} file" + ("s" if n > 1 else ""),
+                       "do" if n > 1 else "does", listed)  # fmt: skip
     logger.info("indexed %d images under %s in %.1f s (cache %s)", len(index), root, index.stats["seconds"],
                 index.stats["cache"])  # fmt: skip
     return index
