@@ -192,10 +192,11 @@ def start_run(cfg, parallel: str = "ddp") -> Run:
         check_checkpoint_file(resume_path, "--resume")
     if getattr(cfg, "pretrained", None) is not None:
         check_pretrained(cfg.pretrained, "--pretrained")
-    ctx, device = init_distributed(parallel, device, cfg.dist_timeout)
     # --overwrite, or --resume auto with nothing to resume (a run that died before its first checkpoint): the old
-    # files go aside, so that the new run's metrics and pictures are its own.
-    if cfg.overwrite or (cfg.resume == "auto" and resume_path is None and run_files(out)):
+    # files go aside, so that the new run's metrics and pictures are its own. Decided before any rank moves a file.
+    aside = cfg.overwrite or (cfg.resume == "auto" and resume_path is None and bool(run_files(out)))
+    ctx, device = init_distributed(parallel, device, cfg.dist_timeout)
+    if aside:
         if ctx.is_main:
             move_run_aside(out)
         ctx.barrier()
