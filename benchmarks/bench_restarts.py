@@ -60,7 +60,7 @@ def readme_table(saved: dict, json_name: str) -> str:
     env, rows = saved["env"], saved["rows"]
     lines = [f"torch {env.get('torch')}, git `{str(env.get('git_sha'))[:12]}`, {str(env.get('date', ''))[:10]}; raw "
              f"JSON `benchmarks/results/{json_name}`.", "",
-             "| torchrun's environment | trials | finished (bit-exact resume) | hung | failed |",
+             "| torchrun's environment | trials | finished | hung | failed (non-zero exit) |",
              "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for shared, label in ((True, "default (store shared with the workers)"),
                           (False, "`TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`")):  # fmt: skip

@@ -60,7 +60,8 @@ def test_short_run_writes_every_file(image_folder, tmp_path, capsys):
     pngs = sorted(p.name for p in (out / "reconstructions").glob("*.png"))
     assert pngs == ["step0000000.png", "step0000003.png"]
     with Image.open(out / "reconstructions" / pngs[1]) as im:
-        assert im.size == (3 * 32, 6 * 32)  # original | masked | reconstruction, one row per decodable image
+        # original | masked | reconstruction, one row per decodable image, 32 px drawn 3x under a 34-px header
+        assert im.size == (3 * 96, 6 * 96 + 34)
     assert np.isfinite(summary["eval_loss_start"]) and np.isfinite(summary["eval_loss_end"])
 
 

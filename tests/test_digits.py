@@ -39,7 +39,7 @@ def test_digits_pretraining_sees_only_the_training_split(patch4_ckpt):
     from PIL import Image
 
     with Image.open(sorted((patch4_ckpt.parent / "reconstructions").glob("*.png"))[-1]) as im:
-        assert im.size == (3 * 32 * 4, 8 * 32 * 4)
+        assert im.size == (3 * 32 * 4, 8 * 32 * 4 + 34)  # under the header (step, eval loss, column labels)
 
 
 def test_patch4_checkpoint_goes_downstream_without_model(patch4_ckpt, tmp_path, capsys):
@@ -71,7 +71,7 @@ def test_patch4_checkpoint_goes_downstream_without_model(patch4_ckpt, tmp_path, 
     from PIL import Image
 
     with Image.open(tmp_path / "v.png") as im:
-        assert im.size == (3 * 32 * 4, 2 * 32 * 4)  # the run's picture scale
+        assert im.size == (3 * 32 * 4, 2 * 32 * 4 + 34)  # the run's picture scale, under the header
     capsys.readouterr()
 
 

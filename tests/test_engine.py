@@ -197,12 +197,12 @@ def test_recipe_check_warns_about_suspicious_settings():
     from fastmae.config import PretrainConfig, preset
 
     lines, warns = preset("mae_vit_large_patch16").recipe_check(world_size=1, steps_per_epoch=312)
-    assert lines[0] == "effective batch 4096 = 4096 per step x 1 accumulation x 1 process(es)"
+    assert lines[0] == "effective batch 4096 = 4096 per step x 1 accumulation x 1 process"
     assert lines[1] == "lr 0.0024 = blr 0.00015 x 4096 / 256" and warns == []
     cfg = PretrainConfig(model="mae_vit_base_patch16", batch_size=64, accum_iter=2, epochs=10, warmup_epochs=10,
                          mask_ratio=0.4)  # fmt: skip
     lines, warns = cfg.recipe_check(world_size=2, steps_per_epoch=100)
-    assert "effective batch 256 = 64 per step x 2 accumulation x 2 process(es)" == lines[0]
+    assert "effective batch 256 = 64 per step x 2 accumulation x 2 processes" == lines[0]
     assert cfg.effective_lr(2) == pytest.approx(1.5e-4)
     assert any("warmup (1000 steps) is as long as the whole run (1000)" in w for w in warns)
     assert any("effective batch 256 is far from the recipe's 4096" in w for w in warns)
@@ -300,7 +300,7 @@ def test_visualize_any_checkpoint_and_loss_curve(folder, tmp_path, capsys):
     assert main(["visualize", "--checkpoint", str(out / "checkpoint-last.pth"), "--images", str(folder),
                  "--output", str(png), "--count", "3"]) == 0  # fmt: skip
     with Image.open(png) as im:
-        assert im.size == (3 * 32, 3 * 32)  # original | masked | reconstruction, 3 rows
+        assert im.size == (3 * 96, 3 * 96 + 34)  # original | masked | reconstruction, 3 rows of 32 px drawn 3x
     assert "wrote" in capsys.readouterr().out
     code = main(["visualize", "--checkpoint", str(tmp_path / "missing.pth"), "--output", str(png)])
     assert code == 2 and "missing.pth" in capsys.readouterr().err
@@ -314,7 +314,7 @@ def test_checkpoint_of_another_model_is_a_one_line_error(folder, tmp_path, capsy
                  str(out), "--resume", "auto"])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
-    assert "does not fit model mae_vit_small_patch16" in err[0]
+    assert "is a ViT with patch 16, width 192, 12 blocks, not mae_vit_small_patch16 (patch 16, width 384" in err[0]
 
 
 _SAVER = """
