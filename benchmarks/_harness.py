@@ -60,3 +60,14 @@ def write_results(name: str, rows: list[dict], env: dict, out: str | os.PathLike
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
     return path
+
+
+def report(json_path: str | os.PathLike, table, marker: str, readme: str | os.PathLike | None = None) -> str:
+    """``table(results, json_name)`` of a results JSON, written into ``readme`` between ``<!-- marker:start -->``
+    and ``<!-- marker:end -->`` when given: README tables are generated, never typed."""
+    from fastmae.bench import update_readme
+
+    text = table(json.loads(Path(json_path).read_text()), Path(json_path).name)
+    if readme is not None:
+        update_readme(Path(readme), text, marker)
+    return text

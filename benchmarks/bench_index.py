@@ -28,6 +28,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -73,6 +74,28 @@ def make_tree(root: Path, n: int, workers: int = 2) -> float:
     with ProcessPoolExecutor(workers) as pool:
         list(pool.map(_write_classes, parts))
     time.sleep(1.1)  # nothing just written: a real data set is older than the index's one-second window
+    return time.perf_counter() - t0
+
+
+def _write_shards(args: tuple[str, list[int], int, int]) -> None:
+    root, ids, n, count = args
+    blobs = _tiny_jpegs()
+    for s in ids:
+        with tarfile.open(os.path.join(root, f"train-{s:04d}.tar"), "w") as tar:
+            for k in range(s * n // count, (s + 1) * n // count):
+                for name, data in ((f"s{k:07d}.jpg", blobs[k % len(blobs)]), (f"s{k:07d}.cls", str(s).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+
+def make_shards(root: Path, n: int, count: int = CLASSES, workers: int = 2) -> float:
+    """``n`` tiny JPEG samples (``key.jpg`` + ``key.cls``) in ``count`` webdataset shards; returns the seconds."""
+    t0 = time.perf_counter()
+    root.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(_write_shards, [(str(root), list(range(w, count, workers)), n, count) for w in range(workers)]))
+    time.sleep(1.1)
     return time.perf_counter() - t0
 
 
@@ -158,14 +181,15 @@ def _mb(x: float) -> str:
     return f"{x:.0f} MB"
 
 
-def readme_table(saved: dict, json_name: str) -> str:
-    """The README table of a results JSON (rows per file count) and its chart."""
+def readme_table(saved: dict, json_name: str, png: Path) -> str:
+    """The README table of results (rows per layout and file count) and the chart."""
     env = saved["env"]
     lines = [
         f"Measured on **{env.get('cpu', '?')}, {os.cpu_count()} cores** (torch {env.get('torch')}), git "
-        f"`{str(env.get('git_sha'))[:12]}`, {env.get('date', '')[:10]}; raw JSON `benchmarks/results/{json_name}`.",
+        f"`{str(env.get('git_sha'))[:12]}`, {env.get('date', '')[:10]}; raw JSON in `benchmarks/results/`: "
+        f"{json_name}.",
         "",
-        "| files | first start (validation) | later start | later start, `--index-check stat` | index in memory "
+        "| images | first start (validation) | later start | later start, `--index-check stat` | index in memory "
         "| `fastmae pretrain` start vs 1000 files | DataLoader worker PSS, first batch -> 80k samples |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -175,9 +199,11 @@ def readme_table(saved: dict, json_name: str) -> str:
         w = r.get("workers")
         w_text = (" / ".join(f"{a:.0f} -> {b:.0f} MB" for a, b in zip(w["worker_pss_start_mb"], w["worker_pss_end_mb"],
                                                                       strict=True)) if w else "n/a")  # fmt: skip
-        lines.append(f"| {r['files']:,} | {r['cold']['seconds']:.1f} s | {r['warm']['seconds']:.2f} s | "
-                     f"{r['warm_stat']['seconds']:.2f} s | {_mb(r['warm']['index_mb'])} | {pre_text} | {w_text} |")
-    lines += ["", f"![index start against file count](benchmarks/results/{Path(json_name).with_suffix('.png')})"]
+        layout = "files in 1000 folders" if r.get("layout", "folders") == "folders" else "in 1000 .tar shards"
+        stat = f"{r['warm_stat']['seconds']:.2f} s" if r.get("layout", "folders") == "folders" else "n/a"
+        lines.append(f"| {r['files']:,} {layout} | {r['cold']['seconds']:.1f} s | {r['warm']['seconds']:.2f} s | "
+                     f"{stat} | {_mb(r['warm']['index_mb'])} | {pre_text} | {w_text} |")
+    lines += ["", f"![index start against file count](benchmarks/results/{png.name})"]
     return "\n".join(lines)
 
 
@@ -190,29 +216,38 @@ def plot(saved: dict, png: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = saved["rows"]
-    files = [r["files"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("cold", "first start (validates every file)"), ("warm_stat", "later start, stat per file"),
-                       ("warm", "later start (default)")):  # fmt: skip
-        ax.plot(files, [r[key]["seconds"] for r in rows], marker="o", label=label)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for layout, style in (("folders", "-"), ("shards", "--")):
+        rows = [r for r in saved["rows"] if r.get("layout", "folders") == layout]
+        if not rows:
+            continue
+        files = [r["files"] for r in rows]
+        for key, label, color in (("cold", "first start (validates everything)", "tab:blue"),
+                                  ("warm_stat", "later start, stat per file", "tab:orange"),
+                                  ("warm", "later start (default)", "tab:green")):  # fmt: skip
+            if key == "warm_stat" and layout == "shards":
+                continue
+            ax.plot(files, [r[key]["seconds"] for r in rows], style, marker="o", color=color,
+                    label=f"{label}, {layout}")  # fmt: skip
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("image files")
+    ax.set_xlabel("images")
     ax.set_ylabel("seconds to index")
     ax.set_title("fastmae image index: start time against data set size")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
     return png
 
 
-def report(json_path: Path, readme: Path | None) -> str:
-    saved = json.loads(Path(json_path).read_text())
-    plot(saved, Path(json_path).with_suffix(".png"))
-    table = readme_table(saved, Path(json_path).name)
+def report(json_paths: list[Path], readme: Path | None) -> str:
+    """Chart (next to the first JSON) and table of one or more results JSONs, merged (folders and shards)."""
+    saves = [json.loads(Path(p).read_text()) for p in json_paths]
+    saved = {"env": saves[0]["env"], "rows": [r for s in saves for r in s["rows"]]}
+    plot(saved, Path(json_paths[0]).with_suffix(".png"))
+    table = readme_table(saved, ", ".join(Path(p).name for p in json_paths), Path(json_paths[0]).with_suffix(".png"))
     if readme is not None:
         from fastmae.bench import update_readme
 
@@ -227,8 +262,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--keep", action="store_true", help="keep the generated trees")
     ap.add_argument("--no-evict", action="store_true", help="leave the files in the page cache for the cold start")
     ap.add_argument("--skip", default="", help="comma-separated measurements to leave out (pretrain, workers)")
+    ap.add_argument("--layout", choices=("folders", "shards"), default="folders",
+                    help="1000 class folders of files, or 1000 webdataset .tar shards")  # fmt: skip
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/index-<device>-<date>.json)")
-    ap.add_argument("--report", default=None, metavar="JSON", help="only draw the chart and print the table of JSON")
+    ap.add_argument("--report", default=None, nargs="+", metavar="JSON",
+                    help="only draw the chart and print the table of these JSONs (merged)")  # fmt: skip
     ap.add_argument("--readme", default=None, help="with --report: write the table between the index-bench markers")
     ap.add_argument("--child", nargs=3, metavar=("MODE", "ROOT", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -236,7 +274,7 @@ def main(argv=None) -> dict:
         child(*args.child)
         return {}
     if args.report:
-        table = report(Path(args.report), Path(args.readme) if args.readme else None)
+        table = report([Path(p) for p in args.report], Path(args.readme) if args.readme else None)
         print(table)
         return {"table": table}
     base = Path(args.root or tempfile.mkdtemp(prefix="fastmae-index-"))
@@ -251,11 +289,11 @@ def main(argv=None) -> dict:
             reference = True
         for n in [int(x) for x in args.sizes.split(",") if x.strip()]:
             root, cache = base / f"n{n}", base / f"cache-{n}"
-            made = make_tree(root, n)
-            print(f"N={n}: wrote the tree in {made:.0f} s", flush=True)
+            made = make_tree(root, n) if args.layout == "folders" else make_shards(root, n)
+            print(f"N={n}: wrote the {args.layout} in {made:.0f} s", flush=True)
             if not args.no_evict:
                 evict(root)
-            row = {"name": "index", "files": n, "folders": CLASSES, "generate_s": made,
+            row = {"name": "index", "files": n, "layout": args.layout, "folders": CLASSES, "generate_s": made,
                    "page_cache": "evicted" if not args.no_evict else "warm"}  # fmt: skip
             for mode in ("cold", "warm", "warm_stat"):
                 row[mode] = measure(mode, root, cache)

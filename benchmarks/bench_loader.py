@@ -23,7 +23,6 @@ quality 90, cut from scikit-image's photos) to a temporary folder first.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import env_info, median, sync, write_results  # noqa: E402
+from _harness import env_info, median, report, sync, write_results  # noqa: E402
 from fastmae.train.data.dali import DALILoader, dali_unavailable_reason  # noqa: E402
 from fastmae.train.data.decode import IMAGENET_MEAN, IMAGENET_STD, decode  # noqa: E402
 from fastmae.train.data.index import bundled_images_dir, index_data  # noqa: E402
@@ -168,15 +167,6 @@ def readme_table(saved: dict, json_name: str) -> str:
     return "\n".join(lines)
 
 
-def report(json_path: Path, readme: Path | None) -> str:
-    table = readme_table(json.loads(Path(json_path).read_text()), Path(json_path).name)
-    if readme is not None:
-        from fastmae.bench import update_readme
-
-        update_readme(readme, table, "loader-bench")
-    return table
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help="ImageFolder tree (default: generated JPEGs)")
@@ -197,7 +187,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--readme", default=None, help="with --report: write the table between the loader-bench markers")
     args = ap.parse_args(argv)
     if args.report:
-        table = report(Path(args.report), Path(args.readme) if args.readme else None)
+        table = report(args.report, readme_table, "loader-bench", args.readme)
         print(table)
         return {"table": table}
 

@@ -26,9 +26,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from _harness import env_info, write_results  # noqa: E402
+from _harness import env_info, report, write_results  # noqa: E402
 
-from tests._procs import finish, logged_steps, pids_with, start, torchrun_cmd  # noqa: E402
+from tests._procs import finish, logged_steps, pids_with, start, torchrun_cmd, wait_for_step  # noqa: E402
 from tests._util import noise_pngs  # noqa: E402
 
 RUN = ["--model", "mae_vit_mini_patch4", "--img-size", "32", "--batch-size", "2", "--epochs", "24",
@@ -41,9 +41,7 @@ def trial(images: Path, out: Path, shared: bool, wait: float) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0" if shared else "1"}
     proc = start(torchrun_cmd(["pretrain", *RUN, "--data", str(images), "--output-dir", str(out), "--resume", "auto"],
                               restarts=1), env)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while logged_steps(out) < 20 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for_step(proc, out, 20)
     victims = pids_with(proc.marker, rank="1")
     if proc.poll() is not None or not victims:
         finish(proc, 5)
@@ -79,13 +77,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--readme", default=None, help="with --report: write it between the restarts-bench markers")
     args = ap.parse_args(argv)
     if args.report:
-        import json
-
-        from fastmae.bench import update_readme
-
-        table = readme_table(json.loads(Path(args.report).read_text()), Path(args.report).name)
-        if args.readme:
-            update_readme(Path(args.readme), table, "restarts-bench")
+        table = report(args.report, readme_table, "restarts-bench", args.readme)
         print(table)
         return {"table": table}
     rows = []

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import env_info, write_results  # noqa: E402
+from _harness import env_info, report, write_results  # noqa: E402
 
 
 def best_of(cmd: list[str], repeat: int, env: dict) -> float:
@@ -48,13 +48,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--readme", default=None, help="with --report: write it between the startup-bench markers")
     args = ap.parse_args(argv)
     if args.report:
-        import json
-
-        from fastmae.bench import update_readme
-
-        table = readme_table(json.loads(Path(args.report).read_text()), Path(args.report).name)
-        if args.readme:
-            update_readme(Path(args.readme), table, "startup-bench")
+        table = report(args.report, readme_table, "startup-bench", args.readme)
         print(table)
         return {"table": table}
     py = sys.executable

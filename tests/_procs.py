@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -89,3 +90,13 @@ def logged_steps(out: Path) -> int:
     except (OSError, ValueError):
         return 0
     return max((r["step"] for r in rows if "loss" in r), default=0)
+
+
+def wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float = 120) -> bool:
+    """Whether the run of ``proc`` logged ``step`` into ``out`` while still running, within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while logged_steps(out) < step:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

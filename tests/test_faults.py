@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ._procs import finish, free_port, logged_steps, pids_with, start, torchrun_cmd
+from ._procs import finish, free_port, logged_steps, pids_with, start, torchrun_cmd, wait_for_step
 from ._util import noise_pngs
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
@@ -81,10 +81,8 @@ def test_killed_rank_restarts_and_ends_bit_identical(images, uninterrupted, tmp_
     out, marker = tmp_path / "run", uuid.uuid4().hex
     proc = _torchrun(["pretrain", *RUN, "--data", str(images), "--output-dir", str(out), "--resume", "auto"],
                      restarts=1, env={"FASTMAE_TEST_RUN": marker})  # fmt: skip
-    deadline = time.monotonic() + 120
-    while _steps(out) < 20 + 8 * attempt:  # somewhere after the second checkpoint
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the kill"
-        time.sleep(0.05)
+    # somewhere after the second checkpoint
+    assert wait_for_step(proc, out, 20 + 8 * attempt), "the run ended before the kill"
     victims = _pids_with(marker, rank="1")
     assert len(victims) == 1
     os.kill(victims[0], signal.SIGKILL)
@@ -117,10 +115,7 @@ def test_killed_dataloader_worker_costs_no_step(images, one_process, tmp_path):
     out, marker = tmp_path / "run", uuid.uuid4().hex
     args = [*ONE[:-2], "--num-workers", "2", "--data", str(images), "--output-dir", str(out)]
     proc = _start([sys.executable, "-m", "fastmae.cli", "pretrain", *args], {"FASTMAE_TEST_RUN": marker})
-    deadline = time.monotonic() + 120
-    while _steps(out) < 30:
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the kill"
-        time.sleep(0.05)
+    assert wait_for_step(proc, out, 30), "the run ended before the kill"
     workers = _pids_with(marker, workers=True)
     assert len(workers) == 2
     os.kill(workers[0], signal.SIGKILL)
@@ -213,10 +208,7 @@ def test_lost_peer_saves_the_last_whole_step_and_a_resume_ends_bit_identical(ima
     out, marker = tmp_path / "run", uuid.uuid4().hex
     args = ["pretrain", *RUN, "--data", str(images), "--output-dir", str(out), "--resume", "auto"]
     proc = _torchrun(args, env={"FASTMAE_TEST_RUN": marker})
-    deadline = time.monotonic() + 120
-    while _steps(out) < 30:
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the kill"
-        time.sleep(0.05)
+    assert wait_for_step(proc, out, 30), "the run ended before the kill"
     os.kill(_pids_with(marker, rank="1")[0], signal.SIGKILL)
     code, log = _finish(proc, 120)
     assert code != 0
@@ -300,10 +292,7 @@ def test_sbatch_script_restarts_a_killed_task(slurm_job, uninterrupted):
     starts it again, the run resumes and ends with the weights of the run that was never interrupted."""
     start, out, marker, _ = slurm_job
     proc = start()
-    deadline = time.monotonic() + 120
-    while _steps(out) < 30:
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the kill"
-        time.sleep(0.05)
+    assert wait_for_step(proc, out, 30), "the run ended before the kill"
     os.kill(_pids_with(marker, rank="1", key="SLURM_PROCID")[0], signal.SIGKILL)
     code, log = _finish(proc, 300)
     assert code == 0, log[-3000:]
@@ -316,10 +305,7 @@ def test_sbatch_script_requeues_at_the_time_limit_signal(slurm_job, uninterrupte
     requeued job resumes and ends bit-identical to the uninterrupted run."""
     start, out, marker, scontrol = slurm_job
     proc = start()
-    deadline = time.monotonic() + 120
-    while _steps(out) < 20:
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the signal"
-        time.sleep(0.05)
+    assert wait_for_step(proc, out, 20), "the run ended before the signal"
     for pid in _pids_with(marker, key="SLURM_PROCID"):
         os.kill(pid, signal.SIGTERM)
     code, log = _finish(proc, 120)
