@@ -186,7 +186,7 @@ def readme_table(saved: dict, json_name: str, png: Path) -> str:
     env = saved["env"]
     lines = [
         f"Measured on **{env.get('cpu', '?')}, {os.cpu_count()} cores** (torch {env.get('torch')}), git "
-        f"`{str(env.get('git_sha'))[:12]}`, {env.get('date', '')[:10]}; raw JSON in `benchmarks/results/`: "
+        f"`{env.get('git_sha')}`, {env.get('date', '')[:10]}; raw JSON in `benchmarks/results/`: "
         f"{json_name}.",
         "",
         "| images | first start (validation) | later start | later start, `--index-check stat` | index in memory "
@@ -245,7 +245,8 @@ def plot(saved: dict, png: Path) -> Path | None:
 def report(json_paths: list[Path], readme: Path | None) -> str:
     """Chart (next to the first JSON) and table of one or more results JSONs, merged (folders and shards)."""
     saves = [json.loads(Path(p).read_text()) for p in json_paths]
-    saved = {"env": saves[0]["env"], "rows": [r for s in saves for r in s["rows"]]}
+    shas = dict.fromkeys(str(s["env"].get("git_sha"))[:12] for s in saves)
+    saved = {"env": {**saves[0]["env"], "git_sha": "`, `".join(shas)}, "rows": [r for s in saves for r in s["rows"]]}
     plot(saved, Path(json_paths[0]).with_suffix(".png"))
     table = readme_table(saved, ", ".join(Path(p).name for p in json_paths), Path(json_paths[0]).with_suffix(".png"))
     if readme is not None:

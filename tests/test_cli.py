@@ -163,3 +163,23 @@ def test_cuda_without_a_gpu_is_one_line(command, device, tmp_path, capsys):
     code = main([*command, "--device", device, *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == [f"fastmae: error: --device {device} was requested but no CUDA device is available"]
+
+
+def test_log_lines_go_above_a_progress_bar():
+    """A log line written while a progress bar is shown starts on a line of its own (it was glued to the bar)."""
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    from fastmae.cli import _BarSafeHandler
+
+    stream = io.StringIO()
+    handler = _BarSafeHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    record = logging.LogRecord("fastmae.finetune", logging.INFO, __file__, 1, "epoch 1: val loss 0.5", None, None)
+    with tqdm(total=10, file=stream, ascii=True) as bar:
+        bar.update(3)
+        handler.emit(record)
+    lines = stream.getvalue().replace("\r", "\n").splitlines()
+    assert "epoch 1: val loss 0.5" in lines  # a whole line, not a bar's tail
