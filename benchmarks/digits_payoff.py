@@ -39,7 +39,7 @@ def _run(args: list[str], out: Path, quick: bool) -> tuple[dict, float]:
     # quick: in-process loading (no forked workers: the test process has run the profiler and compilers before)
     extra = ["--stop-after-steps", "2", "--log-every", "1", "--num-workers", "0"] if quick else []
     t0 = time.perf_counter()
-    code = fastmae([*args, "--output-dir", str(out), "--no-progress", *extra])
+    code = fastmae([*args, "--output-dir", str(out), "--no-progress", "--overwrite", *extra])  # a measurement: anew
     if code != 0:
         raise SystemExit(f"fastmae {' '.join(args)} failed with exit code {code}")
     return json.loads((out / "summary.json").read_text()), (time.perf_counter() - t0) / 60
