@@ -670,7 +670,7 @@ def index_data(data: str | os.PathLike | None, cache: bool = True, workers: int 
     cache_path = _cache_file(root)
     old, token = _load_cache(cache_path, root, kind) if cache else (None, None)
     builder = _FolderBuild(os.fsencode(str(folder)), old, check) if folder is not None else _ShardBuild(shards, old)
-    fresh = builder.stale or old is None
+    fresh = builder.stale  # this rank's cache is missing or out of date
 
     # Every rank says what it needs; the union is split between them (one process: all of it is ours).
     new_token = uuid.uuid4().hex if fresh and group.rank == 0 else token
@@ -760,8 +760,6 @@ class _FolderBuild:
         positions, found = results
         t = self.table_
         self.errors.update(_fill({"width": t.width, "height": t.height, "route": t.route}, positions, found))
-        if len(positions):
-            self.stale = True
 
     def table(self) -> _Table:
         t = self.table_

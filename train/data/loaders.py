@@ -172,11 +172,7 @@ class ImageFiles(torch.utils.data.Dataset):
         good, failed = [], []
         for j, i in enumerate(ids.tolist()):
             try:
-                img = decode(self.index.read(i), int(self.index.routes[i]))
-                if self.kind == "eval":
-                    img = eval_resize_crop(img, self.img_size)
-                else:
-                    img = crop_resize_flip(img, boxes[j], bool(flips[j]), self.img_size)
+                img = self.image(epoch, i, None if self.kind == "eval" else (boxes[j], bool(flips[j])))
                 out[len(good)].copy_(img)
                 good.append(i)
             except Exception:  # changed or unreadable since validation: skipped and counted, never fatal
@@ -186,7 +182,8 @@ class ImageFiles(torch.utils.data.Dataset):
         ids_t = torch.tensor(good)
         return out[: len(good)], torch.from_numpy(self.index.labels[good]), ids_t, failed
 
-    def image(self, epoch: int, i: int) -> torch.Tensor:
+    def image(self, epoch: int, i: int, crop: tuple | None = None) -> torch.Tensor:
+        """Sample ``i``'s image in ``epoch``; ``crop`` = (box, flip) when the caller drew them already (a batch)."""
         data = self.index.read(i)
         if self.kind == "finetune":
             with _seeded(sample_rng(self.seed, epoch, i)):
@@ -194,9 +191,11 @@ class ImageFiles(torch.utils.data.Dataset):
         img = decode(data, int(self.index.routes[i]))
         if self.kind == "eval":
             return eval_resize_crop(img, self.img_size)
-        boxes, flips = augment_params(self.index, np.array([i]), self.seed, epoch, self.augment.scale(self.kind),
-                                      self.augment.hflip)  # fmt: skip
-        return crop_resize_flip(img, boxes[0], bool(flips[0]), self.img_size)
+        if crop is None:
+            boxes, flips = augment_params(self.index, np.array([i]), self.seed, epoch, self.augment.scale(self.kind),
+                                          self.augment.hflip)  # fmt: skip
+            crop = boxes[0], bool(flips[0])
+        return crop_resize_flip(img, crop[0], crop[1], self.img_size)
 
 
 def _batch_tensor(shape: tuple[int, ...], dtype=torch.uint8) -> torch.Tensor:
