@@ -192,6 +192,15 @@ def test_torchvision_decodes_exactly_what_pillow_decodes(photos, mixed):
     assert {JPEG, PNG} <= routes and routes - set(TORCHVISION)  # both routes were exercised
 
 
+def test_loading_the_bundled_photos_prints_nothing(photos, capfd):
+    """Some of scikit-image's PNGs carry an ICC profile that makes libpng warn on stderr at every decode: they take
+    the Pillow route (same pixels), so an epoch of the demo data prints nothing."""
+    capfd.readouterr()
+    for _ in TorchvisionLoader(photos, 32, 4, seed=0).epoch(0):
+        pass
+    assert capfd.readouterr().err == ""
+
+
 @pytest.mark.parametrize("size", [32, 224])
 def test_uint8_pipeline_matches_the_pil_pipeline(photos, mixed, size):
     """Decode, crop, resize and flip on uint8 tensors against torchvision's PIL transforms on the same boxes: within

@@ -1,7 +1,7 @@
 """Bytes to pixels, as pure functions of (bytes, per-sample parameters): the validation probe, decoding to uint8
 tensors, and the crop / resize / flip of the loaders on uint8 tensors.
 
-Decoding: JPEG (RGB, greyscale) and 8-bit PNG (RGB, greyscale, palette without transparency) go through
+Decoding: JPEG (RGB, greyscale) and 8-bit PNG (RGB, greyscale, palette; no transparency, no ICC profile) go through
 ``torchvision.io`` (libjpeg-turbo, libpng): the same pixels as Pillow, bit for bit (``tests/test_data.py``), in about
 0.6 of the time. Every other file (CMYK, 16-bit, alpha, GIF, WebP, TIFF, BMP, ...) goes through Pillow's
 :func:`load_rgb`, which turns any mode into 8-bit RGB. The route is chosen once, at validation, and kept in the index
@@ -64,7 +64,11 @@ def _route(fmt: str | None, mode: str, info: dict, data) -> int:
     if fmt == "PNG":
         if mode in ("RGB", "L", "P", "I;16") and not transparent:
             depth = data[24] if len(data) > 24 else 0  # IHDR bit depth (Pillow shows 16-bit RGB as mode RGB)
-            return PNG if depth == 8 and mode != "I;16" else PNG16 if depth == 16 else OTHER_NATIVE
+            if depth == 8 and mode != "I;16" and "icc_profile" not in info:
+                return PNG
+            # An ICC profile makes libpng print a warning per decode for some profiles (scikit-image's own photos):
+            # Pillow decodes those quietly, to the same pixels (neither applies the profile).
+            return PNG16 if depth == 16 else OTHER_NATIVE
         return PIL_ONLY
     return OTHER_NATIVE if mode in _OTHER_NATIVE.get(fmt, ()) else PIL_ONLY
 

@@ -53,7 +53,7 @@ logger = logging.getLogger("fastmae.data")
 
 CHECKS = ("listing", "stat")
 _MAGIC = b"FASTMAE-INDEX-2\n"
-_VERSION = 2  # of what the cache's entries mean (routes, reasons): a cache of another version is validated anew
+_VERSION = 3  # of what the cache's entries mean (routes, reasons): a cache of another version is validated anew
 _RACY_NS = 1_000_000_000  # a folder changed this recently is listed again next time
 _EXTENSIONS = tuple(e.encode() for e in IMAGE_EXTENSIONS)
 _CHUNK = 256  # files per validation task
