@@ -1,11 +1,12 @@
-"""torchrun restarts after a killed rank, counted: how often the restarted ranks finish, with torchrun's default
-(its rendezvous TCPStore shared with the workers) and with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in torchrun's
-environment (the README's launch form).
+"""torchrun restarts after a killed rank, counted: how often the restarted ranks finish, and how long a failure takes
+to end, in three launch forms: torchrun's default (its rendezvous TCPStore shared with the workers),
+``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ...``, and ``fastmae launch ...`` (which sets that variable).
 
-Each trial: ``torchrun --standalone --nproc_per_node=2 --max-restarts=1 -m fastmae.cli pretrain ... --resume auto``
-(gloo on CPU, 96 steps, a checkpoint every 8), rank 1 SIGKILLed after step 20, then up to ``--wait`` seconds for the
-job to end. Outcomes: ``finished`` (exit 0), ``failed`` (a non-zero exit), ``hung`` (no exit in time; every process
-is killed). Trials of the two settings alternate.
+Each trial: ``--standalone``, 2 processes, ``--max-restarts=1``, ``fastmae pretrain ... --resume auto
+--dist-timeout 0.25`` (gloo on CPU, 96 steps, a checkpoint every 8), rank 1 SIGKILLed after step 20, then up to
+``--wait`` seconds for the job to end. Outcomes: ``finished`` (exit 0), ``failed`` (a non-zero exit; the row says
+after how many seconds and whether fastmae's last line named the variable), ``hung`` (no exit in time; every
+process is killed). Trials of the settings alternate.
 
     python benchmarks/bench_restarts.py [--trials 5] [--wait 120]
     python benchmarks/bench_restarts.py --report benchmarks/results/restarts-cpu-<date>.json --readme README.md
@@ -34,13 +35,26 @@ from tests._util import noise_pngs  # noqa: E402
 RUN = ["--model", "mae_vit_mini_patch4", "--img-size", "32", "--batch-size", "2", "--epochs", "24",
        "--warmup-epochs", "1", "--no-progress", "--log-every", "1", "--save-every", "8", "--picture-every", "0",
        "--num-reconstructions", "2", "--precision", "fp32", "--no-tensorboard", "--num-workers", "0",
-       "--dist-timeout", "10"]  # fmt: skip
+       "--dist-timeout", "0.25"]  # fmt: skip
+SETTINGS = {"shared": "torchrun, default (store shared with the workers)",
+            "disabled": "`TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun`", "launch": "`fastmae launch`"}  # fmt: skip
+VARIABLE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
-def trial(images: Path, out: Path, shared: bool, wait: float) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0" if shared else "1"}
-    proc = start(torchrun_cmd(["pretrain", *RUN, "--data", str(images), "--output-dir", str(out), "--resume", "auto"],
-                              restarts=1), env)  # fmt: skip
+def command(setting: str, args: list[str]) -> tuple[list[str], dict]:
+    env = {k: v for k, v in os.environ.items() if k != VARIABLE}
+    env["OMP_NUM_THREADS"] = "1"
+    if setting == "launch":
+        return [sys.executable, "-m", "fastmae.cli", "launch", "--nproc-per-node", "2", "--max-restarts=1",
+                "--monitor-interval=0.5", *args], env  # fmt: skip
+    env[VARIABLE] = "0" if setting == "shared" else "1"
+    return torchrun_cmd(args, restarts=1), env
+
+
+def trial(images: Path, out: Path, setting: str, wait: float) -> dict:
+    cmd, env = command(setting, ["pretrain", *RUN, "--data", str(images), "--output-dir", str(out), "--resume",
+                                 "auto"])  # fmt: skip
+    proc = start(cmd, env)
     wait_for_step(proc, out, 20)
     victims = pids_with(proc.marker, rank="1")
     if proc.poll() is not None or not victims:
@@ -50,21 +64,35 @@ def trial(images: Path, out: Path, shared: bool, wait: float) -> dict:
     t0 = time.monotonic()
     code, log, hung = finish(proc, wait)
     outcome = "hung" if hung else "finished" if code == 0 else "failed"
+    errors = [line for line in log.split("lost another rank", 1)[-1].splitlines() if line.startswith("fastmae: error")]
     return {"outcome": outcome, "exit_code": code, "seconds_after_kill": time.monotonic() - t0,
-            "steps": logged_steps(out), "tail": log[-600:] if outcome != "finished" else ""}  # fmt: skip
+            "steps": logged_steps(out), "names_the_variable": bool(errors) and all(VARIABLE in e for e in errors),
+            "tail": log[-600:] if outcome != "finished" else ""}  # fmt: skip
+
+
+def _setting(row: dict) -> str:
+    """The launch form of a row (rows before ``setting`` existed say ``shared_store``)."""
+    return row.get("setting") or ("shared" if row["shared_store"] else "disabled")
 
 
 def readme_table(saved: dict, json_name: str) -> str:
     env, rows = saved["env"], saved["rows"]
     lines = [f"torch {env.get('torch')}, git `{str(env.get('git_sha'))[:12]}`, {str(env.get('date', ''))[:10]}; raw "
              f"JSON `benchmarks/results/{json_name}`.", "",
-             "| torchrun's environment | trials | finished | hung | failed (non-zero exit) |",
-             "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
-    for shared, label in ((True, "default (store shared with the workers)"),
-                          (False, "`TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`")):  # fmt: skip
-        got = [r["outcome"] for r in rows if r["shared_store"] == shared]
-        lines.append(f"| {label} | {len(got)} | {got.count('finished')} | {got.count('hung')} | "
-                     f"{got.count('failed')} |")  # fmt: skip
+             "| launch form | trials | finished | failed (non-zero exit) | slowest failure, s after the kill | "
+             "failures naming the variable | hung |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for setting, label in SETTINGS.items():
+        got = [r for r in rows if _setting(r) == setting]
+        if not got:
+            continue
+        failed = [r for r in got if r["outcome"] == "failed"]
+        slowest = max((r.get("seconds_after_kill", 0) for r in failed), default=None)
+        named = sum(bool(r.get("names_the_variable")) for r in failed)
+        outcomes = [r["outcome"] for r in got]
+        lines.append(f"| {label} | {len(got)} | {outcomes.count('finished')} | {len(failed)} | "
+                     f"{'-' if slowest is None else f'{slowest:.0f}'} | {named} of {len(failed)} | "
+                     f"{outcomes.count('hung')} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -84,15 +112,14 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         images = noise_pngs(Path(tmp) / "imgs", 16, seed=5)
         for k in range(args.trials):
-            for shared in (True, False):
-                got = trial(images, Path(tmp) / f"run-{k}-{int(shared)}", shared, args.wait)
-                rows.append({"name": "restart", "trial": k, "shared_store": shared, **got})
-                print(f"trial {k} {'shared store   ' if shared else 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1'}: "
-                      f"{got['outcome']}", flush=True)  # fmt: skip
-    for shared in (True, False):
-        done = [r["outcome"] for r in rows if r["shared_store"] == shared]
-        print(f"{'shared store' if shared else 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1'}: "
-              f"{done.count('finished')} of {len(done)} finished, {done.count('hung')} hung")  # fmt: skip
+            for setting in SETTINGS:
+                got = trial(images, Path(tmp) / f"run-{k}-{setting}", setting, args.wait)
+                rows.append({"name": "restart", "trial": k, "setting": setting, **got})
+                print(f"trial {k} {setting:8s}: {got['outcome']} ({got.get('seconds_after_kill', 0):.0f} s after "
+                      "the kill)", flush=True)  # fmt: skip
+    for setting in SETTINGS:
+        done = [r["outcome"] for r in rows if r["setting"] == setting]
+        print(f"{setting}: {done.count('finished')} of {len(done)} finished, {done.count('hung')} hung")
     path = write_results("restarts", rows, env_info(torch.device("cpu")), args.out)
     print(f"wrote {path}")
     return {"rows": rows, "path": str(path)}

@@ -1,4 +1,4 @@
-"""The ``fastmae`` command: ``fastmae pretrain``, ``fastmae visualize``, ``fastmae bench``, ``fastmae models``.
+"""The ``fastmae`` command: pretrain, finetune, linprobe, launch (torchrun), export, visualize, bench, models.
 
 Flags are generated from :class:`fastmae.config.PretrainConfig` (``--field-name``); a flag given on the command line
 overrides the chosen ``--preset``. Bad input ends with one ``fastmae: error: ...`` line and exit code 2.
@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import shlex
 import sys
 import types
 import typing
@@ -109,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timm / official: the encoder; hf: a ViTMAEForPreTraining folder (decoder included); "
                    "hf-encoder: a ViTMAEModel folder")  # fmt: skip
     e.add_argument("--img-size", type=int, default=None, help="resample the position table to this resolution")
+    sub.add_parser(
+        "launch",
+        help="torchrun with restarts that work: fastmae launch [TORCHRUN OPTIONS] pretrain|finetune|linprobe [FLAGS]",
+        description=LAUNCH_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
+    )
     sub.add_parser("models", help="list the model names")
     v = sub.add_parser(
         "visualize",
@@ -148,6 +156,55 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--png", default=None, help="chart path for --report (default: JSON path with .png)")
     b.add_argument("--readme", default=None, help="README to update between the fastmae-bench markers (--report)")
     return parser
+
+
+LAUNCH_HELP = """\
+Start COMMAND under torchrun, one process per GPU, with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's
+environment: torchrun otherwise shares its rendezvous store with the workers, and restarted ranks then hang or fail
+while joining (pytorch#135712; counted in benchmarks/bench_restarts.py). Everything before COMMAND goes to torchrun
+(--nproc-per-node, --max-restarts, --nnodes, --rdzv-*, ...); without a rendezvous option it runs --standalone, and
+without --nproc-per-node one process per visible GPU (1 without one). The command it runs is printed first.
+
+  fastmae launch --nproc-per-node 8 --max-restarts 3 pretrain --preset mae_vit_large_patch16 --data DIR --resume auto
+"""
+LAUNCHABLE = ("pretrain", "finetune", "linprobe")
+_RDZV = ("--standalone", "--nnodes", "--rdzv-endpoint", "--rdzv_endpoint", "--rdzv-backend", "--rdzv_backend",
+         "--master-addr", "--master_addr")  # fmt: skip
+
+
+def launch_command(argv: list[str]) -> tuple[list[str], dict]:
+    """(command, environment) that ``fastmae launch ARGV`` runs (see :data:`LAUNCH_HELP`)."""
+    at = next((i for i, a in enumerate(argv) if a in LAUNCHABLE), None)
+    if at is None:
+        raise FastMAEError(f"launch: name the command to run ({', '.join(LAUNCHABLE)}) after torchrun's options, "
+                           "e.g. fastmae launch --nproc-per-node 8 pretrain --data DIR")  # fmt: skip
+    torchrun, command = argv[:at], argv[at:]
+    given = {a.split("=", 1)[0] for a in torchrun}
+    if not given & set(_RDZV):
+        torchrun = ["--standalone", *torchrun]
+    if not given & {"--nproc-per-node", "--nproc_per_node"}:
+        import torch
+
+        torchrun = [*torchrun, "--nproc-per-node", str(max(1, torch.cuda.device_count()))]
+    env = dict(os.environ)
+    if env.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1") != "1":
+        print(f"fastmae launch: keeping TORCH_DISABLE_SHARE_RDZV_TCP_STORE={env['TORCH_DISABLE_SHARE_RDZV_TCP_STORE']}"
+              " as set: restarts may hang", file=sys.stderr)  # fmt: skip
+    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    return [sys.executable, "-m", "torch.distributed.run", *torchrun, "-m", "fastmae.cli", *command], env
+
+
+def run_launch(argv: list[str]) -> int:
+    """``fastmae launch``: replaces this process with torchrun (its exit code is the command's)."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(LAUNCH_HELP, end="")
+        return 0
+    cmd, env = launch_command(argv)
+    shown = " ".join(shlex.quote(c) for c in ["python", *cmd[1:]])
+    print(f"fastmae launch: TORCH_DISABLE_SHARE_RDZV_TCP_STORE={env['TORCH_DISABLE_SHARE_RDZV_TCP_STORE']} {shown}",
+          file=sys.stderr, flush=True)  # fmt: skip
+    os.execve(sys.executable, cmd, env)
+    return 1  # not reached
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -260,6 +317,13 @@ def _main_process() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["launch"]:  # torchrun's options are not fastmae's: they pass through unparsed
+        try:
+            return run_launch(argv[1:])
+        except FastMAEError as exc:
+            print(f"fastmae: error: {exc}", file=sys.stderr)
+            return exc.exit_code
     args = build_parser().parse_args(argv)
     _log_through_progress_bars()
     try:

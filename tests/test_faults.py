@@ -2,9 +2,11 @@
 DataLoader worker SIGKILLed (survived, bit-identical), a save that runs out of room, an unreadable last checkpoint,
 a peer that never comes, and ranks started with only SLURM's variables."""
 
+import fcntl
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,6 +51,7 @@ def _finish(proc, timeout):
 
 
 _steps, _pids_with = logged_steps, pids_with
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
 
 def _weights(path: Path) -> dict:
@@ -73,14 +76,24 @@ def uninterrupted(images, tmp_path_factory):
     return out / "checkpoint-last.pth"
 
 
+def _launch(args, restarts=1, env=None):
+    """``fastmae launch`` from an environment without TORCH_DISABLE_SHARE_RDZV_TCP_STORE (it sets it itself)."""
+    plain = {k: v for k, v in ENV.items() if k != "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"}
+    cmd = [sys.executable, "-m", "fastmae.cli", "launch", "--nproc-per-node", "2", f"--max-restarts={restarts}",
+           "--monitor-interval=0.5", *args]  # fmt: skip
+    return _start(cmd, {**plain, **(env or {})}, whole_env=True)
+
+
 @pytest.mark.parametrize("attempt", [1, 2, 3])
 def test_killed_rank_restarts_and_ends_bit_identical(images, uninterrupted, tmp_path, attempt):
-    """The README's torchrun form (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, --max-restarts, --resume auto): rank 1 is
-    SIGKILLed mid-run, torchrun restarts both ranks, they resume from the last checkpoint and finish with the weights
-    of the run that was never interrupted. Three times in a row."""
+    """The README's launch forms (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ..., and ``fastmae launch``, which
+    sets it; --max-restarts, --resume auto): rank 1 is SIGKILLed mid-run, torchrun restarts both ranks, they resume
+    from the last checkpoint and finish with the weights of the run that was never interrupted. Three times in a
+    row, the third through ``fastmae launch``."""
     out, marker = tmp_path / "run", uuid.uuid4().hex
-    proc = _torchrun(["pretrain", *RUN, "--data", str(images), "--output-dir", str(out), "--resume", "auto"],
-                     restarts=1, env={"FASTMAE_TEST_RUN": marker})  # fmt: skip
+    args = ["pretrain", *RUN, "--data", str(images), "--output-dir", str(out), "--resume", "auto"]
+    start = _launch if attempt == 3 else lambda a, env: _torchrun(a, restarts=1, env=env)
+    proc = start(args, env={"FASTMAE_TEST_RUN": marker})
     # somewhere after the second checkpoint
     assert wait_for_step(proc, out, 20 + 8 * attempt), "the run ended before the kill"
     victims = _pids_with(marker, rank="1")
@@ -90,6 +103,31 @@ def test_killed_rank_restarts_and_ends_bit_identical(images, uninterrupted, tmp_
     assert code == 0, log[-3000:]
     assert "resumed from" in log and "Traceback" not in log.split("resumed from")[-1]
     _assert_same_weights(out / "checkpoint-last.pth", uninterrupted)
+
+
+def test_plain_torchrun_restart_ends_within_the_dist_timeout(images, uninterrupted, tmp_path):
+    """torchrun's plain form (its rendezvous store shared with the workers), a rank SIGKILLed, one restart: restarted
+    ranks often hang in the gloo constructor past torch's own timeout, or fail to join. Whatever happens ends within
+    --dist-timeout (15 s here): bit-identical when the restart worked, else one line per restarted rank naming the
+    variable that makes restarts reliable."""
+    out, marker = tmp_path / "run", uuid.uuid4().hex
+    plain = {k: v for k, v in ENV.items() if k != "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"}
+    cmd = torchrun_cmd(["pretrain", *RUN, "--data", str(images), "--output-dir", str(out), "--resume", "auto",
+                        "--dist-timeout", "0.25"], restarts=1)  # fmt: skip
+    proc = _start(cmd, {**plain, "FASTMAE_TEST_RUN": marker}, whole_env=True)
+    assert wait_for_step(proc, out, 20), "the run ended before the kill"
+    os.kill(_pids_with(marker, rank="1")[0], signal.SIGKILL)
+    t0 = time.monotonic()
+    code, log = _finish(proc, 120)
+    assert time.monotonic() - t0 < 90, log[-3000:]
+    if code == 0:
+        _assert_same_weights(out / "checkpoint-last.pth", uninterrupted)
+        return
+    after = log.split("lost another rank", 1)[-1]
+    lines = [line for line in after.splitlines() if line.startswith("fastmae: error:")]
+    assert lines and all("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun" in line for line in lines), log[-3000:]
+    assert all("within --dist-timeout 0.25 min" in line for line in lines)
+    assert len(lines) == len({line.split(":")[2] for line in lines}) <= 2  # one line per restarted rank
 
 
 def _fastmae(args, env=None, preexec=None, timeout=300):
@@ -240,6 +278,75 @@ def test_two_processes_with_only_slurm_variables_are_one_ddp_run(images, uninter
     assert summary["world_size"] == 2 and summary["ranks_in_sync"] and summary["parallel"] == "ddp"
     assert logs[1][1].strip() == ""  # rank 1 is quiet
     _assert_same_weights(out / "checkpoint-last.pth", uninterrupted)
+
+
+def _slurm_tasks(args, values, tmp_path, count=2):
+    """``count`` processes with only SLURM's variables (``values`` plus SLURM_PROCID / SLURM_LOCALID each), no
+    torchrun variable, and no ``scontrol`` on PATH; returns [(exit code, output)] in rank order."""
+    base = {k: v for k, v in ENV.items() if k not in (*LAUNCH_VARS, "PATH") and not k.startswith("SLURM_")}
+    bin_dir = tmp_path / "no-scontrol"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "python").symlink_to(sys.executable)
+    base["PATH"] = f"{bin_dir}:/usr/bin:/bin"
+    assert shutil.which("scontrol", path=base["PATH"]) is None
+    procs = [_start([sys.executable, "-m", "fastmae.cli", *args], {**base, **values, "SLURM_PROCID": str(r),
+                                                                   "SLURM_LOCALID": str(r)}, whole_env=True)
+             for r in range(count)]  # fmt: skip
+    return [_finish(p, 300) for p in procs]
+
+
+# The issue's environment: what a hand-made launch (or an MPI launcher) gives each task; no SLURM_STEP_ID.
+SLURM_ONLY = {"SLURM_NTASKS": "2", "SLURM_NODEID": "0", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "localhost",
+              "SLURM_TASKS_PER_NODE": "2"}  # fmt: skip
+
+
+def test_slurm_tasks_without_step_id_or_scontrol_form_one_run(images, tmp_path):
+    """Two processes with only SLURM_* variables, no SLURM_STEP_ID and no scontrol: one DDP run of two processes
+    into the folder (it was two one-process runs writing the same files, one of them ending in a traceback)."""
+    out = tmp_path / "run"
+    args = ["pretrain", "--device", "cpu", "--num-workers", "0", "--batch-size", "2", "--stop-after-steps", "6",
+            "--output-dir", str(out), "--data", str(images), "--no-progress", "--picture-every", "0"]  # fmt: skip
+    job = {**SLURM_ONLY, "SLURM_JOB_ID": str(30_000 + os.getpid() % 10_000)}
+    logs = _slurm_tasks(args, job, tmp_path)
+    assert [code for code, _ in logs] == [0, 0], logs[0][1][-2000:] + logs[1][1][-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["parallel"] == "ddp" and summary["ranks_in_sync"]
+    assert summary["steps"] == 6 and "2 processes (ddp)" in logs[0][1] and "Traceback" not in logs[1][1]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [({"SLURM_NNODES": "2", "SLURM_JOB_NODELIST": ""}, "the job has 2 nodes but none of SLURM_STEP_NODELIST"),
+     ({"SLURM_JOB_NODELIST": "node[01-"}, "SLURM_JOB_NODELIST: cannot read the SLURM node list 'node[01-'")],
+)  # fmt: skip
+def test_slurm_tasks_that_cannot_form_a_run_stop_in_one_line_each(images, tmp_path, values, message):
+    """SLURM's variables that do not say where the master is: every task stops with one line, nothing is written."""
+    out = tmp_path / "run"
+    args = ["pretrain", *ONE, "--data", str(images), "--output-dir", str(out)]
+    job = {**SLURM_ONLY, "SLURM_JOB_ID": "12", **values}
+    for code, log in _slurm_tasks(args, {k: v for k, v in job.items() if v}, tmp_path):
+        lines = [line for line in log.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("fastmae: error: ") and message in lines[0], log
+    assert not out.exists()
+
+
+def test_a_folder_another_run_is_writing_is_refused_in_one_line(images, one_process, tmp_path):
+    """Two runs never write one folder: while another process holds the folder's lock (here this test, with the
+    same flock a run takes), a run into it stops with one line naming that process, and touches nothing."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("checkpoint-last.pth", "config.json"):
+        (out / name).write_bytes((one_process / name).read_bytes())
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+    with open(out / ".fastmae.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        code, log = _fastmae(["pretrain", *ONE, "--data", str(images), "--output-dir", str(out), "--resume", "auto"])
+    lines = [line for line in log.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, log
+    assert lines[0] == (f"fastmae: error: --output-dir {out} is being written by another fastmae run (pid "
+                        f"{os.getpid()}); wait for it to end, or choose another --output-dir")  # fmt: skip
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.name != ".fastmae.lock"} == {
+        k: v for k, v in before.items() if k != ".fastmae.lock"}  # fmt: skip
 
 
 FAKE_SRUN = """#!{python}

@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -20,7 +22,7 @@ import torch.distributed as dist
 
 from fastmae.errors import FastMAEError, RunFault
 
-from .launch import dist_info, export_slurm_env, launcher
+from .launch import dist_info, export_slurm_env, launcher, without_step_id
 
 logger = logging.getLogger("fastmae.distributed")
 STRATEGIES = ("ddp", "fsdp")
@@ -36,12 +38,83 @@ def peer_lost(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _PEER_LOST)
 
 
+def shared_store() -> bool:
+    """Whether torchrun shares its rendezvous TCPStore with the workers (its default): after a restart the new workers
+    can read the old round's keys and hang or fail while joining (pytorch issue 135712, gloo and NCCL alike; measured
+    in benchmarks/bench_restarts.py)."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def wait_hint() -> str:
+    """What to do about a wait that did not end, for the one line that reports it."""
+    if shared_store():
+        return ("torchrun shared its rendezvous store with the workers, which makes restarted ranks hang or fail while "
+                "joining (pytorch#135712): start it with `fastmae launch ...`, or as "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ...")  # fmt: skip
+    if without_step_id():
+        return ("SLURM_STEP_ID is not set: if this is the batch script itself, start the tasks with srun; otherwise "
+                "not every task of SLURM_NTASKS started")  # fmt: skip
+    return "a peer did not come or stopped answering"
+
+
+class Deadline:
+    """Bounds the waits fastmae starts (joining, barriers, the first collective): one daemon thread that, when an
+    armed wait outlives ``seconds``, writes one line (``WHO: WHAT within --dist-timeout N min (...); HINT``, the shape
+    of the line a timeout torch raises itself becomes) and ends the process with exit code 1 (torchrun or the job
+    script may then start it again). torch's own timeouts do not bound everything: a gloo process group joining a
+    store with a previous round's keys blocks in its constructor past any timeout (seen after torchrun restarts)."""
+
+    def __init__(self, seconds: float, who: str):
+        self.seconds, self.who = seconds, who
+        self._cond = threading.Condition()
+        self._what: str | None = None
+        self._until = 0.0
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def __call__(self, what: str):
+        """Arm for ``what``, the failure in words ("could not join ...", "the other ranks did not reach a barrier")."""
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="fastmae-deadline", daemon=True)
+                self._thread.start()
+            outer = (self._what, self._until)
+            self._what, self._until = what, time.monotonic() + self.seconds
+            self._cond.notify()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._what, self._until = outer if outer[0] is not None else (None, 0.0)
+                self._cond.notify()
+
+    def _watch(self) -> None:
+        with self._cond:
+            while True:
+                if self._what is None:
+                    self._cond.wait()
+                    continue
+                left = self._until - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                line = (f"fastmae: error: {self.who}: {self._what} within --dist-timeout {self.seconds / 60:g} min "
+                        f"(the wait did not end); {wait_hint()}\n")  # fmt: skip
+                os.write(2, line.encode())
+                os._exit(1)
+
+
 @dataclass
 class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     strategy: str = "none"  # none (one process) | ddp | fsdp
+    deadline: Deadline | None = field(default=None, repr=False)
+
+    def bounded(self, what: str):
+        """A context in which a wait that outlives --dist-timeout ends the process with one line (see Deadline)."""
+        return self.deadline(what) if self.deadline is not None else contextlib.nullcontext()
 
     @property
     def enabled(self) -> bool:
@@ -53,7 +126,8 @@ class DistContext:
 
     def barrier(self) -> None:
         if self.enabled:
-            dist.barrier()
+            with self.bounded("the other ranks did not reach a barrier"):
+                dist.barrier()
 
     def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         """Mean over ranks (no host sync on CUDA: the collective is queued on the stream)."""
@@ -106,7 +180,8 @@ class DistContext:
         if not self.enabled:
             return [obj]
         out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        with self.bounded("the other ranks did not send their state"):
+            dist.all_gather_object(out, obj)
         return out
 
     def close(self) -> None:
@@ -115,13 +190,13 @@ class DistContext:
 
 
 def _warn_shared_store(rank: int) -> None:
-    """torchrun shares its rendezvous TCPStore with the workers unless told not to; after a restart the new workers
-    can then read the old round's keys and hang while joining (pytorch issue 135712, gloo and NCCL alike)."""
-    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    if rank == 0 and shared and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
-        logger.warning("torchrun shares its rendezvous store with the workers: a restart can hang while joining "
-                       "(pytorch#135712); launch it as TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ... "
-                       "(--dist-timeout bounds the wait)")  # fmt: skip
+    """A warning at the start of a job that torchrun may restart with its rendezvous store shared (see
+    :func:`shared_store`)."""
+    if rank == 0 and shared_store() and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        logger.warning("torchrun shares its rendezvous store with the workers: a restart can hang or fail while "
+                       "joining (pytorch#135712); start it with `fastmae launch ...` or as "
+                       "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ... (--dist-timeout bounds the wait)"
+                       )  # fmt: skip
 
 
 def init_distributed(strategy: str, device: torch.device,
@@ -139,26 +214,29 @@ def init_distributed(strategy: str, device: torch.device,
             raise FastMAEError(f"LOCAL_RANK={local} but only {torch.cuda.device_count()} GPU(s) are visible")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
+    who = f"rank {rank} of {world} ({launcher()})"
+    deadline = Deadline(60.0 * timeout_min, who)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         _warn_shared_store(rank)
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         try:
-            dist.init_process_group(backend, timeout=timedelta(minutes=timeout_min),
-                                    device_id=device if device.type == "cuda" else None)  # fmt: skip
+            with deadline(f"could not join the {backend} process group at {where}"):
+                dist.init_process_group(backend, timeout=timedelta(minutes=timeout_min),
+                                        device_id=device if device.type == "cuda" else None)  # fmt: skip
         except (ValueError, RuntimeError, dist.DistError, TimeoutError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             if "MASTER_ADDR" in str(exc) or "MASTER_PORT" in str(exc) or "environment variable" in str(exc):
                 raise FastMAEError(f"WORLD_SIZE={world}: could not join the {backend} process group ({first}); "
                                    "launch with torchrun or srun, which set RANK, MASTER_ADDR and MASTER_PORT"
                                    ) from exc  # fmt: skip
-            raise RunFault(f"rank {rank} of {world} ({launcher()}): could not join the {backend} process group at "
-                           f"{where} within --dist-timeout {timeout_min:g} min ({first})") from exc  # fmt: skip
+            raise RunFault(f"{who}: could not join the {backend} process group at {where} within --dist-timeout "
+                           f"{timeout_min:g} min ({first}); {wait_hint()}") from exc  # fmt: skip
     if dist.get_world_size() != world:
         raise FastMAEError(f"WORLD_SIZE={world} but the process group has {dist.get_world_size()} processes")
     if rank != 0:  # one voice: the other ranks only report problems
         logging.getLogger("fastmae").setLevel(logging.WARNING)
-    return DistContext(rank, world, local, strategy), device
+    return DistContext(rank, world, local, strategy, deadline), device
 
 
 def wrap_model(model: torch.nn.Module, ctx: DistContext, device: torch.device) -> torch.nn.Module:
@@ -169,14 +247,16 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext, device: torch.device) -
 
         # In mask_token mode the decoder's mask_token receives no gradient, so DDP must look for unused parameters.
         unused = getattr(model, "encoder_mode", "visible") == "mask_token"
-        return DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused
-        )
+        with ctx.bounded("the first collective (DDP's weight broadcast) did not end"):
+            return DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused
+            )
     if ctx.strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh(device.type, (ctx.world_size,))
+        with ctx.bounded("the first collective (FSDP's device mesh) did not end"):
+            mesh = init_device_mesh(device.type, (ctx.world_size,))
         for block in [*model.blocks, *model.decoder_blocks]:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)

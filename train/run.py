@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from .checkpoint import LAST as LAST_CHECKPOINT
 from .checkpoint import check_checkpoint_file, resolve_resume, room_problem
 from .data import resolve_loader
 from .distributed import DistContext, init_distributed, peer_lost
+from .launch import dist_info, export_slurm_env
 
 logger = logging.getLogger("fastmae.run")
 
@@ -122,6 +124,44 @@ def move_run_aside(out: Path) -> Path | None:
     return aside
 
 
+LOCK = ".fastmae.lock"  # rank 0 of a run holds an exclusive flock on it while the run writes the folder
+
+
+def _lock_holder(path: Path) -> str:
+    """`` (pid N)`` of the process holding the flock on ``path``, from /proc/locks; empty where unknown."""
+    try:
+        st = path.stat()
+        key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if "FLOCK" in fields and key in fields:
+                return f" (pid {fields[fields.index(key) - 1]})"
+    except (OSError, ValueError, IndexError):
+        pass
+    return ""
+
+
+def lock_output_dir(out: Path) -> int | None:
+    """Hold ``out/.fastmae.lock`` (created if need be, never written) for as long as this process runs, so that two
+    runs never write one folder: a second one stops with one line. The kernel lets go when the process ends, killed
+    or not, so a restarted run takes it again. Returns the descriptor (None where the file system has no locks)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FastMAEError(f"--output-dir {out} is being written by another fastmae run{_lock_holder(path)}; wait "
+                           "for it to end, or choose another --output-dir") from None  # fmt: skip
+    except OSError as exc:  # e.g. ENOLCK on a network file system without lock support
+        os.close(fd)
+        logger.warning("--output-dir %s: cannot lock %s (%s); nothing stops another run from writing there", out,
+                       LOCK, exc.strerror or exc)  # fmt: skip
+        return None
+    return fd
+
+
 def optimizer_steps(batches: int, accum: int) -> int:
     """Optimizer steps per epoch from a loader's ``batches`` with ``accum`` micro-batches per step (a last partial
     accumulation is dropped); a one-line error when the epoch cannot fill one step."""
@@ -141,6 +181,7 @@ class Run:
     loader_name: str
     out: Path
     resume_path: Path | None
+    lock: int | None = None  # rank 0's descriptor of out/.fastmae.lock
 
     @property
     def main(self) -> bool:
@@ -175,6 +216,9 @@ class Run:
 
     def __exit__(self, *exc) -> None:
         self.ctx.close()  # leave torchrun's process group, also on errors
+        if self.lock is not None:
+            os.close(self.lock)  # lets go of the folder
+            self.lock = None
 
 
 def start_run(cfg, parallel: str = "ddp") -> Run:
@@ -192,15 +236,34 @@ def start_run(cfg, parallel: str = "ddp") -> Run:
         check_checkpoint_file(resume_path, "--resume")
     if getattr(cfg, "pretrained", None) is not None:
         check_pretrained(cfg.pretrained, "--pretrained")
+    export_slurm_env()  # SLURM tasks that cannot form one run stop here, each with one line, before any file exists
+    # One writer per folder: rank 0 locks it, then checks it again (another run may have written it meanwhile).
+    lock = lock_output_dir(out) if dist_info()[0] == 0 else None
+    try:
+        if lock is not None:
+            check_fresh_start(out, cfg.resume, cfg.overwrite)
+        return _join(cfg, parallel, device, precision, use_compile, loader_name, out, resume_path, lock)
+    except BaseException:
+        if lock is not None:
+            os.close(lock)
+        raise
+
+
+def _join(cfg, parallel, device, precision, use_compile, loader_name, out, resume_path, lock) -> Run:
+    """The rest of :func:`start_run`: the process group, and the old run's files moved aside where asked."""
     # --overwrite, or --resume auto with nothing to resume (a run that died before its first checkpoint): the old
     # files go aside, so that the new run's metrics and pictures are its own. Decided before any rank moves a file.
     aside = cfg.overwrite or (cfg.resume == "auto" and resume_path is None and bool(run_files(out)))
     ctx, device = init_distributed(parallel, device, cfg.dist_timeout)
     if aside:
-        if ctx.is_main:
-            move_run_aside(out)
-        ctx.barrier()
-    return Run(ctx, device, precision, use_compile, loader_name, out, resume_path)
+        try:
+            if ctx.is_main:
+                move_run_aside(out)
+            ctx.barrier()
+        except BaseException:
+            ctx.close()
+            raise
+    return Run(ctx, device, precision, use_compile, loader_name, out, resume_path, lock)
 
 
 # ------------------------------------------------------------------------------------------ seeding and generators
