@@ -1,5 +1,5 @@
 """Loader throughput: images per second out of the MAE pretrain pipeline (random-resized-crop 0.2-1, bicubic resize,
-flip, normalise) at 224 px, in one run, with the same number of worker processes (or DALI threads):
+flip, normalise) at 224 px, in one run, at each worker count (``--workers 4,8,16``; DALI: threads):
 
 - ``official``: what facebookresearch/mae's main_pretrain.py builds: ``ImageFolder`` + ``RandomResizedCrop(scale=(0.2,
   1), bicubic)`` + ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize`` in a ``DataLoader`` (Pillow decode, float
@@ -8,16 +8,21 @@ flip, normalise) at 224 px, in one run, with the same number of worker processes
   batches, normalised by the step on its device: on a GPU that is in the timed loop, on a CPU it is the step's own
   compute and reported apart, ``normalize_on_device_ms_per_batch``);
 - ``decode``: reading and decoding alone in the same workers, nothing else: the limit of any CPU loader;
+- ``gpu``: ``--loader gpu``: workers read bytes, nvJPEG decodes and one Triton kernel augments on the GPU (CUDA only);
 - ``dali``: fastmae's DALI loader (CPU decode here, nvJPEG on a GPU), when nvidia-dali is installed;
 - ``official-finetune`` / ``fastmae-finetune``: the finetune recipe's augmentation (timm's RandAugment and random
   erasing need Pillow, so fastmae keeps Pillow there, seeded per sample): the baseline for that row is
   ``official-finetune``.
 
-Rates are medians of interleaved rounds; ``img_per_s_per_worker`` divides by the workers, and ``vs_official`` is the
-ratio to the official loader in the same run. Without ``--data`` it writes ImageNet-like JPEGs (about 520 x 390,
-quality 90, cut from scikit-image's photos) to a temporary folder first.
+Every loader reads an endless order (epoch after epoch, no restart at an epoch's end), so every worker is busy for
+the whole measurement; and a setting with fewer batches per epoch than workers x prefetch (the real loop would leave
+workers idle at each epoch's end) is refused. Rates are medians of interleaved rounds; ``img_per_s_per_worker``
+divides by the workers, and ``vs_official`` is the ratio to the official loader in the same run at the same worker
+count. Without ``--data`` it writes ImageNet-like JPEGs (about 520 x 390, quality 90, cut from scikit-image's photos,
+in parallel) to a temporary folder first, or to ``--make-data DIR`` to keep them.
 
-    python benchmarks/bench_loader.py [--data DIR] [--workers 2] [--batch 64] [--batches 20] [--images 1024]
+    python benchmarks/bench_loader.py [--data DIR] [--workers 4,8,16] [--batch 256] [--batches 30] [--images N]
+    python benchmarks/bench_loader.py --make-data DIR --images 20480      # only write the JPEGs
 """
 
 from __future__ import annotations
@@ -36,15 +41,39 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _harness import env_info, median, report, sync, write_results  # noqa: E402
 from fastmae.train.data.dali import DALILoader, dali_unavailable_reason  # noqa: E402
 from fastmae.train.data.decode import IMAGENET_MEAN, IMAGENET_STD, decode  # noqa: E402
+from fastmae.train.data.gpu_loader import GPULoader, gpu_loader_unavailable_reason  # noqa: E402
 from fastmae.train.data.index import bundled_images_dir, index_data  # noqa: E402
 from fastmae.train.data.loaders import TorchvisionLoader, to_device  # noqa: E402
 from fastmae.train.run import resolve_device  # noqa: E402
 
+PREFETCH = 2  # batches each DataLoader worker keeps ready (torch's default prefetch_factor)
 
-def make_jpegs(folder: Path, count: int, seed: int = 0, classes: int = 4) -> Path:
+
+def make_jpegs(folder: Path, count: int, seed: int = 0, classes: int = 4, processes: int | None = None) -> Path:
     """ImageNet-like JPEGs in ``classes`` folders: crops of scikit-image's photos at random places and scales, resized
     to about 520 x 390 (a few pixels either way), quality 90: real photo statistics, so decoding costs what it does
-    on ImageNet (~110 KB each)."""
+    on ImageNet (~110 KB each). Written by ``processes`` processes (default: the usable cores), the same files
+    whatever their number."""
+    import multiprocessing
+    import os
+
+    processes = processes or len(os.sched_getaffinity(0))
+    if processes <= 1 or count < 256:
+        _write_jpegs(folder, range(count), seed, classes)
+        return folder
+    fork = multiprocessing.get_context("fork")  # the children run this module's function as it is (no pickling)
+    procs = [fork.Process(target=_write_jpegs, args=(folder, range(k, count, processes), seed, classes))
+             for k in range(processes)]  # fmt: skip
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    if any(proc.exitcode != 0 for proc in procs):
+        raise SystemExit(f"bench_loader: writing JPEGs under {folder} failed in a child process")
+    return folder
+
+
+def _write_jpegs(folder: Path, which, seed: int, classes: int) -> None:
     photos = []
     for p in sorted(bundled_images_dir().iterdir()):
         try:
@@ -53,10 +82,10 @@ def make_jpegs(folder: Path, count: int, seed: int = 0, classes: int = 4) -> Pat
             continue
         if min(img.size) >= 256:
             photos.append(img)
-    rng = np.random.default_rng(seed)
     for c in range(classes):
         (folder / f"class{c}").mkdir(parents=True, exist_ok=True)
-    for i in range(count):
+    for i in which:
+        rng = np.random.default_rng([seed, i])  # per file: the same image whichever process writes it
         src = photos[i % len(photos)]
         w, h = int(rng.integers(505, 540)), int(rng.integers(375, 405))
         frac = rng.uniform(0.6, 1.0)
@@ -64,7 +93,6 @@ def make_jpegs(folder: Path, count: int, seed: int = 0, classes: int = 4) -> Pat
         x, y = int(rng.integers(0, src.width - cw + 1)), int(rng.integers(0, src.height - ch + 1))
         img = src.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BICUBIC)
         img.save(folder / f"class{i % classes}" / f"{i:06d}.jpg", quality=90)
-    return folder
 
 
 def official_loader(root: Path, img_size: int, batch: int, workers: int, pin: bool, finetune: bool = False):
@@ -87,8 +115,44 @@ def official_loader(root: Path, img_size: int, batch: int, workers: int, pin: bo
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ])  # fmt: skip
     dataset = datasets.ImageFolder(str(root), transform=transform)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, pin_memory=pin,
-                                       drop_last=True, persistent_workers=workers > 0)  # fmt: skip
+    return torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=_endless_random(len(dataset)),
+                                       num_workers=workers, pin_memory=pin, drop_last=True,
+                                       persistent_workers=workers > 0)  # fmt: skip
+
+
+def _endless_random(n: int) -> torch.utils.data.Sampler:
+    """Random indices without end (with replacement): no epoch boundary stalls the workers."""
+    return torch.utils.data.RandomSampler(range(n), replacement=True, num_samples=2**40)
+
+
+class EndlessBatches(torch.utils.data.Sampler):
+    """fastmae's batch order, epoch after epoch without end (``(epoch, sample)`` items, as the loaders read them)."""
+
+    def __init__(self, order):
+        self.order = order
+
+    def __iter__(self):
+        epoch = 0
+        while True:
+            for ids in self.order.batches(epoch):
+                yield [(epoch, int(i)) for i in ids]
+            epoch += 1
+
+
+def endless(loader):
+    """A fastmae loader (torchvision or gpu) reading :class:`EndlessBatches`: its batches, forever."""
+    loader.sampler = EndlessBatches(loader.order)
+    loader.loader = loader._data_loader()
+    return (x for x, _ in loader.epoch(0))
+
+
+def check_setting(images: int, batch: int, workers: int) -> None:
+    """Refuse a data set too small to keep ``workers`` busy in the real loop."""
+    per_epoch = images // batch
+    if per_epoch < workers * PREFETCH:
+        raise SystemExit(f"bench_loader: {images} images at batch {batch} are {per_epoch} batches an epoch, fewer "
+                         f"than {workers} workers x {PREFETCH} prefetched: most workers would wait at every epoch's "
+                         f"end; use --images {workers * PREFETCH * batch} or more")  # fmt: skip
 
 
 class DecodeOnly(torch.utils.data.Dataset):
@@ -149,16 +213,16 @@ def readme_table(saved: dict, json_name: str) -> str:
     first = rows[0]
     lines = [
         f"Measured on **{env.get('gpu') if env.get('gpu') not in (None, 'cpu') else env.get('cpu', 'cpu')}**, "
-        f"{first['workers']} workers, batch {first['batch_size']}, {first['img_size']} px, {first['images']} images "
+        f"batch {first['batch_size']}, {first['img_size']} px, {first['images']} images "
         f"({first['data']}); torch {env.get('torch')}, git `{str(env.get('git_sha'))[:12]}`, "
         f"{str(env.get('date', ''))[:10]}; raw JSON `benchmarks/results/{json_name}`.",
         "",
-        "| loader | augmentation | output | img/s | img/s per worker | vs official (same run) |",
-        "| --- | --- | --- | ---: | ---: | ---: |",
+        "| loader | augmentation | output | workers | img/s | img/s per worker | vs official (same run) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        lines.append(f"| {r['loader']} | {r.get('kind', 'pretrain')} | {r.get('output', 'float32')} | "
-                     f"{r['img_per_s']:.0f} | {r['img_per_s_per_worker']:.0f} | {r['vs_official']:.2f}x |")
+        lines.append(f"| {r['loader']} | {r.get('kind', 'pretrain')} | {r.get('output', 'float32')} | {r['workers']} "
+                     f"| {r['img_per_s']:.0f} | {r['img_per_s_per_worker']:.0f} | {_ratio(r['vs_official'])} |")
     norm = next((r["normalize_on_device_ms_per_batch"] for r in rows if r.get("normalize_on_device_ms_per_batch")),
                 None)  # fmt: skip
     if norm is not None and first["device"] == "cpu":
@@ -167,17 +231,52 @@ def readme_table(saved: dict, json_name: str) -> str:
     return "\n".join(lines)
 
 
+def sources_for(index, root: Path, args, device: torch.device, workers: int, batch: int) -> dict:
+    """Every loader asked for, at ``workers`` workers, each an endless iterator of image batches."""
+    gpu = device.type == "cuda"
+    chosen = args.loaders.split(",")
+    out = {}
+    if "official" in chosen:
+        out["official"] = (x for x, _ in official_loader(root, args.img_size, batch, workers, gpu))
+    if "fastmae" in chosen:
+        out["fastmae"] = endless(TorchvisionLoader(index, args.img_size, batch, seed=0, num_workers=workers, pin=gpu))
+    if "decode" in chosen:
+        out["decode"] = iter(torch.utils.data.DataLoader(DecodeOnly(index), batch_size=batch, num_workers=workers,
+                                                         sampler=_endless_random(len(index)), drop_last=True,
+                                                         persistent_workers=workers > 0))  # fmt: skip
+    if "gpu" in chosen:
+        if (reason := gpu_loader_unavailable_reason(device)) is None:
+            out["gpu"] = endless(GPULoader(index, args.img_size, batch, seed=0, device=device, num_workers=workers))
+        else:
+            print(f"gpu loader not measured: {reason}")
+    if "dali" in chosen:
+        if (reason := dali_unavailable_reason()) is None:
+            dali = DALILoader(index, args.img_size, batch, seed=0, device=device, num_threads=max(workers, 1))
+            out["dali"] = _forever(lambda e: (x for x, _ in dali.epoch(e)))
+        else:
+            print(f"DALI not measured: {reason}")
+    if "official-finetune" in chosen:
+        out["official-finetune"] = (x for x, _ in official_loader(root, args.img_size, batch, workers, gpu, True))
+    if "fastmae-finetune" in chosen:
+        out["fastmae-finetune"] = endless(TorchvisionLoader(index, args.img_size, batch, seed=0, num_workers=workers,
+                                                            pin=gpu, kind="finetune"))  # fmt: skip
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help="ImageFolder tree (default: generated JPEGs)")
-    ap.add_argument("--images", type=int, default=1024, help="how many JPEGs to generate without --data")
+    ap.add_argument("--make-data", default=None, metavar="DIR", help="only write --images JPEGs to DIR, then stop")
+    ap.add_argument("--images", type=int, default=None, help="how many JPEGs to generate without --data (default: "
+                    "enough for every worker count: 1.25 x workers x prefetch x batch, at least 1024)")  # fmt: skip
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=None, help="default: 64 on CPU (the recipe's per-GPU batch, 4096 on "
                     "64 GPUs), 256 on GPU")  # fmt: skip
-    ap.add_argument("--batches", type=int, default=None, help="batches timed per measurement (default 20 / 50)")
-    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of every loader (= DALI threads)")
+    ap.add_argument("--batches", type=int, default=None, help="batches timed per measurement (default 20 / 30)")
+    ap.add_argument("--workers", default="2", help="DataLoader workers of every loader (= DALI threads); several "
+                    "counts: 4,8,16")  # fmt: skip
     ap.add_argument("--rounds", type=int, default=3, help="interleaved measurements per loader (median kept)")
-    ap.add_argument("--loaders", default="official,fastmae,decode,dali,official-finetune,fastmae-finetune",
+    ap.add_argument("--loaders", default="official,fastmae,decode,gpu,dali,official-finetune,fastmae-finetune",
                     help="which to measure; official and official-finetune are the baselines")  # fmt: skip
     ap.add_argument("--settle", type=float, default=1.5, help="seconds of rest after each measurement")
     ap.add_argument("--device", default="auto")
@@ -193,60 +292,80 @@ def main(argv=None) -> dict:
 
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
+    counts = [int(w) for w in str(args.workers).split(",") if w.strip()]
     if args.smoke:
         args.images, args.img_size, args.batch, args.batches, args.rounds, args.settle = 24, 64, 4, 2, 1, 0.0
     batch = args.batch or (256 if gpu else 64)
-    batches = args.batches or (50 if gpu else 20)
-    workers = args.workers
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(args.data) if args.data else make_jpegs(Path(tmp) / "jpegs", max(args.images, batch * 4))
-        index = index_data(root)
-        fast = TorchvisionLoader(index, args.img_size, batch, seed=0, num_workers=workers, pin=gpu)
-        official = official_loader(root, args.img_size, batch, workers, gpu)
-        decode_only = torch.utils.data.DataLoader(DecodeOnly(index), batch_size=batch, shuffle=True,
-                                                  num_workers=workers, drop_last=True,
-                                                  persistent_workers=workers > 0)  # fmt: skip
-        fast_ft = TorchvisionLoader(index, args.img_size, batch, seed=0, num_workers=workers, pin=gpu, kind="finetune")
-        official_ft = official_loader(root, args.img_size, batch, workers, gpu, finetune=True)
-        sources = {
-            "official": _forever(lambda e: (x for x, _ in official)),
-            "fastmae": _forever(lambda e: (x for x, _ in fast.epoch(e))),
-            "decode": _forever(lambda e: iter(decode_only)),
-            "official-finetune": _forever(lambda e: (x for x, _ in official_ft)),
-            "fastmae-finetune": _forever(lambda e: (x for x, _ in fast_ft.epoch(e))),
-        }
-        reason = dali_unavailable_reason()
-        if reason is None:
-            dali = DALILoader(index, args.img_size, batch, seed=0, device=device, num_threads=max(workers, 1))
-            sources["dali"] = _forever(lambda e: (x for x, _ in dali.epoch(e)))
-        else:
-            print(f"DALI not measured: {reason}")
-        sources = {k: v for k, v in sources.items() if k in args.loaders.split(",")}
-        rates: dict[str, list[float]] = {k: [] for k in sources}
-        for _ in range(args.rounds):
-            for name, source in sources.items():
-                rates[name].append(timed(source, device, batches, batch, args.settle))
-
-    env = env_info(device)
+    batches = args.batches or (30 if gpu else 20)
+    needed = max(w * PREFETCH * batch for w in counts)
+    if args.make_data:
+        n = args.images or max(1024, needed * 5 // 4)
+        make_jpegs(Path(args.make_data), n)
+        print(f"wrote {n} JPEGs under {args.make_data}")
+        return {"images": n}
     rows = []
-    normalize_ms = _normalize_ms(device, batch, args.img_size)
-    for name, xs in rates.items():
-        rate = median(xs)
-        base = median(rates["official-finetune" if "finetune" in name else "official"])
-        row = {"name": "loader", "loader": name, "kind": "finetune" if "finetune" in name else "pretrain",
-               "device": "gpu (mixed decode)" if gpu and name == "dali" else device.type, "workers": workers,
-               "img_per_s": rate, "img_per_s_per_worker": rate / max(workers, 1), "vs_official": rate / base,
-               "output": "uint8" if name == "fastmae" else "float32", "normalize_on_device_ms_per_batch":
-               normalize_ms if name == "fastmae" else None,
-               "img_size": args.img_size, "batch_size": batch, "images": len(index),
-               "data": str(args.data) if args.data else "generated JPEG ~520x390 q90 (scikit-image photos)",
-               "rates": xs}  # fmt: skip
-        rows.append(row)
-        print(f"{name:10s} {row['device']:20s} {workers:2d} workers  {rate:8.1f} img/s  "
-              f"{row['img_per_s_per_worker']:7.1f} per worker  ({row['vs_official']:.2f}x official)")  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.data) if args.data else make_jpegs(Path(tmp) / "jpegs", args.images or max(1024,
+                                                                                                   needed * 5 // 4))
+        index = index_data(root)
+        for workers in counts:
+            check_setting(len(index), batch, workers)
+        if len(counts) > 1:  # one process per worker count, as a run has: nothing left over from the previous count
+            return _per_count(argv, counts, root, args.out)
+        normalize_ms = _normalize_ms(device, batch, args.img_size)
+        env = env_info(device)
+        for workers in counts:
+            sources = sources_for(index, root, args, device, workers, batch)
+            rates: dict[str, list[float]] = {k: [] for k in sources}
+            for _ in range(args.rounds):
+                for name, source in sources.items():
+                    rates[name].append(timed(source, device, batches, batch, args.settle))
+            for name, xs in rates.items():
+                rate = median(xs)
+                base_name = "official-finetune" if "finetune" in name else "official"
+                base = median(rates[base_name]) if base_name in rates else None
+                row = {"name": "loader", "loader": name, "kind": "finetune" if "finetune" in name else "pretrain",
+                       "device": "gpu (mixed decode)" if gpu and name in ("dali", "gpu") else device.type,
+                       "workers": workers, "img_per_s": rate, "img_per_s_per_worker": rate / max(workers, 1),
+                       "vs_official": rate / base if base else None,
+                       "output": {"fastmae": "uint8", "gpu": "float32 on the GPU"}.get(name, "float32"),
+                       "normalize_on_device_ms_per_batch": normalize_ms if name == "fastmae" else None,
+                       "img_size": args.img_size, "batch_size": batch, "images": len(index),
+                       "data": str(args.data) if args.data else "generated JPEG ~520x390 q90 (scikit-image photos)",
+                       "rates": xs}  # fmt: skip
+                rows.append(row)
+                print(f"{name:18s} {row['device']:20s} {workers:2d} workers  {rate:8.1f} img/s  "
+                      f"{row['img_per_s_per_worker']:7.1f} per worker  ({_ratio(row['vs_official'])} official)")
+            del sources  # their workers end before the next count's start
     path = write_results("loader", rows, env, args.out)
     print(f"wrote {path}")
     return {"rows": rows, "path": str(path)}
+
+
+def _per_count(argv, counts: list[int], root: Path, out: str | None) -> dict:
+    """This script once per worker count in a child process (on ``root``), the rows merged into one results JSON."""
+    import json
+    import subprocess
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rows, env = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        for workers in counts:
+            part = Path(tmp) / f"w{workers}.json"
+            keep = [a for i, a in enumerate(argv) if a not in ("--workers", "--out", "--data") and (
+                    i == 0 or argv[i - 1] not in ("--workers", "--out", "--data"))]  # fmt: skip
+            cmd = [sys.executable, __file__, *keep, "--workers", str(workers), "--data", str(root), "--out", str(part)]
+            subprocess.run(cmd, check=True)
+            saved = json.loads(part.read_text())
+            rows += saved["rows"]
+            env = env or saved["env"]
+    path = write_results("loader", rows, env, out)
+    print(f"wrote {path}")
+    return {"rows": rows, "path": str(path)}
+
+
+def _ratio(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}x"
 
 
 if __name__ == "__main__":

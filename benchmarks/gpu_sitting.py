@@ -4,6 +4,8 @@ last. ../shared/GPU.md says how a session uses it. Device time is 15 minutes a s
 
     python3 -m pip install -q --no-deps --no-build-isolation -e .    # on the machine, no network needed
     python benchmarks/gpu_sitting.py --stage quick --out $OUT   # the headline in one call (budget 450 s)
+    python benchmarks/gpu_sitting.py --stage step --out $OUT    # issue 26: breakdown and every lever (470 s)
+    python benchmarks/gpu_sitting.py --stage feed --out $OUT    # issue 27: loaders, the loop vs the step (470 s)
     python benchmarks/gpu_sitting.py --stage 2 --out $OUT       # slow GPU tests + kernel benchmark
     python benchmarks/gpu_sitting.py --stage 3 --out $OUT       # ViT-B dec 1, ViT-L dec 1
     python benchmarks/gpu_sitting.py --stage 4 --out $OUT       # ViT-H dec 8
@@ -14,8 +16,9 @@ last. ../shared/GPU.md says how a session uses it. Device time is 15 minutes a s
 ``quick``, in order of value (a wrong fast path is worse than a slow one, so correctness comes first): nvidia-smi; the
 GPU tests that compile no whole model (``pytest -m "gpu and not slow"``: fused ops against their references at
 ViT-B/L/H shapes, attention, the visible-only embedding); ViT-L/16 dec 8 eager / fastmae / mask-token; ViT-B/16 dec 8;
-the loader rows (official vs fastmae vs decode alone, 16 workers). Its size is an estimate for one H100 (compilation
-plus 5 timed steps per configuration); no stage has run on a GPU yet. Afterwards:
+the loader rows (official vs fastmae vs decode alone, 16 workers). ``quick`` ran on an H200 on 2026-11-30
+(../shared/gpu-results/2026-11-30-h200/). ``step`` is issue 26's sitting: each command has its own budget inside the
+stage's, so a slow compile costs its own measurement, not the ones after it. Afterwards:
 ``fastmae bench --report DIR/*.json --readme README.md`` for the chart and the table.
 """
 
@@ -34,14 +37,38 @@ PY = sys.executable
 BENCH = [PY, "-m", "fastmae.cli", "bench"]
 
 
-BUDGETS = {"quick": 450, 2: 480, 3: 480, 4: 480, 5: 480}  # seconds of commands per stage (one device call each)
+# seconds of commands per stage (one device call each)
+BUDGETS = {"quick": 450, "step": 470, "feed": 470, 2: 480, 3: 480, 4: 480, 5: 480}
 
 
 def stages(out: Path) -> dict:
-    """The commands of each stage, in the order they run; every result goes under ``out``."""
+    """The commands of each stage, in the order they run; every result goes under ``out``. A command may come as
+    ``(seconds, command)``: its own budget inside the stage's."""
     pretrain = [*BENCH, "--suite", "pretrain"]
     fast = ["--steps", "5", "--warmup", "2"]
+    table = ["--attn-table", str(out / "attention_table.json")]
+    large, base = ["--models", "mae_vit_large_patch16"], ["--models", "mae_vit_base_patch16"]
+    jpegs = Path("/tmp/fastmae-feed-jpegs")  # on the machine's disk, not under $OUT (nothing to bring back)
     return {
+        # Issue 26, the step at its limit, ordered by value: correctness of the new paths; the attention table per
+        # call site; ViT-L dec 8 (all four configurations, plain and as one CUDA graph, profiled: the headline, the
+        # breakdown, the graphs lever, compiled-reference); ViT-B dec 8 (MFU target); the batch sweep; the
+        # optimizer; inductor's max-autotune GEMMs. Compiling one ViT-L configuration costs 45-80 s there.
+        "step": [(25, ["nvidia-smi"]),
+                 (60, [PY, "-m", "pytest", "-m", "gpu and not slow", "-x", "-q", "-p", "no:cacheprovider", "-k",
+                       "graph or sync or attention or step"]),
+                 (45, [PY, str(HERE / "bench_attention.py"), "--out", str(out / "attention.json"), "--write-table",
+                       str(out / "attention_table.json")]),
+                 (270, [*pretrain, *large, "--decoder-depths", "8", "--steps", "8", "--warmup", "3", "--graphs",
+                        "--profile", *table, "--out", str(out / "l8.json")]),
+                 (110, [*pretrain, *base, "--decoder-depths", "8", "--configs", "fastmae,mask-token", "--graphs",
+                        *fast, *table, "--out", str(out / "b8.json")]),
+                 (130, [*pretrain, *large, "--decoder-depths", "8", "--configs", "fastmae", "--batches", "256,512",
+                        *fast, *table, "--out", str(out / "l8-batches.json")]),
+                 (60, [*pretrain, *large, "--decoder-depths", "8", "--configs", "", "--optimizer-bench",
+                       "--out", str(out / "l8-optimizer.json")]),
+                 (150, [*pretrain, *base, "--decoder-depths", "8", "--configs", "fastmae", "--compile-mode",
+                        "max-autotune-no-cudagraphs", *fast, *table, "--out", str(out / "b8-autotune.json")])],
         "quick": [["nvidia-smi"],
                   [PY, "-m", "pytest", "-m", "gpu and not slow", "-x", "-q", "-p", "no:cacheprovider"],
                   [*pretrain, *fast, "--models", "mae_vit_large_patch16", "--decoder-depths", "8", "--out",
@@ -50,6 +77,23 @@ def stages(out: Path) -> dict:
                    str(out / "b8.json")],
                   [PY, str(HERE / "bench_loader.py"), "--workers", "16", "--loaders", "official,fastmae,decode",
                    "--rounds", "2", "--out", str(out / "loader.json")]],
+        # Issue 27, feeding the step: the GPU loader's correctness; 20480 ImageNet-like JPEGs written once (16
+        # processes); the loaders at 4, 8, 16 workers, batch 256; the real fastmae pretrain against the bare step at
+        # ViT-B and ViT-L dec 8 with the torchvision and the gpu loader (each loop compiles its model again: the
+        # inductor cache makes that cheaper than the first).
+        "feed": [(25, ["nvidia-smi"]),
+                 (60, [PY, "-m", "pytest", "-m", "gpu", "-x", "-q", "-p", "no:cacheprovider", "-k",
+                       "crop_resize or gpu_loader or ahead"]),
+                 (45, [PY, str(HERE / "bench_loader.py"), "--make-data", str(jpegs), "--images", "20480"]),
+                 (90, [PY, str(HERE / "bench_loader.py"), "--data", str(jpegs), "--workers", "4,8,16", "--batch",
+                        "256", "--batches", "20", "--rounds", "2", "--settle", "1", "--loaders",
+                        "official,fastmae,decode,gpu", "--out", str(out / "loader.json")]),
+                 (140, [PY, str(HERE / "bench_e2e.py"), "--data", str(jpegs), "--models", "mae_vit_base_patch16",
+                        "--loaders", "torchvision,gpu", "--workers", "16", "--steps", "120", "--skip", "40",
+                        "--out", str(out / "e2e-b.json")]),
+                 (150, [PY, str(HERE / "bench_e2e.py"), "--data", str(jpegs), "--models", "mae_vit_large_patch16",
+                        "--loaders", "gpu,torchvision", "--workers", "16", "--steps", "80", "--skip", "30",
+                        "--out", str(out / "e2e-l.json")])],
         2: [[PY, "-m", "pytest", "-m", "gpu and slow", "-x", "-q", "-p", "no:cacheprovider"],
             [PY, str(HERE / "bench_kernels.py"), "--out", str(out / "kernels.json")]],
         3: [[*pretrain, "--models", "mae_vit_base_patch16", "--decoder-depths", "1", "--out", str(out / "b1.json")],
@@ -67,12 +111,14 @@ def run_stage(name, commands: list[list[str]], out: Path, dry_run: bool, budget:
     stopped, and so noted in the log)."""
     log_path = out / f"stage-{name}.log"
     deadline = time.monotonic() + budget
-    for cmd in commands:
+    for item in commands:
+        own, cmd = item if isinstance(item[0], int | float) else (None, item)
         line = " ".join(shlex.quote(c) for c in cmd)
-        print(f"[stage {name}] {line}", flush=True)
+        print(f"[stage {name}] {line}" + (f"  (budget {own} s)" if own else ""), flush=True)
         if dry_run:
             continue
         left = deadline - time.monotonic()
+        left = min(left, own) if own else left
         out.mkdir(parents=True, exist_ok=True)
         with open(log_path, "a") as log:
             if left <= 0:
@@ -94,7 +140,10 @@ def run_stage(name, commands: list[list[str]], out: Path, dry_run: bool, budget:
                 timer.cancel()
             stopped = time.perf_counter() - t0 >= left - 0.5 and code != 0
             log.write(f"# exit {code} after {time.perf_counter() - t0:.0f} s"
-                      + (" (stopped at the stage budget)\n" if stopped else "\n"))  # fmt: skip
+                      + (" (stopped at its budget)\n" if stopped else "\n"))  # fmt: skip
+        if stopped and own and time.monotonic() < deadline:  # its own budget: the stage goes on
+            print(f"[stage {name}] stopped at its own budget ({own} s); next command", flush=True)
+            continue
         if stopped:
             print(f"[stage {name}] stopped at the stage budget ({budget:.0f} s); see {log_path}", flush=True)
             return 0
@@ -128,7 +177,7 @@ def table(folder: Path) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", default=None, help="comma-separated stages: quick, 2, 3, 4, 5")
+    ap.add_argument("--stage", default=None, help="comma-separated stages: quick, step, feed, 2, 3, 4, 5")
     ap.add_argument("--out", default="benchmarks/results/sitting", help="folder for every JSON and log")
     ap.add_argument("--budget", type=float, default=None, help="seconds per stage (default: each stage's own)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")

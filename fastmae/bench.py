@@ -3,15 +3,28 @@
 Configurations (``config`` x ``encoder_mode``):
 
 - ``eager`` / ``visible``: the official semantics as plain PyTorch: reference ops, ``math`` attention, no compile.
-- ``fastmae`` / ``visible``: Triton ops (on CUDA), attention ``auto``, ``torch.compile`` (on CUDA).
+- ``compiled-reference`` / ``visible``: what a user builds in five minutes: the reference ops, SDPA attention and
+  ``torch.compile`` (on CUDA). fastmae's own work (kernels, visible-only embedding, graphs, tuning) is what the next
+  row beats it by.
+- ``fastmae`` / ``visible``: Triton ops (on CUDA), attention ``auto`` (per call site, from the measured table),
+  ``torch.compile`` (on CUDA).
 - ``fastmae`` / ``mask_token``: the same fast settings with the encoder run on every patch (the paper's baseline).
 
-All use bf16 autocast on CUDA (fp32 on CPU) and a full step: forward, backward, AdamW. Before timing, the fast
-configuration's loss is checked against the eager one on the same weights, images and masks. Rows record what
-actually ran (attention backend, kernels), img/s, model TFLOP/s (3x the forward matmul FLOPs of
+Every configuration runs the training loop's own step (:class:`fastmae.train.step.TrainStep`): a uint8 batch
+normalised on the device, per-sample mask noise from the sample ids, bf16 autocast on CUDA (fp32 on CPU), forward,
+backward, NaN guard and fused AdamW over the recipe's parameter groups. Before timing, the fast configuration's loss is
+checked against the eager one on the same weights, images and masks. Rows record what actually ran (attention
+backend per call site, kernels, compile mode, variant), img/s, model TFLOP/s (3x the forward matmul FLOPs of
 :func:`fastmae.flops_per_image`), MFU against the GPU's dense bf16 peak, and peak memory per image.
-``--quick`` runs tiny shapes on whatever device there is, to check the suite end to end (the tests run it).
-``--report`` turns a results JSON into a PNG chart and the README's results table.
+
+Levers, each measured side by side in the same run: ``--graphs`` adds a ``graphs`` variant of every compiled
+configuration (the whole step as one CUDA graph, on the same compiled model); ``--batches`` sweeps the batch size of
+the fastmae rows (img/s and peak memory; the knee is the smallest batch within 5% of the best rate);
+``--attn-backend`` forces backends per call site; ``--compile-mode`` picks inductor's mode; ``--optimizer-bench``
+times fused AdamW against a compiled AdamW on the model's parameters. ``--profile`` adds where the time goes
+(:mod:`fastmae.profiling`: time by category and idle). ``--quick`` runs tiny shapes on whatever device there is, to
+check the suite end to end (the tests run it). ``--report`` turns results JSON into a PNG chart and the README's
+tables.
 """
 
 from __future__ import annotations
@@ -26,16 +39,19 @@ from pathlib import Path
 
 import torch
 
+from .config import COMPILE_MODES  # noqa: F401 (the --compile-mode choices)
 from .errors import FastMAEError
 from .models import create_model, flops_per_image
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14")
 BATCH = {"mae_vit_base_patch16": 256, "mae_vit_large_patch16": 128, "mae_vit_huge_patch14": 64}  # fixed per model
-CASES = (("eager", "visible"), ("fastmae", "visible"), ("fastmae", "mask_token"))
+CASES = (("eager", "visible"), ("compiled-reference", "visible"), ("fastmae", "visible"), ("fastmae", "mask_token"))
+CONFIG_NAMES = {"eager": CASES[0], "compiled-reference": CASES[1], "fastmae": CASES[2], "mask-token": CASES[3]}
 # Dense bf16 tensor-core peaks (TFLOP/s) by GPU name fragment; H100 SXM as measured-achievable in DEVELOPERS.md.
 PEAK_TFLOPS = {"H200": 790.0, "H100": 790.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0, "4090": 165.0}
 TABLE_START, TABLE_END = "<!-- fastmae-bench:start -->", "<!-- fastmae-bench:end -->"
+BREAKDOWN = "fastmae-breakdown"  # README markers of the where-the-time-goes table
 
 
 def _version(*names: str) -> str | None:
@@ -81,25 +97,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _build(model_name: str, decoder_depth: int, config: str, mode: str, device: torch.device, quick: dict | None):
+def _build(model_name, decoder_depth, config, mode, device: torch.device, quick: dict | None, attn: str | None = None):
     fast = config == "fastmae"
     kernels = ("triton" if device.type == "cuda" else "reference") if fast else "reference"
-    kw = dict(quick or {}, decoder_depth=decoder_depth, kernels=kernels, encoder_mode=mode,
-              attn_backend="auto" if fast else "math")  # fmt: skip
+    attn_backend = (attn or "auto") if fast else "sdpa" if config == "compiled-reference" else "math"
+    kw = dict(quick or {}, decoder_depth=decoder_depth, kernels=kernels, encoder_mode=mode, attn_backend=attn_backend)
     return create_model(model_name, **kw).to(device)
 
 
-def profile_steps(step, device: torch.device, steps: int = 2, top: int = 10) -> list[dict]:
-    """Where a step's time goes: ``steps`` steps under torch.profiler, the ``top`` kernels by self time (CUDA kernels
-    on a GPU, CPU ops otherwise) with calls and ms per step, and their share of all kernel time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            step()
-        _sync(device)
+def _top_kernels(prof, cuda: bool, steps: int, top: int = 10) -> list[dict]:
+    """The ``top`` kernels by self time (CUDA kernels on a GPU, CPU ops otherwise) with calls and ms per step, and
+    their share of all kernel time."""
     events = [e for e in prof.key_averages() if (e.device_type.name == "CUDA") == cuda or not cuda]
 
     def self_us(e) -> float:
@@ -112,64 +120,99 @@ def profile_steps(step, device: torch.device, steps: int = 2, top: int = 10) -> 
              "share": self_us(e) / total} for e in events[:top]]  # fmt: skip
 
 
+def profile_steps(step, device: torch.device, step_ms: float, steps: int = 2) -> tuple[list[dict], dict]:
+    """``steps`` steps under torch.profiler: (top kernels, breakdown by category with idle; see
+    :mod:`fastmae.profiling`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from .profiling import breakdown
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    return _top_kernels(prof, cuda, steps), breakdown(prof, cuda, steps, step_ms)
+
+
+class StepBench:
+    """One configuration's model, compiled once, and the training step over it: :meth:`row` times a variant (the
+    plain step, or the same step as one CUDA graph) on the same weights and compiled code."""
+
+    def __init__(self, model_name, decoder_depth, config, mode, batch, device, quick=None, attn=None,
+                 compile_mode: str = "default"):  # fmt: skip
+        from fastmae.train.schedule import build_optimizer
+
+        torch.manual_seed(0)
+        self.device, self.batch, self.config, self.mode = device, batch, config, mode
+        self.model_name, self.decoder_depth, self.compile_mode = model_name, decoder_depth, compile_mode
+        self.model = _build(model_name, decoder_depth, config, mode, device, quick, attn)
+        cuda = device.type == "cuda"
+        self.dtype = torch.bfloat16 if cuda else torch.float32
+        self.use_compile = config != "eager" and cuda
+        options = {} if compile_mode == "default" else {"mode": compile_mode}
+        self.step_fn = torch.compile(self.model, **options) if self.use_compile else self.model
+        # The recipe's AdamW (no weight decay on norms, biases, tokens), fused: the optimizer the loop runs.
+        self.optimizer = build_optimizer(self.model, 1e-4, 0.05, (0.9, 0.95), fused=True)
+        self.attn_backend = self.model.resolve_attention(device, self.dtype)
+        size = self.model.patch_embed.img_size
+        g = torch.Generator(device=device).manual_seed(0)
+        self.imgs = torch.randint(0, 256, (batch, 3, *size), dtype=torch.uint8, device=device, generator=g)
+        self.calls = 0
+
+    def trainer(self, graphs: bool):
+        from fastmae.train.step import TrainStep
+
+        return TrainStep(self.model, self.step_fn, self.optimizer, seed=0, mask_ratio=0.75, device=self.device,
+                         dtype=self.dtype if self.device.type == "cuda" else None, graphs=graphs)  # fmt: skip
+
+    def _step(self, trainer):
+        """One step on the fixed images with new sample ids (so new masks) every call."""
+        k = self.calls
+        self.calls += 1
+        ids = torch.arange(k * self.batch, (k + 1) * self.batch, device=self.device)
+        return trainer(self.imgs, ids, k // 1000, 1e-4)
+
+    def row(self, variant: str, steps: int, warmup: int, profile: bool = False) -> dict:
+        device = self.device
+        cuda = device.type == "cuda"
+        trainer = self.trainer(graphs=variant == "graphs")
+        for _ in range(max(warmup, trainer.warmup + 2) if variant == "graphs" else warmup):
+            self._step(trainer)
+        _sync(device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self._step(trainer)
+        _sync(device)
+        seconds = (time.perf_counter() - t0) / steps
+        img_s = self.batch / seconds
+        flops = 3 * flops_per_image(self.model)["total"]  # forward + backward (2x forward) matmul FLOPs per image
+        tflops = flops * img_s / 1e12
+        peak = peak_tflops(torch.cuda.get_device_name(device)) if cuda else None
+        peak_mem = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None
+        top = parts = None
+        if profile:
+            top, parts = profile_steps(lambda: self._step(trainer), device, seconds * 1e3)
+        return {
+            "name": "pretrain_step", "model": self.model_name, "decoder_depth": self.decoder_depth,
+            "encoder_mode": self.mode, "config": self.config, "variant": variant, "batch_size": self.batch,
+            "img_size": self.model.patch_embed.img_size[0], "dtype": "bf16" if cuda else "fp32",
+            "attn_backend": self.attn_backend, "kernels": self.model.kernels_used(device),
+            "embed": self.model.embed_used(device), "compile": self.use_compile,
+            "compile_mode": self.compile_mode if self.use_compile else None, "graphs": trainer.captured,
+            "img_per_s": img_s, "step_ms": seconds * 1e3, "tflops": tflops, "mfu": tflops / peak if peak else None,
+            "peak_mem_gb": peak_mem, "peak_mem_gb_per_image": peak_mem / self.batch if cuda else None,
+            "gflops_per_image": flops / 1e9, "profile": top, "breakdown": parts,
+        }  # fmt: skip
+
+
 def pretrain_step_row(model_name, decoder_depth, config, mode, batch, device, steps, warmup, quick=None,
                       profile: bool = False) -> dict:  # fmt: skip
-    """Time ``steps`` optimizer steps of one configuration; returns its results row (with ``profile``, also the
-    top kernels of a profiled pass after the timing)."""
-    torch.manual_seed(0)
-    model = _build(model_name, decoder_depth, config, mode, device, quick)
-    cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
-    use_compile = config == "fastmae" and cuda
-    step_model = torch.compile(model) if use_compile else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=cuda)
-    imgs = torch.randn(batch, 3, model.patch_embed.img_size[0], model.patch_embed.img_size[1], device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-
-    def step():
-        with autocast:
-            loss = step_model(imgs, mask_ratio=0.75)[0]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    seconds = (time.perf_counter() - t0) / steps
-    img_s = batch / seconds
-    flops = 3 * flops_per_image(model)["total"]  # forward + backward (2x forward) matmul FLOPs per image
-    tflops = flops * img_s / 1e12
-    peak = peak_tflops(torch.cuda.get_device_name(device)) if cuda else None
-    peak_mem = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None
-    return {
-        "name": "pretrain_step",
-        "model": model_name,
-        "decoder_depth": decoder_depth,
-        "encoder_mode": mode,
-        "config": config,
-        "batch_size": batch,
-        "img_size": model.patch_embed.img_size[0],
-        "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
-        "attn_backend": model.attn_backend_used or model.resolve_attention(device, dtype),
-        "kernels": model.kernels_used(device),
-        "embed": model.embed_used(device),
-        "compile": use_compile,
-        "img_per_s": img_s,
-        "step_ms": seconds * 1e3,
-        "tflops": tflops,
-        "mfu": tflops / peak if peak else None,
-        "peak_mem_gb": peak_mem,
-        "peak_mem_gb_per_image": peak_mem / batch if cuda else None,
-        "gflops_per_image": flops / 1e9,
-        "profile": profile_steps(step, device) if profile else None,
-    }
+    """Time ``steps`` optimizer steps of one configuration (the plain step); returns its results row."""
+    return StepBench(model_name, decoder_depth, config, mode, batch, device, quick).row("plain", steps, warmup, profile)
 
 
 def check_fast_matches_eager(model_name, decoder_depth, device, quick=None, batch=2) -> float:
@@ -192,42 +235,146 @@ def check_fast_matches_eager(model_name, decoder_depth, device, quick=None, batc
     return rel
 
 
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _free(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def optimizer_rows(model_name: str, device: torch.device, quick: dict | None, steps: int = 10) -> list[dict]:
+    """The optimizer lever: one AdamW update over the model's parameter groups (random gradients), fused AdamW (the
+    loop's) against ``torch.compile`` of the foreach AdamW (lr as a tensor, so no recompile per lr), ms per update."""
+    from fastmae.train.schedule import build_optimizer
+
+    model = create_model(model_name, **(quick or {})).to(device)
+    rows = []
+    for impl in ("fused", "compiled"):
+        opt = build_optimizer(model, 1e-4, 0.05, (0.9, 0.95), fused=impl == "fused")
+        if impl == "compiled":
+            for group in opt.param_groups:
+                group["lr"] = torch.tensor(1e-4, device=device)
+            step = torch.compile(opt.step) if device.type == "cuda" else opt.step
+        else:
+            step = opt.step
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        for _ in range(3):
+            step()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        rows.append({"name": "optimizer_step", "model": model_name, "impl": impl,
+                     "compile": impl == "compiled" and device.type == "cuda",
+                     "params": sum(p.numel() for p in model.parameters()),
+                     "ms": (time.perf_counter() - t0) / steps * 1e3})  # fmt: skip
+    return rows
+
+
 def run_suite(models=MODELS, decoder_depths=(8, 1), device=None, steps=10, warmup=3, quick=False, batch=None,
-              log=print, profile: bool = False) -> list[dict]:  # fmt: skip
-    """Rows for every model x decoder depth x configuration (see the module docstring)."""
+              log=print, profile: bool = False, configs=tuple(CONFIG_NAMES), graphs: bool = False,
+              batches: tuple[int, ...] = (), attn: str | None = None, compile_mode: str = "default",
+              optimizer_bench: bool = False) -> list[dict]:  # fmt: skip
+    """Rows for every model x decoder depth x configuration (see the module docstring), then the levers asked for."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tiny = dict(img_size=32) if quick else None
+    chosen = [CONFIG_NAMES[c] for c in configs]
     rows = []
-    for name in models:
-        for depth in decoder_depths:
-            check_fast_matches_eager(name, depth, device, tiny)
-            for config, mode in CASES:
-                b = batch or (2 if quick else BATCH.get(name, 64))
-                row = pretrain_step_row(name, depth, config, mode, b, device, steps, warmup, tiny, profile)
+
+    def measure(name, depth, config, mode, b, variants, sweep=False):
+        try:
+            bench = StepBench(name, depth, config, mode, b, device, tiny, attn if config == "fastmae" else None,
+                              compile_mode)  # fmt: skip
+            for variant in variants:
+                row = {**bench.row(variant, steps, warmup, profile and not sweep), "sweep": sweep}
                 rows.append(row)
-                log(f"{name} dec{depth} {config:8s} {mode:10s} batch {b}: {row['img_per_s']:9.1f} img/s "
-                    f"{row['tflops']:7.2f} TFLOP/s attn {row['attn_backend']} kernels "
+                log(f"{name} dec{depth} {config:18s} {mode:10s} {variant:6s} batch {b}: {row['img_per_s']:9.1f} "
+                    f"img/s {row['tflops']:7.2f} TFLOP/s attn {row['attn_backend']} kernels "
                     f"{','.join(sorted(set(row['kernels'].values())))}")  # fmt: skip
                 if row["profile"]:
                     top = ", ".join(f"{p['kernel'][:40]} {100 * p['share']:.0f}%" for p in row["profile"][:3])
                     log(f"    where the time goes: {top}")
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
+            rows.append({"name": "pretrain_step", "model": name, "decoder_depth": depth, "config": config,
+                         "encoder_mode": mode, "batch_size": b, "oom": True, "sweep": sweep})  # fmt: skip
+            log(f"{name} dec{depth} {config} {mode} batch {b}: out of memory")
+        finally:
+            _free(device)
+
+    for name in models:
+        for depth in decoder_depths:
+            check_fast_matches_eager(name, depth, device, tiny)
+            b = batch or (2 if quick else BATCH.get(name, 64))
+            for config, mode in chosen:
+                with_graphs = graphs and config != "eager" and device.type == "cuda"
+                measure(name, depth, config, mode, b, ["plain", "graphs"] if with_graphs else ["plain"])
+            for sweep_batch in batches:
+                if sweep_batch == b:
+                    continue
+                for config, mode in chosen:
+                    if config == "fastmae":
+                        measure(name, depth, config, mode, sweep_batch, ["plain"], sweep=True)
+        if optimizer_bench:
+            rows += optimizer_rows(name, device, tiny)
+            log(f"{name} AdamW update: " + ", ".join(f"{r['impl']} {r['ms']:.2f} ms" for r in rows[-2:]))
     return rows
 
 
+def _best(rows: list[dict], config: str, mode: str) -> dict | None:
+    """The fastest variant of a configuration among ``rows`` (plain or graphs), None when it did not run."""
+    hit = [r for r in rows if (r["config"], r["encoder_mode"]) == (config, mode) and not r.get("oom")]
+    return max(hit, key=lambda r: r["img_per_s"]) if hit else None
+
+
+def _per_batch(rows: list[dict]) -> list[dict]:
+    """The fastmae visible rows of one model and depth, the best variant per batch size (an out-of-memory row where
+    nothing else ran), by batch size."""
+    by = {}
+    for r in rows:
+        if (r["config"], r["encoder_mode"]) == ("fastmae", "visible"):
+            old = by.get(r["batch_size"])
+            if old is None or old.get("oom") or (not r.get("oom") and r["img_per_s"] > old["img_per_s"]):
+                by[r["batch_size"]] = r
+    return [by[b] for b in sorted(by)]
+
+
 def speedups(rows: list[dict]) -> list[dict]:
-    """Same-run ratios per (model, decoder depth): fastmae/eager img/s, visible/mask_token, memory ratio."""
+    """Same-run ratios per (model, decoder depth) at the fixed batch, each configuration at its best variant:
+    fastmae vs eager, vs compiled-reference, visible vs mask-token, memory ratio; and, with a batch sweep, the best
+    batch and the knee of the fastmae visible rows."""
     out = []
-    keys = sorted({(r["model"], r["decoder_depth"]) for r in rows if r["name"] == "pretrain_step"})
+    steps = [r for r in rows if r["name"] == "pretrain_step"]
+    keys = sorted({(r["model"], r["decoder_depth"]) for r in steps})
     for model, depth in keys:
-        got = {(r["config"], r["encoder_mode"]): r for r in rows if (r.get("model"), r.get("decoder_depth")) ==
-               (model, depth) and r["name"] == "pretrain_step"}  # fmt: skip
-        e, f, m = got.get(("eager", "visible")), got.get(("fastmae", "visible")), got.get(("fastmae", "mask_token"))
+        mine = [r for r in steps if (r["model"], r["decoder_depth"]) == (model, depth)]
+        fixed = [r for r in mine if not r.get("sweep")]
+        e, f = _best(fixed, "eager", "visible"), _best(fixed, "fastmae", "visible")
+        c, m = _best(fixed, "compiled-reference", "visible"), _best(fixed, "fastmae", "mask_token")
         ratio = {"model": model, "decoder_depth": depth}
         ratio["fastmae_vs_eager"] = f["img_per_s"] / e["img_per_s"] if e and f else None
+        ratio["fastmae_vs_compiled_reference"] = f["img_per_s"] / c["img_per_s"] if c and f else None
         ratio["visible_vs_mask_token"] = f["img_per_s"] / m["img_per_s"] if f and m else None
+        ratio["best_variant"] = f.get("variant", "plain") if f else None
+        ratio["mfu"] = f.get("mfu") if f else None
         ratio["mem_vs_eager"] = (
             f["peak_mem_gb_per_image"] / e["peak_mem_gb_per_image"] if e and f and e["peak_mem_gb_per_image"] else None
         )
+        sweep = [r for r in _per_batch(mine) if not r.get("oom")]
+        if len(sweep) > 1:
+            top = max(sweep, key=lambda r: r["img_per_s"])
+            knee = next(r for r in sweep if r["img_per_s"] >= 0.95 * top["img_per_s"])
+            ratio.update(best_batch=top["batch_size"], best_batch_img_per_s=top["img_per_s"],
+                         best_batch_mfu=top.get("mfu"), knee_batch=knee["batch_size"],
+                         oom_batches=sorted(r["batch_size"] for r in mine if r.get("oom")))  # fmt: skip
         out.append(ratio)
     return out
 
@@ -249,7 +396,8 @@ def _fmt(x, spec: str) -> str:
 
 
 def results_table(results: dict, source: str) -> str:
-    """The README table (markdown) of a results JSON's pretrain_step rows, with same-run speedups."""
+    """The README table (markdown) of a results JSON's pretrain_step rows, with same-run speedups (on the fastest
+    fastmae visible row at the fixed batch), then the batch sweeps and the optimizer rows."""
     env = results["env"]
     ratios = {(s["model"], s["decoder_depth"]): s for s in results.get("speedups") or speedups(results["rows"])}
     lines = [
@@ -257,24 +405,44 @@ def results_table(results: dict, source: str) -> str:
         f"{env.get('xformers') or 'not installed'}), git `{(env.get('git_sha') or '?')[:12]}`, {env['date']}; raw "
         f"JSON `{source}`.",
         "",
-        "| model | dec | config | encoder | batch | dtype | attention | kernels | compile | img/s | TFLOP/s | MFU "
-        "| peak GB/img | vs eager | visible vs mask-token |",
-        "| --- | ---: | --- | --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | dec | config | encoder | variant | batch | dtype | attention | kernels | compile | img/s | TFLOP/s "
+        "| MFU | peak GB/img | vs eager | vs compiled-reference | visible vs mask-token |",
+        "| --- | ---: | --- | --- | --- | ---: | --- | --- | --- | --- |" + " ---: |" * 7,
     ]
-    for r in results["rows"]:
-        if r["name"] != "pretrain_step":
+    steps = [r for r in results["rows"] if r["name"] == "pretrain_step" and not r.get("sweep")]
+    best = {}
+    for key in ratios:
+        mine = [r for r in steps if (r["model"], r["decoder_depth"]) == key]
+        best[key] = _best(mine, "fastmae", "visible")
+    for r in steps:
+        if r.get("oom"):
             continue
         s = ratios.get((r["model"], r["decoder_depth"]), {})
-        fast = r["config"] == "fastmae" and r["encoder_mode"] == "visible"
+        lead = r is best.get((r["model"], r["decoder_depth"]))
         kernels = ",".join(sorted(set(r["kernels"].values())))
+        compiled = "no" if not r["compile"] else r.get("compile_mode") or "yes"
         lines.append(
-            f"| {r['model']} | {r['decoder_depth']} | {r['config']} | {r['encoder_mode']} | {r['batch_size']} | "
-            f"{r['dtype']} | {r['attn_backend']} | {kernels} | {'yes' if r['compile'] else 'no'} | "
-            f"{r['img_per_s']:.1f} | {r['tflops']:.2f} | {_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}"
+            f"| {r['model']} | {r['decoder_depth']} | {r['config']} | {r['encoder_mode']} | "
+            f"{r.get('variant', 'plain')} | {r['batch_size']} | {r['dtype']} | {r['attn_backend']} | {kernels} | "
+            f"{compiled} | {r['img_per_s']:.1f} | {r['tflops']:.2f} | {_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}"
             f"{'%' if r['mfu'] else ''} | {_fmt(r['peak_mem_gb_per_image'], '.3f')} | "
-            f"{_fmt(s.get('fastmae_vs_eager') if fast else None, '.2f')} | "
-            f"{_fmt(s.get('visible_vs_mask_token') if fast else None, '.2f')} |"
+            f"{_fmt(s.get('fastmae_vs_eager') if lead else None, '.2f')} | "
+            f"{_fmt(s.get('fastmae_vs_compiled_reference') if lead else None, '.2f')} | "
+            f"{_fmt(s.get('visible_vs_mask_token') if lead else None, '.2f')} |"
         )
+    for s in ratios.values():
+        if s.get("best_batch") is not None:
+            sweep = _per_batch([r for r in results["rows"] if r["name"] == "pretrain_step" and
+                                (r["model"], r["decoder_depth"]) == (s["model"], s["decoder_depth"])])  # fmt: skip
+            seen = ", ".join(f"{r['batch_size']}: " + ("out of memory" if r.get("oom") else
+                             f"{r['img_per_s']:.0f} img/s, {_fmt(r.get('peak_mem_gb'), '.1f')} GB") for r in sweep)
+            lines += ["", f"Batch sweep, {s['model']} dec{s['decoder_depth']} fastmae visible: {seen}; best batch "
+                      f"{s['best_batch']} ({s['best_batch_img_per_s']:.0f} img/s, MFU "
+                      f"{_fmt(s['best_batch_mfu'] and 100 * s['best_batch_mfu'], '.1f')}%), knee {s['knee_batch']} "
+                      "(the smallest batch within 5% of the best)."]  # fmt: skip
+    opt = [r for r in results["rows"] if r["name"] == "optimizer_step"]
+    if opt:
+        lines += ["", "AdamW update alone: " + ", ".join(f"{r['model']} {r['impl']} {r['ms']:.2f} ms" for r in opt)]
     return "\n".join(lines)
 
 
@@ -296,18 +464,17 @@ def plot(results: dict, png: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in results["rows"] if r["name"] == "pretrain_step"]
+    rows = [r for r in results["rows"] if r["name"] == "pretrain_step" and not r.get("sweep") and not r.get("oom")]
     groups = sorted({(r["model"], r["decoder_depth"]) for r in rows}, key=lambda g: (MODELS + (g[0],)).index(g[0]))
     fig, ax = plt.subplots(figsize=(max(6, 2.4 * len(groups)), 4.2))
     width = 0.8 / len(CASES)
     for c, (config, mode) in enumerate(CASES):
         xs, ys = [], []
         for g, (model, depth) in enumerate(groups):
-            hit = [r for r in rows if (r["model"], r["decoder_depth"], r["config"], r["encoder_mode"]) ==
-                   (model, depth, config, mode)]  # fmt: skip
+            hit = _best([r for r in rows if (r["model"], r["decoder_depth"]) == (model, depth)], config, mode)
             if hit:
                 xs.append(g + (c - (len(CASES) - 1) / 2) * width)
-                ys.append(hit[0]["img_per_s"])
+                ys.append(hit["img_per_s"])
         bars = ax.bar(xs, ys, width, label=f"{config} / {mode}")
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ratios = {(s["model"], s["decoder_depth"]): s for s in results.get("speedups") or speedups(results["rows"])}
@@ -346,16 +513,26 @@ def merge_results(paths: list[Path]) -> dict:
     return merged
 
 
-def report(json_path, png: str | Path | None = None, readme: str | Path | None = None) -> dict:
-    """Chart and README table from one committed results JSON or several merged (never typed by hand)."""
+def report(json_path, png: str | Path | None = None, readme: str | Path | None = None,
+           marker: str = "fastmae-bench") -> dict:  # fmt: skip
+    """Chart and README table (between the ``marker`` markers) from one committed results JSON or several merged
+    (never typed by hand)."""
     paths = [Path(p) for p in ([json_path] if isinstance(json_path, str | Path) else json_path)]
     results = merge_results(paths)
     png = Path(png) if png else paths[0].with_suffix(".png")
     plot(results, png)
-    table = results_table(results, ", ".join(p.name for p in paths))
+    names = ", ".join(p.name for p in paths)
+    table = results_table(results, names)
+    from .profiling import breakdown_table
+
+    parts = breakdown_table(results["rows"], names, results["env"])
     if readme:
-        update_readme(Path(readme), table + f"\n\n![pretrain step chart]({_relative(png, Path(readme).parent)})")
-    return {"png": str(png), "table": table}
+        update_readme(Path(readme), table + f"\n\n![pretrain step chart]({_relative(png, Path(readme).parent)})",
+                      marker)  # fmt: skip
+        profiled = any(r.get("breakdown") for r in results["rows"])
+        if profiled and f"<!-- {BREAKDOWN}:start -->" in Path(readme).read_text():
+            update_readme(Path(readme), parts, BREAKDOWN)
+    return {"png": str(png), "table": table, "breakdown": parts}
 
 
 def _relative(path: Path, base: Path) -> str:

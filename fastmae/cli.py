@@ -16,6 +16,7 @@ import types
 import typing
 
 from .config import (
+    COMPILE_MODES,
     FINETUNE_PRESETS,
     LINPROBE_PRESETS,
     PRESETS,
@@ -153,8 +154,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--profile", action="store_true",
                    help="after timing each configuration, profile 2 steps: top kernels (name, calls, ms, share) in the "
                    "row and a summary line (CPU ops on a CPU)")  # fmt: skip
+    b.add_argument("--configs", default="eager,compiled-reference,fastmae,mask-token",
+                   help="pretrain configurations to run: eager, compiled-reference, fastmae, mask-token")  # fmt: skip
+    b.add_argument("--graphs", action="store_true",
+                   help="also time each compiled configuration with the whole step as one CUDA graph (CUDA only)")
+    b.add_argument("--batches", default=None, metavar="B,B,...",
+                   help="batch sweep of the fastmae rows beside the fixed batch, e.g. 64,256,512 (img/s, peak memory, "
+                   "knee)")  # fmt: skip
+    b.add_argument("--attn-backend", default=None, metavar="SPEC",
+                   help="attention of the fastmae rows: a backend, or per call site encoder=flash,decoder=efficient "
+                   "(default: auto, from the measured table)")  # fmt: skip
+    b.add_argument("--attn-table", default=None, metavar="JSON", help="the measured attention table auto reads "
+                   "(default: fastmae/attention_table.json)")  # fmt: skip
+    b.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile mode of the "
+                   "compiled configurations")  # fmt: skip
+    b.add_argument("--optimizer-bench", action="store_true",
+                   help="also time one AdamW update per model: fused (the loop's) vs torch.compile'd foreach")
     b.add_argument("--png", default=None, help="chart path for --report (default: JSON path with .png)")
-    b.add_argument("--readme", default=None, help="README to update between the fastmae-bench markers (--report)")
+    b.add_argument("--readme", default=None, help="README to update between the markers (--report)")
+    b.add_argument("--marker", default="fastmae-bench", help="which README markers hold the table (--report)")
     return parser
 
 
@@ -211,7 +229,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from . import bench
 
     if args.report:
-        done = bench.report(args.report, args.png, args.readme)
+        done = bench.report(args.report, args.png, args.readme, args.marker)
         print(done["table"])
         print(f"chart: {done['png']}" + (f"; table written into {args.readme}" if args.readme else ""))
         return 0
@@ -223,6 +241,20 @@ def run_bench(args: argparse.Namespace) -> int:
         )
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     depths = [int(d) for d in args.decoder_depths.split(",") if d.strip()]
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]  # none: only --optimizer-bench rows
+    if unknown := set(configs) - set(bench.CONFIG_NAMES):
+        raise FastMAEError(f"--configs: unknown {', '.join(sorted(unknown))}; choose from "
+                           f"{', '.join(bench.CONFIG_NAMES)}")  # fmt: skip
+    try:
+        batches = tuple(int(b) for b in (args.batches or "").split(",") if b.strip())
+    except ValueError:
+        raise FastMAEError(f"--batches must be whole numbers separated by commas, got {args.batches!r}") from None
+    if args.attn_backend is not None:
+        from .attention import parse_sites
+
+        parse_sites(args.attn_backend)  # a bad spec is one line now, not after the first model compiled
+    if args.attn_table is not None:
+        os.environ["FASTMAE_ATTENTION_TABLE"] = args.attn_table
     if args.quick:
         models, depths = ["mae_vit_tiny_patch16"], [2, 1]
         args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
@@ -232,14 +264,17 @@ def run_bench(args: argparse.Namespace) -> int:
     rows = []
     if "pretrain" in suites:
         rows += bench.run_suite(models, depths, device, args.steps, args.warmup, args.quick, args.batch,
-                                profile=args.profile)  # fmt: skip
+                                profile=args.profile, configs=configs, graphs=args.graphs, batches=batches,
+                                attn=args.attn_backend, compile_mode=args.compile_mode,
+                                optimizer_bench=args.optimizer_bench)  # fmt: skip
     for extra in ("kernels", "loader", "finetune"):
         if extra in suites:
             rows += bench.extra_rows(extra, args.quick)
     path = bench.write_results(rows, bench.env_info(device), args.out)
     for s in bench.speedups(rows):
         print(f"{s['model']} dec{s['decoder_depth']}: fastmae {bench._fmt(s['fastmae_vs_eager'], '.2f')}x eager, "
-              f"visible {bench._fmt(s['visible_vs_mask_token'], '.2f')}x mask-token")  # fmt: skip
+              f"{bench._fmt(s['fastmae_vs_compiled_reference'], '.2f')}x compiled-reference, visible "
+              f"{bench._fmt(s['visible_vs_mask_token'], '.2f')}x mask-token ({s['best_variant']})")  # fmt: skip
     print(f"wrote {path}; chart and README table: fastmae bench --report {path} --readme README.md")
     return 0
 

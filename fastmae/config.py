@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 from .errors import FastMAEError
 from .registry import check_mask_ratio, list_models
 
-LOADERS = ("auto", "dali", "torchvision", "synthetic")
+LOADERS = ("auto", "dali", "gpu", "torchvision", "synthetic")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PARALLEL = ("ddp", "fsdp")
 INDEX_CHECKS = ("listing", "stat")
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")  # torch.compile's
 
 
 def _f(default, help: str, **kw):
@@ -78,8 +79,10 @@ class PretrainConfig:
     seed: int = _f(0, "random seed")
     device: str = _f("auto", "auto | cpu | cuda")
     loader: str = _f(
-        "auto", "auto (dali on CUDA when nvidia-dali is installed, else torchvision) | dali | torchvision | synthetic"
-    )
+        "auto", "auto (on CUDA: dali when nvidia-dali is installed, else gpu when torchvision decodes JPEGs on the "
+        "GPU, else torchvision) | dali | gpu (workers read bytes; nvJPEG + one fused kernel on the GPU) | "
+        "torchvision | synthetic"
+    )  # fmt: skip
     num_workers: int | None = _f(None, "loader processes (torchvision) or threads (dali); default min(8, CPU count)")
     synthetic_images: int = _f(4096, "images per epoch for --loader synthetic")
     kernels: str = _f("auto", "auto | reference | triton, or per op: masking=triton,masked_mse=reference")
@@ -91,6 +94,10 @@ class PretrainConfig:
         "ddp", "under torchrun: ddp (DistributedDataParallel) | fsdp (FSDP2 fully_shard per block, for ViT-H and up)"
     )
     compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA, off for CPU)")
+    cuda_graphs: bool = _f(
+        False, "run the whole step (forward, backward, AdamW) as one CUDA graph: one process, --accum-iter 1, bf16 or "
+        "fp32 (off by default until the H200 sitting measures it; README, Benchmarks)"
+    )  # fmt: skip
     stop_after_steps: int | None = _f(None, "stop once the global step reaches N (schedule unchanged; off by default)")
     dist_timeout: float = _f(
         10.0, "minutes a multi-process run waits to join its process group, and in any collective, before it ends "

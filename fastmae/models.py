@@ -37,6 +37,7 @@ class Attention(nn.Module):
             raise FastMAEError(f"num_heads {num_heads} does not divide the width {dim}")
         self.num_heads = num_heads
         self.backend = attn_dispatch.check_backend_name(backend)
+        self.choice: str | None = None  # what ``auto`` runs, set from a measured table (resolve_attention)
         self.backend_used: str | None = None
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -45,7 +46,9 @@ class Attention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, H, N, Dh]
-        backend = attn_dispatch.resolve(self.backend, q, k, v)
+        chosen = attn_dispatch.get_backend(self.choice) if self.choice is not None else None
+        backend = chosen if chosen is not None and not chosen.supports(q, k, v) else attn_dispatch.resolve(
+            self.backend, q, k, v)  # fmt: skip
         if not torch.compiler.is_compiling():
             self.backend_used = backend.name
         x = backend(q, k, v).transpose(1, 2).reshape(B, N, C)
@@ -85,7 +88,8 @@ class MaskedAutoencoderViT(nn.Module):
 
     Keyword-only extras:
         kernels: ``"auto" | "reference" | "triton"`` or a per-op mapping (see :mod:`fastmae.ops`).
-        attn_backend: ``"auto" | "xformers" | "sdpa" | "math"`` (see :mod:`fastmae.attention`).
+        attn_backend: ``"auto" | "xformers" | "sdpa" | "flash" | "cudnn" | "efficient" | "math"``, or per call site
+            ``"encoder=flash,decoder=efficient"`` (see :mod:`fastmae.attention`).
         encoder_mode: ``"visible"`` (MAE) or ``"mask_token"`` (encoder sees all patches, removed ones replaced by a
             learned ``encoder_mask_token``; that parameter exists only in this mode).
         embed: ``"auto" | "full" | "visible"``: embed every patch then keep 25% (the official order), or gather the
@@ -125,7 +129,8 @@ class MaskedAutoencoderViT(nn.Module):
         ops.check_triton(self.kernels)
         # Implementation per (device type, op), decided now so forward stays a straight line under torch.compile.
         self._op_impls = {dev: self._choose_impls(torch.device(dev)) for dev in ("cpu", "cuda")}
-        self.attn_backend = attn_dispatch.check_backend_name(attn_backend)
+        sites = attn_dispatch.parse_sites(attn_backend)
+        self.attn_backend = attn_backend
         self.encoder_mode = encoder_mode
         self.norm_pix_loss = norm_pix_loss
         self.in_chans = in_chans
@@ -139,7 +144,7 @@ class MaskedAutoencoderViT(nn.Module):
             self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth, linear in depth
         self.blocks = nn.ModuleList(
-            [Block(embed_dim, num_heads, mlp_ratio, norm_layer, dpr[i], attn_backend) for i in range(depth)]
+            [Block(embed_dim, num_heads, mlp_ratio, norm_layer, dpr[i], sites["encoder"]) for i in range(depth)]
         )
         self.norm = norm_layer(embed_dim)
 
@@ -149,7 +154,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
             [
-                Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, norm_layer, 0.0, attn_backend)
+                Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, norm_layer, 0.0, sites["decoder"])
                 for _ in range(decoder_depth)
             ]
         )
@@ -214,17 +219,38 @@ class MaskedAutoencoderViT(nn.Module):
         used = {b.attn.backend_used for b in [*self.blocks, *self.decoder_blocks]} - {None}
         return ",".join(sorted(used)) if used else None
 
-    def resolve_attention(self, device: torch.device | str, dtype: torch.dtype) -> str:
-        """The attention backend(s) the encoder and decoder will use for activations on ``device`` in ``dtype``."""
-        names = []
-        for blocks in (self.blocks, self.decoder_blocks):
+    def resolve_attention(self, device: torch.device | str, dtype: torch.dtype, mask_ratio: float = 0.75) -> str:
+        """The attention backend(s) the encoder and decoder will use for activations on ``device`` in ``dtype``
+        (``sdpa``, or ``encoder=flash,decoder=efficient`` when they differ); raises if an explicit one cannot run.
+        A call site on ``auto`` takes the fastest backend a measured table has for this GPU and its shape (head
+        dim, tokens: visible ones in the encoder), logging why; without an entry, the first in the auto order."""
+        device = torch.device(device)
+        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+        L = self.patch_embed.num_patches
+        tokens = {"encoder": (L if self.encoder_mode == "mask_token" else int(L * (1 - mask_ratio))) + 1,
+                  "decoder": L + 1}  # fmt: skip
+        names = {}
+        for site, blocks in (("encoder", self.blocks), ("decoder", self.decoder_blocks)):
             if len(blocks) == 0:
                 continue
             a = blocks[0].attn
             head_dim = a.qkv.in_features // a.num_heads
-            q = torch.empty(1, a.num_heads, 1, head_dim, device="meta", dtype=dtype)
-            names.append(attn_dispatch.resolve(self.attn_backend, _OnDevice(q, device), q, q).name)
-        return ",".join(sorted(set(names)))
+            q = _OnDevice(torch.empty(1, a.num_heads, tokens[site], head_dim, device="meta", dtype=dtype), device)
+            choice = None
+            if a.backend == "auto" and gpu is not None:
+                found = attn_dispatch.measured_choice(gpu, dtype, head_dim, tokens[site])
+                if found is not None and not attn_dispatch.get_backend(found[0]).supports(q, q, q):
+                    choice = found[0]
+                    attn_dispatch.log_choice(f"{site} auto -> {choice}: {found[1]}")
+                elif found is None:
+                    attn_dispatch.log_choice(f"{site} auto: no measured entry for {gpu} {dtype} head dim {head_dim}"
+                                             f" ({tokens[site]} tokens); the auto order decides")  # fmt: skip
+            for blk in blocks:
+                blk.attn.choice = choice
+            names[site] = choice or attn_dispatch.resolve(a.backend, q, q, q).name
+        if len(set(names.values())) <= 1:
+            return next(iter(names.values()), "none")
+        return ",".join(f"{site}={name}" for site, name in names.items())
 
     def no_weight_decay(self) -> set[str]:
         return {n for n, _ in self.named_parameters() if n in NO_WEIGHT_DECAY}

@@ -1,5 +1,6 @@
 """Attention dispatch: every runnable backend agrees with math; unrunnable requests fail loudly with reasons."""
 
+import json
 import logging
 
 import pytest
@@ -91,3 +92,77 @@ def test_resolve_attention_reports_backend_without_running():
     assert model.resolve_attention("cpu", torch.float32) == "sdpa"
     model(torch.randn(1, 3, 32, 32))
     assert model.attn_backend_used == "sdpa"
+
+
+def test_sdpa_kernels_say_why_they_cannot_run_on_a_cpu():
+    q, k, v = _qkv(torch.bfloat16, Dh=16)
+    for name in ("flash", "cudnn", "efficient"):
+        assert attention.get_backend(name).supports(q, k, v) == [f"{name} attention needs CUDA (inputs are on cpu)"]
+        with pytest.raises(AttentionBackendUnavailable, match=f"attention backend '{name}' cannot run: {name} "):
+            attention.attention(q, k, v, name)
+
+
+def test_sdpa_kernel_reasons_on_cuda_metadata():
+    class OnCuda:
+        device, dtype, shape = torch.device("cuda"), torch.float32, (1, 2, 3, 100)
+
+    reasons = attention.get_backend("flash").supports(OnCuda, OnCuda, OnCuda)
+    assert "dtype torch.float32 is not one of float16, bfloat16" in reasons
+    assert "head dim 100 is not a multiple of 8 up to 256" in reasons
+    assert attention.get_backend("efficient").supports(OnCuda, OnCuda, OnCuda) == [
+        "head dim 100 is not a multiple of 8 up to 256"]  # fmt: skip
+
+
+def test_backends_per_call_site():
+    assert attention.parse_sites("sdpa") == {"encoder": "sdpa", "decoder": "sdpa"}
+    assert attention.parse_sites("encoder=flash, decoder=efficient") == {"encoder": "flash", "decoder": "efficient"}
+    assert attention.parse_sites("decoder=math") == {"encoder": "auto", "decoder": "math"}
+    with pytest.raises(FastMAEError, match="unknown call site 'enc'"):
+        attention.parse_sites("enc=flash")
+    with pytest.raises(FastMAEError, match="unknown attention backend 'fast'"):
+        attention.parse_sites("encoder=fast")
+    model = MaskedAutoencoderViT(**SQUARE, attn_backend="encoder=math,decoder=sdpa")
+    assert model.resolve_attention("cpu", torch.float32) == "encoder=math,decoder=sdpa"
+    model(torch.randn(1, 3, 32, 32))
+    assert {b.attn.backend_used for b in model.blocks} == {"math"}
+    assert {b.attn.backend_used for b in model.decoder_blocks} == {"sdpa"}
+
+
+TABLE = {"entries": [
+    {"gpu": "NVIDIA H200", "dtype": "bf16", "head_dim": 16, "tokens": 5, "batch_heads": 512, "best": "flash",
+     "ms": {"flash": 0.1, "efficient": 0.2, "sdpa": 0.1}, "source": "benchmarks/results/attention-x.json"},
+    {"gpu": "NVIDIA H200", "dtype": "bf16", "head_dim": 8, "tokens": 17, "batch_heads": 512, "best": "efficient",
+     "ms": {"flash": 0.3, "efficient": 0.2}, "source": "benchmarks/results/attention-x.json"},
+]}  # fmt: skip
+
+
+def test_measured_choice_takes_the_nearest_entry_within_2x():
+    entries = TABLE["entries"]
+    best, why = attention.measured_choice("NVIDIA H200", torch.bfloat16, 16, 9, entries)
+    assert best == "flash" and "measured fastest on NVIDIA H200 (bf16, head dim 16, 5 tokens" in why
+    assert "flash 0.100 ms, sdpa 0.100 ms, efficient 0.200 ms" in why
+    assert attention.measured_choice("NVIDIA H200", torch.bfloat16, 16, 11, entries) is None  # > 2x away
+    assert attention.measured_choice("NVIDIA H100", torch.bfloat16, 16, 5, entries) is None
+    assert attention.measured_choice("NVIDIA H200", torch.float16, 16, 5, entries) is None
+
+
+def test_auto_on_a_gpu_takes_the_table_choice_per_site_and_says_why(tmp_path, monkeypatch, caplog):
+    """resolve_attention for a (stand-in) H200: the encoder (4 visible tokens + cls, head dim 16) and the decoder
+    (16 + 1 tokens, head dim 8) each get their measured fastest; on CPU tensors the forward falls back to auto."""
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps(TABLE))
+    monkeypatch.setenv("FASTMAE_ATTENTION_TABLE", str(table))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    model = MaskedAutoencoderViT(**SQUARE)
+    attention._logged.clear()
+    with caplog.at_level(logging.INFO, logger="fastmae.attention"):
+        assert model.resolve_attention("cuda", torch.bfloat16) == "encoder=flash,decoder=efficient"
+    assert "encoder auto -> flash: measured fastest on NVIDIA H200" in caplog.text
+    assert "decoder auto -> efficient" in caplog.text
+    model(torch.randn(1, 3, 32, 32))  # CPU inputs: the measured choice cannot run here, auto decides
+    assert model.attn_backend_used == "sdpa"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100")
+    attention._logged.clear()
+    with caplog.at_level(logging.INFO, logger="fastmae.attention"):
+        assert model.resolve_attention("cuda", torch.bfloat16) in ("sdpa", "xformers")
+    assert "no measured entry for NVIDIA A100" in caplog.text

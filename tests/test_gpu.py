@@ -189,3 +189,119 @@ def test_visible_embedding_at_official_shapes(model):
     assert _rel(out, ref) < 1e-2
     grad = torch.randn_like(out)
     assert _rel(torch.autograd.grad(out, w, grad)[0], torch.autograd.grad(ref, w, grad)[0]) < 2e-2
+
+
+def _cuda_trainer(graphs: bool, compile_model: bool = False):
+    from fastmae.train.schedule import build_optimizer
+    from fastmae.train.step import TrainStep
+
+    torch.manual_seed(0)
+    model = fastmae.create_model("mae_vit_tiny_patch16", img_size=64, kernels="triton", norm_pix_loss=True).to(CUDA)
+    opt = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), fused=True)
+    step_fn = torch.compile(model) if compile_model else model
+    return TrainStep(model, step_fn, opt, seed=3, mask_ratio=0.75, device=CUDA, dtype=torch.bfloat16, graphs=graphs,
+                     warmup=2)  # fmt: skip
+
+
+def _cuda_batches(n: int, batch: int = 16):
+    g = torch.Generator().manual_seed(1)
+    for b in range(n):
+        imgs = torch.randint(0, 256, (batch, 3, 64, 64), dtype=torch.uint8, generator=g).pin_memory()
+        yield imgs, torch.arange(b * batch, (b + 1) * batch) * 7 + 3, b // 3, 1e-3 * (b + 1) / n
+
+
+@pytest.mark.parametrize("compile_model", [False, True])
+def test_whole_step_as_one_cuda_graph_matches_the_ordinary_step(compile_model):
+    """A real CUDA graph of forward, backward, NaN guard and fused AdamW: 8 steps (lr every step, epoch every 3) give
+    the ordinary step's losses and weights (the graphed lr is float32 on the device: last-bit differences only), so
+    the masks are drawn from each step's ids and epoch inside the graph, not frozen at capture."""
+    eager, graphed = _cuda_trainer(False, compile_model), _cuda_trainer(True, compile_model)
+    losses = []
+    for imgs, ids, epoch, lr in _cuda_batches(8):
+        a = eager(imgs, ids, epoch, lr).clone()
+        b = graphed(imgs, ids, epoch, lr).clone()
+        losses.append((a.item(), b.item()))
+    assert graphed.captured
+    for a, b in losses:
+        assert abs(a - b) <= 1e-3 * abs(a), losses
+    assert len({round(b, 6) for _, b in losses[3:]}) == 5  # replays see new batches and masks
+    for p, q in zip(eager.model.parameters(), graphed.model.parameters(), strict=True):
+        assert _rel(q, p) < 1e-3
+
+
+def test_graphed_steps_make_no_host_sync():
+    """Between logging steps the loop never waits for the GPU: replays under torch's sync debug mode 'error'."""
+    graphed = _cuda_trainer(True)
+    batches = list(_cuda_batches(6))
+    for args in batches[:3]:
+        graphed(*args)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for args in batches[3:]:
+            graphed(*args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert graphed.captured and torch.isfinite(graphed(*batches[0]))
+
+
+def test_crop_resize_kernel_compiled_at_imagenet_sizes():
+    """The --loader gpu kernel compiled for this GPU: 16 images of ImageNet-like sizes, random boxes and flips, 224
+    px: against its float64 reference (< 0.01 level) and the CPU pipeline on the same boxes (<= 3 levels)."""
+    from fastmae.kernels.crop_resize import crop_resize_normalize, crop_resize_normalize_reference
+    from fastmae.train.data.decode import IMAGENET_STD, crop_resize_flip, normalize
+
+    _compiled_not_interpreted()
+    g = torch.Generator().manual_seed(0)
+    imgs, boxes, flips = [], [], []
+    for k in range(16):
+        h, w = 300 + 13 * k, 500 - 7 * k
+        small = torch.rand(1, 3, h // 8, w // 8, generator=g) * 255
+        imgs.append(torch.nn.functional.interpolate(small, size=(h, w), mode="bilinear")[0].round().to(torch.uint8))
+        cw, ch = int(w * (0.3 + 0.04 * k)), int(h * (0.25 + 0.045 * k))
+        boxes.append((k * 3 % (w - cw + 1), k * 5 % (h - ch + 1), cw, ch))
+        flips.append(k % 2)
+    out = crop_resize_normalize([i.to(CUDA) for i in imgs], boxes, flips, 224).cpu()
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    ref = crop_resize_normalize_reference(imgs, boxes, flips, 224)
+    cpu = torch.stack([normalize(crop_resize_flip(i, b, bool(f), 224)) for i, b, f in zip(imgs, boxes, flips,
+                                                                                           strict=True)])  # fmt: skip
+    assert ((out - ref) * std * 255).abs().max() < 1e-2
+    assert ((out - cpu) * std * 255).abs().max() <= 3
+
+
+def test_gpu_loader_with_nvjpeg_gives_the_torchvision_loaders_batches(tmp_path):
+    """--loader gpu for real (nvJPEG, the compiled kernel, the side stream): two epochs of generated ImageNet-like
+    JPEGs, the torchvision loader's samples and boxes, pixels within 3 levels."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_loader import make_jpegs
+    from fastmae.train.data import index_data
+    from fastmae.train.data.decode import IMAGENET_STD, normalize
+    from fastmae.train.data.gpu_loader import GPULoader, gpu_loader_unavailable_reason
+    from fastmae.train.data.loaders import TorchvisionLoader
+
+    assert gpu_loader_unavailable_reason(CUDA) is None
+    index = index_data(make_jpegs(tmp_path / "jpegs", 64, processes=1))
+    ref = TorchvisionLoader(index, 224, 16, seed=2, num_workers=2)
+    gpu = GPULoader(index, 224, 16, seed=2, device=CUDA, num_workers=2)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    for epoch in (0, 1):
+        for (a, _), (b, _) in zip(ref.epoch(epoch), gpu.epoch(epoch), strict=True):
+            assert b.device.type == "cuda" and torch.equal(ref.last_ids, gpu.last_ids.cpu())
+            assert ((b.cpu() - normalize(a)) * std * 255).abs().max() <= 3
+    assert gpu.routes["gpu"] == 128 and gpu.routes["cpu"] == 0
+
+
+def test_batches_ahead_on_the_device_keep_order_and_positions():
+    from fastmae.train.data.loaders import SyntheticLoader, ahead_on_device
+    from fastmae.train.run import micro_batches
+
+    loader = SyntheticLoader(32, 4, 64, seed=0, device=torch.device("cpu"))
+    plain = [(x.clone(), tuple(loader.position)) for x, *_ in micro_batches(loader, 0, 0, 1, loader.steps_per_epoch)]
+    moved = list(ahead_on_device(micro_batches(loader, 0, 0, 1, loader.steps_per_epoch), loader, CUDA))
+    assert len(moved) == len(plain)
+    for (x, pos), (y, _, ids, _, position) in zip(plain, moved, strict=True):
+        assert y.device.type == "cuda" and ids.device.type == "cuda"
+        assert torch.equal(x, y.cpu()) and position == pos

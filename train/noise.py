@@ -24,8 +24,10 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
-def mask_noise(seed: int, epoch: int, ids: torch.Tensor, num_patches: int, device=None) -> torch.Tensor:
-    """Uniform noise [B, L] in [0, 1) for samples ``ids`` [B] in ``epoch``: feed it to ``model(imgs, noise=...)``."""
+def mask_noise(seed: int, epoch: int | torch.Tensor, ids: torch.Tensor, num_patches: int, device=None) -> torch.Tensor:
+    """Uniform noise [B, L] in [0, 1) for samples ``ids`` [B] in ``epoch``: feed it to ``model(imgs, noise=...)``.
+    ``epoch`` may be a 0-d int64 tensor on the device (a CUDA graph reads it at every replay; a Python int would be
+    frozen into the graph): the same noise either way."""
     device = ids.device if device is None else device
     ids = ids.to(device=device, dtype=torch.int64)
     base = _mix32(_mix32((seed & _MASK32) ^ 0x5BD1E995) ^ (epoch & _MASK32))  # a Python int: no host-device copy

@@ -23,9 +23,9 @@ from fastmae.interop import check_model, from_pretrained
 from fastmae.models import model_arch
 
 from .checkpoint import LAST, load_checkpoint, position_at, resume_position, save_checkpoint, state_mismatch
-from .data import SyntheticLoader, make_loader, pretrain_index, sample_images, to_device
+from .data import SyntheticLoader, make_loader, pretrain_index, sample_images
+from .data.loaders import ahead_on_device
 from .distributed import full_state, load_full_state, no_sync, params_in_sync, wrap_model
-from .noise import mask_noise
 from .run import (
     Run,
     RunLog,
@@ -44,6 +44,7 @@ from .run import (
     warn_if_no_room,
 )
 from .schedule import build_optimizer, lr_at
+from .step import TrainStep, graphs_unsupported, portable_optimizer_state
 from .visualize import auto_scale, plot_loss_curve, reconstruct, write_grid
 
 logger = logging.getLogger("fastmae.pretrain")
@@ -95,9 +96,11 @@ class Pretraining:
             else next(self.loader.epoch(0))[0][: cfg.num_reconstructions].cpu()
         )
         self.step_fn = run.compiled(self.step_module)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.nan_skipped = torch.zeros((), device=self.device)  # device-side counters, read on logging steps only
-        self.nan_in_a_row = torch.zeros((), device=self.device)
+        self.trainer = TrainStep(
+            self.model, self.step_fn, self.optimizer, seed=cfg.seed, mask_ratio=cfg.mask_ratio, device=self.device,
+            dtype=None if run.precision == "fp32" else run.act_dtype, nan_guard=cfg.nan_guard, clip_grad=cfg.clip_grad,
+            scaler=self.scaler, reduce=run.ctx.all_reduce_mean if run.ctx.enabled else None, graphs=cfg.cuda_graphs,
+        )  # fmt: skip
         self.rollbacks = self.skipped_logged = 0
         self.first_loss = self.last_loss = None
         self.images_seen = self.imgs_since_log = 0  # images this process saw
@@ -122,6 +125,9 @@ class Pretraining:
         # Fused AdamW (CPU and CUDA): it can skip a non-finite update on the device (found_inf), with no host sync.
         self.optimizer = build_optimizer(self.model, self.base_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=True)
         self.scaler = torch.amp.GradScaler(self.device.type) if run.precision == "fp16" else None
+        if cfg.cuda_graphs and (why := graphs_unsupported(self.device, run.ctx.world_size, cfg.accum_iter,
+                                                          run.precision, run.ctx.strategy)):  # fmt: skip
+            raise FastMAEError(f"--cuda-graphs cannot run here: {'; '.join(why)}")
 
     def _resume(self) -> dict:
         path = self.run.resume_path
@@ -173,6 +179,7 @@ class Pretraining:
         if self.rng_resume is not None:
             set_rng_state(self.rng_resume, self.device)  # after the picture: the step sees exactly the saved state
         self.model.train()
+        self.data_position = (self.epoch, self.start_batch)  # where the loader stands after the step's batch
         self.bar = self.log.progress(self.last_step, self.step, cfg.progress)
         t_start = self.t_log = time.perf_counter()
         with StopSignal() as stop:
@@ -194,14 +201,18 @@ class Pretraining:
         stopping = False  # set from the signal flag; under torchrun agreed by all ranks on logging steps
         while self.step < self.last_step and not stopping:
             loss_sum = 0.0  # becomes a device tensor at the first micro-batch
-            for imgs, _, ids, micro in micro_batches(self.loader, self.epoch, self.start_batch, accum,
-                                                     self.steps_per_epoch):  # fmt: skip
-                with no_sync(self.step_fn, self.model, run.ctx, sync=micro % accum == 0):
-                    loss_sum = loss_sum + self.forward_backward(imgs, ids)
-                if micro % accum:
-                    continue
-                step_loss = self.update(loss_sum) / accum
-                loss_sum = 0.0
+            batches = micro_batches(self.loader, self.epoch, self.start_batch, accum, self.steps_per_epoch)
+            for imgs, _, ids, micro, position in ahead_on_device(batches, self.loader, self.device):
+                self.data_position = position
+                if accum == 1:  # the whole step at once (one CUDA graph with --cuda-graphs)
+                    step_loss = self.whole_step(imgs, ids)
+                else:
+                    with no_sync(self.step_fn, self.model, run.ctx, sync=micro % accum == 0):
+                        loss_sum = loss_sum + self.forward_backward(imgs, ids)
+                    if micro % accum:
+                        continue
+                    step_loss = self.update(loss_sum) / accum
+                    loss_sum = 0.0
                 stopping, log_now = run.log_and_stop(self.step, cfg.log_every, self.last_step, stop)
                 if log_now:
                     self.log_step(step_loss)
@@ -216,57 +227,45 @@ class Pretraining:
         return stopping
 
     def forward_backward(self, imgs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """One micro-batch: per-sample masks, forward under autocast, backward of loss / accum; returns the loss."""
-        imgs = to_device(imgs, self.device)  # uint8 batches are normalised here, on the device
-        if self.device.type == "cuda" and ids.device.type == "cpu":
-            ids = ids.pin_memory().to(self.device, non_blocking=True)  # a pageable copy would sync the host
-        noise = mask_noise(self.cfg.seed, self.epoch, ids, self.model.patch_embed.num_patches, self.device)
-        with self.run.autocast():
-            loss, _, _ = self.step_fn(imgs, mask_ratio=self.cfg.mask_ratio, noise=noise)
-        scaled = loss / self.accum
-        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-        self.images_seen += imgs.shape[0]
-        self.imgs_since_log += imgs.shape[0]
-        return loss.detach().float()
+        """One micro-batch of an accumulation (see :meth:`TrainStep.forward_backward`); returns its loss."""
+        loss = self.trainer.forward_backward(imgs, ids, self.epoch, self.accum)
+        self._count(imgs)
+        return loss
 
     def update(self, loss_sum: torch.Tensor) -> torch.Tensor:
-        """One optimizer update from the accumulated gradients at the scheduled lr, skipped on the device when the
-        loss or the gradient norm is not finite (NaN guard); returns the step's loss sum averaged over ranks."""
+        """The optimizer update at the scheduled lr after the accumulation (see :meth:`TrainStep.update`); returns
+        the step's loss sum averaged over ranks."""
+        loss_sum = self.trainer.update(loss_sum, self._schedule())
+        self._stepped()
+        return loss_sum
+
+    def whole_step(self, imgs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """One micro-batch a step: forward, backward and update at once (:meth:`TrainStep.__call__`, one CUDA graph
+        with ``--cuda-graphs``); returns the step's loss, averaged over ranks."""
+        loss = self.trainer(imgs, ids, self.epoch, self._schedule())
+        self._count(imgs)
+        self._stepped()
+        return loss
+
+    def _schedule(self) -> float:
         cfg = self.cfg
         self.lr = lr_at(self.step / self.steps_per_epoch, self.base_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
-        loss_sum = self.run.ctx.all_reduce_mean(loss_sum)  # queued on the stream: no host sync
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)  # true-scale gradients for the norm; records the overflow flag
-        if cfg.nan_guard or cfg.clip_grad:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-            if cfg.clip_grad:
-                torch.nn.utils.clip_grads_with_norm_(self.params, cfg.clip_grad, norm)
-            if cfg.nan_guard:
-                norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
-                # fp16: gradient overflow is the scaler's business (skip + lower the scale); a non-finite loss is ours.
-                bad = (~torch.isfinite(loss_sum if self.scaler is not None else norm + loss_sum)).float()
-                if self.scaler is None:
-                    self.optimizer.found_inf = bad  # fused AdamW leaves weights and moments untouched where this is 1
-                self.nan_skipped.add_(bad)
-                self.nan_in_a_row = (self.nan_in_a_row + bad) * bad
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        return self.lr
+
+    def _count(self, imgs: torch.Tensor) -> None:
+        self.images_seen += imgs.shape[0]
+        self.imgs_since_log += imgs.shape[0]
+
+    def _stepped(self) -> None:
         self.step += 1
         self.bar.update(1)
-        return loss_sum
 
     # ------------------------------------------------------------------------------------------ periodic work
     def log_step(self, step_loss: torch.Tensor) -> None:
         """A logging step: the only host syncs (loss, NaN counters); the row, the bar, NaN warnings and rollback."""
         cfg = self.cfg
         loss_value = step_loss.item()
-        skipped_now = int(self.nan_skipped.item())
+        skipped_now = int(self.trainer.nan_skipped.item())
         now = time.perf_counter()
         rate = self.imgs_since_log * self.run.ctx.world_size / max(now - self.t_log, 1e-9)
         self.t_log, self.imgs_since_log = now, 0
@@ -281,7 +280,7 @@ class Pretraining:
         if skipped_now > self.skipped_logged:
             logger.warning("skipped %d non-finite update(s) so far (step %d)", skipped_now, self.step)
             self.skipped_logged = skipped_now
-        if cfg.nan_guard and self.nan_in_a_row.item() >= cfg.nan_rollback_after:
+        if cfg.nan_guard and self.trainer.nan_in_a_row.item() >= cfg.nan_rollback_after:
             self.rollback()
         elif not cfg.nan_guard and not finite:
             raise FastMAEError(f"loss is {loss_value} at step {self.step}; lower the learning rate")
@@ -312,13 +311,13 @@ class Pretraining:
         """``checkpoint-last.pth`` (and a numbered copy with ``--keep-every``); a collective under FSDP."""
         model_state, optim_state = full_state(self.model, self.optimizer, self.run.ctx)
         if self.run.main:
-            self._write(model_state, optim_state, epoch, list(self.loader.position))
+            self._write(model_state, optim_state, epoch, list(self.data_position))
         self.save_clock.saved()
         self.run.ctx.barrier()  # no rank reads the checkpoint (rollback) before it is complete
 
     def _write(self, model_state: dict, optim_state: dict, epoch: int, position: list[int]) -> None:
         state = {
-            "model": model_state, "optimizer": optim_state, "step": self.step, "epoch": epoch,
+            "model": model_state, "optimizer": portable_optimizer_state(optim_state), "step": self.step, "epoch": epoch,
             "config": self.resolved, "rng": rng_state(self.device),
             "data_position": position,  # (epoch, batches consumed): where a restart continues
         }  # fmt: skip
@@ -346,15 +345,17 @@ class Pretraining:
         cfg, last = self.cfg, self.run.out / LAST
         self.rollbacks += 1
         if self.rollbacks > cfg.max_rollbacks or not last.exists():
+            in_a_row = int(self.trainer.nan_in_a_row.item())
             raise FastMAEError(
-                f"loss or gradients not finite for {int(self.nan_in_a_row.item())} steps in a row at step {self.step}"
+                f"loss or gradients not finite for {in_a_row} steps in a row at step {self.step}"
                 + (f" after {self.rollbacks - 1} rollback(s)" if self.rollbacks > 1
                    else ", and no checkpoint to roll back to")
                 + "; lower the learning rate or enable --clip-grad"
             )  # fmt: skip
         ckpt = load_checkpoint(last)  # every rank reads it (a shared file system, as for --resume)
         load_full_state(self.model, self.optimizer, ckpt["model"], ckpt["optimizer"], self.run.ctx)
-        self.nan_in_a_row = torch.zeros((), device=self.device)
+        self.trainer.nan_in_a_row.zero_()
+        self.trainer.invalidate()  # new optimizer state tensors: a CUDA graph captures again
         logger.warning("rolled back to %s (step %s) after non-finite steps; continuing at step %d (rollback %d/%d)",
                        last, ckpt.get("step"), self.step, self.rollbacks, cfg.max_rollbacks)  # fmt: skip
 
@@ -365,7 +366,7 @@ class Pretraining:
         self.log.scalar("eval_loss", eval_loss_end, self.step)
         in_sync = params_in_sync(self.model, run.ctx, self.device)  # logs an error when they differ
         summary = {
-            "steps": self.step, "stopped_by": stopped_by, "nan_skipped": int(self.nan_skipped.item()),
+            "steps": self.step, "stopped_by": stopped_by, "nan_skipped": int(self.trainer.nan_skipped.item()),
             "rollbacks": self.rollbacks, "images_seen": self.images_seen * world,
             "skipped_files": len(self.loader.skipped), "skipped_examples": sorted(self.loader.skipped)[:5],
             "wall_time_s": wall, "img_per_s": self.images_seen * world / max(wall, 1e-9),

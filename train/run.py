@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 import fastmae
+from fastmae.config import PretrainConfig
 from fastmae.errors import FastMAEError, NoRoom, RunFault
 from fastmae.interop import check_pretrained
 
@@ -228,7 +229,7 @@ def start_run(cfg, parallel: str = "ddp") -> Run:
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
-    loader_name = resolve_loader(cfg.loader, device)
+    loader_name = resolve_loader(cfg.loader, device, gpu_loader=isinstance(cfg, PretrainConfig))
     out = check_output_dir(cfg.output_dir)
     check_fresh_start(out, cfg.resume, cfg.overwrite)
     resume_path = resolve_resume(cfg.resume, out)

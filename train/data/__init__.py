@@ -9,6 +9,7 @@
 - :mod:`.loaders`: the torchvision loader (pretrain, linprobe, eval on uint8; finetune through timm), the synthetic
   loader.
 - :mod:`.dali`: the same pipelines in NVIDIA DALI (mixed decode on a GPU, CPU decode otherwise).
+- :mod:`.gpu_loader`: the pretrain pipeline with nvJPEG decode and one fused Triton kernel on the GPU.
 - :mod:`.labelled`: labelled train/val splits and the built-in digits data set.
 
 :func:`make_loader` picks the implementation; every loader has the same interface (``epoch(e, start_batch)``,
@@ -17,6 +18,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -24,10 +26,12 @@ import torch
 from fastmae.errors import FastMAEError
 
 from .dali import DALILoader, dali_unavailable_reason
+from .gpu_loader import GPULoader, check_gpu_loader, gpu_loader_unavailable_reason
 from .index import DataIndex, index_data
 from .labelled import digits_folder, labelled_data, labelled_splits, num_classes
 from .loaders import Augment, SyntheticLoader, TorchvisionLoader, sample_images, to_device
 
+logger = logging.getLogger("fastmae.data")
 __all__ = ["Augment", "DataIndex", "SyntheticLoader", "digits_folder", "index_data", "labelled_data", "labelled_splits",
            "make_loader", "num_classes", "pretrain_index", "resolve_loader", "sample_images",
            "to_device"]  # fmt: skip
@@ -39,12 +43,28 @@ def pretrain_index(data: str | None, group=None, check: str = "listing") -> Data
     return index_data(digits_folder() / "train" if data == "digits" else data, group=group, check=check)
 
 
-def resolve_loader(name: str, device: torch.device) -> str:
-    """``auto`` is DALI on CUDA when it imports, torchvision otherwise; an explicit ``dali`` that cannot run fails."""
+def resolve_loader(name: str, device: torch.device, gpu_loader: bool = False) -> str:
+    """``auto`` is DALI on CUDA when it imports, then (where the recipe has a GPU pipeline, ``gpu_loader``) the GPU
+    loader when torchvision decodes JPEGs on this GPU, then torchvision, and says why; an explicit ``dali`` or
+    ``gpu`` that cannot run fails with the reason."""
     if name == "auto":
-        return "dali" if device.type == "cuda" and dali_unavailable_reason() is None else "torchvision"
+        if device.type != "cuda":
+            return "torchvision"
+        skipped = []
+        if (reason := dali_unavailable_reason()) is None:
+            return "dali"
+        skipped.append(f"dali: {reason}")
+        if gpu_loader:
+            if (reason := gpu_loader_unavailable_reason(device)) is None:
+                logger.info("loader auto -> gpu (skipped %s)", "; ".join(skipped))
+                return "gpu"
+            skipped.append(f"gpu: {reason}")
+        logger.info("loader auto -> torchvision (skipped %s)", " | ".join(skipped))
+        return "torchvision"
     if name == "dali" and (reason := dali_unavailable_reason()):
         raise FastMAEError(f"--loader dali: {reason}")
+    if name == "gpu":
+        check_gpu_loader(device)
     return name
 
 
@@ -53,6 +73,10 @@ def make_loader(name: str, index: DataIndex, kind: str, cfg, device: torch.devic
     the config's img_size, batch_size, seed and num_workers (default min(8, CPU count) processes or threads)."""
     workers = cfg.num_workers if cfg.num_workers is not None else min(8, os.cpu_count() or 1)
     augment = Augment.of(cfg)  # the config's crop scale, flip, RandAugment and erasing (the recipe's by default)
+    if name == "gpu":
+        if kind != "pretrain":
+            raise FastMAEError(f"--loader gpu has the pretrain pipeline only, not {kind}'s")
+        return GPULoader(index, cfg.img_size, cfg.batch_size, cfg.seed, device, workers, augment=augment)
     if name == "dali":
         return DALILoader(index, cfg.img_size, cfg.batch_size, cfg.seed, device, num_threads=max(workers, 1),
                           kind=kind, augment=augment)  # fmt: skip

@@ -48,6 +48,44 @@ def to_device(imgs: torch.Tensor, device: torch.device) -> torch.Tensor:
     return normalize(imgs) if imgs.dtype == torch.uint8 else imgs
 
 
+def ahead_on_device(batches, loader, device: torch.device):
+    """The items ``(imgs, labels, ids, micro)`` of ``batches`` with ``imgs`` and ``ids`` on ``device``, each with the
+    loader's position after it: on a GPU the next batch is pulled and copied (non-blocking, from pinned memory, on a
+    side stream) while the current one is in the step, so the step never waits for a copy. The position travels with
+    the batch because the loader is one batch ahead of the step (a checkpoint names the step's batch)."""
+    if device.type != "cuda":
+        for item in batches:
+            yield (*item, tuple(loader.position))
+        return
+    stream = torch.cuda.Stream(device)
+
+    def move(item):
+        imgs, labels, ids, micro = item
+        position = tuple(loader.position)
+        stream.wait_stream(torch.cuda.current_stream(device))  # memory the step freed is free on this stream too
+        with torch.cuda.stream(stream):
+            imgs = imgs.to(device, non_blocking=True)
+            ids = (ids.pin_memory() if ids.device.type == "cpu" else ids).to(device, non_blocking=True)
+        return imgs, labels, ids, micro, position, stream.record_event()
+
+    pending = None
+    for item in batches:
+        ready, pending = pending, move(item)
+        if ready is not None:
+            yield _on_current_stream(ready, device)
+    if pending is not None:
+        yield _on_current_stream(pending, device)
+
+
+def _on_current_stream(moved, device: torch.device):
+    imgs, labels, ids, micro, position, event = moved
+    current = torch.cuda.current_stream(device)
+    current.wait_event(event)  # the step waits for its copy on the GPU, not on the host
+    imgs.record_stream(current)
+    ids.record_stream(current)
+    return imgs, labels, ids, micro, position
+
+
 def eval_transform(img_size: int):
     """The PIL reference of the evaluation view: resize the shorter side to img_size / 0.875 (bicubic), centre crop,
     normalise. The loaders compute the same on uint8 tensors (:func:`~fastmae.train.data.decode.eval_resize_crop`)."""

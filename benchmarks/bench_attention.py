@@ -1,0 +1,125 @@
+"""Attention at MAE's call sites, per backend: forward + backward time of every backend that can run each shape, in
+one process, after checking each against ``math``. The measured table that ``--attn-backend auto`` reads on a GPU is
+written from these rows (``--write-table``).
+
+Call sites (batch as ``fastmae bench`` runs them, bf16): the visible-only encoder (cls + 25% of the patches: 50
+tokens at ViT-B/L, head dim 64; 65 tokens at ViT-H/14, head dim 80), the mask-token encoder (every patch), and the
+decoder (every patch + cls, head dim 32).
+
+    python benchmarks/bench_attention.py --write-table fastmae/attention_table.json     # on the GPU
+    python benchmarks/bench_attention.py --smoke                                        # tiny shapes, any device
+
+Rows: {"name": "attention", "model", "site", "backend", "batch", "heads", "tokens", "head_dim", "dtype", "ms" (fwd +
+bwd, or null with "reasons"), "rel_err" (output against math)}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _harness import env_info, write_results  # noqa: E402
+from bench_kernels import _time  # noqa: E402
+
+from fastmae import attention  # noqa: E402
+
+CANDIDATES = ("flash", "cudnn", "efficient", "sdpa", "xformers", "math")
+# (model, site, batch, heads, tokens, head_dim)
+SHAPES = [
+    ("mae_vit_base_patch16", "encoder", 256, 12, 50, 64), ("mae_vit_base_patch16", "decoder", 256, 16, 197, 32),
+    ("mae_vit_large_patch16", "encoder", 128, 16, 50, 64), ("mae_vit_large_patch16", "decoder", 128, 16, 197, 32),
+    ("mae_vit_large_patch16", "mask_token encoder", 128, 16, 197, 64),
+    ("mae_vit_huge_patch14", "encoder", 64, 16, 65, 80), ("mae_vit_huge_patch14", "decoder", 64, 16, 257, 32),
+]  # fmt: skip
+SMOKE = [("tiny", "encoder", 2, 3, 17, 16), ("tiny", "decoder", 2, 2, 65, 8)]
+
+
+def measure(shape, backend: str, device: torch.device, dtype: torch.dtype, reps: int) -> dict:
+    model, site, batch, heads, tokens, head_dim = shape
+    row = {"name": "attention", "model": model, "site": site, "backend": backend, "batch": batch, "heads": heads,
+           "tokens": tokens, "head_dim": head_dim, "dtype": attention._dtype_name(dtype), "ms": None}  # fmt: skip
+    g = torch.Generator(device=device).manual_seed(tokens * head_dim)
+    q, k, v = (torch.randn(batch, heads, tokens, head_dim, device=device, generator=g, dtype=dtype).requires_grad_()
+               for _ in range(3))  # fmt: skip
+    impl = attention.get_backend(backend)
+    if reasons := impl.supports(q, k, v):
+        return {**row, "reasons": reasons}
+    try:
+        out = impl(q, k, v)
+    except RuntimeError as exc:  # torch's own check (an SDPA kernel it will not run for these inputs)
+        return {**row, "reasons": [str(exc).splitlines()[0][:200]]}
+    ref = attention.get_backend("math")(q.double(), k.double(), v.double())
+    row["rel_err"] = ((out.double() - ref).norm() / ref.norm()).item()
+    grad = torch.randn_like(out)
+
+    def fwd_bwd():
+        torch.autograd.grad(impl(q, k, v), (q, k, v), grad)
+
+    row["ms"] = _time(fwd_bwd, device, reps)
+    return row
+
+
+def table_entries(rows: list[dict], env: dict, source: str) -> list[dict]:
+    """One entry per measured shape: every backend's fwd+bwd ms and the fastest (within 2% of the fastest, the
+    earlier of :data:`CANDIDATES`: no switch for noise)."""
+    out = {}
+    for r in rows:
+        if r["ms"] is None or r.get("rel_err", 0) > 2e-2:
+            continue
+        key = (r["dtype"], r["head_dim"], r["tokens"])
+        e = out.setdefault(key, {"gpu": env["gpu"], "dtype": r["dtype"], "head_dim": r["head_dim"],
+                                 "tokens": r["tokens"], "batch_heads": r["batch"] * r["heads"], "ms": {},
+                                 "source": source})  # fmt: skip
+        e["ms"][r["backend"]] = r["ms"]
+    for e in out.values():
+        fastest = min(e["ms"].values())
+        e["best"] = next(b for b in CANDIDATES if e["ms"].get(b, float("inf")) <= 1.02 * fastest)
+    return list(out.values())
+
+
+def write_table(path: Path, entries: list[dict]) -> None:
+    """Merge ``entries`` into the table at ``path``: entries of the same GPU, dtype, head dim and tokens replaced."""
+    keys = {(e["gpu"], e["dtype"], e["head_dim"], e["tokens"]) for e in entries}
+    old = json.loads(path.read_text()).get("entries", []) if path.exists() else []
+    kept = [e for e in old if (e["gpu"], e["dtype"], e["head_dim"], e["tokens"]) not in keys]
+    doc = {"about": "fwd+bwd ms per attention backend at MAE's call sites, written by benchmarks/bench_attention.py; "
+                    "--attn-backend auto on a GPU takes each site's fastest (fastmae.attention.measured_choice)",
+           "entries": sorted(kept + entries, key=lambda e: (e["gpu"], e["dtype"], e["head_dim"], e["tokens"]))}
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on any device")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--reps", type=int, default=5, help="timed calls per backend on a CPU (a GPU uses do_bench)")
+    ap.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/attention-<gpu>-<date>)")
+    ap.add_argument("--write-table", default=None, metavar="JSON", help="merge the fastest per shape into this table")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for shape in SMOKE if args.smoke else SHAPES:
+        for backend in CANDIDATES:
+            row = measure(shape, backend, device, dtype, args.reps)
+            rows.append(row)
+            took = f"{row['ms']:.3f} ms" if row["ms"] is not None else "; ".join(row["reasons"])[:90]
+            print(f"{shape[0]:22s} {shape[1]:18s} {backend:9s} {took}", flush=True)
+    env = env_info(device)
+    path = write_results("attention", rows, env, args.out)
+    print(f"wrote {path}")
+    if args.write_table:
+        entries = table_entries(rows, env, f"benchmarks/results/{path.name}")
+        write_table(Path(args.write_table), entries)
+        print(f"{len(entries)} entries into {args.write_table}: " + ", ".join(
+            f"h{e['head_dim']}/{e['tokens']} tokens -> {e['best']}" for e in entries))  # fmt: skip
+    return {"rows": rows, "path": str(path)}
+
+
+if __name__ == "__main__":
+    main()

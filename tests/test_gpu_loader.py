@@ -1,0 +1,178 @@
+"""--loader gpu on a CPU: the fused crop / flip / resize / normalise kernel under the Triton interpreter against its
+float64 reference and the CPU pipeline on the same boxes, and the whole loader (byte-reading workers, the decode,
+the kernel, the CPU route for PNG / CMYK / greyscale / progressive / broken files) against the torchvision loader."""
+
+import io
+
+import pytest
+import torch
+from fastmae.kernels.crop_resize import crop_resize_normalize, crop_resize_normalize_reference
+from fastmae.train.data import index_data
+from fastmae.train.data.decode import IMAGENET_STD, crop_resize_flip, normalize
+from fastmae.train.data.gpu_loader import GPULoader, gpu_loader_unavailable_reason, jpeg_kind
+from fastmae.train.data.loaders import TorchvisionLoader
+from PIL import Image
+
+from fastmae import FastMAEError
+
+STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def _levels(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference of two normalised batches in 8-bit levels."""
+    return ((a - b) * STD * 255).abs().max().item()
+
+
+def _cpu(imgs, boxes, flips, size):
+    """The torchvision loader's uint8 crop / resize / flip on the same boxes, normalised."""
+    return torch.stack([normalize(crop_resize_flip(i, b, bool(f), size)) for i, b, f in zip(imgs, boxes, flips,
+                                                                                            strict=True)])
+
+
+def _photo(h: int, w: int, seed: int) -> torch.Tensor:
+    """A smooth random image (photo-like: neighbouring pixels correlate), uint8 [3, h, w]."""
+    g = torch.Generator().manual_seed(seed)
+    small = torch.rand(1, 3, max(h // 4, 2), max(w // 4, 2), generator=g) * 255
+    return torch.nn.functional.interpolate(small, size=(h, w), mode="bilinear")[0].round().to(torch.uint8)
+
+
+# (height, width, box (x, y, w, h), flip): shrink, enlarge, a 1-pixel-wide crop, odd sizes, the whole image
+CASES = [(40, 30, (2, 3, 25, 30), 0), (23, 50, (0, 0, 50, 23), 1), (17, 17, (1, 1, 5, 7), 1),
+         (64, 48, (0, 0, 48, 64), 0), (31, 97, (60, 2, 1, 29), 0), (50, 50, (7, 9, 33, 21), 1)]  # fmt: skip
+
+
+@pytest.mark.parametrize("size", [16, 13])
+def test_kernel_matches_its_reference_and_the_cpu_pipeline(size):
+    imgs = [_photo(h, w, k) for k, (h, w, _, _) in enumerate(CASES)]
+    boxes, flips = [c[2] for c in CASES], [c[3] for c in CASES]
+    out = crop_resize_normalize(imgs, boxes, flips, size)
+    assert out.shape == (len(CASES), 3, size, size) and out.dtype == torch.float32
+    ref = crop_resize_normalize_reference(imgs, boxes, flips, size)
+    assert _levels(out, ref) < 1e-3  # the same arithmetic in float32 vs float64
+    cpu = _cpu(imgs, boxes, flips, size)
+    assert _levels(out, cpu) <= 3  # Pillow's fixed-point uint8 passes vs float
+    assert torch.equal(out, crop_resize_normalize(imgs, boxes, flips, size))  # deterministic
+
+
+def test_kernel_on_noise_stays_within_a_few_levels():
+    """The hardest input for the rounding difference: pure noise, strongly shrunk and enlarged."""
+    g = torch.Generator().manual_seed(3)
+    imgs = [torch.randint(0, 256, (3, 60, 45), dtype=torch.uint8, generator=g) for _ in range(2)]
+    boxes, flips = [(0, 0, 45, 60), (10, 10, 6, 5)], [1, 0]
+    out = crop_resize_normalize(imgs, boxes, flips, 12)
+    cpu = _cpu(imgs, boxes, flips, 12)
+    assert _levels(out, cpu) <= 3
+
+
+def test_kernel_input_checks_are_one_line():
+    img = torch.zeros(3, 10, 10, dtype=torch.uint8)
+    with pytest.raises(FastMAEError, match="a crop box lies outside its image"):
+        crop_resize_normalize([img], [(5, 5, 6, 2)], [0], 8)
+    with pytest.raises(FastMAEError, match=r"images must be uint8 \[3, H, W\]"):
+        crop_resize_normalize([img.float()], [(0, 0, 4, 4)], [0], 8)
+
+
+def _jpeg(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=92, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """A folder of 16 small photos-like images: baseline RGB JPEGs, and one each of PNG, CMYK JPEG, greyscale JPEG,
+    progressive JPEG; returns (folder, {name: kind})."""
+    root = tmp_path_factory.mktemp("mixed")
+    kinds = {}
+    for k in range(16):
+        arr = _photo(36 + 3 * k, 48 - k, k).permute(1, 2, 0).numpy()
+        img = Image.fromarray(arr)
+        name, data = f"{k:02d}.jpg", _jpeg(img)
+        if k == 3:
+            name, buf = f"{k:02d}.png", io.BytesIO()
+            img.save(buf, format="PNG")
+            data = buf.getvalue()
+        elif k == 5:
+            data = _jpeg(img.convert("CMYK"))
+        elif k == 7:
+            data = _jpeg(img.convert("L"))
+        elif k == 9:
+            data = _jpeg(img, progressive=True)
+        (root / name).write_bytes(data)
+        kinds[name] = {3: "png", 5: "cmyk", 7: "grey", 9: "progressive"}.get(k, "baseline")
+    return root, kinds
+
+
+def test_jpeg_headers_tell_baseline_rgb_from_the_rest(mixed):
+    root, kinds = mixed
+    for name, kind in kinds.items():
+        got = jpeg_kind((root / name).read_bytes())
+        expected = {"baseline": ("baseline", 3), "cmyk": ("baseline", 4), "grey": ("baseline", 1),
+                    "progressive": ("progressive", 3), "png": None}[kind]  # fmt: skip
+        assert got == expected, name
+    assert jpeg_kind(b"\xff\xd8\xff") is None and jpeg_kind(b"") is None
+
+
+def _cpu_decoder(data, device):
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return [decode_jpeg(d, mode=ImageReadMode.RGB) for d in data]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_gpu_loader_gives_the_torchvision_loaders_batches(mixed, workers):
+    """Two epochs, batch 4, 24 px: the same samples in the same order with the same boxes as the torchvision loader,
+    pixels within 3 levels; the baseline JPEGs went through the device decode and the kernel, the 4 others through
+    the CPU route, counted."""
+    root, _ = mixed
+    index = index_data(root)
+    ref = TorchvisionLoader(index, 24, 4, seed=1, num_workers=0)
+    gpu = GPULoader(index, 24, 4, seed=1, device=torch.device("cpu"), num_workers=workers, decoder=_cpu_decoder)
+    for epoch in (0, 1):
+        for (a, la), (b, lb) in zip(ref.epoch(epoch), gpu.epoch(epoch), strict=True):
+            assert b.dtype == torch.float32 and torch.equal(la, lb)
+            assert torch.equal(ref.last_ids, gpu.last_ids)
+            assert _levels(b, normalize(a)) <= 3
+        assert gpu.position == ref.position == (epoch, 4)
+    assert gpu.routes == {"gpu": 2 * 12, "cpu": 2 * 4, "cpu_after_gpu_failed": 0}
+    resumed = list(gpu.epoch(1, start_batch=2))  # resumable like the others
+    assert len(resumed) == 2 and gpu.position == (1, 4)
+
+
+def test_files_the_device_cannot_decode_go_to_the_cpu_or_are_skipped(mixed, tmp_path):
+    """A decoder that fails on some files (as nvJPEG on an odd JPEG): those are decoded on the CPU instead; a file
+    broken after validation is skipped and counted; nothing raises."""
+    root, _ = mixed
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in sorted(root.iterdir()):
+        (folder / p.name).write_bytes(p.read_bytes())
+    index = index_data(folder)
+    (folder / "00.jpg").write_bytes((folder / "00.jpg").read_bytes()[:200])  # broken since validation
+    refuse = (folder / "01.jpg").read_bytes()
+
+    def picky(data, device):
+        if any(d.numpy().tobytes() == refuse for d in data):
+            raise RuntimeError("nvjpeg: unsupported")
+        return _cpu_decoder(data, device)
+
+    gpu = GPULoader(index, 16, 4, seed=0, device=torch.device("cpu"), num_workers=0, decoder=picky)
+    seen = sum(len(ids) for ids in (gpu.last_ids for _ in gpu.epoch(0)))
+    assert seen == 15 and any("00.jpg" in k for k in gpu.skipped)
+    assert gpu.routes["cpu_after_gpu_failed"] == 1 and gpu.routes["cpu"] == 4 and gpu.routes["gpu"] == 10
+
+
+def test_explicit_gpu_loader_on_a_cpu_says_why():
+    assert gpu_loader_unavailable_reason(torch.device("cpu")) == "it decodes on a CUDA device (this run is on cpu)"
+
+
+def test_loader_gpu_where_it_cannot_run_is_one_line(tmp_path, capsys):
+    from fastmae.train.data import resolve_loader
+
+    from fastmae.cli import main
+
+    code = main(["pretrain", "--loader", "gpu", "--device", "cpu", "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["fastmae: error: --loader gpu: it decodes on a CUDA device (this run is on cpu)"]
+    assert resolve_loader("auto", torch.device("cpu"), gpu_loader=True) == "torchvision"
+    assert not (tmp_path / "run").exists()

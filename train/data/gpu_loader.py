@@ -1,0 +1,259 @@
+"""``--loader gpu``: DataLoader workers only read file bytes; the GPU decodes them in batches (torchvision's nvJPEG
+``decode_jpeg``) and one Triton kernel (:mod:`fastmae.kernels.crop_resize`) crops, flips, resizes (bicubic,
+antialiased) and normalises the whole batch, on a side stream, while the step runs.
+
+- Which files go where: baseline 3-channel JPEGs (the index's JPEG route, SOF0/SOF1 with 3 components, read from the
+  header in the worker) are decoded on the GPU. PNG, CMYK, greyscale, progressive and every other file take the CPU
+  route in the worker (decode, crop, resize, flip on uint8, as the torchvision loader does) and reach the GPU as
+  finished uint8 crops. A JPEG the GPU cannot decode is decoded on the CPU instead; one that nothing decodes is
+  skipped. All three are counted (:attr:`GPULoader.routes`), none is a crash.
+- Crop boxes and flips are the torchvision loader's (:func:`~fastmae.train.data.order.augment_params`): same boxes,
+  pixels within a few levels (float resampling against uint8 fixed point; ``tests/test_gpu_loader.py``).
+- Streams (torchvision issue 9606: ``decode_jpeg`` on CUDA runs on nvJPEG's own stream, and on an H100 it corrupted
+  batches by writing memory freed on the caller's stream before the caller's work on it had finished): a producer
+  thread decodes and transforms on a side stream, synchronising that stream before each decode, records an event
+  after the kernel; the step's stream waits for the event and ``record_stream`` keeps the batch's memory from
+  being reused before the step is done with it. Two batches are kept ready ahead.
+
+On a CPU (the tests) the same pipeline runs with torchvision's CPU decoder, the kernel under the Triton
+interpreter, and no streams.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+
+import numpy as np
+import torch
+
+from fastmae.errors import FastMAEError
+
+from .decode import JPEG, crop_resize_flip, decode, normalize
+from .loaders import RECIPE, Augment, ImageFiles, TorchvisionLoader, _batch_tensor
+from .order import augment_params
+
+logger = logging.getLogger("fastmae.data")
+_SOF_BASELINE = (0xC0, 0xC1)
+_SOF_OTHER = (0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
+
+
+def jpeg_kind(data) -> tuple[str, int] | None:
+    """(``baseline`` | ``progressive``, components) from a JPEG's frame header, or None when it has none."""
+    i, n = 2, len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return None
+    while i + 9 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _SOF_BASELINE or marker in _SOF_OTHER:
+            return ("baseline" if marker in _SOF_BASELINE else "progressive"), data[i + 9]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        i += 2 + ((data[i + 2] << 8) | data[i + 3])
+    return None
+
+
+def gpu_decodable(data, route: int) -> bool:
+    """Whether nvJPEG gets this file: a baseline JPEG with 3 components."""
+    return route == JPEG and jpeg_kind(data) == ("baseline", 3)
+
+
+class EncodedFiles(ImageFiles):
+    """The worker side of the GPU loader: a batch of ``(epoch, i)`` -> ``(payload, labels, ids, failed)`` where the
+    payload holds the encoded bytes of the GPU-decodable files and the finished uint8 crops of the others, with every
+    sample's crop box and flip."""
+
+    def __getitems__(self, items: list[tuple[int, int]]):
+        epoch = items[0][0]
+        ids = np.array([i for _, i in items], dtype=np.int64)
+        boxes, flips = augment_params(self.index, ids, self.seed, epoch, self.augment.scale(self.kind),
+                                      self.augment.hflip)  # fmt: skip
+        encoded, ready, good, failed = [], [], [], []
+        for j, i in enumerate(ids.tolist()):
+            try:
+                data = self.index.read(i)
+                route = int(self.index.routes[i])
+                if gpu_decodable(data, route):
+                    encoded.append((len(good), torch.frombuffer(bytearray(data), dtype=torch.uint8)))
+                else:
+                    ready.append((len(good), crop_resize_flip(decode(data, route), boxes[j], bool(flips[j]),
+                                                              self.img_size)))  # fmt: skip
+                good.append(j)
+            except Exception:  # changed or unreadable since validation: skipped and counted, never fatal
+                failed.append(self.index.key(i))
+        if not good:
+            return None, None, None, failed
+        crops = _batch_tensor((len(ready), 3, self.img_size, self.img_size))
+        for k, (_, img) in enumerate(ready):
+            crops[k].copy_(img)
+        payload = {
+            "encoded": [t for _, t in encoded], "encoded_at": [p for p, _ in encoded],
+            "ready": crops, "ready_at": [p for p, _ in ready],
+            "boxes": torch.from_numpy(np.asarray(boxes)[good].astype(np.int32)),
+            "flips": torch.from_numpy(np.asarray(flips)[good].astype(np.int32)),
+        }  # fmt: skip
+        return payload, torch.from_numpy(self.index.labels[ids[good]]), torch.from_numpy(ids[good]), failed
+
+
+def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
+def gpu_loader_unavailable_reason(device: torch.device) -> str | None:
+    """Why ``--loader gpu`` cannot decode on ``device``, or None (a 1-pixel JPEG decoded there once)."""
+    if device.type != "cuda":
+        return f"it decodes on a CUDA device (this run is on {device.type})"
+    try:
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buf, format="JPEG")
+        _decode_jpegs([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)], device)
+    except Exception as exc:  # no nvJPEG in this torchvision build, a driver problem, ...
+        return f"torchvision cannot decode JPEGs on {device} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+    return None
+
+
+class GPULoader(TorchvisionLoader):
+    """The pretrain pipeline with decoding and augmentation on the GPU (see the module docstring). Same interface,
+    order, boxes and resumability as :class:`TorchvisionLoader`, whose worker handling it keeps; batches are
+    normalised float32 on ``device``."""
+
+    name = "gpu"
+    AHEAD = 2  # batches transformed ahead of the step
+
+    def __init__(self, index, img_size, batch_size, seed, device: torch.device, num_workers=0, rank=None, world=None,
+                 augment: Augment = RECIPE, decoder=_decode_jpegs):  # fmt: skip
+        self.device, self.decoder = torch.device(device), decoder
+        self.routes = {"gpu": 0, "cpu": 0, "cpu_after_gpu_failed": 0}
+        super().__init__(index, img_size, batch_size, seed, num_workers, pin=self.device.type == "cuda",
+                         kind="pretrain", rank=rank, world=world, augment=augment)  # fmt: skip
+        self.dataset = EncodedFiles(index, "pretrain", img_size, seed, augment)
+        self.loader = self._data_loader()
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    # ------------------------------------------------------------------------------------ on the side stream
+    def _decode(self, data: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Each file decoded on the device, or None where it could not be (the batch again one by one after a
+        batched failure)."""
+        try:
+            return list(self.decoder(data, self.device))
+        except Exception:
+            out = []
+            for d in data:
+                try:
+                    out.append(self.decoder([d], self.device)[0])
+                except Exception:
+                    out.append(None)
+            return out
+
+    def transform(self, payload: dict) -> tuple[torch.Tensor, list[int]]:
+        """(normalised float32 [n, 3, S, S] on the device, positions kept): decode, crop, flip, resize, normalise."""
+        S = self.img_size
+        n = len(payload["encoded_at"]) + len(payload["ready_at"])
+        out = torch.empty(n, 3, S, S, dtype=torch.float32, device=self.device)
+        lost = []
+        if payload["encoded"]:
+            if self.stream is not None:
+                self.stream.synchronize()  # torchvision#9606: nothing of ours pending when nvJPEG allocates
+            decoded = self._decode(payload["encoded"])
+            at, imgs = [], []
+            for k, (pos, img) in enumerate(zip(payload["encoded_at"], decoded, strict=True)):
+                if img is not None and img.shape[0] == 3:
+                    at.append(pos)
+                    imgs.append(img)
+                    continue
+                try:  # the CPU decodes what the GPU could not
+                    box, flip = payload["boxes"][pos].tolist(), bool(payload["flips"][pos])
+                    cpu = crop_resize_flip(decode(payload["encoded"][k].numpy().tobytes(), JPEG), box, flip, S)
+                    out[pos] = normalize(cpu.to(self.device))
+                    self.routes["cpu_after_gpu_failed"] += 1
+                except Exception:
+                    lost.append(pos)
+            if imgs:
+                from fastmae.kernels.crop_resize import crop_resize_normalize
+
+                idx = torch.tensor(at)
+                out[idx.to(self.device)] = crop_resize_normalize(imgs, payload["boxes"][idx], payload["flips"][idx], S)
+                self.routes["gpu"] += len(imgs)
+        if payload["ready_at"]:
+            ready = payload["ready"].to(self.device, non_blocking=True)
+            out[torch.tensor(payload["ready_at"], device=self.device)] = normalize(ready)
+            self.routes["cpu"] += len(payload["ready_at"])
+        keep = [p for p in range(n) if p not in set(lost)]
+        return (out if not lost else out[torch.tensor(keep, device=self.device)]), keep
+
+    def _transformed(self, epoch: int, start_batch: int):
+        """The worker batches of :meth:`TorchvisionLoader._batches`, transformed on the device."""
+        for b, payload, labels, ids in super()._batches(epoch, start_batch):
+            imgs, keep = self.transform(payload)
+            if len(keep) < len(ids):
+                self._record_failures([self.index.key(int(ids[p])) for p in range(len(ids)) if p not in keep])
+                labels, ids = labels[keep], ids[keep]
+            if not len(keep):
+                yield b, None, None, None
+                continue
+            yield b, imgs, labels, ids
+
+    def _batches(self, epoch: int, start_batch: int):
+        if self.stream is None:
+            yield from self._transformed(epoch, start_batch)
+            return
+        ready: queue.Queue = queue.Queue(maxsize=self.AHEAD)
+        stop = threading.Event()
+
+        def produce():
+            try:
+                with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+                    for item in self._transformed(epoch, start_batch):
+                        event = torch.cuda.Event()
+                        event.record(self.stream)
+                        while not stop.is_set():
+                            with contextlib.suppress(queue.Full):
+                                ready.put((item, event), timeout=0.1)
+                                break
+                        if stop.is_set():
+                            return
+                ready.put((None, None))
+            except BaseException as exc:  # raised again in the consumer, where the run handles it
+                ready.put((exc, None))
+
+        thread = threading.Thread(target=produce, name="fastmae-gpu-loader", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item, event = ready.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                b, imgs, labels, ids = item
+                if imgs is not None:
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(event)  # the step's stream waits for the kernel, the host does not
+                    imgs.record_stream(current)  # not reused by the side stream before the step is done with it
+                yield b, imgs, labels, ids
+        finally:
+            stop.set()
+            while thread.is_alive():
+                with contextlib.suppress(queue.Empty):
+                    ready.get(timeout=0.1)
+            thread.join()
+
+
+def check_gpu_loader(device: torch.device) -> None:
+    """An explicit ``--loader gpu`` that cannot run here is a one-line error."""
+    if reason := gpu_loader_unavailable_reason(device):
+        raise FastMAEError(f"--loader gpu: {reason}")
