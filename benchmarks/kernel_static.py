@@ -44,7 +44,8 @@ from _harness import RESULTS, env_info, write_results  # noqa: E402
 SHAPES = {"vit_b16": (196, 768, 512, 16), "vit_l16": (196, 1024, 512, 16), "vit_h14": (256, 1280, 512, 14)}
 ARCHS = {"sm_80": (80, 164 * 1024), "sm_90": (90, 228 * 1024)}
 MIN_OCCUPANCY = 0.25
-_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64", torch.int32: "i32"}
+_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64", torch.int32: "i32",
+          torch.uint8: "u8"}
 
 
 class _Recorder:
@@ -73,6 +74,7 @@ class _Recorder:
 
 def capture(shape: str, dtype: torch.dtype, norm_pix: bool) -> list:
     """Every kernel launch (forward and backward) the three fused ops make at ``shape`` in ``dtype``."""
+    from fastmae.kernels.crop_resize import crop_resize_normalize
     from fastmae.kernels.masked_mse import masked_mse
     from fastmae.kernels.masking import random_masking
     from fastmae.kernels.unshuffle import unshuffle
@@ -88,6 +90,9 @@ def capture(shape: str, dtype: torch.dtype, norm_pix: bool) -> list:
         unshuffle(xd, tok, torch.arange(L).repeat(N, 1), torch.zeros(1, L + 1, Dd)).sum().backward()
         pred = torch.zeros(N, L, p * p * 3, dtype=dtype, requires_grad=True)
         masked_mse(pred, torch.zeros(N, 3, 224, 224), torch.ones(N, L), p, norm_pix).backward()
+        # --loader gpu's augmentation: one configuration whatever the model (ImageNet-sized images to 224 px)
+        imgs = [torch.zeros(3, 375, 500, dtype=torch.uint8), torch.zeros(3, 333, 500, dtype=torch.uint8)]
+        crop_resize_normalize(imgs, [(10, 20, 300, 250), (0, 0, 500, 333)], [0, 1], 224)
     return rec.launches
 
 
@@ -101,6 +106,8 @@ def _signature(fn: JITFunction, bound: dict) -> tuple[dict, dict]:
             sig[name] = "*" + _TYPES[value.dtype]
         elif isinstance(value, bool):
             sig[name] = "i1"
+        elif isinstance(value, float):
+            sig[name] = "fp32"
         else:
             sig[name] = "i64" if abs(int(value)) >= 2**31 else "i32"
     return sig, constexprs

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_static.py"
-KERNELS = {"_masking_fwd", "_masking_bwd", "_unshuffle_fwd", "_unshuffle_bwd", "_mse_fwd", "_mse_bwd"}
+KERNELS = {"_masking_fwd", "_masking_bwd", "_unshuffle_fwd", "_unshuffle_bwd", "_mse_fwd", "_mse_bwd",
+           "_crop_resize_fwd"}
 
 
 def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):

@@ -27,9 +27,11 @@ def env():
     def set_env(**values):
         os.environ.update({key: str(value) for key, value in values.items()})
 
+    launch._EXPORTED.clear()
     yield set_env
     os.environ.clear()
     os.environ.update(saved)
+    launch._EXPORTED.clear()
 
 
 @pytest.mark.parametrize(
@@ -71,6 +73,11 @@ def test_slurm_tasks_without_step_id_are_one_job(env):
     launch.export_slurm_env()
     assert os.environ["MASTER_ADDR"] == "localhost" and os.environ["MASTER_PORT"] == str(launch.slurm_port("77"))
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_WORLD_SIZE"]) == ("1", "2", "2")
+    # RANK is set now, yet the process stays a SLURM task without a step id (for the lines that report a wait)
+    assert launch.launcher() == "slurm" and launch.without_step_id()
+    from fastmae.train.distributed import wait_hint
+
+    assert wait_hint().startswith("SLURM_STEP_ID is not set: if this is the batch script itself, start the tasks")
 
 
 def test_the_batch_script_itself_is_not_a_task(env):

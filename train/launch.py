@@ -47,8 +47,14 @@ def _slurm_task() -> bool:
     return step is not None or _int_env("SLURM_NTASKS") > 1
 
 
+_EXPORTED: dict[str, bool] = {}  # set by export_slurm_env: this process's launch was SLURM's (and without a step id)
+
+
 def launcher() -> str:
-    """``torchrun`` (or anything that sets RANK), ``slurm`` (srun tasks) or ``none``."""
+    """``torchrun`` (or anything that sets RANK), ``slurm`` (srun tasks, also after :func:`export_slurm_env` set
+    RANK from their variables) or ``none``."""
+    if _EXPORTED:
+        return "slurm"
     if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
         return "torchrun"
     return "slurm" if _slurm_task() else "none"
@@ -197,6 +203,7 @@ def export_slurm_env() -> None:
     if launcher() != "slurm":
         return
     rank, world, local = dist_info()
+    without_step = _slurm_step() is None
     env = os.environ
     if "MASTER_ADDR" not in env:
         env["MASTER_ADDR"] = _slurm_master()
@@ -207,8 +214,9 @@ def export_slurm_env() -> None:
         env["MASTER_PORT"] = str(slurm_port(env["SLURM_JOB_ID"]))
     env.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local),
                 "LOCAL_WORLD_SIZE": str(local_world_size())})  # fmt: skip
+    _EXPORTED["without_step_id"] = without_step
 
 
 def without_step_id() -> bool:
     """A SLURM task with no SLURM_STEP_ID (not started by srun): worth a word when its peers never come."""
-    return launcher() == "slurm" and _slurm_step() is None
+    return _EXPORTED.get("without_step_id", launcher() == "slurm" and _slurm_step() is None)
