@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -157,9 +158,16 @@ ctx.close()
 
 
 def _tree(root, classes=3, per_class=40):
+    """A data set written a while ago: its folders' times 10 s in the past. A folder changed within a second of a
+    scan is listed again at the next start (the index's guard against same-second changes), which would make the
+    second start of these tests 'stale' whenever the first one began within a second of writing the tree (seen in
+    CI on a fast machine)."""
     for c in range(classes):
         noise_pngs(root / f"c{c}", per_class, seed=c, size=(6, 7))
     (root / "c1" / "broken.png").write_bytes(b"not a png")
+    past = time.time() - 10
+    for folder in [root, *root.iterdir()]:
+        os.utime(folder, (past, past))
     return root
 
 
