@@ -176,3 +176,16 @@ def test_loader_gpu_where_it_cannot_run_is_one_line(tmp_path, capsys):
     assert code == 2 and err == ["fastmae: error: --loader gpu: it decodes on a CUDA device (this run is on cpu)"]
     assert resolve_loader("auto", torch.device("cpu"), gpu_loader=True) == "torchvision"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_batch_whose_every_file_broke_is_skipped_not_a_crash(mixed, tmp_path):
+    root, _ = mixed
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in sorted(root.iterdir()):
+        (folder / p.name).write_bytes(p.read_bytes())
+    index = index_data(folder)
+    for p in folder.iterdir():
+        p.write_bytes(b"")  # every file unreadable since validation
+    gpu = GPULoader(index, 16, 4, seed=0, device=torch.device("cpu"), num_workers=0, decoder=_cpu_decoder)
+    assert list(gpu.epoch(0)) == [] and len(gpu.skipped) == 16 and gpu.position == (0, 4)

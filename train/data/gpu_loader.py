@@ -192,12 +192,16 @@ class GPULoader(TorchvisionLoader):
             ready = payload["ready"].to(self.device, non_blocking=True)
             out[torch.tensor(payload["ready_at"], device=self.device)] = normalize(ready)
             self.routes["cpu"] += len(payload["ready_at"])
-        keep = [p for p in range(n) if p not in set(lost)]
+        gone = set(lost)
+        keep = [p for p in range(n) if p not in gone]
         return (out if not lost else out[torch.tensor(keep, device=self.device)]), keep
 
     def _transformed(self, epoch: int, start_batch: int):
         """The worker batches of :meth:`TorchvisionLoader._batches`, transformed on the device."""
         for b, payload, labels, ids in super()._batches(epoch, start_batch):
+            if payload is None:  # every file of the batch failed in the workers (already counted)
+                yield b, None, None, None
+                continue
             imgs, keep = self.transform(payload)
             if len(keep) < len(ids):
                 self._record_failures([self.index.key(int(ids[p])) for p in range(len(ids)) if p not in keep])
