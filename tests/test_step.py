@@ -142,3 +142,29 @@ def test_cuda_graphs_where_they_cannot_run_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1] == ("fastmae: error: --cuda-graphs cannot run here: CUDA graphs need a CUDA device "
                                      "(this run is on cpu)")  # fmt: skip
+
+
+def test_a_compiled_step_compiles_once_warm_up_capture_and_replays_alike():
+    """The compiled model under bf16 autocast (as on a GPU): warm-up steps, the capture and the replays run under one
+    autocast setting, so dynamo compiles once, at the first step; a step that compiled again at the capture would
+    fail there on a GPU (torch refuses to compile during CUDA graph capture)."""
+    graphs = []
+
+    def counting_backend(gm, inputs):  # a dynamo backend that only counts the graphs it is handed
+        graphs.append(len(gm.graph.nodes))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = create_model("mae_vit_tiny_patch16", **TINY, kernels="reference", norm_pix_loss=True)
+    opt = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), fused=True)
+    step = TrainStep(model, torch.compile(model, backend=counting_backend, dynamic=False), opt, seed=7,
+                     mask_ratio=0.75, device=torch.device("cpu"), dtype=torch.bfloat16, graphs=True, warmup=2,
+                     graph_factory=ReplayGraph)  # fmt: skip
+    batches = list(_batches(6))
+    step(*batches[0])
+    compiled = len(graphs)
+    assert compiled >= 1
+    for args in batches[1:]:
+        assert torch.isfinite(step(*args))
+    assert step.captured and len(graphs) == compiled  # nothing compiled after the first step

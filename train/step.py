@@ -50,7 +50,11 @@ class CUDAGraph:
         self.graph = torch.cuda.CUDAGraph()
 
     def capture(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        with torch.cuda.graph(self.graph):
+        # thread_local, as inductor captures its own graphs: the default ("global") mode makes any CUDA call of another
+        # thread an error during the capture, and the pin-memory thread and the GPU loader's producer keep making them
+        # (entering capture also empties the caching allocator, so their next allocation is such a call). Only this
+        # thread's unsafe calls fail the capture now; the other threads' work is on their own streams, not recorded.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             return fn()
 
     def replay(self) -> None:
@@ -78,25 +82,29 @@ class TrainStep:
         self._graph: CUDAGraph | None = None
         self._static: dict[str, torch.Tensor] = {}
         self._calls = 0  # ordinary steps since the graph was (in)validated
+        self._stream: torch.cuda.Stream | None = None  # the warm-up steps' side stream
         if graphs:
             self._use_device_lr()
 
     # --------------------------------------------------------------------------------------------- the step
-    def autocast(self, cache: bool = True):
+    def autocast(self):
+        """The one autocast of every step, warm-up, capture and replay alike. Its weight-cast cache is off: inside a
+        CUDA graph cached casts would be graph memory freed after capture, and dynamo guards on the setting
+        (``autocast_cache_enabled`` in its global state), so steps that differed in it would compile the model again
+        at the capture, where compiling is refused. Off costs nothing here: each weight is cast once per forward."""
         if self.dtype is None or self.dtype == torch.float32:
             return contextlib.nullcontext()
-        # Inside a CUDA graph the weight-cast cache must be off (cached casts would be freed graph memory).
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype, cache_enabled=cache)
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype, cache_enabled=False)
 
-    def forward_backward(self, imgs: torch.Tensor, ids: torch.Tensor, epoch: int | torch.Tensor, accum: int = 1,
-                         cache: bool = True) -> torch.Tensor:  # fmt: skip
+    def forward_backward(self, imgs: torch.Tensor, ids: torch.Tensor, epoch: int | torch.Tensor,
+                         accum: int = 1) -> torch.Tensor:  # fmt: skip
         """One micro-batch: per-sample masks, forward under autocast, backward of loss / accum; returns the loss
         (a detached float32 device tensor)."""
         imgs = to_device(imgs, self.device)  # uint8 batches are normalised here, on the device
         if self.device.type == "cuda" and ids.device.type == "cpu":
             ids = ids.pin_memory().to(self.device, non_blocking=True)  # a pageable copy would sync the host
         noise = mask_noise(self.seed, epoch, ids, self.num_patches, self.device)
-        with self.autocast(cache):
+        with self.autocast():
             loss, _, _ = self.step_fn(imgs, mask_ratio=self.mask_ratio, noise=noise)
         scaled = loss / accum
         (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
@@ -167,9 +175,9 @@ class TrainStep:
         self.lr.fill_(lr)
         return True
 
-    def _body(self, cache: bool = True) -> torch.Tensor:
+    def _body(self) -> torch.Tensor:
         s = self._static
-        return self.update(self.forward_backward(s["imgs"], s["ids"], s["epoch"], cache=cache), None)
+        return self.update(self.forward_backward(s["imgs"], s["ids"], s["epoch"]), None)
 
     def _graphed(self, imgs, ids, epoch, lr) -> torch.Tensor:
         if not self._fill(imgs, ids, epoch, lr):
@@ -188,7 +196,7 @@ class TrainStep:
                 return self._body()
         self.optimizer.zero_grad(set_to_none=True)
         graph = self._graph_factory()
-        self._loss = graph.capture(lambda: self._body(cache=False))  # recorded, not run
+        self._loss = graph.capture(self._body)  # recorded, not run
         self._graph = graph
         graph.replay()  # this step, for real
         logger.info("the training step is one CUDA graph from here on (captured after %d ordinary steps)",
@@ -201,7 +209,9 @@ class TrainStep:
         if self.device.type != "cuda":
             yield
             return
-        stream = torch.cuda.Stream(self.device)
+        if self._stream is None:  # one stream for every warm-up step: the allocator keeps a pool per stream
+            self._stream = torch.cuda.Stream(self.device)
+        stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             yield
@@ -217,6 +227,12 @@ class TrainStep:
     @property
     def captured(self) -> bool:
         return self._graph is not None
+
+    @property
+    def captures_next(self) -> bool:
+        """Whether the next call of a batch that fits captures the graph (a benchmark resets the memory peak then:
+        the capture allocates the step's activations in the graph's pool; replays allocate nothing)."""
+        return self.graphs and self._graph is None and self._calls >= self.warmup
 
 
 def portable_optimizer_state(state: dict) -> dict:
