@@ -132,7 +132,7 @@ def test_short_pretraining_on_cuda_with_compile_and_bf16(tmp_path):
                  "--output-dir", str(out)]) == 0  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 20 and summary["device"] == "cuda" and summary["precision"] == "bf16"
-    assert summary["compile"] is True and summary["kernels"] == {"masking": "triton", "unshuffle": "triton",
+    assert summary["compile"] == "full" and summary["kernels"] == {"masking": "triton", "unshuffle": "triton",
                                                                   "masked_mse": "triton"}  # fmt: skip
     assert summary["attn_backend"] in ("xformers", "sdpa") and summary["gpu"]
     assert summary["final_loss"] < summary["first_logged_loss"]
@@ -166,9 +166,11 @@ def test_bench_quick_on_cuda(tmp_path):
     assert main(["bench", "--quick", "--suite", "pretrain", "--device", "cuda", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["env"]["gpu"] != "cpu" and data["env"]["cuda"]
-    fast = [r for r in data["rows"] if r["config"] == "fastmae"]
-    assert fast and all(r["compile"] and set(r["kernels"].values()) == {"triton"} for r in fast)
-    assert all(r["peak_mem_gb"] > 0 for r in data["rows"])
+    steps = [r for r in data["rows"] if r["name"] == "pretrain_step"]
+    fast = [r for r in steps if r["config"] == "fastmae"]
+    assert fast and all(r["compile"] == "full" and set(r["kernels"].values()) == {"triton"} for r in fast)
+    assert all(r["peak_mem_gb"] > 0 and not r.get("error") for r in steps)
+    assert all(r["ok"] for r in data["rows"] if r["name"] == "equivalence")
 
 
 @pytest.mark.parametrize("model", OFFICIAL)
@@ -270,9 +272,30 @@ def test_crop_resize_kernel_compiled_at_imagenet_sizes():
     assert ((out - cpu) * std * 255).abs().max() <= 3
 
 
+def _smoke():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_smoke
+
+    return gpu_smoke
+
+
+def test_crop_kernel_alone_matches_the_cpu_pipeline_on_nvjpeg_pixels():
+    """nvJPEG and libjpeg decode the same JPEGs to different pixels (IDCT rounding, chroma upsampling), so they are
+    compared by the mean, the 99.9th percentile and the largest difference (torchvision's own test bounds the mean);
+    the crop kernel is compared alone, against the CPU pipeline on the very pixels nvJPEG decoded: within 3 levels."""
+    smoke = _smoke()
+    details = smoke.check_nvjpeg_crop(CUDA)  # raises CheckFailed with the numbers when a bound is passed
+    assert details["decode_levels"]["mean"] < smoke.DECODE_BOUNDS["mean"]
+    assert details["crop_levels"]["max"] <= 3
+
+
 def test_gpu_loader_with_nvjpeg_gives_the_torchvision_loaders_batches(tmp_path):
     """--loader gpu for real (nvJPEG, the compiled kernel, the side stream): two epochs of generated ImageNet-like
-    JPEGs, the torchvision loader's samples and boxes, pixels within 3 levels."""
+    JPEGs, the torchvision loader's samples and boxes; pixels bounded by mean, 99.9th percentile and maximum (the
+    decoders differ, see above)."""
     import sys
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -282,6 +305,7 @@ def test_gpu_loader_with_nvjpeg_gives_the_torchvision_loaders_batches(tmp_path):
     from fastmae.train.data.gpu_loader import GPULoader, gpu_loader_unavailable_reason
     from fastmae.train.data.loaders import TorchvisionLoader
 
+    smoke = _smoke()
     assert gpu_loader_unavailable_reason(CUDA) is None
     index = index_data(make_jpegs(tmp_path / "jpegs", 64, processes=1))
     ref = TorchvisionLoader(index, 224, 16, seed=2, num_workers=2)
@@ -290,7 +314,8 @@ def test_gpu_loader_with_nvjpeg_gives_the_torchvision_loaders_batches(tmp_path):
     for epoch in (0, 1):
         for (a, _), (b, _) in zip(ref.epoch(epoch), gpu.epoch(epoch), strict=True):
             assert b.device.type == "cuda" and torch.equal(ref.last_ids, gpu.last_ids.cpu())
-            assert ((b.cpu() - normalize(a)) * std * 255).abs().max() <= 3
+            stats = smoke._levels_stats(b.cpu() * std * 255, normalize(a) * std * 255)
+            smoke._within(stats, smoke.LOADER_BOUNDS, "GPU loader vs torchvision loader")
     assert gpu.routes["gpu"] == 128 and gpu.routes["cpu"] == 0
 
 

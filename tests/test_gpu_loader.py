@@ -189,3 +189,70 @@ def test_a_batch_whose_every_file_broke_is_skipped_not_a_crash(mixed, tmp_path):
         p.write_bytes(b"")  # every file unreadable since validation
     gpu = GPULoader(index, 16, 4, seed=0, device=torch.device("cpu"), num_workers=0, decoder=_cpu_decoder)
     assert list(gpu.epoch(0)) == [] and len(gpu.skipped) == 16 and gpu.position == (0, 4)
+
+
+def test_a_failing_gpu_pipeline_is_one_line(mixed, monkeypatch):
+    """An error inside the pipeline (here: the kernel step raising what a broken GPU raises) reaches the loop as one
+    RunFault line naming the loader and where it stopped, not a traceback out of the producer thread."""
+    from fastmae.errors import RunFault
+
+    index = index_data(mixed[0])
+    gpu = GPULoader(index, 16, 4, seed=0, device=torch.device("cpu"), num_workers=0, decoder=_cpu_decoder)
+
+    def broken(payload):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nCompile with TORCH_USE_CUDA_DSA")
+
+    monkeypatch.setattr(gpu, "transform", broken)
+    with pytest.raises(RunFault) as err:
+        list(gpu.epoch(0))
+    assert str(err.value) == ("--loader gpu: the GPU pipeline failed after batch 0 of epoch 0 (RuntimeError: Compile "
+                              "with TORCH_USE_CUDA_DSA); --loader torchvision runs without it")  # fmt: skip
+
+
+def test_auto_falls_back_to_torchvision_when_the_gpu_route_fails_in_its_first_batches(mixed, monkeypatch, caplog):
+    """--loader auto's GPU route failing at its second batch: one warning, and the torchvision loader continues from
+    that batch, so the epoch has the plain torchvision loader's samples in its order; a failure after the first
+    batches is the run's."""
+    from fastmae.train.data.loaders import FallbackLoader
+
+    index = index_data(mixed[0])
+    plain = TorchvisionLoader(index, 16, 4, seed=1, num_workers=0)
+    expected = [(plain.last_ids.clone(), tuple(plain.position)) for _ in plain.epoch(0)]
+
+    def loader(fail_at: int):
+        gpu = GPULoader(index, 16, 4, seed=1, device=torch.device("cpu"), num_workers=0, decoder=_cpu_decoder)
+        real, calls = gpu.transform, []
+
+        def transform(payload):
+            calls.append(1)
+            if len(calls) == fail_at:
+                raise RuntimeError("nvjpeg: NVJPEG_STATUS_EXECUTION_FAILED")
+            return real(payload)
+
+        monkeypatch.setattr(gpu, "transform", transform)
+        return FallbackLoader(gpu, lambda: TorchvisionLoader(index, 16, 4, seed=1, num_workers=0))
+
+    auto = loader(fail_at=2)
+    with caplog.at_level("WARNING", logger="fastmae.data"):
+        got = [(auto.last_ids.clone(), tuple(auto.position)) for _ in auto.epoch(0)]
+    assert [(i.tolist(), p) for i, p in got] == [(i.tolist(), p) for i, p in expected]
+    assert auto.name == "torchvision"
+    assert auto.fell_back == ("the gpu loader failed at batch 1 of epoch 0 (RuntimeError: nvjpeg: "
+                              "NVJPEG_STATUS_EXECUTION_FAILED)")
+    assert [r.message for r in caplog.records if "--loader auto" in r.message] == [
+        f"--loader auto: {auto.fell_back}; the torchvision loader continues from there"]  # fmt: skip
+    late = loader(fail_at=3)
+    from fastmae.errors import RunFault
+
+    with pytest.raises(RunFault, match="the GPU pipeline failed after batch 2 of epoch 0"):
+        list(late.epoch(0))
+
+
+def test_loader_auto_leaves_the_gpu_loader_to_an_explicit_choice(monkeypatch):
+    import fastmae.train.data as data
+
+    monkeypatch.setattr(data, "dali_unavailable_reason", lambda: "nvidia-dali is not installed")
+    assert data.resolve_loader("auto", torch.device("cuda"), gpu_loader=True) == "torchvision"
+    monkeypatch.setattr(data, "dali_unavailable_reason", lambda: None)
+    assert data.resolve_loader("auto", torch.device("cuda"), gpu_loader=True) == "dali"
+    assert data.resolve_loader("auto", torch.device("cpu"), gpu_loader=True) == "torchvision"

@@ -26,10 +26,10 @@ import torch
 from fastmae.errors import FastMAEError
 
 from .dali import DALILoader, dali_unavailable_reason
-from .gpu_loader import GPULoader, check_gpu_loader, gpu_loader_unavailable_reason
+from .gpu_loader import GPULoader, check_gpu_loader
 from .index import DataIndex, index_data
 from .labelled import digits_folder, labelled_data, labelled_splits, num_classes
-from .loaders import Augment, SyntheticLoader, TorchvisionLoader, sample_images, to_device
+from .loaders import Augment, FallbackLoader, SyntheticLoader, TorchvisionLoader, sample_images, to_device
 
 logger = logging.getLogger("fastmae.data")
 __all__ = ["Augment", "DataIndex", "SyntheticLoader", "digits_folder", "index_data", "labelled_data", "labelled_splits",
@@ -44,22 +44,17 @@ def pretrain_index(data: str | None, group=None, check: str = "listing") -> Data
 
 
 def resolve_loader(name: str, device: torch.device, gpu_loader: bool = False) -> str:
-    """``auto`` is DALI on CUDA when it imports, then (where the recipe has a GPU pipeline, ``gpu_loader``) the GPU
-    loader when torchvision decodes JPEGs on this GPU, then torchvision, and says why; an explicit ``dali`` or
-    ``gpu`` that cannot run fails with the reason."""
+    """``auto`` is DALI on CUDA when it imports, else torchvision, and says why. The GPU loader (``gpu``) is chosen
+    only when asked for, until a GPU sitting measures it faster than torchvision's (``benchmarks/gpu_sitting.py
+    --stage feed``); ``gpu_loader`` says whether the recipe has that pipeline at all. An explicit ``dali`` or ``gpu``
+    that cannot run fails with the reason."""
     if name == "auto":
         if device.type != "cuda":
             return "torchvision"
-        skipped = []
         if (reason := dali_unavailable_reason()) is None:
             return "dali"
-        skipped.append(f"dali: {reason}")
-        if gpu_loader:
-            if (reason := gpu_loader_unavailable_reason(device)) is None:
-                logger.info("loader auto -> gpu (skipped %s)", "; ".join(skipped))
-                return "gpu"
-            skipped.append(f"gpu: {reason}")
-        logger.info("loader auto -> torchvision (skipped %s)", " | ".join(skipped))
+        later = "; --loader gpu (not measured faster yet) decodes on the GPU without DALI" if gpu_loader else ""
+        logger.info("loader auto -> torchvision (skipped dali: %s%s)", reason, later)
         return "torchvision"
     if name == "dali" and (reason := dali_unavailable_reason()):
         raise FastMAEError(f"--loader dali: {reason}")
@@ -68,17 +63,25 @@ def resolve_loader(name: str, device: torch.device, gpu_loader: bool = False) ->
     return name
 
 
-def make_loader(name: str, index: DataIndex, kind: str, cfg, device: torch.device):
-    """A ``dali`` or ``torchvision`` loader of ``kind`` (pretrain / linprobe / finetune / eval) over ``index``, with
-    the config's img_size, batch_size, seed and num_workers (default min(8, CPU count) processes or threads)."""
+def make_loader(name: str, index: DataIndex, kind: str, cfg, device: torch.device, fallback: bool = False):
+    """A ``gpu``, ``dali`` or ``torchvision`` loader of ``kind`` (pretrain / linprobe / finetune / eval) over
+    ``index``, with the config's img_size, batch_size, seed and num_workers (default min(8, CPU count) processes or
+    threads). ``fallback`` (``--loader auto`` chose it): a GPU route that fails in its first batches gives way to the
+    torchvision loader, from the batch it had reached, with one logged line (:class:`FallbackLoader`)."""
     workers = cfg.num_workers if cfg.num_workers is not None else min(8, os.cpu_count() or 1)
     augment = Augment.of(cfg)  # the config's crop scale, flip, RandAugment and erasing (the recipe's by default)
+
+    def torchvision_loader():
+        return TorchvisionLoader(index, cfg.img_size, cfg.batch_size, cfg.seed, workers, pin=device.type == "cuda",
+                                 kind=kind, augment=augment)  # fmt: skip
+
     if name == "gpu":
         if kind != "pretrain":
             raise FastMAEError(f"--loader gpu has the pretrain pipeline only, not {kind}'s")
-        return GPULoader(index, cfg.img_size, cfg.batch_size, cfg.seed, device, workers, augment=augment)
-    if name == "dali":
-        return DALILoader(index, cfg.img_size, cfg.batch_size, cfg.seed, device, num_threads=max(workers, 1),
-                          kind=kind, augment=augment)  # fmt: skip
-    return TorchvisionLoader(index, cfg.img_size, cfg.batch_size, cfg.seed, workers, pin=device.type == "cuda",
-                             kind=kind, augment=augment)  # fmt: skip
+        loader = GPULoader(index, cfg.img_size, cfg.batch_size, cfg.seed, device, workers, augment=augment)
+    elif name == "dali":
+        loader = DALILoader(index, cfg.img_size, cfg.batch_size, cfg.seed, device, num_threads=max(workers, 1),
+                            kind=kind, augment=augment)  # fmt: skip
+    else:
+        return torchvision_loader()
+    return FallbackLoader(loader, torchvision_loader) if fallback else loader

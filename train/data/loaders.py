@@ -396,6 +396,55 @@ def _quiet_sigchld() -> None:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
+class FallbackLoader:
+    """A GPU route (DALI, the GPU loader) that ``--loader auto`` chose, with the torchvision loader behind it: if the
+    route fails within its first :attr:`FIRST` batches of the run (a decoder missing on this GPU, a driver library
+    that does not load), one warning says so and the torchvision loader continues from the batch the failed one had
+    reached: the same order, crop boxes and flips, so the run sees the batches it would have seen. A failure later is
+    the run's (one line and a checkpoint). The interface is the loaders' own."""
+
+    FIRST = 2
+
+    def __init__(self, primary, make_fallback):
+        self.current, self._make_fallback = primary, make_fallback
+        self.fell_back: str | None = None  # why, once it has
+        self.served = 0
+
+    def __getattr__(self, name):  # position, steps_per_epoch, skipped, last_ids, order ...: the loader in use
+        return getattr(self.__dict__["current"], name)
+
+    @property
+    def name(self) -> str:
+        return self.current.name
+
+    def epoch(self, epoch: int, start_batch: int = 0):
+        it = self.current.epoch(epoch, start_batch)
+        while True:
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            except Exception as exc:
+                if self.fell_back is not None or self.served >= self.FIRST:
+                    raise
+                failed, at = self.current.name, self.current.position
+                cause = exc.__cause__ if isinstance(exc, RunFault) and exc.__cause__ is not None else exc
+                self.fell_back = f"the {failed} loader failed at batch {at[1]} of epoch {at[0]} ({_one_line(cause)})"
+                logger.warning("--loader auto: %s; the torchvision loader continues from there", self.fell_back)
+                skipped = set(self.current.skipped)
+                self.current = self._make_fallback()
+                self.current.skipped |= skipped
+                it = self.current.epoch(at[0], at[1])
+                continue
+            self.served += 1
+            yield item
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1][:200] if lines else ''}".rstrip(": ")
+
+
 class SyntheticLoader:
     """Random normalised images made on the device: measures compute with no data loading in the way. Under torchrun
     each rank makes its own images (sample ids ``rank * batch_size + ...`` within each global batch)."""
