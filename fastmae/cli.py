@@ -15,6 +15,7 @@ import sys
 import types
 import typing
 
+from .compiling import DEFAULT_VARIANT, VARIANTS
 from .config import (
     COMPILE_MODES,
     FINETUNE_PRESETS,
@@ -69,6 +70,11 @@ def _config_flags(p: argparse.ArgumentParser, cls, presets: dict, default_preset
         text = text.replace("%", "%%")
         if tp is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif "const" in f.metadata:  # --compile [VARIANT] / --no-compile
+            p.add_argument(flag, dest=f.name, nargs="?", const=f.metadata["const"], choices=f.metadata["choices"],
+                           default=None, metavar="VARIANT", help=text)  # fmt: skip
+            p.add_argument("--no-" + flag[2:], dest=f.name, action="store_const", const=f.metadata["negative"],
+                           help=f"the same as {flag} {f.metadata['negative']}")  # fmt: skip
         else:
             p.add_argument(flag, dest=f.name, type=tp, default=None, metavar=f.name.upper(), help=text)
 
@@ -166,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: auto, from the measured table)")  # fmt: skip
     b.add_argument("--attn-table", default=None, metavar="JSON", help="the measured attention table auto reads "
                    "(default: fastmae/attention_table.json)")  # fmt: skip
+    b.add_argument("--compile", dest="compile", nargs="?", const=DEFAULT_VARIANT, default=DEFAULT_VARIANT,
+                   metavar="VARIANTS", help="how the compiled configurations compile (on CUDA): full, regional, or "
+                   "both side by side as full,regional; --compile alone: " + DEFAULT_VARIANT)  # fmt: skip
+    b.add_argument("--no-compile", dest="compile", action="store_const", const="off",
+                   help="no configuration compiles")  # fmt: skip
     b.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile mode of the "
                    "compiled configurations")  # fmt: skip
     b.add_argument("--optimizer-bench", action="store_true",
@@ -255,22 +266,28 @@ def run_bench(args: argparse.Namespace) -> int:
         parse_sites(args.attn_backend)  # a bad spec is one line now, not after the first model compiled
     if args.attn_table is not None:
         os.environ["FASTMAE_ATTENTION_TABLE"] = args.attn_table
+    variants = tuple(v.strip() for v in args.compile.split(",") if v.strip())
+    if not variants or set(variants) - set(VARIANTS):
+        raise FastMAEError(f"--compile: {args.compile!r}; give one or more of {', '.join(VARIANTS)}, comma-separated")
+    bench.check_graphs_mode(args.graphs, args.compile_mode)  # before any model is built, on any device
     if args.quick:
-        models, depths = ["mae_vit_tiny_patch16"], [2, 1]
+        models = ["mae_vit_tiny_patch16"]
+        depths = depths if args.decoder_depths != "8,1" else [2, 1]  # depths given on the command line are kept
         args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
     from fastmae.train.run import resolve_device
 
     device = resolve_device(args.device or "auto")
-    rows = []
+    env = bench.env_info(device)
+    results = bench.ResultsFile(args.out or bench.default_results_path(env), env)  # rewritten after every row
     if "pretrain" in suites:
-        rows += bench.run_suite(models, depths, device, args.steps, args.warmup, args.quick, args.batch,
-                                profile=args.profile, configs=configs, graphs=args.graphs, batches=batches,
-                                attn=args.attn_backend, compile_mode=args.compile_mode,
-                                optimizer_bench=args.optimizer_bench)  # fmt: skip
+        bench.run_suite(models, depths, device, args.steps, args.warmup, args.quick, args.batch,
+                        profile=args.profile, configs=configs, graphs=args.graphs, batches=batches,
+                        attn=args.attn_backend, compile_mode=args.compile_mode, optimizer_bench=args.optimizer_bench,
+                        compile_variants=variants, on_row=results.add)  # fmt: skip
     for extra in ("kernels", "loader", "finetune"):
         if extra in suites:
-            rows += bench.extra_rows(extra, args.quick)
-    path = bench.write_results(rows, bench.env_info(device), args.out)
+            results.extend(bench.extra_rows(extra, args.quick))
+    rows, path = results.rows, results.path
     for s in bench.speedups(rows):
         print(f"{s['model']} dec{s['decoder_depth']}: fastmae {bench._fmt(s['fastmae_vs_eager'], '.2f')}x eager, "
               f"{bench._fmt(s['fastmae_vs_compiled_reference'], '.2f')}x compiled-reference, visible "

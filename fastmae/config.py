@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .compiling import DEFAULT_VARIANT, GRAPH_MODES, MODES, VARIANTS
 from .errors import FastMAEError
 from .registry import check_mask_ratio, list_models
 
@@ -13,11 +14,25 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PARALLEL = ("ddp", "fsdp")
 INDEX_CHECKS = ("listing", "stat")
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")  # torch.compile's
+COMPILE_MODES = MODES  # torch.compile's
 
 
 def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
+
+
+def _check_compile(cfg) -> None:
+    """``compile``: None (the device decides), a variant, or a bool from older code (True: the default variant)."""
+    if isinstance(cfg.compile, bool):
+        cfg.compile = DEFAULT_VARIANT if cfg.compile else "off"
+    if cfg.compile is not None and cfg.compile not in VARIANTS:
+        raise FastMAEError(f"--compile must be one of {', '.join(VARIANTS)}, got {cfg.compile!r}")
+    if cfg.compile_mode not in MODES:
+        raise FastMAEError(f"--compile-mode must be one of {', '.join(MODES)}, got {cfg.compile_mode!r}")
+    if getattr(cfg, "cuda_graphs", False) and cfg.compile_mode in GRAPH_MODES and cfg.compile != "off":
+        raise FastMAEError(f"--compile-mode {cfg.compile_mode} captures CUDA graphs of its own inside the step, which "
+                           "--cuda-graphs captures whole: use one of them (e.g. --compile-mode "
+                           "max-autotune-no-cudagraphs with --cuda-graphs)")  # fmt: skip
 
 
 def _check_augment(cfg) -> None:
@@ -93,7 +108,15 @@ class PretrainConfig:
     parallel: str = _f(
         "ddp", "under torchrun: ddp (DistributedDataParallel) | fsdp (FSDP2 fully_shard per block, for ViT-H and up)"
     )
-    compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA, off for CPU)")
+    compile: str | None = _f(
+        None, f"torch.compile: off | full (the whole model) | regional (each transformer block once, reused: a "
+        f"fraction of full's compile time); --compile alone: {DEFAULT_VARIANT}, --no-compile: off (default: "
+        f"{DEFAULT_VARIANT} on CUDA, off on CPU)", const=DEFAULT_VARIANT, choices=VARIANTS, negative="off"
+    )  # fmt: skip
+    compile_mode: str = _f(
+        "default", "torch.compile mode: default | max-autotune-no-cudagraphs (inductor's GEMM autotuning) | "
+        "max-autotune | reduce-overhead (these two capture CUDA graphs of their own: not with --cuda-graphs)"
+    )  # fmt: skip
     cuda_graphs: bool = _f(
         False, "run the whole step (forward, backward, AdamW) as one CUDA graph: one process, --accum-iter 1, bf16 or "
         "fp32 (off by default until the H200 sitting measures it; README, Benchmarks)"
@@ -156,6 +179,7 @@ class PretrainConfig:
         if self.dist_timeout <= 0:
             raise FastMAEError(f"--dist-timeout must be positive minutes, got {self.dist_timeout}")
         _check_augment(self)
+        _check_compile(self)
         if self.picture_every is not None and self.picture_every < 0:
             raise FastMAEError(f"--picture-every must be >= 0 (0: only at start and end), got {self.picture_every}")
         for name in ("stop_after_steps", "save_every", "keep_every", "picture_scale"):
@@ -273,7 +297,14 @@ class _DownstreamConfig:
     loader: str = _f("auto", "auto (dali on CUDA when installed, else torchvision) | dali | torchvision")
     num_workers: int | None = _f(None, "loader processes (torchvision) or threads (dali); default min(8, CPU count)")
     precision: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32")
-    compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA, off for CPU)")
+    compile: str | None = _f(
+        None, f"torch.compile: off | full (the whole model) | regional (each transformer block once, reused: a "
+        f"fraction of full's compile time); --compile alone: {DEFAULT_VARIANT}, --no-compile: off (default: "
+        f"{DEFAULT_VARIANT} on CUDA, off on CPU)", const=DEFAULT_VARIANT, choices=VARIANTS, negative="off"
+    )  # fmt: skip
+    compile_mode: str = _f(
+        "default", "torch.compile mode: default | max-autotune-no-cudagraphs | max-autotune | reduce-overhead"
+    )
     log_every: int = _f(10, "log metrics every N optimizer steps")
     stop_after_steps: int | None = _f(
         None, "stop once the step reaches N (schedule unchanged; smoke runs; off by default)"
@@ -317,6 +348,7 @@ class _DownstreamConfig:
         if self.dist_timeout <= 0:
             raise FastMAEError(f"--dist-timeout must be positive minutes, got {self.dist_timeout}")
         _check_augment(self)
+        _check_compile(self)
         if not 0 < self.val_split < 1:
             raise FastMAEError(f"--val-split must be in (0, 1), got {self.val_split}")
         if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:

@@ -383,11 +383,14 @@ def create_model(name: str, **overrides) -> MaskedAutoencoderViT:
     return MaskedAutoencoderViT(**{**model_args(name), **overrides})
 
 
-def flops_per_image(model: MaskedAutoencoderViT, mask_ratio: float = 0.75) -> dict[str, float]:
-    """Forward matmul FLOPs per image (2 per multiply-add) for the encoder and decoder, as counted for MFU."""
+def flops_per_image(model: MaskedAutoencoderViT, mask_ratio: float = 0.75, embed: str = "full") -> dict[str, float]:
+    """Forward FLOPs per image (2 per multiply-add) of the encoder and decoder, as counted for MFU: every matmul, the
+    attention scores and their weighted sum included. ``embed="visible"``: the patch embedding of the kept patches
+    only (what the visible-only embedding computes; the official order embeds every patch)."""
     L = model.patch_embed.num_patches
     p2c = model.patch_size**2 * model.in_chans
     K = L if model.encoder_mode == "mask_token" else int(L * (1 - mask_ratio))
+    embedded = K if embed == "visible" and model.encoder_mode == "visible" else L
 
     def blocks(n_tok: int, blks: nn.ModuleList) -> float:
         if len(blks) == 0:
@@ -397,7 +400,7 @@ def flops_per_image(model: MaskedAutoencoderViT, mask_ratio: float = 0.75) -> di
         per = 2 * n_tok * (3 * d * d + d * d + 2 * d * hidden) + 2 * 2 * n_tok * n_tok * d
         return float(per * len(blks))
 
-    enc = 2 * L * p2c * model.patch_embed.proj.out_channels + blocks(K + 1, model.blocks)
+    enc = 2 * embedded * p2c * model.patch_embed.proj.out_channels + blocks(K + 1, model.blocks)
     d_in, d_out = model.decoder_embed.in_features, model.decoder_embed.out_features
     dec = 2 * (K + 1) * d_in * d_out + blocks(L + 1, model.decoder_blocks) + 2 * (L + 1) * d_out * p2c
     return {"encoder": enc, "decoder": dec, "total": enc + dec, "mask_ratio": mask_ratio, "tokens_encoded": K + 1}

@@ -106,8 +106,10 @@ class Finetuning:
         seed_all(cfg.seed + run.ctx.rank)
         self.train_idx, self.val_idx, self.classes = labelled_data(cfg, run.ctx)
         self._build_model()
-        self.train_loader = make_loader(run.loader_name, self.train_idx, "finetune", cfg, self.device)
-        self.val_loader = make_loader(run.loader_name, self.val_idx, "eval", cfg, self.device)
+        self.train_loader = make_loader(run.loader_name, self.train_idx, "finetune", cfg, self.device,
+                                        fallback=cfg.loader == "auto")
+        self.val_loader = make_loader(run.loader_name, self.val_idx, "eval", cfg, self.device,
+                                        fallback=cfg.loader == "auto")
         self.accum = cfg.accum_iter
         self.steps_per_epoch = optimizer_steps(self.train_loader.steps_per_epoch, self.accum)
         total_steps = cfg.epochs * self.steps_per_epoch

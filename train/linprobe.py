@@ -170,8 +170,10 @@ class LinearProbing:
             torch.manual_seed(cfg.seed)
             self.probes = nn.ModuleList([make_probe(self.dim, self.classes) for _ in self.lrs]).to(self.device)
         self.optimizer = Lars(lars_groups(self.probes, self.lrs, cfg.weight_decay), lr=self.lrs[0], momentum=0.9)
-        self.train_loader = make_loader(run.loader_name, self.train_idx, "linprobe", cfg, self.device)  # crop + flip
-        self.val_loader = make_loader(run.loader_name, self.val_idx, "eval", cfg, self.device)
+        self.train_loader = make_loader(run.loader_name, self.train_idx, "linprobe", cfg, self.device,
+                                        fallback=cfg.loader == "auto")  # crop + flip
+        self.val_loader = make_loader(run.loader_name, self.val_idx, "eval", cfg, self.device,
+                                        fallback=cfg.loader == "auto")
         self.accum = cfg.accum_iter
         self.steps_per_epoch = optimizer_steps(self.train_loader.steps_per_epoch, self.accum)
         total_steps = cfg.epochs * self.steps_per_epoch
@@ -302,7 +304,8 @@ class LinearProbing:
         scores = score_probes(self.probes, self.val_f, self.val_y, self.classes)
         knn = None
         if cfg.knn_k > 0:  # training features without augmentation, each rank its shard
-            train_eval = make_loader(run.loader_name, self.train_idx, "eval", cfg, self.device)
+            train_eval = make_loader(run.loader_name, self.train_idx, "eval", cfg, self.device,
+                                        fallback=cfg.loader == "auto")
             train_f, train_y = extract(self.features, train_eval, self.device, run.autocast(), self.dim)
             knn = knn_classify(train_f, train_y, self.val_f, self.val_y, self.classes, cfg.knn_k, cfg.knn_t,
                                ctx=run.ctx)  # fmt: skip

@@ -71,7 +71,8 @@ class Pretraining:
             self.loader = SyntheticLoader(cfg.img_size, cfg.batch_size, cfg.synthetic_images, cfg.seed, run.device)
         else:
             self.index = pretrain_index(cfg.data, run.ctx, cfg.index_check)
-            self.loader = make_loader(run.loader_name, self.index, "pretrain", cfg, run.device)
+            self.loader = make_loader(run.loader_name, self.index, "pretrain", cfg, run.device,
+                                        fallback=cfg.loader == "auto")
         self._build_model()
         self.step, self.rng_resume = 0, None
         ckpt = self._resume() if run.resume_path is not None else None
@@ -158,7 +159,7 @@ class Pretraining:
         self.resolved = {
             **cfg.to_dict(), "arch": model_arch(self.model), "loader": run.loader_name, "lr": self.base_lr,
             "device": self.device.type,
-            "precision": run.precision, "compile": run.use_compile, "parallel": run.ctx.strategy,
+            "precision": run.precision, "compile": run.compile, "parallel": run.ctx.strategy,
             "steps_per_epoch": self.steps_per_epoch, "effective_batch": cfg.effective_batch(world),
             "world_size": world, "recipe_warnings": warnings_, "total_steps": cfg.epochs * self.steps_per_epoch,
             "data": str(self.index.root) if self.index is not None else None,
@@ -374,9 +375,10 @@ class Pretraining:
             "eval_loss_start": eval_loss_start, "eval_loss_end": eval_loss_end,
             "attn_backend": self.model.attn_backend_used or self.attn_used, "kernels": self.kernels_used,
             "embed": self.model.embed_used(self.device),
-            "loader": run.loader_name, "device": self.device.type,
+            "loader": self.loader.name, "loader_fallback": getattr(self.loader, "fell_back", None),
+            "device": self.device.type,
             "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
-            "precision": run.precision, "compile": run.use_compile, "world_size": world, "parallel": run.ctx.strategy,
+            "precision": run.precision, "compile": run.compile, "world_size": world, "parallel": run.ctx.strategy,
             "ranks_in_sync": in_sync, "fp16_scale": self.scaler.get_scale() if self.scaler is not None else None,
             **versions(),
         }  # fmt: skip

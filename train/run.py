@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 import fastmae
+from fastmae.compiling import DEFAULT_VARIANT, compile_model
 from fastmae.config import PretrainConfig
 from fastmae.errors import FastMAEError, NoRoom, RunFault
 from fastmae.interop import check_pretrained
@@ -46,12 +47,19 @@ logger = logging.getLogger("fastmae.run")
 
 # ---------------------------------------------------------------------------------------------- choices of the run
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else CPU; an explicit ``cuda``/``cuda:N`` without a GPU is a one-line error."""
+    """``auto`` is CUDA when available, else CPU; an explicit ``cuda``/``cuda:N`` without a GPU is a one-line error.
+    ``cuda`` is this process's GPU: ``cuda:LOCAL_RANK`` in a multi-process job (so that every check before joining,
+    the decode probe among them, runs on it, not on GPU 0)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    elif name.startswith("cuda") and not torch.cuda.is_available():
         raise FastMAEError(f"--device {name} was requested but no CUDA device is available")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        _, world, local = dist_info()
+        if world > 1 and local < torch.cuda.device_count():
+            device = torch.device("cuda", local)
+    return device
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -178,11 +186,12 @@ class Run:
     ctx: DistContext
     device: torch.device
     precision: str
-    use_compile: bool
+    compile: str  # off | full | regional
     loader_name: str
     out: Path
     resume_path: Path | None
     lock: int | None = None  # rank 0's descriptor of out/.fastmae.lock
+    compile_mode: str = "default"
 
     @property
     def main(self) -> bool:
@@ -199,11 +208,12 @@ class Run:
         return torch.autocast(device_type=self.device.type, dtype=self.act_dtype)
 
     def compiled(self, module: torch.nn.Module) -> torch.nn.Module:
-        return torch.compile(module) if self.use_compile else module
+        """What the step calls: ``module`` compiled as ``--compile`` says (:func:`fastmae.compiling.compile_model`)."""
+        return compile_model(module, self.compile, self.compile_mode)
 
     def run_info(self) -> dict:
         """Where and how the run ran, for ``config.json`` and ``summary.json``."""
-        return {"device": self.device.type, "precision": self.precision, "compile": self.use_compile,
+        return {"device": self.device.type, "precision": self.precision, "compile": self.compile,
                 "loader": self.loader_name, "world_size": self.ctx.world_size}  # fmt: skip
 
     def log_and_stop(self, step: int, every: int, last_step: int, stop: StopSignal) -> tuple[bool, bool]:
@@ -228,7 +238,10 @@ def start_run(cfg, parallel: str = "ddp") -> Run:
     cfg.validate()
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    variant = cfg.compile if cfg.compile is not None else (DEFAULT_VARIANT if device.type == "cuda" else "off")
+    if variant == "regional" and getattr(cfg, "parallel", "ddp") == "fsdp" and dist_info()[1] > 1:
+        raise FastMAEError("--compile regional with --parallel fsdp: FSDP2 shards the very blocks it compiles; use "
+                           "--compile full")  # fmt: skip
     loader_name = resolve_loader(cfg.loader, device, gpu_loader=isinstance(cfg, PretrainConfig))
     out = check_output_dir(cfg.output_dir)
     check_fresh_start(out, cfg.resume, cfg.overwrite)
@@ -243,14 +256,16 @@ def start_run(cfg, parallel: str = "ddp") -> Run:
     try:
         if lock is not None:
             check_fresh_start(out, cfg.resume, cfg.overwrite)
-        return _join(cfg, parallel, device, precision, use_compile, loader_name, out, resume_path, lock)
+        run = _join(cfg, parallel, device, precision, variant, loader_name, out, resume_path, lock)
+        run.compile_mode = cfg.compile_mode
+        return run
     except BaseException:
         if lock is not None:
             os.close(lock)
         raise
 
 
-def _join(cfg, parallel, device, precision, use_compile, loader_name, out, resume_path, lock) -> Run:
+def _join(cfg, parallel, device, precision, variant, loader_name, out, resume_path, lock) -> Run:
     """The rest of :func:`start_run`: the process group, and the old run's files moved aside where asked."""
     # --overwrite, or --resume auto with nothing to resume (a run that died before its first checkpoint): the old
     # files go aside, so that the new run's metrics and pictures are its own. Decided before any rank moves a file.
@@ -264,7 +279,7 @@ def _join(cfg, parallel, device, precision, use_compile, loader_name, out, resum
         except BaseException:
             ctx.close()
             raise
-    return Run(ctx, device, precision, use_compile, loader_name, out, resume_path, lock)
+    return Run(ctx, device, precision, variant, loader_name, out, resume_path, lock)
 
 
 # ------------------------------------------------------------------------------------------ seeding and generators
