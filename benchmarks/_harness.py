@@ -7,12 +7,15 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from fastmae.bench import env_info as bench_env_info
+from fastmae.errors import FastMAEError
+from fastmae.files import write_json
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -54,12 +57,32 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def results_path(name: str, env: dict, out: str | os.PathLike | None = None) -> Path:
+    return Path(out) if out else RESULTS / f"{name}-{env['device']}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+
+
 def write_results(name: str, rows: list[dict], env: dict, out: str | os.PathLike | None = None) -> Path:
-    """Write ``{"env": ..., "rows": [...]}`` as JSON; default path benchmarks/results/<name>-<device>-<date>.json."""
-    path = Path(out) if out else RESULTS / f"{name}-{env['device']}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
-    return path
+    """Write ``{"env": ..., "rows": [...]}`` as JSON, atomically; default path
+    benchmarks/results/<name>-<device>-<date>.json."""
+    return write_json(results_path(name, env, out), {"env": env, "rows": rows})
+
+
+class Rows:
+    """A results JSON rewritten (atomically) after every row: a script stopped at its time budget leaves the rows it
+    finished, never half a file."""
+
+    def __init__(self, name: str, env: dict, out: str | os.PathLike | None = None):
+        self.env, self.rows = env, []
+        self.path = results_path(name, env, out)
+        self.write()
+
+    def add(self, row: dict) -> dict:
+        self.rows.append(row)
+        self.write()
+        return row
+
+    def write(self) -> Path:
+        return write_json(self.path, {"env": self.env, "rows": self.rows})
 
 
 def report(json_path: str | os.PathLike, table, marker: str, readme: str | os.PathLike | None = None) -> str:
@@ -71,3 +94,14 @@ def report(json_path: str | os.PathLike, table, marker: str, readme: str | os.Pa
     if readme is not None:
         update_readme(Path(readme), text, marker)
     return text
+
+
+def cli(main) -> int:
+    """A script's ``main()`` as a command: a :class:`FastMAEError` (no CUDA device for ``--device cuda``, a bad
+    value) is one line on stderr and exit code 2, not a traceback."""
+    try:
+        main()
+    except FastMAEError as exc:
+        print(f"{Path(sys.argv[0]).name}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0

@@ -10,7 +10,9 @@ decoder (every patch + cls, head dim 32).
     python benchmarks/bench_attention.py --smoke                                        # tiny shapes, any device
 
 Rows: {"name": "attention", "model", "site", "backend", "batch", "heads", "tokens", "head_dim", "dtype", "ms" (fwd +
-bwd, or null with "reasons"), "rel_err" (output against math)}.
+bwd, or null with "reasons" or "error"), "rel_err" and "grad_rel_err" (output and q/k/v gradients against float64
+math)}. A backend is timed, and can enter the table, only after its output and gradients are within tolerance. The
+results file (and the table) are rewritten after every row (every shape).
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import env_info, write_results  # noqa: E402
+from _harness import Rows, cli, env_info  # noqa: E402
 from bench_kernels import _time  # noqa: E402
+from fastmae.train.run import resolve_device  # noqa: E402
 
 from fastmae import attention  # noqa: E402
+from fastmae.files import write_json  # noqa: E402
 
 CANDIDATES = ("flash", "cudnn", "efficient", "sdpa", "xformers", "math")
 # (model, site, batch, heads, tokens, head_dim)
@@ -39,7 +43,18 @@ SHAPES = [
 SMOKE = [("tiny", "encoder", 2, 3, 17, 16), ("tiny", "decoder", 2, 2, 65, 8)]
 
 
+TOLERANCE = {"bf16": 2e-2, "fp16": 1e-2, "fp32": 1e-4}  # relative error against float64 math, output and gradients
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
 def measure(shape, backend: str, device: torch.device, dtype: torch.dtype, reps: int) -> dict:
+    """One backend at one call site: its reasons not to run, or its output and q/k/v gradients against float64 math
+    (``rel_err``, ``grad_rel_err``), then fwd+bwd ms when both are within :data:`TOLERANCE`. Any error on the way (a
+    kernel torch refuses for these inputs, a failing backward, an illegal memory access) is the row's ``error``: no
+    backend wins that has not run forward and backward correctly."""
     model, site, batch, heads, tokens, head_dim = shape
     row = {"name": "attention", "model": model, "site": site, "backend": backend, "batch": batch, "heads": heads,
            "tokens": tokens, "head_dim": head_dim, "dtype": attention._dtype_name(dtype), "ms": None}  # fmt: skip
@@ -51,16 +66,25 @@ def measure(shape, backend: str, device: torch.device, dtype: torch.dtype, reps:
         return {**row, "reasons": reasons}
     try:
         out = impl(q, k, v)
-    except RuntimeError as exc:  # torch's own check (an SDPA kernel it will not run for these inputs)
-        return {**row, "reasons": [str(exc).splitlines()[0][:200]]}
-    ref = attention.get_backend("math")(q.double(), k.double(), v.double())
-    row["rel_err"] = ((out.double() - ref).norm() / ref.norm()).item()
-    grad = torch.randn_like(out)
+        grad = torch.randn(out.shape, device=device, generator=g, dtype=dtype)
+        grads = torch.autograd.grad(out, (q, k, v), grad)
+        qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref = attention.get_backend("math")(qd, kd, vd)
+        ref_grads = torch.autograd.grad(ref, (qd, kd, vd), grad.double())
+        row["rel_err"] = _rel(out, ref.detach())
+        row["grad_rel_err"] = max(_rel(a, b) for a, b in zip(grads, ref_grads, strict=True))
+        tol = TOLERANCE.get(row["dtype"], 2e-2)
+        if not (row["rel_err"] <= tol and row["grad_rel_err"] <= tol):  # NaN fails too
+            return {**row, "error": f"output {row['rel_err']:.2e} / gradients {row['grad_rel_err']:.2e} off math "
+                                    f"(tolerance {tol:g}): not timed"}  # fmt: skip
 
-    def fwd_bwd():
-        torch.autograd.grad(impl(q, k, v), (q, k, v), grad)
+        def fwd_bwd():
+            torch.autograd.grad(impl(q, k, v), (q, k, v), grad)
 
-    row["ms"] = _time(fwd_bwd, device, reps)
+        row["ms"] = _time(fwd_bwd, device, reps)
+    except Exception as exc:  # torch's own checks, a kernel failing at these shapes: a row, not the end of the run
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        return {**row, "ms": None, "error": f"{type(exc).__name__}: {lines[-1][:200] if lines else ''}"}
     return row
 
 
@@ -69,7 +93,7 @@ def table_entries(rows: list[dict], env: dict, source: str) -> list[dict]:
     earlier of :data:`CANDIDATES`: no switch for noise)."""
     out = {}
     for r in rows:
-        if r["ms"] is None or r.get("rel_err", 0) > 2e-2:
+        if r["ms"] is None or r.get("error"):  # only backends timed after their output and gradients were checked
             continue
         key = (r["dtype"], r["head_dim"], r["tokens"])
         e = out.setdefault(key, {"gpu": env["gpu"], "dtype": r["dtype"], "head_dim": r["head_dim"],
@@ -90,36 +114,36 @@ def write_table(path: Path, entries: list[dict]) -> None:
     doc = {"about": "fwd+bwd ms per attention backend at MAE's call sites, written by benchmarks/bench_attention.py; "
                     "--attn-backend auto on a GPU takes each site's fastest (fastmae.attention.measured_choice)",
            "entries": sorted(kept + entries, key=lambda e: (e["gpu"], e["dtype"], e["head_dim"], e["tokens"]))}
-    path.write_text(json.dumps(doc, indent=2) + "\n")
+    write_json(path, doc)
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on any device")
-    ap.add_argument("--device", default=None)
+    ap.add_argument("--device", default=None, help="auto | cpu | cuda (default: auto)")
     ap.add_argument("--reps", type=int, default=5, help="timed calls per backend on a CPU (a GPU uses do_bench)")
     ap.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/attention-<gpu>-<date>)")
     ap.add_argument("--write-table", default=None, metavar="JSON", help="merge the fastest per shape into this table")
     args = ap.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device or "auto")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rows = []
+    env = env_info(device)
+    results = Rows("attention", env, args.out)
     for shape in SMOKE if args.smoke else SHAPES:
         for backend in CANDIDATES:
-            row = measure(shape, backend, device, dtype, args.reps)
-            rows.append(row)
-            took = f"{row['ms']:.3f} ms" if row["ms"] is not None else "; ".join(row["reasons"])[:90]
-            print(f"{shape[0]:22s} {shape[1]:18s} {backend:9s} {took}", flush=True)
-    env = env_info(device)
-    path = write_results("attention", rows, env, args.out)
-    print(f"wrote {path}")
+            row = results.add(measure(shape, backend, device, dtype, args.reps))  # the file holds every row so far
+            took = f"{row['ms']:.3f} ms" if row["ms"] is not None else row.get("error") or "; ".join(row["reasons"])
+            print(f"{shape[0]:22s} {shape[1]:18s} {backend:9s} {took[:100]}", flush=True)
+        if args.write_table:  # after each shape: a run stopped later still leaves the shapes it measured
+            write_table(Path(args.write_table), table_entries(results.rows, env, f"benchmarks/results/"
+                                                              f"{results.path.name}"))  # fmt: skip
+    print(f"wrote {results.path}")
     if args.write_table:
-        entries = table_entries(rows, env, f"benchmarks/results/{path.name}")
-        write_table(Path(args.write_table), entries)
+        entries = table_entries(results.rows, env, f"benchmarks/results/{results.path.name}")
         print(f"{len(entries)} entries into {args.write_table}: " + ", ".join(
             f"h{e['head_dim']}/{e['tokens']} tokens -> {e['best']}" for e in entries))  # fmt: skip
-    return {"rows": rows, "path": str(path)}
+    return {"rows": results.rows, "path": str(results.path)}
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

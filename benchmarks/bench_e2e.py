@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -28,15 +29,16 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _harness import env_info, report, write_results  # noqa: E402
+from _harness import Rows, cli, env_info, report  # noqa: E402
 from bench_loader import make_jpegs  # noqa: E402
 from fastmae.train.run import resolve_device  # noqa: E402
 
-from fastmae.bench import BATCH, StepBench  # noqa: E402
+from fastmae.bench import BATCH, StepBench, _error_line, _free  # noqa: E402
+from fastmae.compiling import DEFAULT_VARIANT, VARIANTS  # noqa: E402
 
 
 def loop_rate(model: str, data: Path, out: Path, batch: int, loader: str, workers: int, steps: int, skip: int,
-              device: torch.device, smoke: dict | None) -> dict:  # fmt: skip
+              device: torch.device, smoke: dict | None, compile_variant: str = DEFAULT_VARIANT) -> dict:  # fmt: skip
     """``fastmae pretrain`` in a child process; its img/s after ``skip`` steps, from metrics.jsonl."""
     from fastmae.config import PRESETS
 
@@ -46,6 +48,8 @@ def loop_rate(model: str, data: Path, out: Path, batch: int, loader: str, worker
            "--loader", loader, "--num-workers", str(workers), "--stop-after-steps", str(steps), "--log-every", "10",
            "--picture-every", "0", "--no-progress", "--no-tensorboard", "--output-dir", str(out), "--device",
            device.type, "--num-reconstructions", "2"]  # fmt: skip
+    if device.type == "cuda":
+        cmd += ["--compile", compile_variant]
     if smoke:
         cmd += ["--img-size", str(smoke["img_size"])]
     t0 = time.perf_counter()
@@ -72,7 +76,8 @@ def readme_table(saved: dict, json_name: str) -> str:
         loop = "failed: " + r["error"] if r.get("error") else f"{r['loop_img_per_s']:.0f}"
         ratio = "n/a" if r.get("error") or not r.get("loop_img_per_s") else f"{r['loop_vs_step']:.3f}"
         lines.append(f"| {r['model']} | {r['batch_size']} | {r['loader']} | {r['workers']} | "
-                     f"{r['step_img_per_s']:.0f} | {loop} | {ratio} |")  # fmt: skip
+                     f"{'n/a' if r['step_img_per_s'] is None else format(r['step_img_per_s'], '.0f')} | {loop} | "
+                     f"{ratio} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -87,6 +92,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=120, help="steps of each fastmae pretrain")
     ap.add_argument("--skip", type=int, default=40, help="steps left out of the loop's rate (compile, first batches)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--compile", default=DEFAULT_VARIANT, choices=VARIANTS, help="how the bare step and the loop "
+                    "compile (on CUDA)")  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="tiny model and images on any device (checks the script)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--report", default=None, metavar="JSON")
@@ -101,33 +108,41 @@ def main(argv=None) -> dict:
     if args.smoke:
         args.models, args.images, args.steps, args.skip, args.workers = "mae_vit_tiny_patch16", 64, 12, 4, 1
         args.batch = args.batch or 4
-    rows = []
+    results = Rows("e2e", {**env_info(device), "cpu_count": len(os.sched_getaffinity(0))}, args.out)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(args.data) if args.data else make_jpegs(Path(tmp) / "jpegs", args.images)
+        images = sum(1 for _ in data.rglob("*.jpg"))
         for model in args.models.split(","):
             batch = args.batch or BATCH.get(model, 64)
-            step = StepBench(model, 8, "fastmae", "visible", batch, device, {**(smoke or {}), "norm_pix_loss": True})
-            bare = step.row("plain", 10 if not args.smoke else 3, 3 if not args.smoke else 1)
-            del step
+            base = {"name": "e2e", "model": model, "batch_size": batch, "workers": args.workers, "images": images}
+            try:
+                tiny = {**(smoke or {}), "norm_pix_loss": True}
+                step = StepBench(model, 8, "fastmae", "visible", batch, device, tiny, compile_variant=args.compile)
+                bare = step.row("plain", 10 if not args.smoke else 3, 3 if not args.smoke else 1)
+            except Exception as exc:  # the bare step failed: a row per loader that says so, then the next model
+                for loader in args.loaders.split(","):
+                    results.add({**base, "loader": loader, "step_img_per_s": None, "loop_img_per_s": None,
+                                 "loop_vs_step": None, "error": f"bare step: {_error_line(exc)}"})  # fmt: skip
+                continue
+            finally:
+                step = None
+                _free(device)
             for loader in args.loaders.split(","):
                 got = loop_rate(model, data, Path(tmp) / f"run-{model}-{loader}", batch, loader, args.workers,
-                                args.steps, args.skip, device, smoke)  # fmt: skip
-                row = {"name": "e2e", "model": model, "batch_size": batch, "loader": loader, "workers": args.workers,
-                       "step_img_per_s": bare["img_per_s"], "loop_img_per_s": got.get("img_per_s"),
+                                args.steps, args.skip, device, smoke, args.compile)  # fmt: skip
+                row = {**base, "loader": loader, "step_img_per_s": bare["img_per_s"],
+                       "loop_img_per_s": got.get("img_per_s"),
                        "loop_vs_step": (got["img_per_s"] / bare["img_per_s"]) if got.get("img_per_s") else None,
-                       "images": sum(1 for _ in data.rglob("*.jpg")), **{f"loop_{k}": v for k, v in got.items()
-                                                                         if k != "img_per_s"}}  # fmt: skip
+                       **{f"loop_{k}": v for k, v in got.items() if k != "img_per_s"}}  # fmt: skip
                 if got.get("error"):
                     row["error"] = got["error"]
-                rows.append(row)
+                results.add(row)  # the file holds every row so far
                 loop = f"{got['img_per_s']:.0f} img/s" if got.get("img_per_s") else got.get("error")
                 print(f"{model} {loader:12s} batch {batch}: step {bare['img_per_s']:.0f} img/s, loop {loop}",
                       flush=True)  # fmt: skip
-    env = {**env_info(device), "cpu_count": len(__import__("os").sched_getaffinity(0))}
-    path = write_results("e2e", rows, env, args.out)
-    print(f"wrote {path}")
-    return {"rows": rows, "path": str(path)}
+    print(f"wrote {results.path}")
+    return {"rows": results.rows, "path": str(results.path)}
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

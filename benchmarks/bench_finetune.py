@@ -83,7 +83,7 @@ def main(argv=None) -> dict:
             t = median(times[str(compiled)])
             rows.append({
                 "name": "finetune", "model": name, "img_size": img, "batch": batch,
-                "compile": compiled, "precision": "bf16" if gpu else "fp32",
+                "compile": "full" if compiled else "off", "precision": "bf16" if gpu else "fp32",
                 "img_per_s": batch / t, "ms_per_step": 1000 * t,
                 "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if gpu else None,
                 "speedup_vs_eager": eager / t,

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import env_info, median, sync, write_results  # noqa: E402
+from _harness import Rows, cli, env_info, median, sync  # noqa: E402
 from fastmae.kernels import masked_mse as mse_mod  # noqa: E402
 from fastmae.kernels import masking as masking_mod  # noqa: E402
 from fastmae.kernels import unshuffle as unshuffle_mod  # noqa: E402
+from fastmae.train.run import resolve_device  # noqa: E402
 
 MODELS = {  # name: (img, patch, encoder width, decoder width)
     "vit_b": (224, 16, 768, 512),
@@ -35,7 +36,7 @@ def _time(fn, device, reps):
     if device.type == "cuda":
         import triton.testing
 
-        return triton.testing.do_bench(fn, warmup=25, rep=100)
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
     fn()
     times = []
     for _ in range(reps):
@@ -105,11 +106,15 @@ def main(argv=None):
     ap.add_argument("--peak-gbps", type=float, default=3000.0, help="HBM bandwidth for frac_peak_bw (H100: ~3000)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = ap.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     fused_ok = device.type == "cuda"
     batch, models = (2, ["vit_b"]) if args.smoke else (args.batch, args.models.split(","))
-    rows = []
+    env = env_info(device)
+    env["smoke"] = args.smoke
+    results = Rows("kernels" + ("-smoke" if args.smoke else ""), env, args.out)  # rewritten after every row
+    rows = results.rows
     for model in models:
         for op, c in _cases(model, batch, device, torch.bfloat16).items():
             compiled = torch.compile(c["ref"])
@@ -134,18 +139,15 @@ def main(argv=None):
                                              ("fwd+bwd", fwd_bwd, c["fwd_bytes"] + c["bwd_bytes"])):  # fmt: skip
                     ms = _time(f, device, args.reps)
                     gbps = nbytes / (ms * 1e-3) / 1e9
-                    rows.append({"name": "kernel", "op": op, "impl": impl, "pass": pass_name, "model": model,
+                    results.add({"name": "kernel", "op": op, "impl": impl, "pass": pass_name, "model": model,
                                  "shape": c["shape"], "dtype": "bf16", "ms": ms, "gb_per_s": gbps,
                                  "frac_peak_bw": gbps / args.peak_gbps if device.type == "cuda" else None})  # fmt: skip
                     print(f"{model:6s} {op:10s} {pass_name:8s} {impl:18s} {ms:9.3f} ms {gbps:8.1f} GB/s")
     if not fused_ok:
         print("no CUDA device: the fused Triton ops were not timed (the interpreter's speed means nothing)")
-    env = env_info(device)
-    env["smoke"] = args.smoke
-    path = write_results("kernels" + ("-smoke" if args.smoke else ""), rows, env, args.out)
-    print(f"results: {path}")
+    print(f"results: {results.path}")
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

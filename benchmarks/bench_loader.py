@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import env_info, median, report, sync, write_results  # noqa: E402
+from _harness import Rows, cli, env_info, median, report, sync  # noqa: E402
 from fastmae.train.data.dali import DALILoader, dali_unavailable_reason  # noqa: E402
 from fastmae.train.data.decode import IMAGENET_MEAN, IMAGENET_STD, decode  # noqa: E402
 from fastmae.train.data.gpu_loader import GPULoader, gpu_loader_unavailable_reason  # noqa: E402
@@ -266,7 +266,8 @@ def sources_for(index, root: Path, args, device: torch.device, workers: int, bat
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help="ImageFolder tree (default: generated JPEGs)")
-    ap.add_argument("--make-data", default=None, metavar="DIR", help="only write --images JPEGs to DIR, then stop")
+    ap.add_argument("--make-data", default=None, metavar="DIR", help="write --images JPEGs to DIR, then stop; with "
+                    "--data DIR as well: write them only when DIR does not exist, then measure on them")
     ap.add_argument("--images", type=int, default=None, help="how many JPEGs to generate without --data (default: "
                     "enough for every worker count: 1.25 x workers x prefetch x batch, at least 1024)")  # fmt: skip
     ap.add_argument("--img-size", type=int, default=224)
@@ -290,7 +291,7 @@ def main(argv=None) -> dict:
         print(table)
         return {"table": table}
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device)  # first: --device cuda without one stops here, before any data is written
     gpu = device.type == "cuda"
     counts = [int(w) for w in str(args.workers).split(",") if w.strip()]
     if args.smoke:
@@ -300,10 +301,11 @@ def main(argv=None) -> dict:
     needed = max(w * PREFETCH * batch for w in counts)
     if args.make_data:
         n = args.images or max(1024, needed * 5 // 4)
-        make_jpegs(Path(args.make_data), n)
-        print(f"wrote {n} JPEGs under {args.make_data}")
-        return {"images": n}
-    rows = []
+        if args.data is None or not Path(args.make_data).exists():
+            make_jpegs(Path(args.make_data), n)
+            print(f"wrote {n} JPEGs under {args.make_data}")
+        if args.data is None:
+            return {"images": n}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.data) if args.data else make_jpegs(Path(tmp) / "jpegs", args.images or max(1024,
                                                                                                    needed * 5 // 4))
@@ -313,55 +315,74 @@ def main(argv=None) -> dict:
         if len(counts) > 1:  # one process per worker count, as a run has: nothing left over from the previous count
             return _per_count(argv, counts, root, args.out)
         normalize_ms = _normalize_ms(device, batch, args.img_size)
-        env = env_info(device)
+        results = Rows("loader", env_info(device), args.out)
         for workers in counts:
             sources = sources_for(index, root, args, device, workers, batch)
             rates: dict[str, list[float]] = {k: [] for k in sources}
+            done = len(results.rows)
             for _ in range(args.rounds):
                 for name, source in sources.items():
                     rates[name].append(timed(source, device, batches, batch, args.settle))
-            for name, xs in rates.items():
-                rate = median(xs)
-                base_name = "official-finetune" if "finetune" in name else "official"
-                base = median(rates[base_name]) if base_name in rates else None
-                row = {"name": "loader", "loader": name, "kind": "finetune" if "finetune" in name else "pretrain",
-                       "device": "gpu (mixed decode)" if gpu and name in ("dali", "gpu") else device.type,
-                       "workers": workers, "img_per_s": rate, "img_per_s_per_worker": rate / max(workers, 1),
-                       "vs_official": rate / base if base else None,
-                       "output": {"fastmae": "uint8", "gpu": "float32 on the GPU"}.get(name, "float32"),
-                       "normalize_on_device_ms_per_batch": normalize_ms if name == "fastmae" else None,
-                       "img_size": args.img_size, "batch_size": batch, "images": len(index),
-                       "data": str(args.data) if args.data else "generated JPEG ~520x390 q90 (scikit-image photos)",
-                       "rates": xs}  # fmt: skip
-                rows.append(row)
-                print(f"{name:18s} {row['device']:20s} {workers:2d} workers  {rate:8.1f} img/s  "
+                    # the rows so far (medians of the rounds measured), rewritten: a run stopped now keeps them
+                    results.rows[done:] = _rows(rates, workers, gpu, device, normalize_ms, args, batch, len(index))
+                    results.write()
+            for row in results.rows[done:]:
+                print(f"{row['loader']:18s} {row['device']:20s} {workers:2d} workers  {row['img_per_s']:8.1f} img/s  "
                       f"{row['img_per_s_per_worker']:7.1f} per worker  ({_ratio(row['vs_official'])} official)")
             del sources  # their workers end before the next count's start
-    path = write_results("loader", rows, env, args.out)
-    print(f"wrote {path}")
-    return {"rows": rows, "path": str(path)}
+    print(f"wrote {results.path}")
+    return {"rows": results.rows, "path": str(results.path)}
+
+
+def _rows(rates: dict[str, list[float]], workers: int, gpu: bool, device: torch.device, normalize_ms: float, args,
+          batch: int, images: int) -> list[dict]:  # fmt: skip
+    """One row per loader with rates so far: the median, per worker, and the ratio to the official loader's median."""
+    rows = []
+    for name, xs in rates.items():
+        if not xs:
+            continue
+        rate = median(xs)
+        base_name = "official-finetune" if "finetune" in name else "official"
+        base = median(rates[base_name]) if rates.get(base_name) else None
+        rows.append({"name": "loader", "loader": name, "kind": "finetune" if "finetune" in name else "pretrain",
+                     "device": "gpu (mixed decode)" if gpu and name in ("dali", "gpu") else device.type,
+                     "workers": workers, "img_per_s": rate, "img_per_s_per_worker": rate / max(workers, 1),
+                     "vs_official": rate / base if base else None,
+                     "output": {"fastmae": "uint8", "gpu": "float32 on the GPU"}.get(name, "float32"),
+                     "normalize_on_device_ms_per_batch": normalize_ms if name == "fastmae" else None,
+                     "img_size": args.img_size, "batch_size": batch, "images": images,
+                     "data": str(args.data) if args.data else "generated JPEG ~520x390 q90 (scikit-image photos)",
+                     "rates": list(xs)})  # fmt: skip
+    return rows
 
 
 def _per_count(argv, counts: list[int], root: Path, out: str | None) -> dict:
-    """This script once per worker count in a child process (on ``root``), the rows merged into one results JSON."""
+    """This script once per worker count in a child process (on ``root``), the rows merged into one results JSON,
+    rewritten after each child (and each child writes its own as it goes)."""
     import json
     import subprocess
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    rows, env = [], None
+    results = None
     with tempfile.TemporaryDirectory() as tmp:
         for workers in counts:
             part = Path(tmp) / f"w{workers}.json"
-            keep = [a for i, a in enumerate(argv) if a not in ("--workers", "--out", "--data") and (
-                    i == 0 or argv[i - 1] not in ("--workers", "--out", "--data"))]  # fmt: skip
+            keep = [a for i, a in enumerate(argv) if a not in ("--workers", "--out", "--data", "--make-data") and (
+                    i == 0 or argv[i - 1] not in ("--workers", "--out", "--data", "--make-data"))]  # fmt: skip
             cmd = [sys.executable, __file__, *keep, "--workers", str(workers), "--data", str(root), "--out", str(part)]
-            subprocess.run(cmd, check=True)
+            code = subprocess.run(cmd).returncode
+            if not part.exists():
+                print(f"bench_loader: {workers} workers: exit {code}, no rows")
+                continue
             saved = json.loads(part.read_text())
-            rows += saved["rows"]
-            env = env or saved["env"]
-    path = write_results("loader", rows, env, out)
-    print(f"wrote {path}")
-    return {"rows": rows, "path": str(path)}
+            if results is None:
+                results = Rows("loader", saved["env"], out)
+            results.rows += saved["rows"]
+            results.write()
+    if results is None:
+        raise SystemExit("bench_loader: no worker count gave rows")
+    print(f"wrote {results.path}")
+    return {"rows": results.rows, "path": str(results.path)}
 
 
 def _ratio(x) -> str:
@@ -369,4 +390,4 @@ def _ratio(x) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

@@ -1,183 +1,315 @@
-"""A GPU sitting in stages, each one call of the device tool, every JSON and log under one folder, a short table
-last. ../shared/GPU.md says how a session uses it. Device time is 15 minutes a session, start included: the
-``quick`` stage is the one call that yields the headline, and every stage stops its commands at its time budget.
+"""A GPU sitting in stages, each stage a list of commands with their own time budgets, every JSON and log under one
+folder, a short table last. ../shared/GPU.md says how a session uses it. Device time is 15 minutes a session, start
+included, and one call of the device tool is at most 8-9 minutes, so a sitting is one call of
+``--stage smoke,step`` (90 + 380 s); the other stages are for later calls or sessions.
 
-    python3 -m pip install -q --no-deps --no-build-isolation -e .    # on the machine, no network needed
-    python benchmarks/gpu_sitting.py --stage quick --out $OUT   # the headline in one call (budget 450 s)
-    python benchmarks/gpu_sitting.py --stage step --out $OUT    # issue 26: breakdown and every lever (470 s)
-    python benchmarks/gpu_sitting.py --stage feed --out $OUT    # issue 27: loaders, the loop vs the step (470 s)
-    python benchmarks/gpu_sitting.py --stage 2 --out $OUT       # slow GPU tests + kernel benchmark
-    python benchmarks/gpu_sitting.py --stage 3 --out $OUT       # ViT-B dec 1, ViT-L dec 1
-    python benchmarks/gpu_sitting.py --stage 4 --out $OUT       # ViT-H dec 8
-    python benchmarks/gpu_sitting.py --stage 5 --out $OUT       # finetune step, profiled ViT-L
-    python benchmarks/gpu_sitting.py --stage quick,2 --dry-run  # print the commands only
-    python benchmarks/gpu_sitting.py --table DIR                # the table of every JSON in DIR
+    python3 -m pip install -q --no-deps --no-build-isolation -e .   # on the machine, no network needed
+    python benchmarks/gpu_sitting.py --stage smoke,step --out $OUT    # the sitting: 470 s
+    python benchmarks/gpu_sitting.py --stage smoke,feed --out $OUT    # the loaders and the real loop: 470 s
+    python benchmarks/gpu_sitting.py --stage step2 --out $OUT         # compiled-reference, AdamW, autotune, dec 1
+    python benchmarks/gpu_sitting.py --stage smoke,step --dry-run     # the commands only
+    python benchmarks/gpu_sitting.py --table DIR                      # the table of every JSON in DIR
 
-``quick``, in order of value (a wrong fast path is worse than a slow one, so correctness comes first): nvidia-smi; the
-GPU tests that compile no whole model (``pytest -m "gpu and not slow"``: fused ops against their references at
-ViT-B/L/H shapes, attention, the visible-only embedding); ViT-L/16 dec 8 eager / fastmae / mask-token; ViT-B/16 dec 8;
-the loader rows (official vs fastmae vs decode alone, 16 workers). ``quick`` ran on an H200 on 2026-11-30
-(../shared/gpu-results/2026-11-30-h200/). ``step`` is issue 26's sitting: each command has its own budget inside the
-stage's, so a slow compile costs its own measurement, not the ones after it. Afterwards:
-``fastmae bench --report DIR/*.json --readme README.md`` for the chart and the table.
+What a sitting brings back even when half of it fails:
+
+- **Every command runs.** A command that fails is logged with its exit code and the stage goes on; only the stage's
+  time budget stops it. Each command runs in its own process group (session); at its limit the whole group, and any
+  descendant that left it, is killed: no child (a ``fastmae pretrain`` of ``bench_e2e.py``, DataLoader workers, an
+  inductor compile pool) trains on into the next command's measurement.
+- **Budgets.** Each command has its own budget; a stage's add up to at most the stage's. A command may also use
+  what the commands before it left unused: its limit is the time left minus the budgets of the commands after it.
+- **Results row by row.** ``fastmae bench`` and the scripts rewrite their JSON (atomically) after every row; a
+  command killed at its limit leaves what it had measured, and a configuration that fails is a row with its error.
+- **The smoke stage first** (``benchmarks/gpu_smoke.py``): every GPU-only path once at tiny shapes, each in its own
+  process, one JSON line each in ``smoke.jsonl``. Later commands adapt to what failed there: a failed CUDA-graph
+  check drops ``--graphs``, a failed GPU-loader check drops the ``gpu`` loader (logged).
+- ``sitting.jsonl``: one line per command (stage, name, exit, seconds, limit, whether it was stopped, adaptations).
+
+Every command that needs a GPU says ``--device cuda``, so on a machine without one each fails at once (the tests
+rehearse a whole sitting that way).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from gpu_smoke import failed_checks  # noqa: E402
+
 PY = sys.executable
 BENCH = [PY, "-m", "fastmae.cli", "bench"]
 
 
-# seconds of commands per stage (one device call each)
-BUDGETS = {"quick": 450, "step": 470, "feed": 470, 2: 480, 3: 480, 4: 480, 5: 480}
+@dataclass
+class Cmd:
+    """One command of a stage: ``name`` (the log's and ``sitting.jsonl``'s), ``argv``, its own ``budget`` in
+    seconds, and ``on_fail``: for a smoke check that failed, argv tokens to drop (None) or replace."""
+
+    name: str
+    budget: float
+    argv: list[str]
+    on_fail: dict[str, dict[str, str | None]] = field(default_factory=dict)
+
+    def adapted(self, failed: dict[str, str]) -> tuple[list[str], list[str]]:
+        """(argv with the adaptations for the failed smoke checks, what was changed in words)."""
+        argv, notes = list(self.argv), []
+        for check, changes in self.on_fail.items():
+            if check not in failed:
+                continue
+            for token, replacement in changes.items():
+                if token in argv:
+                    argv = [t for t in argv if t != token] if replacement is None else [
+                        replacement if t == token else t for t in argv]  # fmt: skip
+                    notes.append(f"smoke check {check} failed ({failed[check][:120]}): "
+                                 + (f"dropped {token}" if replacement is None else f"{token} -> {replacement}"))
+        return argv, notes
 
 
-def stages(out: Path) -> dict:
-    """The commands of each stage, in the order they run; every result goes under ``out``. A command may come as
-    ``(seconds, command)``: its own budget inside the stage's."""
-    pretrain = [*BENCH, "--suite", "pretrain"]
+# seconds per stage (one device call holds smoke + one other)
+BUDGETS = {"smoke": 90, "step": 380, "feed": 380, "step2": 380, "quick": 450, 2: 480, 3: 480, 4: 480, 5: 480}
+NO_GRAPHS = {"graphs-full": {"--graphs": None}}
+NO_REGIONAL_GRAPHS = {"graphs-regional": {"--graphs": None}}
+
+
+def stages(out: Path) -> dict[str, list[Cmd]]:
+    """The commands of each stage, in the order they run (by value: a wrong fast path is worse than a slow one, so
+    correctness first, then the headline); every result goes under ``out``."""
+    cuda = ["--device", "cuda"]
+    pretrain = [*BENCH, "--suite", "pretrain", *cuda, "--attn-table", str(out / "attention_table.json")]
+    timing = ["--steps", "8", "--warmup", "3"]
     fast = ["--steps", "5", "--warmup", "2"]
-    table = ["--attn-table", str(out / "attention_table.json")]
     large, base = ["--models", "mae_vit_large_patch16"], ["--models", "mae_vit_base_patch16"]
-    jpegs = Path("/tmp/fastmae-feed-jpegs")  # on the machine's disk, not under $OUT (nothing to bring back)
+    dec8 = ["--decoder-depths", "8"]
+    jpegs = "/tmp/fastmae-feed-jpegs"  # on the machine's disk, not under $OUT (nothing to bring back)
+    smi = Cmd("nvidia-smi", 5, ["nvidia-smi"])
     return {
-        # Issue 26, the step at its limit, ordered by value: correctness of the new paths; the attention table per
-        # call site; ViT-L dec 8 (all four configurations, plain and as one CUDA graph, profiled: the headline, the
-        # breakdown, the graphs lever, compiled-reference); ViT-B dec 8 (MFU target); the batch sweep; the
-        # optimizer; inductor's max-autotune GEMMs. Compiling one ViT-L configuration costs 45-80 s there.
-        "step": [(25, ["nvidia-smi"]),
-                 (60, [PY, "-m", "pytest", "-m", "gpu and not slow", "-x", "-q", "-p", "no:cacheprovider", "-k",
-                       "graph or sync or attention or step"]),
-                 (45, [PY, str(HERE / "bench_attention.py"), "--out", str(out / "attention.json"), "--write-table",
-                       str(out / "attention_table.json")]),
-                 (270, [*pretrain, *large, "--decoder-depths", "8", "--steps", "8", "--warmup", "3", "--graphs",
-                        "--profile", *table, "--out", str(out / "l8.json")]),
-                 (110, [*pretrain, *base, "--decoder-depths", "8", "--configs", "fastmae,mask-token", "--graphs",
-                        *fast, *table, "--out", str(out / "b8.json")]),
-                 (130, [*pretrain, *large, "--decoder-depths", "8", "--configs", "fastmae", "--batches", "256,512",
-                        *fast, *table, "--out", str(out / "l8-batches.json")]),
-                 (60, [*pretrain, *large, "--decoder-depths", "8", "--configs", "", "--optimizer-bench",
-                       "--out", str(out / "l8-optimizer.json")]),
-                 (150, [*pretrain, *base, "--decoder-depths", "8", "--configs", "fastmae", "--compile-mode",
-                        "max-autotune-no-cudagraphs", *fast, *table, "--out", str(out / "b8-autotune.json")])],
-        "quick": [["nvidia-smi"],
-                  [PY, "-m", "pytest", "-m", "gpu and not slow", "-x", "-q", "-p", "no:cacheprovider"],
-                  [*pretrain, *fast, "--models", "mae_vit_large_patch16", "--decoder-depths", "8", "--out",
-                   str(out / "l8.json")],
-                  [*pretrain, *fast, "--models", "mae_vit_base_patch16", "--decoder-depths", "8", "--out",
-                   str(out / "b8.json")],
-                  [PY, str(HERE / "bench_loader.py"), "--workers", "16", "--loaders", "official,fastmae,decode",
-                   "--rounds", "2", "--out", str(out / "loader.json")]],
-        # Issue 27, feeding the step: the GPU loader's correctness; 20480 ImageNet-like JPEGs written once (16
-        # processes); the loaders at 4, 8, 16 workers, batch 256; the real fastmae pretrain against the bare step at
-        # ViT-B and ViT-L dec 8 with the torchvision and the gpu loader (each loop compiles its model again: the
-        # inductor cache makes that cheaper than the first).
-        "feed": [(25, ["nvidia-smi"]),
-                 (60, [PY, "-m", "pytest", "-m", "gpu", "-x", "-q", "-p", "no:cacheprovider", "-k",
-                       "crop_resize or gpu_loader or ahead"]),
-                 (45, [PY, str(HERE / "bench_loader.py"), "--make-data", str(jpegs), "--images", "20480"]),
-                 (90, [PY, str(HERE / "bench_loader.py"), "--data", str(jpegs), "--workers", "4,8,16", "--batch",
-                        "256", "--batches", "20", "--rounds", "2", "--settle", "1", "--loaders",
-                        "official,fastmae,decode,gpu", "--out", str(out / "loader.json")]),
-                 (140, [PY, str(HERE / "bench_e2e.py"), "--data", str(jpegs), "--models", "mae_vit_base_patch16",
-                        "--loaders", "torchvision,gpu", "--workers", "16", "--steps", "120", "--skip", "40",
-                        "--out", str(out / "e2e-b.json")]),
-                 (150, [PY, str(HERE / "bench_e2e.py"), "--data", str(jpegs), "--models", "mae_vit_large_patch16",
-                        "--loaders", "gpu,torchvision", "--workers", "16", "--steps", "80", "--skip", "30",
-                        "--out", str(out / "e2e-l.json")])],
-        2: [[PY, "-m", "pytest", "-m", "gpu and slow", "-x", "-q", "-p", "no:cacheprovider"],
-            [PY, str(HERE / "bench_kernels.py"), "--out", str(out / "kernels.json")]],
-        3: [[*pretrain, "--models", "mae_vit_base_patch16", "--decoder-depths", "1", "--out", str(out / "b1.json")],
-            [*pretrain, "--models", "mae_vit_large_patch16", "--decoder-depths", "1", "--out", str(out / "l1.json")]],
-        4: [[*pretrain, "--models", "mae_vit_huge_patch14", "--decoder-depths", "8", "--out", str(out / "h8.json")]],
-        5: [[*BENCH, "--suite", "finetune", "--out", str(out / "finetune.json")],
-            [*pretrain, "--profile", "--models", "mae_vit_large_patch16", "--decoder-depths", "8", "--out",
-             str(out / "l8-profile.json")]],
+        "smoke": [Cmd("smoke", 90, [PY, str(HERE / "gpu_smoke.py"), "--out", str(out / "smoke.jsonl"),
+                                    "--deadline", "82"])],
+        # The step at its limit (issues 26, 31). The attention table per call site first (it feeds auto in the rest);
+        # ViT-L dec 8 compiled whole: eager, visible, mask-token, plain and as one CUDA graph, profiled (the headline
+        # and where the time goes); the same compiled per block (regional: its compile time and step rate beside
+        # full's, which chooses the default); ViT-B dec 8 (its MFU target); the ViT-L batch sweep. Compiling one
+        # ViT-L configuration whole took 45-80 s on the H200.
+        "step": [smi,
+                 Cmd("attention", 35, [PY, str(HERE / "bench_attention.py"), *cuda, "--out",
+                                       str(out / "attention.json"), "--write-table",
+                                       str(out / "attention_table.json")]),
+                 Cmd("l8", 150, [*pretrain, *large, *dec8, "--configs", "eager,fastmae,mask-token", "--compile", "full",
+                                 "--graphs", "--profile", *timing, "--out", str(out / "l8.json")], NO_GRAPHS),
+                 Cmd("l8-regional", 70, [*pretrain, *large, *dec8, "--configs", "fastmae,mask-token", "--compile",
+                                         "regional", "--graphs", *timing, "--out", str(out / "l8-regional.json")],
+                     NO_REGIONAL_GRAPHS),
+                 Cmd("b8", 65, [*pretrain, *base, *dec8, "--configs", "fastmae,mask-token", "--compile", "regional",
+                                "--graphs", *fast, "--out", str(out / "b8.json")], NO_REGIONAL_GRAPHS),
+                 Cmd("l8-batches", 55, [*pretrain, *large, *dec8, "--configs", "fastmae", "--compile", "regional",
+                                        "--batches", "256,512", *fast, "--out", str(out / "l8-batches.json")])],
+        # What the step stage leaves out: the compiled reference, the optimizer alone, inductor's GEMM autotuning,
+        # decoder depth 1.
+        "step2": [smi,
+                  Cmd("l8-reference", 110, [*pretrain, *large, *dec8, "--configs", "compiled-reference", *fast,
+                                            "--out", str(out / "l8-reference.json")]),
+                  Cmd("l8-optimizer", 45, [*pretrain, *large, *dec8, "--configs", "", "--optimizer-bench",
+                                           "--out", str(out / "l8-optimizer.json")]),
+                  Cmd("b8-autotune", 130, [*pretrain, *base, *dec8, "--configs", "fastmae", "--compile-mode",
+                                           "max-autotune-no-cudagraphs", *fast, "--out",
+                                           str(out / "b8-autotune.json")]),
+                  Cmd("l1", 90, [*pretrain, *large, "--decoder-depths", "1", "--configs", "fastmae,mask-token",
+                                 "--compile", "regional", *fast, "--out", str(out / "l1.json")])],
+        # Feeding the step (issue 27): the loaders at 4, 8, 16 workers on 20480 ImageNet-like JPEGs (written first
+        # when missing, 16 processes), batch 256; the real fastmae pretrain against the bare step at ViT-B and ViT-L
+        # dec 8 with the torchvision and the gpu loader, compiled per block (three compiles per model).
+        "feed": [smi,
+                 Cmd("loader", 125, [PY, str(HERE / "bench_loader.py"), *cuda, "--make-data", jpegs, "--data", jpegs,
+                                     "--images", "20480", "--workers", "4,8,16", "--batch", "256", "--batches", "20",
+                                     "--rounds", "2", "--settle", "1", "--loaders", "official,fastmae,decode,gpu",
+                                     "--out", str(out / "loader.json")],
+                     {"gpu-loader": {"official,fastmae,decode,gpu": "official,fastmae,decode"}}),
+                 Cmd("e2e-b", 130, [PY, str(HERE / "bench_e2e.py"), *cuda, "--data", jpegs, "--models",
+                                    "mae_vit_base_patch16", "--loaders", "torchvision,gpu", "--workers", "16",
+                                    "--compile", "regional", "--steps", "120", "--skip", "40",
+                                    "--out", str(out / "e2e-b.json")],
+                     {"gpu-loader": {"torchvision,gpu": "torchvision"}}),
+                 Cmd("e2e-l", 120, [PY, str(HERE / "bench_e2e.py"), *cuda, "--data", jpegs, "--models",
+                                    "mae_vit_large_patch16", "--loaders", "gpu,torchvision", "--workers", "16",
+                                    "--compile", "regional", "--steps", "80", "--skip", "30",
+                                    "--out", str(out / "e2e-l.json")],
+                     {"gpu-loader": {"gpu,torchvision": "torchvision"}})],
+        # The first sitting's headline (ran 2026-11-30), and the older stages.
+        "quick": [smi,
+                  Cmd("gpu-tests", 60, [PY, "-m", "pytest", "-m", "gpu and not slow", "-q", "-p", "no:cacheprovider"]),
+                  Cmd("l8", 160, [*pretrain, *fast, *large, *dec8, "--out", str(out / "l8.json")]),
+                  Cmd("b8", 130, [*pretrain, *fast, *base, *dec8, "--out", str(out / "b8.json")]),
+                  Cmd("loader", 95, [PY, str(HERE / "bench_loader.py"), *cuda, "--workers", "16", "--images", "10240",
+                                     "--loaders", "official,fastmae,decode", "--rounds", "2",
+                                     "--out", str(out / "loader.json")])],
+        2: [Cmd("gpu-tests-slow", 300, [PY, "-m", "pytest", "-m", "gpu and slow", "-q", "-p", "no:cacheprovider"]),
+            Cmd("kernels", 180, [PY, str(HERE / "bench_kernels.py"), *cuda, "--out", str(out / "kernels.json")])],
+        3: [Cmd("b1", 200, [*pretrain, *base, "--decoder-depths", "1", "--out", str(out / "b1.json")]),
+            Cmd("l1", 280, [*pretrain, *large, "--decoder-depths", "1", "--out", str(out / "l1.json")])],
+        4: [Cmd("h8", 480, [*pretrain, "--models", "mae_vit_huge_patch14", *dec8, "--out", str(out / "h8.json")])],
+        5: [Cmd("finetune", 200, [*BENCH, "--suite", "finetune", *cuda, "--out", str(out / "finetune.json")]),
+            Cmd("l8-profile", 280, [*pretrain, "--profile", *large, *dec8, "--out", str(out / "l8-profile.json")])],
     }  # fmt: skip
 
 
-def run_stage(name, commands: list[list[str]], out: Path, dry_run: bool, budget: float) -> int:
-    """Run a stage's commands in order, each logged to ``out/stage-<name>.log`` (and echoed), stopping at the first
-    failure (its exit code is returned) or when the stage's ``budget`` seconds are spent (the command running then is
-    stopped, and so noted in the log)."""
-    log_path = out / f"stage-{name}.log"
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc: parent links), children before grandchildren."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the command's process group and every descendant, also those that started a session of their own."""
+    victims = _descendants(proc.pid)  # first: once the parent is dead, its children are no longer below it
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def run_command(argv: list[str], limit: float, log, echo=True) -> tuple[int | None, float, bool]:
+    """(exit code, seconds, stopped at the limit) of ``argv`` in its own session, its output into ``log``; 127 when it
+    cannot start."""
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # fmt: skip
+    except OSError as exc:
+        log.write(f"cannot start: {exc}\n")
+        return 127, time.perf_counter() - t0, False
+
+    def pump():
+        for text in proc.stdout:
+            if echo:
+                sys.stdout.write(text)
+            log.write(text)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    stopped = False
+    try:
+        code = proc.wait(timeout=max(limit, 0.1))
+    except subprocess.TimeoutExpired:
+        stopped = True
+        kill_tree(proc)
+        code = proc.wait()
+    reader.join(timeout=10)
+    return code, time.perf_counter() - t0, stopped
+
+
+def run_stage(name, commands: list[Cmd], out: Path, dry_run: bool, budget: float, failed: dict[str, str] | None = None,
+              echo: bool = True) -> list[dict]:  # fmt: skip
+    """Run a stage's commands in order, each logged to ``out/stage-<name>.log`` with its exit, none stopping the
+    others; each gets its own budget plus what earlier ones left, and the stage stops at ``budget``. ``failed``: the
+    smoke checks that failed (commands adapt). Returns one record per command (also in ``out/sitting.jsonl``)."""
+    failed = failed or {}
     deadline = time.monotonic() + budget
-    for item in commands:
-        own, cmd = item if isinstance(item[0], int | float) else (None, item)
-        line = " ".join(shlex.quote(c) for c in cmd)
-        print(f"[stage {name}] {line}" + (f"  (budget {own} s)" if own else ""), flush=True)
+    records = []
+    for i, cmd in enumerate(commands):
+        argv, notes = cmd.adapted(failed)
+        line = " ".join(shlex.quote(c) for c in argv)
+        print(f"[stage {name}] {cmd.name}: {line}  (budget {cmd.budget:g} s)", flush=True)
+        for note in notes:
+            print(f"[stage {name}] {cmd.name}: {note}", flush=True)
         if dry_run:
             continue
+        reserve = sum(c.budget for c in commands[i + 1 :])
         left = deadline - time.monotonic()
-        left = min(left, own) if own else left
+        limit = min(left, max(cmd.budget, left - reserve))  # its own budget, and what earlier commands left over
         out.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "a") as log:
-            if left <= 0:
-                log.write(f"$ {line}\n# not run: the stage's {budget:.0f} s budget is spent\n")
-                print(f"[stage {name}] budget spent; not run", flush=True)
-                continue
-            log.write(f"$ {line}\n")
+        record = {"stage": str(name), "command": cmd.name, "argv": line, "budget": cmd.budget, "adapted": notes}
+        with open(out / f"stage-{name}.log", "a") as log:
+            log.write(f"$ {line}\n" + "".join(f"# {note}\n" for note in notes))
             log.flush()
-            t0 = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            timer = threading.Timer(left, proc.kill)
-            timer.start()
-            try:
-                for text in proc.stdout:
-                    sys.stdout.write(text)
-                    log.write(text)
-                code = proc.wait()
-            finally:
-                timer.cancel()
-            stopped = time.perf_counter() - t0 >= left - 0.5 and code != 0
-            log.write(f"# exit {code} after {time.perf_counter() - t0:.0f} s"
-                      + (" (stopped at its budget)\n" if stopped else "\n"))  # fmt: skip
-        if stopped and own and time.monotonic() < deadline:  # its own budget: the stage goes on
-            print(f"[stage {name}] stopped at its own budget ({own} s); next command", flush=True)
-            continue
-        if stopped:
-            print(f"[stage {name}] stopped at the stage budget ({budget:.0f} s); see {log_path}", flush=True)
-            return 0
-        if code != 0:
-            print(f"[stage {name}] failed with exit code {code}; see {log_path}", flush=True)
-            return code
-    return 0
+            if limit < 1:
+                log.write(f"# not run: the stage's {budget:g} s are spent\n")
+                record.update(exit=None, seconds=0.0, limit=0.0, stopped=False, run=False)
+                print(f"[stage {name}] {cmd.name}: not run (the stage's time is spent)", flush=True)
+            else:
+                code, seconds, stopped = run_command(argv, limit, log, echo)
+                log.write(f"# exit {code} after {seconds:.0f} s" + (f" (stopped at its limit of {limit:.0f} s)"
+                                                                    if stopped else "") + "\n")  # fmt: skip
+                record.update(exit=code, seconds=seconds, limit=limit, stopped=stopped, run=True)
+                print(f"[stage {name}] {cmd.name}: exit {code} after {seconds:.0f} s"
+                      + (" (stopped at its limit)" if stopped else ""), flush=True)  # fmt: skip
+        with open(out / "sitting.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        records.append(record)
+    return records
 
 
 def table(folder: Path) -> str:
-    """One line per pretrain-step row and a count of the other rows, from every results JSON in ``folder``."""
-    import json
-
-    lines = ["| file | model | dec | config | encoder | img/s | MFU | peak GB/img | top kernel |",
-             "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | --- |"]  # fmt: skip
+    """One line per pretrain-step row (or what it failed with) and a count of the other rows, from every results
+    JSON in ``folder``; then the smoke checks and the commands' exits when the folder has them."""
+    lines = ["| file | model | dec | config | encoder | compile | variant | img/s | MFU | peak GB/img | top kernel |",
+             "| --- | --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | --- |"]  # fmt: skip
     others = {}
     for path in sorted(folder.glob("*.json")):
-        for r in json.loads(path.read_text()).get("rows", []):
+        try:
+            rows = json.loads(path.read_text()).get("rows", [])
+        except (OSError, ValueError):
+            continue
+        for r in rows:
             if r.get("name") != "pretrain_step":
                 others[r.get("name", "?")] = others.get(r.get("name", "?"), 0) + 1
                 continue
+            head = (f"| {path.name} | {r['model']} | {r['decoder_depth']} | {r['config']} | {r['encoder_mode']} | "
+                    f"{r.get('compile')} | {r.get('variant', 'plain')} |")  # fmt: skip
+            if r.get("error") or r.get("oom"):
+                lines.append(f"{head} failed: {(r.get('error') or 'out of memory')[:80]} | | | |")
+                continue
             top = (r.get("profile") or [{}])[0]
-            mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-            mem = "n/a" if r["peak_mem_gb_per_image"] is None else f"{r['peak_mem_gb_per_image']:.3f}"
+            mfu = "n/a" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
+            mem = "n/a" if r.get("peak_mem_gb_per_image") is None else f"{r['peak_mem_gb_per_image']:.3f}"
             kernel = f"{top['kernel'][:40]} {100 * top['share']:.0f}%" if top else "-"
-            lines.append(f"| {path.name} | {r['model']} | {r['decoder_depth']} | {r['config']} | "
-                         f"{r['encoder_mode']} | {r['img_per_s']:.1f} | {mfu} | {mem} | {kernel} |")  # fmt: skip
+            lines.append(f"{head} {r['img_per_s']:.1f} | {mfu} | {mem} | {kernel} |")
     lines.append("other rows: " + (", ".join(f"{k} {v}" for k, v in sorted(others.items())) or "none"))
+    smoke = folder / "smoke.jsonl"
+    if smoke.exists():
+        records = [json.loads(line) for line in smoke.read_text().splitlines() if line.strip()]
+        lines.append("smoke: " + ", ".join(f"{r['check']} {'pass' if r['ok'] else 'FAIL'}" for r in records))
+    sitting = folder / "sitting.jsonl"
+    if sitting.exists():
+        records = [json.loads(line) for line in sitting.read_text().splitlines() if line.strip()]
+        lines.append("commands: " + ", ".join(
+            f"{r['stage']}/{r['command']} " + ("not run" if not r.get("run") else f"exit {r['exit']}"
+                                               + (" (stopped)" if r.get("stopped") else "")) for r in records))
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", default=None, help="comma-separated stages: quick, step, feed, 2, 3, 4, 5")
+    ap.add_argument("--stage", default=None, help="comma-separated stages: smoke, step, step2, feed, quick, 2, 3, 4, 5")
     ap.add_argument("--out", default="benchmarks/results/sitting", help="folder for every JSON and log")
     ap.add_argument("--budget", type=float, default=None, help="seconds per stage (default: each stage's own)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -198,9 +330,8 @@ def main(argv=None) -> int:
             ap.error(f"--stage: no stage {part!r}; stages are {names}")
         chosen.append(key)
     for name in chosen:
-        code = run_stage(name, plan[name], out, args.dry_run, args.budget or BUDGETS[name])
-        if code:
-            return code
+        failed = failed_checks(out / "smoke.jsonl")  # what the smoke stage of this folder found (none yet: nothing)
+        run_stage(name, plan[name], out, args.dry_run, args.budget or BUDGETS[name], failed)
     if not args.dry_run:
         print(table(out))
     return 0

@@ -13,14 +13,18 @@ Configurations (``config`` x ``encoder_mode``):
 Every configuration runs the training loop's own step (:class:`fastmae.train.step.TrainStep`): a uint8 batch
 normalised on the device, per-sample mask noise from the sample ids, bf16 autocast on CUDA (fp32 on CPU), forward,
 backward, NaN guard and fused AdamW over the recipe's parameter groups. Before timing, the fast configuration's loss is
-checked against the eager one on the same weights, images and masks. Rows record what actually ran (attention
-backend per call site, kernels, compile mode, variant), img/s, model TFLOP/s (3x the forward matmul FLOPs of
-:func:`fastmae.flops_per_image`), MFU against the GPU's dense bf16 peak, and peak memory per image.
+checked against the eager one on the same weights, images and masks (an ``equivalence`` row). Rows record what
+actually ran (attention backend per call site, kernels, compile variant and mode, graphs), img/s, model TFLOP/s (3x
+the forward FLOPs of :func:`fastmae.flops_per_image`: matmuls and attention), MFU against the GPU's spec dense bf16
+peak (``mfu``, the field's convention) and against the measured matmul peak (``mfu_measured_peak``), and peak memory
+per image (with graphs: from the capture on, where the step's activations are allocated). The results file is
+rewritten after every row; a configuration that fails is a row with its ``error``, and the suite goes on.
 
 Levers, each measured side by side in the same run: ``--graphs`` adds a ``graphs`` variant of every compiled
 configuration (the whole step as one CUDA graph, on the same compiled model); ``--batches`` sweeps the batch size of
 the fastmae rows (img/s and peak memory; the knee is the smallest batch within 5% of the best rate);
-``--attn-backend`` forces backends per call site; ``--compile-mode`` picks inductor's mode; ``--optimizer-bench``
+``--attn-backend`` forces backends per call site; ``--compile full,regional`` times each compile variant
+(:mod:`fastmae.compiling`); ``--compile-mode`` picks inductor's mode; ``--optimizer-bench``
 times fused AdamW against a compiled AdamW on the model's parameters. ``--profile`` adds where the time goes
 (:mod:`fastmae.profiling`: time by category and idle). ``--quick`` runs tiny shapes on whatever device there is, to
 check the suite end to end (the tests run it). ``--report`` turns results JSON into a PNG chart and the README's
@@ -39,8 +43,10 @@ from pathlib import Path
 
 import torch
 
+from .compiling import DEFAULT_VARIANT, GRAPH_MODES, compile_model
 from .config import COMPILE_MODES  # noqa: F401 (the --compile-mode choices)
 from .errors import FastMAEError
+from .files import write_json
 from .models import create_model, flops_per_image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,8 +54,12 @@ MODELS = ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14
 BATCH = {"mae_vit_base_patch16": 256, "mae_vit_large_patch16": 128, "mae_vit_huge_patch14": 64}  # fixed per model
 CASES = (("eager", "visible"), ("compiled-reference", "visible"), ("fastmae", "visible"), ("fastmae", "mask_token"))
 CONFIG_NAMES = {"eager": CASES[0], "compiled-reference": CASES[1], "fastmae": CASES[2], "mask-token": CASES[3]}
-# Dense bf16 tensor-core peaks (TFLOP/s) by GPU name fragment; H100 SXM as measured-achievable in DEVELOPERS.md.
-PEAK_TFLOPS = {"H200": 790.0, "H100": 790.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0, "4090": 165.0}
+# Dense bf16 tensor-core peaks (TFLOP/s), the datasheets' (MFU is stated against these, as the field does), by GPU name
+# fragment, the more specific first; and, where one was measured, a large bf16 matmul's rate (DEVELOPERS.md: ~790 on
+# H100 / H200), for the second MFU column.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0,
+               "L4": 121.0, "4090": 165.2}  # fmt: skip
+MEASURED_PEAK_TFLOPS = {"H100 PCIe": None, "H200": 790.0, "H100": 790.0}
 TABLE_START, TABLE_END = "<!-- fastmae-bench:start -->", "<!-- fastmae-bench:end -->"
 BREAKDOWN = "fastmae-breakdown"  # README markers of the where-the-time-goes table
 
@@ -88,8 +98,17 @@ def env_info(device: torch.device) -> dict:
     }
 
 
-def peak_tflops(gpu: str) -> float | None:
-    return next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
+def peak_tflops(gpu: str, table: dict = PEAK_TFLOPS) -> float | None:
+    return next((v for k, v in table.items() if k in gpu), None)
+
+
+def mfu_of(tflops: float | None, gpu: str) -> tuple[float | None, float | None]:
+    """(MFU against the spec dense bf16 peak, MFU against the measured matmul peak) of a model rate in TFLOP/s (model
+    FLOPs: 3 x the forward's, attention included); None where the GPU has no such peak (a CPU)."""
+    spec, measured = peak_tflops(gpu), peak_tflops(gpu, MEASURED_PEAK_TFLOPS)
+    if tflops is None:
+        return None, None
+    return (tflops / spec if spec else None), (tflops / measured if measured else None)
 
 
 def _sync(device: torch.device) -> None:
@@ -138,10 +157,11 @@ def profile_steps(step, device: torch.device, step_ms: float, steps: int = 2) ->
 
 class StepBench:
     """One configuration's model, compiled once, and the training step over it: :meth:`row` times a variant (the
-    plain step, or the same step as one CUDA graph) on the same weights and compiled code."""
+    plain step, or the same step as one CUDA graph) on the same weights and compiled code. ``compile_variant`` is how
+    the compiled configurations compile (:mod:`fastmae.compiling`); ``eager`` never does, nor anything on a CPU."""
 
     def __init__(self, model_name, decoder_depth, config, mode, batch, device, quick=None, attn=None,
-                 compile_mode: str = "default"):  # fmt: skip
+                 compile_mode: str = "default", compile_variant: str = DEFAULT_VARIANT):  # fmt: skip
         from fastmae.train.schedule import build_optimizer
 
         torch.manual_seed(0)
@@ -150,9 +170,8 @@ class StepBench:
         self.model = _build(model_name, decoder_depth, config, mode, device, quick, attn)
         cuda = device.type == "cuda"
         self.dtype = torch.bfloat16 if cuda else torch.float32
-        self.use_compile = config != "eager" and cuda
-        options = {} if compile_mode == "default" else {"mode": compile_mode}
-        self.step_fn = torch.compile(self.model, **options) if self.use_compile else self.model
+        self.compile = compile_variant if config != "eager" and cuda else "off"
+        self.step_fn = compile_model(self.model, self.compile, compile_mode)
         # The recipe's AdamW (no weight decay on norms, biases, tokens), fused: the optimizer the loop runs.
         self.optimizer = build_optimizer(self.model, 1e-4, 0.05, (0.9, 0.95), fused=True)
         self.attn_backend = self.model.resolve_attention(device, self.dtype)
@@ -177,11 +196,16 @@ class StepBench:
     def row(self, variant: str, steps: int, warmup: int, profile: bool = False) -> dict:
         device = self.device
         cuda = device.type == "cuda"
-        trainer = self.trainer(graphs=variant == "graphs")
-        for _ in range(max(warmup, trainer.warmup + 2) if variant == "graphs" else warmup):
+        graphs = variant == "graphs"
+        if graphs and self.compile != "off" and self.compile_mode in GRAPH_MODES:
+            raise FastMAEError(f"--compile-mode {self.compile_mode} captures CUDA graphs of its own: not with --graphs")
+        trainer = self.trainer(graphs=graphs)
+        for _ in range(max(warmup, trainer.warmup + 2) if graphs else warmup):
+            if cuda and trainer.captures_next:  # the capture allocates the step's activations (in the graph's pool)
+                torch.cuda.reset_peak_memory_stats(device)
             self._step(trainer)
         _sync(device)
-        if cuda:
+        if cuda and not graphs:  # an ordinary step allocates its activations at every step
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -189,9 +213,11 @@ class StepBench:
         _sync(device)
         seconds = (time.perf_counter() - t0) / steps
         img_s = self.batch / seconds
-        flops = 3 * flops_per_image(self.model)["total"]  # forward + backward (2x forward) matmul FLOPs per image
+        embed = self.model.embed_used(device)
+        flops = 3 * flops_per_image(self.model, 0.75, embed)["total"]  # forward + backward (2x forward) per image
         tflops = flops * img_s / 1e12
-        peak = peak_tflops(torch.cuda.get_device_name(device)) if cuda else None
+        gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
+        mfu, mfu_measured = mfu_of(tflops, gpu)
         peak_mem = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None
         top = parts = None
         if profile:
@@ -200,10 +226,10 @@ class StepBench:
             "name": "pretrain_step", "model": self.model_name, "decoder_depth": self.decoder_depth,
             "encoder_mode": self.mode, "config": self.config, "variant": variant, "batch_size": self.batch,
             "img_size": self.model.patch_embed.img_size[0], "dtype": "bf16" if cuda else "fp32",
-            "attn_backend": self.attn_backend, "kernels": self.model.kernels_used(device),
-            "embed": self.model.embed_used(device), "compile": self.use_compile,
-            "compile_mode": self.compile_mode if self.use_compile else None, "graphs": trainer.captured,
-            "img_per_s": img_s, "step_ms": seconds * 1e3, "tflops": tflops, "mfu": tflops / peak if peak else None,
+            "attn_backend": self.attn_backend, "kernels": self.model.kernels_used(device), "embed": embed,
+            "compile": self.compile, "compile_mode": self.compile_mode if self.compile != "off" else None,
+            "graphs": trainer.captured, "img_per_s": img_s, "step_ms": seconds * 1e3, "tflops": tflops, "mfu": mfu,
+            "mfu_measured_peak": mfu_measured, "peak_tflops": peak_tflops(gpu),
             "peak_mem_gb": peak_mem, "peak_mem_gb_per_image": peak_mem / self.batch if cuda else None,
             "gflops_per_image": flops / 1e9, "profile": top, "breakdown": parts,
         }  # fmt: skip
@@ -278,61 +304,137 @@ def optimizer_rows(model_name: str, device: torch.device, quick: dict | None, st
     return rows
 
 
+def _error_line(exc: BaseException) -> str:
+    """An exception as one line: its type and the last non-empty line of its message (torch puts the cause last)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}".rstrip(": ")
+
+
+def check_graphs_mode(graphs: bool, compile_mode: str) -> None:
+    """--graphs captures the whole step; a compile mode that captures graphs of its own inside it cannot go with it."""
+    if graphs and compile_mode in GRAPH_MODES:
+        raise FastMAEError(f"--compile-mode {compile_mode} captures CUDA graphs of its own, which --graphs captures "
+                           "whole: use one of them (max-autotune-no-cudagraphs goes with --graphs)")  # fmt: skip
+
+
 def run_suite(models=MODELS, decoder_depths=(8, 1), device=None, steps=10, warmup=3, quick=False, batch=None,
               log=print, profile: bool = False, configs=tuple(CONFIG_NAMES), graphs: bool = False,
               batches: tuple[int, ...] = (), attn: str | None = None, compile_mode: str = "default",
-              optimizer_bench: bool = False) -> list[dict]:  # fmt: skip
-    """Rows for every model x decoder depth x configuration (see the module docstring), then the levers asked for."""
+              optimizer_bench: bool = False, compile_variants: tuple[str, ...] = (DEFAULT_VARIANT,),
+              on_row=None) -> list[dict]:  # fmt: skip
+    """Rows for every model x decoder depth x configuration x compile variant (see the module docstring), then the
+    levers asked for. ``on_row(row)`` sees each row as soon as it is measured (:class:`ResultsFile` writes it then). A
+    configuration that fails (out of memory, a compile error, a kernel that cannot run) is a row with its one-line
+    ``error``, and the suite goes on; a fast loss that disagrees with eager's is an ``equivalence`` row and that model
+    and depth are not timed."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tiny = dict(img_size=32) if quick else None
     chosen = [CONFIG_NAMES[c] for c in configs]
+    cuda = device.type == "cuda"
+    check_graphs_mode(graphs, compile_mode)
     rows = []
 
-    def measure(name, depth, config, mode, b, variants, sweep=False):
+    def add(row: dict) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    def measure(name, depth, config, mode, b, variants, variant_compile, sweep=False):
+        base = {"name": "pretrain_step", "model": name, "decoder_depth": depth, "config": config,
+                "encoder_mode": mode, "batch_size": b, "sweep": sweep,
+                "compile": variant_compile if config != "eager" and cuda else "off"}  # fmt: skip
+        bench = None
         try:
             bench = StepBench(name, depth, config, mode, b, device, tiny, attn if config == "fastmae" else None,
-                              compile_mode)  # fmt: skip
-            for variant in variants:
-                row = {**bench.row(variant, steps, warmup, profile and not sweep), "sweep": sweep}
-                rows.append(row)
-                log(f"{name} dec{depth} {config:18s} {mode:10s} {variant:6s} batch {b}: {row['img_per_s']:9.1f} "
-                    f"img/s {row['tflops']:7.2f} TFLOP/s attn {row['attn_backend']} kernels "
-                    f"{','.join(sorted(set(row['kernels'].values())))}")  # fmt: skip
-                if row["profile"]:
-                    top = ", ".join(f"{p['kernel'][:40]} {100 * p['share']:.0f}%" for p in row["profile"][:3])
-                    log(f"    where the time goes: {top}")
+                              compile_mode, variant_compile)  # fmt: skip
         except Exception as exc:
-            if not _is_oom(exc):
-                raise
-            rows.append({"name": "pretrain_step", "model": name, "decoder_depth": depth, "config": config,
-                         "encoder_mode": mode, "batch_size": b, "oom": True, "sweep": sweep})  # fmt: skip
-            log(f"{name} dec{depth} {config} {mode} batch {b}: out of memory")
-        finally:
-            _free(device)
+            add({**base, "variant": variants[0], "error": _error_line(exc), "oom": _is_oom(exc)})
+            log(f"{name} dec{depth} {config} {mode} batch {b}: {_error_line(exc)}")
+        for variant in variants if bench is not None else ():
+            what = f"{name} dec{depth} {config:18s} {mode:10s} {bench.compile:8s} {variant:6s} batch {b}"
+            try:
+                row = {**bench.row(variant, steps, warmup, profile and not sweep), "sweep": sweep}
+            except Exception as exc:
+                add({**base, "variant": variant, "error": _error_line(exc), "oom": _is_oom(exc)})
+                log(f"{what}: {'out of memory' if _is_oom(exc) else _error_line(exc)}")
+                _free(device)
+                continue
+            add(row)
+            log(f"{what}: {row['img_per_s']:9.1f} img/s {row['tflops']:7.2f} TFLOP/s attn {row['attn_backend']} "
+                f"kernels {','.join(sorted(set(row['kernels'].values())))}")  # fmt: skip
+            if row["profile"]:
+                top = ", ".join(f"{p['kernel'][:40]} {100 * p['share']:.0f}%" for p in row["profile"][:3])
+                log(f"    where the time goes: {top}")
+        del bench
+        _free(device)
 
     for name in models:
         for depth in decoder_depths:
-            check_fast_matches_eager(name, depth, device, tiny)
+            try:
+                rel = check_fast_matches_eager(name, depth, device, tiny)
+                add({"name": "equivalence", "model": name, "decoder_depth": depth, "ok": True, "rel_loss_diff": rel})
+            except Exception as exc:
+                add({"name": "equivalence", "model": name, "decoder_depth": depth, "ok": False,
+                     "error": _error_line(exc)})  # fmt: skip
+                log(f"{name} dec{depth}: not timed: {_error_line(exc)}")
+                _free(device)
+                continue
             b = batch or (2 if quick else BATCH.get(name, 64))
             for config, mode in chosen:
-                with_graphs = graphs and config != "eager" and device.type == "cuda"
-                measure(name, depth, config, mode, b, ["plain", "graphs"] if with_graphs else ["plain"])
+                with_graphs = graphs and config != "eager" and cuda
+                variants = ["plain", "graphs"] if with_graphs else ["plain"]
+                for variant_compile in compile_variants if config != "eager" and cuda else (DEFAULT_VARIANT,):
+                    measure(name, depth, config, mode, b, variants, variant_compile)
             for sweep_batch in batches:
                 if sweep_batch == b:
                     continue
                 for config, mode in chosen:
                     if config == "fastmae":
-                        measure(name, depth, config, mode, sweep_batch, ["plain"], sweep=True)
+                        measure(name, depth, config, mode, sweep_batch, ["plain"], compile_variants[0], sweep=True)
         if optimizer_bench:
-            rows += optimizer_rows(name, device, tiny)
-            log(f"{name} AdamW update: " + ", ".join(f"{r['impl']} {r['ms']:.2f} ms" for r in rows[-2:]))
+            try:
+                for row in optimizer_rows(name, device, tiny):
+                    add(row)
+                log(f"{name} AdamW update: " + ", ".join(f"{r['impl']} {r['ms']:.2f} ms" for r in rows[-2:]))
+            except Exception as exc:
+                add({"name": "optimizer_step", "model": name, "error": _error_line(exc)})
     return rows
+
+
+class ResultsFile:
+    """A results JSON (``{"env", "rows", "speedups"}``) rewritten atomically after every row, so that a command
+    stopped at its time budget leaves every row it had finished, and a crash never leaves half a file."""
+
+    def __init__(self, path: str | Path, env: dict):
+        self.path, self.env, self.rows = Path(path), env, []
+        self.write()
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.write()
+
+    def extend(self, rows: list[dict]) -> None:
+        self.rows += rows
+        self.write()
+
+    def write(self) -> Path:
+        return write_json(self.path, {"env": self.env, "rows": self.rows, "speedups": speedups(self.rows)})
+
+
+def default_results_path(env: dict) -> Path:
+    gpu = env["gpu"].replace("NVIDIA ", "").replace(" ", "-").lower()
+    return Path.cwd() / f"fastmae-bench-{gpu}-{time.strftime('%Y%m%d-%H%M%S')}.json"
 
 
 def _best(rows: list[dict], config: str, mode: str) -> dict | None:
     """The fastest variant of a configuration among ``rows`` (plain or graphs), None when it did not run."""
-    hit = [r for r in rows if (r["config"], r["encoder_mode"]) == (config, mode) and not r.get("oom")]
+    hit = [r for r in rows if (r["config"], r["encoder_mode"]) == (config, mode) and _ran(r)]
     return max(hit, key=lambda r: r["img_per_s"]) if hit else None
+
+
+def _ran(row: dict) -> bool:
+    """A timed row (not an out-of-memory or error row)."""
+    return not row.get("oom") and not row.get("error")
 
 
 def _per_batch(rows: list[dict]) -> list[dict]:
@@ -342,7 +444,7 @@ def _per_batch(rows: list[dict]) -> list[dict]:
     for r in rows:
         if (r["config"], r["encoder_mode"]) == ("fastmae", "visible"):
             old = by.get(r["batch_size"])
-            if old is None or old.get("oom") or (not r.get("oom") and r["img_per_s"] > old["img_per_s"]):
+            if old is None or not _ran(old) or (_ran(r) and r["img_per_s"] > old["img_per_s"]):
                 by[r["batch_size"]] = r
     return [by[b] for b in sorted(by)]
 
@@ -368,46 +470,59 @@ def speedups(rows: list[dict]) -> list[dict]:
         ratio["mem_vs_eager"] = (
             f["peak_mem_gb_per_image"] / e["peak_mem_gb_per_image"] if e and f and e["peak_mem_gb_per_image"] else None
         )
-        sweep = [r for r in _per_batch(mine) if not r.get("oom")]
+        sweep = [r for r in _per_batch(mine) if _ran(r)]
         if len(sweep) > 1:
             top = max(sweep, key=lambda r: r["img_per_s"])
             knee = next(r for r in sweep if r["img_per_s"] >= 0.95 * top["img_per_s"])
             ratio.update(best_batch=top["batch_size"], best_batch_img_per_s=top["img_per_s"],
                          best_batch_mfu=top.get("mfu"), knee_batch=knee["batch_size"],
-                         oom_batches=sorted(r["batch_size"] for r in mine if r.get("oom")))  # fmt: skip
+                         oom_batches=sorted({r["batch_size"] for r in mine if r.get("oom")}))  # fmt: skip
         out.append(ratio)
     return out
 
 
 def write_results(rows: list[dict], env: dict, out: str | Path | None = None) -> Path:
-    """``{"env": ..., "rows": [...]}`` to ``out`` or ``./fastmae-bench-<gpu>-<date>.json`` (the current folder: never
-    into the installed package)."""
-    if out is None:
-        gpu = env["gpu"].replace("NVIDIA ", "").replace(" ", "-").lower()
-        out = Path.cwd() / f"fastmae-bench-{gpu}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"env": env, "rows": rows, "speedups": speedups(rows)}, indent=2) + "\n")
-    return out
+    """``{"env": ..., "rows": [...], "speedups": [...]}`` to ``out`` or ``./fastmae-bench-<gpu>-<date>.json`` (the
+    current folder: never into the installed package), atomically."""
+    path = Path(out) if out is not None else default_results_path(env)
+    return write_json(path, {"env": env, "rows": rows, "speedups": speedups(rows)})
 
 
 def _fmt(x, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def _compiled(row: dict) -> str:
+    """The compile column: ``no``, or the variant (and mode when not the default); older rows said True / False."""
+    variant = {True: "full", False: "off", None: "off"}.get(row.get("compile"), row.get("compile"))
+    if variant == "off":
+        return "no"
+    mode = row.get("compile_mode")
+    return variant + (f" {mode}" if mode and mode != "default" else "")
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
 def results_table(results: dict, source: str) -> str:
     """The README table (markdown) of a results JSON's pretrain_step rows, with same-run speedups (on the fastest
-    fastmae visible row at the fixed batch), then the batch sweeps and the optimizer rows."""
+    fastmae visible row at the fixed batch), then the batch sweeps, the optimizer rows and what failed. MFU is
+    computed here from each row's TFLOP/s and the GPU's peaks (:func:`mfu_of`), so files written under an older
+    convention read the same way."""
     env = results["env"]
+    gpu = env.get("gpu") or "cpu"
     ratios = {(s["model"], s["decoder_depth"]): s for s in results.get("speedups") or speedups(results["rows"])}
     lines = [
-        f"Measured on **{env['gpu']}** (torch {env['torch']}, triton {env.get('triton')}, xformers "
+        f"Measured on **{gpu}** (torch {env['torch']}, triton {env.get('triton')}, xformers "
         f"{env.get('xformers') or 'not installed'}), git `{(env.get('git_sha') or '?')[:12]}`, {env['date']}; raw "
-        f"JSON `{source}`.",
+        f"JSON `{source}`. MFU: model FLOPs (3 x forward, attention included) / the spec dense bf16 peak "
+        f"({_fmt(peak_tflops(gpu), '.1f')} TFLOP/s); beside it against the measured matmul peak "
+        f"({_fmt(peak_tflops(gpu, MEASURED_PEAK_TFLOPS), '.0f')}).",
         "",
         "| model | dec | config | encoder | variant | batch | dtype | attention | kernels | compile | img/s | TFLOP/s "
-        "| MFU | peak GB/img | vs eager | vs compiled-reference | visible vs mask-token |",
-        "| --- | ---: | --- | --- | --- | ---: | --- | --- | --- | --- |" + " ---: |" * 7,
+        "| MFU | MFU (measured peak) | peak GB/img | vs eager | vs compiled-reference | visible vs mask-token |",
+        "| --- | ---: | --- | --- | --- | ---: | --- | --- | --- | --- |" + " ---: |" * 8,
     ]
     steps = [r for r in results["rows"] if r["name"] == "pretrain_step" and not r.get("sweep")]
     best = {}
@@ -415,17 +530,17 @@ def results_table(results: dict, source: str) -> str:
         mine = [r for r in steps if (r["model"], r["decoder_depth"]) == key]
         best[key] = _best(mine, "fastmae", "visible")
     for r in steps:
-        if r.get("oom"):
+        if not _ran(r):
             continue
         s = ratios.get((r["model"], r["decoder_depth"]), {})
         lead = r is best.get((r["model"], r["decoder_depth"]))
         kernels = ",".join(sorted(set(r["kernels"].values())))
-        compiled = "no" if not r["compile"] else r.get("compile_mode") or "yes"
+        mfu, mfu_measured = mfu_of(r["tflops"], gpu)
         lines.append(
             f"| {r['model']} | {r['decoder_depth']} | {r['config']} | {r['encoder_mode']} | "
             f"{r.get('variant', 'plain')} | {r['batch_size']} | {r['dtype']} | {r['attn_backend']} | {kernels} | "
-            f"{compiled} | {r['img_per_s']:.1f} | {r['tflops']:.2f} | {_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}"
-            f"{'%' if r['mfu'] else ''} | {_fmt(r['peak_mem_gb_per_image'], '.3f')} | "
+            f"{_compiled(r)} | {r['img_per_s']:.1f} | {r['tflops']:.2f} | {_pct(mfu)} | {_pct(mfu_measured)} | "
+            f"{_fmt(r['peak_mem_gb_per_image'], '.3f')} | "
             f"{_fmt(s.get('fastmae_vs_eager') if lead else None, '.2f')} | "
             f"{_fmt(s.get('fastmae_vs_compiled_reference') if lead else None, '.2f')} | "
             f"{_fmt(s.get('visible_vs_mask_token') if lead else None, '.2f')} |"
@@ -434,15 +549,23 @@ def results_table(results: dict, source: str) -> str:
         if s.get("best_batch") is not None:
             sweep = _per_batch([r for r in results["rows"] if r["name"] == "pretrain_step" and
                                 (r["model"], r["decoder_depth"]) == (s["model"], s["decoder_depth"])])  # fmt: skip
-            seen = ", ".join(f"{r['batch_size']}: " + ("out of memory" if r.get("oom") else
-                             f"{r['img_per_s']:.0f} img/s, {_fmt(r.get('peak_mem_gb'), '.1f')} GB") for r in sweep)
+            seen = ", ".join(f"{r['batch_size']}: " + ("out of memory" if r.get("oom") else f"failed ({r['error']})"
+                             if r.get("error") else f"{r['img_per_s']:.0f} img/s, {_fmt(r.get('peak_mem_gb'), '.1f')} "
+                             "GB") for r in sweep)  # fmt: skip
+            top = next(r for r in sweep if _ran(r) and r["batch_size"] == s["best_batch"])
+            top_mfu = mfu_of(top["tflops"], gpu)[0]
             lines += ["", f"Batch sweep, {s['model']} dec{s['decoder_depth']} fastmae visible: {seen}; best batch "
-                      f"{s['best_batch']} ({s['best_batch_img_per_s']:.0f} img/s, MFU "
-                      f"{_fmt(s['best_batch_mfu'] and 100 * s['best_batch_mfu'], '.1f')}%), knee {s['knee_batch']} "
-                      "(the smallest batch within 5% of the best)."]  # fmt: skip
-    opt = [r for r in results["rows"] if r["name"] == "optimizer_step"]
+                      f"{s['best_batch']} ({s['best_batch_img_per_s']:.0f} img/s, MFU {_pct(top_mfu)}), knee "
+                      f"{s['knee_batch']} (the smallest batch within 5% of the best)."]  # fmt: skip
+    opt = [r for r in results["rows"] if r["name"] == "optimizer_step" and "ms" in r]
     if opt:
         lines += ["", "AdamW update alone: " + ", ".join(f"{r['model']} {r['impl']} {r['ms']:.2f} ms" for r in opt)]
+    failed = [r for r in results["rows"] if r.get("error") or r.get("ok") is False]
+    if failed:
+        lines += ["", "Did not run: " + "; ".join(
+            f"{r.get('model')} dec{r.get('decoder_depth')} {r.get('config', r['name'])} {r.get('encoder_mode', '')} "
+            f"{r.get('variant', '')} ({r.get('error') or 'loss differs from eager'})".replace("  ", " ")
+            for r in failed)]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -464,7 +587,7 @@ def plot(results: dict, png: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in results["rows"] if r["name"] == "pretrain_step" and not r.get("sweep") and not r.get("oom")]
+    rows = [r for r in results["rows"] if r["name"] == "pretrain_step" and not r.get("sweep") and _ran(r)]
     groups = sorted({(r["model"], r["decoder_depth"]) for r in rows}, key=lambda g: (MODELS + (g[0],)).index(g[0]))
     fig, ax = plt.subplots(figsize=(max(6, 2.4 * len(groups)), 4.2))
     width = 0.8 / len(CASES)

@@ -1,0 +1,494 @@
+"""The GPU sitting's first stage: every GPU-only path once, at tiny shapes, each in its own process with its own
+timeout, one JSON line per path (``{"check", "ok", "seconds", "error", "details"}``), so that one crash (an illegal
+memory access, a segfault in a driver library, a hang) costs that path alone, and the later stages skip what failed.
+
+    python benchmarks/gpu_smoke.py --out $OUT/smoke.jsonl            # every check, in parallel, about a minute
+    python benchmarks/gpu_smoke.py --check graphs-full --out F       # one check, in this process
+    python benchmarks/gpu_smoke.py --list
+
+The checks (``CHECKS``), each against a reference where there is one:
+
+- ``cuda``: the device, a bf16 matmul against float64.
+- ``fused-ops``: masking, unshuffle and the fused MSE compiled for this GPU, forward and backward, against their
+  PyTorch references at an awkward shape.
+- ``attn-<backend>-h<dim>``: each SDPA kernel (flash, cudnn, efficient, sdpa's own choice) and xformers, forward and
+  backward at head dims 64 (the encoder) and 32 (the decoder), against float64 math.
+- ``graphs-full`` / ``graphs-regional``: the whole step as one CUDA graph over the model compiled whole or per block:
+  capture and replays against the ordinary step, and no compilation after the first step.
+- ``nan-guard``: a non-finite step inside a replayed graph is skipped on the device and counted; weights untouched.
+- ``host-sync``: ordinary steps and graph replays under ``torch.cuda.set_sync_debug_mode("error")``.
+- ``nvjpeg-crop``: nvJPEG against libjpeg on the same files (mean, 99.9th percentile and largest difference), and the
+  crop kernel alone against the CPU pipeline on the same decoded pixels.
+- ``gpu-loader``: ``--loader gpu`` for two batches against the torchvision loader.
+- ``ahead-on-device``: the loop's device prefetch keeps order and positions.
+
+Without CUDA every check fails at once, saying so. ``--device cpu`` runs the checks that have a CPU form (the tests
+use it to check the checks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ATTENTION = [(b, d) for b in ("flash", "cudnn", "efficient", "sdpa", "xformers") for d in (64, 32)]
+# The two that compile first: they take longest, and the checks run in this order, a few at a time.
+CHECKS = ("graphs-full", "graphs-regional", "cuda", "fused-ops", *(f"attn-{b}-h{d}" for b, d in ATTENTION),
+          "nan-guard", "host-sync", "nvjpeg-crop", "gpu-loader", "ahead-on-device")  # fmt: skip
+TIMEOUT = {"graphs-full": 80, "graphs-regional": 80}  # seconds; the rest: --timeout
+
+
+class CheckFailed(Exception):
+    """A check's finding (not a crash): its message is the JSON line's ``error``."""
+
+
+def _rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _device(name: str):
+    import torch
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CheckFailed("no CUDA device (torch.cuda.is_available() is False)")
+    return torch.device(name)
+
+
+def check_cuda(device) -> dict:
+    import torch
+
+    if device.type != "cuda":
+        raise CheckFailed(f"needs CUDA (device is {device.type})")
+    g = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(512, 512, device=device, generator=g) for _ in range(2))
+    rel = _rel((a.bfloat16() @ b.bfloat16()).float(), a.double() @ b.double())
+    if not rel < 1e-2:
+        raise CheckFailed(f"bf16 matmul off float64 by {rel:.2e}")
+    return {"gpu": torch.cuda.get_device_name(device), "capability": list(torch.cuda.get_device_capability(device)),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "bf16_matmul_rel": rel}  # fmt: skip
+
+
+def check_fused_ops(device) -> dict:
+    import torch
+    from fastmae.kernels.masked_mse import masked_mse, masked_mse_reference
+    from fastmae.kernels.masking import random_masking, random_masking_reference
+    from fastmae.kernels.unshuffle import unshuffle, unshuffle_reference
+
+    g = torch.Generator(device=device).manual_seed(1)
+    N, L, D, K, p = 3, 49, 60, 12, 8  # 49 patches, width 60: no power of two
+    x = torch.randn(N, L, D, device=device, generator=g).requires_grad_()
+    noise = torch.rand(N, L, device=device, generator=g)
+    pos = torch.randn(1, L + 1, D, device=device, generator=g)
+    out, ref = random_masking(x, noise, K, pos), random_masking_reference(x, noise, K, pos)
+    if not all(torch.equal(o, r) for o, r in zip(out, ref, strict=True)):
+        raise CheckFailed("masking differs from its reference")
+    grad = torch.randn_like(out[0])
+    if not torch.equal(torch.autograd.grad(out[0], x, grad)[0], torch.autograd.grad(ref[0], x, grad)[0]):
+        raise CheckFailed("masking's gradient differs from its reference")
+    xd = torch.randn(N, 1 + K, 36, device=device, generator=g).requires_grad_()
+    tok = torch.randn(1, 1, 36, device=device, generator=g).requires_grad_()
+    dpos = torch.randn(1, L + 1, 36, device=device, generator=g)
+    o, r = unshuffle(xd, tok, out[2], dpos), unshuffle_reference(xd, tok, out[2], dpos)
+    if not torch.equal(o, r):
+        raise CheckFailed("unshuffle differs from its reference")
+    imgs = torch.randn(N, 3, 56, 56, device=device, generator=g)
+    pred = torch.randn(N, L, p * p * 3, device=device, generator=g).requires_grad_()
+    mask = (torch.rand(N, L, device=device, generator=g) < 0.75).float()
+    got, want = masked_mse(pred, imgs, mask, p, True), masked_mse_reference(pred, imgs, mask, p, True)
+    loss_rel = abs(got.item() - want.item()) / abs(want.item())
+    grad_rel = _rel(torch.autograd.grad(got, pred)[0], torch.autograd.grad(want, pred)[0])
+    if not (loss_rel < 1e-5 and grad_rel < 1e-5):
+        raise CheckFailed(f"masked MSE off its reference: loss {loss_rel:.2e}, gradient {grad_rel:.2e}")
+    from fastmae.kernels import _common
+
+    return {"interpreted": _common.INTERPRETED, "mse_loss_rel": loss_rel, "mse_grad_rel": grad_rel}
+
+
+def check_attention(device, backend: str, head_dim: int) -> dict:
+    import torch
+
+    from fastmae import attention
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(head_dim)
+    q, k, v = (torch.randn(4, 4, 50, head_dim, device=device, generator=g, dtype=dtype).requires_grad_()
+               for _ in range(3))  # fmt: skip
+    impl = attention.get_backend(backend)
+    if reasons := impl.supports(q, k, v):
+        raise CheckFailed(f"{backend} cannot run: {'; '.join(reasons)}")
+    out = impl(q, k, v)
+    grad = torch.randn(out.shape, device=device, generator=g, dtype=dtype)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attention.get_backend("math")(qd, kd, vd)
+    ref_grads = torch.autograd.grad(ref, (qd, kd, vd), grad.double())
+    rel = _rel(out, ref)
+    grad_rel = max(_rel(a, b) for a, b in zip(grads, ref_grads, strict=True))
+    if not (rel < 2e-2 and grad_rel < 2e-2):
+        raise CheckFailed(f"{backend} at head dim {head_dim}: output {rel:.2e}, gradients {grad_rel:.2e} off math")
+    return {"dtype": str(dtype), "rel_err": rel, "grad_rel_err": grad_rel}
+
+
+def _trainer(device, graphs: bool, variant: str = "off", warmup: int = 2):
+    import torch
+    from fastmae.train.schedule import build_optimizer
+    from fastmae.train.step import TrainStep
+
+    import fastmae
+    from fastmae.compiling import compile_model
+
+    torch.manual_seed(0)
+    kernels = "triton" if device.type == "cuda" else "reference"
+    model = fastmae.create_model("mae_vit_tiny_patch16", img_size=64, kernels=kernels, norm_pix_loss=True).to(device)
+    opt = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), fused=True)
+    step_fn = compile_model(model, variant)
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    return TrainStep(model, step_fn, opt, seed=3, mask_ratio=0.75, device=device, dtype=dtype, graphs=graphs,
+                     warmup=warmup)  # fmt: skip
+
+
+def _batches(n: int, batch: int = 8):
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    for b in range(n):
+        imgs = torch.randint(0, 256, (batch, 3, 64, 64), dtype=torch.uint8, generator=g)
+        yield imgs, torch.arange(b * batch, (b + 1) * batch) * 7 + 3, b // 3, 1e-3 * (b + 1) / n
+
+
+def check_graphs(device, variant: str) -> dict:
+    """Capture and replay of the compiled step against the ordinary compiled step: losses within bf16 rounding, every
+    replay a new loss (new masks), no compilation after the first step."""
+    import torch
+
+    if device.type != "cuda":
+        raise CheckFailed(f"CUDA graphs need CUDA (device is {device.type})")
+    torch._dynamo.reset()
+    t0 = time.perf_counter()
+    eager, graphed = _trainer(device, False, variant), _trainer(device, True, variant)
+    batches = list(_batches(7))
+    pairs, compiled_after_first = [], None
+    for k, args in enumerate(batches):
+        a = eager(*args).clone()
+        b = graphed(*args).clone()
+        if k == 0:
+            compiled_after_first = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        pairs.append((a.item(), b.item()))
+    compiles = torch._dynamo.utils.counters["stats"]["unique_graphs"] - compiled_after_first
+    if not graphed.captured:
+        raise CheckFailed("the step was never captured")
+    worst = max(abs(a - b) / max(abs(a), 1e-12) for a, b in pairs)
+    if not worst < 1e-2:
+        raise CheckFailed(f"graphed losses differ from the ordinary step's by up to {worst:.2e}: {pairs}")
+    if len({round(b, 6) for _, b in pairs[3:]}) != len(pairs) - 3:
+        raise CheckFailed(f"replays repeat a loss (masks or batches frozen at capture?): {pairs}")
+    if compiles:
+        raise CheckFailed(f"{compiles} graph(s) compiled after the first step (a recompile at the capture)")
+    return {"variant": variant, "seconds_incl_compile": time.perf_counter() - t0, "losses": pairs,
+            "max_rel_diff": worst}  # fmt: skip
+
+
+def check_nan_guard(device) -> dict:
+    import torch
+
+    graphs = device.type == "cuda"
+    step = _trainer(device, graphs)
+    batches = list(_batches(6))
+    for args in batches[:4]:
+        step(*args)
+    if graphs and not step.captured:
+        raise CheckFailed("the step was never captured")
+    step.model.pos_embed.data[0, 1, 0] = float("nan")
+    weights = [p.detach().clone() for p in step.params]
+    step(*batches[4])
+    skipped, in_a_row = step.nan_skipped.item(), step.nan_in_a_row.item()
+    untouched = all(torch.equal(w, p) for w, p in zip(weights, step.params, strict=True))
+    step.model.pos_embed.data[0, 1, 0] = 0.0
+    step(*batches[5])
+    if not (skipped == 1 and in_a_row == 1 and untouched and step.nan_in_a_row.item() == 0):
+        raise CheckFailed(f"NaN step: skipped {skipped}, in a row {in_a_row}, weights untouched {untouched}, then in "
+                          f"a row {step.nan_in_a_row.item()}")  # fmt: skip
+    return {"graphs": graphs, "skipped": skipped}
+
+
+def check_host_sync(device) -> dict:
+    import torch
+
+    if device.type != "cuda":
+        raise CheckFailed(f"needs CUDA (device is {device.type})")
+    out = {}
+    for graphs in (False, True):
+        step = _trainer(device, graphs)
+        batches = [(imgs.pin_memory(), ids, epoch, lr) for imgs, ids, epoch, lr in _batches(6)]
+        for args in batches[:3]:
+            step(*args)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for args in batches[3:]:
+                step(*args)
+        except RuntimeError as exc:
+            raise CheckFailed(f"{'graphed' if graphs else 'ordinary'} step synchronises with the host: "
+                              f"{str(exc).splitlines()[0]}") from exc  # fmt: skip
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        out["graphed" if graphs else "ordinary"] = "no host sync"
+    return out
+
+
+def _jpegs(count: int, seed: int = 0, small: bool = False) -> list[bytes]:
+    """Baseline 4:2:0 JPEGs of ImageNet-like size (``small``: 40-70 px, for the CPU forms, whose kernel runs
+    interpreted) cut from scikit-image's photos (real photo statistics)."""
+    import numpy as np
+    from fastmae.train.data.index import bundled_images_dir
+    from PIL import Image
+
+    photos = [Image.open(p).convert("RGB") for p in sorted(bundled_images_dir().iterdir()) if p.suffix == ".png"]
+    photos = [p for p in photos if min(p.size) >= 256]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        src = photos[i % len(photos)]
+        w, h = (int(rng.integers(50, 70)), int(rng.integers(40, 60))) if small else (int(rng.integers(300, 520)),
+                                                                                      int(rng.integers(240, 400)))
+        buf = io.BytesIO()
+        src.resize((w, h), Image.BICUBIC).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def _levels_stats(a, b) -> dict:
+    """|a - b| in 8-bit levels: mean, 99.9th percentile, largest."""
+    import torch
+
+    d = (a.float() - b.float()).abs().flatten()
+    return {"mean": d.mean().item(), "p999": torch.quantile(d[:: max(1, d.numel() // 1_000_000)], 0.999).item(),
+            "max": d.max().item()}  # fmt: skip
+
+
+# Bounds, in 8-bit levels. nvJPEG and libjpeg differ in IDCT rounding and chroma upsampling (torchvision's own test
+# bounds only the mean, < 2); the crop kernel against the CPU pipeline on the same pixels is float vs fixed point.
+DECODE_BOUNDS = {"mean": 2.0, "p999": 24.0, "max": 64.0}
+CROP_BOUNDS = {"mean": 0.5, "p999": 2.0, "max": 3.0}
+LOADER_BOUNDS = {"mean": 1.0, "p999": 12.0, "max": 48.0}
+
+
+def _within(stats: dict, bounds: dict, what: str) -> None:
+    over = [f"{k} {stats[k]:.2f} > {bounds[k]:g}" for k in bounds if not stats[k] <= bounds[k]]
+    if over:
+        raise CheckFailed(f"{what}: {', '.join(over)} levels")
+
+
+def check_nvjpeg_crop(device) -> dict:
+    import torch
+    from fastmae.kernels.crop_resize import crop_resize_normalize
+    from fastmae.train.data.decode import IMAGENET_STD, crop_resize_flip, normalize
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    small = device.type != "cuda"
+    files = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in _jpegs(8, small=small)]
+    cpu = [decode_jpeg(f, mode=ImageReadMode.RGB) for f in files]
+    dev = decode_jpeg(files, mode=ImageReadMode.RGB, device=device) if device.type == "cuda" else [c.clone() for c
+                                                                                                  in cpu]  # fmt: skip
+    decode = _levels_stats(torch.cat([d.cpu().flatten() for d in dev]), torch.cat([c.flatten() for c in cpu]))
+    _within(decode, DECODE_BOUNDS, "nvJPEG vs libjpeg")
+    boxes = [(7 * k % (c.shape[2] // 3), 5 * k % (c.shape[1] // 3), c.shape[2] // 2, c.shape[1] // 2)
+             for k, c in enumerate(cpu)]  # fmt: skip
+    flips = [k % 2 for k in range(len(cpu))]
+    size = 16 if small else 224
+    out = crop_resize_normalize([d.to(device) for d in dev], boxes, flips, size).cpu()
+    same = torch.stack([normalize(crop_resize_flip(d.cpu(), b, bool(f), size))
+                        for d, b, f in zip(dev, boxes, flips, strict=True)])  # fmt: skip
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    crop = _levels_stats(out * std * 255, same * std * 255)
+    _within(crop, CROP_BOUNDS, "crop kernel vs the CPU pipeline on the same decoded pixels")
+    return {"decode_levels": decode, "crop_levels": crop}
+
+
+def check_gpu_loader(device) -> dict:
+    import tempfile
+
+    import torch
+    from fastmae.train.data import index_data
+    from fastmae.train.data.decode import IMAGENET_STD, normalize
+    from fastmae.train.data.gpu_loader import GPULoader
+    from fastmae.train.data.loaders import TorchvisionLoader
+
+    small = device.type != "cuda"  # the CPU form runs the kernel interpreted: small images, small batches
+    files, size, batch = (8, 16, 4) if small else (32, 224, 16)
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, data in enumerate(_jpegs(files, seed=1, small=small)):
+            (Path(tmp) / f"{k:03d}.jpg").write_bytes(data)
+        index = index_data(Path(tmp))
+        ref = TorchvisionLoader(index, size, batch, seed=2, num_workers=2)
+        decoder = None
+        if device.type != "cuda":  # the CPU form of the check: torchvision's CPU decoder in the GPU loader's place
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            def decoder(data, _device):
+                return [decode_jpeg(d, mode=ImageReadMode.RGB) for d in data]
+
+        kw = {"decoder": decoder} if decoder else {}
+        gpu = GPULoader(index, size, batch, seed=2, device=device, num_workers=2, **kw)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        stats = []
+        for (a, _), (b, _) in zip(ref.epoch(0), gpu.epoch(0), strict=True):
+            if b.device.type != device.type or not torch.equal(ref.last_ids, gpu.last_ids.cpu()):
+                raise CheckFailed("the GPU loader's batch is not the torchvision loader's samples on the device")
+            stats.append(_levels_stats(b.cpu() * std * 255, normalize(a) * std * 255))
+    worst = {k: max(s[k] for s in stats) for k in ("mean", "p999", "max")}
+    _within(worst, LOADER_BOUNDS, "GPU loader vs torchvision loader")
+    if gpu.routes["gpu"] != files:
+        raise CheckFailed(f"not every baseline JPEG went through the device decode: {gpu.routes}")
+    return {"batches": len(stats), "levels": worst, "routes": gpu.routes}
+
+
+def check_ahead_on_device(device) -> dict:
+    import torch
+    from fastmae.train.data.loaders import SyntheticLoader, ahead_on_device
+    from fastmae.train.run import micro_batches
+
+    loader = SyntheticLoader(32, 4, 64, seed=0, device=torch.device("cpu"))
+    plain = [(x.clone(), tuple(loader.position)) for x, *_ in micro_batches(loader, 0, 0, 1, loader.steps_per_epoch)]
+    moved = list(ahead_on_device(micro_batches(loader, 0, 0, 1, loader.steps_per_epoch), loader, device))
+    if len(moved) != len(plain):
+        raise CheckFailed(f"{len(moved)} batches ahead, {len(plain)} without")
+    for (x, pos), (y, _, _, _, position) in zip(plain, moved, strict=True):
+        if y.device.type != device.type or not torch.equal(x, y.cpu()) or position != pos:
+            raise CheckFailed("a batch moved ahead differs from the batch, or its position from the loader's")
+    return {"batches": len(moved)}
+
+
+def run_check(name: str, device_name: str) -> dict:
+    """One check in this process: ``{"check", "ok", "seconds", "error", "details"}``."""
+    t0 = time.perf_counter()
+    try:
+        device = _device(device_name)
+        if name.startswith("attn-"):
+            _, backend, dim = name.split("-")
+            details = check_attention(device, backend, int(dim[1:]))
+        elif name.startswith("graphs-"):
+            details = check_graphs(device, name.split("-", 1)[1])
+        else:
+            fn = globals().get("check_" + name.replace("-", "_"))
+            if fn is None:
+                raise CheckFailed(f"no check {name!r}; checks: {', '.join(CHECKS)}")
+            details = fn(device)
+        return {"check": name, "ok": True, "seconds": time.perf_counter() - t0, "error": None, "details": details}
+    except Exception as exc:
+        if isinstance(exc, CheckFailed):
+            error = str(exc)
+        else:
+            lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            error = (f"{type(exc).__name__}: {lines[-1][:300] if lines else ''} "
+                     f"({Path(where.filename).name}:{where.lineno})")  # fmt: skip
+        return {"check": name, "ok": False, "seconds": time.perf_counter() - t0, "error": error, "details": None}
+
+
+def _append(out: Path, record: dict) -> None:
+    """One line, appended with a single write (lines of parallel checks never interleave)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+
+
+def run_all(names: list[str], out: Path, device: str, timeout: float, jobs: int, deadline: float) -> list[dict]:
+    """Every check in its own process, ``jobs`` at a time, each killed at its timeout (and all at ``deadline``
+    seconds from now); a check that crashes or hangs is a failed line saying how."""
+    end = time.monotonic() + deadline
+
+    def one(name: str) -> dict:
+        left = end - time.monotonic()
+        limit = min(TIMEOUT.get(name, timeout), left)
+        if limit <= 1:
+            record = {"check": name, "ok": False, "seconds": 0.0, "error": "not run: the smoke stage's time is spent",
+                      "details": None}  # fmt: skip
+            _append(out, record)
+            return record
+        part = out.with_name(f".{out.name}.{name}")
+        part.unlink(missing_ok=True)
+        cmd = [sys.executable, __file__, "--check", name, "--device", device, "--out", str(part)]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # fmt: skip
+        try:
+            text, _ = proc.communicate(timeout=limit)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            text, _ = proc.communicate()
+            code = None
+        if part.exists() and part.read_text().strip():
+            record = json.loads(part.read_text().strip().splitlines()[-1])
+        else:
+            tail = [line for line in (text or "").splitlines() if line.strip()][-1:] or [""]
+            why = f"timed out after {limit:.0f} s" if code is None else f"exit {code}"
+            record = {"check": name, "ok": False, "seconds": time.perf_counter() - t0,
+                      "error": f"{why}; last output: {tail[0][:300]}", "details": None}  # fmt: skip
+        part.unlink(missing_ok=True)
+        _append(out, record)
+        print(f"[smoke] {name:22s} {'pass' if record['ok'] else 'FAIL'} {record['seconds']:5.1f} s"
+              + ("" if record["ok"] else f"  {record['error'][:150]}"), flush=True)  # fmt: skip
+        return record
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(one, names))
+
+
+def failed_checks(path: str | os.PathLike) -> dict[str, str]:
+    """{check: error} of the failed checks in a smoke JSONL file (none when the file is absent: nothing known)."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    failed = {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("ok"):
+            failed.pop(record["check"], None)
+        else:
+            failed[record["check"]] = record.get("error") or "failed"
+    return failed
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="smoke.jsonl", help="JSON lines file (appended to)")
+    ap.add_argument("--check", default=None, help="run this one check here (default: every check, each in a process)")
+    ap.add_argument("--only", default=None, help="comma-separated checks to run (default: all)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--timeout", type=float, default=60.0, help="seconds per check (graphs checks: their own)")
+    ap.add_argument("--jobs", type=int, default=6, help="checks at a time")
+    ap.add_argument("--deadline", type=float, default=85.0, help="seconds for all of them")
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args(argv)
+    if args.list:
+        print("\n".join(CHECKS))
+        return 0
+    out = Path(args.out)
+    if args.check:
+        _append(out, run_check(args.check, args.device))
+        return 0
+    names = [c.strip() for c in args.only.split(",")] if args.only else list(CHECKS)
+    if unknown := [c for c in names if c not in CHECKS]:
+        ap.error(f"unknown checks {', '.join(unknown)}; --list shows them")
+    records = run_all(names, out, args.device, args.timeout, args.jobs, args.deadline)
+    passed = sum(r["ok"] for r in records)
+    print(f"[smoke] {passed}/{len(records)} passed; {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
