@@ -8,6 +8,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from fastmae.train.data import decode as decode_mod
 from fastmae.train.data.dali import DALILoader, build_pipeline, eval_geometry
 from fastmae.train.data.decode import IMAGENET_MEAN, IMAGENET_STD, JPEG, PNG, TORCHVISION, decode, load_rgb
 from fastmae.train.data.index import expand_braces, index_data
@@ -35,6 +36,9 @@ def make_mixed_folder(root):
 
     Image.fromarray(photo(40, 52)).save(root / "rgb.jpg", quality=95)
     Image.fromarray(photo(44, 36)[..., 0]).save(root / "grey.jpg", quality=95)
+    Image.fromarray(photo(38, 46)).save(root / "progressive.jpg", quality=95, progressive=True)
+    # An EXIF orientation of 6 (rotate 90 to display): TorchCodec applies it by itself, no fastmae route does.
+    Image.fromarray(photo(30, 50)).save(root / "exif-rotated.jpg", quality=95, exif=_orientation_exif(6))
     Image.fromarray(photo(36, 48)).convert("CMYK").save(root / "cmyk.jpg", quality=95)
     Image.fromarray(np.dstack([photo(30, 34), rng.integers(0, 255, (30, 34), dtype=np.uint8)])).save(root / "rgba.png")
     Image.fromarray(photo(33, 41)).convert("P").save(root / "palette.png")
@@ -60,7 +64,21 @@ def make_mixed_folder(root):
     return root
 
 
-VALID = 16
+VALID = 18
+DECODERS = ("torchcodec", "torchvision", "pillow")
+
+
+def _orientation_exif(value: int, order: str = "MM") -> bytes:
+    """An APP1 EXIF block holding only IFD0's orientation tag, in either byte order."""
+    if order == "MM":
+        exif = Image.Exif()
+        exif[0x0112] = value
+        return exif.tobytes()
+    e = "<"
+    import struct
+
+    return b"Exif\x00\x00II*\x00" + struct.pack(e + "IH", 8, 1) + struct.pack(e + "HHIHH", 0x0112, 3, 1, value, 0) + (
+        b"\x00" * 4)  # fmt: skip
 
 
 @pytest.fixture
@@ -163,14 +181,19 @@ def test_pretrain_pipeline_matches_torchvision_on_the_bundled_photos(photos):
     assert seen == dali.steps_per_epoch == len(photos) // 4
 
 
-@pytest.mark.parametrize("loader", ["dali", "torchvision"])
+@pytest.mark.parametrize("loader", ["dali", "torchvision", "torchvision-torchvision", "torchvision-pillow"])
 def test_every_mode_decodes_the_same_in_both_loaders(mixed, loader):
+    """Every mode (greyscale, CMYK, progressive, EXIF-oriented, alpha, 16-bit, ...) against the Pillow reference, in
+    DALI and in the torchvision loader with each decoder (TorchCodec by default)."""
     index = index_data(mixed)
     make = {
         "dali": lambda: DALILoader(index, 24, VALID, seed=0, device=CPU, num_threads=1, kind="eval"),
         "torchvision": lambda: TorchvisionLoader(index, 24, VALID, seed=0, kind="eval"),
-    }[loader]
-    ((imgs, _),) = list(make().epoch(0))
+    }.get(loader, lambda: TorchvisionLoader(index, 24, VALID, seed=0, kind="eval"))
+    made = make()
+    if loader.startswith("torchvision-"):
+        made.dataset.decoder = loader.split("-", 1)[1]
+    ((imgs, _),) = list(made.epoch(0))
     imgs = to_device(imgs, CPU)
     tf = eval_transform(24)
     expected = torch.stack([tf(load_rgb(index.read(i))) for i in range(len(index))])
@@ -178,18 +201,110 @@ def test_every_mode_decodes_the_same_in_both_loaders(mixed, loader):
     assert err.max() < 0.03, dict(zip(index.keys, err.tolist(), strict=True))
 
 
-def test_torchvision_decodes_exactly_what_pillow_decodes(photos, mixed):
-    """The JPEG and 8-bit PNG route (torchvision.io) gives Pillow's pixels bit for bit; every other file goes through
-    Pillow itself."""
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_every_decoder_gives_exactly_what_pillow_decodes(photos, mixed, decoder):
+    """The JPEG and 8-bit PNG routes (TorchCodec, torchvision.io, or Pillow itself) give Pillow's pixels bit for bit,
+    greyscale and progressive JPEGs included; every other file (CMYK, alpha, 16-bit, ...) goes through Pillow."""
     routes = set()
     for index in (photos, index_data(mixed)):
         for i in range(len(index)):
             data, route = index.read(i), int(index.routes[i])
             routes.add(route)
             want = torch.from_numpy(np.array(load_rgb(data))).permute(2, 0, 1)
-            got = decode(data, route)
-            assert got.dtype == torch.uint8 and torch.equal(got, want), (index.key(i), route)
-    assert {JPEG, PNG} <= routes and routes - set(TORCHVISION)  # both routes were exercised
+            got = decode(data, route, decoder)
+            assert got.dtype == torch.uint8 and torch.equal(got, want), (index.key(i), route, decoder)
+    assert {JPEG, PNG} <= routes and routes - set(TORCHVISION)  # both fast routes and the Pillow ones exercised
+
+
+def test_the_default_decoder_is_torchcodec_where_it_loads(monkeypatch, caplog, photos):
+    """auto: TorchCodec, else torchvision, else Pillow; FASTMAE_DECODER forces one; one that cannot run is a
+    one-line error; the loader names its decoders per route, and make_loader logs them."""
+    from fastmae.train.data import make_loader
+
+    assert decode_mod.resolve_decoder() == "torchcodec"  # the dev extra installs it
+    monkeypatch.setenv("FASTMAE_DECODER", "pillow")
+    assert decode_mod.resolve_decoder() == "pillow"
+    monkeypatch.delenv("FASTMAE_DECODER")
+    real = decode_mod._fast
+    monkeypatch.setattr(decode_mod, "_fast", lambda name: "torchcodec does not import (test)" if name == "torchcodec"
+                        else real(name))  # fmt: skip
+    assert decode_mod.resolve_decoder() == "torchvision"
+    with pytest.raises(FastMAEError, match=r"^decoder torchcodec: torchcodec does not import \(test\)$"):
+        decode_mod.resolve_decoder("torchcodec")
+    monkeypatch.setattr(decode_mod, "_fast", real)
+    loader = TorchvisionLoader(photos, 32, 4, seed=0)
+    names = loader.decoders
+    assert names["jpeg"].startswith("torchcodec 0.") and names["png"].startswith("torchcodec 0.")
+    assert names["jpeg with an EXIF orientation"].startswith("pillow ")
+    loader.dataset.decoder = "torchvision"
+    assert loader.decoders["jpeg"].startswith("torchvision ") and "jpeg with an EXIF orientation" not in loader.decoders
+    assert set(TorchvisionLoader(photos, 32, 4, seed=0, kind="finetune").decoders.values()) == {
+        decode_mod.pillow_label()}  # fmt: skip
+    cfg = type("Cfg", (), {"num_workers": 0, "img_size": 32, "batch_size": 4, "seed": 0})()
+    with caplog.at_level("INFO", logger="fastmae.data"):
+        make_loader("torchvision", photos, "pretrain", cfg, CPU)
+    assert "decoders of the torchvision loader (pretrain): jpeg -> torchcodec 0." in caplog.text
+
+
+def test_exif_orientation_is_applied_by_no_route(mixed):
+    """One behaviour everywhere: a JPEG's EXIF orientation is not applied (as the official MAE's Pillow ImageFolder
+    and DALI with adjust_orientation=False): every decoder, in the loader too, gives the pixels as encoded, at the
+    index's size, although TorchCodec alone would rotate them."""
+    from torchcodec.decoders import decode_jpeg
+
+    index = index_data(mixed)
+    i = [k.rsplit("/", 1)[-1] for k in index.keys].index("exif-rotated.jpg")
+    data = index.read(i)
+    assert decode_mod.exif_orientation(data) == 6 and (index.widths[i], index.heights[i]) == (50, 30)
+    assert decode_jpeg(data).shape == (3, 50, 30)  # TorchCodec by itself applies it: what this test guards against
+    want = torch.from_numpy(np.array(load_rgb(data))).permute(2, 0, 1)
+    assert want.shape == (3, 30, 50)
+    for decoder in DECODERS:
+        assert torch.equal(decode(data, JPEG, decoder), want), decoder
+        files = ImageFiles(index, "eval", 24, seed=0)
+        files.decoder = decoder
+        ref = eval_transform(24)(load_rgb(data))
+        assert (to_device(files.image(0, i)[None], CPU)[0] - ref).abs().max() < 0.05, decoder
+
+
+def test_exif_orientation_reader():
+    def jpeg(exif=None):
+        buf = io.BytesIO()
+        Image.new("RGB", (9, 7), (10, 20, 30)).save(buf, format="JPEG", **({"exif": exif} if exif else {}))
+        return buf.getvalue()
+
+    assert decode_mod.exif_orientation(jpeg()) == 1
+    assert [decode_mod.exif_orientation(jpeg(_orientation_exif(v))) for v in (1, 3, 8)] == [1, 3, 8]
+    assert decode_mod.exif_orientation(jpeg(_orientation_exif(5, "II"))) == 5
+    assert Image.open(io.BytesIO(jpeg(_orientation_exif(5, "II")))).getexif()[0x0112] == 5  # Pillow reads it alike
+    assert decode_mod.exif_orientation(jpeg(b"Exif\x00\x00XX garbage")) == 0  # unreadable: treated as oriented (Pillow)
+    assert decode_mod.exif_orientation(b"\x89PNG\r\n") == 1 and decode_mod.exif_orientation(b"") == 1
+
+
+def test_what_the_fast_decoder_refuses_pillow_decodes(photos, monkeypatch):
+    """Pillow for what the chosen decoder does not decode: the same pixels; a file nothing decodes raises (the
+    loaders skip and count it)."""
+
+    def refuse(encoded, mode):
+        raise RuntimeError("unsupported JPEG variant")
+
+    monkeypatch.setattr(decode_mod, "_fast", lambda name: {JPEG: refuse, PNG: refuse, "mode": "RGB", "version": "0"})
+    i = next(i for i in range(len(photos)) if int(photos.routes[i]) == JPEG)
+    data = photos.read(i)
+    assert torch.equal(decode(data, JPEG, "torchcodec"), torch.from_numpy(np.array(load_rgb(data))).permute(2, 0, 1))
+    with pytest.raises(Exception):  # noqa: B017 - Pillow's own error, whatever it is
+        decode(data[: len(data) // 3], JPEG, "torchcodec")
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_a_file_broken_after_validation_is_skipped_and_counted_by_every_decoder(photos, tmp_path, decoder):
+    index = index_data(_copy_photos(photos, tmp_path / "p", 8))
+    (tmp_path / "p" / "3.jpg").write_bytes((tmp_path / "p" / "3.jpg").read_bytes()[:300])  # truncated since
+    loader = TorchvisionLoader(index, 32, 2, seed=0)
+    loader.dataset.decoder = decoder
+    batches = list(loader.epoch(0))
+    assert loader.skipped == {str(tmp_path / "p" / "3.jpg")}
+    assert sum(len(y) for _, y in batches) == 7
 
 
 def test_loading_the_bundled_photos_prints_nothing(photos, capfd):
@@ -426,6 +541,8 @@ def test_dali_missing_fails_loudly_and_auto_falls_back(monkeypatch):
 
 
 def test_summary_names_the_loader(tmp_path, photos):
+    from importlib.metadata import version
+
     from fastmae.cli import main
 
     root = _copy_photos(photos, tmp_path / "p", 6)
@@ -435,3 +552,4 @@ def test_summary_names_the_loader(tmp_path, photos):
     assert code == 0
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["loader"] == "dali" and summary["steps"] == 3 and summary["skipped_files"] == 0
+    assert summary["decoders"] == {"jpeg": f"dali {version('nvidia-dali-cuda120')} cpu"}

@@ -3,13 +3,14 @@ float64 reference and the CPU pipeline on the same boxes, and the whole loader (
 the kernel, the CPU route for PNG / CMYK / greyscale / progressive / broken files) against the torchvision loader."""
 
 import io
+from importlib.metadata import version
 
 import pytest
 import torch
 from fastmae.kernels.crop_resize import crop_resize_normalize, crop_resize_normalize_reference
 from fastmae.train.data import index_data
-from fastmae.train.data.decode import IMAGENET_STD, crop_resize_flip, normalize
-from fastmae.train.data.gpu_loader import GPULoader, gpu_loader_unavailable_reason, jpeg_kind
+from fastmae.train.data.decode import IMAGENET_STD, JPEG, crop_resize_flip, normalize
+from fastmae.train.data.gpu_loader import GPULoader, gpu_decodable, gpu_loader_unavailable_reason, jpeg_kind
 from fastmae.train.data.loaders import TorchvisionLoader
 from PIL import Image
 
@@ -81,7 +82,7 @@ def _jpeg(img: Image.Image, **kw) -> bytes:
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
     """A folder of 16 small photos-like images: baseline RGB JPEGs, and one each of PNG, CMYK JPEG, greyscale JPEG,
-    progressive JPEG; returns (folder, {name: kind})."""
+    progressive JPEG and a baseline RGB JPEG with an EXIF orientation; returns (folder, {name: kind})."""
     root = tmp_path_factory.mktemp("mixed")
     kinds = {}
     for k in range(16):
@@ -98,8 +99,12 @@ def mixed(tmp_path_factory):
             data = _jpeg(img.convert("L"))
         elif k == 9:
             data = _jpeg(img, progressive=True)
+        elif k == 11:
+            exif = Image.Exif()
+            exif[0x0112] = 8
+            data = _jpeg(img, exif=exif.tobytes())
         (root / name).write_bytes(data)
-        kinds[name] = {3: "png", 5: "cmyk", 7: "grey", 9: "progressive"}.get(k, "baseline")
+        kinds[name] = {3: "png", 5: "cmyk", 7: "grey", 9: "progressive", 11: "exif"}.get(k, "baseline")
     return root, kinds
 
 
@@ -108,8 +113,9 @@ def test_jpeg_headers_tell_baseline_rgb_from_the_rest(mixed):
     for name, kind in kinds.items():
         got = jpeg_kind((root / name).read_bytes())
         expected = {"baseline": ("baseline", 3), "cmyk": ("baseline", 4), "grey": ("baseline", 1),
-                    "progressive": ("progressive", 3), "png": None}[kind]  # fmt: skip
+                    "progressive": ("progressive", 3), "png": None, "exif": ("baseline", 3)}[kind]  # fmt: skip
         assert got == expected, name
+        assert gpu_decodable((root / name).read_bytes(), JPEG) == (kind == "baseline"), name
     assert jpeg_kind(b"\xff\xd8\xff") is None and jpeg_kind(b"") is None
 
 
@@ -122,19 +128,21 @@ def _cpu_decoder(data, device):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_gpu_loader_gives_the_torchvision_loaders_batches(mixed, workers):
     """Two epochs, batch 4, 24 px: the same samples in the same order with the same boxes as the torchvision loader,
-    pixels within 3 levels; the baseline JPEGs went through the device decode and the kernel, the 4 others through
-    the CPU route, counted."""
+    pixels within 3 levels; the baseline JPEGs went through the batched decode (TorchCodec's, its CPU form here) and
+    the kernel, the 5 others (the EXIF-oriented one too) through the CPU route, counted."""
     root, _ = mixed
     index = index_data(root)
     ref = TorchvisionLoader(index, 24, 4, seed=1, num_workers=0)
-    gpu = GPULoader(index, 24, 4, seed=1, device=torch.device("cpu"), num_workers=workers, decoder=_cpu_decoder)
+    gpu = GPULoader(index, 24, 4, seed=1, device=torch.device("cpu"), num_workers=workers)
+    assert list(gpu.decoders.items())[0] == ("jpeg on cpu (baseline, 3 channels, no EXIF orientation)",
+                                             f"torchcodec {version('torchcodec').split('+')[0]}, batched")
     for epoch in (0, 1):
         for (a, la), (b, lb) in zip(ref.epoch(epoch), gpu.epoch(epoch), strict=True):
             assert b.dtype == torch.float32 and torch.equal(la, lb)
             assert torch.equal(ref.last_ids, gpu.last_ids)
             assert _levels(b, normalize(a)) <= 3
         assert gpu.position == ref.position == (epoch, 4)
-    assert gpu.routes == {"gpu": 2 * 12, "cpu": 2 * 4, "cpu_after_gpu_failed": 0}
+    assert gpu.routes == {"gpu": 2 * 11, "cpu": 2 * 5, "cpu_after_gpu_failed": 0}
     resumed = list(gpu.epoch(1, start_batch=2))  # resumable like the others
     assert len(resumed) == 2 and gpu.position == (1, 4)
 
@@ -159,11 +167,37 @@ def test_files_the_device_cannot_decode_go_to_the_cpu_or_are_skipped(mixed, tmp_
     gpu = GPULoader(index, 16, 4, seed=0, device=torch.device("cpu"), num_workers=0, decoder=picky)
     seen = sum(len(ids) for ids in (gpu.last_ids for _ in gpu.epoch(0)))
     assert seen == 15 and any("00.jpg" in k for k in gpu.skipped)
-    assert gpu.routes["cpu_after_gpu_failed"] == 1 and gpu.routes["cpu"] == 4 and gpu.routes["gpu"] == 10
+    assert gpu.routes["cpu_after_gpu_failed"] == 1 and gpu.routes["cpu"] == 5 and gpu.routes["gpu"] == 9
 
 
 def test_explicit_gpu_loader_on_a_cpu_says_why():
     assert gpu_loader_unavailable_reason(torch.device("cpu")) == "it decodes on a CUDA device (this run is on cpu)"
+
+
+def test_batch_decoder_choice_falls_back_and_says_why(monkeypatch):
+    """TorchCodec first, torchvision when TorchCodec cannot decode on the device, none (with both reasons) when
+    neither can; FASTMAE_DECODER=torchvision forces torchvision."""
+    from fastmae.train.data import gpu_loader as gl
+
+    def broken(data, device):
+        raise RuntimeError("nvjpeg: not in this build")
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(gl, "_CHOSEN", {})
+    assert gl.batch_jpeg_decoder(cpu) == ("torchcodec", "")
+    monkeypatch.setattr(gl, "_CHOSEN", {})
+    monkeypatch.setitem(gl._BATCH_DECODERS, "torchcodec", broken)
+    assert gl.batch_jpeg_decoder(cpu) == ("torchvision", "torchcodec: RuntimeError: nvjpeg: not in this build")
+    monkeypatch.setattr(gl, "_CHOSEN", {})
+    monkeypatch.setitem(gl._BATCH_DECODERS, "torchvision", broken)
+    name, why = gl.batch_jpeg_decoder(cpu)
+    assert name is None and why.count("nvjpeg: not in this build") == 2
+    with pytest.raises(RuntimeError, match="no JPEG decoder runs on cpu"):
+        gl._decode_jpegs([gl._tiny_jpeg()], cpu)
+    monkeypatch.undo()
+    monkeypatch.setattr(gl, "_CHOSEN", {})
+    monkeypatch.setenv("FASTMAE_DECODER", "torchvision")
+    assert gl.batch_jpeg_decoder(cpu) == ("torchvision", "")
 
 
 def test_loader_gpu_where_it_cannot_run_is_one_line(tmp_path, capsys):

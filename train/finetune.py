@@ -323,6 +323,7 @@ class Finetuning:
             "ema_top1": self.score(self.ema.module)["top1"] if self.ema is not None else None,
             "num_classes": self.classes,
             "skipped_files": len(self.train_loader.skipped | self.val_loader.skipped),
+            "decoders": {"train": self.train_loader.decoders, "val": self.val_loader.decoders},
             **run.run_info(), "ranks_in_sync": in_sync, **self.loaded, **versions(),
         }  # fmt: skip
         self.log.summary(summary)

@@ -321,6 +321,7 @@ class LinearProbing:
             "final_losses": self.last_losses, "features": "mean-token" if cfg.global_pool else "cls-token",
             "num_classes": self.classes, "val_images": self.val_f.shape[0],
             "skipped_files": len(self.train_loader.skipped | self.val_loader.skipped),
+            "decoders": {"train": self.train_loader.decoders, "val": self.val_loader.decoders},
             **run.run_info(), "ranks_in_sync": in_sync, **self.loaded, **versions(),
         }  # fmt: skip
         self.log.summary(summary)

@@ -376,6 +376,7 @@ class Pretraining:
             "attn_backend": self.model.attn_backend_used or self.attn_used, "kernels": self.kernels_used,
             "embed": self.model.embed_used(self.device),
             "loader": self.loader.name, "loader_fallback": getattr(self.loader, "fell_back", None),
+            "decoders": getattr(self.loader, "decoders", None),  # {decode route: decoder that ran}
             "device": self.device.type,
             "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
             "precision": run.precision, "compile": run.compile, "world_size": world, "parallel": run.ctx.strategy,

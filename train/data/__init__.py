@@ -4,8 +4,8 @@
   broken files counted, a binary cache that makes a later start cost what changed; the work split over torchrun ranks.
 - :mod:`.order`: the sharded, resumable sample order, and each sample's crop box and flip drawn from
   (seed, epoch, sample).
-- :mod:`.decode`: bytes to uint8 pixels (torchvision.io for JPEG and PNG, Pillow for the rest), crop / resize / flip on
-  uint8 tensors, normalisation on the device.
+- :mod:`.decode`: bytes to uint8 pixels (TorchCodec or torchvision.io for JPEG and PNG, Pillow for the rest),
+  crop / resize / flip on uint8 tensors, normalisation on the device.
 - :mod:`.loaders`: the torchvision loader (pretrain, linprobe, eval on uint8; finetune through timm), the synthetic
   loader.
 - :mod:`.dali`: the same pipelines in NVIDIA DALI (mixed decode on a GPU, CPU decode otherwise).
@@ -83,5 +83,7 @@ def make_loader(name: str, index: DataIndex, kind: str, cfg, device: torch.devic
         loader = DALILoader(index, cfg.img_size, cfg.batch_size, cfg.seed, device, num_threads=max(workers, 1),
                             kind=kind, augment=augment)  # fmt: skip
     else:
-        return torchvision_loader()
-    return FallbackLoader(loader, torchvision_loader) if fallback else loader
+        loader = torchvision_loader()
+    logger.info("decoders of the %s loader (%s): %s", loader.name, kind,
+                ", ".join(f"{route} -> {dec}" for route, dec in loader.decoders.items()))  # fmt: skip
+    return FallbackLoader(loader, torchvision_loader) if fallback and name in ("gpu", "dali") else loader

@@ -13,6 +13,7 @@ skipped and counted.
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import logging
 
@@ -21,7 +22,7 @@ import torch
 
 from fastmae.errors import FastMAEError
 
-from .decode import IMAGENET_MEAN, IMAGENET_STD, load_rgb
+from .decode import DALI_NATIVE, IMAGENET_MEAN, IMAGENET_STD, load_rgb
 from .index import DataIndex
 from .loaders import RECIPE, Augment, IndexLoader
 from .order import augment_params
@@ -148,6 +149,22 @@ class DALILoader(IndexLoader):
 
             # Random erasing runs on the normalised batch on its device (timm, pixel mode), like mixup/cutmix.
             self.erase = RandomErasing(augment.reprob, mode="pixel", device=str(self.device))
+
+    @property
+    def decoders(self) -> dict[str, str]:
+        """``{decode route: decoder}``: DALI's own decoders (nvJPEG / nvImageCodec, mixed on a GPU) for the routes
+        whose pixels are Pillow's, Pillow (passed on to DALI as BMP) for the rest."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        from .decode import ROUTE_NAMES, pillow_label
+
+        dali = "dali"
+        for dist in ("nvidia-dali-cuda120", "nvidia-dali-cuda130"):
+            with contextlib.suppress(PackageNotFoundError):
+                dali = f"dali {version(dist)}"
+        where = "mixed (GPU)" if self.device_id is not None else "cpu"
+        return {ROUTE_NAMES[int(r)]: (f"{dali} {where}" if int(r) in DALI_NATIVE else f"{pillow_label()} -> BMP")
+                for r in np.unique(self.index.routes) if int(r) in ROUTE_NAMES}  # fmt: skip
 
     def _encoded(self, i: int) -> bytes | None:
         try:

@@ -1,11 +1,19 @@
 """Bytes to pixels, as pure functions of (bytes, per-sample parameters): the validation probe, decoding to uint8
 tensors, and the crop / resize / flip of the loaders on uint8 tensors.
 
-Decoding: JPEG (RGB, greyscale) and 8-bit PNG (RGB, greyscale, palette; no transparency, no ICC profile) go through
-``torchvision.io`` (libjpeg-turbo, libpng): the same pixels as Pillow, bit for bit (``tests/test_data.py``), in about
-0.6 of the time. Every other file (CMYK, 16-bit, alpha, GIF, WebP, TIFF, BMP, ...) goes through Pillow's
-:func:`load_rgb`, which turns any mode into 8-bit RGB. The route is chosen once, at validation, and kept in the index
-(:data:`TORCHVISION`, :data:`DALI_NATIVE`).
+Decoding: JPEG (RGB, greyscale; baseline and progressive) and 8-bit PNG (RGB, greyscale, palette; no transparency, no
+ICC profile) go through the first of these that loads: **TorchCodec** (``torchcodec.decoders``, >= 0.16, torch >=
+2.11; ``pip install 'fastmae[torchcodec]'``), **torchvision** (``torchvision.io``, deprecated since 0.29 in favour of
+TorchCodec), else Pillow. Both give Pillow's pixels bit for bit (libjpeg-turbo, libpng; ``tests/test_data.py``), in
+about 0.6 of the time. Every other file (CMYK, 16-bit, alpha, GIF, WebP, TIFF, BMP, ...) goes through Pillow's
+:func:`load_rgb`, which turns any mode into 8-bit RGB, and so does a file the chosen decoder refuses. The route is
+chosen once, at validation, and kept in the index (:data:`FAST_ROUTES`, :data:`DALI_NATIVE`); the decoder per route
+once per process (:func:`resolve_decoder`; ``FASTMAE_DECODER=torchcodec|torchvision|pillow`` forces one).
+
+EXIF orientation is applied by **no** route: pixels are taken as encoded, as the official MAE pipeline (Pillow's
+``ImageFolder``) and DALI (``adjust_orientation=False``) take them, and the index's widths and heights are those.
+TorchCodec always applies a JPEG's EXIF orientation, so a JPEG whose EXIF orientation tag is not 1
+(:func:`exif_orientation`, read from the header) goes around it, to Pillow.
 
 Resampling: torch's antialiased bicubic resize of uint8 images, which follows Pillow's filter (a = -0.5, support
 scaled with the reduction): pixels within a few levels of Pillow's resize (the tests bound it). Normalisation is not
@@ -14,7 +22,10 @@ done here: batches stay uint8 until they are on the device (:func:`normalize`).
 
 from __future__ import annotations
 
+import functools
 import io
+import os
+import struct
 import warnings
 
 import numpy as np
@@ -28,7 +39,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Decode routes, one byte per sample in the index, found by :func:`probe`.
 BAD, JPEG, JPEG_CMYK, PNG, PNG16, OTHER_NATIVE, PIL_ONLY = range(7)
 UNKNOWN = 255  # not validated yet (only inside the index builder)
-TORCHVISION = (JPEG, PNG)  # torchvision.io gives Pillow's pixels exactly
+FAST_ROUTES = (JPEG, PNG)  # TorchCodec and torchvision.io give Pillow's pixels exactly
+TORCHVISION = FAST_ROUTES  # the older name
+ROUTE_NAMES = {JPEG: "jpeg", JPEG_CMYK: "jpeg-cmyk", PNG: "png", PNG16: "png16", OTHER_NATIVE: "other",
+               PIL_ONLY: "pillow-only"}  # fmt: skip
+DECODERS = ("auto", "torchcodec", "torchvision", "pillow")  # FASTMAE_DECODER; auto: the first that loads
 # DALI's decoders give load_rgb's pixels (checked in the tests); anything else reaches DALI as an uncompressed BMP.
 DALI_NATIVE = (JPEG, JPEG_CMYK, PNG, PNG16, OTHER_NATIVE)
 _OTHER_NATIVE = {"BMP": {"RGB", "L"}, "TIFF": {"RGB", "L"}, "WEBP": {"RGB"}}
@@ -90,30 +105,143 @@ def probe(data) -> tuple[int, int, int]:
     return width, height, route
 
 
-def _torchvision_decoders() -> dict | None:
-    """torchvision.io's JPEG and PNG decoders, or None where this torchvision has none (deprecated since 0.29 in
-    favour of TorchCodec: when they go, every file takes the Pillow route, same pixels, slower)."""
+def exif_orientation(data) -> int:
+    """The EXIF orientation tag (1-8) of a JPEG, from its APP1 segment; 1 when it has none. A JPEG whose EXIF segment
+    cannot be read counts as oriented (0), so that it takes the decoder that ignores EXIF (Pillow)."""
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return 1
+    i = 2
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return 1
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xDA or (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)):  # scan or frame: no more
+            return 1
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        length = (data[i + 2] << 8) | data[i + 3]
+        if marker == 0xE1 and bytes(data[i + 4 : i + 10]) == b"Exif\x00\x00":
+            return _tiff_orientation(bytes(data[i + 10 : i + 2 + length]))
+        i += 2 + length
+    return 1
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    """Tag 0x0112 of IFD0 of an EXIF TIFF block; 1 without it, 0 when the block is malformed."""
+    try:
+        order = {b"II": "<", b"MM": ">"}[tiff[:2]]
+        (ifd,) = struct.unpack_from(order + "I", tiff, 4)
+        (count,) = struct.unpack_from(order + "H", tiff, ifd)
+        for k in range(count):
+            tag, kind, _, value = struct.unpack_from(order + "HHIH", tiff, ifd + 2 + 12 * k)
+            if tag == 0x0112:
+                return value if kind == 3 else 0  # SHORT
+    except (KeyError, struct.error):
+        return 0
+    return 1
+
+
+def _load_torchcodec():
+    """TorchCodec's JPEG and PNG decoders (CPU), or the reason they do not load."""
+    try:
+        from importlib.metadata import version
+
+        from torchcodec.decoders import decode_jpeg, decode_png
+    except ImportError as exc:  # not installed, or a build for another torch (its libraries do not load)
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        return f"torchcodec does not import ({first}); pip install 'fastmae[torchcodec]' (torch >= 2.11)"
+    except Exception as exc:  # e.g. RuntimeError from its library loading
+        return f"torchcodec does not load ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]})"
+    return {JPEG: decode_jpeg, PNG: decode_png, "mode": "RGB", "version": version("torchcodec").split("+")[0]}
+
+
+def _load_torchvision():
+    """torchvision.io's JPEG and PNG decoders (deprecated since 0.29 in favour of TorchCodec), or why not."""
     try:
         from torchvision.io import ImageReadMode, decode_jpeg, decode_png
-    except ImportError:
-        return None
-    # Each call warns about that deprecation; fastmae knows and falls back by itself.
+    except ImportError as exc:
+        return f"torchvision.io has no image decoders ({exc})"
+    import torchvision
+
+    # Each call warns about that deprecation; fastmae knows (TorchCodec comes first where it is installed).
     warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                             category=DeprecationWarning)  # fmt: skip
-    return {JPEG: decode_jpeg, PNG: decode_png, "mode": ImageReadMode.RGB}
+    return {JPEG: decode_jpeg, PNG: decode_png, "mode": ImageReadMode.RGB, "version": torchvision.__version__}
 
 
-_DECODERS: list = []  # [decoders or None], filled on first use (torchvision is not imported before it is needed)
+_LOADERS = {"torchcodec": _load_torchcodec, "torchvision": _load_torchvision}
 
 
-def decode(data, route: int) -> torch.Tensor:
-    """uint8 RGB [3, H, W] of an encoded image, by the route its validation chose."""
-    if not _DECODERS:
-        _DECODERS.append(_torchvision_decoders())
-    tv = _DECODERS[0]
-    if route in TORCHVISION and tv is not None:
-        encoded = torch.frombuffer(data if isinstance(data, bytearray) else bytearray(data), dtype=torch.uint8)
-        return tv[route](encoded, mode=tv["mode"])
+@functools.cache
+def _fast(name: str) -> dict | str:
+    """The decoders of ``name`` (torchcodec | torchvision), or the reason they cannot run; loaded once per process
+    (nothing is imported before a decode needs it)."""
+    return _LOADERS[name]()
+
+
+def decoder_unavailable_reason(name: str) -> str | None:
+    """Why decoder ``name`` cannot run in this process, or None (``pillow`` always can)."""
+    if name not in DECODERS:
+        raise ValueError(f"unknown decoder {name!r}; choose one of {', '.join(DECODERS)}")
+    if name in ("auto", "pillow"):
+        return None
+    got = _fast(name)
+    return got if isinstance(got, str) else None
+
+
+def resolve_decoder(name: str | None = None) -> str:
+    """The decoder the JPEG and PNG routes use: ``name``, else ``$FASTMAE_DECODER``, else ``auto`` = TorchCodec where
+    it loads, else torchvision, else Pillow. An explicit one that cannot run raises with the reason."""
+    name = name or os.environ.get("FASTMAE_DECODER") or "auto"
+    if name == "auto":
+        return next((n for n in ("torchcodec", "torchvision") if isinstance(_fast(n), dict)), "pillow")
+    if (reason := decoder_unavailable_reason(name)) is not None:
+        from fastmae.errors import FastMAEError
+
+        raise FastMAEError(f"decoder {name}: {reason}")
+    return name
+
+
+def pillow_label() -> str:
+    import PIL
+
+    return f"pillow {PIL.__version__}"
+
+
+def decoder_names(routes, decoder: str | None = None) -> dict[str, str]:
+    """``{route: decoder and version}`` for the decode routes in ``routes`` (an index's), as :func:`decode` with
+    ``decoder`` runs them: what ``summary.json`` and the first log lines name."""
+    chosen = resolve_decoder(decoder)
+    fast = _fast(chosen) if chosen != "pillow" else None
+    pillow = pillow_label()
+    out = {}
+    for route in sorted({int(r) for r in routes}):
+        if route in FAST_ROUTES and fast is not None:
+            out[ROUTE_NAMES[route]] = f"{chosen} {fast['version']}"
+            if route == JPEG and chosen == "torchcodec":
+                out["jpeg with an EXIF orientation"] = pillow
+        elif route in ROUTE_NAMES:
+            out[ROUTE_NAMES[route]] = pillow
+    return out
+
+
+def decode(data, route: int, decoder: str | None = None) -> torch.Tensor:
+    """uint8 RGB [3, H, W] of an encoded image, by the route its validation chose and ``decoder`` (default: this
+    process's, :func:`resolve_decoder`). Pillow decodes what the fast decoder refuses; what Pillow refuses raises."""
+    if route in FAST_ROUTES:
+        chosen = resolve_decoder(decoder)
+        if chosen != "pillow" and not (chosen == "torchcodec" and route == JPEG and exif_orientation(data) != 1):
+            fast = _fast(chosen)
+            encoded = torch.frombuffer(data if isinstance(data, bytearray) else bytearray(data), dtype=torch.uint8)
+            try:
+                return fast[route](encoded, mode=fast["mode"])
+            except Exception:  # changed since validation, or a variant this decoder lacks: Pillow says which
+                pass
     return torch.from_numpy(np.array(load_rgb(data))).permute(2, 0, 1)  # [3, H, W], a view of [H, W, 3]
 
 

@@ -1,12 +1,13 @@
-"""``--loader gpu``: DataLoader workers only read file bytes; the GPU decodes them in batches (torchvision's nvJPEG
-``decode_jpeg``) and one Triton kernel (:mod:`fastmae.kernels.crop_resize`) crops, flips, resizes (bicubic,
-antialiased) and normalises the whole batch, on a side stream, while the step runs.
+"""``--loader gpu``: DataLoader workers only read file bytes; the GPU decodes them in batches (one batched nvJPEG call
+per batch: TorchCodec's ``decode_jpeg``, which uses the A100/H100/H200 hardware JPEG engine for baseline files, where
+it loads; torchvision's CUDA ``decode_jpeg`` otherwise) and one Triton kernel (:mod:`fastmae.kernels.crop_resize`)
+crops, flips, resizes (bicubic, antialiased) and normalises the whole batch, on a side stream, while the step runs.
 
-- Which files go where: baseline 3-channel JPEGs (the index's JPEG route, SOF0/SOF1 with 3 components, read from the
-  header in the worker) are decoded on the GPU. PNG, CMYK, greyscale, progressive and every other file take the CPU
-  route in the worker (decode, crop, resize, flip on uint8, as the torchvision loader does) and reach the GPU as
-  finished uint8 crops. A JPEG the GPU cannot decode is decoded on the CPU instead; one that nothing decodes is
-  skipped. All three are counted (:attr:`GPULoader.routes`), none is a crash.
+- Which files go where: baseline 3-channel JPEGs without an EXIF orientation (the index's JPEG route, SOF0/SOF1 with
+  3 components, read from the header in the worker) are decoded on the GPU. PNG, CMYK, greyscale, progressive,
+  EXIF-oriented and every other file take the CPU route in the worker (decode, crop, resize, flip on uint8, as the
+  torchvision loader does) and reach the GPU as finished uint8 crops. A JPEG the GPU cannot decode is decoded on the
+  CPU instead; one that nothing decodes is skipped. All three are counted (:attr:`GPULoader.routes`), none is a crash.
 - Crop boxes and flips are the torchvision loader's (:func:`~fastmae.train.data.order.augment_params`): same boxes,
   pixels within a few levels (float resampling against uint8 fixed point; ``tests/test_gpu_loader.py``).
 - Streams (torchvision issue 9606: ``decode_jpeg`` on CUDA runs on nvJPEG's own stream, and on an H100 it corrupted
@@ -15,7 +16,7 @@ antialiased) and normalises the whole batch, on a side stream, while the step ru
   after the kernel; the step's stream waits for the event and ``record_stream`` keeps the batch's memory from
   being reused before the step is done with it. Two batches are kept ready ahead.
 
-On a CPU (the tests) the same pipeline runs with torchvision's CPU decoder, the kernel under the Triton
+On a CPU (the tests) the same pipeline runs with the same decoders' CPU form, the kernel under the Triton
 interpreter, and no streams.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 
@@ -31,7 +33,7 @@ import torch
 
 from fastmae.errors import FastMAEError, RunFault
 
-from .decode import JPEG, crop_resize_flip, decode, normalize
+from .decode import JPEG, crop_resize_flip, decode, exif_orientation, normalize, resolve_decoder
 from .loaders import RECIPE, Augment, ImageFiles, TorchvisionLoader, _batch_tensor, _one_line
 from .order import augment_params
 
@@ -62,8 +64,9 @@ def jpeg_kind(data) -> tuple[str, int] | None:
 
 
 def gpu_decodable(data, route: int) -> bool:
-    """Whether nvJPEG gets this file: a baseline JPEG with 3 components."""
-    return route == JPEG and jpeg_kind(data) == ("baseline", 3)
+    """Whether nvJPEG gets this file: a baseline JPEG with 3 components and no EXIF orientation (TorchCodec would
+    apply it; no route does, :mod:`~.decode`)."""
+    return route == JPEG and jpeg_kind(data) == ("baseline", 3) and exif_orientation(data) == 1
 
 
 class EncodedFiles(ImageFiles):
@@ -84,8 +87,8 @@ class EncodedFiles(ImageFiles):
                 if gpu_decodable(data, route):
                     encoded.append((len(good), data))
                 else:
-                    ready.append((len(good), crop_resize_flip(decode(data, route), boxes[j], bool(flips[j]),
-                                                              self.img_size)))  # fmt: skip
+                    img = decode(data, route, self.decoder)
+                    ready.append((len(good), crop_resize_flip(img, boxes[j], bool(flips[j]), self.img_size)))
                 good.append(j)
             except Exception:  # changed or unreadable since validation: skipped and counted, never fatal
                 failed.append(self.index.key(i))
@@ -112,14 +115,63 @@ class EncodedFiles(ImageFiles):
         return payload, torch.from_numpy(self.index.labels[ids[good]]), torch.from_numpy(ids[good]), failed
 
 
-def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+def _torchcodec_batch(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    from torchcodec.decoders import decode_jpeg
+
+    return decode_jpeg(data, mode="RGB", device=device)  # one nvJPEG call for the list (hardware engine on H100/H200)
+
+
+def _torchvision_batch(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     from torchvision.io import ImageReadMode, decode_jpeg
 
     return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
 
+_BATCH_DECODERS = {"torchcodec": _torchcodec_batch, "torchvision": _torchvision_batch}
+_CHOSEN: dict[str, tuple[str | None, str]] = {}  # device -> (decoder name or None, what was tried and why not)
+
+
+def _tiny_jpeg() -> torch.Tensor:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="JPEG")
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+def batch_jpeg_decoder(device: torch.device) -> tuple[str | None, str]:
+    """(the library that decodes the GPU route's batches on ``device``, or None; why the others were passed over):
+    TorchCodec, then torchvision (``FASTMAE_DECODER`` names one), each tried once on a tiny JPEG there."""
+    key = str(device)
+    if key not in _CHOSEN:
+        forced = os.environ.get("FASTMAE_DECODER", "auto")
+        order = [resolve_decoder(forced)] if forced in _BATCH_DECODERS else list(_BATCH_DECODERS)
+        skipped = []
+        for name in order:
+            try:
+                _BATCH_DECODERS[name]([_tiny_jpeg()], device)
+            except Exception as exc:  # not installed, no nvJPEG in this build, a driver problem, ...
+                skipped.append(f"{name}: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:120]}")
+                continue
+            _CHOSEN[key] = (name, "; ".join(skipped))
+            break
+        else:
+            _CHOSEN[key] = (None, "; ".join(skipped))
+    return _CHOSEN[key]
+
+
+def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """The batch decoded on ``device`` in one call by :func:`batch_jpeg_decoder`'s library."""
+    name, why = batch_jpeg_decoder(device)
+    if name is None:
+        raise RuntimeError(f"no JPEG decoder runs on {device} ({why})")
+    return _BATCH_DECODERS[name](data, device)
+
+
 def gpu_loader_unavailable_reason(device: torch.device) -> str | None:
-    """Why ``--loader gpu`` cannot decode on ``device``, or None (a 1-pixel JPEG decoded there once). ``cuda`` with
+    """Why ``--loader gpu`` cannot decode on ``device``, or None (a tiny JPEG decoded there once). ``cuda`` with
     no index is this process's GPU (``cuda:LOCAL_RANK`` under torchrun), not GPU 0 of every rank."""
     if device.type != "cuda":
         return f"it decodes on a CUDA device (this run is on {device.type})"
@@ -127,16 +179,9 @@ def gpu_loader_unavailable_reason(device: torch.device) -> str | None:
         from ..launch import dist_info
 
         device = torch.device("cuda", dist_info()[2] if dist_info()[2] < torch.cuda.device_count() else 0)
-    try:
-        import io
-
-        from PIL import Image
-
-        buf = io.BytesIO()
-        Image.new("RGB", (8, 8)).save(buf, format="JPEG")
-        _decode_jpegs([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)], device)
-    except Exception as exc:  # no nvJPEG in this torchvision build, a driver problem, ...
-        return f"torchvision cannot decode JPEGs on {device} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+    name, why = batch_jpeg_decoder(device)
+    if name is None:
+        return f"neither TorchCodec nor torchvision decodes JPEGs on {device} ({why})"
     return None
 
 
@@ -157,6 +202,20 @@ class GPULoader(TorchvisionLoader):
         self.dataset = EncodedFiles(index, "pretrain", img_size, seed, augment)
         self.loader = self._data_loader()
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    @property
+    def decoders(self) -> dict[str, str]:
+        """``{route: decoder}``: the batched decode of baseline RGB JPEGs on the device, then what the workers use
+        for every other file (the torchvision loader's decoders)."""
+        if self.decoder is _decode_jpegs:
+            name, _ = batch_jpeg_decoder(self.device)
+            from importlib.metadata import version
+
+            batch = f"{name} {version(name).split('+')[0]}, batched" if name else "none"
+        else:
+            batch = getattr(self.decoder, "__name__", type(self.decoder).__name__)
+        on = f"jpeg on {self.device} (baseline, 3 channels, no EXIF orientation)"
+        return {on: batch, **{f"{k} in the workers": v for k, v in super().decoders.items()}}
 
     # ------------------------------------------------------------------------------------ on the side stream
     def _decode(self, data: list[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -193,7 +252,8 @@ class GPULoader(TorchvisionLoader):
                     continue
                 try:  # the CPU decodes what the GPU could not
                     box, flip = payload["boxes"][pos].tolist(), bool(payload["flips"][pos])
-                    cpu = crop_resize_flip(decode(files[k].numpy().tobytes(), JPEG), box, flip, S)
+                    img = decode(files[k].numpy().tobytes(), JPEG, self.dataset.decoder)
+                    cpu = crop_resize_flip(img, box, flip, S)
                     out[pos] = normalize(cpu.to(self.device))
                     self.routes["cpu_after_gpu_failed"] += 1
                 except Exception:

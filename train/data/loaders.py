@@ -26,7 +26,18 @@ import torch
 from fastmae.errors import FastMAEError, RunFault
 
 from ..launch import dist_info
-from .decode import IMAGENET_MEAN, IMAGENET_STD, crop_resize_flip, decode, eval_resize_crop, load_rgb, normalize
+from .decode import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ROUTE_NAMES,
+    crop_resize_flip,
+    decode,
+    decoder_names,
+    eval_resize_crop,
+    load_rgb,
+    normalize,
+    pillow_label,
+)
 from .index import DataIndex
 from .order import ShardedOrder, augment_params, sample_rng
 
@@ -176,11 +187,14 @@ def _seeded(rng: np.random.Generator):
 class ImageFiles(torch.utils.data.Dataset):
     """Item ``(epoch, i)`` -> ``((image, label, i), None)``, or ``(None, key)`` when the file does not decode.
 
-    pretrain, linprobe and eval images are uint8 [3, S, S] (decoded by torchvision.io or Pillow, cropped, resized and
-    flipped as uint8); finetune images go through timm's Pillow transforms (RandAugment needs Pillow) and come out
-    normalised float32. The augmentation of sample ``i`` in ``epoch`` depends on nothing else, so restarts and worker
-    counts do not change it.
+    pretrain, linprobe and eval images are uint8 [3, S, S] (decoded by TorchCodec, torchvision.io or Pillow, cropped,
+    resized and flipped as uint8); finetune images go through timm's Pillow transforms (RandAugment needs Pillow) and
+    come out normalised float32. The augmentation of sample ``i`` in ``epoch`` depends on nothing else, so restarts
+    and worker counts do not change it. ``decoder`` (None: the process's, :func:`~.decode.resolve_decoder`) is
+    set before the workers start (the benchmarks compare decoders that way).
     """
+
+    decoder: str | None = None
 
     def __init__(self, index: DataIndex, kind: str, img_size: int, seed: int, augment: Augment = RECIPE):
         self.index, self.kind, self.img_size, self.seed, self.augment = index, kind, img_size, seed, augment
@@ -226,7 +240,7 @@ class ImageFiles(torch.utils.data.Dataset):
         if self.kind == "finetune":
             with _seeded(sample_rng(self.seed, epoch, i)):
                 return self.transform(load_rgb(data))
-        img = decode(data, int(self.index.routes[i]))
+        img = decode(data, int(self.index.routes[i]), self.decoder)
         if self.kind == "eval":
             return eval_resize_crop(img, self.img_size)
         if crop is None:
@@ -331,6 +345,15 @@ class TorchvisionLoader(IndexLoader):
         self.num_workers, self.pin = num_workers, pin
         self.worker_restarts = 0
         self.loader = self._data_loader()
+
+    @property
+    def decoders(self) -> dict[str, str]:
+        """``{decode route: decoder and version}`` over the routes of this loader's index (finetune: Pillow for all,
+        timm's RandAugment works on Pillow images): for ``summary.json`` and the log."""
+        routes = np.unique(self.index.routes)
+        if self.kind == "finetune":
+            return {ROUTE_NAMES[int(r)]: pillow_label() for r in routes if int(r) in ROUTE_NAMES}
+        return decoder_names(routes, self.dataset.decoder)
 
     def _data_loader(self) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(
