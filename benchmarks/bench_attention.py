@@ -9,10 +9,15 @@ decoder (every patch + cls, head dim 32).
     python benchmarks/bench_attention.py --write-table fastmae/attention_table.json     # on the GPU
     python benchmarks/bench_attention.py --smoke                                        # tiny shapes, any device
 
-Rows: {"name": "attention", "model", "site", "backend", "batch", "heads", "tokens", "head_dim", "dtype", "ms" (fwd +
-bwd, or null with "reasons" or "error"), "rel_err" and "grad_rel_err" (output and q/k/v gradients against float64
-math)}. A backend is timed, and can enter the table, only after its output and gradients are within tolerance. The
-results file (and the table) are rewritten after every row (every shape).
+xformers beside SDPA's kernels: ``xformers`` is fastmae's xformers backend (xformers' own order: its flash pair
+``fa2F@<v>-pt`` / ``fa2B@<v>-pt`` first, wrapping PyTorch's flash kernel), ``xformers-cutlass`` forces its CUTLASS
+pair ``cutlassF-pt`` / ``cutlassB-pt`` (wrapping PyTorch's memory-efficient kernel); each row names the operators
+that ran (``op``). Only backends that ``--attn-backend`` accepts enter the table.
+
+Rows: {"name": "attention", "model", "site", "backend", "op", "batch", "heads", "tokens", "head_dim", "dtype", "ms"
+(fwd + bwd, or null with "reasons" or "error"), "rel_err" and "grad_rel_err" (output and q/k/v gradients against
+float64 math)}. A backend is timed, and can enter the table, only after its output and gradients are within
+tolerance. The results file (and the table) are rewritten after every row (every shape).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from fastmae.train.run import resolve_device  # noqa: E402
 from fastmae import attention  # noqa: E402
 from fastmae.files import write_json  # noqa: E402
 
-CANDIDATES = ("flash", "cudnn", "efficient", "sdpa", "xformers", "math")
+CANDIDATES = ("flash", "cudnn", "efficient", "sdpa", "xformers", "xformers-cutlass", "math")
 # (model, site, batch, heads, tokens, head_dim)
 SHAPES = [
     ("mae_vit_base_patch16", "encoder", 256, 12, 50, 64), ("mae_vit_base_patch16", "decoder", 256, 16, 197, 32),
@@ -61,11 +66,15 @@ def measure(shape, backend: str, device: torch.device, dtype: torch.dtype, reps:
     g = torch.Generator(device=device).manual_seed(tokens * head_dim)
     q, k, v = (torch.randn(batch, heads, tokens, head_dim, device=device, generator=g, dtype=dtype).requires_grad_()
                for _ in range(3))  # fmt: skip
-    impl = attention.get_backend(backend)
+    impl = attention.XFormersAttention("cutlass") if backend == "xformers-cutlass" else attention.get_backend(backend)
+    row["op"] = backend if backend in ("flash", "cudnn", "efficient", "math") else None  # sdpa: torch's choice
     if reasons := impl.supports(q, k, v):
         return {**row, "reasons": reasons}
     try:
         out = impl(q, k, v)
+        if backend.startswith("xformers"):
+            used = attention.xformers_ops_used()
+            row["op"] = f"{used['forward']} + {used['backward']} (C++ extension {used['extension']})"
         grad = torch.randn(out.shape, device=device, generator=g, dtype=dtype)
         grads = torch.autograd.grad(out, (q, k, v), grad)
         qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -93,7 +102,7 @@ def table_entries(rows: list[dict], env: dict, source: str) -> list[dict]:
     earlier of :data:`CANDIDATES`: no switch for noise)."""
     out = {}
     for r in rows:
-        if r["ms"] is None or r.get("error"):  # only backends timed after their output and gradients were checked
+        if r["ms"] is None or r.get("error") or r["backend"] not in attention.BACKENDS:  # checked, and choosable
             continue
         key = (r["dtype"], r["head_dim"], r["tokens"])
         e = out.setdefault(key, {"gpu": env["gpu"], "dtype": r["dtype"], "head_dim": r["head_dim"],
@@ -133,7 +142,7 @@ def main(argv=None) -> dict:
         for backend in CANDIDATES:
             row = results.add(measure(shape, backend, device, dtype, args.reps))  # the file holds every row so far
             took = f"{row['ms']:.3f} ms" if row["ms"] is not None else row.get("error") or "; ".join(row["reasons"])
-            print(f"{shape[0]:22s} {shape[1]:18s} {backend:9s} {took[:100]}", flush=True)
+            print(f"{shape[0]:22s} {shape[1]:18s} {backend:16s} {took[:100]}", flush=True)
         if args.write_table:  # after each shape: a run stopped later still leaves the shapes it measured
             write_table(Path(args.write_table), table_entries(results.rows, env, f"benchmarks/results/"
                                                               f"{results.path.name}"))  # fmt: skip

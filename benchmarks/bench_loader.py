@@ -8,6 +8,9 @@ flip, normalise) at 224 px, in one run, at each worker count (``--workers 4,8,16
   batches, normalised by the step on its device: on a GPU that is in the timed loop, on a CPU it is the step's own
   compute and reported apart, ``normalize_on_device_ms_per_batch``);
 - ``decode``: reading and decoding alone in the same workers, nothing else: the limit of any CPU loader;
+- ``decode-torchcodec`` / ``decode-torchvision`` / ``decode-pillow`` and ``fastmae-torchcodec`` / ... : the same with
+  the JPEG and PNG routes forced to one decoder (``decode`` and ``fastmae`` use the default, TorchCodec where it
+  loads): the decoders side by side on the same images in the same run;
 - ``gpu``: ``--loader gpu``: workers read bytes, nvJPEG decodes and one Triton kernel augments on the GPU (CUDA only);
 - ``dali``: fastmae's DALI loader (CPU decode here, nvJPEG on a GPU), when nvidia-dali is installed;
 - ``official-finetune`` / ``fastmae-finetune``: the finetune recipe's augmentation (timm's RandAugment and random
@@ -19,7 +22,8 @@ the whole measurement; and a setting with fewer batches per epoch than workers x
 workers idle at each epoch's end) is refused. Rates are medians of interleaved rounds; ``img_per_s_per_worker``
 divides by the workers, and ``vs_official`` is the ratio to the official loader in the same run at the same worker
 count. Without ``--data`` it writes ImageNet-like JPEGs (about 520 x 390, quality 90, cut from scikit-image's photos,
-in parallel) to a temporary folder first, or to ``--make-data DIR`` to keep them.
+in parallel; one in ``--large-every`` about 2000 x 1500) to a temporary folder first, or to ``--make-data DIR`` to
+keep them.
 
     python benchmarks/bench_loader.py [--data DIR] [--workers 4,8,16] [--batch 256] [--batches 30] [--images N]
     python benchmarks/bench_loader.py --make-data DIR --images 20480      # only write the JPEGs
@@ -40,29 +44,35 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from _harness import Rows, cli, env_info, median, report, sync  # noqa: E402
 from fastmae.train.data.dali import DALILoader, dali_unavailable_reason  # noqa: E402
-from fastmae.train.data.decode import IMAGENET_MEAN, IMAGENET_STD, decode  # noqa: E402
+from fastmae.train.data.decode import IMAGENET_MEAN, IMAGENET_STD, decode, resolve_decoder  # noqa: E402
 from fastmae.train.data.gpu_loader import GPULoader, gpu_loader_unavailable_reason  # noqa: E402
 from fastmae.train.data.index import bundled_images_dir, index_data  # noqa: E402
 from fastmae.train.data.loaders import TorchvisionLoader, to_device  # noqa: E402
 from fastmae.train.run import resolve_device  # noqa: E402
 
 PREFETCH = 2  # batches each DataLoader worker keeps ready (torch's default prefetch_factor)
+DECODER_NAMES = ("torchcodec", "torchvision", "pillow")  # the decoder variants: decode-<name>, fastmae-<name>
 
 
-def make_jpegs(folder: Path, count: int, seed: int = 0, classes: int = 4, processes: int | None = None) -> Path:
+LARGE_EVERY = 32  # one generated JPEG in this many is large (about 2000 x 1500), as ImageNet has a few
+
+
+def make_jpegs(folder: Path, count: int, seed: int = 0, classes: int = 4, processes: int | None = None,
+               large_every: int = LARGE_EVERY) -> Path:  # fmt: skip
     """ImageNet-like JPEGs in ``classes`` folders: crops of scikit-image's photos at random places and scales, resized
     to about 520 x 390 (a few pixels either way), quality 90: real photo statistics, so decoding costs what it does
-    on ImageNet (~110 KB each). Written by ``processes`` processes (default: the usable cores), the same files
+    on ImageNet (~110 KB each); every ``large_every``-th about 2000 x 1500 (0: none; upsampled, so smoother than a
+    real photo of that size). Written by ``processes`` processes (default: the usable cores), the same files
     whatever their number."""
     import multiprocessing
     import os
 
     processes = processes or len(os.sched_getaffinity(0))
     if processes <= 1 or count < 256:
-        _write_jpegs(folder, range(count), seed, classes)
+        _write_jpegs(folder, range(count), seed, classes, large_every)
         return folder
     fork = multiprocessing.get_context("fork")  # the children run this module's function as it is (no pickling)
-    procs = [fork.Process(target=_write_jpegs, args=(folder, range(k, count, processes), seed, classes))
+    procs = [fork.Process(target=_write_jpegs, args=(folder, range(k, count, processes), seed, classes, large_every))
              for k in range(processes)]  # fmt: skip
     for proc in procs:
         proc.start()
@@ -73,7 +83,7 @@ def make_jpegs(folder: Path, count: int, seed: int = 0, classes: int = 4, proces
     return folder
 
 
-def _write_jpegs(folder: Path, which, seed: int, classes: int) -> None:
+def _write_jpegs(folder: Path, which, seed: int, classes: int, large_every: int = 0) -> None:
     photos = []
     for p in sorted(bundled_images_dir().iterdir()):
         try:
@@ -88,6 +98,8 @@ def _write_jpegs(folder: Path, which, seed: int, classes: int) -> None:
         rng = np.random.default_rng([seed, i])  # per file: the same image whichever process writes it
         src = photos[i % len(photos)]
         w, h = int(rng.integers(505, 540)), int(rng.integers(375, 405))
+        if large_every and i % large_every == large_every - 1:
+            w, h = int(rng.integers(1900, 2100)), int(rng.integers(1400, 1600))
         frac = rng.uniform(0.6, 1.0)
         cw, ch = int(src.width * frac), int(src.height * frac)
         x, y = int(rng.integers(0, src.width - cw + 1)), int(rng.integers(0, src.height - ch + 1))
@@ -156,16 +168,17 @@ def check_setting(images: int, batch: int, workers: int) -> None:
 
 
 class DecodeOnly(torch.utils.data.Dataset):
-    """Read and decode (fastmae's routes), nothing else: what any CPU loader must at least do per image."""
+    """Read and decode (fastmae's routes, the JPEG and PNG ones by ``decoder``: None = the default), nothing else:
+    what any CPU loader must at least do per image."""
 
-    def __init__(self, index):
-        self.index = index
+    def __init__(self, index, decoder: str | None = None):
+        self.index, self.decoder = index, decoder
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, i: int) -> int:
-        return decode(self.index.read(i), int(self.index.routes[i])).shape[-1]
+        return decode(self.index.read(i), int(self.index.routes[i]), self.decoder).shape[-1]
 
 
 def _forever(make_epoch):
@@ -217,12 +230,14 @@ def readme_table(saved: dict, json_name: str) -> str:
         f"({first['data']}); torch {env.get('torch')}, git `{str(env.get('git_sha'))[:12]}`, "
         f"{str(env.get('date', ''))[:10]}; raw JSON `benchmarks/results/{json_name}`.",
         "",
-        "| loader | augmentation | output | workers | img/s | img/s per worker | vs official (same run) |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| loader | decoder (JPEG, PNG) | augmentation | output | workers | img/s | img/s per worker | vs official "
+        "(same run) |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        lines.append(f"| {r['loader']} | {r.get('kind', 'pretrain')} | {r.get('output', 'float32')} | {r['workers']} "
-                     f"| {r['img_per_s']:.0f} | {r['img_per_s_per_worker']:.0f} | {_ratio(r['vs_official'])} |")
+        lines.append(f"| {r['loader']} | {r.get('decoder', 'n/a')} | {r.get('kind', 'pretrain')} | "
+                     f"{r.get('output', 'float32')} | {r['workers']} | {r['img_per_s']:.0f} | "
+                     f"{r['img_per_s_per_worker']:.0f} | {_ratio(r['vs_official'])} |")  # fmt: skip
     norm = next((r["normalize_on_device_ms_per_batch"] for r in rows if r.get("normalize_on_device_ms_per_batch")),
                 None)  # fmt: skip
     if norm is not None and first["device"] == "cpu":
@@ -240,10 +255,16 @@ def sources_for(index, root: Path, args, device: torch.device, workers: int, bat
         out["official"] = (x for x, _ in official_loader(root, args.img_size, batch, workers, gpu))
     if "fastmae" in chosen:
         out["fastmae"] = endless(TorchvisionLoader(index, args.img_size, batch, seed=0, num_workers=workers, pin=gpu))
-    if "decode" in chosen:
-        out["decode"] = iter(torch.utils.data.DataLoader(DecodeOnly(index), batch_size=batch, num_workers=workers,
-                                                         sampler=_endless_random(len(index)), drop_last=True,
-                                                         persistent_workers=workers > 0))  # fmt: skip
+    for name in chosen:
+        kind, _, decoder = name.partition("-")
+        if kind == "decode" and decoder in ("", *DECODER_NAMES):
+            out[name] = iter(torch.utils.data.DataLoader(DecodeOnly(index, decoder or None), batch_size=batch,
+                                                         num_workers=workers, sampler=_endless_random(len(index)),
+                                                         drop_last=True, persistent_workers=workers > 0))  # fmt: skip
+        elif kind == "fastmae" and decoder in DECODER_NAMES:
+            tv = TorchvisionLoader(index, args.img_size, batch, seed=0, num_workers=workers, pin=gpu)
+            tv.dataset.decoder = decoder  # before the workers start: they inherit it
+            out[name] = endless(tv)
     if "gpu" in chosen:
         if (reason := gpu_loader_unavailable_reason(device)) is None:
             out["gpu"] = endless(GPULoader(index, args.img_size, batch, seed=0, device=device, num_workers=workers))
@@ -278,7 +299,10 @@ def main(argv=None) -> dict:
                     "counts: 4,8,16")  # fmt: skip
     ap.add_argument("--rounds", type=int, default=3, help="interleaved measurements per loader (median kept)")
     ap.add_argument("--loaders", default="official,fastmae,decode,gpu,dali,official-finetune,fastmae-finetune",
-                    help="which to measure; official and official-finetune are the baselines")  # fmt: skip
+                    help="which to measure; official and official-finetune are the baselines; decode-<decoder> and "
+                    "fastmae-<decoder> (torchcodec, torchvision, pillow) force the JPEG and PNG decoder")  # fmt: skip
+    ap.add_argument("--large-every", type=int, default=LARGE_EVERY, help="one generated JPEG in N is ~2000 x 1500 "
+                    "(0: none)")  # fmt: skip
     ap.add_argument("--settle", type=float, default=1.5, help="seconds of rest after each measurement")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script works (CPU, seconds)")
@@ -302,13 +326,13 @@ def main(argv=None) -> dict:
     if args.make_data:
         n = args.images or max(1024, needed * 5 // 4)
         if args.data is None or not Path(args.make_data).exists():
-            make_jpegs(Path(args.make_data), n)
+            make_jpegs(Path(args.make_data), n, large_every=args.large_every)
             print(f"wrote {n} JPEGs under {args.make_data}")
         if args.data is None:
             return {"images": n}
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(args.data) if args.data else make_jpegs(Path(tmp) / "jpegs", args.images or max(1024,
-                                                                                                   needed * 5 // 4))
+        root = Path(args.data) if args.data else make_jpegs(Path(tmp) / "jpegs", args.images or max(
+            1024, needed * 5 // 4), large_every=args.large_every)  # fmt: skip
         index = index_data(root)
         for workers in counts:
             check_setting(len(index), batch, workers)
@@ -351,7 +375,9 @@ def _rows(rates: dict[str, list[float]], workers: int, gpu: bool, device: torch.
                      "output": {"fastmae": "uint8", "gpu": "float32 on the GPU"}.get(name, "float32"),
                      "normalize_on_device_ms_per_batch": normalize_ms if name == "fastmae" else None,
                      "img_size": args.img_size, "batch_size": batch, "images": images,
-                     "data": str(args.data) if args.data else "generated JPEG ~520x390 q90 (scikit-image photos)",
+                     "decoder": _decoder_of(name),
+                     "data": str(args.data) if args.data else "generated JPEG ~520x390 q90 (scikit-image photos)"
+                     + (f", 1 in {args.large_every} ~2000x1500" if args.large_every else ""),
                      "rates": list(xs)})  # fmt: skip
     return rows
 
@@ -383,6 +409,20 @@ def _per_count(argv, counts: list[int], root: Path, out: str | None) -> dict:
         raise SystemExit("bench_loader: no worker count gave rows")
     print(f"wrote {results.path}")
     return {"rows": results.rows, "path": str(results.path)}
+
+
+def _decoder_of(loader: str) -> str:
+    """What decodes the JPEG and PNG files in ``loader``'s rows."""
+    kind, _, decoder = loader.partition("-")
+    if decoder in DECODER_NAMES:
+        return decoder
+    if loader.startswith("official") or loader == "fastmae-finetune":
+        return "pillow"
+    if loader == "dali":
+        return "dali"
+    if loader == "gpu":
+        return "gpu: batched nvJPEG; cpu route: " + resolve_decoder()
+    return resolve_decoder()
 
 
 def _ratio(x) -> str:

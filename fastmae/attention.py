@@ -12,6 +12,13 @@ head dim 32, 197 tokens): ``--attn-backend encoder=flash,decoder=efficient``. Fo
 written by ``benchmarks/bench_attention.py`` on that GPU) and picks the fastest, saying so; without an entry it keeps
 :data:`AUTO_ORDER` and says that.
 
+xformers is imported only when a call site asks for it (explicitly, or ``auto`` from a measured table entry): its import
+warns when its C++ extension does not load, and a user who did not choose it never sees that. Its
+``memory_efficient_attention`` operators ``fa2F@<v>-pt`` / ``fa2B@<v>-pt`` and ``cutlassF-pt`` / ``cutlassB-pt`` wrap
+PyTorch's own flash and memory-efficient kernels (the ones SDPA calls): fastmae picks the pair itself (xformers' order,
+flash first), names it (:func:`xformers_ops_used`), and runs it without xformers' C++ extension too, where xformers'
+own dispatch refuses every operator ("xFormers wasn't build with CUDA support").
+
 Resolution uses only tensor metadata and facts probed at import, so it traces under ``torch.compile(fullgraph=True)``.
 """
 
@@ -33,7 +40,9 @@ from .errors import FastMAEError
 logger = logging.getLogger("fastmae.attention")
 
 BACKENDS = ("auto", "xformers", "sdpa", "flash", "cudnn", "efficient", "math")
-AUTO_ORDER = ("xformers", "sdpa", "math")  # auto without a measured table entry
+# auto without a measured table entry. xformers comes after sdpa: its operators wrap the kernels SDPA calls (and SDPA
+# has cuDNN's too), so it is auto's choice only where the measured table has it fastest (bench_attention.py).
+AUTO_ORDER = ("sdpa", "xformers", "math")
 SITES = ("encoder", "decoder")
 TABLE = Path(__file__).with_name("attention_table.json")  # FASTMAE_ATTENTION_TABLE overrides it
 
@@ -42,18 +51,114 @@ class AttentionBackendUnavailable(FastMAEError):
     """An explicitly requested attention backend cannot run these inputs."""
 
 
-def _probe_xformers() -> tuple[object | None, str | None]:
-    """(xformers.ops module or None, reason it is unusable or None). Probed once, at import."""
+@functools.cache
+def _xformers_fmha():
+    """(``xformers.ops.fmha``, None), or (None, why it is unusable): imported on the first call, by a caller that chose
+    xformers, never at fastmae's import (its import warns when its C++ extension does not load)."""
     if importlib.util.find_spec("xformers") is None:
         return None, "xformers is not installed (pip install 'fastmae[xformers]')"
+    # Its import logs a many-line warning when the C++ extension does not load: kept, as one line of fastmae's log.
+    held: list[logging.LogRecord] = []
+    xlog = logging.getLogger("xformers")
+    handler, propagate = logging.Handler(), xlog.propagate
+    handler.emit = held.append
+    xlog.addHandler(handler)
+    xlog.propagate = False
     try:
-        import xformers.ops as xops
+        from xformers.ops import fmha
     except Exception as exc:  # a broken build must not break fastmae; it becomes a reason
         return None, f"xformers failed to import: {type(exc).__name__}: {exc}".splitlines()[0]
-    return xops, None
+    finally:
+        xlog.removeHandler(handler)
+        xlog.propagate = propagate
+    for record in held:
+        logger.info("xformers at import: %s", " ".join(record.getMessage().split())[:300])
+    return fmha, None
 
 
-_XOPS, _XFORMERS_REASON = _probe_xformers()
+def _xformers_has_extension() -> bool:
+    import xformers
+
+    return bool(getattr(xformers, "_has_cpp_library", False))
+
+
+_NO_EXTENSION = "wasn't build with CUDA support"  # xformers' reason for every op when its C++ extension did not load
+
+
+XFORMERS_PAIRS = ("flash", "cutlass")  # xformers' own order on CUDA: flash-attention 2 (PyTorch's), then CUTLASS
+
+
+def xformers_op_pairs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      pairs: tuple[str, ...] = XFORMERS_PAIRS) -> tuple[str | None, list[str]]:  # fmt: skip
+    """(the first of xformers' operator ``pairs`` whose forward and backward take these ``[B, N, H, Dh]`` inputs, or
+    None; every reason of the pairs passed over, named by operator). Without xformers' C++ extension, the ``-pt``
+    operators (wrappers over PyTorch's kernels, which need no extension) are judged on everything but the missing
+    extension."""
+    fmha, why = _xformers_fmha()
+    if fmha is None:
+        return None, [why]
+    inp = fmha.Inputs(query=q, key=k, value=v)
+    extension = _xformers_has_extension()
+    reasons = []
+    for pair in pairs:
+        found = []
+        for op in (getattr(fmha, pair).FwOp, getattr(fmha, pair).BwOp):
+            if op.OPERATOR is None:
+                found.append(f"{op.NAME}: not available in this build")
+                continue
+            why_not = op.not_supported_reasons(inp)
+            if not extension and op.NAME.endswith("-pt"):
+                why_not = [r for r in why_not if _NO_EXTENSION not in r]
+            found += [f"{op.NAME}: {r}" for r in why_not]
+        if not found:
+            return pair, reasons
+        reasons += found
+    return None, reasons
+
+
+class _WithoutExtension(torch.autograd.Function):
+    """xformers' ``-pt`` forward and backward operators called directly (``op.apply``), for a build whose C++
+    extension did not load: its public ``memory_efficient_attention`` refuses every operator then, though these need
+    none. Inputs ``[B, N, H, Dh]``; ``pair`` is ``flash`` or ``cutlass`` (a string: torch.compile takes no classes)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, pair: str):
+        fmha = _xformers_fmha()[0]
+        out, op_ctx = getattr(fmha, pair).FwOp.apply(fmha.Inputs(query=q, key=k, value=v), needs_gradient=True)
+        ctx.save_for_backward(q, k, v, op_ctx.out, op_ctx.lse)
+        ctx.rng_state, ctx.pair = op_ctx.rng_state, pair
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        fmha = _xformers_fmha()[0]
+        q, k, v, out, lse = ctx.saved_tensors
+        op_ctx = fmha.Context(lse=lse, out=out, rng_state=ctx.rng_state)
+        grads = getattr(fmha, ctx.pair).BwOp.apply(op_ctx, fmha.Inputs(query=q, key=k, value=v), grad.contiguous())
+        return grads.dq, grads.dk, grads.dv, None
+
+
+_PAIRS: dict[tuple, tuple[str | None, list[str]]] = {}
+
+
+def _pair_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              pairs: tuple[str, ...] = XFORMERS_PAIRS) -> tuple[str | None, list[str]]:  # fmt: skip
+    """:func:`xformers_op_pairs`, remembered per device, dtype, shape and strides (outside torch.compile)."""
+    if torch.compiler.is_compiling():
+        return xformers_op_pairs(q, k, v, pairs)
+    key = (pairs, q.device, q.dtype, tuple(q.shape), tuple(q.stride()), tuple(k.stride()), tuple(v.stride()))
+    if key not in _PAIRS:
+        _PAIRS[key] = xformers_op_pairs(q, k, v, pairs)
+    return _PAIRS[key]
+
+
+_XOPS_USED: dict[str, str] = {}  # {"forward": NAME, "backward": NAME, "extension": "loaded" | "not loaded"}
+
+
+def xformers_ops_used() -> dict[str, str]:
+    """The xformers operators the last eager call ran (empty before one): for logs and benchmark rows."""
+    return dict(_XOPS_USED)
 
 
 class MathAttention:
@@ -129,27 +234,49 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 class XFormersAttention:
-    """xformers' ``memory_efficient_attention`` (CUDA only)."""
+    """xformers' ``memory_efficient_attention`` (CUDA only), with the operator pair fastmae picked and names;
+    ``pair`` forces one of :data:`XFORMERS_PAIRS` (the benchmark's ``xformers-cutlass`` row)."""
 
-    name = "xformers"
     max_head_dim = 256
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
 
+    def __init__(self, pair: str | None = None):
+        self.pairs = (pair,) if pair else XFORMERS_PAIRS
+        self.name = f"xformers-{pair}" if pair else "xformers"
+
     def supports(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
         if q.device.type != "cuda":  # whether installed or not: advice to install it would only mislead here
-            return [f"xformers has no {q.device.type.upper()} operator (inputs are on {q.device.type})"]
+            return [f"xformers has no {q.device.type.upper()} operator: its memory_efficient_attention operators "
+                    f"(fa2F-pt, cutlassF-pt, ...) run on CUDA only (inputs are on {q.device.type})"]  # fmt: skip
         reasons = []
-        if _XFORMERS_REASON is not None:
-            reasons.append(_XFORMERS_REASON)
+        if importlib.util.find_spec("xformers") is None:  # no import yet: a reason from metadata alone
+            reasons.append("xformers is not installed (pip install 'fastmae[xformers]')")
         if q.dtype not in self.dtypes:
             reasons.append(f"dtype {q.dtype} is not one of float16, bfloat16, float32")
         if q.shape[-1] > self.max_head_dim:
             reasons.append(f"head dim {q.shape[-1]} exceeds {self.max_head_dim}")
-        return reasons
+        if reasons or not isinstance(q, torch.Tensor):  # metadata stand-ins (resolve_attention) stop here
+            return reasons
+        pair, why = _pair_for(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.pairs)
+        return [] if pair is not None else [f"no xformers operator takes these inputs ({'; '.join(why)})"]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # xformers wants [B, N, H, Dh]; transposes are views, the kernel reads strided rows.
-        out = _XOPS.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        # xformers wants [B, N, H, Dh]; transposes are views, the kernels read strided rows.
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        pair, why = _pair_for(q, k, v, self.pairs)
+        if pair is None:
+            raise AttentionBackendUnavailable(f"attention backend 'xformers' cannot run: {'; '.join(why)}")
+        fmha = _xformers_fmha()[0]
+        extension = _xformers_has_extension()
+        fw, bw = getattr(fmha, pair).FwOp, getattr(fmha, pair).BwOp
+        if not torch.compiler.is_compiling() and _XOPS_USED.get("forward") != fw.NAME:
+            _XOPS_USED.update(forward=fw.NAME, backward=bw.NAME, extension="loaded" if extension else "not loaded")
+            logger.info("xformers runs %s + %s (C++ extension %s; the -pt operators wrap PyTorch's own kernels)",
+                        fw.NAME, bw.NAME, _XOPS_USED["extension"])  # fmt: skip
+        if extension:
+            out = fmha.memory_efficient_attention(q, k, v, op=(fw, bw))
+        else:
+            out = _WithoutExtension.apply(q, k, v, pair)
         return out.transpose(1, 2)
 
 
@@ -177,6 +304,10 @@ def resolve(requested: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     if requested != "auto":
         backend = get_backend(requested)
         reasons = backend.supports(q, k, v)
+        if reasons and requested == "xformers" and isinstance(q, torch.Tensor) and _xformers_fmha()[0] is not None:
+            # chosen explicitly, so xformers may be imported: its own operators say why too
+            _, theirs = _pair_for(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            reasons = [*reasons, f"its operators: {', '.join(dict.fromkeys(theirs))}"] if theirs else reasons
         if reasons:
             raise AttentionBackendUnavailable(f"attention backend {requested!r} cannot run: {'; '.join(reasons)}")
         skipped = []
@@ -193,6 +324,9 @@ def resolve(requested: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     if not torch.compiler.is_compiling() and (requested, backend.name) not in _logged:
         _logged.add((requested, backend.name))
         why = f" (skipped {' | '.join(skipped)})" if skipped else ""
+        if requested == "auto" and backend.name == "sdpa":
+            why += (" (ahead of xformers, whose operators wrap the kernels SDPA calls: auto takes xformers only where "
+                    "the measured table has it fastest)")  # fmt: skip
         logger.info("attention backend %s -> %s%s", requested, backend.name, why)
     return backend
 

@@ -50,7 +50,8 @@ def test_auto_resolves_to_sdpa_on_cpu_and_says_why(caplog):
     with caplog.at_level(logging.INFO, logger="fastmae.attention"):
         backend = attention.resolve("auto", q, k, v)
     assert backend.name == "sdpa"
-    assert "auto -> sdpa" in caplog.text and "xformers" in caplog.text and "cpu" in caplog.text.lower()
+    assert "auto -> sdpa" in caplog.text
+    assert "auto takes xformers only where the measured table has it fastest" in caplog.text
 
 
 def test_explicit_xformers_on_cpu_raises_with_reason():
@@ -58,8 +59,57 @@ def test_explicit_xformers_on_cpu_raises_with_reason():
     with pytest.raises(AttentionBackendUnavailable, match="attention backend 'xformers' cannot run: .*") as info:
         attention.attention(q, k, v, "xformers")
     msg = str(info.value)
-    assert "no CPU operator" in msg or "not installed" in msg
+    assert "no CPU operator" in msg
+    # xformers is installed (dev extra) and was chosen: its own operators say why too, each named
+    assert "its operators: fa2F@" in msg and "cutlassF-pt: device=cpu (supported: {'cuda'})" in msg
     assert isinstance(info.value, FastMAEError) and "\n" not in msg
+
+
+def test_xformers_is_imported_only_when_chosen():
+    """fastmae, a model and auto on a CPU import no xformers (whose import warns when its C++ extension does not
+    load): nothing reaches a user who did not choose it. Choosing it explicitly imports it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, fastmae\n"
+            "m = fastmae.MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,\n"
+            "    decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)\n"
+            "m(torch.randn(1, 3, 32, 32)); fastmae.attention.explain('auto', *[torch.randn(1, 2, 5, 8)] * 3)\n"
+            "print('imported' if 'xformers' in sys.modules else 'not imported', flush=True)\n"
+            "fastmae.attention.xformers_op_pairs(*[torch.randn(1, 5, 2, 8)] * 3)\n"
+            "print('imported' if 'xformers' in sys.modules else 'not imported', flush=True)\n")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "not imported" and lines[-1] == "imported"  # nothing printed before the choice
+
+
+def test_xformers_pair_choice_with_and_without_its_extension(monkeypatch):
+    """Without xformers' C++ extension every operator reports "xFormers wasn't build with CUDA support"; the -pt
+    operators wrap PyTorch's kernels and need none, so fastmae still takes them (flash first), and says why a pair
+    was passed over, operator by operator."""
+    from types import SimpleNamespace
+
+    def op(name, reasons, available=True):
+        return type(name, (), {"NAME": name, "OPERATOR": object() if available else None,
+                               "not_supported_reasons": classmethod(lambda cls, inp: list(reasons))})  # fmt: skip
+
+    no_ext = ["xFormers wasn't build with CUDA support"]
+    fake = SimpleNamespace(
+        Inputs=lambda query, key, value: None,
+        flash=SimpleNamespace(FwOp=op("fa2F@2.5.7-pt", no_ext), BwOp=op("fa2B@2.5.7-pt", [*no_ext, "head dim 512"])),
+        cutlass=SimpleNamespace(FwOp=op("cutlassF-pt", no_ext), BwOp=op("cutlassB-pt", no_ext)),
+    )  # fmt: skip
+    monkeypatch.setattr(attention, "_xformers_fmha", lambda: (fake, None))
+    monkeypatch.setattr(attention, "_xformers_has_extension", lambda: False)
+    q = torch.empty(1, 5, 2, 8)
+    assert attention.xformers_op_pairs(q, q, q) == ("cutlass", ["fa2B@2.5.7-pt: head dim 512"])
+    monkeypatch.setattr(attention, "_xformers_has_extension", lambda: True)  # then the reason is real
+    pair, why = attention.xformers_op_pairs(q, q, q)
+    assert pair is None and "cutlassF-pt: xFormers wasn't build with CUDA support" in why
+    fake.cutlass.FwOp = op("cutlassF", [], available=False)
+    assert "cutlassF: not available in this build" in attention.xformers_op_pairs(q, q, q)[1]
 
 
 def test_model_with_xformers_on_cpu_fails_loudly():

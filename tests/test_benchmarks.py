@@ -33,8 +33,23 @@ def test_loader_benchmark_writes_rows(tmp_path):
         assert row["device"] == "cpu" and row["img_size"] == 64 and row["img_per_s_per_worker"] == row["img_per_s"]
     assert rows["official"]["vs_official"] == rows["official-finetune"]["vs_official"] == 1.0
     assert rows["fastmae"]["output"] == "uint8" and rows["fastmae"]["normalize_on_device_ms_per_batch"] > 0
+    assert rows["fastmae"]["decoder"] == "torchcodec" and rows["official"]["decoder"] == "pillow"
     table = _load("bench_loader").main(["--report", str(out)])["table"]
-    assert "| fastmae | pretrain | uint8 |" in table and "| official-finetune | finetune | float32 |" in table
+    assert "| fastmae | torchcodec | pretrain | uint8 |" in table
+    assert "| official-finetune | pillow | finetune | float32 |" in table
+
+
+def test_loader_benchmark_puts_the_decoders_side_by_side(tmp_path):
+    """decode-<decoder> and fastmae-<decoder> rows on the same images in one run, a large JPEG among them."""
+    out = tmp_path / "loader.json"
+    loaders = "decode-torchcodec,decode-torchvision,decode-pillow,fastmae-pillow"
+    _load("bench_loader").main(["--smoke", "--workers", "1", "--loaders", loaders, "--large-every", "8", "--out",
+                                str(out)])  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["loader"], r["decoder"]) for r in rows] == [
+        ("decode-torchcodec", "torchcodec"), ("decode-torchvision", "torchvision"), ("decode-pillow", "pillow"),
+        ("fastmae-pillow", "pillow")]  # fmt: skip
+    assert all(r["img_per_s"] > 0 and "1 in 8 ~2000x1500" in r["data"] for r in rows)
 
 
 def test_finetune_benchmark_writes_rows(tmp_path):
