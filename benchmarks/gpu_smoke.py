@@ -12,7 +12,12 @@ The checks (``CHECKS``), each against a reference where there is one:
 - ``fused-ops``: masking, unshuffle and the fused MSE compiled for this GPU, forward and backward, against their
   PyTorch references at an awkward shape.
 - ``attn-<backend>-h<dim>``: each SDPA kernel (flash, cudnn, efficient, sdpa's own choice) and xformers, forward and
-  backward at head dims 64 (the encoder) and 32 (the decoder), against float64 math.
+  backward in bf16 at the encoder's shape (50 tokens, head dim 64) and the decoder's (197 tokens, head dim 32), against
+  float64 math; xformers' details name the operators that ran. ``attn-xformers-noext-h<dim>``: the same in a process
+  whose ``PYTHONPATH`` leaves out the folder holding ``nvidia-cuda-runtime-cu12`` (``libcudart.so.12``), so that
+  xformers' C++ extension does not load and fastmae runs its ``-pt`` operators itself.
+- ``torchcodec-cuda``: TorchCodec's batched nvJPEG decode (one call; baseline and progressive files) against libjpeg
+  on the same files (mean, 99.9th percentile and largest difference).
 - ``graphs-full`` / ``graphs-regional``: the whole step as one CUDA graph over the model compiled whole or per block:
   capture and replays against the ordinary step, and no compilation after the first step.
 - ``nan-guard``: a non-finite step inside a replayed graph is skipped on the device and counted; weights untouched.
@@ -40,10 +45,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ATTENTION = [(b, d) for b in ("flash", "cudnn", "efficient", "sdpa", "xformers") for d in (64, 32)]
+ATTENTION = [(b, d) for b in ("flash", "cudnn", "efficient", "sdpa", "xformers", "xformers-noext") for d in (64, 32)]
+TOKENS = {64: 50, 32: 197}  # head dim -> tokens: the encoder's (visible 25% + cls at 224 px) and the decoder's
 # The two that compile first: they take longest, and the checks run in this order, a few at a time.
 CHECKS = ("graphs-full", "graphs-regional", "cuda", "fused-ops", *(f"attn-{b}-h{d}" for b, d in ATTENTION),
-          "nan-guard", "host-sync", "nvjpeg-crop", "gpu-loader", "ahead-on-device")  # fmt: skip
+          "nan-guard", "host-sync", "nvjpeg-crop", "torchcodec-cuda", "gpu-loader", "ahead-on-device")  # fmt: skip
 TIMEOUT = {"graphs-full": 80, "graphs-regional": 80}  # seconds; the rest: --timeout
 
 
@@ -118,10 +124,17 @@ def check_attention(device, backend: str, head_dim: int) -> dict:
 
     from fastmae import attention
 
+    if backend == "xformers-noext":
+        import xformers
+
+        if xformers._has_cpp_library:
+            raise CheckFailed("xformers' C++ extension loaded in this process (libcudart.so.12 found): this check "
+                              "needs a build without it")  # fmt: skip
+        backend = "xformers"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator(device=device).manual_seed(head_dim)
-    q, k, v = (torch.randn(4, 4, 50, head_dim, device=device, generator=g, dtype=dtype).requires_grad_()
-               for _ in range(3))  # fmt: skip
+    q, k, v = (torch.randn(4, 4, TOKENS.get(head_dim, 50), head_dim, device=device, generator=g,
+                           dtype=dtype).requires_grad_() for _ in range(3))  # fmt: skip
     impl = attention.get_backend(backend)
     if reasons := impl.supports(q, k, v):
         raise CheckFailed(f"{backend} cannot run: {'; '.join(reasons)}")
@@ -135,7 +148,10 @@ def check_attention(device, backend: str, head_dim: int) -> dict:
     grad_rel = max(_rel(a, b) for a, b in zip(grads, ref_grads, strict=True))
     if not (rel < 2e-2 and grad_rel < 2e-2):
         raise CheckFailed(f"{backend} at head dim {head_dim}: output {rel:.2e}, gradients {grad_rel:.2e} off math")
-    return {"dtype": str(dtype), "rel_err": rel, "grad_rel_err": grad_rel}
+    out = {"dtype": str(dtype), "shape": list(q.shape), "rel_err": rel, "grad_rel_err": grad_rel}
+    if backend == "xformers":
+        out["xformers_ops"] = attention.xformers_ops_used()
+    return out
 
 
 def _trainer(device, graphs: bool, variant: str = "off", warmup: int = 2):
@@ -314,6 +330,33 @@ def check_nvjpeg_crop(device) -> dict:
     return {"decode_levels": decode, "crop_levels": crop}
 
 
+def check_torchcodec_cuda(device) -> dict:
+    """TorchCodec's batched decode on ``device`` (one nvJPEG call: the hardware engine for baseline files on an
+    H100/H200, CUDA decode for progressive ones) against libjpeg (its CPU decode) on the same files."""
+    import torch
+    from PIL import Image
+    from torchcodec.decoders import decode_jpeg
+
+    if device.type != "cuda":
+        raise CheckFailed(f"needs CUDA (device is {device.type})")
+    data = _jpegs(8, seed=3)
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(data[0])).save(buf, format="JPEG", quality=90, progressive=True)
+    files = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in [*data, buf.getvalue()]]
+    t0 = time.perf_counter()
+    dev = decode_jpeg(files, mode="RGB", device=device)
+    torch.cuda.synchronize(device)
+    first = time.perf_counter() - t0
+    cpu = [decode_jpeg(f, mode="RGB") for f in files]
+    if [tuple(d.shape) for d in dev] != [tuple(c.shape) for c in cpu] or dev[0].device.type != "cuda":
+        raise CheckFailed("TorchCodec's CUDA decode gave other shapes (or no CUDA tensors) than its CPU decode")
+    stats = _levels_stats(torch.cat([d.cpu().flatten() for d in dev]), torch.cat([c.flatten() for c in cpu]))
+    _within(stats, DECODE_BOUNDS, "TorchCodec nvJPEG vs libjpeg")
+    from importlib.metadata import version
+
+    return {"torchcodec": version("torchcodec"), "files": len(files), "levels": stats, "first_call_s": first}
+
+
 def check_gpu_loader(device) -> dict:
     import tempfile
 
@@ -349,7 +392,7 @@ def check_gpu_loader(device) -> dict:
     _within(worst, LOADER_BOUNDS, "GPU loader vs torchvision loader")
     if gpu.routes["gpu"] != files:
         raise CheckFailed(f"not every baseline JPEG went through the device decode: {gpu.routes}")
-    return {"batches": len(stats), "levels": worst, "routes": gpu.routes}
+    return {"batches": len(stats), "levels": worst, "routes": gpu.routes, "decoders": gpu.decoders}
 
 
 def check_ahead_on_device(device) -> dict:
@@ -374,7 +417,7 @@ def run_check(name: str, device_name: str) -> dict:
     try:
         device = _device(device_name)
         if name.startswith("attn-"):
-            _, backend, dim = name.split("-")
+            backend, dim = name[len("attn-") :].rsplit("-", 1)
             details = check_attention(device, backend, int(dim[1:]))
         elif name.startswith("graphs-"):
             details = check_graphs(device, name.split("-", 1)[1])
@@ -420,7 +463,7 @@ def run_all(names: list[str], out: Path, device: str, timeout: float, jobs: int,
         cmd = [sys.executable, __file__, "--check", name, "--device", device, "--out", str(part)]
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)  # fmt: skip
+                                start_new_session=True, env=_env_for(name))  # fmt: skip
         try:
             text, _ = proc.communicate(timeout=limit)
             code = proc.returncode
@@ -443,6 +486,18 @@ def run_all(names: list[str], out: Path, device: str, timeout: float, jobs: int,
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         return list(pool.map(one, names))
+
+
+def _env_for(name: str) -> dict:
+    """The check's environment: a ``-noext`` check runs without the ``PYTHONPATH`` entries that hold
+    ``nvidia/cuda_runtime/lib/libcudart.so.12`` (torch's import preloads the first one it finds on ``sys.path``,
+    which is what lets xformers' extension load)."""
+    env = dict(os.environ)
+    if "-noext" in name and env.get("PYTHONPATH"):
+        keep = [p for p in env["PYTHONPATH"].split(os.pathsep)
+                if not list(Path(p).glob("nvidia/cuda_runtime/lib/libcudart.so.12*"))]  # fmt: skip
+        env["PYTHONPATH"] = os.pathsep.join(keep)
+    return env
 
 
 def failed_checks(path: str | os.PathLike) -> dict[str, str]:

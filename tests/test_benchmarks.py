@@ -486,6 +486,29 @@ def test_gpu_smoke_runs_each_check_in_its_own_process_one_line_each(tmp_path):
     assert not list(tmp_path.glob(".smoke.jsonl.*"))  # no per-check part files left behind
 
 
+def test_gpu_smoke_xformers_and_torchcodec_checks_say_why_on_a_cpu(tmp_path, monkeypatch):
+    """The issue-33 checks: xformers at the encoder's and the decoder's shape (with and without its C++ extension)
+    and TorchCodec's CUDA batch decode; on a CPU each fails at once with its reason. A -noext check runs without the
+    PYTHONPATH entry that holds libcudart.so.12."""
+    smoke = _load("gpu_smoke")
+    out = tmp_path / "smoke.jsonl"
+    names = ["attn-xformers-h64", "attn-xformers-noext-h32", "torchcodec-cuda"]
+    assert set(names) <= set(smoke.CHECKS)
+    smoke.run_all(names, out, "cpu", timeout=60, jobs=3, deadline=90)
+    by = {r["check"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert by["attn-xformers-h64"]["error"].startswith("xformers cannot run: xformers has no CPU operator")
+    assert "C++ extension loaded in this process" in by["attn-xformers-noext-h32"]["error"] or "no CPU operator" in by[
+        "attn-xformers-noext-h32"]["error"]  # fmt: skip
+    assert by["torchcodec-cuda"]["error"] == "needs CUDA (device is cpu)"
+    cu12 = tmp_path / "cu12"
+    (cu12 / "nvidia" / "cuda_runtime" / "lib").mkdir(parents=True)
+    (cu12 / "nvidia" / "cuda_runtime" / "lib" / "libcudart.so.12").write_bytes(b"")
+    site = tmp_path / "site"  # the wheels without the CUDA 12 runtime
+    monkeypatch.setenv("PYTHONPATH", f"{site}:{cu12}")
+    assert smoke._env_for("attn-xformers-noext-h64")["PYTHONPATH"] == str(site)
+    assert smoke._env_for("attn-xformers-h64")["PYTHONPATH"] == f"{site}:{cu12}"
+
+
 def test_bench_results_are_whole_after_every_row_and_a_failing_configuration_is_a_row(tmp_path):
     import os
     import signal

@@ -292,6 +292,19 @@ def test_crop_kernel_alone_matches_the_cpu_pipeline_on_nvjpeg_pixels():
     assert details["crop_levels"]["max"] <= 3
 
 
+@pytest.mark.parametrize("head_dim", [64, 32])
+def test_xformers_matches_math_at_the_encoder_and_decoder_shapes(head_dim):
+    """xformers forward + backward in bf16 at 50 tokens x head dim 64 (the encoder) and 197 x 32 (the decoder)
+    against float64 math, naming the operators that ran."""
+    details = _smoke().check_attention(CUDA, "xformers", head_dim)  # raises CheckFailed with the numbers
+    assert details["xformers_ops"]["forward"].startswith(("fa2F", "fa3F", "cutlassF")), details
+
+
+def test_torchcodec_batch_decode_on_the_gpu_is_within_the_nvjpeg_bounds():
+    details = _smoke().check_torchcodec_cuda(CUDA)
+    assert details["levels"]["mean"] < _smoke().DECODE_BOUNDS["mean"]
+
+
 def test_gpu_loader_with_nvjpeg_gives_the_torchvision_loaders_batches(tmp_path):
     """--loader gpu for real (nvJPEG, the compiled kernel, the side stream): two epochs of generated ImageNet-like
     JPEGs, the torchvision loader's samples and boxes; pixels bounded by mean, 99.9th percentile and maximum (the
