@@ -9,6 +9,10 @@ the ``metrics.jsonl`` rows after ``--skip`` steps (compilation and the first bat
 cadence is the recipe's (``--save-every 1000``), so no save falls inside a measurement of a few hundred steps; the
 end-of-run save and pictures come after the last logged row.
 
+With ``--loaders gpu,synthetic`` it says how much the GPU loader's decode and augmentation, running beside the step
+on the same GPU, take from it: the loop with the GPU loader against the loop with the synthetic loader (random images
+made on the device, no feed at all), column "vs synthetic loop".
+
     python benchmarks/bench_e2e.py --data DIR --models mae_vit_base_patch16 --loaders torchvision,gpu --workers 16
     python benchmarks/bench_e2e.py --smoke            # tiny model and images on any device: checks the script
 """
@@ -70,23 +74,28 @@ def readme_table(saved: dict, json_name: str) -> str:
     lines = [f"Measured on **{env.get('gpu')}** ({env.get('cpu_count', '?')} CPU cores), torch {env.get('torch')}, git "
              f"`{str(env.get('git_sha'))[:12]}`, {str(env.get('date', ''))[:10]}; raw JSON "
              f"`benchmarks/results/{json_name}`.", "",
-             "| model | batch | loader | workers | bare step img/s | fastmae pretrain img/s | loop / step |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+             "| model | batch | loader | workers | bare step img/s | fastmae pretrain img/s | loop / step | "
+             "vs synthetic loop |", "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    synthetic = {r["model"]: r.get("loop_img_per_s") for r in rows if r["loader"] == "synthetic"}
     for r in rows:
         loop = "failed: " + r["error"] if r.get("error") else f"{r['loop_img_per_s']:.0f}"
         ratio = "n/a" if r.get("error") or not r.get("loop_img_per_s") else f"{r['loop_vs_step']:.3f}"
+        base = synthetic.get(r["model"])
+        vs = f"{r['loop_img_per_s'] / base:.3f}" if base and r.get("loop_img_per_s") else "n/a"
         lines.append(f"| {r['model']} | {r['batch_size']} | {r['loader']} | {r['workers']} | "
                      f"{'n/a' if r['step_img_per_s'] is None else format(r['step_img_per_s'], '.0f')} | {loop} | "
-                     f"{ratio} |")  # fmt: skip
+                     f"{ratio} | {vs} |")  # fmt: skip
     return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=None, help="JPEG folder (default: --images generated ImageNet-like JPEGs)")
+    ap.add_argument("--data", default=None, help="JPEG folder (default: --images generated ImageNet-like JPEGs; a "
+                    "folder that does not exist is written first)")  # fmt: skip
     ap.add_argument("--images", type=int, default=20480, help="JPEGs to generate without --data")
     ap.add_argument("--models", default="mae_vit_base_patch16,mae_vit_large_patch16")
-    ap.add_argument("--loaders", default="torchvision,gpu", help="the loaders of the loop (torchvision, gpu, dali)")
+    ap.add_argument("--loaders", default="torchvision,gpu", help="the loaders of the loop (torchvision, gpu, dali; "
+                    "synthetic: images made on the device, the loop with no feed)")  # fmt: skip
     ap.add_argument("--workers", type=int, default=16)
     ap.add_argument("--batch", type=int, default=None, help="default: the bench's (B 256, L 128)")
     ap.add_argument("--steps", type=int, default=120, help="steps of each fastmae pretrain")
@@ -111,6 +120,9 @@ def main(argv=None) -> dict:
     results = Rows("e2e", {**env_info(device), "cpu_count": len(os.sched_getaffinity(0))}, args.out)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(args.data) if args.data else make_jpegs(Path(tmp) / "jpegs", args.images)
+        if args.data and not data.exists():  # the sitting's first command on that folder writes it
+            make_jpegs(data, args.images)
+            print(f"wrote {args.images} JPEGs under {data}", flush=True)
         images = sum(1 for _ in data.rglob("*.jpg"))
         for model in args.models.split(","):
             batch = args.batch or BATCH.get(model, 64)

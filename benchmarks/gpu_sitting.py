@@ -5,6 +5,7 @@ included, and one call of the device tool is at most 8-9 minutes, so a sitting i
 
     python3 -m pip install -q --no-deps --no-build-isolation -e .   # on the machine, no network needed
     python benchmarks/gpu_sitting.py --stage smoke,step --out $OUT    # the sitting: 470 s
+    python benchmarks/gpu_sitting.py --stage smoke,codec --out $OUT   # issue 33 (TorchCodec, xformers): 470 s
     python benchmarks/gpu_sitting.py --stage smoke,feed --out $OUT    # the loaders and the real loop: 470 s
     python benchmarks/gpu_sitting.py --stage step2 --out $OUT         # compiled-reference, AdamW, autotune, dec 1
     python benchmarks/gpu_sitting.py --stage smoke,step --dry-run     # the commands only
@@ -77,7 +78,8 @@ class Cmd:
 
 
 # seconds per stage (one device call holds smoke + one other)
-BUDGETS = {"smoke": 90, "step": 380, "feed": 380, "step2": 380, "quick": 450, 2: 480, 3: 480, 4: 480, 5: 480}
+BUDGETS = {"smoke": 90, "step": 380, "codec": 380, "feed": 380, "feed2": 380, "step2": 435, "quick": 450, 2: 480,
+           3: 480, 4: 480, 5: 480}  # fmt: skip
 NO_GRAPHS = {"graphs-full": {"--graphs": None}}
 NO_REGIONAL_GRAPHS = {"graphs-regional": {"--graphs": None}}
 
@@ -93,6 +95,23 @@ def stages(out: Path) -> dict[str, list[Cmd]]:
     dec8 = ["--decoder-depths", "8"]
     jpegs = "/tmp/fastmae-feed-jpegs"  # on the machine's disk, not under $OUT (nothing to bring back)
     smi = Cmd("nvidia-smi", 5, ["nvidia-smi"])
+    # Issue 33's rows. Batched decode of 256 ImageNet-like JPEGs: TorchCodec (hardware JPEG engine) vs torchvision's
+    # CUDA decode vs the CPU decoders, one call each, pixels checked first.
+    decode = Cmd("decode", 45, [PY, str(HERE / "bench_decode.py"), *cuda, "--images", "256", "--out",
+                                str(out / "decode.json")])
+    # ViT-B with the GPU loader decoding and augmenting beside the step, against the synthetic loader (no feed): what
+    # the feed takes from the step. Eager (--compile off): the ratio is the question, and three compiles do not fit.
+    feed_vs_synthetic = Cmd("e2e-feed", 150, [PY, str(HERE / "bench_e2e.py"), *cuda, "--data", jpegs, "--images",
+                                              "20480", "--models", "mae_vit_base_patch16", "--loaders",
+                                              "gpu,synthetic", "--workers", "16", "--compile", "off", "--steps",
+                                              "100", "--skip", "30", "--out", str(out / "e2e-feed.json")])
+    # The ViT-B step with xformers at both call sites (fastmae names the operators in its log), beside b8's auto.
+    b8_xformers = Cmd("b8-xformers", 55, [*pretrain, *base, *dec8, "--configs", "fastmae", "--compile", "regional",
+                                          "--attn-backend", "xformers", *fast, "--out", str(out / "b8-xformers.json")])
+    b8_auto = Cmd("b8-auto", 55, [*pretrain, *base, *dec8, "--configs", "fastmae", "--compile", "regional", *fast,
+                                  "--out", str(out / "b8-auto.json")])
+    attn = Cmd("attention", 35, [PY, str(HERE / "bench_attention.py"), *cuda, "--out", str(out / "attention.json"),
+                                 "--write-table", str(out / "attention_table.json")])
     return {
         "smoke": [Cmd("smoke", 90, [PY, str(HERE / "gpu_smoke.py"), "--out", str(out / "smoke.jsonl"),
                                     "--deadline", "82"])],
@@ -102,9 +121,7 @@ def stages(out: Path) -> dict[str, list[Cmd]]:
         # full's, which chooses the default); ViT-B dec 8 (its MFU target); the ViT-L batch sweep. Compiling one
         # ViT-L configuration whole took 45-80 s on the H200.
         "step": [smi,
-                 Cmd("attention", 35, [PY, str(HERE / "bench_attention.py"), *cuda, "--out",
-                                       str(out / "attention.json"), "--write-table",
-                                       str(out / "attention_table.json")]),
+                 attn,
                  Cmd("l8", 150, [*pretrain, *large, *dec8, "--configs", "eager,fastmae,mask-token", "--compile", "full",
                                  "--graphs", "--profile", *timing, "--out", str(out / "l8.json")], NO_GRAPHS),
                  Cmd("l8-regional", 70, [*pretrain, *large, *dec8, "--configs", "fastmae,mask-token", "--compile",
@@ -112,8 +129,7 @@ def stages(out: Path) -> dict[str, list[Cmd]]:
                      NO_REGIONAL_GRAPHS),
                  Cmd("b8", 65, [*pretrain, *base, *dec8, "--configs", "fastmae,mask-token", "--compile", "regional",
                                 "--graphs", *fast, "--out", str(out / "b8.json")], NO_REGIONAL_GRAPHS),
-                 Cmd("l8-batches", 55, [*pretrain, *large, *dec8, "--configs", "fastmae", "--compile", "regional",
-                                        "--batches", "256,512", *fast, "--out", str(out / "l8-batches.json")])],
+                 b8_xformers],
         # What the step stage leaves out: the compiled reference, the optimizer alone, inductor's GEMM autotuning,
         # decoder depth 1.
         "step2": [smi,
@@ -125,26 +141,34 @@ def stages(out: Path) -> dict[str, list[Cmd]]:
                                            "max-autotune-no-cudagraphs", *fast, "--out",
                                            str(out / "b8-autotune.json")]),
                   Cmd("l1", 90, [*pretrain, *large, "--decoder-depths", "1", "--configs", "fastmae,mask-token",
-                                 "--compile", "regional", *fast, "--out", str(out / "l1.json")])],
-        # Feeding the step (issue 27): the loaders at 4, 8, 16 workers on 20480 ImageNet-like JPEGs (written first
-        # when missing, 16 processes), batch 256; the real fastmae pretrain against the bare step at ViT-B and ViT-L
-        # dec 8 with the torchvision and the gpu loader, compiled per block (three compiles per model).
-        "feed": [smi,
-                 Cmd("loader", 125, [PY, str(HERE / "bench_loader.py"), *cuda, "--make-data", jpegs, "--data", jpegs,
+                                 "--compile", "regional", *fast, "--out", str(out / "l1.json")]),
+                  Cmd("l8-batches", 55, [*pretrain, *large, *dec8, "--configs", "fastmae", "--compile", "regional",
+                                         "--batches", "256,512", *fast, "--out", str(out / "l8-batches.json")])],
+        # Feeding the step (issues 27, 33): batched decode per decoder; ViT-B with the GPU loader against the
+        # synthetic one; the loaders at 4, 8, 16 workers on 20480 ImageNet-like JPEGs (written first when missing,
+        # 16 processes), batch 256. The real loop against the bare step at ViT-B and ViT-L: feed2.
+        "feed": [smi, decode, feed_vs_synthetic,
+                 Cmd("loader", 180, [PY, str(HERE / "bench_loader.py"), *cuda, "--make-data", jpegs, "--data", jpegs,
                                      "--images", "20480", "--workers", "4,8,16", "--batch", "256", "--batches", "20",
                                      "--rounds", "2", "--settle", "1", "--loaders", "official,fastmae,decode,gpu",
                                      "--out", str(out / "loader.json")],
-                     {"gpu-loader": {"official,fastmae,decode,gpu": "official,fastmae,decode"}}),
-                 Cmd("e2e-b", 130, [PY, str(HERE / "bench_e2e.py"), *cuda, "--data", jpegs, "--models",
-                                    "mae_vit_base_patch16", "--loaders", "torchvision,gpu", "--workers", "16",
-                                    "--compile", "regional", "--steps", "120", "--skip", "40",
-                                    "--out", str(out / "e2e-b.json")],
-                     {"gpu-loader": {"torchvision,gpu": "torchvision"}}),
-                 Cmd("e2e-l", 120, [PY, str(HERE / "bench_e2e.py"), *cuda, "--data", jpegs, "--models",
-                                    "mae_vit_large_patch16", "--loaders", "gpu,torchvision", "--workers", "16",
-                                    "--compile", "regional", "--steps", "80", "--skip", "30",
-                                    "--out", str(out / "e2e-l.json")],
-                     {"gpu-loader": {"gpu,torchvision": "torchvision"}})],
+                     {"gpu-loader": {"official,fastmae,decode,gpu": "official,fastmae,decode"}})],
+        # The real fastmae pretrain against the bare step at ViT-B and ViT-L dec 8 with the torchvision and the gpu
+        # loader, compiled per block (three compiles per model).
+        "feed2": [smi,
+                  Cmd("e2e-b", 130, [PY, str(HERE / "bench_e2e.py"), *cuda, "--data", jpegs, "--images", "20480",
+                                     "--models", "mae_vit_base_patch16", "--loaders", "torchvision,gpu", "--workers",
+                                     "16", "--compile", "regional", "--steps", "120", "--skip", "40",
+                                     "--out", str(out / "e2e-b.json")],
+                      {"gpu-loader": {"torchvision,gpu": "torchvision"}}),
+                  Cmd("e2e-l", 120, [PY, str(HERE / "bench_e2e.py"), *cuda, "--data", jpegs, "--images", "20480",
+                                     "--models", "mae_vit_large_patch16", "--loaders", "gpu,torchvision", "--workers",
+                                     "16", "--compile", "regional", "--steps", "80", "--skip", "30",
+                                     "--out", str(out / "e2e-l.json")],
+                      {"gpu-loader": {"gpu,torchvision": "torchvision"}})],
+        # Issue 33 in one call after smoke (TorchCodec, xformers): the rows it adds to step and feed, with the
+        # attention table (xformers' operators beside SDPA's kernels) and the ViT-B step under auto beside xformers.
+        "codec": [smi, decode, attn, b8_xformers, b8_auto, feed_vs_synthetic],
         # The first sitting's headline (ran 2026-11-30), and the older stages.
         "quick": [smi,
                   Cmd("gpu-tests", 60, [PY, "-m", "pytest", "-m", "gpu and not slow", "-q", "-p", "no:cacheprovider"]),

@@ -216,7 +216,14 @@ def test_gpu_sitting_stages_fit_their_budgets_and_one_call(tmp_path, capsys):
     printed = capsys.readouterr().out.splitlines()
     names = [(stage, name) for stage, name, _ in _sitting_lines(printed)]
     assert names == [("smoke", "smoke"), ("step", "nvidia-smi"), ("step", "attention"), ("step", "l8"),
-                     ("step", "l8-regional"), ("step", "b8"), ("step", "l8-batches")]  # fmt: skip
+                     ("step", "l8-regional"), ("step", "b8"), ("step", "b8-xformers")]  # fmt: skip
+    assert "--attn-backend xformers" in next(line for line in printed if "] b8-xformers: " in line)
+    assert sitting.BUDGETS["smoke"] + sitting.BUDGETS["codec"] <= 480
+    assert [c.name for c in plan["codec"]] == ["nvidia-smi", "decode", "attention", "b8-xformers", "b8-auto",
+                                               "e2e-feed"]  # fmt: skip
+    assert {"decode", "e2e-feed"} <= {c.name for c in plan["feed"]}
+    feed = next(c for c in plan["feed"] if c.name == "e2e-feed").argv
+    assert feed[feed.index("--loaders") + 1] == "gpu,synthetic" and "mae_vit_base_patch16" in feed
     headline = next(line for line in printed if "] l8: " in line)
     assert "--models mae_vit_large_patch16 --decoder-depths 8" in headline and "--graphs --profile" in headline
     assert "--compile full" in headline and "--compile regional" in next(line for line in printed if "l8-regional:"
@@ -236,7 +243,7 @@ def test_gpu_sitting_adapts_to_failed_smoke_checks(tmp_path, capsys):
         json.dumps({"check": "graphs-full", "ok": False, "error": "capture failed"}) + "\n"
         + json.dumps({"check": "gpu-loader", "ok": False, "error": "nvjpeg missing"}) + "\n"
         + json.dumps({"check": "graphs-regional", "ok": True, "error": None}) + "\n")  # fmt: skip
-    assert sitting.main(["--stage", "step,feed", "--dry-run", "--out", str(tmp_path)]) == 0
+    assert sitting.main(["--stage", "step,feed,feed2", "--dry-run", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out.splitlines()
     l8 = next(line for line in printed if "] l8: " in line and "(budget" in line)
     regional = next(line for line in printed if "] l8-regional: " in line and "(budget" in line)
@@ -542,3 +549,16 @@ def test_bench_results_are_whole_after_every_row_and_a_failing_configuration_is_
     failed = [r for r in rows if "error" in r]
     assert {r["config"] for r in failed} == {"fastmae"} and all("flash" in r["error"] for r in failed)
     assert {r["config"] for r in rows if "error" not in r} == {"eager", "compiled-reference"}
+
+
+def test_e2e_table_puts_the_gpu_loader_beside_the_synthetic_loop():
+    """--loaders gpu,synthetic: the GPU loader's loop as a fraction of the loop with no feed (what decoding and
+    augmenting beside the step takes from it)."""
+    e2e = _load("bench_e2e")
+    row = {"name": "e2e", "model": "m", "batch_size": 256, "workers": 16, "step_img_per_s": 1000.0}
+    saved = {"env": {"gpu": "NVIDIA H200", "torch": "2.11", "git_sha": "abc", "date": "2026-12-03"},
+             "rows": [{**row, "loader": "gpu", "loop_img_per_s": 900.0, "loop_vs_step": 0.9},
+                      {**row, "loader": "synthetic", "loop_img_per_s": 960.0, "loop_vs_step": 0.96}]}  # fmt: skip
+    table = e2e.readme_table(saved, "e2e.json")
+    assert "| m | 256 | gpu | 16 | 1000 | 900 | 0.900 | 0.938 |" in table
+    assert "| m | 256 | synthetic | 16 | 1000 | 960 | 0.960 | 1.000 |" in table
