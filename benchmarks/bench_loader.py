@@ -301,6 +301,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--loaders", default="official,fastmae,decode,gpu,dali,official-finetune,fastmae-finetune",
                     help="which to measure; official and official-finetune are the baselines; decode-<decoder> and "
                     "fastmae-<decoder> (torchcodec, torchvision, pillow) force the JPEG and PNG decoder")  # fmt: skip
+    ap.add_argument("--data-label", default=None, help=argparse.SUPPRESS)  # what the rows call --data
     ap.add_argument("--large-every", type=int, default=LARGE_EVERY, help="one generated JPEG in N is ~2000 x 1500 "
                     "(0: none)")  # fmt: skip
     ap.add_argument("--settle", type=float, default=1.5, help="seconds of rest after each measurement")
@@ -337,7 +338,7 @@ def main(argv=None) -> dict:
         for workers in counts:
             check_setting(len(index), batch, workers)
         if len(counts) > 1:  # one process per worker count, as a run has: nothing left over from the previous count
-            return _per_count(argv, counts, root, args.out)
+            return _per_count(argv, counts, root, args.out, None if args.data else _generated(args.large_every))
         normalize_ms = _normalize_ms(device, batch, args.img_size)
         results = Rows("loader", env_info(device), args.out)
         for workers in counts:
@@ -372,17 +373,17 @@ def _rows(rates: dict[str, list[float]], workers: int, gpu: bool, device: torch.
                      "device": "gpu (mixed decode)" if gpu and name in ("dali", "gpu") else device.type,
                      "workers": workers, "img_per_s": rate, "img_per_s_per_worker": rate / max(workers, 1),
                      "vs_official": rate / base if base else None,
-                     "output": {"fastmae": "uint8", "gpu": "float32 on the GPU"}.get(name, "float32"),
+                     "output": ("uint8" if name.startswith("fastmae") and "finetune" not in name else
+                                {"gpu": "float32 on the GPU"}.get(name, "float32")),  # fmt: skip
                      "normalize_on_device_ms_per_batch": normalize_ms if name == "fastmae" else None,
                      "img_size": args.img_size, "batch_size": batch, "images": images,
                      "decoder": _decoder_of(name),
-                     "data": str(args.data) if args.data else "generated JPEG ~520x390 q90 (scikit-image photos)"
-                     + (f", 1 in {args.large_every} ~2000x1500" if args.large_every else ""),
+                     "data": args.data_label or (str(args.data) if args.data else _generated(args.large_every)),
                      "rates": list(xs)})  # fmt: skip
     return rows
 
 
-def _per_count(argv, counts: list[int], root: Path, out: str | None) -> dict:
+def _per_count(argv, counts: list[int], root: Path, out: str | None, label: str | None = None) -> dict:
     """This script once per worker count in a child process (on ``root``), the rows merged into one results JSON,
     rewritten after each child (and each child writes its own as it goes)."""
     import json
@@ -395,7 +396,8 @@ def _per_count(argv, counts: list[int], root: Path, out: str | None) -> dict:
             part = Path(tmp) / f"w{workers}.json"
             keep = [a for i, a in enumerate(argv) if a not in ("--workers", "--out", "--data", "--make-data") and (
                     i == 0 or argv[i - 1] not in ("--workers", "--out", "--data", "--make-data"))]  # fmt: skip
-            cmd = [sys.executable, __file__, *keep, "--workers", str(workers), "--data", str(root), "--out", str(part)]
+            cmd = [sys.executable, __file__, *keep, "--workers", str(workers), "--data", str(root), "--out", str(part),
+                   *(["--data-label", label] if label else [])]  # fmt: skip
             code = subprocess.run(cmd).returncode
             if not part.exists():
                 print(f"bench_loader: {workers} workers: exit {code}, no rows")
@@ -409,6 +411,11 @@ def _per_count(argv, counts: list[int], root: Path, out: str | None) -> dict:
         raise SystemExit("bench_loader: no worker count gave rows")
     print(f"wrote {results.path}")
     return {"rows": results.rows, "path": str(results.path)}
+
+
+def _generated(large_every: int) -> str:
+    return "generated JPEG ~520x390 q90 (scikit-image photos)" + (f", 1 in {large_every} ~2000x1500" if large_every
+                                                                   else "")  # fmt: skip
 
 
 def _decoder_of(loader: str) -> str:

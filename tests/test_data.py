@@ -224,6 +224,9 @@ def test_the_default_decoder_is_torchcodec_where_it_loads(monkeypatch, caplog, p
     assert decode_mod.resolve_decoder() == "torchcodec"  # the dev extra installs it
     monkeypatch.setenv("FASTMAE_DECODER", "pillow")
     assert decode_mod.resolve_decoder() == "pillow"
+    monkeypatch.setenv("FASTMAE_DECODER", "fast")
+    with pytest.raises(FastMAEError, match=r"^unknown decoder 'fast' \(FASTMAE_DECODER\); choose one of auto, "):
+        decode_mod.resolve_decoder()
     monkeypatch.delenv("FASTMAE_DECODER")
     real = decode_mod._fast
     monkeypatch.setattr(decode_mod, "_fast", lambda name: "torchcodec does not import (test)" if name == "torchcodec"

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fastmae.errors import FastMAEError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -187,7 +189,7 @@ def _fast(name: str) -> dict | str:
 def decoder_unavailable_reason(name: str) -> str | None:
     """Why decoder ``name`` cannot run in this process, or None (``pillow`` always can)."""
     if name not in DECODERS:
-        raise ValueError(f"unknown decoder {name!r}; choose one of {', '.join(DECODERS)}")
+        raise FastMAEError(f"unknown decoder {name!r} (FASTMAE_DECODER); choose one of {', '.join(DECODERS)}")
     if name in ("auto", "pillow"):
         return None
     got = _fast(name)
@@ -201,8 +203,6 @@ def resolve_decoder(name: str | None = None) -> str:
     if name == "auto":
         return next((n for n in ("torchcodec", "torchvision") if isinstance(_fast(n), dict)), "pillow")
     if (reason := decoder_unavailable_reason(name)) is not None:
-        from fastmae.errors import FastMAEError
-
         raise FastMAEError(f"decoder {name}: {reason}")
     return name
 
