@@ -113,8 +113,9 @@ def stages(out: Path) -> dict[str, list[Cmd]]:
     attn = Cmd("attention", 35, [PY, str(HERE / "bench_attention.py"), *cuda, "--out", str(out / "attention.json"),
                                  "--write-table", str(out / "attention_table.json")])
     return {
+        # 8 checks at a time (16 cores): 22 checks, the two graph checks taking most of the 82 s.
         "smoke": [Cmd("smoke", 90, [PY, str(HERE / "gpu_smoke.py"), "--out", str(out / "smoke.jsonl"),
-                                    "--deadline", "82"])],
+                                    "--deadline", "82", "--jobs", "8"])],
         # The step at its limit (issues 26, 31). The attention table per call site first (it feeds auto in the rest);
         # ViT-L dec 8 compiled whole: eager, visible, mask-token, plain and as one CUDA graph, profiled (the headline
         # and where the time goes); the same compiled per block (regional: its compile time and step rate beside

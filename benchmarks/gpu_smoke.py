@@ -137,6 +137,8 @@ def check_attention(device, backend: str, head_dim: int) -> dict:
                            dtype=dtype).requires_grad_() for _ in range(3))  # fmt: skip
     impl = attention.get_backend(backend)
     if reasons := impl.supports(q, k, v):
+        if backend == "xformers" and attention._xformers_fmha()[0] is not None:
+            reasons.append(f"its C++ extension {'loaded' if attention._xformers_has_extension() else 'did not load'}")
         raise CheckFailed(f"{backend} cannot run: {'; '.join(reasons)}")
     out = impl(q, k, v)
     grad = torch.randn(out.shape, device=device, generator=g, dtype=dtype)
