@@ -34,10 +34,11 @@ import fastmae
 from fastmae.compiling import DEFAULT_VARIANT, compile_model
 from fastmae.config import PretrainConfig
 from fastmae.errors import FastMAEError, NoRoom, RunFault
+from fastmae.files import atomic_write, check_checkpoint_file, room_problem, write_json
 from fastmae.interop import check_pretrained
 
 from .checkpoint import LAST as LAST_CHECKPOINT
-from .checkpoint import check_checkpoint_file, resolve_resume, room_problem
+from .checkpoint import resolve_resume
 from .data import resolve_loader
 from .distributed import DistContext, init_distributed, peer_lost
 from .launch import dist_info, export_slurm_env
@@ -326,12 +327,6 @@ def restore_rng_state(saved, ctx: DistContext, device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the output folder
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def _tensorboard(enabled: bool | None, path: Path):
     """A SummaryWriter when TensorBoard is installed (and not turned off); asking for it without it fails loudly."""
     if enabled is False:
@@ -372,9 +367,7 @@ class RunLog:
                     keep.append(line)
             except ValueError:  # a line cut short by the crash
                 continue
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in keep))
-        os.replace(tmp, path)
+        atomic_write(path, "".join(f"{line}\n" for line in keep))
 
     def config(self, resolved: dict) -> None:
         if self.enabled:
