@@ -47,7 +47,7 @@ import numpy as np
 from fastmae.errors import FastMAEError, NoRoom
 from fastmae.files import atomic_write
 
-from ..launch import local_world_size, usable_cpus
+from ..job import local_world_size, usable_cpus
 from .decode import BAD, DALI_NATIVE, IMAGE_EXTENSIONS, UNKNOWN, probe
 
 logger = logging.getLogger("fastmae.data")
