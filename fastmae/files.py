@@ -124,6 +124,17 @@ def write_json(path: str | os.PathLike, obj) -> Path:
     return atomic_write(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def update_readme(readme: str | os.PathLike, table: str, name: str = "fastmae-bench") -> None:
+    """Replace what lies between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in ``readme`` with ``table``."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = Path(readme).read_text()
+    if start not in text or end not in text:
+        raise FastMAEError(f"{readme} has no {start} ... {end} markers for the results table")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    atomic_write(readme, f"{head}{start}\n{table}\n{end}{tail}")
+
+
 def stale_temporaries(path: str | os.PathLike) -> list[Path]:
     """Temporary files :func:`atomic_write` left beside ``path`` when its process was killed mid-write."""
     path = Path(path)
