@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import torch
+from fastmae.train.bench import env_info as bench_env_info
 
-from fastmae.bench import env_info as bench_env_info
 from fastmae.errors import FastMAEError
 from fastmae.files import write_json
 
@@ -21,7 +21,7 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def env_info(device: torch.device) -> dict:
-    """What ran: device, GPU name, library versions, git sha, date (``fastmae.bench.env_info``) plus CPU details."""
+    """What ran: device, GPU name, library versions, git sha, date (``fastmae.train.bench.env_info``), CPU details."""
     return {
         "device": device.type,
         **bench_env_info(device),
@@ -88,7 +88,7 @@ class Rows:
 def report(json_path: str | os.PathLike, table, marker: str, readme: str | os.PathLike | None = None) -> str:
     """``table(results, json_name)`` of a results JSON, written into ``readme`` between ``<!-- marker:start -->``
     and ``<!-- marker:end -->`` when given: README tables are generated, never typed."""
-    from fastmae.bench import update_readme
+    from fastmae.files import update_readme
 
     text = table(json.loads(Path(json_path).read_text()), Path(json_path).name)
     if readme is not None:

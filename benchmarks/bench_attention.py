@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _harness import Rows, cli, env_info  # noqa: E402
 from bench_kernels import _time  # noqa: E402
-from fastmae.train.run import resolve_device  # noqa: E402
+from fastmae.train.context import resolve_device  # noqa: E402
 
 from fastmae import attention  # noqa: E402
 from fastmae.files import write_json  # noqa: E402

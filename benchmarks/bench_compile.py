@@ -32,26 +32,28 @@ MODELS = ("mae_vit_base_patch16", "mae_vit_large_patch16")
 
 def child(model_name: str, variant: str, batch: int, steps: int, device: str, img_size: int = 224) -> dict:
     """One process's run (see the module docstring): seconds to build, first step, later steps; compile counters."""
+    from fastmae.train.context import RunContext
+    from fastmae.train.data import Batch
+    from fastmae.train.pretrain import mae_step
     from fastmae.train.schedule import build_optimizer
-    from fastmae.train.step import TrainStep
     from torch._dynamo.utils import counters
 
-    from fastmae.compiling import compile_model
     from fastmae.models import create_model
 
     dev = torch.device(device)
     t0 = time.perf_counter()
     torch.manual_seed(0)
     model = create_model(model_name, img_size=img_size, kernels="reference", attn_backend="auto").to(dev)
-    step_fn = compile_model(model, variant)
+    ctx = RunContext.local(dev, compile=variant)  # the loop's context: bf16 autocast on CUDA, fp32 on a CPU
     optimizer = build_optimizer(model, 1e-4, 0.05, (0.9, 0.95), fused=True)  # the loop's (the NaN guard sets found_inf)
-    step = TrainStep(model, step_fn, optimizer, seed=0, mask_ratio=0.75, device=dev)
+    step = mae_step(model, ctx.compiled(model), optimizer, ctx, seed=0, mask_ratio=0.75)
     imgs = torch.randint(0, 256, (batch, 3, *model.patch_embed.img_size), dtype=torch.uint8, device=dev)
+    labels = torch.zeros(batch, dtype=torch.long, device=dev)
     build = time.perf_counter() - t0
     times = []
     for k in range(steps):
         t0 = time.perf_counter()
-        loss = step(imgs, torch.arange(k * batch, (k + 1) * batch, device=dev), 0, 1e-4)
+        loss = step(Batch(imgs, labels, torch.arange(k * batch, (k + 1) * batch, device=dev), 0, (0, k + 1)), 1e-4)
         float(loss)  # the step's work done (and on a GPU, synchronised)
         times.append(time.perf_counter() - t0)
     steady = median(times[1:])

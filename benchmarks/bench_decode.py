@@ -33,7 +33,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from _harness import Rows, cli, env_info, median, sync  # noqa: E402
 from bench_loader import make_jpegs  # noqa: E402
-from fastmae.train.run import resolve_device  # noqa: E402
+from fastmae.train.context import resolve_device  # noqa: E402
 
 DECODERS = ("torchcodec-cuda", "torchvision-cuda", "torchcodec-cpu", "torchvision-cpu", "pillow")
 # |decoded - Pillow| bounds in 8-bit levels: the CPU decoders are libjpeg-turbo like Pillow (exact); nvJPEG's IDCT and

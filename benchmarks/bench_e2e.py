@@ -2,7 +2,7 @@
 cadence) on a folder of ImageNet-like JPEGs, against the bare training step (the same model, compile and batch, on
 images already on the device) in the same run. The target is a loop within 5% of the bare step.
 
-For each model and loader: the bare step (:class:`fastmae.bench.StepBench`, the ``fastmae`` / ``visible`` row,
+For each model and loader: the bare step (:class:`fastmae.train.bench.StepBench`, the ``fastmae`` / ``visible`` row,
 norm-pix loss as the recipe), then ``fastmae pretrain --model M --batch-size B --loader L --num-workers W
 --stop-after-steps N --log-every 10 --picture-every 0`` in a child process; its rate is the median ``img_per_s`` of
 the ``metrics.jsonl`` rows after ``--skip`` steps (compilation and the first batches left out). The checkpoint
@@ -35,9 +35,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _harness import Rows, cli, env_info, report  # noqa: E402
 from bench_loader import make_jpegs  # noqa: E402
-from fastmae.train.run import resolve_device  # noqa: E402
+from fastmae.train.bench import BATCH, StepBench, _error_line, _free  # noqa: E402
+from fastmae.train.context import resolve_device  # noqa: E402
 
-from fastmae.bench import BATCH, StepBench, _error_line, _free  # noqa: E402
 from fastmae.compiling import DEFAULT_VARIANT, VARIANTS  # noqa: E402
 
 

@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _harness import env_info, median, time_interleaved, write_results  # noqa: E402
-from fastmae.train.finetune import layer_decay_groups  # noqa: E402
-from fastmae.train.run import resolve_device  # noqa: E402
+from fastmae.train.context import resolve_device  # noqa: E402
+from fastmae.train.evaluate import layer_decay_groups  # noqa: E402
 
 from fastmae.interop import create_vit  # noqa: E402
 

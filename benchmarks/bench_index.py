@@ -145,8 +145,8 @@ def child(mode: str, root: str, out: str) -> None:
         start = [_pss(p) for p in pids]
         t1 = time.perf_counter()
         seen = 64
-        for imgs, _ in batches:
-            seen += imgs.shape[0]
+        for batch in batches:
+            seen += len(batch)
             if seen >= total:
                 break
         result.update({"samples": seen, "worker_pss_start_mb": start, "worker_pss_end_mb": [_pss(p) for p in pids],
@@ -250,7 +250,7 @@ def report(json_paths: list[Path], readme: Path | None) -> str:
     plot(saved, Path(json_paths[0]).with_suffix(".png"))
     table = readme_table(saved, ", ".join(Path(p).name for p in json_paths), Path(json_paths[0]).with_suffix(".png"))
     if readme is not None:
-        from fastmae.bench import update_readme
+        from fastmae.files import update_readme
 
         update_readme(readme, table, "index-bench")
     return table

@@ -23,7 +23,7 @@ from _harness import Rows, cli, env_info, median, sync  # noqa: E402
 from fastmae.kernels import masked_mse as mse_mod  # noqa: E402
 from fastmae.kernels import masking as masking_mod  # noqa: E402
 from fastmae.kernels import unshuffle as unshuffle_mod  # noqa: E402
-from fastmae.train.run import resolve_device  # noqa: E402
+from fastmae.train.context import resolve_device  # noqa: E402
 
 MODELS = {  # name: (img, patch, encoder width, decoder width)
     "vit_b": (224, 16, 768, 512),

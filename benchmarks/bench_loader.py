@@ -43,12 +43,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _harness import Rows, cli, env_info, median, report, sync  # noqa: E402
+from fastmae.train.context import resolve_device  # noqa: E402
 from fastmae.train.data.dali import DALILoader, dali_unavailable_reason  # noqa: E402
 from fastmae.train.data.decode import IMAGENET_MEAN, IMAGENET_STD, decode, resolve_decoder  # noqa: E402
 from fastmae.train.data.gpu_loader import GPULoader, gpu_loader_unavailable_reason  # noqa: E402
 from fastmae.train.data.index import bundled_images_dir, index_data  # noqa: E402
-from fastmae.train.data.loaders import TorchvisionLoader, to_device  # noqa: E402
-from fastmae.train.run import resolve_device  # noqa: E402
+from fastmae.train.data.loaders import TorchvisionLoader, model_input  # noqa: E402
 
 PREFETCH = 2  # batches each DataLoader worker keeps ready (torch's default prefetch_factor)
 DECODER_NAMES = ("torchcodec", "torchvision", "pillow")  # the decoder variants: decode-<name>, fastmae-<name>
@@ -155,7 +155,7 @@ def endless(loader):
     """A fastmae loader (torchvision or gpu) reading :class:`EndlessBatches`: its batches, forever."""
     loader.sampler = EndlessBatches(loader.order)
     loader.loader = loader._data_loader()
-    return (x for x, _ in loader.epoch(0))
+    return (b.images for b in loader.epoch(0))
 
 
 def check_setting(images: int, batch: int, workers: int) -> None:
@@ -200,7 +200,7 @@ def timed(batches_of, device: torch.device, batches: int, batch: int, settle: fl
     for _ in range(batches):
         imgs = next(it)
         if device.type == "cuda":  # as the step takes them; on a CPU the step normalises in its own time
-            imgs = to_device(imgs, device)
+            imgs = model_input(imgs.to(device, non_blocking=True))
     sync(device)
     rate = batches * batch / (time.perf_counter() - t0)
     time.sleep(settle)
@@ -214,7 +214,7 @@ def _normalize_ms(device: torch.device, batch: int, img_size: int) -> float:
     for _ in range(11):
         sync(device)
         t0 = time.perf_counter()
-        to_device(imgs, device)
+        model_input(imgs)
         sync(device)
         times.append(1e3 * (time.perf_counter() - t0))
     return median(times[1:])
@@ -273,7 +273,7 @@ def sources_for(index, root: Path, args, device: torch.device, workers: int, bat
     if "dali" in chosen:
         if (reason := dali_unavailable_reason()) is None:
             dali = DALILoader(index, args.img_size, batch, seed=0, device=device, num_threads=max(workers, 1))
-            out["dali"] = _forever(lambda e: (x for x, _ in dali.epoch(e)))
+            out["dali"] = _forever(lambda e: (b.images for b in dali.epoch(e)))
         else:
             print(f"DALI not measured: {reason}")
     if "official-finetune" in chosen:

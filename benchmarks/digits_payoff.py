@@ -168,7 +168,7 @@ def readme_table(saved: dict, json_name: str) -> str:
 
 
 def write_readme(json_path: Path, readme: Path) -> None:
-    from fastmae.bench import update_readme
+    from fastmae.files import update_readme
 
     update_readme(readme, readme_table(json.loads(json_path.read_text()), json_path.name), "digits-payoff")
 

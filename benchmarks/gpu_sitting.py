@@ -183,7 +183,7 @@ def stages(out: Path) -> dict[str, list[Cmd]]:
         3: [Cmd("b1", 200, [*pretrain, *base, "--decoder-depths", "1", "--out", str(out / "b1.json")]),
             Cmd("l1", 280, [*pretrain, *large, "--decoder-depths", "1", "--out", str(out / "l1.json")])],
         4: [Cmd("h8", 480, [*pretrain, "--models", "mae_vit_huge_patch14", *dec8, "--out", str(out / "h8.json")])],
-        5: [Cmd("finetune", 200, [*BENCH, "--suite", "finetune", *cuda, "--out", str(out / "finetune.json")]),
+        5: [Cmd("finetune", 200, [PY, str(HERE / "bench_finetune.py"), *cuda, "--out", str(out / "finetune.json")]),
             Cmd("l8-profile", 280, [*pretrain, "--profile", *large, *dec8, "--out", str(out / "l8-profile.json")])],
     }  # fmt: skip
 

@@ -157,30 +157,35 @@ def check_attention(device, backend: str, head_dim: int) -> dict:
 
 
 def _trainer(device, graphs: bool, variant: str = "off", warmup: int = 2):
+    """The pretraining step as the loop builds it (a one-process run context, bf16 on CUDA); ``.model`` is its MAE."""
     import torch
+    from fastmae.train.context import RunContext
+    from fastmae.train.pretrain import mae_step
     from fastmae.train.schedule import build_optimizer
-    from fastmae.train.step import TrainStep
 
     import fastmae
-    from fastmae.compiling import compile_model
 
     torch.manual_seed(0)
     kernels = "triton" if device.type == "cuda" else "reference"
     model = fastmae.create_model("mae_vit_tiny_patch16", img_size=64, kernels=kernels, norm_pix_loss=True).to(device)
     opt = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), fused=True)
-    step_fn = compile_model(model, variant)
-    dtype = torch.bfloat16 if device.type == "cuda" else None
-    return TrainStep(model, step_fn, opt, seed=3, mask_ratio=0.75, device=device, dtype=dtype, graphs=graphs,
-                     warmup=warmup)  # fmt: skip
+    ctx = RunContext.local(device, compile=variant, graphs=graphs)
+    step = mae_step(model, ctx.compiled(model), opt, ctx, seed=3, mask_ratio=0.75, warmup=warmup)
+    step.model = model
+    return step
 
 
-def _batches(n: int, batch: int = 8):
+def _batches(n: int, batch: int = 8, device=None):
+    """(batch, lr) pairs: uint8 images, sample ids that change every step, the epoch every 3 steps."""
     import torch
+    from fastmae.train.data import Batch
 
     g = torch.Generator().manual_seed(1)
     for b in range(n):
         imgs = torch.randint(0, 256, (batch, 3, 64, 64), dtype=torch.uint8, generator=g)
-        yield imgs, torch.arange(b * batch, (b + 1) * batch) * 7 + 3, b // 3, 1e-3 * (b + 1) / n
+        ids = torch.arange(b * batch, (b + 1) * batch) * 7 + 3
+        moved = [t.to(device) if device is not None else t for t in (imgs, torch.zeros(batch, dtype=torch.long), ids)]
+        yield Batch(*moved, epoch=b // 3, position=(b // 3, b % 3 + 1)), 1e-3 * (b + 1) / n
 
 
 def check_graphs(device, variant: str) -> dict:
@@ -193,7 +198,7 @@ def check_graphs(device, variant: str) -> dict:
     torch._dynamo.reset()
     t0 = time.perf_counter()
     eager, graphed = _trainer(device, False, variant), _trainer(device, True, variant)
-    batches = list(_batches(7))
+    batches = list(_batches(7, device=device))
     pairs, compiled_after_first = [], None
     for k, args in enumerate(batches):
         a = eager(*args).clone()
@@ -220,7 +225,7 @@ def check_nan_guard(device) -> dict:
 
     graphs = device.type == "cuda"
     step = _trainer(device, graphs)
-    batches = list(_batches(6))
+    batches = list(_batches(6, device=device))
     for args in batches[:4]:
         step(*args)
     if graphs and not step.captured:
@@ -245,15 +250,18 @@ def check_host_sync(device) -> dict:
         raise CheckFailed(f"needs CUDA (device is {device.type})")
     out = {}
     for graphs in (False, True):
+        from fastmae.train.data import on_device
+
         step = _trainer(device, graphs)
-        batches = [(imgs.pin_memory(), ids, epoch, lr) for imgs, ids, epoch, lr in _batches(6)]
-        for args in batches[:3]:
-            step(*args)
+        pairs = list(_batches(6))  # on the host, brought to the device ahead of the step as the loop does
+        batches = list(on_device((b for b, _ in pairs[:3]), device))
+        for batch, (_, lr) in zip(batches, pairs[:3], strict=True):
+            step(batch, lr)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            for args in batches[3:]:
-                step(*args)
+            for batch, (_, lr) in zip(on_device((b for b, _ in pairs[3:]), device), pairs[3:], strict=True):
+                step(batch, lr)
         except RuntimeError as exc:
             raise CheckFailed(f"{'graphed' if graphs else 'ordinary'} step synchronises with the host: "
                               f"{str(exc).splitlines()[0]}") from exc  # fmt: skip
@@ -386,10 +394,10 @@ def check_gpu_loader(device) -> dict:
         gpu = GPULoader(index, size, batch, seed=2, device=device, num_workers=2, **kw)
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         stats = []
-        for (a, _), (b, _) in zip(ref.epoch(0), gpu.epoch(0), strict=True):
-            if b.device.type != device.type or not torch.equal(ref.last_ids, gpu.last_ids.cpu()):
+        for a, b in zip(ref.epoch(0), gpu.epoch(0), strict=True):
+            if b.images.device.type != device.type or not torch.equal(a.ids, b.ids.cpu()):
                 raise CheckFailed("the GPU loader's batch is not the torchvision loader's samples on the device")
-            stats.append(_levels_stats(b.cpu() * std * 255, normalize(a) * std * 255))
+            stats.append(_levels_stats(b.images.cpu() * std * 255, normalize(a.images) * std * 255))
     worst = {k: max(s[k] for s in stats) for k in ("mean", "p999", "max")}
     _within(worst, LOADER_BOUNDS, "GPU loader vs torchvision loader")
     if gpu.routes["gpu"] != files:
@@ -399,16 +407,18 @@ def check_gpu_loader(device) -> dict:
 
 def check_ahead_on_device(device) -> dict:
     import torch
-    from fastmae.train.data.loaders import SyntheticLoader, ahead_on_device
-    from fastmae.train.run import micro_batches
+    from fastmae.train.data import SyntheticLoader, epochs, on_device
 
     loader = SyntheticLoader(32, 4, 64, seed=0, device=torch.device("cpu"))
-    plain = [(x.clone(), tuple(loader.position)) for x, *_ in micro_batches(loader, 0, 0, 1, loader.steps_per_epoch)]
-    moved = list(ahead_on_device(micro_batches(loader, 0, 0, 1, loader.steps_per_epoch), loader, device))
+    n = loader.steps_per_epoch + 2  # across an epoch's end
+    plain = [b for _, b in zip(range(n), epochs(loader, 0, 0, loader.steps_per_epoch), strict=False)]
+    moved = [b for _, b in zip(range(n), on_device(epochs(loader, 0, 0, loader.steps_per_epoch), device),
+                               strict=False)]  # fmt: skip
     if len(moved) != len(plain):
         raise CheckFailed(f"{len(moved)} batches ahead, {len(plain)} without")
-    for (x, pos), (y, _, _, _, position) in zip(plain, moved, strict=True):
-        if y.device.type != device.type or not torch.equal(x, y.cpu()) or position != pos:
+    for x, y in zip(plain, moved, strict=True):
+        same = torch.equal(x.images, y.images.cpu()) and torch.equal(x.ids, y.ids.cpu())
+        if y.images.device.type != device.type or not same or (x.position, x.epoch_end) != (y.position, y.epoch_end):
             raise CheckFailed("a batch moved ahead differs from the batch, or its position from the loader's")
     return {"batches": len(moved)}
 

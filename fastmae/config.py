@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from .compiling import DEFAULT_VARIANT, GRAPH_MODES, MODES, VARIANTS
 from .errors import FastMAEError
@@ -47,67 +48,44 @@ def _check_augment(cfg) -> None:
 
 
 @dataclass
-class PretrainConfig:
-    """Everything a pretraining run depends on. CLI flags are these field names in kebab-case."""
+class RunConfig:
+    """What every training command (pretrain, finetune, linprobe) is configured by, one section per concern. CLI flags
+    are these field names in kebab-case; a command's class may give a field another default or help."""
 
+    # --- the model and where it starts from
     model: str | None = _f(
         "mae_vit_tiny_patch16",
         "model name (fastmae models lists them); with --pretrained, the checkpoint's unless given",
     )
-    pretrained: str | None = _f(
-        None, "start from these weights: a fastmae checkpoint, an official MAE .pth (full, or encoder-only: fresh "
-        "decoder) or a transformers ViT-MAE folder; model, image size and norm-pix loss come from it unless given "
-        "(not set by default)"
-    )  # fmt: skip
+    pretrained: str | None = _f(None, "weights to start from (not set by default)")
     img_size: int = _f(224, "input resolution in pixels")
-    patch_size: int | None = _f(None, "patch size in pixels (default: the model's, e.g. 16 for *_patch16)")
-    data: str | None = _f(
-        None,
-        "folder of images (searched recursively; ImageFolder sub-folders give labels), a folder of webdataset .tar "
-        "shards, a .tar, a brace pattern like shards/train-{0000..0146}.tar, or 'digits' (the training split of "
-        "scikit-learn's digits; labels unused) (default: scikit-image's photos)",
-    )
+    # --- data
+    data: str | None = _f(None, "the images (default: a built-in data set)")
     index_check: str = _f(
         "listing", "how a start finds changed files in a cached image folder: listing (one stat per folder; misses a "
         "file rewritten in place under the same name) | stat (also one stat per file)"
     )  # fmt: skip
-    crop_scale: float = _f(0.2, "smallest RandomResizedCrop area (the paper: 0.2)")
+    crop_scale: float = _f(0.2, "smallest RandomResizedCrop area")
     hflip: float = _f(0.5, "horizontal flip probability")
-    output_dir: str = _f("output/pretrain", "where config, metrics, checkpoints and pictures go")
+    loader: str = _f("auto", "auto | dali | torchvision")
+    num_workers: int | None = _f(None, "loader processes (torchvision) or threads (dali); default min(8, CPU count)")
+    # --- schedule and optimizer
     epochs: int = _f(800, "epochs over the data set")
     warmup_epochs: float = _f(40, "linear warmup length in epochs (then cosine decay per iteration)")
     batch_size: int = _f(64, "images per step per process (effective batch = batch x accum-iter x world size)")
     accum_iter: int = _f(1, "accumulate gradients over N batches per optimizer step")
-    blr: float = _f(1.5e-4, "base learning rate: lr = blr * effective batch / 256 (batch x accum-iter x processes)")
     lr: float | None = _f(None, "absolute learning rate (overrides --blr; unset by default)")
     min_lr: float = _f(0.0, "floor of the cosine schedule")
-    weight_decay: float = _f(0.05, "AdamW weight decay (not on biases, norms, tokens)")
-    beta1: float = _f(0.9, "AdamW beta1")
-    beta2: float = _f(0.95, "AdamW beta2")
-    mask_ratio: float = _f(0.75, "fraction of patches removed, in [0, 1)")
+    weight_decay: float = _f(0.05, "weight decay (not on biases, norms, tokens)")
     clip_grad: float | None = _f(None, "clip the gradient norm to this value (off by default, as in the paper)")
+    seed: int = _f(0, "random seed")
+    # --- non-finite steps
     nan_guard: bool = _f(True, "skip optimizer updates whose loss or gradients are not finite (no host sync)")
     nan_rollback_after: int = _f(3, "after N non-finite steps in a row, reload the last checkpoint and go on")
     max_rollbacks: int = _f(2, "stop with an error after this many rollbacks")
-    norm_pix_loss: bool = _f(False, "normalise each target patch by its mean and std")
-    encoder_mode: str = _f("visible", "visible (MAE) or mask_token (encoder sees all patches)")
-    seed: int = _f(0, "random seed")
+    # --- where and how it runs
     device: str = _f("auto", "auto | cpu | cuda")
-    loader: str = _f(
-        "auto", "auto (on CUDA: dali when nvidia-dali is installed, else gpu when torchvision decodes JPEGs on the "
-        "GPU, else torchvision) | dali | gpu (workers read bytes; nvJPEG + one fused kernel on the GPU) | "
-        "torchvision | synthetic"
-    )  # fmt: skip
-    num_workers: int | None = _f(None, "loader processes (torchvision) or threads (dali); default min(8, CPU count)")
-    synthetic_images: int = _f(4096, "images per epoch for --loader synthetic")
-    kernels: str = _f("auto", "auto | reference | triton, or per op: masking=triton,masked_mse=reference")
-    attn_backend: str = _f("auto", "auto | xformers | sdpa | math")
-    precision: str = _f(
-        "auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp16 (autocast + dynamic GradScaler) | fp32"
-    )
-    parallel: str = _f(
-        "ddp", "under torchrun: ddp (DistributedDataParallel) | fsdp (FSDP2 fully_shard per block, for ViT-H and up)"
-    )
+    precision: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32")
     compile: str | None = _f(
         None, f"torch.compile: off | full (the whole model) | regional (each transformer block once, reused: a "
         f"fraction of full's compile time); --compile alone: {DEFAULT_VARIANT}, --no-compile: off (default: "
@@ -115,17 +93,15 @@ class PretrainConfig:
     )  # fmt: skip
     compile_mode: str = _f(
         "default", "torch.compile mode: default | max-autotune-no-cudagraphs (inductor's GEMM autotuning) | "
-        "max-autotune | reduce-overhead (these two capture CUDA graphs of their own: not with --cuda-graphs)"
+        "max-autotune | reduce-overhead (these two capture CUDA graphs of their own)"
     )  # fmt: skip
-    cuda_graphs: bool = _f(
-        False, "run the whole step (forward, backward, AdamW) as one CUDA graph: one process, --accum-iter 1, bf16 or "
-        "fp32 (off by default until the H200 sitting measures it; README, Benchmarks)"
-    )  # fmt: skip
-    stop_after_steps: int | None = _f(None, "stop once the global step reaches N (schedule unchanged; off by default)")
     dist_timeout: float = _f(
         10.0, "minutes a multi-process run waits to join its process group, and in any collective, before it ends "
         "with one line (a lost or missing peer) instead of hanging"
     )  # fmt: skip
+    stop_after_steps: int | None = _f(None, "stop once the global step reaches N (schedule unchanged; off by default)")
+    # --- the output folder: logs and checkpoints
+    output_dir: str = _f("output/pretrain", "where config, metrics, checkpoints and summary go")
     log_every: int = _f(10, "log metrics every N optimizer steps")
     save_every: int | None = _f(
         None, "save checkpoint-last.pth every N steps (off by default; always saved at the end and on SIGTERM)"
@@ -145,57 +121,127 @@ class PretrainConfig:
         False, "start anew in an --output-dir that holds a run: its files are first moved to <dir>/replaced-<time>/ "
         "(nothing is deleted)"
     )  # fmt: skip
+    tensorboard: bool | None = _f(None, "TensorBoard event files in <output>/tensorboard (default: when installed)")
+    progress: bool = _f(True, "show a progress bar")
+
+    LOADERS: ClassVar[tuple[str, ...]] = ("auto", "dali", "torchvision")
+    PRECISIONS: ClassVar[tuple[str, ...]] = ("auto", "bf16", "fp32")
+
+    def validate(self):
+        if self.model is None and self.pretrained is None:
+            raise FastMAEError("--model is needed when there is no --pretrained checkpoint to read the model from")
+        if self.model is not None and self.model not in list_models():
+            raise FastMAEError(f"unknown model {self.model!r}; known models: {', '.join(list_models())}")
+        for name, choices in (("loader", self.LOADERS), ("device", DEVICES), ("precision", self.PRECISIONS),
+                              ("index_check", INDEX_CHECKS)):  # fmt: skip
+            if getattr(self, name) not in choices:
+                raise FastMAEError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
+                                   f"got {getattr(self, name)!r}")  # fmt: skip
+        for name in ("epochs", "batch_size", "accum_iter", "img_size", "log_every", "nan_rollback_after"):
+            if getattr(self, name) <= 0:
+                raise FastMAEError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("stop_after_steps", "save_every", "keep_every"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise FastMAEError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.save_interval < 0:
+            raise FastMAEError(f"--save-interval must be >= 0 minutes (0: every epoch end), got {self.save_interval}")
+        if self.dist_timeout <= 0:
+            raise FastMAEError(f"--dist-timeout must be positive minutes, got {self.dist_timeout}")
+        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
+            raise FastMAEError(f"--warmup-epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
+        _check_augment(self)
+        _check_compile(self)
+        return self
+
+    def effective_batch(self, world_size: int = 1) -> int:
+        return self.batch_size * self.accum_iter * world_size
+
+    def scaled_lr(self, blr: float, world_size: int = 1) -> float:
+        """The paper's rule: lr = blr x effective batch / 256."""
+        return blr * self.effective_batch(world_size) / 256
+
+    def effective_lr(self, world_size: int = 1) -> float:
+        """lr = blr x effective batch / 256 (the paper's scaling rule), unless --lr is given."""
+        return self.lr if self.lr is not None else self.scaled_lr(self.blr, world_size)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class PretrainConfig(RunConfig):
+    """Everything a pretraining run depends on (the official recipe's defaults)."""
+
+    pretrained: str | None = _f(
+        None, "start from these weights: a fastmae checkpoint, an official MAE .pth (full, or encoder-only: fresh "
+        "decoder) or a transformers ViT-MAE folder; model, image size and norm-pix loss come from it unless given "
+        "(not set by default)"
+    )  # fmt: skip
+    data: str | None = _f(
+        None,
+        "folder of images (searched recursively; ImageFolder sub-folders give labels), a folder of webdataset .tar "
+        "shards, a .tar, a brace pattern like shards/train-{0000..0146}.tar, or 'digits' (the training split of "
+        "scikit-learn's digits; labels unused) (default: scikit-image's photos)",
+    )
+    crop_scale: float = _f(0.2, "smallest RandomResizedCrop area (the paper: 0.2)")
+    loader: str = _f(
+        "auto", "auto (on CUDA: dali when nvidia-dali is installed, else torchvision) | dali | gpu (workers read "
+        "bytes; nvJPEG + one fused kernel on the GPU; only when asked for until a GPU sitting measures it faster) | "
+        "torchvision | synthetic"
+    )  # fmt: skip
+    weight_decay: float = _f(0.05, "AdamW weight decay (not on biases, norms, tokens)")
+    precision: str = _f(
+        "auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp16 (autocast + dynamic GradScaler) | fp32"
+    )
+    # --- pretraining's own
+    patch_size: int | None = _f(None, "patch size in pixels (default: the model's, e.g. 16 for *_patch16)")
+    blr: float = _f(1.5e-4, "base learning rate: lr = blr * effective batch / 256 (batch x accum-iter x processes)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    mask_ratio: float = _f(0.75, "fraction of patches removed, in [0, 1)")
+    norm_pix_loss: bool = _f(False, "normalise each target patch by its mean and std")
+    encoder_mode: str = _f("visible", "visible (MAE) or mask_token (encoder sees all patches)")
+    synthetic_images: int = _f(4096, "images per epoch for --loader synthetic")
+    kernels: str = _f("auto", "auto | reference | triton, or per op: masking=triton,masked_mse=reference")
+    attn_backend: str = _f(
+        "auto", "auto (on a GPU: the fastest backend measured per call site, fastmae/attention_table.json; else the "
+        "first of xformers, sdpa, math that can run) | xformers | sdpa | flash | cudnn | efficient | math, or per call "
+        "site: encoder=flash,decoder=efficient"
+    )  # fmt: skip
+    parallel: str = _f(
+        "ddp", "under torchrun: ddp (DistributedDataParallel) | fsdp (FSDP2 fully_shard per block, for ViT-H and up)"
+    )
+    cuda_graphs: bool = _f(
+        False, "run the whole step (forward, backward, AdamW) as one CUDA graph: one process, --accum-iter 1, bf16 or "
+        "fp32 (off by default until the H200 sitting measures it; README, Benchmarks)"
+    )  # fmt: skip
     num_reconstructions: int = _f(8, "fixed images shown in each reconstructions/*.png")
     picture_scale: int | None = _f(
         None, "draw each pixel of the reconstruction pictures as an N x N block (default: the smallest N that draws an "
         "image at least 96 pixels high)"
     )  # fmt: skip
     picture_every: int | None = _f(1000, "reconstruction picture + eval loss every N steps (0: only at start and end)")
-    tensorboard: bool | None = _f(None, "TensorBoard event files in <output>/tensorboard (default: when installed)")
-    progress: bool = _f(True, "show a progress bar")
+
+    LOADERS: ClassVar[tuple[str, ...]] = ("auto", "dali", "gpu", "torchvision", "synthetic")
+    PRECISIONS: ClassVar[tuple[str, ...]] = ("auto", "bf16", "fp16", "fp32")
 
     def validate(self) -> PretrainConfig:
-        if self.model is None and self.pretrained is None:
-            raise FastMAEError("--model is needed when there is no --pretrained checkpoint to read the model from")
-        if self.model is not None and self.model not in list_models():
-            raise FastMAEError(f"unknown model {self.model!r}; known models: {', '.join(list_models())}")
+        super().validate()
         check_mask_ratio(self.mask_ratio)
-        for name, choices in (
-            ("loader", LOADERS),
-            ("device", DEVICES),
-            ("precision", PRECISIONS),
-            ("parallel", PARALLEL),
-            ("index_check", INDEX_CHECKS),
-        ):
-            if getattr(self, name) not in choices:
-                raise FastMAEError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
-                                   f"got {getattr(self, name)!r}")  # fmt: skip
-        for name in ("epochs", "batch_size", "accum_iter", "img_size", "log_every", "synthetic_images",
-                     "nan_rollback_after"):  # fmt: skip
-            if getattr(self, name) <= 0:
-                raise FastMAEError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.save_interval < 0:
-            raise FastMAEError(f"--save-interval must be >= 0 minutes (0: every epoch end), got {self.save_interval}")
-        if self.dist_timeout <= 0:
-            raise FastMAEError(f"--dist-timeout must be positive minutes, got {self.dist_timeout}")
-        _check_augment(self)
-        _check_compile(self)
-        if self.picture_every is not None and self.picture_every < 0:
-            raise FastMAEError(f"--picture-every must be >= 0 (0: only at start and end), got {self.picture_every}")
-        for name in ("stop_after_steps", "save_every", "keep_every", "picture_scale"):
+        if self.parallel not in PARALLEL:
+            raise FastMAEError(f"--parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}")
+        for name in ("synthetic_images", "patch_size", "picture_scale"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise FastMAEError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
-            raise FastMAEError(f"--warmup-epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
+        if self.picture_every is not None and self.picture_every < 0:
+            raise FastMAEError(f"--picture-every must be >= 0 (0: only at start and end), got {self.picture_every}")
+        if self.cuda_graphs and self.compile_mode in GRAPH_MODES and self.compile != "off":
+            raise FastMAEError(f"--compile-mode {self.compile_mode} captures CUDA graphs of its own inside the step, "
+                               "which --cuda-graphs captures whole: use one of them (e.g. --compile-mode "
+                               "max-autotune-no-cudagraphs with --cuda-graphs)")  # fmt: skip
         return self
-
-    def effective_batch(self, world_size: int = 1) -> int:
-        return self.batch_size * self.accum_iter * world_size
-
-    def effective_lr(self, world_size: int = 1) -> float:
-        """lr = blr x effective batch / 256 (the paper's scaling rule), unless --lr is given."""
-        return self.lr if self.lr is not None else self.blr * self.effective_batch(world_size) / 256
 
     def recipe_check(self, world_size: int, steps_per_epoch: int) -> tuple[list[str], list[str]]:
         """(summary lines, warnings) about the recipe this configuration amounts to, printed at the start."""
@@ -222,9 +268,6 @@ class PretrainConfig:
         if not 0.6 <= self.mask_ratio <= 0.9:
             warns.append(f"mask ratio {self.mask_ratio:g} is unusual (the paper finds 0.75 best; 0.6-0.9 work)")
         return lines, warns
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 PRESETS: dict[str, PretrainConfig] = {
@@ -261,8 +304,8 @@ def preset(name: str) -> PretrainConfig:
 
 # ---------------------------------------------------------------------- downstream: finetune and linear probe
 @dataclass
-class _DownstreamConfig:
-    """What finetuning and linear probing share. CLI flags are these field names in kebab-case."""
+class _DownstreamConfig(RunConfig):
+    """What finetuning and linear probing share beyond :class:`RunConfig`: labelled data and a pretrained encoder."""
 
     model: str | None = _f(
         "mae_vit_tiny_patch16", "encoder of this MAE model (fastmae models lists them); with --pretrained, the "
@@ -273,101 +316,29 @@ class _DownstreamConfig:
         ".pth or .safetensors, or a transformers ViT-MAE folder (ViTMAEForPreTraining or ViTMAEModel) (default: "
         "random init, with a warning)"
     )  # fmt: skip
+    img_size: int = _f(224, "input resolution (the position table is resampled from the checkpoint's)")
     data: str | None = _f(
         None, "ImageFolder layout: DIR/train/<class>/* and DIR/val/<class>/*, or DIR/<class>/* split by --val-split "
         "(default, or 'digits': scikit-learn's handwritten digits, 10 classes, no download)"
     )  # fmt: skip
-    val_split: float = _f(0.2, "fraction held out for validation when --data has no train/ and val/ folders")
-    index_check: str = _f(
-        "listing", "how a start finds changed files in a cached image folder: listing (one stat per folder; misses a "
-        "file rewritten in place under the same name) | stat (also one stat per file)"
-    )  # fmt: skip
     crop_scale: float = _f(0.08, "smallest RandomResizedCrop area (the paper: 0.08)")
-    hflip: float = _f(0.5, "horizontal flip probability")
-    img_size: int = _f(224, "input resolution (the position table is resampled from the checkpoint's)")
+    loader: str = _f("auto", "auto (dali on CUDA when installed, else torchvision) | dali | torchvision")
     output_dir: str = _f("output/finetune", "where config, metrics, checkpoints and summary go")
     epochs: int = _f(100, "epochs over the training set")
     warmup_epochs: float = _f(5, "linear warmup length in epochs (then cosine decay per iteration)")
-    batch_size: int = _f(64, "images per step per process (effective batch = batch x accum-iter x world size)")
-    accum_iter: int = _f(1, "accumulate gradients over N batches per optimizer step")
     min_lr: float = _f(1e-6, "floor of the cosine schedule")
-    weight_decay: float = _f(0.05, "weight decay (not on biases, norms, tokens)")
-    seed: int = _f(0, "random seed")
-    device: str = _f("auto", "auto | cpu | cuda")
-    loader: str = _f("auto", "auto (dali on CUDA when installed, else torchvision) | dali | torchvision")
-    num_workers: int | None = _f(None, "loader processes (torchvision) or threads (dali); default min(8, CPU count)")
-    precision: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32")
-    compile: str | None = _f(
-        None, f"torch.compile: off | full (the whole model) | regional (each transformer block once, reused: a "
-        f"fraction of full's compile time); --compile alone: {DEFAULT_VARIANT}, --no-compile: off (default: "
-        f"{DEFAULT_VARIANT} on CUDA, off on CPU)", const=DEFAULT_VARIANT, choices=VARIANTS, negative="off"
-    )  # fmt: skip
-    compile_mode: str = _f(
-        "default", "torch.compile mode: default | max-autotune-no-cudagraphs | max-autotune | reduce-overhead"
-    )
-    log_every: int = _f(10, "log metrics every N optimizer steps")
-    stop_after_steps: int | None = _f(
-        None, "stop once the step reaches N (schedule unchanged; smoke runs; off by default)"
-    )
-    progress: bool = _f(True, "show a progress bar")
-    dist_timeout: float = _f(
-        10.0, "minutes a multi-process run waits to join its process group, and in any collective, before it ends "
-        "with one line (a lost or missing peer) instead of hanging"
-    )  # fmt: skip
-    save_every: int | None = _f(
-        None, "also save checkpoint-last.pth every N steps (off by default; always at the end and on SIGTERM)"
-    )
+    clip_grad: float | None = _f(None, "clip the gradient norm to this value (off by default)")
     save_interval: float = _f(
         5.0, "minutes: an epoch end saves checkpoint-last.pth only when this long has passed since the last save "
         "(0: every epoch end; checkpoint-best.pth is written whenever top-1 improves)"
     )  # fmt: skip
-    resume: str | None = _f(
-        None, "checkpoint path (or a run's output folder), or 'auto' for the output folder's checkpoint-last.pth; "
-        "needed to write into an --output-dir that holds a run (default: start fresh)"
-    )  # fmt: skip
-    overwrite: bool = _f(
-        False, "start anew in an --output-dir that holds a run: its files are first moved to <dir>/replaced-<time>/ "
-        "(nothing is deleted)"
-    )  # fmt: skip
+    val_split: float = _f(0.2, "fraction held out for validation when --data has no train/ and val/ folders")
 
     def validate(self):
-        if self.model is None and self.pretrained is None:
-            raise FastMAEError("--model is needed when there is no --pretrained checkpoint to read the model from")
-        if self.model is not None and self.model not in list_models():
-            raise FastMAEError(f"unknown model {self.model!r}; known models: {', '.join(list_models())}")
-        for name, choices in (("device", DEVICES), ("precision", ("auto", "bf16", "fp32")),
-                              ("loader", ("auto", "dali", "torchvision")), ("index_check", INDEX_CHECKS)):  # fmt: skip
-            if getattr(self, name) not in choices:
-                raise FastMAEError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
-                                   f"got {getattr(self, name)!r}")  # fmt: skip
-        for name in ("epochs", "batch_size", "accum_iter", "img_size", "log_every"):
-            if getattr(self, name) <= 0:
-                raise FastMAEError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.save_interval < 0:
-            raise FastMAEError(f"--save-interval must be >= 0 minutes (0: every epoch end), got {self.save_interval}")
-        if self.dist_timeout <= 0:
-            raise FastMAEError(f"--dist-timeout must be positive minutes, got {self.dist_timeout}")
-        _check_augment(self)
-        _check_compile(self)
+        super().validate()
         if not 0 < self.val_split < 1:
             raise FastMAEError(f"--val-split must be in (0, 1), got {self.val_split}")
-        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
-            raise FastMAEError(f"--warmup-epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
-        for name in ("stop_after_steps", "save_every"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise FastMAEError(f"--{name.replace('_', '-')} must be positive, got {value}")
         return self
-
-    def effective_batch(self, world_size: int = 1) -> int:
-        return self.batch_size * self.accum_iter * world_size
-
-    def scaled_lr(self, blr: float, world_size: int = 1) -> float:
-        """The paper's rule: lr = blr x effective batch / 256."""
-        return blr * self.effective_batch(world_size) / 256
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -375,20 +346,15 @@ class FinetuneConfig(_DownstreamConfig):
     """End-to-end finetuning with the paper's recipe (facebookresearch/mae FINETUNE.md)."""
 
     blr: float = _f(1e-3, "base learning rate: lr = blr * effective batch / 256")
-    lr: float | None = _f(None, "absolute learning rate (overrides --blr; unset by default)")
     layer_decay: float = _f(0.75, "layer-wise lr decay: block i gets decay^(depth + 1 - (i + 1)) (0.65 for ViT-B)")
     drop_path: float = _f(0.1, "stochastic depth rate (0.1 B, 0.2 L, 0.3 H)")
     mixup: float = _f(0.8, "mixup alpha (0 turns it off)")
     cutmix: float = _f(1.0, "cutmix alpha (0 turns it off)")
     smoothing: float = _f(0.1, "label smoothing")
-    clip_grad: float | None = _f(None, "clip the gradient norm to this value (off by default)")
     ema: bool = _f(False, "keep an exponential moving average of the weights (timm ModelEmaV3) and evaluate it too")
     ema_decay: float = _f(0.9999, "EMA decay per optimizer step")
     rand_augment: str = _f("rand-m9-mstd0.5-inc1", "timm RandAugment policy of the loader ('none': off)")
     reprob: float = _f(0.25, "random erasing probability")
-
-    def effective_lr(self, world_size: int = 1) -> float:
-        return self.lr if self.lr is not None else self.scaled_lr(self.blr, world_size)
 
     def validate(self):
         super().validate()
@@ -406,11 +372,11 @@ class LinprobeConfig(_DownstreamConfig):
     output_dir: str = _f("output/linprobe", "where config, metrics, checkpoints and summary go")
     epochs: int = _f(90, "epochs over the training set")
     warmup_epochs: float = _f(10, "linear warmup length in epochs")
-    probe_blrs: str = _f("0.05,0.1,0.2,0.4", "base learning rates of the probes trained side by side on the same "
-                         "features, lr = blr * effective batch / 256 (the paper's blr is 0.1)")  # fmt: skip
     lr: float | None = _f(None, "one probe with this absolute learning rate instead of --probe-blrs (unset by default)")
     weight_decay: float = _f(0.0, "LARS weight decay")
     min_lr: float = _f(0.0, "floor of the cosine schedule")
+    probe_blrs: str = _f("0.05,0.1,0.2,0.4", "base learning rates of the probes trained side by side on the same "
+                         "features, lr = blr * effective batch / 256 (the paper's blr is 0.1)")  # fmt: skip
     global_pool: bool = _f(False, "probe the mean of the patch tokens instead of the cls token")
     knn_k: int = _f(20, "neighbours for the kNN evaluation (0 turns it off)")
     knn_t: float = _f(0.07, "temperature of the kNN vote weights exp(sim / t)")
@@ -475,3 +441,114 @@ LINPROBE_PRESETS: dict[str, LinprobeConfig] = {
         for name in _OFFICIAL_FT
     },
 }  # fmt: skip
+
+
+# ---------------------------------------------------------------------- fastmae bench
+BENCH_CONFIGS = ("eager", "compiled-reference", "fastmae", "mask-token")
+
+
+def _csv(text: str | None) -> list[str]:
+    return [x.strip() for x in (text or "").split(",") if x.strip()]
+
+
+@dataclass
+class BenchConfig:
+    """``fastmae bench``: the pretraining step of the official models in several configurations side by side, built
+    through the training loop's own run context and step (see ``train/bench.py``)."""
+
+    suite: str = _f("pretrain", "what to measure: pretrain (the kernel, loader and finetune benchmarks are scripts of "
+                    "their own in benchmarks/)")  # fmt: skip
+    models: str = _f(
+        "mae_vit_base_patch16,mae_vit_large_patch16,mae_vit_huge_patch14", "models to run, comma-separated"
+    )
+    decoder_depths: str = _f("8,1", "decoder depths to run for each model")
+    configs: str = _f(",".join(BENCH_CONFIGS), f"pretrain configurations to run: {', '.join(BENCH_CONFIGS)}")
+    batch: int | None = _f(None, "images per step (default: B 256, L 128, H 64, fixed per model)")
+    batches: str | None = _f(
+        None, "batch sweep of the fastmae rows beside the fixed batch, e.g. 64,256,512 (img/s, peak memory, knee)"
+    )
+    steps: int = _f(10, "timed steps per configuration")
+    warmup: int = _f(3, "untimed steps first (compilation, autotuning)")
+    device: str = _f("auto", "auto (cuda if available, else cpu) | cpu | cuda")
+    quick: bool = _f(False, "tiny shapes on any device: checks the suite, not a number")
+    out: str | None = _f(None, "results JSON path (default: ./fastmae-bench-<gpu>-<date>.json in the current folder)")
+    profile: bool = _f(
+        False, "after timing each configuration, profile 2 steps: time by category and idle, top kernels (CPU ops on "
+        "a CPU)"
+    )  # fmt: skip
+    graphs: bool = _f(False, "also time each compiled configuration with the whole step as one CUDA graph (CUDA only)")
+    attn_backend: str | None = _f(
+        None, "attention of the fastmae rows: a backend, or per call site encoder=flash,decoder=efficient (default: "
+        "auto, from the measured table)"
+    )  # fmt: skip
+    attn_table: str | None = _f(None, "the measured attention table auto reads (default: fastmae/attention_table.json)")
+    compile: str = _f(
+        DEFAULT_VARIANT, f"how the compiled configurations compile (on CUDA): full, regional, or both side by side as "
+        f"full,regional; --compile alone: {DEFAULT_VARIANT}; --no-compile: none compiles", const=DEFAULT_VARIANT,
+        negative="off"
+    )  # fmt: skip
+    compile_mode: str = _f("default", f"torch.compile mode of the compiled configurations: {' | '.join(MODES)}")
+    optimizer_bench: bool = _f(False, "also time one AdamW update per model: fused (the loop's) vs compiled foreach")
+    report: list[str] | None = _f(
+        None, "draw the chart and table from these results JSONs instead of measuring (several: merged, as one "
+        "sitting's)", nargs="+"
+    )  # fmt: skip
+    png: str | None = _f(None, "chart path for --report (default: the first JSON's path with .png)")
+    readme: str | None = _f(None, "README to update between the markers (--report)")
+    marker: str = _f("fastmae-bench", "which README markers hold the table (--report)")
+
+    def validate(self) -> BenchConfig:
+        if others := [x for x in _csv(self.suite) if x != "pretrain"]:
+            raise FastMAEError(f"--suite {','.join(others)}: fastmae bench measures the pretraining step; run "
+                               + ", ".join(f"python benchmarks/bench_{x}.py" for x in others) + " instead")
+        if unknown := set(self.config_names) - set(BENCH_CONFIGS):
+            raise FastMAEError(f"--configs: unknown {', '.join(sorted(unknown))}; choose from "
+                               f"{', '.join(BENCH_CONFIGS)}")  # fmt: skip
+        self.batch_sizes  # noqa: B018 (a one-line error when they are not numbers)
+        try:
+            self.depths  # noqa: B018
+        except ValueError:
+            raise FastMAEError(f"--decoder-depths must be whole numbers separated by commas, got "
+                               f"{self.decoder_depths!r}") from None  # fmt: skip
+        if not self.variants or set(self.variants) - set(VARIANTS):
+            raise FastMAEError(f"--compile: {self.compile!r}; give one or more of {', '.join(VARIANTS)}, "
+                               "comma-separated")  # fmt: skip
+        if self.compile_mode not in MODES:
+            raise FastMAEError(f"--compile-mode must be one of {', '.join(MODES)}, got {self.compile_mode!r}")
+        if self.graphs and self.compile_mode in GRAPH_MODES:
+            raise FastMAEError(f"--compile-mode {self.compile_mode} captures CUDA graphs of its own, which --graphs "
+                               "captures whole: use one of them (max-autotune-no-cudagraphs goes with --graphs)")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise FastMAEError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        for name in ("steps", "batch"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise FastMAEError(f"--{name} must be positive, got {value}")
+        if self.attn_backend is not None:
+            from .attention import parse_sites
+
+            parse_sites(self.attn_backend)  # a bad spec is one line now, not after the first model compiled
+        return self
+
+    @property
+    def model_names(self) -> list[str]:
+        return _csv(self.models)
+
+    @property
+    def depths(self) -> list[int]:
+        return [int(d) for d in _csv(self.decoder_depths)]
+
+    @property
+    def config_names(self) -> list[str]:
+        return _csv(self.configs)
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        try:
+            return tuple(int(b) for b in _csv(self.batches))
+        except ValueError:
+            raise FastMAEError(f"--batches must be whole numbers separated by commas, got {self.batches!r}") from None
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return tuple(_csv(self.compile))

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .errors import FastMAEError
+from .files import load_file, save_safetensors, write_json
 
 logger = logging.getLogger("fastmae.hf")
 
@@ -228,21 +229,13 @@ def read_config(path: str | os.PathLike) -> dict:
 
 def read_hf(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """(state_dict in fastmae's names, architecture) of a transformers ViT-MAE folder or of its weight file."""
-    from fastmae.train.checkpoint import check_checkpoint_file
-
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     arch = read_config(path)
     weights = path if path.is_file() else next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
     if weights is None:
         raise FastMAEError(f"{folder} has a config.json but no {' or '.join(WEIGHT_FILES)} (sharded folders: not yet)")
-    check_checkpoint_file(weights)
-    if weights.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(weights))
-    else:
-        sd = torch.load(weights, map_location="cpu", weights_only=True)
+    sd, _ = load_file(weights)
     return from_hub(sd), arch
 
 
@@ -250,17 +243,9 @@ def write_hf(sd: dict[str, torch.Tensor], arch: dict, folder: str | os.PathLike,
              mask_ratio: float = 0.75) -> Path:  # fmt: skip
     """Write ``folder/model.safetensors`` + ``folder/config.json`` that transformers' ``from_pretrained`` loads, each
     file through a temp file and a rename."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise FastMAEError(f"{folder} is a file; --to hf writes a folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    hub = {k: v.detach().contiguous().cpu() for k, v in to_hub(sd, encoder_only).items()}
-    tmp = folder / ".model.safetensors.tmp"
-    save_file(hub, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / "model.safetensors")
-    tmp = folder / ".config.json.tmp"
-    tmp.write_text(json.dumps(arch_to_config(arch, mask_ratio, encoder_only), indent=2) + "\n")
-    os.replace(tmp, folder / "config.json")
+    save_safetensors(to_hub(sd, encoder_only), folder / "model.safetensors", {"format": "pt"})
+    write_json(folder / "config.json", arch_to_config(arch, mask_ratio, encoder_only))
     return folder

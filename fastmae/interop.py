@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 
 from . import hf
 from .errors import FastMAEError
+from .files import check_checkpoint_file, load_file, save_safetensors, save_torch
 from .models import ARCH_KEYS, MaskedAutoencoderViT, arch_name, create_from_arch, list_models, model_args, named_arch
 from .pos_embed import sincos_2d
 
@@ -43,25 +43,11 @@ def _pair(size) -> tuple[int, int]:
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """(state_dict, info) from a ``.pth``/``.safetensors`` file. ``info`` holds the fastmae ``config`` (model name,
     img_size) when the file has one. A missing or unreadable file is a one-line :class:`FastMAEError`."""
-    from fastmae.train.checkpoint import check_checkpoint_file
-
     path = Path(path)
-    check_checkpoint_file(path)
+    obj, meta = load_file(path)
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                sd = {k: f.get_tensor(k) for k in f.keys()}
-                meta = f.metadata() or {}
-        except Exception as exc:
-            raise FastMAEError(f"checkpoint {path} could not be read: {str(exc).splitlines()[0]}") from exc
         info = {"config": {k: _meta_value(v) for k, v in meta.items()}} if meta else {}
-        return sd, info
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise FastMAEError(f"checkpoint {path} could not be read: {str(exc).splitlines()[0]}") from exc
+        return obj, info
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # official {"model": ...} and fastmae files
         return obj["model"], {k: v for k, v in obj.items() if k != "model"}
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -80,25 +66,10 @@ def _meta_value(text: str):
 def write_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike, meta: dict | None = None,
                      wrap: str | None = None) -> Path:  # fmt: skip
     """Write ``sd`` as ``.safetensors`` (``meta`` as string metadata) or ``.pth`` (``{wrap: sd}`` when ``wrap``),
-    through a temp file and a rename, so an interrupted write never leaves a half file."""
-    from fastmae.train.checkpoint import save_checkpoint
-
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        return save_checkpoint({wrap: sd} if wrap else sd, path)
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-        save_file(tensors, tmp, metadata={k: str(v) for k, v in (meta or {}).items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    atomically (:mod:`fastmae.files`), so an interrupted write never leaves a half file."""
+    if Path(path).suffix == ".safetensors":
+        return save_safetensors(sd, path, meta)
+    return save_torch({wrap: sd} if wrap else sd, path)
 
 
 def encoder_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -191,8 +162,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
 
 def check_pretrained(path: str | os.PathLike, flag: str = "checkpoint") -> None:
     """A quick look (no loading) that ``path`` can be read as a checkpoint: a transformers folder's config says
-    ViT-MAE, any other file passes :func:`~fastmae.train.checkpoint.check_checkpoint_file`; else a one-line error."""
-    from fastmae.train.checkpoint import check_checkpoint_file
+    ViT-MAE, any other file passes :func:`~fastmae.files.check_checkpoint_file`; else a one-line error."""
 
     if hf.is_hf(path):
         hf.read_config(path)

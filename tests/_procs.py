@@ -84,12 +84,13 @@ def finish(proc: subprocess.Popen, timeout: float) -> tuple[int | None, str, boo
 
 
 def logged_steps(out: Path) -> int:
-    """The last optimizer step in a run's metrics.jsonl (0 before the first)."""
+    """The last optimizer step in a run's metrics.jsonl (0 before the first): rows with a loss, or linear probing's
+    losses."""
     try:
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     except (OSError, ValueError):
         return 0
-    return max((r["step"] for r in rows if "loss" in r), default=0)
+    return max((r["step"] for r in rows if "loss" in r or "losses" in r), default=0)
 
 
 def wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float = 120) -> bool:

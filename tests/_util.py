@@ -25,5 +25,6 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 300) -> subprocess.
            "-m", "fastmae.cli", *args]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the head holds a failing rank's own traceback, the tail torchrun's summary of which rank died and how
+    assert proc.returncode == 0, proc.stderr[:3000] + "\n[...]\n" + proc.stderr[-2000:]
     return proc

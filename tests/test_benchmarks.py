@@ -52,11 +52,16 @@ def test_loader_benchmark_puts_the_decoders_side_by_side(tmp_path):
     assert all(r["img_per_s"] > 0 and "1 in 8 ~2000x1500" in r["data"] for r in rows)
 
 
-def test_finetune_benchmark_writes_rows(tmp_path):
+def test_finetune_benchmark_writes_rows(tmp_path, capsys):
     from fastmae.cli import main
 
     out = tmp_path / "r.json"
-    assert main(["bench", "--quick", "--suite", "finetune", "--out", str(out)]) == 0  # via fastmae bench --suite
+    assert _load("bench_finetune").main(["--smoke", "--out", str(out)])
+    # fastmae bench measures the pretraining step; the other suites are scripts, and it says which
+    assert main(["bench", "--quick", "--suite", "finetune", "--out", str(tmp_path / "no.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["fastmae: error: --suite finetune: fastmae bench measures the pretraining step; run python "
+                   "benchmarks/bench_finetune.py instead"] and not (tmp_path / "no.json").exists()  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 1
     row = rows[0]
@@ -93,7 +98,7 @@ def test_fastmae_bench_quick_writes_the_results_json(tmp_path, capsys):
 
 
 def test_report_draws_the_chart_and_rewrites_only_the_table(tmp_path):
-    from fastmae import bench
+    from fastmae.train import bench_report as bench
 
     rows = []
     for depth in (8, 1):
@@ -169,7 +174,7 @@ def test_profile_writes_where_the_time_goes(tmp_path, capsys):
 
 
 def test_report_merges_the_files_of_one_sitting(tmp_path):
-    from fastmae import bench
+    from fastmae.train import bench_report as bench
 
     def row(model, depth, config, mode, rate):
         return {"name": "pretrain_step", "model": model, "decoder_depth": depth, "encoder_mode": mode,
@@ -346,7 +351,7 @@ def _step_row(config, mode, rate, variant="plain", batch=128, sweep=False, oom=F
 def test_speedups_take_each_configuration_at_its_best_variant_and_find_the_knee(tmp_path):
     """visible vs mask-token with both at their best settings (here: graphs for one, plain for the other); a batch
     sweep beside the fixed batch gives the best batch and the knee (smallest batch within 5% of the best rate)."""
-    from fastmae import bench
+    from fastmae.train import bench_report as bench
 
     rows = [_step_row("eager", "visible", 1000), _step_row("compiled-reference", "visible", 2000),
             _step_row("fastmae", "visible", 2400), _step_row("fastmae", "visible", 3000, "graphs"),
@@ -377,7 +382,7 @@ def test_bench_flags_fail_in_one_line(capsys):
 
 
 def test_report_writes_the_breakdown_table_between_its_markers(tmp_path):
-    from fastmae import bench
+    from fastmae.train import bench_report as bench
 
     row = _step_row("fastmae", "visible", 2400)
     row["breakdown"] = {"categories_ms": dict.fromkeys(CATEGORIES, 1.0), "kernel_ms": 7.0, "idle_ms": 3.0,

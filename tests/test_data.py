@@ -12,7 +12,7 @@ from fastmae.train.data import decode as decode_mod
 from fastmae.train.data.dali import DALILoader, build_pipeline, eval_geometry
 from fastmae.train.data.decode import IMAGENET_MEAN, IMAGENET_STD, JPEG, PNG, TORCHVISION, decode, load_rgb
 from fastmae.train.data.index import expand_braces, index_data
-from fastmae.train.data.loaders import ImageFiles, TorchvisionLoader, eval_transform, to_device
+from fastmae.train.data.loaders import ImageFiles, TorchvisionLoader, eval_transform, model_input
 from fastmae.train.data.order import ShardedOrder, augment_params, random_resized_crop
 from PIL import Image
 
@@ -160,9 +160,9 @@ def test_webdataset_shards_folder_tar_and_pattern(tmp_path, photos):
     assert got == labels
     dali = DALILoader(by_folder, 32, 5, seed=0, device=CPU, num_threads=1)
     tv = TorchvisionLoader(by_folder, 32, 5, seed=0)
-    for (a, ya), (b, yb) in zip(dali.epoch(0), tv.epoch(0), strict=True):
-        assert torch.equal(ya, yb) and a.shape == (5, 3, 32, 32)
-        assert (a - to_device(b, CPU)).abs().mean() < 0.02
+    for x, y in zip(dali.epoch(0), tv.epoch(0), strict=True):
+        assert torch.equal(x.labels, y.labels) and x.images.shape == (5, 3, 32, 32)
+        assert (x.images - model_input(y.images)).abs().mean() < 0.02
 
 
 def test_pretrain_pipeline_matches_torchvision_on_the_bundled_photos(photos):
@@ -170,12 +170,13 @@ def test_pretrain_pipeline_matches_torchvision_on_the_bundled_photos(photos):
     dali = DALILoader(photos, 64, 4, seed=3, device=CPU, num_threads=2)
     tv = TorchvisionLoader(photos, 64, 4, seed=3)
     seen = 0
-    for (a, ya), (b, yb) in zip(dali.epoch(2), tv.epoch(2), strict=True):
+    for x, y in zip(dali.epoch(2), tv.epoch(2), strict=True):
+        (a, ya), (b, yb) = (x.images, x.labels), (y.images, y.labels)
         assert a.shape == (4, 3, 64, 64) and a.dtype == torch.float32 and a.is_contiguous()
         for c in range(3):
             assert a[:, c].min() >= LO[c] - 1e-4 and a[:, c].max() <= HI[c] + 1e-4
         assert torch.equal(ya, yb) and b.dtype == torch.uint8
-        b = to_device(b, CPU)
+        b = model_input(b)
         assert (a - b).abs().mean() < 0.01 and torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.999
         seen += 1
     assert seen == dali.steps_per_epoch == len(photos) // 4
@@ -193,8 +194,8 @@ def test_every_mode_decodes_the_same_in_both_loaders(mixed, loader):
     made = make()
     if loader.startswith("torchvision-"):
         made.dataset.decoder = loader.split("-", 1)[1]
-    ((imgs, _),) = list(made.epoch(0))
-    imgs = to_device(imgs, CPU)
+    (batch,) = list(made.epoch(0))
+    imgs = model_input(batch.images)
     tf = eval_transform(24)
     expected = torch.stack([tf(load_rgb(index.read(i))) for i in range(len(index))])
     err = (imgs - expected).abs().flatten(1).mean(1)
@@ -267,7 +268,7 @@ def test_exif_orientation_is_applied_by_no_route(mixed):
         files = ImageFiles(index, "eval", 24, seed=0)
         files.decoder = decoder
         ref = eval_transform(24)(load_rgb(data))
-        assert (to_device(files.image(0, i)[None], CPU)[0] - ref).abs().max() < 0.05, decoder
+        assert (model_input(files.image(0, i)[None])[0] - ref).abs().max() < 0.05, decoder
 
 
 def test_exif_orientation_reader():
@@ -307,7 +308,7 @@ def test_a_file_broken_after_validation_is_skipped_and_counted_by_every_decoder(
     loader.dataset.decoder = decoder
     batches = list(loader.epoch(0))
     assert loader.skipped == {str(tmp_path / "p" / "3.jpg")}
-    assert sum(len(y) for _, y in batches) == 7
+    assert sum(len(b) for b in batches) == 7
 
 
 def test_loading_the_bundled_photos_prints_nothing(photos, capfd):
@@ -339,7 +340,7 @@ def test_uint8_pipeline_matches_the_pil_pipeline(photos, mixed, size):
             assert diff.max() <= 3, index.key(i)
             means.append(diff.float().mean().item())
             ref_eval = eval_transform(size)(img)
-            got_eval = to_device(evaluate.image(0, i)[None], CPU)[0]
+            got_eval = model_input(evaluate.image(0, i)[None])[0]
             std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
             assert ((got_eval - ref_eval).abs() * std * 255).max() <= 2.01, index.key(i)
     assert np.mean(means) < 0.05 and max(means) < 0.3
@@ -350,9 +351,9 @@ def test_eval_pipeline_equals_resize_and_centre_crop(photos):
     tv = TorchvisionLoader(photos, 48, 5, seed=0, kind="eval")
     assert dali.steps_per_epoch == -(-len(photos) // 5)  # every image once, last batch short
     batches = list(zip(dali.epoch(0), tv.epoch(0), strict=True))
-    assert sum(len(y) for (_, y), _ in batches) == len(photos)
-    for (a, _), (b, _) in batches:
-        assert (a - to_device(b, CPU)).abs().mean() < 0.01
+    assert sum(len(a) for a, _ in batches) == len(photos)
+    for a, b in batches:
+        assert (a.images - model_input(b.images)).abs().mean() < 0.01
     assert eval_geometry(300, 200, 224)[0].tolist() == [384, 256]
 
 
@@ -443,21 +444,29 @@ def test_eval_loaders_cover_the_set_across_ranks(photos, loader):
             return DALILoader(photos, 32, 2, seed=0, device=CPU, num_threads=1, kind="eval", rank=rank, world=world)
         return TorchvisionLoader(photos, 32, 2, seed=0, kind="eval", rank=rank, world=world)
 
-    whole = torch.cat([x for x, _ in make(0, 1).epoch(0)])
+    whole = torch.cat([b.images for b in make(0, 1).epoch(0)])
     world = len(photos) + 1  # one rank more than images: the last one gets nothing and yields no batch
     parts = [list(make(r, world).epoch(0)) for r in range(world)]
     assert parts[-1] == [] and [len(p) for p in parts[:-1]] == [1] * len(photos)
-    torch.testing.assert_close(torch.cat([x for p in parts for x, _ in p]), whole, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([b.images for p in parts for b in p]), whole, rtol=0, atol=0)
 
 
-def test_loaders_shard_by_torchrun_environment(photos, monkeypatch):
+def test_loaders_shard_by_the_rank_the_run_context_gives(photos, monkeypatch):
+    """make_loader shards by the rank and world size it is given (the run context's); a launcher's variables alone
+    do not change a loader."""
+    from fastmae.train.data import make_loader
+
+    from fastmae.config import PretrainConfig
+
+    cfg = PretrainConfig(img_size=32, batch_size=2, num_workers=0)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    rank1 = TorchvisionLoader(photos, 32, 2, seed=0)
-    rank0 = TorchvisionLoader(photos, 32, 2, seed=0, rank=0)
+    rank1, rank0 = (make_loader("torchvision", photos, "pretrain", cfg, CPU, rank, 2) for rank in (1, 0))
     assert rank1.order.rank == 1 and rank1.order.world_size == 2 and rank0.order.rank == 0
     assert rank1.steps_per_epoch == rank0.steps_per_epoch == len(photos) // 2 // 2
     assert not set(rank1.order.shard(0)) & set(rank0.order.shard(0))
+    alone = make_loader("torchvision", photos, "pretrain", cfg, CPU)
+    assert (alone.order.rank, alone.order.world_size) == (0, 1)
 
 
 @pytest.mark.parametrize("loader", ["dali", "torchvision"])
@@ -470,18 +479,18 @@ def test_same_seed_same_batches_and_restart_repeats_them(photos, loader):
     first = list(make(7).epoch(4))
     again = make(7)
     second = list(again.epoch(4))
-    assert again.position == (4, len(second))
-    for (a, ya), (b, yb) in zip(first, second, strict=True):
-        assert torch.equal(a, b) and torch.equal(ya, yb)
+    assert second[-1].position == (4, len(second))
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and torch.equal(a.ids, b.ids)
     # Running on into the next epoch (DALI keeps its pipeline and prefetches across the boundary) = starting there.
-    for (a, _), (b, _) in zip(again.epoch(5), make(7).epoch(5), strict=True):
-        assert torch.equal(a, b)
+    for a, b in zip(again.epoch(5), make(7).epoch(5), strict=True):
+        assert torch.equal(a.images, b.images)
     restarted = make(7)
     tail = restarted.epoch(4, start_batch=5)
-    for k, (a, _) in enumerate(tail, start=5):
-        assert torch.equal(a, first[k][0])
-        assert restarted.position == (4, k + 1)
-    assert not torch.equal(next(make(8).epoch(4))[0], first[0][0])
+    for k, a in enumerate(tail, start=5):
+        assert torch.equal(a.images, first[k].images)
+        assert a.position == (4, k + 1)
+    assert not torch.equal(next(make(8).epoch(4)).images, first[0].images)
 
 
 def test_dali_survives_a_file_that_breaks_after_validation(photos, tmp_path):
@@ -491,7 +500,7 @@ def test_dali_survives_a_file_that_breaks_after_validation(photos, tmp_path):
     loader = DALILoader(index, 32, 2, seed=0, device=CPU, num_threads=1)
     batches = list(loader.epoch(0))
     assert loader.skipped == {index.keys[victim]}
-    assert sum(len(y) for _, y in batches) == 7 and all(torch.isfinite(x).all() for x, _ in batches)
+    assert sum(len(b) for b in batches) == 7 and all(torch.isfinite(b.images).all() for b in batches)
 
 
 def _copy_photos(photos, folder, n):
@@ -505,13 +514,14 @@ def test_finetune_augmentation_depends_only_on_the_sample(photos):
     """RandAugment + random erasing of a sample are the same in any batch, rank or restart, whatever the global
     generators hold (timm draws its RandAugment ops from NumPy's)."""
     whole = TorchvisionLoader(photos, 32, 4, seed=0, kind="finetune")
-    x, _ = next(whole.epoch(0))
-    ids = whole.last_ids.tolist()
+    first = next(whole.epoch(0))
+    x, ids = first.images, first.ids.tolist()
     np.random.seed(123)
     torch.manual_seed(9)
     rank1 = TorchvisionLoader(photos, 32, 2, seed=0, kind="finetune", rank=1, world=2)
-    x1, _ = next(rank1.epoch(0))
-    for j, i in enumerate(rank1.last_ids.tolist()):  # rank 1's first batch: the 2nd and 4th of the global batch
+    batch1 = next(rank1.epoch(0))
+    x1 = batch1.images
+    for j, i in enumerate(batch1.ids.tolist()):  # rank 1's first batch: the 2nd and 4th of the global batch
         assert torch.equal(x1[j], x[ids.index(i)]), i
 
 
@@ -519,14 +529,15 @@ def test_finetune_pipeline_shapes_and_erasing(photos):
     dali = DALILoader(photos, 32, 4, seed=0, device=CPU, num_threads=2, kind="finetune")
     tv = TorchvisionLoader(photos, 32, 4, seed=0, kind="finetune")
     for loader in (dali, tv):
-        imgs, labels = next(loader.epoch(0))
+        batch = next(loader.epoch(0))
+        imgs, labels = batch.images, batch.labels
         assert imgs.shape == (4, 3, 32, 32) and imgs.dtype == torch.float32 and torch.isfinite(imgs).all()
         assert labels.shape == (4,)
     assert dali.erase is not None and dali.erase.probability == 0.25 and dali.erase.mode == "pixel"
 
 
 def test_dali_float16_output(photos):
-    imgs, _ = next(DALILoader(photos, 32, 2, seed=0, device=CPU, num_threads=1, dtype="float16").epoch(0))
+    imgs = next(DALILoader(photos, 32, 2, seed=0, device=CPU, num_threads=1, dtype="float16").epoch(0)).images
     assert imgs.dtype == torch.float16
 
 

@@ -2,20 +2,25 @@
 
 import concurrent.futures
 import json
+import math
+import os
+import signal
+import sys
+import uuid
 
 import numpy as np
 import pytest
 import timm
 import torch
 from fastmae.train.data.labelled import digits_folder
-from fastmae.train.finetune import layer_decay_groups
-from fastmae.train.linprobe import knn_classify
+from fastmae.train.evaluate import knn_classify, layer_decay_groups
 
 import fastmae
 from fastmae.cli import main
 from fastmae.interop import create_vit, interpolate_pos_embed, load_encoder, read_state_dict
 from fastmae.pos_embed import sincos_1d, sincos_2d
 
+from ._procs import finish, pids_with, start, torchrun_cmd, wait_for_step
 from ._util import noise_pngs, torchrun
 
 TINY = "mae_vit_tiny_patch16"
@@ -350,3 +355,102 @@ def test_finetune_resumes_mid_epoch_exactly(labelled, official_ckpts, tmp_path):
     for part in ("model", "ema"):
         for key, value in a[part].items():
             assert torch.equal(b[part][key], value), (part, key)
+
+
+def _downstream(command, labelled, official_ckpts, epochs):
+    """A finetune or linprobe run on ``labelled``: batch 4 over 20 images (5 steps an epoch), every step logged."""
+    base = [command, *FAST, "--log-every", "1", "--data", str(labelled), "--epochs", str(epochs), "--warmup-epochs",
+            "1", "--batch-size", "4", "--seed", "3"]  # fmt: skip
+    if command == "finetune":
+        return [*base, "--drop-path", "0.1", "--pretrained", str(official_ckpts / "mae_pretrain_vit_tiny.pth")]
+    return [*base, "--probe-blrs", "100,400", "--knn-k", "0", "--pretrained", str(official_ckpts / "mae_full.pth")]
+
+
+@pytest.mark.parametrize("command, epochs", [("finetune", 8), ("linprobe", 16)])  # long enough to be signalled
+def test_stopped_by_sigterm_then_resumed_equals_the_uninterrupted_run(command, epochs, labelled, official_ckpts,
+                                                                       tmp_path):  # fmt: skip
+    """A real SIGTERM (preemption) at whatever step it lands: the run finishes that step, saves and exits 0; the same
+    command with --resume auto ends with the uninterrupted run's weights and optimizer state, bit for bit."""
+    args, steps = _downstream(command, labelled, official_ckpts, epochs), 5 * epochs
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main([*args, "--output-dir", str(whole)]) == 0
+    threads = str(torch.get_num_threads())  # as this process computes: the same sums, bit for bit
+    proc = start([sys.executable, "-m", "fastmae.cli", *args, "--output-dir", str(parts)],
+                 {**os.environ, "OMP_NUM_THREADS": threads})  # fmt: skip
+    assert wait_for_step(proc, parts, 3), "the run ended before the signal"
+    proc.send_signal(signal.SIGTERM)
+    code, log, hung = finish(proc, 120)
+    assert code == 0 and not hung and "Traceback" not in log, log[-3000:]
+    stopped = json.loads((parts / "summary.json").read_text())
+    mid = torch.load(parts / "checkpoint-last.pth", weights_only=True)
+    assert stopped["stopped_by"] == "SIGTERM" and 3 <= mid["step"] == stopped["steps"] < steps, stopped
+    assert main([*args, "--output-dir", str(parts), "--resume", "auto"]) == 0
+    a, b = (torch.load(o / "checkpoint-last.pth", weights_only=True) for o in (whole, parts))
+    assert a["step"] == b["step"] == steps
+    for key, value in a["model"].items():
+        assert torch.equal(b["model"][key], value), key
+    for idx, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(b["optimizer"]["state"][idx][name], value), (idx, name)
+
+
+def test_nan_in_finetune_is_skipped_and_counted_then_rolled_back(labelled, official_ckpts, tmp_path, monkeypatch,
+                                                                  caplog):  # fmt: skip
+    """A non-finite loss in finetuning is the NaN guard's, as in pretraining: the update is skipped on the device and
+    counted (no error); three in a row roll the weights back to the last checkpoint and the run goes on."""
+    import fastmae.train.finetune as ft
+
+    bad_calls, calls = {2, 8, 9, 10}, [0]  # training forward calls (= steps here): one alone, then three in a row
+
+    def poisoned(*args, **kw):
+        model = create_vit(*args, **kw)
+        forward = model.forward
+
+        def forward_with_nan(x):
+            out = forward(x)
+            if model.training:
+                calls[0] += 1
+                if calls[0] in bad_calls:
+                    out = out * float("nan")
+            return out
+
+        model.forward = forward_with_nan
+        return model
+
+    monkeypatch.setattr(ft, "create_vit", poisoned)
+    out = tmp_path / "nan"
+    args = [*_downstream("finetune", labelled, official_ckpts, epochs=3), "--mixup", "0", "--cutmix", "0",
+            "--save-every", "5", "--compile", "off", "--output-dir", str(out)]  # fmt: skip
+    with caplog.at_level("WARNING"):
+        assert main(args) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["steps"] == 15 and s["nan_skipped"] == 4 and s["rollbacks"] == 1, s
+    rows = _rows(out, "nan_skipped")
+    assert [r["step"] for r in rows if r["loss"] is None] == [2, 8, 9, 10]
+    assert [r["nan_skipped"] for r in rows][:3] == [0, 1, 1] and rows[-1]["nan_skipped"] == 4
+    assert "rolled back to" in caplog.text and "(step 5)" in caplog.text  # the last checkpoint before the three
+    weights = torch.load(out / "checkpoint-last.pth", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert math.isfinite(s["val_loss"])
+
+
+def test_finetune_with_a_rank_sigkilled_ends_in_one_line_on_the_survivor(labelled, official_ckpts, tmp_path):
+    """torchrun, 2 gloo processes, no restarts: rank 1 SIGKILLed mid-run. Rank 0's collective fails; it saves the last
+    whole step alone and ends with one line, no traceback, no hang; --resume auto then finishes the run."""
+    out, marker = tmp_path / "run", uuid.uuid4().hex
+    args = [*_downstream("finetune", labelled, official_ckpts, epochs=12), "--batch-size", "2", "--no-tensorboard",
+            "--output-dir", str(out), "--resume", "auto"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "FASTMAE_TEST_RUN": marker}
+    proc = start(torchrun_cmd(args), env)
+    assert wait_for_step(proc, out, 3, timeout=180), "the run ended before the kill"
+    os.kill(pids_with(marker, rank="1")[0], signal.SIGKILL)
+    code, log, hung = finish(proc, 120)
+    assert code != 0 and not hung, log[-3000:]
+    lines = [line for line in log.splitlines() if "fastmae: error:" in line]
+    assert len(lines) == 1 and "rank 0 of 2: lost another rank" in lines[0] and "; saved " in lines[0], log[-3000:]
+    assert "Traceback" not in log.split("lost another rank")[0][-2000:]
+    step = torch.load(out / "checkpoint-last.pth", weights_only=True)["step"]
+    assert step >= 3 and f"after step {step};" in lines[0]
+    code, log, _ = finish(start(torchrun_cmd(args), {**env, "FASTMAE_TEST_RUN": uuid.uuid4().hex}), 300)
+    assert code == 0, log[-3000:]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 60

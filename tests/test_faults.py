@@ -332,14 +332,14 @@ def test_slurm_tasks_that_cannot_form_a_run_stop_in_one_line_each(images, tmp_pa
 
 def test_a_folder_another_run_is_writing_is_refused_in_one_line(images, one_process, tmp_path):
     """Two runs never write one folder: while another process holds the folder's lock (here this test, with the
-    same flock a run takes), a run into it stops with one line naming that process, and touches nothing."""
+    same POSIX record lock a run takes), a run into it stops with one line naming that process, and touches nothing."""
     out = tmp_path / "run"
     out.mkdir()
     for name in ("checkpoint-last.pth", "config.json"):
         (out / name).write_bytes((one_process / name).read_bytes())
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
     with open(out / ".fastmae.lock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
+        fcntl.lockf(held, fcntl.LOCK_EX)
         code, log = _fastmae(["pretrain", *ONE, "--data", str(images), "--output-dir", str(out), "--resume", "auto"])
     lines = [line for line in log.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1, log
@@ -423,3 +423,28 @@ def test_sbatch_script_requeues_at_the_time_limit_signal(slurm_job, uninterrupte
     code, log = _finish(start(), 300)  # the requeued job
     assert code == 0 and "requeueing" not in log, log[-3000:]
     _assert_same_weights(out / "checkpoint-last.pth", uninterrupted)
+
+
+def test_a_run_killed_with_its_workers_alive_frees_its_folder_at_once(images, tmp_path):
+    """The OOM killer's case: the main process SIGKILLed while its 2 DataLoader workers live on (they notice a few
+    seconds later). The folder's lock dies with the process that took it, so a restart at once (torchrun's, a job
+    script's) is not refused, and resumes."""
+    out, marker = tmp_path / "run", uuid.uuid4().hex
+    args = ["pretrain", *ONE, "--data", str(images), "--output-dir", str(out), "--resume", "auto"]
+    args[args.index("--num-workers") + 1] = "2"
+    proc = _start([sys.executable, "-m", "fastmae.cli", *args], {"FASTMAE_TEST_RUN": marker})
+    try:
+        assert wait_for_step(proc, out, 9), "the run ended before the kill"  # after the checkpoint of step 8
+        children = _pids_with(marker, workers=True)
+        assert len(children) == 2, children
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        alive = [pid for pid in children if Path(f"/proc/{pid}").exists()]
+        again = [sys.executable, "-m", "fastmae.cli", *args, "--stop-after-steps", "12"]
+        code, log = _finish(_start(again, {"FASTMAE_TEST_RUN": marker}), 180)
+    finally:
+        finish(proc, 1)
+    assert alive, "the workers were gone before the restart: this run did not test the case"
+    assert code == 0 and "being written by another fastmae run" not in log, log[-3000:]
+    assert "resumed from" in log and "at step 8" in log.split("resumed from")[1].splitlines()[0], log[-3000:]
+    assert torch.load(out / "checkpoint-last.pth", weights_only=True)["step"] == 12

@@ -194,22 +194,32 @@ def test_visible_embedding_at_official_shapes(model):
 
 
 def _cuda_trainer(graphs: bool, compile_model: bool = False):
+    """The pretraining step as the loop builds it (a one-process run context: bf16 autocast); ``.model``: the MAE."""
+    from fastmae.train.context import RunContext
+    from fastmae.train.pretrain import mae_step
     from fastmae.train.schedule import build_optimizer
-    from fastmae.train.step import TrainStep
 
     torch.manual_seed(0)
     model = fastmae.create_model("mae_vit_tiny_patch16", img_size=64, kernels="triton", norm_pix_loss=True).to(CUDA)
     opt = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), fused=True)
-    step_fn = torch.compile(model) if compile_model else model
-    return TrainStep(model, step_fn, opt, seed=3, mask_ratio=0.75, device=CUDA, dtype=torch.bfloat16, graphs=graphs,
-                     warmup=2)  # fmt: skip
+    ctx = RunContext.local(CUDA, compile="full" if compile_model else "off", graphs=graphs)
+    step = mae_step(model, ctx.compiled(model), opt, ctx, seed=3, mask_ratio=0.75, warmup=2)
+    step.model = model
+    return step
 
 
 def _cuda_batches(n: int, batch: int = 16):
+    """(batch, lr) pairs on the host (pinned), brought to the GPU ahead of the step as the loop does."""
+    from fastmae.train.data import Batch, on_device
+
     g = torch.Generator().manual_seed(1)
+    host, lrs = [], []
     for b in range(n):
         imgs = torch.randint(0, 256, (batch, 3, 64, 64), dtype=torch.uint8, generator=g).pin_memory()
-        yield imgs, torch.arange(b * batch, (b + 1) * batch) * 7 + 3, b // 3, 1e-3 * (b + 1) / n
+        ids = torch.arange(b * batch, (b + 1) * batch) * 7 + 3
+        host.append(Batch(imgs, torch.zeros(batch, dtype=torch.long), ids, b // 3, (b // 3, b % 3 + 1)))
+        lrs.append(1e-3 * (b + 1) / n)
+    return zip(on_device(iter(host), CUDA), lrs, strict=True)
 
 
 @pytest.mark.parametrize("compile_model", [False, True])
@@ -219,9 +229,9 @@ def test_whole_step_as_one_cuda_graph_matches_the_ordinary_step(compile_model):
     the masks are drawn from each step's ids and epoch inside the graph, not frozen at capture."""
     eager, graphed = _cuda_trainer(False, compile_model), _cuda_trainer(True, compile_model)
     losses = []
-    for imgs, ids, epoch, lr in _cuda_batches(8):
-        a = eager(imgs, ids, epoch, lr).clone()
-        b = graphed(imgs, ids, epoch, lr).clone()
+    for batch, lr in _cuda_batches(8):
+        a = eager(batch, lr).clone()
+        b = graphed(batch, lr).clone()
         losses.append((a.item(), b.item()))
     assert graphed.captured
     for a, b in losses:
@@ -232,19 +242,21 @@ def test_whole_step_as_one_cuda_graph_matches_the_ordinary_step(compile_model):
 
 
 def test_graphed_steps_make_no_host_sync():
-    """Between logging steps the loop never waits for the GPU: replays under torch's sync debug mode 'error'."""
+    """Between logging steps the loop never waits for the GPU: batches brought ahead and replays under torch's sync
+    debug mode 'error'."""
     graphed = _cuda_trainer(True)
-    batches = list(_cuda_batches(6))
-    for args in batches[:3]:
-        graphed(*args)
+    batches = _cuda_batches(6)
+    warm = [next(batches) for _ in range(3)]
+    for batch, lr in warm:
+        graphed(batch, lr)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for args in batches[3:]:
-            graphed(*args)
+        for batch, lr in batches:
+            graphed(batch, lr)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert graphed.captured and torch.isfinite(graphed(*batches[0]))
+    assert graphed.captured and torch.isfinite(graphed(*warm[0]))
 
 
 def test_crop_resize_kernel_compiled_at_imagenet_sizes():
@@ -325,21 +337,13 @@ def test_gpu_loader_with_nvjpeg_gives_the_torchvision_loaders_batches(tmp_path):
     gpu = GPULoader(index, 224, 16, seed=2, device=CUDA, num_workers=2)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     for epoch in (0, 1):
-        for (a, _), (b, _) in zip(ref.epoch(epoch), gpu.epoch(epoch), strict=True):
-            assert b.device.type == "cuda" and torch.equal(ref.last_ids, gpu.last_ids.cpu())
-            stats = smoke._levels_stats(b.cpu() * std * 255, normalize(a) * std * 255)
+        for a, b in zip(ref.epoch(epoch), gpu.epoch(epoch), strict=True):
+            assert b.images.device.type == "cuda" and torch.equal(a.ids, b.ids.cpu())
+            stats = smoke._levels_stats(b.images.cpu() * std * 255, normalize(a.images) * std * 255)
             smoke._within(stats, smoke.LOADER_BOUNDS, "GPU loader vs torchvision loader")
     assert gpu.routes["gpu"] == 128 and gpu.routes["cpu"] == 0
 
 
 def test_batches_ahead_on_the_device_keep_order_and_positions():
-    from fastmae.train.data.loaders import SyntheticLoader, ahead_on_device
-    from fastmae.train.run import micro_batches
-
-    loader = SyntheticLoader(32, 4, 64, seed=0, device=torch.device("cpu"))
-    plain = [(x.clone(), tuple(loader.position)) for x, *_ in micro_batches(loader, 0, 0, 1, loader.steps_per_epoch)]
-    moved = list(ahead_on_device(micro_batches(loader, 0, 0, 1, loader.steps_per_epoch), loader, CUDA))
-    assert len(moved) == len(plain)
-    for (x, pos), (y, _, ids, _, position) in zip(plain, moved, strict=True):
-        assert y.device.type == "cuda" and ids.device.type == "cuda"
-        assert torch.equal(x, y.cpu()) and position == pos
+    smoke = _smoke()
+    assert smoke.check_ahead_on_device(CUDA)["batches"] > 0  # raises CheckFailed naming what differs

@@ -137,14 +137,14 @@ def test_gpu_loader_gives_the_torchvision_loaders_batches(mixed, workers):
     assert list(gpu.decoders.items())[0] == ("jpeg on cpu (baseline, 3 channels, no EXIF orientation)",
                                              f"torchcodec {version('torchcodec').split('+')[0]}, batched")
     for epoch in (0, 1):
-        for (a, la), (b, lb) in zip(ref.epoch(epoch), gpu.epoch(epoch), strict=True):
-            assert b.dtype == torch.float32 and torch.equal(la, lb)
-            assert torch.equal(ref.last_ids, gpu.last_ids)
-            assert _levels(b, normalize(a)) <= 3
-        assert gpu.position == ref.position == (epoch, 4)
+        for a, b in zip(ref.epoch(epoch), gpu.epoch(epoch), strict=True):
+            assert b.images.dtype == torch.float32 and torch.equal(a.labels, b.labels)
+            assert torch.equal(a.ids, b.ids) and a.position == b.position
+            assert _levels(b.images, normalize(a.images)) <= 3
+        assert b.position == a.position == (epoch, 4)
     assert gpu.routes == {"gpu": 2 * 11, "cpu": 2 * 5, "cpu_after_gpu_failed": 0}
     resumed = list(gpu.epoch(1, start_batch=2))  # resumable like the others
-    assert len(resumed) == 2 and gpu.position == (1, 4)
+    assert len(resumed) == 2 and resumed[-1].position == (1, 4)
 
 
 def test_files_the_device_cannot_decode_go_to_the_cpu_or_are_skipped(mixed, tmp_path):
@@ -165,7 +165,7 @@ def test_files_the_device_cannot_decode_go_to_the_cpu_or_are_skipped(mixed, tmp_
         return _cpu_decoder(data, device)
 
     gpu = GPULoader(index, 16, 4, seed=0, device=torch.device("cpu"), num_workers=0, decoder=picky)
-    seen = sum(len(ids) for ids in (gpu.last_ids for _ in gpu.epoch(0)))
+    seen = sum(len(batch.ids) for batch in gpu.epoch(0))
     assert seen == 15 and any("00.jpg" in k for k in gpu.skipped)
     assert gpu.routes["cpu_after_gpu_failed"] == 1 and gpu.routes["cpu"] == 5 and gpu.routes["gpu"] == 9
 
@@ -208,7 +208,7 @@ def test_loader_gpu_where_it_cannot_run_is_one_line(tmp_path, capsys):
     code = main(["pretrain", "--loader", "gpu", "--device", "cpu", "--output-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == ["fastmae: error: --loader gpu: it decodes on a CUDA device (this run is on cpu)"]
-    assert resolve_loader("auto", torch.device("cpu"), gpu_loader=True) == "torchvision"
+    assert resolve_loader("auto", torch.device("cpu")) == "torchvision"
     assert not (tmp_path / "run").exists()
 
 
@@ -222,7 +222,7 @@ def test_a_batch_whose_every_file_broke_is_skipped_not_a_crash(mixed, tmp_path):
     for p in folder.iterdir():
         p.write_bytes(b"")  # every file unreadable since validation
     gpu = GPULoader(index, 16, 4, seed=0, device=torch.device("cpu"), num_workers=0, decoder=_cpu_decoder)
-    assert list(gpu.epoch(0)) == [] and len(gpu.skipped) == 16 and gpu.position == (0, 4)
+    assert list(gpu.epoch(0)) == [] and len(gpu.skipped) == 16 and gpu.reached == (0, 4)
 
 
 def test_a_failing_gpu_pipeline_is_one_line(mixed, monkeypatch):
@@ -251,7 +251,7 @@ def test_auto_falls_back_to_torchvision_when_the_gpu_route_fails_in_its_first_ba
 
     index = index_data(mixed[0])
     plain = TorchvisionLoader(index, 16, 4, seed=1, num_workers=0)
-    expected = [(plain.last_ids.clone(), tuple(plain.position)) for _ in plain.epoch(0)]
+    expected = [(b.ids.clone(), b.position) for b in plain.epoch(0)]
 
     def loader(fail_at: int):
         gpu = GPULoader(index, 16, 4, seed=1, device=torch.device("cpu"), num_workers=0, decoder=_cpu_decoder)
@@ -268,11 +268,12 @@ def test_auto_falls_back_to_torchvision_when_the_gpu_route_fails_in_its_first_ba
 
     auto = loader(fail_at=2)
     with caplog.at_level("WARNING", logger="fastmae.data"):
-        got = [(auto.last_ids.clone(), tuple(auto.position)) for _ in auto.epoch(0)]
+        got = [(b.ids.clone(), b.position) for b in auto.epoch(0)]
     assert [(i.tolist(), p) for i, p in got] == [(i.tolist(), p) for i, p in expected]
     assert auto.name == "torchvision"
-    assert auto.fell_back == ("the gpu loader failed at batch 1 of epoch 0 (RuntimeError: nvjpeg: "
-                              "NVJPEG_STATUS_EXECUTION_FAILED)")
+    assert auto.fell_back == (
+        "the gpu loader failed at batch 1 of epoch 0 (RuntimeError: nvjpeg: NVJPEG_STATUS_EXECUTION_FAILED)"
+    )
     assert [r.message for r in caplog.records if "--loader auto" in r.message] == [
         f"--loader auto: {auto.fell_back}; the torchvision loader continues from there"]  # fmt: skip
     late = loader(fail_at=3)
@@ -286,7 +287,7 @@ def test_loader_auto_leaves_the_gpu_loader_to_an_explicit_choice(monkeypatch):
     import fastmae.train.data as data
 
     monkeypatch.setattr(data, "dali_unavailable_reason", lambda: "nvidia-dali is not installed")
-    assert data.resolve_loader("auto", torch.device("cuda"), gpu_loader=True) == "torchvision"
+    assert data.resolve_loader("auto", torch.device("cuda")) == "torchvision"
     monkeypatch.setattr(data, "dali_unavailable_reason", lambda: None)
-    assert data.resolve_loader("auto", torch.device("cuda"), gpu_loader=True) == "dali"
-    assert data.resolve_loader("auto", torch.device("cpu"), gpu_loader=True) == "torchvision"
+    assert data.resolve_loader("auto", torch.device("cuda")) == "dali"
+    assert data.resolve_loader("auto", torch.device("cpu")) == "torchvision"

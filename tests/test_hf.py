@@ -123,7 +123,7 @@ def _first_loss(out) -> float:
 def _synthetic_batch(size: int, patches: int, batch: int = 2, seed: int = 0):
     from fastmae.train.data import SyntheticLoader
 
-    imgs, _ = next(SyntheticLoader(size, batch, 64, seed, torch.device("cpu")).epoch(0))
+    imgs = next(SyntheticLoader(size, batch, 64, seed, torch.device("cpu")).epoch(0)).images
     return imgs, mask_noise(seed, 0, torch.arange(batch), patches)
 
 

@@ -8,9 +8,9 @@ import time
 
 import pytest
 import torch
-from fastmae.train import launch
+from fastmae.train import job
+from fastmae.train.launch import launch_command
 
-from fastmae.cli import launch_command
 from fastmae.errors import FastMAEError
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -27,11 +27,11 @@ def env():
     def set_env(**values):
         os.environ.update({key: str(value) for key, value in values.items()})
 
-    launch._EXPORTED.clear()
+    job._EXPORTED.clear()
     yield set_env
     os.environ.clear()
     os.environ.update(saved)
-    launch._EXPORTED.clear()
+    job._EXPORTED.clear()
 
 
 @pytest.mark.parametrize(
@@ -47,8 +47,8 @@ def env():
     ],
 )
 def test_nodelist_expands_as_scontrol_show_hostnames(nodelist, hosts):
-    assert launch.expand_nodelist(nodelist) == hosts
-    assert launch.first_host(nodelist) == hosts[0]
+    assert job.expand_nodelist(nodelist) == hosts
+    assert job.first_host(nodelist) == hosts[0]
 
 
 @pytest.mark.parametrize(
@@ -58,7 +58,7 @@ def test_nodelist_expands_as_scontrol_show_hostnames(nodelist, hosts):
 )  # fmt: skip
 def test_unreadable_nodelist_names_the_list_and_why(nodelist, why):
     with pytest.raises(ValueError, match=why) as info:
-        launch.expand_nodelist(nodelist)
+        job.expand_nodelist(nodelist)
     assert repr(nodelist) in str(info.value)
 
 
@@ -69,12 +69,12 @@ ISSUE_TASK = dict(SLURM_NTASKS=2, SLURM_NODEID=0, SLURM_NNODES=1, SLURM_JOB_ID=7
 def test_slurm_tasks_without_step_id_are_one_job(env):
     """The issue's environment: SLURM_PROCID/NTASKS/LOCALID and the node list, no SLURM_STEP_ID, no scontrol."""
     env(**ISSUE_TASK, SLURM_PROCID=1, SLURM_LOCALID=1)
-    assert launch.launcher() == "slurm" and launch.dist_info() == (1, 2, 1) and launch.without_step_id()
-    launch.export_slurm_env()
-    assert os.environ["MASTER_ADDR"] == "localhost" and os.environ["MASTER_PORT"] == str(launch.slurm_port("77"))
+    assert job.launcher() == "slurm" and job.dist_info() == (1, 2, 1) and job.without_step_id()
+    job.export_slurm_env()
+    assert os.environ["MASTER_ADDR"] == "localhost" and os.environ["MASTER_PORT"] == str(job.slurm_port("77"))
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_WORLD_SIZE"]) == ("1", "2", "2")
     # RANK is set now, yet the process stays a SLURM task without a step id (for the lines that report a wait)
-    assert launch.launcher() == "slurm" and launch.without_step_id()
+    assert job.launcher() == "slurm" and job.without_step_id()
     from fastmae.train.distributed import wait_hint
 
     assert wait_hint().startswith("SLURM_STEP_ID is not set: if this is the batch script itself, start the tasks")
@@ -82,33 +82,33 @@ def test_slurm_tasks_without_step_id_are_one_job(env):
 
 def test_the_batch_script_itself_is_not_a_task(env):
     env(**ISSUE_TASK, SLURM_PROCID=0, SLURM_STEP_ID="batch")
-    assert launch.launcher() == "none" and launch.dist_info() == (0, 1, 0)
+    assert job.launcher() == "none" and job.dist_info() == (0, 1, 0)
     env(SLURM_STEP_ID="0")  # srun's tasks
-    assert launch.launcher() == "slurm" and not launch.without_step_id()
+    assert job.launcher() == "slurm" and not job.without_step_id()
 
 
 def test_one_task_without_step_id_is_one_process(env):
     env(SLURM_PROCID=0, SLURM_NTASKS=1, SLURM_JOB_ID=5)
-    assert launch.launcher() == "none"
+    assert job.launcher() == "none"
 
 
 def test_torchrun_variables_win(env):
     env(**ISSUE_TASK, SLURM_PROCID=1, RANK=3, WORLD_SIZE=4, LOCAL_RANK=1)
-    assert launch.launcher() == "torchrun" and launch.dist_info() == (3, 4, 1)
+    assert job.launcher() == "torchrun" and job.dist_info() == (3, 4, 1)
 
 
 def test_master_from_a_multi_node_list_and_local_rank_from_the_rank_on_one_node(env):
     env(SLURM_PROCID=5, SLURM_NTASKS=16, SLURM_LOCALID=5, SLURM_NNODES=2, SLURM_JOB_ID=9,
         SLURM_JOB_NODELIST="gpu[07-08]", SLURM_STEP_NODELIST="gpu[08,07]", SLURM_NTASKS_PER_NODE=8)  # fmt: skip
-    launch.export_slurm_env()
+    job.export_slurm_env()
     assert os.environ["MASTER_ADDR"] == "gpu08"  # the step's own list comes first
     for key in LAUNCH_VARS:
         os.environ.pop(key)
     env(SLURM_PROCID=1, SLURM_NTASKS=2, SLURM_JOB_ID=9)
     for key in ("SLURM_LOCALID", "SLURM_NNODES", "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST"):
         os.environ.pop(key)
-    assert launch.dist_info() == (1, 2, 1)  # one node: the local rank is the rank
-    launch.export_slurm_env()
+    assert job.dist_info() == (1, 2, 1)  # one node: the local rank is the rank
+    job.export_slurm_env()
     assert os.environ["MASTER_ADDR"] == "localhost"
 
 
@@ -128,7 +128,7 @@ def test_master_from_a_multi_node_list_and_local_rank_from_the_rank_on_one_node(
 def test_what_cannot_be_read_is_one_line(env, values, message):
     env(**values)
     with pytest.raises(FastMAEError, match=message):
-        launch.export_slurm_env()
+        job.export_slurm_env()
 
 
 def test_launch_command_sets_the_store_switch_and_standalone(env):

@@ -20,16 +20,16 @@ def folder(tmp_path):
 
 class _CountSaves:
     def __init__(self, monkeypatch):
-        from fastmae.train import pretrain
+        from fastmae.train import checkpointer
 
         self.paths = []
-        real = pretrain.save_checkpoint
+        real = checkpointer.save_torch
 
         def spy(state, path):
             self.paths.append(path.name)
             return real(state, path)
 
-        monkeypatch.setattr(pretrain, "save_checkpoint", spy)
+        monkeypatch.setattr(checkpointer, "save_torch", spy)
 
 
 def test_epoch_end_saves_follow_the_time_interval(folder, tmp_path, monkeypatch, capsys):

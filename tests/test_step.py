@@ -6,9 +6,13 @@ import copy
 
 import pytest
 import torch
+from fastmae.train.checkpointer import portable_optimizer_state
+from fastmae.train.context import RunContext
+from fastmae.train.data import Batch
 from fastmae.train.noise import mask_noise
+from fastmae.train.pretrain import mae_step
 from fastmae.train.schedule import build_optimizer
-from fastmae.train.step import TrainStep, graphs_unsupported, portable_optimizer_state
+from fastmae.train.step import graphs_unsupported
 
 from fastmae import create_model
 from fastmae.cli import main
@@ -44,20 +48,31 @@ class Recorder(torch.nn.Module):
         return self.model(imgs, mask_ratio=mask_ratio, noise=noise)
 
 
-def _trainer(graphs: bool, **kw):
+def _trainer(graphs: bool, wrap=None, precision="fp32"):
+    """The pretraining step as the loop builds it (:func:`mae_step` in a one-process run context), on a model that
+    records the noise it gets (or on ``wrap(model)``); ``.model`` is the MAE."""
     torch.manual_seed(0)
     model = create_model("mae_vit_tiny_patch16", **TINY, kernels="reference", norm_pix_loss=True)
     opt = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), fused=True)
     rec = Recorder(model)
-    return TrainStep(model, rec, opt, seed=7, mask_ratio=0.75, device=torch.device("cpu"), graphs=graphs,
-                     warmup=2, graph_factory=ReplayGraph, **kw), rec  # fmt: skip
+    ctx = RunContext.local(torch.device("cpu"), precision, graphs=graphs)
+    step_fn = wrap(model) if wrap is not None else rec
+    step = mae_step(model, step_fn, opt, ctx, seed=7, mask_ratio=0.75, warmup=2, graph_factory=ReplayGraph)
+    step.model = model
+    return step, rec
 
 
 def _batches(n: int, batch: int = 4):
+    """(batch, lr): new sample ids every step, the epoch every 3 steps, the lr every step."""
     g = torch.Generator().manual_seed(1)
     for b in range(n):
         imgs = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=g)
-        yield imgs, torch.arange(b * batch, (b + 1) * batch) * 7 + 3, b // 3, 1e-3 * (b + 1) / n
+        ids = torch.arange(b * batch, (b + 1) * batch) * 7 + 3
+        yield Batch(imgs, torch.zeros(batch, dtype=torch.long), ids, b // 3, (b // 3, b % 3 + 1)), 1e-3 * (b + 1) / n
+
+
+def _short(batch: Batch, n: int) -> Batch:
+    return Batch(batch.images[:n], batch.labels[:n], batch.ids[:n], batch.epoch, batch.position)
 
 
 def test_graphed_step_is_the_eager_step_and_masks_change_every_step():
@@ -67,11 +82,11 @@ def test_graphed_step_is_the_eager_step_and_masks_change_every_step():
     eager, _ = _trainer(False)
     graphed, rec = _trainer(True)
     before = ReplayGraph.captures
-    for k, (imgs, ids, epoch, lr) in enumerate(_batches(8)):
-        a = eager(imgs, ids, epoch, lr).clone()
-        b = graphed(imgs, ids, epoch, lr).clone()
+    for k, (batch, lr) in enumerate(_batches(8)):
+        a = eager(batch, lr).clone()
+        b = graphed(batch, lr).clone()
         assert torch.equal(a, b), k
-        assert torch.equal(rec.noises[-1], mask_noise(7, epoch, ids, 64)), k
+        assert torch.equal(rec.noises[-1], mask_noise(7, batch.epoch, batch.ids, 64)), k
         if k:
             assert not torch.equal(rec.noises[-1], rec.noises[-2])
     assert graphed.captured and ReplayGraph.captures == before + 1 and len(rec.noises) == 8
@@ -86,10 +101,10 @@ def test_a_batch_of_another_shape_runs_ordinarily_and_the_graph_stays_valid():
     eager, _ = _trainer(False)
     graphed, _ = _trainer(True)
     batches = list(_batches(6))
-    imgs, ids, epoch, lr = batches[4]
-    batches[4] = imgs[:3], ids[:3], epoch, lr  # a short batch: a skipped file
-    for imgs, ids, epoch, lr in batches:
-        assert torch.equal(eager(imgs, ids, epoch, lr), graphed(imgs, ids, epoch, lr).clone())
+    batch, lr = batches[4]
+    batches[4] = _short(batch, 3), lr  # a short batch: a skipped file
+    for batch, lr in batches:
+        assert torch.equal(eager(batch, lr), graphed(batch, lr).clone())
     assert graphed.captured
 
 
@@ -98,8 +113,8 @@ def test_nan_guard_inside_the_graph_counts_and_skips():
     loop reads on logging steps count it, and the next finite step resets the run of NaNs."""
     graphed, _ = _trainer(True)
     batches = list(_batches(6))
-    for imgs, ids, epoch, lr in batches[:4]:
-        graphed(imgs, ids, epoch, lr)
+    for batch, lr in batches[:4]:
+        graphed(batch, lr)
     assert graphed.captured
     graphed.model.pos_embed.data[0, 1, 0] = float("nan")  # every loss is NaN from here
     weights = [p.detach().clone() for p in graphed.params]
@@ -155,12 +170,8 @@ def test_a_compiled_step_compiles_once_warm_up_capture_and_replays_alike():
         return gm.forward
 
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = create_model("mae_vit_tiny_patch16", **TINY, kernels="reference", norm_pix_loss=True)
-    opt = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), fused=True)
-    step = TrainStep(model, torch.compile(model, backend=counting_backend, dynamic=False), opt, seed=7,
-                     mask_ratio=0.75, device=torch.device("cpu"), dtype=torch.bfloat16, graphs=True, warmup=2,
-                     graph_factory=ReplayGraph)  # fmt: skip
+    compiled = lambda model: torch.compile(model, backend=counting_backend, dynamic=False)  # noqa: E731
+    step, _ = _trainer(True, compiled, precision="bf16")
     batches = list(_batches(6))
     step(*batches[0])
     compiled = len(graphs)

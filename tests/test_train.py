@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from fastmae.train.checkpoint import load_checkpoint, save_checkpoint
+from fastmae.train.checkpointer import load_checkpoint
 from fastmae.train.data.decode import load_rgb
 from fastmae.train.data.index import index_data
 from fastmae.train.schedule import build_optimizer, lr_at
@@ -13,6 +13,7 @@ from PIL import Image
 
 from fastmae import FastMAEError, MaskedAutoencoderViT
 from fastmae.config import PretrainConfig, preset
+from fastmae.files import save_torch as save_checkpoint
 
 from .conftest import SQUARE
 

@@ -2,7 +2,7 @@
 checkpoints, and what a lost peer looks like.
 
 One process per GPU (or per CPU slot with gloo). ``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``;
-``srun`` tasks get them from SLURM's variables (:mod:`fastmae.train.launch`). Without either, everything here is a
+``srun`` tasks get them from SLURM's variables (:mod:`fastmae.train.job`). Without either, everything here is a
 no-op and the model runs unwrapped. Joining and every collective wait at most ``--dist-timeout`` minutes: a peer that
 never comes, or dies, ends the run with one line (and exit 1, so torchrun restarts it) instead of a hang.
 """
@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from fastmae.errors import FastMAEError, RunFault
 
-from .launch import dist_info, export_slurm_env, launcher, without_step_id
+from .job import dist_info, export_slurm_env, launcher, without_step_id
 
 logger = logging.getLogger("fastmae.distributed")
 STRATEGIES = ("ddp", "fsdp")
@@ -263,14 +263,17 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext, device: torch.device) -
     return model
 
 
-def no_sync(step_module: torch.nn.Module, model: torch.nn.Module, ctx: DistContext, sync: bool):
-    """Context for one micro-batch's backward: gradient all-reduce only on the last micro-batch of an accumulation."""
-    if ctx.strategy == "ddp" and not sync:
-        ddp = getattr(step_module, "_orig_mod", step_module)  # torch.compile wraps the DDP module
-        return ddp.no_sync()
+def gradient_sync(step_module: torch.nn.Module, model: torch.nn.Module, ctx: DistContext):
+    """The switch of the gradient all-reduce for the next forward + backward (on for the last micro-batch of an
+    accumulation, off for the others), or None in one process: accumulation and none share one path, as nanoGPT sets
+    ``require_backward_grad_sync``. DDP reads the flag in its forward (also under torch.compile, whose wrapper holds the
+    DDP module); FSDP2 has its own setter."""
+    if ctx.strategy == "ddp":
+        ddp = getattr(step_module, "_orig_mod", step_module)
+        return lambda on: setattr(ddp, "require_backward_grad_sync", on)
     if ctx.strategy == "fsdp":
-        model.set_requires_gradient_sync(sync)
-    return contextlib.nullcontext()
+        return model.set_requires_gradient_sync
+    return None
 
 
 def _fqn_order(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

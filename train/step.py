@@ -1,30 +1,35 @@
-"""One MAE optimizer step, as the pretraining loop and the benchmarks run it, optionally as one CUDA graph.
+"""One optimizer step of any recipe, as the loop and the benchmark run it, optionally as one CUDA graph.
 
-:class:`TrainStep` holds what a step needs beside the batch: the model (compiled or not, wrapped or not), AdamW, the
-autocast, the NaN guard and clipping. :meth:`TrainStep.forward_backward` is one micro-batch (normalise a uint8 batch,
-per-sample mask noise from ``(seed, epoch, sample id)`` on the device, forward, backward), :meth:`TrainStep.update`
-the optimizer update after the last micro-batch; :meth:`TrainStep.__call__` is both, for one micro-batch a step.
-None of them reads a number back to the host: the loss, the NaN counters and the skip flag stay on the device, so
-the loop decides when to look (on logging steps).
+:class:`TrainStep` holds what a step needs beside the batch: the recipe's loss (a function of a
+:class:`~fastmae.train.data.batch.Batch`), the optimizer, the run's one autocast, gradient synchronisation under
+DDP / FSDP, the NaN guard and clipping. ``step(batch, lr, last)`` runs one micro-batch (normalise a uint8 batch on the
+device, forward, backward of loss / accum) and, on the last micro-batch of an accumulation (``last``), the update;
+accumulation and none share this one path. Nothing reads a number back to the host: the loss, the NaN counters and
+the skip flag stay on the device, so the loop decides when to look (on logging steps).
 
-With ``graphs=True`` (CUDA, one process, one micro-batch a step, no fp16 loss scaler) ``__call__`` runs the whole
-step (forward, backward, NaN guard, clipping, AdamW) as one CUDA graph: the batch, the sample ids, the epoch and the
-learning rate are copied into device buffers the graph reads, so the masks differ from step to step as they do
-eagerly. The first ``warmup`` calls are ordinary steps (on a side stream, as capture requires), the next is captured
-and replayed, later ones only replay. A batch of another shape (a short batch after skipped files) runs as an
-ordinary step through the same code. :meth:`invalidate` drops the graph (a rollback replaced the optimizer's state).
+The NaN guard skips an update whose loss or gradient norm is not finite, on the device: fused AdamW takes the flag
+as its ``found_inf`` and leaves weights and moments untouched; any other optimizer (the probes' LARS) has its
+parameters and state put back where the flag is set. Skips are counted, and so are skips in a row (the trainer rolls
+back after ``--nan-rollback-after`` of them).
+
+With ``graphs=True`` (CUDA, one process, one micro-batch a step, no fp16 loss scaler) the whole step (forward,
+backward, NaN guard, clipping, optimizer) is one CUDA graph: the batch, the epoch and the learning rate are copied
+into device buffers the graph reads, so per-sample masks still differ from step to step. The first ``warmup`` calls
+are ordinary steps (on a side stream, as capture requires), the next is captured and replayed, later ones only
+replay. A batch of another shape (a short batch after skipped files) runs as an ordinary step through the same code.
+:meth:`invalidate` drops the graph (a rollback replaced the optimizer's state).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 
 import torch
 
-from .data import to_device
-from .noise import mask_noise
+from .data import Batch, model_input
 
 logger = logging.getLogger("fastmae.step")
 
@@ -62,64 +67,71 @@ class CUDAGraph:
 
 
 class TrainStep:
-    """See the module docstring. ``step_fn`` is what the forward calls (the model, compiled and/or DDP-wrapped);
-    ``model`` the bare model (its parameters and patch count)."""
+    """See the module docstring. ``loss(batch)`` is the recipe's forward (the batch's images normalised, on the
+    device); it returns a loss tensor (one, or one per probe), whose sum is backpropagated. ``params`` are the
+    trained parameters; ``sync(last)`` turns the gradient all-reduce of the next backward on or off;
+    ``after_update()`` runs after each update (an EMA)."""
 
-    def __init__(self, model: torch.nn.Module, step_fn: Callable, optimizer: torch.optim.Optimizer, *, seed: int,
-                 mask_ratio: float, device: torch.device, dtype: torch.dtype | None = None, nan_guard: bool = True,
+    def __init__(self, loss: Callable[[Batch], torch.Tensor], optimizer: torch.optim.Optimizer,
+                 params: list[torch.nn.Parameter], *, device: torch.device, autocast: Callable = contextlib.nullcontext,
+                 accum: int = 1, sync: Callable[[bool], None] | None = None, nan_guard: bool = True,
                  clip_grad: float | None = None, scaler: torch.amp.GradScaler | None = None,
-                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, graphs: bool = False, warmup: int = 3,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 after_update: Callable[[], None] | None = None, graphs: bool = False, warmup: int = 3,
                  graph_factory: Callable[[], CUDAGraph] = CUDAGraph):  # fmt: skip
-        self.model, self.step_fn, self.optimizer, self.device = model, step_fn, optimizer, device
+        self.loss, self.optimizer, self.device, self.autocast = loss, optimizer, device, autocast
+        self.params = [p for p in params if p.requires_grad]
+        self.accum, self.sync, self.after_update = accum, sync, after_update
         self.reduce = reduce  # the loss averaged over ranks before the NaN guard, so that every rank skips alike
-        self.seed, self.mask_ratio, self.dtype = seed, mask_ratio, dtype
         self.nan_guard, self.clip_grad, self.scaler = nan_guard, clip_grad, scaler
-        self.num_patches = model.patch_embed.num_patches
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.fused = bool(optimizer.defaults.get("fused"))  # takes found_inf: skips on the device by itself
         self.nan_skipped = torch.zeros((), device=device)  # device-side counters, read on logging steps only
         self.nan_in_a_row = torch.zeros((), device=device)
+        self.loss_sum: torch.Tensor | float = 0.0  # of the accumulation so far
         self.graphs, self.warmup, self._graph_factory = graphs, warmup, graph_factory
         self._graph: CUDAGraph | None = None
-        self._static: dict[str, torch.Tensor] = {}
+        self._static: Batch | None = None
         self._calls = 0  # ordinary steps since the graph was (in)validated
         self._stream: torch.cuda.Stream | None = None  # the warm-up steps' side stream
         if graphs:
             self._use_device_lr()
 
     # --------------------------------------------------------------------------------------------- the step
-    def autocast(self):
-        """The one autocast of every step, warm-up, capture and replay alike. Its weight-cast cache is off: inside a
-        CUDA graph cached casts would be graph memory freed after capture, and dynamo guards on the setting
-        (``autocast_cache_enabled`` in its global state), so steps that differed in it would compile the model again
-        at the capture, where compiling is refused. Off costs nothing here: each weight is cast once per forward."""
-        if self.dtype is None or self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype, cache_enabled=False)
+    def __call__(self, batch: Batch, lr: float, last: bool = True) -> torch.Tensor | None:
+        """One micro-batch; after the ``last`` of an accumulation also the update at ``lr``: returns the step's loss
+        (averaged over micro-batches and ranks; a device tensor, overwritten by the next graphed step: read or copy it
+        before the next call), or None after the other micro-batches."""
+        if self.graphs:
+            return self._graphed(batch, lr)
+        if self.sync is not None:
+            self.sync(last)  # the gradient all-reduce only in the backward of the last micro-batch
+        self.loss_sum = self.loss_sum + self.forward_backward(batch)
+        if not last:
+            return None
+        loss_sum, self.loss_sum = self.loss_sum, 0.0
+        return self.update(loss_sum / self.accum, lr)
 
-    def forward_backward(self, imgs: torch.Tensor, ids: torch.Tensor, epoch: int | torch.Tensor,
-                         accum: int = 1) -> torch.Tensor:  # fmt: skip
-        """One micro-batch: per-sample masks, forward under autocast, backward of loss / accum; returns the loss
-        (a detached float32 device tensor)."""
-        imgs = to_device(imgs, self.device)  # uint8 batches are normalised here, on the device
-        if self.device.type == "cuda" and ids.device.type == "cpu":
-            ids = ids.pin_memory().to(self.device, non_blocking=True)  # a pageable copy would sync the host
-        noise = mask_noise(self.seed, epoch, ids, self.num_patches, self.device)
+    def forward_backward(self, batch: Batch) -> torch.Tensor:
+        """One micro-batch: forward under autocast, backward of loss / accum; returns the (detached, float32) loss."""
+        batch = dataclasses.replace(batch, images=model_input(batch.images))
         with self.autocast():
-            loss, _, _ = self.step_fn(imgs, mask_ratio=self.mask_ratio, noise=noise)
-        scaled = loss / accum
+            loss = self.loss(batch)
+        scaled = loss.sum() / self.accum
         (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         return loss.detach().float()
 
-    def update(self, loss_sum: torch.Tensor, lr: float | None) -> torch.Tensor:
-        """One AdamW update from the accumulated gradients at ``lr`` (None: the groups' device-side lr), skipped on
-        the device when the loss or the gradient norm is not finite (NaN guard); gradients cleared after."""
+    def update(self, loss: torch.Tensor, lr: float | None) -> torch.Tensor:
+        """One optimizer update from the accumulated gradients, each group at ``lr`` x its ``lr_scale`` (layer decay;
+        None: the groups' device-side lr), skipped on the device when the loss or the gradient norm is not finite
+        (NaN guard); gradients cleared after. Returns the loss averaged over ranks."""
         if lr is not None:
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
         if self.reduce is not None:
-            loss_sum = self.reduce(loss_sum)  # queued on the stream: no host sync
+            loss = self.reduce(loss)  # queued on the stream: no host sync
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # true-scale gradients for the norm; records the overflow flag
+        bad = None
         if self.nan_guard or self.clip_grad:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
             if self.clip_grad:
@@ -127,25 +139,37 @@ class TrainStep:
             if self.nan_guard:
                 norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
                 # fp16: gradient overflow is the scaler's business (skip + lower the scale); a non-finite loss is ours.
-                bad = (~torch.isfinite(loss_sum if self.scaler is not None else norm + loss_sum)).float()
-                if self.scaler is None:
-                    self.optimizer.found_inf = bad  # fused AdamW leaves weights and moments untouched where this is 1
+                total = loss.sum() if self.scaler is not None else norm + loss.sum()
+                bad = (~torch.isfinite(total)).float()
                 self.nan_skipped.add_(bad)  # in place: a CUDA graph writes these same tensors at every replay
                 self.nan_in_a_row.add_(bad).mul_(bad)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
+        elif bad is not None and self.fused:
+            self.optimizer.found_inf = bad  # fused AdamW leaves weights and moments untouched where this is 1
+            self.optimizer.step()
+        elif bad is not None:
+            self._guarded_step(bad)
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum
+        if self.after_update is not None:
+            self.after_update()
+        return loss
 
-    def __call__(self, imgs: torch.Tensor, ids: torch.Tensor, epoch: int, lr: float) -> torch.Tensor:
-        """A whole step on one micro-batch; returns its loss (a device tensor, overwritten by the next graphed step:
-        read it, or copy it, before the next call)."""
-        if not self.graphs:
-            return self.update(self.forward_backward(imgs, ids, epoch), lr)
-        return self._graphed(imgs, ids, epoch, lr)
+    def _guarded_step(self, bad: torch.Tensor) -> None:
+        """An optimizer that cannot skip by itself: its parameters and state are put back on the device where ``bad``
+        is set (state it creates at its first step is zeroed, as a skipped first step leaves none)."""
+        keep = bad.bool()
+        tensors = [p for p in self.params] + [t for p in self.params for t in self.optimizer.state[p].values()
+                                              if isinstance(t, torch.Tensor)]  # fmt: skip
+        before = {id(t): t.detach().clone() for t in tensors}
+        self.optimizer.step()
+        for p in self.params:
+            for t in (p, *(v for v in self.optimizer.state[p].values() if isinstance(v, torch.Tensor))):
+                old = before.get(id(t))
+                t.data.copy_(torch.where(keep, old if old is not None else torch.zeros_like(t), t.data))
 
     # ------------------------------------------------------------------------------------------- CUDA graph
     def _use_device_lr(self) -> None:
@@ -158,35 +182,34 @@ class TrainStep:
             group["lr"], group["capturable"] = self.lr, True
         self.optimizer._warned_capturable_if_run_uncaptured = True  # the ordinary warm-up steps are meant
 
-    def _fill(self, imgs: torch.Tensor, ids: torch.Tensor, epoch: int, lr: float) -> bool:
+    def _fill(self, batch: Batch, lr: float) -> bool:
         """Copy the step's inputs into the graph's buffers; False when the batch does not fit them."""
-        if not self._static:
-            self._static = {"imgs": torch.empty(imgs.shape, dtype=imgs.dtype, device=self.device),
-                            "ids": torch.empty(ids.shape, dtype=torch.int64, device=self.device),
-                            "epoch": torch.zeros((), dtype=torch.int64, device=self.device)}  # fmt: skip
+        if self._static is None:
+            buffers = (torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in
+                       (batch.images, batch.labels, batch.ids))  # fmt: skip
+            epoch = torch.zeros((), dtype=torch.int64, device=self.device)
+            self._static = Batch(*buffers, epoch=epoch, position=(0, 0))
         s = self._static
-        if imgs.shape != s["imgs"].shape or imgs.dtype != s["imgs"].dtype or ids.shape != s["ids"].shape:
+        pairs = ((s.images, batch.images), (s.labels, batch.labels), (s.ids, batch.ids))
+        if any(a.shape != b.shape or a.dtype != b.dtype for a, b in pairs):
             return False
-        if ids.device.type == "cpu" and self.device.type == "cuda":
-            ids = ids.pin_memory()
-        s["imgs"].copy_(imgs, non_blocking=True)
-        s["ids"].copy_(ids, non_blocking=True)
-        s["epoch"].fill_(epoch)
+        for dst, src in pairs:
+            dst.copy_(src, non_blocking=True)
+        s.epoch.fill_(batch.epoch)
         self.lr.fill_(lr)
         return True
 
     def _body(self) -> torch.Tensor:
-        s = self._static
-        return self.update(self.forward_backward(s["imgs"], s["ids"], s["epoch"]), None)
+        return self.update(self.forward_backward(self._static), None)
 
-    def _graphed(self, imgs, ids, epoch, lr) -> torch.Tensor:
-        if not self._fill(imgs, ids, epoch, lr):
+    def _graphed(self, batch: Batch, lr: float) -> torch.Tensor:
+        if not self._fill(batch, lr):
             if self._graph is not None and not getattr(self, "_told_shape", False):
                 logger.info("a batch of shape %s does not fit the CUDA graph's %s: it runs as an ordinary step",
-                            tuple(imgs.shape), tuple(self._static["imgs"].shape))  # fmt: skip
+                            tuple(batch.images.shape), tuple(self._static.images.shape))  # fmt: skip
                 self._told_shape = True
             self.lr.fill_(lr)
-            return self.update(self.forward_backward(imgs, ids, epoch), None)
+            return self.update(self.forward_backward(batch), None)
         if self._graph is not None:
             self._graph.replay()
             return self._loss
@@ -233,13 +256,3 @@ class TrainStep:
         """Whether the next call of a batch that fits captures the graph (a benchmark resets the memory peak then:
         the capture allocates the step's activations in the graph's pool; replays allocate nothing)."""
         return self.graphs and self._graph is None and self._calls >= self.warmup
-
-
-def portable_optimizer_state(state: dict) -> dict:
-    """An optimizer state dict as an ungraphed run writes it: a device-side lr as a number, capturable off (so a
-    checkpoint resumes the same with or without CUDA graphs)."""
-    groups = []
-    for group in state["param_groups"]:
-        lr = group["lr"]
-        groups.append({**group, "lr": float(lr) if isinstance(lr, torch.Tensor) else lr, "capturable": False})
-    return {**state, "param_groups": groups}

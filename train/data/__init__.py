@@ -11,9 +11,10 @@
 - :mod:`.dali`: the same pipelines in NVIDIA DALI (mixed decode on a GPU, CPU decode otherwise).
 - :mod:`.gpu_loader`: the pretrain pipeline with nvJPEG decode and one fused Triton kernel on the GPU.
 - :mod:`.labelled`: labelled train/val splits and the built-in digits data set.
+- :mod:`.batch`: :class:`Batch` (images, labels, sample ids, epoch, position), the :class:`Loader` protocol every
+  loader follows, and the one path onto the device ahead of the step.
 
-:func:`make_loader` picks the implementation; every loader has the same interface (``epoch(e, start_batch)``,
-``position``, ``steps_per_epoch``, ``skipped``, ``last_ids``).
+:func:`make_loader` picks the implementation for one rank of the run (the run context says which).
 """
 
 from __future__ import annotations
@@ -25,16 +26,17 @@ import torch
 
 from fastmae.errors import FastMAEError
 
+from .batch import Batch, Loader, epochs, on_device
 from .dali import DALILoader, dali_unavailable_reason
-from .gpu_loader import GPULoader, check_gpu_loader
+from .gpu_loader import GPULoader, gpu_loader_unavailable_reason
 from .index import DataIndex, index_data
 from .labelled import digits_folder, labelled_data, labelled_splits, num_classes
-from .loaders import Augment, FallbackLoader, SyntheticLoader, TorchvisionLoader, sample_images, to_device
+from .loaders import Augment, FallbackLoader, SyntheticLoader, TorchvisionLoader, model_input, sample_images
 
 logger = logging.getLogger("fastmae.data")
-__all__ = ["Augment", "DataIndex", "SyntheticLoader", "digits_folder", "index_data", "labelled_data", "labelled_splits",
-           "make_loader", "num_classes", "pretrain_index", "resolve_loader", "sample_images",
-           "to_device"]  # fmt: skip
+__all__ = ["Augment", "Batch", "DataIndex", "Loader", "SyntheticLoader", "digits_folder", "epochs", "index_data",
+           "labelled_data", "labelled_splits", "make_loader", "model_input", "num_classes", "on_device",
+           "pretrain_index", "resolve_loader", "sample_images"]  # fmt: skip
 
 
 def pretrain_index(data: str | None, group=None, check: str = "listing") -> DataIndex:
@@ -43,45 +45,56 @@ def pretrain_index(data: str | None, group=None, check: str = "listing") -> Data
     return index_data(digits_folder() / "train" if data == "digits" else data, group=group, check=check)
 
 
-def resolve_loader(name: str, device: torch.device, gpu_loader: bool = False) -> str:
-    """``auto`` is DALI on CUDA when it imports, else torchvision, and says why. The GPU loader (``gpu``) is chosen
-    only when asked for, until a GPU sitting measures it faster than torchvision's (``benchmarks/gpu_sitting.py
-    --stage feed``); ``gpu_loader`` says whether the recipe has that pipeline at all. An explicit ``dali`` or ``gpu``
-    that cannot run fails with the reason."""
+def loader_problem(name: str, device: torch.device, kind: str) -> tuple[str, str | None]:
+    """(the loader that runs, why the one asked for cannot run here or None). ``auto`` is DALI on CUDA when it
+    imports, else torchvision, and says why. The GPU loader (``gpu``, pretraining only) is chosen only when asked for,
+    until a GPU sitting measures it faster than torchvision's (``benchmarks/gpu_sitting.py --stage feed``)."""
     if name == "auto":
         if device.type != "cuda":
-            return "torchvision"
+            return "torchvision", None
         if (reason := dali_unavailable_reason()) is None:
-            return "dali"
-        later = "; --loader gpu (not measured faster yet) decodes on the GPU without DALI" if gpu_loader else ""
+            return "dali", None
+        later = "; --loader gpu (not measured faster yet) decodes on the GPU without DALI" if kind == "pretrain" else ""
         logger.info("loader auto -> torchvision (skipped dali: %s%s)", reason, later)
-        return "torchvision"
+        return "torchvision", None
     if name == "dali" and (reason := dali_unavailable_reason()):
-        raise FastMAEError(f"--loader dali: {reason}")
+        return name, f"--loader dali: {reason}"
     if name == "gpu":
-        check_gpu_loader(device)
-    return name
+        if kind != "pretrain":
+            return name, f"--loader gpu has the pretrain pipeline only, not {kind}'s"
+        if reason := gpu_loader_unavailable_reason(device):
+            return name, f"--loader gpu: {reason}"
+    return name, None
 
 
-def make_loader(name: str, index: DataIndex, kind: str, cfg, device: torch.device, fallback: bool = False):
+def resolve_loader(name: str, device: torch.device, kind: str = "pretrain") -> str:
+    """The loader that runs for ``--loader name`` (see :func:`loader_problem`); one that cannot is a one-line error."""
+    chosen, problem = loader_problem(name, device, kind)
+    if problem:
+        raise FastMAEError(problem)
+    return chosen
+
+
+def make_loader(name: str, index: DataIndex, kind: str, cfg, device: torch.device, rank: int = 0, world: int = 1,
+                fallback: bool = False):  # fmt: skip
     """A ``gpu``, ``dali`` or ``torchvision`` loader of ``kind`` (pretrain / linprobe / finetune / eval) over
-    ``index``, with the config's img_size, batch_size, seed and num_workers (default min(8, CPU count) processes or
-    threads). ``fallback`` (``--loader auto`` chose it): a GPU route that fails in its first batches gives way to the
-    torchvision loader, from the batch it had reached, with one logged line (:class:`FallbackLoader`)."""
+    ``index`` for rank ``rank`` of ``world``, with the config's img_size, batch_size, seed and num_workers (default
+    min(8, CPU count) processes or threads). ``fallback`` (``--loader auto`` chose it): a GPU route that fails in its
+    first batches gives way to the torchvision loader, from the batch it had reached, with one logged line
+    (:class:`FallbackLoader`)."""
     workers = cfg.num_workers if cfg.num_workers is not None else min(8, os.cpu_count() or 1)
     augment = Augment.of(cfg)  # the config's crop scale, flip, RandAugment and erasing (the recipe's by default)
 
     def torchvision_loader():
         return TorchvisionLoader(index, cfg.img_size, cfg.batch_size, cfg.seed, workers, pin=device.type == "cuda",
-                                 kind=kind, augment=augment)  # fmt: skip
+                                 kind=kind, rank=rank, world=world, augment=augment)  # fmt: skip
 
     if name == "gpu":
-        if kind != "pretrain":
-            raise FastMAEError(f"--loader gpu has the pretrain pipeline only, not {kind}'s")
-        loader = GPULoader(index, cfg.img_size, cfg.batch_size, cfg.seed, device, workers, augment=augment)
+        loader = GPULoader(index, cfg.img_size, cfg.batch_size, cfg.seed, device, workers, rank=rank, world=world,
+                           augment=augment)  # fmt: skip
     elif name == "dali":
         loader = DALILoader(index, cfg.img_size, cfg.batch_size, cfg.seed, device, num_threads=max(workers, 1),
-                            kind=kind, augment=augment)  # fmt: skip
+                            kind=kind, rank=rank, world=world, augment=augment)  # fmt: skip
     else:
         loader = torchvision_loader()
     logger.info("decoders of the %s loader (%s): %s", loader.name, kind,

@@ -129,7 +129,7 @@ class DALILoader(IndexLoader):
     name = "dali"
 
     def __init__(self, index: DataIndex, img_size: int, batch_size: int, seed: int, device: torch.device,
-                 num_threads: int = 4, kind: str = "pretrain", rank=None, world=None, dtype="float32",
+                 num_threads: int = 4, kind: str = "pretrain", rank=0, world=1, dtype="float32",
                  augment: Augment = RECIPE):  # fmt: skip
         reason = dali_unavailable_reason()
         if reason:

@@ -31,7 +31,7 @@ import threading
 import numpy as np
 import torch
 
-from fastmae.errors import FastMAEError, RunFault
+from fastmae.errors import RunFault
 
 from .decode import JPEG, crop_resize_flip, decode, exif_orientation, normalize, resolve_decoder
 from .loaders import RECIPE, Augment, ImageFiles, TorchvisionLoader, _batch_tensor, _one_line
@@ -172,13 +172,11 @@ def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.
 
 def gpu_loader_unavailable_reason(device: torch.device) -> str | None:
     """Why ``--loader gpu`` cannot decode on ``device``, or None (a tiny JPEG decoded there once). ``cuda`` with
-    no index is this process's GPU (``cuda:LOCAL_RANK`` under torchrun), not GPU 0 of every rank."""
+    no index is the current one; the run context gives every rank its own, ``cuda:LOCAL_RANK``."""
     if device.type != "cuda":
         return f"it decodes on a CUDA device (this run is on {device.type})"
     if device.index is None:
-        from ..launch import dist_info
-
-        device = torch.device("cuda", dist_info()[2] if dist_info()[2] < torch.cuda.device_count() else 0)
+        device = torch.device("cuda", torch.cuda.current_device())
     name, why = batch_jpeg_decoder(device)
     if name is None:
         return f"neither TorchCodec nor torchvision decodes JPEGs on {device} ({why})"
@@ -193,7 +191,7 @@ class GPULoader(TorchvisionLoader):
     name = "gpu"
     AHEAD = 2  # batches transformed ahead of the step
 
-    def __init__(self, index, img_size, batch_size, seed, device: torch.device, num_workers=0, rank=None, world=None,
+    def __init__(self, index, img_size, batch_size, seed, device: torch.device, num_workers=0, rank=0, world=1,
                  augment: Augment = RECIPE, decoder=_decode_jpegs):  # fmt: skip
         self.device, self.decoder = torch.device(device), decoder
         self.routes = {"gpu": 0, "cpu": 0, "cpu_after_gpu_failed": 0}
@@ -296,8 +294,8 @@ class GPULoader(TorchvisionLoader):
         except RunFault:
             raise
         except Exception as exc:
-            raise RunFault(f"--loader gpu: the GPU pipeline failed after batch {self.position[1]} of epoch "
-                           f"{self.position[0]} ({_one_line(exc)}); --loader torchvision runs without it") from exc
+            raise RunFault(f"--loader gpu: the GPU pipeline failed after batch {self.reached[1]} of epoch "
+                           f"{self.reached[0]} ({_one_line(exc)}); --loader torchvision runs without it") from exc
 
     def _ahead(self, epoch: int, start_batch: int):
         ready: queue.Queue = queue.Queue(maxsize=self.AHEAD)
@@ -340,9 +338,3 @@ class GPULoader(TorchvisionLoader):
                 with contextlib.suppress(queue.Empty):
                     ready.get(timeout=0.1)
             thread.join()
-
-
-def check_gpu_loader(device: torch.device) -> None:
-    """An explicit ``--loader gpu`` that cannot run here is a one-line error."""
-    if reason := gpu_loader_unavailable_reason(device):
-        raise FastMAEError(f"--loader gpu: {reason}")

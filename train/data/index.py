@@ -44,9 +44,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fastmae.errors import FastMAEError
+from fastmae.errors import FastMAEError, NoRoom
+from fastmae.files import atomic_write
 
-from ..launch import local_world_size, usable_cpus
+from ..job import local_world_size, usable_cpus
 from .decode import BAD, DALI_NATIVE, IMAGE_EXTENSIONS, UNKNOWN, probe
 
 logger = logging.getLogger("fastmae.data")
@@ -334,20 +335,22 @@ def _save_cache(path: Path, table: _Table, meta: dict) -> bool:
         offset += -(-a.nbytes // 64) * 64
     header = json.dumps({**meta, "arrays": specs}).encode()
     start = -(-(len(_MAGIC) + 8 + len(header)) // 64) * 64
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+    def write(f) -> None:
+        f.write(_MAGIC + len(header).to_bytes(8, "little") + header)
+        for spec, a in zip(specs, arrays.values(), strict=True):
+            f.seek(start + spec["offset"])
+            f.write(memoryview(a).cast("B") if a.nbytes else b"")
+        f.truncate(start + offset)
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(_MAGIC + len(header).to_bytes(8, "little") + header)
-            for spec, a in zip(specs, arrays.values(), strict=True):
-                f.seek(start + spec["offset"])
-                f.write(memoryview(a).cast("B") if a.nbytes else b"")
-            f.truncate(start + offset)
-        os.replace(tmp, path)
+        atomic_write(path, write, size=start + offset)
         return True
-    except OSError as exc:  # read-only or full: the next start validates again, nothing else is lost
-        tmp.unlink(missing_ok=True)
+    except OSError as exc:  # read-only or full (NoRoom is not an OSError): the next start validates again
         logger.warning("could not write the image index cache %s: %s", path, exc)
+        return False
+    except NoRoom as exc:
+        logger.warning("could not write the image index cache: %s", exc)
         return False
 
 

@@ -2,10 +2,11 @@
 finetuning), the DALI loader (``fastmae.train.data.dali``) and a synthetic loader for pure-compute benchmarks, all
 behind one interface.
 
-Every loader reads a validated :class:`~fastmae.train.data.index.DataIndex` in the
-:class:`~fastmae.train.data.order.ShardedOrder` of its rank and is resumable: ``epoch(e, start_batch)`` yields exactly
-the batches a run that never stopped would have seen, and ``position`` says where it is. Files that fail to decode are
-skipped, counted in ``skipped`` and reported. Batches may be uint8 (normalised on the device by :func:`to_device`, in
+Every loader is a :class:`~fastmae.train.data.batch.Loader`: it reads a validated
+:class:`~fastmae.train.data.index.DataIndex` in the :class:`~fastmae.train.data.order.ShardedOrder` of the rank the run
+context gives it, and is resumable: ``epoch(e, start_batch)`` yields exactly the batches a run that never stopped would
+have seen, each :class:`~fastmae.train.data.batch.Batch` with its ids and position. Files that fail to decode are
+skipped, counted in ``skipped`` and reported. Images may be uint8 (normalised on the device by :func:`model_input`, in
 the step) or already normalised float32.
 """
 
@@ -25,7 +26,7 @@ import torch
 
 from fastmae.errors import FastMAEError, RunFault
 
-from ..launch import dist_info
+from .batch import Batch
 from .decode import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -52,49 +53,10 @@ FINETUNE_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
 RANDOM_ERASE_PROB = 0.25
 
 
-def to_device(imgs: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A batch as the model takes it, on ``device``: uint8 batches are copied as they are (4x fewer bytes than float)
-    and normalised there; float batches (finetune, DALI, synthetic) only moved."""
-    imgs = imgs.to(device, non_blocking=True)
+def model_input(imgs: torch.Tensor) -> torch.Tensor:
+    """Images as the model takes them: uint8 batches (copied to the device as they are, 4x fewer bytes than float)
+    are normalised where they are; float batches (finetune, DALI, synthetic) are already."""
     return normalize(imgs) if imgs.dtype == torch.uint8 else imgs
-
-
-def ahead_on_device(batches, loader, device: torch.device):
-    """The items ``(imgs, labels, ids, micro)`` of ``batches`` with ``imgs`` and ``ids`` on ``device``, each with the
-    loader's position after it: on a GPU the next batch is pulled and copied (non-blocking, from pinned memory, on a
-    side stream) while the current one is in the step, so the step never waits for a copy. The position travels with
-    the batch because the loader is one batch ahead of the step (a checkpoint names the step's batch)."""
-    if device.type != "cuda":
-        for item in batches:
-            yield (*item, tuple(loader.position))
-        return
-    stream = torch.cuda.Stream(device)
-
-    def move(item):
-        imgs, labels, ids, micro = item
-        position = tuple(loader.position)
-        stream.wait_stream(torch.cuda.current_stream(device))  # memory the step freed is free on this stream too
-        with torch.cuda.stream(stream):
-            imgs = imgs.to(device, non_blocking=True)
-            ids = (ids.pin_memory() if ids.device.type == "cpu" else ids).to(device, non_blocking=True)
-        return imgs, labels, ids, micro, position, stream.record_event()
-
-    pending = None
-    for item in batches:
-        ready, pending = pending, move(item)
-        if ready is not None:
-            yield _on_current_stream(ready, device)
-    if pending is not None:
-        yield _on_current_stream(pending, device)
-
-
-def _on_current_stream(moved, device: torch.device):
-    imgs, labels, ids, micro, position, event = moved
-    current = torch.cuda.current_stream(device)
-    current.wait_event(event)  # the step waits for its copy on the GPU, not on the host
-    imgs.record_stream(current)
-    ids.record_stream(current)
-    return imgs, labels, ids, micro, position
 
 
 def eval_transform(img_size: int):
@@ -273,25 +235,22 @@ def _collate(items):
 
 
 class IndexLoader:
-    """What every loader over a :class:`DataIndex` shares: order, position, skip accounting."""
+    """What every loader over a :class:`DataIndex` shares: this rank's order, skip accounting, and :meth:`epoch`,
+    which turns the loader's raw batches into :class:`~fastmae.train.data.batch.Batch` es."""
 
     name = "base"
 
-    def __init__(self, index: DataIndex, kind: str, img_size: int, batch_size: int, seed: int, rank=None, world=None,
-                 augment: Augment = RECIPE):  # fmt: skip
+    def __init__(self, index: DataIndex, kind: str, img_size: int, batch_size: int, seed: int, rank: int = 0,
+                 world: int = 1, augment: Augment = RECIPE):  # fmt: skip
         if kind not in KINDS:
             raise FastMAEError(f"pipeline kind must be one of {', '.join(KINDS)}, got {kind!r}")
-        env_rank, env_world, _ = dist_info()
-        rank = env_rank if rank is None else rank
-        world = env_world if world is None else world
         train = kind != "eval"
         self.index, self.kind, self.img_size, self.batch_size, self.seed = index, kind, img_size, batch_size, seed
         self.augment = augment
         self.order = ShardedOrder(len(index), batch_size, seed, rank, world, shuffle=train, drop_last=train)
         self.steps_per_epoch = self.order.steps_per_epoch
         self.skipped: set[str] = {key for key, _ in index.bad}
-        self.position = (0, 0)  # (epoch, batches consumed in it)
-        self.last_ids: torch.Tensor | None = None  # index positions of the samples in the batch just yielded
+        self.reached = (0, 0)  # (epoch, batches consumed) of the batch last produced, for messages
 
     def _record_failures(self, failed: list[str]) -> None:
         new = [k for k in failed if k not in self.skipped]
@@ -300,18 +259,17 @@ class IndexLoader:
             logger.warning("skipped %d undecodable file(s), e.g. %s", len(new), ", ".join(new[:3]))
 
     def _batches(self, epoch: int, start_batch: int) -> Iterator[tuple[int, torch.Tensor | None, torch.Tensor, ...]]:
+        """``(batch number, images or None when every file failed, labels, ids)`` from ``start_batch`` on."""
         raise NotImplementedError
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield ``(images [B, 3, S, S], labels [B])`` for batches ``start_batch..`` of ``epoch``: uint8 or
-        normalised float32, :func:`to_device` takes either; ``last_ids`` then holds the batch's sample indices (for
-        per-sample mask noise)."""
-        self.position = (epoch, start_batch)
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        """Batches ``start_batch..`` of ``epoch`` (images uint8, or normalised float32); a batch whose every file
+        failed is left out (its files are counted in :attr:`skipped`)."""
+        self.reached = (epoch, start_batch)
         for b, imgs, labels, ids in self._batches(epoch, start_batch):
-            self.position = (epoch, b + 1)
+            self.reached = (epoch, b + 1)
             if imgs is not None:
-                self.last_ids = ids
-                yield imgs, labels
+                yield Batch(imgs, labels, ids, epoch, (epoch, b + 1))
 
 
 class _EpochBatches(torch.utils.data.Sampler):
@@ -337,8 +295,8 @@ class TorchvisionLoader(IndexLoader):
     name = "torchvision"
     MAX_WORKER_RESTARTS = 3
 
-    def __init__(self, index, img_size, batch_size, seed, num_workers=0, pin=False, kind="pretrain", rank=None,
-                 world=None, augment: Augment = RECIPE):  # fmt: skip
+    def __init__(self, index, img_size, batch_size, seed, num_workers=0, pin=False, kind="pretrain", rank=0,
+                 world=1, augment: Augment = RECIPE):  # fmt: skip
         super().__init__(index, kind, img_size, batch_size, seed, rank, world, augment)
         self.sampler = _EpochBatches(self.order)
         self.dataset = ImageFiles(index, kind, img_size, seed, augment)
@@ -424,7 +382,7 @@ class FallbackLoader:
     route fails within its first :attr:`FIRST` batches of the run (a decoder missing on this GPU, a driver library
     that does not load), one warning says so and the torchvision loader continues from the batch the failed one had
     reached: the same order, crop boxes and flips, so the run sees the batches it would have seen. A failure later is
-    the run's (one line and a checkpoint). The interface is the loaders' own."""
+    the run's (one line and a checkpoint). It is a :class:`~fastmae.train.data.batch.Loader` like the others."""
 
     FIRST = 2
 
@@ -433,24 +391,34 @@ class FallbackLoader:
         self.fell_back: str | None = None  # why, once it has
         self.served = 0
 
-    def __getattr__(self, name):  # position, steps_per_epoch, skipped, last_ids, order ...: the loader in use
-        return getattr(self.__dict__["current"], name)
-
     @property
     def name(self) -> str:
         return self.current.name
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.current.steps_per_epoch
+
+    @property
+    def skipped(self) -> set[str]:
+        return self.current.skipped
+
+    @property
+    def decoders(self) -> dict[str, str]:
+        return getattr(self.current, "decoders", {})
+
     def epoch(self, epoch: int, start_batch: int = 0):
-        it = self.current.epoch(epoch, start_batch)
+        it, at = self.current.epoch(epoch, start_batch), (epoch, start_batch)
         while True:
             try:
-                item = next(it)
+                batch = next(it)
             except StopIteration:
                 return
             except Exception as exc:
                 if self.fell_back is not None or self.served >= self.FIRST:
                     raise
-                failed, at = self.current.name, self.current.position
+                failed = self.current.name
+                at = getattr(self.current, "reached", at)
                 cause = exc.__cause__ if isinstance(exc, RunFault) and exc.__cause__ is not None else exc
                 self.fell_back = f"the {failed} loader failed at batch {at[1]} of epoch {at[0]} ({_one_line(cause)})"
                 logger.warning("--loader auto: %s; the torchvision loader continues from there", self.fell_back)
@@ -460,7 +428,8 @@ class FallbackLoader:
                 it = self.current.epoch(at[0], at[1])
                 continue
             self.served += 1
-            yield item
+            at = batch.position
+            yield batch
 
 
 def _one_line(exc: BaseException) -> str:
@@ -469,30 +438,28 @@ def _one_line(exc: BaseException) -> str:
 
 
 class SyntheticLoader:
-    """Random normalised images made on the device: measures compute with no data loading in the way. Under torchrun
-    each rank makes its own images (sample ids ``rank * batch_size + ...`` within each global batch)."""
+    """Random normalised images made on the device: measures compute with no data loading in the way. Rank ``rank``
+    of ``world`` makes its own images (sample ids ``rank * batch_size + ...`` within each global batch)."""
 
     name = "synthetic"
+    decoders: dict[str, str] = {}  # nothing is decoded
 
-    def __init__(self, img_size: int, batch_size: int, images_per_epoch: int, seed: int, device: torch.device):
+    def __init__(self, img_size: int, batch_size: int, images_per_epoch: int, seed: int, device: torch.device,
+                 rank: int = 0, world: int = 1):  # fmt: skip
         self.img_size, self.batch_size, self.seed, self.device = img_size, batch_size, seed, device
-        self.rank, self.world, _ = dist_info()
+        self.rank, self.world = rank, world
         self.steps_per_epoch = max(images_per_epoch // (batch_size * self.world), 1)
         self.skipped: set[str] = set()
-        self.position = (0, 0)
-        self.last_ids: torch.Tensor | None = None
 
-    def epoch(self, epoch: int, start_batch: int = 0):
-        self.position = (epoch, start_batch)
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         g = torch.Generator(device=self.device)
         shape = (self.batch_size, 3, self.img_size, self.img_size)
         for b in range(start_batch, self.steps_per_epoch):
             first = (b * self.world + self.rank) * self.batch_size
             g.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + first)  # the same batch after a restart
-            self.position = (epoch, b + 1)
-            self.last_ids = torch.arange(first, first + self.batch_size)
-            yield torch.randn(shape, generator=g, device=self.device), torch.zeros(self.batch_size, dtype=torch.long)
-
+            imgs = torch.randn(shape, generator=g, device=self.device)
+            ids = torch.arange(first, first + self.batch_size)
+            yield Batch(imgs, torch.zeros(self.batch_size, dtype=torch.long), ids, epoch, (epoch, b + 1))
 
 
 def sample_images(index: DataIndex, img_size: int, count: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The pretraining engine: bit-exact resume, per-sample masks, preemption (SIGTERM), checkpoints kept."""
+"""`fastmae pretrain` on the one Trainer: bit-exact resume, per-sample masks, preemption (SIGTERM), checkpoints kept,
+DDP and FSDP2 against one process."""
 
 import json
 import math
@@ -319,7 +320,7 @@ def test_checkpoint_of_another_model_is_a_one_line_error(folder, tmp_path, capsy
 
 _SAVER = """
 import sys, torch
-from fastmae.train.checkpoint import save_checkpoint
+from fastmae.files import save_torch as save_checkpoint
 path = sys.argv[1]
 step = 0
 while True:
@@ -331,7 +332,7 @@ while True:
 
 def test_kill_9_while_saving_leaves_a_loadable_checkpoint(tmp_path):
     """SIGKILL at arbitrary moments of back-to-back saves: the file on disk is always a whole checkpoint."""
-    from fastmae.train.checkpoint import load_checkpoint
+    from fastmae.train.checkpointer import load_checkpoint
 
     path = tmp_path / "checkpoint-last.pth"
     rng = np.random.default_rng(0)
@@ -346,7 +347,7 @@ def test_kill_9_while_saving_leaves_a_loadable_checkpoint(tmp_path):
         assert torch.all(ckpt["model"]["w"] == ckpt["step"]) and ckpt["step"] >= 1
         last = ckpt["step"]
     assert last >= 1
-    from fastmae.train.checkpoint import save_checkpoint
+    from fastmae.files import save_torch as save_checkpoint
 
     save_checkpoint({"step": last + 1}, path)  # the next save also clears temp files a killed writer left behind
     assert [p.name for p in tmp_path.iterdir()] == [path.name]

@@ -1,0 +1,421 @@
+"""``fastmae bench``: the pretraining step of the official models in several configurations side by side, in one run.
+
+Configurations (``config`` x ``encoder_mode``):
+
+- ``eager`` / ``visible``: the official semantics as plain PyTorch: reference ops, ``math`` attention, no compile.
+- ``compiled-reference`` / ``visible``: what a user builds in five minutes: the reference ops, SDPA attention and
+  ``torch.compile`` (on CUDA). fastmae's own work (kernels, visible-only embedding, graphs, tuning) is what the next
+  row beats it by.
+- ``fastmae`` / ``visible``: Triton ops (on CUDA), attention ``auto`` (per call site, from the measured table),
+  ``torch.compile`` (on CUDA).
+- ``fastmae`` / ``mask_token``: the same fast settings with the encoder run on every patch (the paper's baseline).
+
+Every configuration runs the training loop's own step (:class:`fastmae.train.step.TrainStep`): a uint8 batch
+normalised on the device, per-sample mask noise from the sample ids, bf16 autocast on CUDA (fp32 on CPU), forward,
+backward, NaN guard and fused AdamW over the recipe's parameter groups. Before timing, the fast configuration's loss is
+checked against the eager one on the same weights, images and masks (an ``equivalence`` row). Rows record what
+actually ran (attention backend per call site, kernels, compile variant and mode, graphs), img/s, model TFLOP/s (3x
+the forward FLOPs of :func:`fastmae.flops_per_image`: matmuls and attention), MFU against the GPU's spec dense bf16
+peak (``mfu``, the field's convention) and against the measured matmul peak (``mfu_measured_peak``), and peak memory
+per image (with graphs: from the capture on, where the step's activations are allocated). The results file is
+rewritten after every row; a configuration that fails is a row with its ``error``, and the suite goes on.
+
+Levers, each measured side by side in the same run: ``--graphs`` adds a ``graphs`` variant of every compiled
+configuration (the whole step as one CUDA graph, on the same compiled model); ``--batches`` sweeps the batch size of
+the fastmae rows (img/s and peak memory; the knee is the smallest batch within 5% of the best rate);
+``--attn-backend`` forces backends per call site; ``--compile full,regional`` times each compile variant
+(:mod:`fastmae.compiling`); ``--compile-mode`` picks inductor's mode; ``--optimizer-bench``
+times fused AdamW against a compiled AdamW on the model's parameters. ``--profile`` adds where the time goes
+(:mod:`fastmae.profiling`: time by category and idle). ``--quick`` runs tiny shapes on whatever device there is, to
+check the suite end to end (the tests run it). ``--report`` turns results JSON into a PNG chart and the README's
+tables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib.metadata
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from fastmae.config import BenchConfig
+from fastmae.errors import FastMAEError
+from fastmae.files import write_json
+from fastmae.models import create_model, flops_per_image
+
+from .bench_report import CONFIG_NAMES, default_results_path, mfu_of, peak_tflops, speedups
+from .context import RunContext, resolve_device
+from .data import Batch
+from .pretrain import mae_step
+from .schedule import build_optimizer
+
+REPO = Path(__file__).resolve().parent.parent
+BATCH = {"mae_vit_base_patch16": 256, "mae_vit_large_patch16": 128, "mae_vit_huge_patch14": 64}  # fixed per model
+
+
+def _version(*names: str) -> str | None:
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=REPO)
+    except OSError:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
+
+
+def env_info(device: torch.device) -> dict:
+    """What ran: GPU (or "cpu"), CUDA, library versions, git sha, date."""
+    return {
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "xformers": _version("xformers"),
+        "dali": _version("nvidia-dali-cuda120", "nvidia-dali-cuda130"),
+        "timm": _version("timm"),
+        "git_sha": git_sha(),
+        "date": datetime.datetime.now().strftime("%Y-%m-%dT%H:%M:%S"),
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _build(model_name, decoder_depth, config, mode, device: torch.device, quick: dict | None, attn: str | None = None):
+    fast = config == "fastmae"
+    kernels = ("triton" if device.type == "cuda" else "reference") if fast else "reference"
+    attn_backend = (attn or "auto") if fast else "sdpa" if config == "compiled-reference" else "math"
+    kw = dict(quick or {}, decoder_depth=decoder_depth, kernels=kernels, encoder_mode=mode, attn_backend=attn_backend)
+    return create_model(model_name, **kw).to(device)
+
+
+def _top_kernels(prof, cuda: bool, steps: int, top: int = 10) -> list[dict]:
+    """The ``top`` kernels by self time (CUDA kernels on a GPU, CPU ops otherwise) with calls and ms per step, and
+    their share of all kernel time."""
+    events = [e for e in prof.key_averages() if (e.device_type.name == "CUDA") == cuda or not cuda]
+
+    def self_us(e) -> float:
+        return getattr(e, "self_device_time_total", 0.0) if cuda else e.self_cpu_time_total
+
+    events = [e for e in events if self_us(e) > 0]
+    total = sum(self_us(e) for e in events) or 1.0
+    events.sort(key=self_us, reverse=True)
+    return [{"kernel": e.key, "calls": e.count // steps, "ms_per_step": self_us(e) / 1e3 / steps,
+             "share": self_us(e) / total} for e in events[:top]]  # fmt: skip
+
+
+def profile_steps(step, device: torch.device, step_ms: float, steps: int = 2) -> tuple[list[dict], dict]:
+    """``steps`` steps under torch.profiler: (top kernels, breakdown by category with idle; see
+    :mod:`fastmae.profiling`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fastmae.profiling import breakdown
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    return _top_kernels(prof, cuda, steps), breakdown(prof, cuda, steps, step_ms)
+
+
+class StepBench:
+    """One configuration's model, compiled once, and the training step over it, built as the loop builds it: a
+    one-process :class:`~fastmae.train.context.RunContext` (bf16 autocast on CUDA, fp32 on a CPU; the compile variant
+    and mode) and :func:`~fastmae.train.pretrain.mae_step`, so that every lever means the same here as in
+    ``fastmae pretrain``. :meth:`row` times a variant (the plain step, or the same step as one CUDA graph) on the same
+    weights and compiled code. ``eager`` never compiles, nor anything on a CPU."""
+
+    def __init__(self, model_name, decoder_depth, config, mode, batch, device, quick=None, attn=None,
+                 compile_mode: str = "default", compile_variant: str = "full"):  # fmt: skip
+        torch.manual_seed(0)
+        self.device, self.batch, self.config, self.mode = device, batch, config, mode
+        self.model_name, self.decoder_depth, self.compile_mode = model_name, decoder_depth, compile_mode
+        self.model = _build(model_name, decoder_depth, config, mode, device, quick, attn)
+        cuda = device.type == "cuda"
+        self.compile = compile_variant if config != "eager" and cuda else "off"
+        self.ctx = RunContext.local(device, compile=self.compile, compile_mode=compile_mode)
+        self.step_fn = self.ctx.compiled(self.model)
+        # The recipe's AdamW (no weight decay on norms, biases, tokens), fused: the optimizer the loop runs.
+        self.optimizer = build_optimizer(self.model, 1e-4, 0.05, (0.9, 0.95), fused=True)
+        self.attn_backend = self.model.resolve_attention(device, self.ctx.act_dtype)
+        size = self.model.patch_embed.img_size
+        g = torch.Generator(device=device).manual_seed(0)
+        self.imgs = torch.randint(0, 256, (batch, 3, *size), dtype=torch.uint8, device=device, generator=g)
+        self.labels = torch.zeros(batch, dtype=torch.long, device=device)
+        self.calls = 0
+
+    def trainer(self, graphs: bool):
+        self.ctx.graphs = graphs
+        return mae_step(self.model, self.step_fn, self.optimizer, self.ctx, seed=0, mask_ratio=0.75)
+
+    def _step(self, trainer):
+        """One step on the fixed images with new sample ids (so new masks) every call."""
+        k = self.calls
+        self.calls += 1
+        ids = torch.arange(k * self.batch, (k + 1) * self.batch, device=self.device)
+        return trainer(Batch(self.imgs, self.labels, ids, k // 1000, (0, k + 1)), 1e-4)
+
+    def row(self, variant: str, steps: int, warmup: int, profile: bool = False) -> dict:
+        device = self.device
+        cuda = device.type == "cuda"
+        graphs = variant == "graphs"
+        trainer = self.trainer(graphs=graphs)
+        for _ in range(max(warmup, trainer.warmup + 2) if graphs else warmup):
+            if cuda and trainer.captures_next:  # the capture allocates the step's activations (in the graph's pool)
+                torch.cuda.reset_peak_memory_stats(device)
+            self._step(trainer)
+        _sync(device)
+        if cuda and not graphs:  # an ordinary step allocates its activations at every step
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self._step(trainer)
+        _sync(device)
+        seconds = (time.perf_counter() - t0) / steps
+        img_s = self.batch / seconds
+        embed = self.model.embed_used(device)
+        flops = 3 * flops_per_image(self.model, 0.75, embed)["total"]  # forward + backward (2x forward) per image
+        tflops = flops * img_s / 1e12
+        gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
+        mfu, mfu_measured = mfu_of(tflops, gpu)
+        peak_mem = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None
+        top = parts = None
+        if profile:
+            top, parts = profile_steps(lambda: self._step(trainer), device, seconds * 1e3)
+        return {
+            "name": "pretrain_step", "model": self.model_name, "decoder_depth": self.decoder_depth,
+            "encoder_mode": self.mode, "config": self.config, "variant": variant, "batch_size": self.batch,
+            "img_size": self.model.patch_embed.img_size[0], "dtype": self.ctx.precision,
+            "attn_backend": self.attn_backend, "kernels": self.model.kernels_used(device), "embed": embed,
+            "compile": self.compile, "compile_mode": self.compile_mode if self.compile != "off" else None,
+            "graphs": trainer.captured, "img_per_s": img_s, "step_ms": seconds * 1e3, "tflops": tflops, "mfu": mfu,
+            "mfu_measured_peak": mfu_measured, "peak_tflops": peak_tflops(gpu),
+            "peak_mem_gb": peak_mem, "peak_mem_gb_per_image": peak_mem / self.batch if cuda else None,
+            "gflops_per_image": flops / 1e9, "profile": top, "breakdown": parts,
+        }  # fmt: skip
+
+
+def pretrain_step_row(model_name, decoder_depth, config, mode, batch, device, steps, warmup, quick=None,
+                      profile: bool = False) -> dict:  # fmt: skip
+    """Time ``steps`` optimizer steps of one configuration (the plain step); returns its results row."""
+    return StepBench(model_name, decoder_depth, config, mode, batch, device, quick).row("plain", steps, warmup, profile)
+
+
+def check_fast_matches_eager(model_name, decoder_depth, device, quick=None, batch=2) -> float:
+    """Loss of the fast configuration vs eager on the same weights, images and masks; raises if they disagree."""
+    eager = _build(model_name, decoder_depth, "eager", "visible", device, quick)
+    fast = _build(model_name, decoder_depth, "fastmae", "visible", device, quick)
+    fast.load_state_dict(eager.state_dict())
+    g = torch.Generator(device=device).manual_seed(0)
+    size = eager.patch_embed.img_size
+    imgs = torch.randn(batch, 3, *size, generator=g, device=device)
+    noise = torch.rand(batch, eager.patch_embed.num_patches, generator=g, device=device)
+    cuda = device.type == "cuda"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    with torch.no_grad(), autocast:
+        a = eager(imgs, mask_ratio=0.75, noise=noise)[0].float().item()
+        b = fast(imgs, mask_ratio=0.75, noise=noise)[0].float().item()
+    rel = abs(a - b) / max(abs(a), 1e-12)
+    if rel > (3e-2 if cuda else 1e-4):
+        raise FastMAEError(f"{model_name}: fast loss {b:.6f} differs from eager {a:.6f} (rel {rel:.2e}); not timing")
+    return rel
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _free(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def optimizer_rows(model_name: str, device: torch.device, quick: dict | None, steps: int = 10) -> list[dict]:
+    """The optimizer lever: one AdamW update over the model's parameter groups (random gradients), fused AdamW (the
+    loop's) against ``torch.compile`` of the foreach AdamW (lr as a tensor, so no recompile per lr), ms per update."""
+    from fastmae.train.schedule import build_optimizer
+
+    model = create_model(model_name, **(quick or {})).to(device)
+    rows = []
+    for impl in ("fused", "compiled"):
+        opt = build_optimizer(model, 1e-4, 0.05, (0.9, 0.95), fused=impl == "fused")
+        if impl == "compiled":
+            for group in opt.param_groups:
+                group["lr"] = torch.tensor(1e-4, device=device)
+            step = torch.compile(opt.step) if device.type == "cuda" else opt.step
+        else:
+            step = opt.step
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        for _ in range(3):
+            step()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        rows.append({"name": "optimizer_step", "model": model_name, "impl": impl,
+                     "compile": impl == "compiled" and device.type == "cuda",
+                     "params": sum(p.numel() for p in model.parameters()),
+                     "ms": (time.perf_counter() - t0) / steps * 1e3})  # fmt: skip
+    return rows
+
+
+def _error_line(exc: BaseException) -> str:
+    """An exception as one line: its type and the last non-empty line of its message (torch puts the cause last)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}".rstrip(": ")
+
+
+def run_suite(cfg: BenchConfig, device: torch.device, log=print, on_row=None) -> list[dict]:
+    """Rows for every model x decoder depth x configuration x compile variant (see the module docstring), then the
+    levers asked for. ``on_row(row)`` sees each row as soon as it is measured (:class:`ResultsFile` writes it then). A
+    configuration that fails (out of memory, a compile error, a kernel that cannot run) is a row with its one-line
+    ``error``, and the suite goes on; a fast loss that disagrees with eager's is an ``equivalence`` row and that model
+    and depth are not timed."""
+    cfg.validate()
+    models, decoder_depths, steps, warmup = cfg.model_names, cfg.depths, cfg.steps, cfg.warmup
+    if cfg.quick:  # tiny shapes: the suite end to end, not a number (depths given on the command line are kept)
+        models, steps, warmup = ["mae_vit_tiny_patch16"], min(steps, 2), min(warmup, 1)
+        decoder_depths = decoder_depths if cfg.decoder_depths != "8,1" else [2, 1]
+    quick, batch, profile, graphs, batches = cfg.quick, cfg.batch, cfg.profile, cfg.graphs, cfg.batch_sizes
+    attn, compile_mode, compile_variants = cfg.attn_backend, cfg.compile_mode, cfg.variants
+    tiny = dict(img_size=32) if quick else None
+    chosen = [CONFIG_NAMES[c] for c in cfg.config_names]
+    cuda = device.type == "cuda"
+    rows = []
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    def measure(name, depth, config, mode, b, variants, variant_compile, sweep=False):
+        base = {"name": "pretrain_step", "model": name, "decoder_depth": depth, "config": config,
+                "encoder_mode": mode, "batch_size": b, "sweep": sweep,
+                "compile": variant_compile if config != "eager" and cuda else "off"}  # fmt: skip
+        bench = None
+        try:
+            bench = StepBench(name, depth, config, mode, b, device, tiny, attn if config == "fastmae" else None,
+                              compile_mode, variant_compile)  # fmt: skip
+        except Exception as exc:
+            add({**base, "variant": variants[0], "error": _error_line(exc), "oom": _is_oom(exc)})
+            log(f"{name} dec{depth} {config} {mode} batch {b}: {_error_line(exc)}")
+        for variant in variants if bench is not None else ():
+            what = f"{name} dec{depth} {config:18s} {mode:10s} {bench.compile:8s} {variant:6s} batch {b}"
+            try:
+                row = {**bench.row(variant, steps, warmup, profile and not sweep), "sweep": sweep}
+            except Exception as exc:
+                add({**base, "variant": variant, "error": _error_line(exc), "oom": _is_oom(exc)})
+                log(f"{what}: {'out of memory' if _is_oom(exc) else _error_line(exc)}")
+                _free(device)
+                continue
+            add(row)
+            log(f"{what}: {row['img_per_s']:9.1f} img/s {row['tflops']:7.2f} TFLOP/s attn {row['attn_backend']} "
+                f"kernels {','.join(sorted(set(row['kernels'].values())))}")  # fmt: skip
+            if row["profile"]:
+                top = ", ".join(f"{p['kernel'][:40]} {100 * p['share']:.0f}%" for p in row["profile"][:3])
+                log(f"    where the time goes: {top}")
+        del bench
+        _free(device)
+
+    for name in models:
+        for depth in decoder_depths:
+            try:
+                rel = check_fast_matches_eager(name, depth, device, tiny)
+                add({"name": "equivalence", "model": name, "decoder_depth": depth, "ok": True, "rel_loss_diff": rel})
+            except Exception as exc:
+                add({"name": "equivalence", "model": name, "decoder_depth": depth, "ok": False,
+                     "error": _error_line(exc)})  # fmt: skip
+                log(f"{name} dec{depth}: not timed: {_error_line(exc)}")
+                _free(device)
+                continue
+            b = batch or (2 if quick else BATCH.get(name, 64))
+            for config, mode in chosen:
+                with_graphs = graphs and config != "eager" and cuda
+                variants = ["plain", "graphs"] if with_graphs else ["plain"]
+                for variant_compile in compile_variants if config != "eager" and cuda else ("off",):
+                    measure(name, depth, config, mode, b, variants, variant_compile)
+            for sweep_batch in batches:
+                if sweep_batch == b:
+                    continue
+                for config, mode in chosen:
+                    if config == "fastmae":
+                        measure(name, depth, config, mode, sweep_batch, ["plain"], compile_variants[0], sweep=True)
+        if cfg.optimizer_bench:
+            try:
+                for row in optimizer_rows(name, device, tiny):
+                    add(row)
+                log(f"{name} AdamW update: " + ", ".join(f"{r['impl']} {r['ms']:.2f} ms" for r in rows[-2:]))
+            except Exception as exc:
+                add({"name": "optimizer_step", "model": name, "error": _error_line(exc)})
+    return rows
+
+
+class ResultsFile:
+    """A results JSON (``{"env", "rows", "speedups"}``) rewritten atomically after every row, so that a command
+    stopped at its time budget leaves every row it had finished, and a crash never leaves half a file."""
+
+    def __init__(self, path: str | Path, env: dict):
+        self.path, self.env, self.rows = Path(path), env, []
+        self.write()
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.write()
+
+    def extend(self, rows: list[dict]) -> None:
+        self.rows += rows
+        self.write()
+
+    def write(self) -> Path:
+        return write_json(self.path, {"env": self.env, "rows": self.rows, "speedups": speedups(self.rows)})
+
+
+def bench(cfg: BenchConfig) -> int:
+    """``fastmae bench``: measure (results JSON rewritten after every row) and print the same-run ratios, or, with
+    ``--report``, draw the chart and README table from results JSONs."""
+    if cfg.report:
+        from .bench_report import report
+
+        done = report(cfg.report, cfg.png, cfg.readme, cfg.marker)
+        print(done["table"])
+        print(f"chart: {done['png']}" + (f"; table written into {cfg.readme}" if cfg.readme else ""))
+        return 0
+    if cfg.attn_table is not None:
+        os.environ["FASTMAE_ATTENTION_TABLE"] = cfg.attn_table
+    device = resolve_device(cfg.device)
+    env = env_info(device)
+    results = ResultsFile(cfg.out or default_results_path(env), env)  # rewritten after every row
+    run_suite(cfg, device, on_row=results.add)
+    for s in speedups(results.rows):
+        print(f"{s['model']} dec{s['decoder_depth']}: fastmae {_fmt(s['fastmae_vs_eager'])}x eager, "
+              f"{_fmt(s['fastmae_vs_compiled_reference'])}x compiled-reference, visible "
+              f"{_fmt(s['visible_vs_mask_token'])}x mask-token ({s['best_variant']})")  # fmt: skip
+    print(f"wrote {results.path}; chart and README table: fastmae bench --report {results.path} --readme README.md")
+    return 0
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"

@@ -1,0 +1,295 @@
+"""The one training loop: pretraining, finetuning and linear probing are recipes it runs.
+
+:class:`Trainer` owns the loop, the logs, the checkpoints (through :class:`~fastmae.train.checkpointer.Checkpointer`)
+and every fault path; a :class:`Recipe` supplies its model, optimizer, loader, step (a
+:class:`~fastmae.train.step.TrainStep` over its loss), its start and epoch-end evaluations, its metrics fields and its
+summary, and never owns a loop, a save or a fault path. So every lever (device prefetch, the device-side NaN guard
+and rollback, compile, CUDA graphs where the recipe allows them) and every guarantee (bit-exact resume, one line
+and a checkpoint after a lost peer, SIGTERM saves) holds for all three.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable
+
+import torch
+
+from fastmae.errors import FastMAEError, NoRoom, RunFault
+
+from .checkpointer import BEST, Checkpointer
+from .context import RunContext, processes, versions
+from .data import epochs, on_device
+from .distributed import params_in_sync, peer_lost
+from .output import RunLog
+from .schedule import lr_at
+from .step import TrainStep
+
+logger = logging.getLogger("fastmae.trainer")
+
+
+class Recipe:
+    """What a recipe gives the :class:`Trainer`; the defaults are a recipe without evaluations or extra state."""
+
+    name = "recipe"
+    model: torch.nn.Module  # what a checkpoint's "model" holds
+    optimizer: torch.optim.Optimizer
+    loader = None  # the training loader (a fastmae.train.data.Loader)
+    scaler: torch.amp.GradScaler | None = None
+    step: TrainStep  # built by prepare()
+    base_lr: float  # the schedule's peak; each optimizer group scales it by its lr_scale
+    fits = "fit this model"  # words for a checkpoint that does not fit: "--resume X does not <fits> (...)"
+    copies = 3  # checkpoint sizes in weights: weights + two AdamW moments
+
+    def check_checkpoint(self, state: dict, what: str) -> None:
+        """A checkpoint's model state that cannot be this recipe's: a one-line error (before any loading)."""
+
+    def extra_state(self) -> dict:
+        """The recipe's own checkpoint entries."""
+        return {}
+
+    def load_extra_state(self, ckpt: dict) -> None:
+        pass
+
+    def prepare(self, trainer: Trainer) -> dict:
+        """Build the step (and what only a run that trains needs); returns the recipe's part of ``config.json``."""
+        raise NotImplementedError
+
+    def start_line(self) -> str:
+        """The log line that says what runs where."""
+        return self.name
+
+    def begin(self, resumed: bool):
+        """Before the first step: the start's evaluation; returned to :meth:`summary`."""
+
+    def row(self, losses: list[float], finite: bool, lr: float) -> dict:
+        """The recipe's fields of a ``metrics.jsonl`` row."""
+        return {"loss": losses[0] if finite else None, "lr": lr}
+
+    def after_step(self, step: int) -> None:
+        """After a step that does not end the run (pictures every N steps)."""
+
+    def end_epoch(self, epoch: int, step: int) -> bool:
+        """At the end of an epoch (not the run's stop on a signal): evaluation; returns whether it is the best."""
+        return False
+
+    def summary(self, start, stopped_by: str | None) -> dict:
+        """The recipe's fields of ``summary.json`` (end evaluations); every rank calls it."""
+        return {}
+
+    def finished(self, summary: dict) -> None:
+        """After ``summary.json`` is written (rank 0's plots, late warnings)."""
+
+
+def optimizer_steps(batches: int, accum: int) -> int:
+    """Optimizer steps per epoch from a loader's ``batches`` with ``accum`` micro-batches per step (a last partial
+    accumulation is dropped); a one-line error when the epoch cannot fill one step."""
+    if batches < accum:
+        raise FastMAEError(f"--accum-iter {accum} needs at least {accum} batches per epoch, the data gives {batches}")
+    return batches // accum
+
+
+class Trainer:
+    """One run of ``recipe`` in ``ctx`` as ``cfg`` says (see the module docstring)."""
+
+    def __init__(self, ctx: RunContext, cfg, recipe: Recipe):
+        self.ctx, self.cfg, self.recipe, self.accum = ctx, cfg, recipe, cfg.accum_iter
+        self.steps_per_epoch = optimizer_steps(recipe.loader.steps_per_epoch, self.accum)
+        self.usable = self.steps_per_epoch * self.accum  # an epoch's batches that make whole steps
+        total = cfg.epochs * self.steps_per_epoch
+        self.last_step = min(total, cfg.stop_after_steps or total)
+        self.checkpointer = Checkpointer(ctx, cfg, recipe, self.usable)
+        self.step, self.position = 0, (0, 0)  # the last whole step, and the data position after it
+        if ctx.resume_path is not None:
+            self.step, self.position = self.checkpointer.resume(self.steps_per_epoch, self.accum)
+        self.images = self.images_since_log = self.skipped_logged = 0  # images this process saw
+        self.first_loss = self.last_loss = None
+
+    @property
+    def finished(self) -> bool:
+        """A resumed run already at its last step (a requeued or repeated job): nothing is to be built or written."""
+        return self.ctx.resume_path is not None and self.step >= self.last_step
+
+    def run(self) -> dict:
+        if self.finished:
+            return self.already_finished()
+        self.prepare()
+        return self.train()
+
+    def prepare(self) -> None:
+        ctx, cfg, world = self.ctx, self.cfg, self.ctx.dist.world_size
+        self.log = RunLog(ctx.out, ctx.main, cfg.tensorboard, self.step if ctx.resume_path is not None else None)
+        self.checkpointer.warn_if_no_room(self.recipe.copies)
+        resolved = {**cfg.to_dict(), **ctx.info(), "command": self.recipe.name, "steps_per_epoch": self.steps_per_epoch,
+                    "effective_batch": cfg.effective_batch(world), "total_steps": cfg.epochs * self.steps_per_epoch,
+                    "lr": self.recipe.base_lr}  # fmt: skip
+        resolved.update(self.recipe.prepare(self))
+        self.checkpointer.config = resolved
+        self.log.config(resolved)
+        logger.info("%s, loader %s, %s, %d steps/epoch, lr %.3g", self.recipe.start_line(), ctx.loader,
+                    processes(world, ctx.dist.strategy), self.steps_per_epoch, self.recipe.base_lr)  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------------- the loop
+    def train(self) -> dict:
+        """The run, top to bottom. Batches come on the device, one ahead; the only host syncs are the logging steps'
+        (and, under torchrun, the agreement on the save clock at epoch ends)."""
+        ctx, recipe, step = self.ctx, self.recipe, self.recipe.step
+        bar = self.bar = self.log.progress(self.last_step, self.step, self.cfg.progress)
+        stopping, start = False, None
+        with StopSignal() as stop:
+            try:
+                start = recipe.begin(ctx.resume_path is not None)  # the start's evaluation / picture
+                self.checkpointer.restore_rng()  # after it: the steps draw what the interrupted run would have
+                t_start = self.t_log = time.perf_counter()
+                batches = epochs(recipe.loader, *self.position, self.usable)
+                for batch in on_device(batches, ctx.device):
+                    loss = step(batch, self.lr(), last=batch.epoch_end or batch.micro % self.accum == 0)
+                    self.images += len(batch)
+                    self.images_since_log += len(batch)
+                    if loss is None:  # a micro-batch of an accumulation
+                        continue
+                    self.step, self.position = self.step + 1, batch.position
+                    bar.update(1)
+                    log_now = self.step % self.cfg.log_every == 0 or self.step in (1, self.last_step)
+                    stopping, log_now = ctx.dist.agree_stop(stop.received is not None, log_now, ctx.device)
+                    if log_now:
+                        self.log_step(loss)
+                    if batch.epoch_end and not stopping and recipe.end_epoch(batch.epoch, self.step):
+                        self.checkpointer.save(self.step, self.position, BEST)  # the best score so far
+                    if self.step >= self.last_step or stopping:
+                        break
+                    recipe.after_step(self.step)
+                    if self.checkpointer.due(self.step, batch.epoch_end):
+                        self.checkpointer.save(self.step, self.position)
+            except Exception as exc:  # a lost peer or a dying loader: save what is whole, then one line
+                raise fault(exc, ctx, self.step, lambda: self.checkpointer.save_alone(self.step, self.position))  # noqa: B904
+            finally:
+                self.log.end_progress()
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize(ctx.device)
+            wall = time.perf_counter() - t_start
+            self.checkpointer.save(self.step, self.position)  # at the end, and on SIGTERM/SIGINT (2nd Ctrl-C: at once)
+        return self.finish(start, wall, stop.stopped_by(stopping))
+
+    def lr(self) -> float:
+        """The schedule's lr for the step about to be taken: linear warmup, then half-cycle cosine per iteration."""
+        cfg = self.cfg
+        self.current_lr = lr_at(self.step / self.steps_per_epoch, self.recipe.base_lr, cfg.min_lr, cfg.warmup_epochs,
+                                cfg.epochs)  # fmt: skip
+        return self.current_lr
+
+    def log_step(self, loss: torch.Tensor) -> None:
+        """A logging step: the row, the bar, NaN warnings, and a rollback after too many non-finite steps in a row."""
+        cfg, step = self.cfg, self.recipe.step
+        counters = torch.stack([step.nan_skipped, step.nan_in_a_row]).to(loss.device, torch.float32)
+        # note: this is the CPU-GPU sync point of a logging step (the loss and the NaN counters, read at once)
+        *losses, skipped, in_a_row = torch.cat([loss.reshape(-1).float(), counters]).tolist()
+        now = time.perf_counter()
+        rate = self.images_since_log * self.ctx.dist.world_size / max(now - self.t_log, 1e-9)
+        self.t_log, self.images_since_log = now, 0
+        finite = all(math.isfinite(v) for v in losses)
+        value = losses[0] if len(losses) == 1 else losses
+        if finite:
+            self.first_loss = value if self.first_loss is None else self.first_loss
+            self.last_loss = value
+        self.log.row({"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                      **self.recipe.row(losses, finite, self.current_lr), "img_per_s": rate,
+                      "nan_skipped": int(skipped)})  # fmt: skip
+        self.bar.set_postfix(loss=f"{min(losses):.4f}", lr=f"{self.current_lr:.2e}", img_s=f"{rate:.0f}")
+        if skipped > self.skipped_logged:
+            logger.warning("skipped %d non-finite update(s) so far (step %d)", skipped, self.step)
+            self.skipped_logged = skipped
+        if cfg.nan_guard and in_a_row >= cfg.nan_rollback_after:
+            self.checkpointer.rollback(self.step, int(in_a_row))
+            step.nan_in_a_row.zero_()
+            step.invalidate()  # new optimizer state tensors: a CUDA graph captures again
+        elif not cfg.nan_guard and not finite:
+            raise FastMAEError(f"loss is {value} at step {self.step}; lower the learning rate")
+
+    # ------------------------------------------------------------------------------------------------- the end
+    def finish(self, start, wall: float, stopped_by: str | None) -> dict:
+        """The summary (``summary.json``): the run's numbers, then the recipe's end evaluations."""
+        ctx, recipe, world = self.ctx, self.recipe, self.ctx.dist.world_size
+        loader = recipe.loader
+        summary = {
+            "steps": self.step, "stopped_by": stopped_by, "nan_skipped": int(recipe.step.nan_skipped.item()),
+            "rollbacks": self.checkpointer.rollbacks, "images_seen": self.images * world,
+            "skipped_files": len(loader.skipped), "skipped_examples": sorted(loader.skipped)[:5],
+            "wall_time_s": wall, "img_per_s": self.images * world / max(wall, 1e-9),
+            "first_logged_loss": self.first_loss, "final_loss": self.last_loss, **ctx.info(),
+            "gpu": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else None,
+            "loader": loader.name, "loader_fallback": getattr(loader, "fell_back", None),
+            "decoders": getattr(loader, "decoders", None), **versions(),  # {decode route: the decoder that ran}
+        }  # fmt: skip
+        summary.update(recipe.summary(start, stopped_by))
+        summary["ranks_in_sync"] = params_in_sync(recipe.model, ctx.dist, ctx.device)  # logs an error when not
+        self.log.summary(summary)
+        self.log.close()
+        recipe.finished(summary)
+        return summary
+
+    def already_finished(self) -> dict:
+        """The summary of a run that ``--resume`` found at its last step: the folder's ``summary.json`` as it is
+        (nothing is written), marked ``already_finished``."""
+        try:
+            summary = json.loads((self.ctx.out / "summary.json").read_text())
+        except (OSError, ValueError):
+            summary = {}
+        logger.info("%s already finished at step %d: nothing to do", self.ctx.resume_path, self.step)
+        return {**summary, "steps": self.step, "already_finished": True, "output_dir": str(self.ctx.out)}
+
+
+def fault(exc: Exception, ctx: RunContext, step: int, save_alone: Callable[[], str] | None = None) -> Exception:
+    """What an exception out of a training loop becomes. A collective that failed because another rank died or went
+    silent, or a :class:`RunFault` (a data-loader worker that kept dying), turns into one line, after
+    ``save_alone()`` kept the last whole step where it can; a full disk stays as it is (saving again would not
+    help); anything else, a bug, is returned unchanged, to be raised with its traceback."""
+    if isinstance(exc, NoRoom):
+        return exc
+    lost = ctx.dist.enabled and peer_lost(exc)
+    if not lost and not isinstance(exc, RunFault):
+        return exc
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    what = f"lost another rank ({type(exc).__name__}: {first})" if lost else first
+    try:
+        kept = save_alone() if save_alone is not None else "nothing saved now; the last checkpoint stays"
+    except Exception as err:  # e.g. the disk is full as well
+        kept = f"could not save ({(str(err).splitlines() or [type(err).__name__])[0]})"
+    out = RunFault(f"rank {ctx.dist.rank} of {ctx.dist.world_size}: {what}, after step {step}; {kept}")
+    out.__cause__ = exc
+    return out
+
+
+class StopSignal:
+    """SIGTERM / SIGINT (preemption, Ctrl-C) ask the loop to finish the current step, save and exit cleanly."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        logger.warning("%s received: finishing this step, saving a checkpoint, then exiting", self.received)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def stopped_by(self, stopping: bool) -> str | None:
+        """For summaries: the signal that stopped the run ("peer": another rank received it), or None."""
+        return (self.received or "peer") if stopping else None
