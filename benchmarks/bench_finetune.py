@@ -1,5 +1,6 @@
 """Finetune step benchmark: img/s of the paper's finetune step (timm ViT, global pool + fc_norm, drop path, mixup/
-cutmix + soft-target CE, layer-decay AdamW) for ViT-B/L at 224 px, bf16 autocast + torch.compile on GPU.
+cutmix + soft-target CE, layer-decay AdamW) for ViT-B/L at 224 px, bf16 autocast + torch.compile on GPU. The step
+is the one ``fastmae finetune`` runs (``finetune_step`` in a run context: the same autocast, compile, NaN guard).
 
 Synthetic images on the device (compute only, no loader). Each model is timed with compile off and on in one run, so
 the row's ``speedup_vs_eager`` is a same-run ratio.
@@ -14,7 +15,6 @@ Rows: {"name": "finetune", "model", "img_size", "batch", "compile", "precision",
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -22,38 +22,29 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _harness import env_info, median, time_interleaved, write_results  # noqa: E402
-from fastmae.train.context import resolve_device  # noqa: E402
+from fastmae.train.context import RunContext, resolve_device  # noqa: E402
+from fastmae.train.data import Batch  # noqa: E402
 from fastmae.train.evaluate import layer_decay_groups  # noqa: E402
+from fastmae.train.finetune import finetune_step, mixing  # noqa: E402
 
 from fastmae.interop import create_vit  # noqa: E402
 
 MODELS = {"mae_vit_base_patch16": (128, 0.1, 0.65), "mae_vit_large_patch16": (64, 0.2, 0.75)}  # batch, dp, ld
 
 
-def make_step(name: str, batch: int, img: int, drop_path: float, layer_decay: float, device, use_compile: bool,
+def make_step(name: str, batch: int, img: int, drop_path: float, layer_decay: float, device, variant: str,
               classes: int = 1000):  # fmt: skip
-    from timm.data import Mixup
-    from timm.loss import SoftTargetCrossEntropy
-
+    """The loop's finetuning step (:func:`fastmae.train.finetune.finetune_step` in the loop's run context: its
+    autocast, ``--compile`` variant, NaN guard and fused AdamW) on one synthetic batch."""
     torch.manual_seed(0)
     model = create_vit(name, classes, img, "avg", drop_path).to(device).train()
     opt = torch.optim.AdamW(layer_decay_groups(model, 0.05, layer_decay), lr=1e-4, fused=True)
-    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=classes)
-    criterion = SoftTargetCrossEntropy()
-    fwd = torch.compile(model) if use_compile else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    imgs = torch.randn(batch, 3, img, img, device=device)
-    labels = torch.randint(0, classes, (batch,), device=device)
-
-    def step():
-        x, y = mixup(imgs, labels)
-        with autocast:
-            loss = criterion(fwd(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+    ctx = RunContext.local(device, compile=variant)  # bf16 autocast on CUDA, fp32 on a CPU
+    mixup, criterion = mixing(classes, mixup=0.8, cutmix=1.0, smoothing=0.1)
+    step = finetune_step(model, ctx.compiled(model), opt, ctx, mixup, criterion)
+    data = Batch(torch.randn(batch, 3, img, img, device=device), torch.randint(0, classes, (batch,), device=device),
+                 torch.arange(batch, device=device), epoch=0, position=(0, 1))  # fmt: skip
+    return lambda: step(data, 1e-4)
 
 
 def main(argv=None) -> dict:
@@ -72,9 +63,9 @@ def main(argv=None) -> dict:
         configs, img, args.steps = {"mae_vit_tiny_patch16": (4, 0.1, 0.75)}, 32, 2
     rows = []
     for name, (batch, dp, ld) in configs.items():
-        variants = {False: make_step(name, batch, img, dp, ld, device, False)}
+        variants = {False: make_step(name, batch, img, dp, ld, device, "off")}
         if gpu:  # compiled only on GPU: inductor on CPU needs a C++ toolchain and minutes
-            variants[True] = make_step(name, batch, img, dp, ld, device, True)
+            variants[True] = make_step(name, batch, img, dp, ld, device, "full")
         if gpu:
             torch.cuda.reset_peak_memory_stats(device)
         times = time_interleaved({str(k): v for k, v in variants.items()}, device, warmup=3, reps=args.steps)

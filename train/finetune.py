@@ -37,12 +37,42 @@ def finetune(cfg: FinetuneConfig) -> dict:
         return Trainer(ctx, cfg, Finetuning(cfg, ctx)).run()
 
 
+def mixing(classes: int, mixup: float, cutmix: float, smoothing: float):
+    """(timm's ``Mixup`` or None, the criterion): soft-target cross-entropy after mixup / cutmix, label smoothing
+    without them, plain cross-entropy without either."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if mixup > 0 or cutmix > 0:
+        mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=smoothing, num_classes=classes)
+        return mix, SoftTargetCrossEntropy()
+    return None, (LabelSmoothingCrossEntropy(smoothing) if smoothing > 0 else torch.nn.CrossEntropyLoss())
+
+
+def finetune_step(model, step_fn, optimizer, ctx: RunContext, mixup, criterion, *, accum: int = 1, sync=None,
+                  nan_guard: bool = True, clip_grad: float | None = None, after_update=None) -> TrainStep:  # fmt: skip
+    """The finetuning step, as the loop and ``benchmarks/bench_finetune.py`` both build it: mixup / cutmix on the
+    device, ``step_fn`` (the ViT, compiled and/or wrapped) and the criterion in the run's autocast, the loss averaged
+    over ranks before the NaN guard."""
+
+    def loss(batch):
+        imgs, labels = batch.images, batch.labels
+        targets = labels
+        if mixup is not None:
+            if imgs.shape[0] % 2:  # a batch that lost an undecodable file: mixup pairs need an even one
+                imgs, labels = imgs[:-1], labels[:-1]
+            imgs, targets = mixup(imgs, labels)
+        return criterion(step_fn(imgs), targets)
+
+    reduce = ctx.dist.all_reduce_mean if ctx.dist.enabled else None
+    return TrainStep(loss, optimizer, list(model.parameters()), device=ctx.device, autocast=ctx.autocast, accum=accum,
+                     sync=sync, nan_guard=nan_guard, clip_grad=clip_grad, reduce=reduce, after_update=after_update)
+
+
 class Finetuning(Recipe):
     name = "finetune"
 
     def __init__(self, cfg: FinetuneConfig, ctx: RunContext):
-        from timm.data import Mixup
-        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
         from timm.utils import ModelEmaV3
 
         self.cfg, self.ctx, dist = cfg, ctx, ctx.dist
@@ -60,15 +90,7 @@ class Finetuning(Recipe):
         # Fused AdamW: it can skip a non-finite update on the device (found_inf), with no host sync.
         self.optimizer = torch.optim.AdamW(groups, lr=self.base_lr, fused=True)
         self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
-        self.mixup = None
-        if cfg.mixup > 0 or cfg.cutmix > 0:
-            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
-                               num_classes=self.classes)  # fmt: skip
-            self.criterion = SoftTargetCrossEntropy()
-        elif cfg.smoothing > 0:
-            self.criterion = LabelSmoothingCrossEntropy(cfg.smoothing)
-        else:
-            self.criterion = torch.nn.CrossEntropyLoss()
+        self.mixup, self.criterion = mixing(self.classes, cfg.mixup, cfg.cutmix, cfg.smoothing)
         loaders = [make_loader(ctx.loader, index, kind, cfg, ctx.device, dist.rank, dist.world_size,
                                fallback=cfg.loader == "auto") for index, kind in ((self.train_idx, "finetune"),
                                                                                    (self.val_idx, "eval"))]  # fmt: skip
@@ -91,23 +113,10 @@ class Finetuning(Recipe):
     def prepare(self, trainer: Trainer) -> dict:
         self.trainer, self.log, cfg = trainer, trainer.log, self.cfg
         step_fn = self.ctx.compiled(self.step_module)
-
-        def loss(batch):
-            """Mixup / cutmix on the device, then the criterion."""
-            imgs, labels = batch.images, batch.labels
-            targets = labels
-            if self.mixup is not None:
-                if imgs.shape[0] % 2:  # a batch that lost an undecodable file: mixup pairs need an even one
-                    imgs, labels = imgs[:-1], labels[:-1]
-                imgs, targets = self.mixup(imgs, labels)
-            return self.criterion(step_fn(imgs), targets)
-
         ema = (lambda: self.ema.update(self.model, step=trainer.step + 1)) if self.ema is not None else None
-        self.step = TrainStep(loss, self.optimizer, list(self.model.parameters()), device=self.ctx.device,
-                              autocast=self.ctx.autocast, accum=cfg.accum_iter,
-                              sync=gradient_sync(self.step_module, self.model, self.ctx.dist), nan_guard=cfg.nan_guard,
-                              clip_grad=cfg.clip_grad, reduce=self.ctx.dist.all_reduce_mean if self.ctx.dist.enabled
-                              else None, after_update=ema)  # fmt: skip
+        self.step = finetune_step(self.model, step_fn, self.optimizer, self.ctx, self.mixup, self.criterion,
+                                  accum=cfg.accum_iter, sync=gradient_sync(self.step_module, self.model, self.ctx.dist),
+                                  nan_guard=cfg.nan_guard, clip_grad=cfg.clip_grad, after_update=ema)  # fmt: skip
         return {"arch": self.arch, "num_classes": self.classes, "classes": self.train_idx.classes,
                 "train_images": len(self.train_idx), "val_images": len(self.val_idx), **self.loaded}  # fmt: skip
 
