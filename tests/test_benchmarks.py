@@ -486,7 +486,7 @@ def test_compile_benchmark_runs_fresh_processes_and_states_the_targets(tmp_path)
     (row,) = json.loads(out.read_text())["rows"][:1]
     assert row["variant"] == "off" and row["cache"] == "cold" and "error" not in row, row
     assert row["first_step_s"] > 0 and row["step_s"] > 0 and row["graphs"] == 0 and row["loss"] > 0
-    # the ratios the README states, from rows as a full run writes them
+    # the ratios docs/benchmarks.md states, from rows as a full run writes them
     rows = [{"model": "m", "variant": v, "cache": c, "overhead_s": o} for v, c, o in
             (("full", "cold", 60.0), ("full", "warm", 6.0), ("regional", "cold", 15.0), ("regional", "warm", 3.0))]
     (s,) = bench_compile.summarise(rows)
