@@ -79,6 +79,25 @@ def test_every_docs_page_is_linked_from_the_front_page():
     assert (ROOT / "CONTRIBUTING.md").resolve() in linked
 
 
+# Where each generated table lives (the page its generator's documented --readme names; CONTRIBUTING.md lists them)
+TABLES = {"digits-payoff": "README.md", "index-bench": "docs/data.md", "loader-bench": "docs/data.md",
+          "e2e-bench": "docs/data.md", "restarts-bench": "docs/long-runs.md", "fastmae-bench-gpu": "docs/benchmarks.md",
+          "fastmae-breakdown": "docs/benchmarks.md", "fastmae-bench": "docs/benchmarks.md",
+          "compile-bench": "docs/benchmarks.md", "startup-bench": "docs/benchmarks.md"}  # fmt: skip
+
+
+def test_each_generated_table_sits_once_in_its_page():
+    for page in pages(ROOT):
+        text = _CODE.sub("", _FENCE.sub("", page.read_text()))  # markers named in code are not markers
+        for name in re.findall(r"<!-- ([\w-]+):start -->", text):
+            assert TABLES.get(name) == page.relative_to(ROOT).as_posix(), (name, page.name)
+    for name, page in TABLES.items():
+        text = (ROOT / page).read_text()
+        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+        assert text.count(start) == 1 and text.count(end) == 1 and text.index(start) < text.index(end), name
+        assert f"`{name}`" in (ROOT / "CONTRIBUTING.md").read_text(), name  # listed with its page and command
+
+
 def test_front_page_is_short():
     assert len((ROOT / "README.md").read_text().splitlines()) <= FRONT_PAGE_LINES
 
