@@ -87,7 +87,7 @@ class Rows:
 
 def report(json_path: str | os.PathLike, table, marker: str, readme: str | os.PathLike | None = None) -> str:
     """``table(results, json_name)`` of a results JSON, written into ``readme`` between ``<!-- marker:start -->``
-    and ``<!-- marker:end -->`` when given: README tables are generated, never typed."""
+    and ``<!-- marker:end -->`` when given (README.md or a docs/ page): tables are generated, never typed."""
     from fastmae.files import update_readme
 
     text = table(json.loads(Path(json_path).read_text()), Path(json_path).name)

@@ -8,7 +8,7 @@ the compile overhead is the first step's seconds less the median of the later on
 without compiling. Inductor, float32, on whatever device ``--device`` names (the CPU here).
 
     python benchmarks/bench_compile.py [--models mae_vit_base_patch16,mae_vit_large_patch16] [--batch 2] [--steps 4]
-    python benchmarks/bench_compile.py --report benchmarks/results/compile-cpu-<date>.json --readme README.md
+    python benchmarks/bench_compile.py --report benchmarks/results/compile-cpu-<date>.json --readme docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -133,7 +133,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per run before it counts as failed")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/compile-<device>-<date>.json)")
     ap.add_argument("--report", default=None, metavar="JSON", help="only print the table of a results JSON")
-    ap.add_argument("--readme", default=None, help="with --report: write it between the compile-bench markers")
+    ap.add_argument("--readme", default=None,
+                    help="with --report: the page to write (docs/benchmarks.md), between its compile-bench markers")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:

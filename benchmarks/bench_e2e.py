@@ -106,7 +106,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--smoke", action="store_true", help="tiny model and images on any device (checks the script)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--report", default=None, metavar="JSON")
-    ap.add_argument("--readme", default=None)
+    ap.add_argument("--readme", default=None,
+                    help="with --report: the page to write it into (docs/data.md), between its e2e-bench markers")
     args = ap.parse_args(argv)
     if args.report:
         table = report(args.report, readme_table, "e2e-bench", args.readme)

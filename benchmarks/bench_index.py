@@ -16,7 +16,7 @@ in a fresh process:
 Time is wall clock; memory is the process's resident set (``VmRSS`` before and after, ``VmHWM`` for the peak).
 
     python benchmarks/bench_index.py [--sizes 10000,100000,1281167] [--root DIR] [--keep]
-    python benchmarks/bench_index.py --report benchmarks/results/index-cpu-<date>.json --readme README.md
+    python benchmarks/bench_index.py --report benchmarks/results/index-cpu-<date>.json --readme docs/data.md
 """
 
 from __future__ import annotations
@@ -181,8 +181,8 @@ def _mb(x: float) -> str:
     return f"{x:.0f} MB"
 
 
-def readme_table(saved: dict, json_name: str, png: Path) -> str:
-    """The README table of results (rows per layout and file count) and the chart."""
+def readme_table(saved: dict, json_name: str, png_link: str) -> str:
+    """The docs table of results (rows per layout and file count) and the chart, linked as ``png_link``."""
     env = saved["env"]
     lines = [
         f"Measured on **{env.get('cpu', '?')}, {os.cpu_count()} cores** (torch {env.get('torch')}), git "
@@ -203,7 +203,7 @@ def readme_table(saved: dict, json_name: str, png: Path) -> str:
         stat = f"{r['warm_stat']['seconds']:.2f} s" if r.get("layout", "folders") == "folders" else "n/a"
         lines.append(f"| {r['files']:,} {layout} | {r['cold']['seconds']:.1f} s | {r['warm']['seconds']:.2f} s | "
                      f"{stat} | {_mb(r['warm']['index_mb'])} | {pre_text} | {w_text} |")
-    lines += ["", f"![index start against file count](benchmarks/results/{png.name})"]
+    lines += ["", f"![index start against file count]({png_link})"]
     return "\n".join(lines)
 
 
@@ -247,8 +247,11 @@ def report(json_paths: list[Path], readme: Path | None) -> str:
     saves = [json.loads(Path(p).read_text()) for p in json_paths]
     shas = dict.fromkeys(str(s["env"].get("git_sha"))[:12] for s in saves)
     saved = {"env": {**saves[0]["env"], "git_sha": "`, `".join(shas)}, "rows": [r for s in saves for r in s["rows"]]}
-    plot(saved, Path(json_paths[0]).with_suffix(".png"))
-    table = readme_table(saved, ", ".join(Path(p).name for p in json_paths), Path(json_paths[0]).with_suffix(".png"))
+    png = Path(json_paths[0]).with_suffix(".png")
+    plot(saved, png)
+    # the link as the page that shows it sees the chart (docs/data.md: ../benchmarks/results/...)
+    link = os.path.relpath(png.resolve(), Path(readme).resolve().parent) if readme else f"benchmarks/results/{png.name}"
+    table = readme_table(saved, ", ".join(Path(p).name for p in json_paths), Path(link).as_posix())
     if readme is not None:
         from fastmae.files import update_readme
 
@@ -268,7 +271,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/index-<device>-<date>.json)")
     ap.add_argument("--report", default=None, nargs="+", metavar="JSON",
                     help="only draw the chart and print the table of these JSONs (merged)")  # fmt: skip
-    ap.add_argument("--readme", default=None, help="with --report: write the table between the index-bench markers")
+    ap.add_argument("--readme", default=None,
+                    help="with --report: the page to write (docs/data.md), between its index-bench markers")
     ap.add_argument("--child", nargs=3, metavar=("MODE", "ROOT", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:

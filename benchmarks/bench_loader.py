@@ -221,7 +221,7 @@ def _normalize_ms(device: torch.device, batch: int, img_size: int) -> float:
 
 
 def readme_table(saved: dict, json_name: str) -> str:
-    """The README table of a results JSON: one row per loader, ratios to the official loader of the same kind."""
+    """The docs table of a results JSON: one row per loader, ratios to the official loader of the same kind."""
     env, rows = saved["env"], saved["rows"]
     first = rows[0]
     lines = [
@@ -309,7 +309,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script works (CPU, seconds)")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/loader-<device>-<date>.json)")
     ap.add_argument("--report", default=None, metavar="JSON", help="only print the table of a results JSON")
-    ap.add_argument("--readme", default=None, help="with --report: write the table between the loader-bench markers")
+    ap.add_argument("--readme", default=None,
+                    help="with --report: the page to write (docs/data.md), between its loader-bench markers")
     args = ap.parse_args(argv)
     if args.report:
         table = report(args.report, readme_table, "loader-bench", args.readme)

@@ -9,7 +9,7 @@ after how many seconds and whether fastmae's last line named the variable), ``hu
 process is killed). Trials of the settings alternate.
 
     python benchmarks/bench_restarts.py [--trials 5] [--wait 120]
-    python benchmarks/bench_restarts.py --report benchmarks/results/restarts-cpu-<date>.json --readme README.md
+    python benchmarks/bench_restarts.py --report benchmarks/results/restarts-cpu-<date>.json --readme docs/long-runs.md
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--wait", type=float, default=120, help="seconds after the kill before a job counts as hung")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/restarts-cpu-<date>.json)")
     ap.add_argument("--report", default=None, metavar="JSON", help="only print the table of a results JSON")
-    ap.add_argument("--readme", default=None, help="with --report: write it between the restarts-bench markers")
+    ap.add_argument("--readme", default=None,
+                    help="with --report: the page to write (docs/long-runs.md), between its restarts-bench markers")
     args = ap.parse_args(argv)
     if args.report:
         table = report(args.report, readme_table, "restarts-bench", args.readme)

@@ -3,7 +3,7 @@ against the imports it needs (torch's import is the floor of anything that train
 fresh processes; wall clock.
 
     python benchmarks/bench_startup.py [--repeat 3]
-    python benchmarks/bench_startup.py --report benchmarks/results/startup-cpu-<date>.json --readme README.md
+    python benchmarks/bench_startup.py --report benchmarks/results/startup-cpu-<date>.json --readme docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/startup-cpu-<date>.json)")
     ap.add_argument("--report", default=None, metavar="JSON", help="only print the table of a results JSON")
-    ap.add_argument("--readme", default=None, help="with --report: write it between the startup-bench markers")
+    ap.add_argument("--readme", default=None,
+                    help="with --report: the page to write (docs/benchmarks.md), between its startup-bench markers")
     args = ap.parse_args(argv)
     if args.report:
         table = report(args.report, readme_table, "startup-bench", args.readme)

@@ -7,7 +7,7 @@
 # The wheels are in .whl/ (benchmarks/fetch_wheels.sh writes them here; the call carries .whl). TorchCodec and xformers
 # go to /tmp/site, nvidia-cuda-runtime-cu12 to /tmp/cu12, both on PYTHONPATH: torch's import preloads the first
 # nvidia/cuda_runtime/lib/libcudart.so.* it finds on sys.path, which lets xformers' C++ extension load; the smoke
-# stage's -noext checks run without /tmp/cu12. Rehearsed on a CPU with PY, WHEELS and OUT set (README, the sitting).
+# stage's -noext checks run without /tmp/cu12. Rehearsed on a CPU with PY, WHEELS and OUT set (CONTRIBUTING.md, the GPU sitting).
 set -uo pipefail
 STAGES=${1:-smoke,codec}
 PY=${PY:-python3}

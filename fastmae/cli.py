@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="pretrain-step benchmark (eager, compiled-reference, fastmae, mask-token encoder): JSON, chart, table",
         description="Benchmark the pretraining step side by side in one run and write ./fastmae-bench-<gpu>-<date>"
-        ".json (or --out), rewritten after every row; or, with --report, draw the chart and README table from results "
+        ".json (or --out), rewritten after every row; or, with --report, draw the chart and docs table from results "
         "JSONs. The kernel, loader and finetune benchmarks are scripts of their own in benchmarks/.",
         formatter_class=_HelpFormatter,
     )

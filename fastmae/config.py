@@ -214,7 +214,7 @@ class PretrainConfig(RunConfig):
     )
     cuda_graphs: bool = _f(
         False, "run the whole step (forward, backward, AdamW) as one CUDA graph: one process, --accum-iter 1, bf16 or "
-        "fp32 (off by default until the H200 sitting measures it; README, Benchmarks)"
+        "fp32 (off by default until the H200 sitting measures it; docs/benchmarks.md)"
     )  # fmt: skip
     num_reconstructions: int = _f(8, "fixed images shown in each reconstructions/*.png")
     picture_scale: int | None = _f(
@@ -494,8 +494,8 @@ class BenchConfig:
         "sitting's)", nargs="+"
     )  # fmt: skip
     png: str | None = _f(None, "chart path for --report (default: the first JSON's path with .png)")
-    readme: str | None = _f(None, "README to update between the markers (--report)")
-    marker: str = _f("fastmae-bench", "which README markers hold the table (--report)")
+    readme: str | None = _f(None, "the page to update between the markers (--report): docs/benchmarks.md")
+    marker: str = _f("fastmae-bench", "which markers hold the table (--report): fastmae-bench-gpu for a GPU sitting")
 
     def validate(self) -> BenchConfig:
         if others := [x for x in _csv(self.suite) if x != "pretrain"]:

@@ -104,7 +104,7 @@ def breakdown(prof, cuda: bool, steps: int, step_ms: float) -> dict:
 
 
 def breakdown_table(rows: list[dict], source: str, env: dict) -> str:
-    """The README table of the rows that carry a breakdown: ms per step by category, idle, kernels per step."""
+    """The docs table of the rows that carry a breakdown: ms per step by category, idle, kernels per step."""
     have = [r for r in rows if r.get("breakdown")]
     if not have:
         return "No profiled rows yet: `fastmae bench --profile` writes them."

@@ -399,6 +399,28 @@ def test_report_writes_the_breakdown_table_between_its_markers(tmp_path):
     assert "| 3.00 | 900 |" in text
 
 
+@pytest.mark.filterwarnings("ignore:No artists with labels")
+def test_tables_written_into_a_docs_page_link_their_charts_from_there(tmp_path):
+    """The tables live in docs/*.md: a chart under benchmarks/results/ is linked as ../benchmarks/results/x.png."""
+    from fastmae.train import bench_report as bench
+
+    results, docs = tmp_path / "benchmarks" / "results", tmp_path / "docs"
+    results.mkdir(parents=True)
+    docs.mkdir()
+    env = {"gpu": "NVIDIA H200", "torch": "2.11", "triton": "3.6", "date": "d", "git_sha": "abc"}
+    path = bench.write_results([_step_row("fastmae", "visible", 2400)], env, results / "b.json")
+    page = docs / "benchmarks.md"
+    page.write_text(f"{bench.TABLE_START}\n{bench.TABLE_END}\n")
+    bench.report(path, readme=page)
+    assert "![pretrain step chart](../benchmarks/results/b.png)" in page.read_text()
+    index = results / "index.json"
+    index.write_text(json.dumps({"env": {"cpu": "x86_64", "torch": "2", "git_sha": "abc", "date": "d"}, "rows": []}))
+    page = docs / "data.md"
+    page.write_text("<!-- index-bench:start -->\n<!-- index-bench:end -->\n")
+    _load("bench_index").report([index], page)
+    assert "![index start against file count](../benchmarks/results/index.png)" in page.read_text()
+
+
 def test_attention_benchmark_writes_rows_and_merges_the_table(tmp_path):
     """bench_attention --smoke on CPU: every backend either timed (checked against math first) or its reasons; the
     table gets one entry per shape with the fastest, and a second run replaces entries of the same key only."""
@@ -464,7 +486,7 @@ def test_compile_benchmark_runs_fresh_processes_and_states_the_targets(tmp_path)
     (row,) = json.loads(out.read_text())["rows"][:1]
     assert row["variant"] == "off" and row["cache"] == "cold" and "error" not in row, row
     assert row["first_step_s"] > 0 and row["step_s"] > 0 and row["graphs"] == 0 and row["loss"] > 0
-    # the ratios the README states, from rows as a full run writes them
+    # the ratios docs/benchmarks.md states, from rows as a full run writes them
     rows = [{"model": "m", "variant": v, "cache": c, "overhead_s": o} for v, c, o in
             (("full", "cold", 60.0), ("full", "warm", 6.0), ("regional", "cold", 15.0), ("regional", "warm", 3.0))]
     (s,) = bench_compile.summarise(rows)

@@ -86,10 +86,10 @@ def _launch(args, restarts=1, env=None):
 
 @pytest.mark.parametrize("attempt", [1, 2, 3])
 def test_killed_rank_restarts_and_ends_bit_identical(images, uninterrupted, tmp_path, attempt):
-    """The README's launch forms (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ..., and ``fastmae launch``, which
-    sets it; --max-restarts, --resume auto): rank 1 is SIGKILLed mid-run, torchrun restarts both ranks, they resume
-    from the last checkpoint and finish with the weights of the run that was never interrupted. Three times in a
-    row, the third through ``fastmae launch``."""
+    """The launch forms of docs/long-runs.md (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ..., and ``fastmae
+    launch``, which sets it; --max-restarts, --resume auto): rank 1 is SIGKILLed mid-run, torchrun restarts both
+    ranks, they resume from the last checkpoint and finish with the weights of the run that was never interrupted.
+    Three times in a row, the third through ``fastmae launch``."""
     out, marker = tmp_path / "run", uuid.uuid4().hex
     args = ["pretrain", *RUN, "--data", str(images), "--output-dir", str(out), "--resume", "auto"]
     start = _launch if attempt == 3 else lambda a, env: _torchrun(a, restarts=1, env=env)

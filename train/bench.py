@@ -27,7 +27,7 @@ the fastmae rows (img/s and peak memory; the knee is the smallest batch within 5
 (:mod:`fastmae.compiling`); ``--compile-mode`` picks inductor's mode; ``--optimizer-bench``
 times fused AdamW against a compiled AdamW on the model's parameters. ``--profile`` adds where the time goes
 (:mod:`fastmae.profiling`: time by category and idle). ``--quick`` runs tiny shapes on whatever device there is, to
-check the suite end to end (the tests run it). ``--report`` turns results JSON into a PNG chart and the README's
+check the suite end to end (the tests run it). ``--report`` turns results JSON into a PNG chart and docs/benchmarks.md's
 tables.
 """
 
@@ -395,7 +395,7 @@ class ResultsFile:
 
 def bench(cfg: BenchConfig) -> int:
     """``fastmae bench``: measure (results JSON rewritten after every row) and print the same-run ratios, or, with
-    ``--report``, draw the chart and README table from results JSONs."""
+    ``--report``, draw the chart and the docs table from results JSONs."""
     if cfg.report:
         from .bench_report import report
 
@@ -413,7 +413,8 @@ def bench(cfg: BenchConfig) -> int:
         print(f"{s['model']} dec{s['decoder_depth']}: fastmae {_fmt(s['fastmae_vs_eager'])}x eager, "
               f"{_fmt(s['fastmae_vs_compiled_reference'])}x compiled-reference, visible "
               f"{_fmt(s['visible_vs_mask_token'])}x mask-token ({s['best_variant']})")  # fmt: skip
-    print(f"wrote {results.path}; chart and README table: fastmae bench --report {results.path} --readme README.md")
+    print(f"wrote {results.path}; chart and table: fastmae bench --report {results.path} "
+          "--readme docs/benchmarks.md")
     return 0
 
 

@@ -1,10 +1,11 @@
-"""What ``fastmae bench`` measured, read back: same-run ratios (:func:`speedups`), the README table, the chart, and
+"""What ``fastmae bench`` measured, read back: same-run ratios (:func:`speedups`), the docs table, the chart, and
 several results files of one sitting merged (``fastmae bench --report``). MFU is computed here from each row's TFLOP/s
 and the GPU's peaks (:func:`mfu_of`), so files written under an older convention read the same way."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ PEAK_TFLOPS = {"H100 PCIe": 756.0, "H200": 989.4, "H100": 989.4, "A100": 312.0, 
                "L4": 121.0, "4090": 165.2}  # fmt: skip
 MEASURED_PEAK_TFLOPS = {"H100 PCIe": None, "H200": 790.0, "H100": 790.0}
 TABLE_START, TABLE_END = "<!-- fastmae-bench:start -->", "<!-- fastmae-bench:end -->"
-BREAKDOWN = "fastmae-breakdown"  # README markers of the where-the-time-goes table
+BREAKDOWN = "fastmae-breakdown"  # docs/benchmarks.md markers of the where-the-time-goes table
 
 
 def peak_tflops(gpu: str, table: dict = PEAK_TFLOPS) -> float | None:
@@ -122,7 +123,7 @@ def _pct(x: float | None) -> str:
 
 
 def results_table(results: dict, source: str) -> str:
-    """The README table (markdown) of a results JSON's pretrain_step rows, with same-run speedups (on the fastest
+    """The docs table (markdown) of a results JSON's pretrain_step rows, with same-run speedups (on the fastest
     fastmae visible row at the fixed batch), then the batch sweeps, the optimizer rows and what failed. MFU is
     computed here from each row's TFLOP/s and the GPU's peaks (:func:`mfu_of`), so files written under an older
     convention read the same way."""
@@ -243,8 +244,8 @@ def merge_results(paths: list[Path]) -> dict:
 
 def report(json_path, png: str | Path | None = None, readme: str | Path | None = None,
            marker: str = "fastmae-bench") -> dict:  # fmt: skip
-    """Chart and README table (between the ``marker`` markers) from one committed results JSON or several merged
-    (never typed by hand)."""
+    """Chart and table (between the ``marker`` markers of ``readme``, docs/benchmarks.md) from one committed results
+    JSON or several merged (never typed by hand)."""
     paths = [Path(p) for p in ([json_path] if isinstance(json_path, str | Path) else json_path)]
     results = merge_results(paths)
     png = Path(png) if png else paths[0].with_suffix(".png")
@@ -264,9 +265,7 @@ def report(json_path, png: str | Path | None = None, readme: str | Path | None =
 
 
 def _relative(path: Path, base: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(base.resolve()))
-    except ValueError:
-        return str(path)
+    """``path`` as a link from a file in ``base``: ``../benchmarks/results/x.png`` from ``docs/``."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(base).resolve())).as_posix()
 
 

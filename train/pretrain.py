@@ -4,7 +4,7 @@ The loop, checkpoints, logs and faults are the :class:`~fastmae.train.trainer.Tr
 the data (any image folder, shards, the digits, or synthetic batches), the MAE (new, or from ``--pretrained``) wrapped
 for DDP / FSDP2, fused AdamW with the recipe's weight-decay groups, the loss (each sample's mask from
 ``(seed, epoch, sample id)``, :func:`mae_step`), and a picture + fixed-image eval loss at the start, every
-``--picture-every`` steps and at the end. Output folder: see the README (``config.json``, ``metrics.jsonl``,
+``--picture-every`` steps and at the end. Output folder: see docs/output.md (``config.json``, ``metrics.jsonl``,
 ``checkpoint-last.pth``, ``summary.json``, ``reconstructions/step*.png``, ``loss.png``, ``tensorboard/``).
 """
 
