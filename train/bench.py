@@ -33,7 +33,6 @@ tables.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import importlib.metadata
 import os
@@ -229,8 +228,7 @@ def check_fast_matches_eager(model_name, decoder_depth, device, quick=None, batc
     imgs = torch.randn(batch, 3, *size, generator=g, device=device)
     noise = torch.rand(batch, eager.patch_embed.num_patches, generator=g, device=device)
     cuda = device.type == "cuda"
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), RunContext.local(device).autocast():  # the loop's autocast (bf16 on CUDA, none on a CPU)
         a = eager(imgs, mask_ratio=0.75, noise=noise)[0].float().item()
         b = fast(imgs, mask_ratio=0.75, noise=noise)[0].float().item()
     rel = abs(a - b) / max(abs(a), 1e-12)
