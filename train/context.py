@@ -102,7 +102,16 @@ class RunContext:
                 "cuda_graphs": self.graphs, "loader": self.loader, "world_size": self.dist.world_size,
                 "parallel": self.dist.strategy}  # fmt: skip
 
-    def close(self) -> None:
+    def close(self, clean: bool = False) -> None:
+        if clean and self.dist.enabled:
+            # Leave together: a rank that tears down its gloo pairs while a peer is still finishing its last
+            # collective can make that peer abort (a SIGABRT of rank 1 was seen once in the 2-process tests). Best
+            # effort: the run's work is done, and a peer that ended with an error of its own must not make this one's
+            # clean end a failure.
+            try:
+                self.dist.barrier()
+            except Exception as exc:  # noqa: BLE001
+                logger.debug("leaving the process group without the other ranks: %s", exc)
         self.dist.close()  # leave torchrun's process group
         if self.lock is not None:
             os.close(self.lock)  # lets go of the folder
@@ -111,8 +120,8 @@ class RunContext:
     def __enter__(self) -> RunContext:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *_) -> None:
+        self.close(clean=exc_type is None)
 
 
 def _problems(cfg, command: str, device: torch.device, precision: str, variant: str, loader_reason: str | None,
