@@ -26,7 +26,7 @@ from fastmae.files import check_checkpoint_file
 from fastmae.interop import check_pretrained
 
 from .checkpointer import resolve_resume
-from .data import loader_problem
+from .data import loader_problem, make_loader
 from .distributed import DistContext, init_distributed
 from .job import dist_info, export_slurm_env
 from .output import check_fresh_start, check_output_dir, lock_output_dir, move_run_aside, run_files, tensorboard_problem
@@ -91,6 +91,12 @@ class RunContext:
         if self.precision == "fp32":
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.act_dtype, cache_enabled=False)
+
+    def loader_for(self, index, kind: str, cfg):
+        """The run's loader (chosen at the start) over ``index`` for this rank, as ``kind`` (pretrain, finetune,
+        linprobe, eval) reads it; under ``--loader auto`` a GPU route has the torchvision loader behind it."""
+        return make_loader(self.loader, index, kind, cfg, self.device, self.dist.rank, self.dist.world_size,
+                           fallback=cfg.loader == "auto")  # fmt: skip
 
     def compiled(self, module: torch.nn.Module) -> torch.nn.Module:
         """What the step calls: ``module`` compiled as ``--compile`` says (:func:`fastmae.compiling.compile_model`)."""

@@ -22,7 +22,7 @@ from fastmae.config import FinetuneConfig
 from fastmae.interop import create_vit, encoder_arch, load_pretrained
 
 from .context import RunContext, seed_all, start_run
-from .data import labelled_data, make_loader
+from .data import labelled_data
 from .distributed import gradient_sync, wrap_model
 from .evaluate import evaluate, layer_decay_groups
 from .step import TrainStep
@@ -91,10 +91,8 @@ class Finetuning(Recipe):
         self.optimizer = torch.optim.AdamW(groups, lr=self.base_lr, fused=True)
         self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
         self.mixup, self.criterion = mixing(self.classes, cfg.mixup, cfg.cutmix, cfg.smoothing)
-        loaders = [make_loader(ctx.loader, index, kind, cfg, ctx.device, dist.rank, dist.world_size,
-                               fallback=cfg.loader == "auto") for index, kind in ((self.train_idx, "finetune"),
-                                                                                   (self.val_idx, "eval"))]  # fmt: skip
-        self.loader, self.val_loader = loaders
+        self.loader = ctx.loader_for(self.train_idx, "finetune", cfg)
+        self.val_loader = ctx.loader_for(self.val_idx, "eval", cfg)
         self.best = None
         self.fits = f"fit {cfg.model or 'this model'} with {self.classes} classes at {cfg.img_size} px"
         self.copies = 4 if cfg.ema else 3

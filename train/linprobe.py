@@ -25,7 +25,7 @@ from fastmae.config import LinprobeConfig
 from fastmae.interop import create_vit, encoder_arch, load_pretrained
 
 from .context import RunContext, seed_all, start_run
-from .data import labelled_data, make_loader
+from .data import labelled_data
 from .evaluate import _split_labels, _with_labels, extract, knn_classify, lars_groups, make_probe, score_probes
 from .step import TrainStep
 from .trainer import Recipe, Trainer
@@ -59,10 +59,9 @@ class LinearProbing(Recipe):
             torch.manual_seed(cfg.seed)
             self.model = nn.ModuleList([make_probe(self.dim, self.classes) for _ in self.lrs]).to(ctx.device)
         self.optimizer = Lars(lars_groups(self.model, self.lrs, cfg.weight_decay), lr=self.lrs[0], momentum=0.9)
-        loaders = [make_loader(ctx.loader, index, kind, cfg, ctx.device, dist.rank, dist.world_size,
-                               fallback=cfg.loader == "auto") for index, kind in ((self.train_idx, "linprobe"),
-                                                                                   (self.val_idx, "eval"))]  # fmt: skip
-        self.loader, self.val_loader = loaders  # crop + flip; the evaluation view
+        # crop + flip for training; the evaluation view
+        self.loader = ctx.loader_for(self.train_idx, "linprobe", cfg)
+        self.val_loader = ctx.loader_for(self.val_idx, "eval", cfg)
         self.start_scores = None
         self.fits = f"hold {len(self.lrs)} probe(s) of {self.dim} features x {self.classes} classes"
 
@@ -119,8 +118,7 @@ class LinearProbing(Recipe):
         scores = score_probes(self.model, self.val_f, self.val_y, self.classes)
         knn = None
         if cfg.knn_k > 0:  # training features without augmentation, each rank its shard
-            train_eval = make_loader(ctx.loader, self.train_idx, "eval", cfg, ctx.device, ctx.dist.rank,
-                                     ctx.dist.world_size, fallback=cfg.loader == "auto")  # fmt: skip
+            train_eval = ctx.loader_for(self.train_idx, "eval", cfg)
             train_f, train_y = extract(self.features, train_eval, ctx.device, ctx.autocast, self.dim)
             knn = knn_classify(train_f, train_y, self.val_f, self.val_y, self.classes, cfg.knn_k, cfg.knn_t,
                                ctx=ctx.dist)  # fmt: skip

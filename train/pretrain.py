@@ -20,7 +20,7 @@ from fastmae.interop import check_model, from_pretrained
 from fastmae.models import model_arch
 
 from .context import RunContext, seed_all, start_run
-from .data import SyntheticLoader, make_loader, pretrain_index, sample_images
+from .data import SyntheticLoader, pretrain_index, sample_images
 from .distributed import gradient_sync, wrap_model
 from .noise import mask_noise
 from .schedule import build_optimizer
@@ -69,8 +69,7 @@ class Pretraining(Recipe):
                                           dist.rank, dist.world_size)  # fmt: skip
         else:
             self.index = pretrain_index(cfg.data, dist, cfg.index_check)
-            self.loader = make_loader(ctx.loader, self.index, "pretrain", cfg, ctx.device, dist.rank, dist.world_size,
-                                      fallback=cfg.loader == "auto")  # fmt: skip
+            self.loader = ctx.loader_for(self.index, "pretrain", cfg)
         options = dict(kernels=cfg.kernels, attn_backend=cfg.attn_backend, encoder_mode=cfg.encoder_mode)
         if cfg.pretrained is not None:  # continued pretraining: the checkpoint's architecture and weights
             self.model = from_pretrained(cfg.pretrained, cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size,
