@@ -161,23 +161,38 @@ def test_inductor_compiles_the_training_step_with_the_fused_ops(encoder_mode):
         assert _rel(p.grad, q.grad) < 1e-4, name
 
 
-def test_kernels_folder_found_as_a_top_level_package_registers_nothing_twice():
-    """With the repository root on sys.path (pytest, `python -m` from a checkout), transformers imports `kernels`
-    looking for Hugging Face's project of that name and finds this folder. That must hand out fastmae.kernels, not
-    load the ops again: a second registration of fastmae::masked_mse left the first one's handles dangling, and a
-    later custom op (transformers' grouped_mm_fallback in CI) was called in its place."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = """
-import sys, torch
-sys.path.insert(0, sys.argv[1])
+# Run from the repository root with the root first on sys.path, as pytest, `python -m` and users' scripts in a
+# checkout do. The ops are registered once (a second registration of fastmae::masked_mse left the first one's handles
+# dangling, and a later custom op was called in its place), which the last lines check.
+_TOP_LEVEL_KERNELS = """
+import importlib.machinery, os, sys, torch
+root, case = sys.argv[1], sys.argv[2]
+sys.path.insert(0, root)
+if case == "none":  # no other `kernels` anywhere: Hugging Face's distribution hidden from the path finder
+    _find = importlib.machinery.PathFinder.find_spec.__func__
+    def _hide(cls, name, path=None, target=None):
+        if name == "kernels":
+            path = [p for p in (path or sys.path) if os.path.realpath(p or ".") == os.path.realpath(root)
+                    or not os.path.isdir(os.path.join(p or ".", "kernels"))]
+        return _find(cls, name, path, target)
+    importlib.machinery.PathFinder.find_spec = classmethod(_hide)
+elif case == "stand-in":  # another distribution's `kernels`, later on sys.path than the checkout
+    sys.path.insert(1, sys.argv[3])
 from fastmae.kernels.masked_mse import masked_mse, masked_mse_reference
 import fastmae.kernels, kernels
-assert kernels is fastmae.kernels and "kernels.masked_mse" not in sys.modules
-from transformers.utils.import_utils import is_kernels_available
-assert not is_kernels_available()
+assert "kernels.masked_mse" not in sys.modules, "the checkout's ops were loaded a second time"
+if case == "none":
+    assert kernels is fastmae.kernels
+else:
+    assert kernels is not fastmae.kernels and "fastmae" not in kernels.__file__, kernels.__file__
+if case == "stand-in":
+    from kernels.layer import LAYER  # a submodule of the other package
+    assert kernels.MARK == "other" and LAYER == 1
+if case == "hugging-face":  # the import that failed: transformers' hub kernels integration
+    from kernels import CUDAProperties  # noqa: F401
+    from transformers.integrations import hub_kernels  # noqa: F401
+    from transformers.utils.import_utils import is_kernels_available
+    assert is_kernels_available()
 
 @torch.library.custom_op("zz_test::other", mutates_args=())
 def other(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -186,6 +201,33 @@ pred, imgs = torch.randn(2, 4, 192), torch.randn(2, 3, 16, 16)
 mask = torch.ones(2, 4)
 torch.testing.assert_close(masked_mse(pred, imgs, mask, 8, True), masked_mse_reference(pred, imgs, mask, 8, True))
 """
+
+
+@pytest.mark.parametrize("case", ["hugging-face", "stand-in", "none"])
+def test_top_level_kernels_import_never_shadows_another_package(case, tmp_path):
+    """The checkout's `kernels/` folder (installed as fastmae.kernels) found as a top-level `kernels`: with Hugging
+    Face's `kernels` installed, `import kernels` gets that package (transformers 5 imports `CUDAProperties` from it);
+    with another package of that name it gets that one; with none it gets fastmae.kernels; the ops load once."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if case == "hugging-face":
+        spec = importlib.util.find_spec("transformers")
+        try:
+            import importlib.metadata as metadata
+
+            metadata.version("kernels")
+        except metadata.PackageNotFoundError:
+            pytest.skip("Hugging Face's kernels is not installed (the dev extra brings it with transformers 5)")
+        if spec is None:
+            pytest.skip("transformers is not installed")
+    other = tmp_path / "site" / "kernels"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text('MARK = "other"\n')
+    (other / "layer.py").write_text("LAYER = 1\n")
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-c", script, str(root)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _TOP_LEVEL_KERNELS, str(root), case, str(other.parent)],
+                          capture_output=True, text=True, timeout=300, cwd=root)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
