@@ -692,6 +692,10 @@ class BenchConfig(CommandConfig):
         check_graph_mode(self.graphs, None, self.compile_mode, "--graphs")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise FastMAEError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.attn_backend is not None:  # a spec that does not parse is one line now, not a failed row per model
+            from .attention import parse_sites
+
+            parse_sites(self.attn_backend)
 
     @property
     def model_names(self) -> list[str]:
