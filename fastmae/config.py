@@ -37,7 +37,6 @@ VARIANTS = ("off", "full", "regional")  # --compile (fastmae.compiling)
 DEFAULT_VARIANT = "full"
 MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")  # torch.compile's modes
 GRAPH_MODES = ("max-autotune", "reduce-overhead")  # modes that capture CUDA graphs of their own
-COMPILE_MODES = MODES
 BENCH_CONFIGS = ("eager", "compiled-reference", "fastmae", "mask-token")
 
 

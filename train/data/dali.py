@@ -20,7 +20,7 @@ import logging
 import numpy as np
 import torch
 
-from fastmae.errors import FastMAEError
+from fastmae.errors import FastMAEError, one_line
 
 from .decode import DALI_NATIVE, IMAGENET_MEAN, IMAGENET_STD, load_rgb
 from .index import DataIndex
@@ -229,7 +229,7 @@ class DALILoader(IndexLoader):
             except Exception as exc:  # a file DALI cannot decode: retry from here with PIL for the fed batches
                 retry = {int(i) for _, _, ids in self._pending for i in ids}
                 logger.warning("DALI failed on batch %d of epoch %d (%s); retrying it with PIL decoding",
-                               self._next[1], epoch, str(exc).splitlines()[0][:120])  # fmt: skip
+                               self._next[1], epoch, one_line(exc, limit=120))  # fmt: skip
                 self._pipe = None
                 if not retry or retry <= self.via_pil:
                     raise

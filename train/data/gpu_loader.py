@@ -153,7 +153,7 @@ def batch_jpeg_decoder(device: torch.device) -> tuple[str | None, str]:
             try:
                 _BATCH_DECODERS[name]([_tiny_jpeg()], device)
             except Exception as exc:  # not installed, no nvJPEG in this build, a driver problem, ...
-                skipped.append(f"{name}: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:120]}")
+                skipped.append(f"{name}: {one_line(exc, typed=True, limit=120)}")
                 continue
             _CHOSEN[key] = (name, "; ".join(skipped))
             break

@@ -47,7 +47,7 @@ logger = logging.getLogger("fastmae.data")
 PIPELINES = ("pretrain", "linprobe", "finetune", "eval")
 PRETRAIN_SCALE = (0.2, 1.0)  # MAE pretraining crop scale
 FINETUNE_SCALE = (0.08, 1.0)  # timm / DeiT default, used by the MAE finetune and linear-probe recipes
-# RandomResizedCrop scale of the training pipelines: pretrain and linprobe are crop + flip only, finetune adds RandAugment.
+# RandomResizedCrop scale of the training pipelines: pretrain and linprobe crop + flip only, finetune adds RandAugment.
 CROP_SCALE = {"pretrain": PRETRAIN_SCALE, "linprobe": FINETUNE_SCALE, "finetune": FINETUNE_SCALE}
 FINETUNE_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
 RANDOM_ERASE_PROB = 0.25
