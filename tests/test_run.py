@@ -65,6 +65,19 @@ def test_help_shows_preset_values_never_none(capsys):
     assert "(demo: 96)" in text and "(demo: mae_vit_tiny_patch16)" in text and "(demo: 5.0)" in text
 
 
+def test_help_imports_no_torch():
+    """``fastmae --help`` and ``fastmae pretrain --help`` parse flags without importing torch (a fresh process: the
+    configs, the CLI and the registry are torch-free)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom fastmae.cli import main\nfor argv in (['--help'], ['pretrain', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules)")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "False", proc.stderr
+
+
 def _one_line_error(args, capsys) -> str:
     code = main(args)
     err = capsys.readouterr().err.strip().splitlines()
