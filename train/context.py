@@ -28,7 +28,7 @@ from .data import make_loader
 from .distributed import DistContext, init_distributed
 from .job import dist_info, export_slurm_env
 from .output import check_fresh_start, check_output_dir, lock_output_dir, move_run_aside, run_files
-from .spec import Asked, RunSpec, decide, local_spec, resolve_device  # noqa: F401 (benchmarks import resolve_device)
+from .spec import Asked, RunSpec, decide, resolve_device  # noqa: F401 (benchmarks import resolve_device)
 
 logger = logging.getLogger("fastmae.context")
 
@@ -42,12 +42,6 @@ class RunContext(RunSpec):
     out: Path | None = None
     resume_path: Path | None = None
     lock: int | None = field(default=None, repr=False)  # rank 0's descriptor of out/.fastmae.lock
-
-    @classmethod
-    def local(cls, device: torch.device, precision: str = "auto", compile: str = "off",
-              compile_mode: str = "default", graphs: bool = False) -> RunContext:  # fmt: skip
-        """One process, no output folder (:func:`~fastmae.train.spec.local_spec`): what the benchmarks measure in."""
-        return cls.of(local_spec(device, precision, compile, compile_mode, graphs))
 
     @classmethod
     def of(cls, spec: RunSpec, **kw) -> RunContext:
