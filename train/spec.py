@@ -48,8 +48,8 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
 @dataclass(frozen=True)
 class Asked:
     """The choices as a command asked for them, before anything is resolved. ``kernels`` and ``attn_backend`` are
-    None for a run without the MAE's op layer (finetuning and probing a timm ViT); ``model`` and its geometry let the
-    attention check use the model's head dims."""
+    None for a run without the MAE's op layer (finetuning and probing a timm ViT); ``model`` lets the attention check
+    use the model's head dims."""
 
     command: str = "pretrain"
     device: str = "auto"
@@ -61,7 +61,6 @@ class Asked:
     kernels: str | None = None
     attn_backend: str | None = None
     model: str | None = None
-    patch_size: int | None = None
     accum: int = 1
     world_size: int = 1
     parallel: str = "ddp"
@@ -71,8 +70,8 @@ class Asked:
     def of(cls, cfg, command: str, world_size: int | None = None) -> Asked:
         """What a training command's configuration asks for (``world_size``: the job's, from its launcher)."""
         return cls(command, cfg.device, cfg.precision, cfg.compile, cfg.compile_mode, cfg.get("cuda_graphs", False),
-                   cfg.loader, cfg.get("kernels"), cfg.get("attn_backend"), cfg.model, cfg.get("patch_size"),
-                   cfg.accum_iter, dist_info()[1] if world_size is None else world_size, cfg.get("parallel", "ddp"),
+                   cfg.loader, cfg.get("kernels"), cfg.get("attn_backend"), cfg.model, cfg.accum_iter,
+                   dist_info()[1] if world_size is None else world_size, cfg.get("parallel", "ddp"),
                    cfg.tensorboard)  # fmt: skip
 
 
