@@ -30,8 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import Rows, cli, env_info  # noqa: E402
-from bench_kernels import _time  # noqa: E402
+from _harness import Rows, cli, env_info, row_error, time_ms  # noqa: E402
 from fastmae.train.context import resolve_device  # noqa: E402
 
 from fastmae import attention  # noqa: E402
@@ -62,13 +61,13 @@ def measure(shape, backend: str, device: torch.device, dtype: torch.dtype, reps:
     backend wins that has not run forward and backward correctly."""
     model, site, batch, heads, tokens, head_dim = shape
     row = {"name": "attention", "model": model, "site": site, "backend": backend, "batch": batch, "heads": heads,
-           "tokens": tokens, "head_dim": head_dim, "dtype": attention._dtype_name(dtype), "ms": None}  # fmt: skip
+           "tokens": tokens, "head_dim": head_dim, "dtype": attention.dtype_name(dtype), "ms": None}  # fmt: skip
     g = torch.Generator(device=device).manual_seed(tokens * head_dim)
     q, k, v = (torch.randn(batch, heads, tokens, head_dim, device=device, generator=g, dtype=dtype).requires_grad_()
                for _ in range(3))  # fmt: skip
     impl = attention.XFormersAttention("cutlass") if backend == "xformers-cutlass" else attention.get_backend(backend)
     row["op"] = backend if backend in ("flash", "cudnn", "efficient", "math") else None  # sdpa: torch's choice
-    if reasons := impl.supports(q, k, v):
+    if reasons := impl.unsupported(q, k, v):
         return {**row, "reasons": reasons}
     try:
         out = impl(q, k, v)
@@ -90,10 +89,9 @@ def measure(shape, backend: str, device: torch.device, dtype: torch.dtype, reps:
         def fwd_bwd():
             torch.autograd.grad(impl(q, k, v), (q, k, v), grad)
 
-        row["ms"] = _time(fwd_bwd, device, reps)
+        row["ms"] = time_ms(fwd_bwd, device, reps)
     except Exception as exc:  # torch's own checks, a kernel failing at these shapes: a row, not the end of the run
-        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-        return {**row, "ms": None, "error": f"{type(exc).__name__}: {lines[-1][:200] if lines else ''}"}
+        return {**row, "ms": None, "error": row_error(exc)}
     return row
 
 

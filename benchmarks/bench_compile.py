@@ -32,10 +32,11 @@ MODELS = ("mae_vit_base_patch16", "mae_vit_large_patch16")
 
 def child(model_name: str, variant: str, batch: int, steps: int, device: str, img_size: int = 224) -> dict:
     """One process's run (see the module docstring): seconds to build, first step, later steps; compile counters."""
-    from fastmae.train.context import RunContext
     from fastmae.train.data import Batch
-    from fastmae.train.pretrain import mae_step
+    from fastmae.train.pretrain import mae_loss
     from fastmae.train.schedule import build_optimizer
+    from fastmae.train.spec import local_spec
+    from fastmae.train.step import StepParts, build_step
     from torch._dynamo.utils import counters
 
     from fastmae.models import create_model
@@ -43,10 +44,12 @@ def child(model_name: str, variant: str, batch: int, steps: int, device: str, im
     dev = torch.device(device)
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    model = create_model(model_name, img_size=img_size, kernels="reference", attn_backend="auto").to(dev)
-    ctx = RunContext.local(dev, compile=variant)  # the loop's context: bf16 autocast on CUDA, fp32 on a CPU
+    # the loop's run spec (bf16 autocast on CUDA, fp32 on a CPU) and its step builder
+    spec = local_spec(dev, compile=variant, kernels="reference", attn_backend="auto", model=model_name)
+    model = create_model(model_name, img_size=img_size, **spec.model_options()).to(dev)
     optimizer = build_optimizer(model, 1e-4, 0.05, (0.9, 0.95), fused=True)  # the loop's (the NaN guard sets found_inf)
-    step = mae_step(model, ctx.compiled(model), optimizer, ctx, seed=0, mask_ratio=0.75)
+    loss_fn = mae_loss(model, spec.compiled(model), dev, seed=0, mask_ratio=0.75)
+    step = build_step(StepParts(loss_fn, optimizer, model.parameters()), spec)
     imgs = torch.randint(0, 256, (batch, 3, *model.patch_embed.img_size), dtype=torch.uint8, device=dev)
     labels = torch.zeros(batch, dtype=torch.long, device=dev)
     build = time.perf_counter() - t0

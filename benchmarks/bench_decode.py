@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import Rows, cli, env_info, median, sync  # noqa: E402
+from _harness import Rows, cli, env_info, median, one_line, sync  # noqa: E402
 from bench_loader import make_jpegs  # noqa: E402
 from fastmae.train.context import resolve_device  # noqa: E402
 
@@ -92,7 +92,7 @@ def measure(name: str, files: list[torch.Tensor], reference: list[torch.Tensor],
         fn = _decoder(name)
         got = fn(files)
     except Exception as exc:  # not installed, no nvJPEG, no CUDA: the row says so
-        return {**row, "reasons": [f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"]}
+        return {**row, "reasons": [one_line(exc, typed=True)]}
     row["levels"] = _levels(got, reference)
     bounds = BOUNDS[row["device"]]
     if over := [f"{k} {row['levels'][k]:.2f} > {bounds[k]:g}" for k in bounds if not row["levels"][k] <= bounds[k]]:

@@ -33,9 +33,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _harness import Rows, cli, env_info, report  # noqa: E402
+from _harness import Rows, cli, env_info, free_memory, report, row_error  # noqa: E402
 from bench_loader import make_jpegs  # noqa: E402
-from fastmae.train.bench import BATCH, StepBench, _error_line, _free  # noqa: E402
+from fastmae.train.bench import BATCH, StepBench  # noqa: E402
 from fastmae.train.context import resolve_device  # noqa: E402
 
 from fastmae.compiling import DEFAULT_VARIANT, VARIANTS  # noqa: E402
@@ -135,11 +135,11 @@ def main(argv=None) -> dict:
             except Exception as exc:  # the bare step failed: a row per loader that says so, then the next model
                 for loader in args.loaders.split(","):
                     results.add({**base, "loader": loader, "step_img_per_s": None, "loop_img_per_s": None,
-                                 "loop_vs_step": None, "error": f"bare step: {_error_line(exc)}"})  # fmt: skip
+                                 "loop_vs_step": None, "error": f"bare step: {row_error(exc)}"})  # fmt: skip
                 continue
             finally:
                 step = None
-                _free(device)
+                free_memory(device)
             for loader in args.loaders.split(","):
                 got = loop_rate(model, data, Path(tmp) / f"run-{model}-{loader}", batch, loader, args.workers,
                                 args.steps, args.skip, device, smoke, args.compile)  # fmt: skip

@@ -9,7 +9,6 @@ ViT-S/16 at 224 px with a one-block decoder by default, on CPU or GPU (bf16 auto
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _harness import env_info, median, time_interleaved, write_results  # noqa: E402
+from fastmae.train.spec import local_spec  # noqa: E402
 
 import fastmae  # noqa: E402
 
@@ -37,24 +37,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/...)")
     args = ap.parse_args(argv)
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))  # fmt: skip
-    batch = args.batch or (128 if device.type == "cuda" else 8)
-    bf16 = device.type == "cuda"
+    # the loop's run spec: the device, bf16 autocast on a GPU, the attention and kernels resolved (or one line why not)
+    spec = local_spec(args.device, kernels=args.kernels, attn_backend=args.attn_backend, model=args.model)
+    device = spec.device
+    batch = args.batch or (128 if spec.cuda else 8)
     torch.manual_seed(0)
-    common = dict(img_size=args.img_size, decoder_depth=args.decoder_depth, kernels=args.kernels,
-                  attn_backend=args.attn_backend)  # fmt: skip
+    common = dict(img_size=args.img_size, decoder_depth=args.decoder_depth, **spec.model_options())
     models = {mode: fastmae.create_model(args.model, encoder_mode=mode, **common).to(device)
               for mode in ("visible", "mask_token")}  # fmt: skip
     models["mask_token"].load_state_dict(models["visible"].state_dict(), strict=False)
     imgs = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
     L = models["visible"].patch_embed.num_patches
     noise = torch.rand(batch, L, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
     def step(model):
         def run():
-            with autocast:
+            with spec.autocast():
                 loss, _, _ = model(imgs, mask_ratio=args.mask_ratio, noise=noise)
             loss.backward()
             model.zero_grad(set_to_none=True)
@@ -62,7 +59,7 @@ def main(argv=None) -> dict:
         return run
 
     # correctness before timing: the two modes share weights and masks; both losses finite, masks identical
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), spec.autocast():
         lv, _, mv = models["visible"](imgs, args.mask_ratio, noise)
         lm, _, mm = models["mask_token"](imgs, args.mask_ratio, noise)
     assert torch.equal(mv, mm) and torch.isfinite(lv) and torch.isfinite(lm)
@@ -77,7 +74,7 @@ def main(argv=None) -> dict:
         rows.append({
             "name": "encoder_modes", "model": args.model, "encoder_mode": mode, "img_size": args.img_size,
             "decoder_depth": args.decoder_depth, "batch": batch, "mask_ratio": args.mask_ratio,
-            "dtype": "bf16" if bf16 else "fp32", "ms_per_step": ms[mode], "img_per_s": batch / ms[mode] * 1e3,
+            "dtype": spec.precision, "ms_per_step": ms[mode], "img_per_s": batch / ms[mode] * 1e3,
             "train_tflop_per_s": 3 * flops[mode]["total"] * batch / (ms[mode] * 1e-3) / 1e12,
             "attn_backend": models[mode].attn_backend_used, "kernels": models[mode].kernels_used(device),
             "times_s": times[mode],

@@ -1,6 +1,7 @@
 """Finetune step benchmark: img/s of the paper's finetune step (timm ViT, global pool + fc_norm, drop path, mixup/
 cutmix + soft-target CE, layer-decay AdamW) for ViT-B/L at 224 px, bf16 autocast + torch.compile on GPU. The step
-is the one ``fastmae finetune`` runs (``finetune_step`` in a run context: the same autocast, compile, NaN guard).
+is the one ``fastmae finetune`` runs (``build_step`` over ``finetune_loss`` in the loop's run spec: the same autocast,
+compile, NaN guard).
 
 Synthetic images on the device (compute only, no loader). Each model is timed with compile off and on in one run, so
 the row's ``speedup_vs_eager`` is a same-run ratio.
@@ -22,10 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _harness import env_info, median, time_interleaved, write_results  # noqa: E402
-from fastmae.train.context import RunContext, resolve_device  # noqa: E402
 from fastmae.train.data import Batch  # noqa: E402
 from fastmae.train.evaluate import layer_decay_groups  # noqa: E402
-from fastmae.train.finetune import finetune_step, mixing  # noqa: E402
+from fastmae.train.finetune import finetune_loss, mixing  # noqa: E402
+from fastmae.train.spec import local_spec, resolve_device  # noqa: E402
+from fastmae.train.step import StepParts, build_step  # noqa: E402
 
 from fastmae.interop import create_vit  # noqa: E402
 
@@ -34,17 +36,18 @@ MODELS = {"mae_vit_base_patch16": (128, 0.1, 0.65), "mae_vit_large_patch16": (64
 
 def make_step(name: str, batch: int, img: int, drop_path: float, layer_decay: float, device, variant: str,
               classes: int = 1000):  # fmt: skip
-    """The loop's finetuning step (:func:`fastmae.train.finetune.finetune_step` in the loop's run context: its
-    autocast, ``--compile`` variant, NaN guard and fused AdamW) on one synthetic batch."""
+    """The loop's finetuning step (:func:`fastmae.train.step.build_step` over
+    :func:`fastmae.train.finetune.finetune_loss`, in the loop's run spec: its autocast, ``--compile`` variant, NaN
+    guard and fused AdamW) on one synthetic batch; returns (one step, the precision it runs in)."""
     torch.manual_seed(0)
     model = create_vit(name, classes, img, "avg", drop_path).to(device).train()
     opt = torch.optim.AdamW(layer_decay_groups(model, 0.05, layer_decay), lr=1e-4, fused=True)
-    ctx = RunContext.local(device, compile=variant)  # bf16 autocast on CUDA, fp32 on a CPU
+    spec = local_spec(device, compile=variant)  # bf16 autocast on CUDA, fp32 on a CPU
     mixup, criterion = mixing(classes, mixup=0.8, cutmix=1.0, smoothing=0.1)
-    step = finetune_step(model, ctx.compiled(model), opt, ctx, mixup, criterion)
+    step = build_step(StepParts(finetune_loss(spec.compiled(model), mixup, criterion), opt, model.parameters()), spec)
     data = Batch(torch.randn(batch, 3, img, img, device=device), torch.randint(0, classes, (batch,), device=device),
                  torch.arange(batch, device=device), epoch=0, position=(0, 1))  # fmt: skip
-    return lambda: step(data, 1e-4)
+    return (lambda: step(data, 1e-4)), spec.precision
 
 
 def main(argv=None) -> dict:
@@ -63,9 +66,10 @@ def main(argv=None) -> dict:
         configs, img, args.steps = {"mae_vit_tiny_patch16": (4, 0.1, 0.75)}, 32, 2
     rows = []
     for name, (batch, dp, ld) in configs.items():
-        variants = {False: make_step(name, batch, img, dp, ld, device, "off")}
+        variants, precision = {}, {}
+        variants[False], precision[False] = make_step(name, batch, img, dp, ld, device, "off")
         if gpu:  # compiled only on GPU: inductor on CPU needs a C++ toolchain and minutes
-            variants[True] = make_step(name, batch, img, dp, ld, device, "full")
+            variants[True], precision[True] = make_step(name, batch, img, dp, ld, device, "full")
         if gpu:
             torch.cuda.reset_peak_memory_stats(device)
         times = time_interleaved({str(k): v for k, v in variants.items()}, device, warmup=3, reps=args.steps)
@@ -74,7 +78,7 @@ def main(argv=None) -> dict:
             t = median(times[str(compiled)])
             rows.append({
                 "name": "finetune", "model": name, "img_size": img, "batch": batch,
-                "compile": "full" if compiled else "off", "precision": "bf16" if gpu else "fp32",
+                "compile": "full" if compiled else "off", "precision": precision[compiled],
                 "img_per_s": batch / t, "ms_per_step": 1000 * t,
                 "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if gpu else None,
                 "speedup_vs_eager": eager / t,

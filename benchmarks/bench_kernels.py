@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import Rows, cli, env_info, median, sync  # noqa: E402
+from _harness import Rows, cli, env_info, time_ms  # noqa: E402
 from fastmae.kernels import masked_mse as mse_mod  # noqa: E402
 from fastmae.kernels import masking as masking_mod  # noqa: E402
 from fastmae.kernels import unshuffle as unshuffle_mod  # noqa: E402
@@ -30,24 +30,6 @@ MODELS = {  # name: (img, patch, encoder width, decoder width)
     "vit_l": (224, 16, 1024, 512),
     "vit_h": (224, 14, 1280, 512),
 }
-
-
-def _time(fn, device, reps):
-    if device.type == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    fn()
-    times = []
-    for _ in range(reps):
-        import time
-
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return median(times)
 
 
 def _cases(model, batch, device, act_dtype):
@@ -137,7 +119,7 @@ def main(argv=None):
 
                 for pass_name, f, nbytes in (("fwd", fwd, c["fwd_bytes"]),
                                              ("fwd+bwd", fwd_bwd, c["fwd_bytes"] + c["bwd_bytes"])):  # fmt: skip
-                    ms = _time(f, device, args.reps)
+                    ms = time_ms(f, device, args.reps)
                     gbps = nbytes / (ms * 1e-3) / 1e9
                     results.add({"name": "kernel", "op": op, "impl": impl, "pass": pass_name, "model": model,
                                  "shape": c["shape"], "dtype": "bf16", "ms": ms, "gb_per_s": gbps,

@@ -37,9 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _harness import Rows, cli, env_info, median, report, sync  # noqa: E402
@@ -47,64 +45,14 @@ from fastmae.train.context import resolve_device  # noqa: E402
 from fastmae.train.data.dali import DALILoader, dali_unavailable_reason  # noqa: E402
 from fastmae.train.data.decode import IMAGENET_MEAN, IMAGENET_STD, decode, resolve_decoder  # noqa: E402
 from fastmae.train.data.gpu_loader import GPULoader, gpu_loader_unavailable_reason  # noqa: E402
-from fastmae.train.data.index import bundled_images_dir, index_data  # noqa: E402
+from fastmae.train.data.index import index_data  # noqa: E402
 from fastmae.train.data.loaders import TorchvisionLoader, model_input  # noqa: E402
+from fastmae.train.samples import LARGE_EVERY, make_jpegs  # noqa: E402
 
 PREFETCH = 2  # batches each DataLoader worker keeps ready (torch's default prefetch_factor)
 DECODER_NAMES = ("torchcodec", "torchvision", "pillow")  # the decoder variants: decode-<name>, fastmae-<name>
 
 
-LARGE_EVERY = 32  # one generated JPEG in this many is large (about 2000 x 1500), as ImageNet has a few
-
-
-def make_jpegs(folder: Path, count: int, seed: int = 0, classes: int = 4, processes: int | None = None,
-               large_every: int = LARGE_EVERY) -> Path:  # fmt: skip
-    """ImageNet-like JPEGs in ``classes`` folders: crops of scikit-image's photos at random places and scales, resized
-    to about 520 x 390 (a few pixels either way), quality 90: real photo statistics, so decoding costs what it does
-    on ImageNet (~110 KB each); every ``large_every``-th about 2000 x 1500 (0: none; upsampled, so smoother than a
-    real photo of that size). Written by ``processes`` processes (default: the usable cores), the same files
-    whatever their number."""
-    import multiprocessing
-    import os
-
-    processes = processes or len(os.sched_getaffinity(0))
-    if processes <= 1 or count < 256:
-        _write_jpegs(folder, range(count), seed, classes, large_every)
-        return folder
-    fork = multiprocessing.get_context("fork")  # the children run this module's function as it is (no pickling)
-    procs = [fork.Process(target=_write_jpegs, args=(folder, range(k, count, processes), seed, classes, large_every))
-             for k in range(processes)]  # fmt: skip
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join()
-    if any(proc.exitcode != 0 for proc in procs):
-        raise SystemExit(f"bench_loader: writing JPEGs under {folder} failed in a child process")
-    return folder
-
-
-def _write_jpegs(folder: Path, which, seed: int, classes: int, large_every: int = 0) -> None:
-    photos = []
-    for p in sorted(bundled_images_dir().iterdir()):
-        try:
-            img = Image.open(p).convert("RGB")
-        except Exception:
-            continue
-        if min(img.size) >= 256:
-            photos.append(img)
-    for c in range(classes):
-        (folder / f"class{c}").mkdir(parents=True, exist_ok=True)
-    for i in which:
-        rng = np.random.default_rng([seed, i])  # per file: the same image whichever process writes it
-        src = photos[i % len(photos)]
-        w, h = int(rng.integers(505, 540)), int(rng.integers(375, 405))
-        if large_every and i % large_every == large_every - 1:
-            w, h = int(rng.integers(1900, 2100)), int(rng.integers(1400, 1600))
-        frac = rng.uniform(0.6, 1.0)
-        cw, ch = int(src.width * frac), int(src.height * frac)
-        x, y = int(rng.integers(0, src.width - cw + 1)), int(rng.integers(0, src.height - ch + 1))
-        img = src.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BICUBIC)
-        img.save(folder / f"class{i % classes}" / f"{i:06d}.jpg", quality=90)
 
 
 def official_loader(root: Path, img_size: int, batch: int, workers: int, pin: bool, finetune: bool = False):
@@ -280,7 +228,7 @@ def sources_for(index, root: Path, args, device: torch.device, workers: int, bat
         out["official-finetune"] = (x for x, _ in official_loader(root, args.img_size, batch, workers, gpu, True))
     if "fastmae-finetune" in chosen:
         out["fastmae-finetune"] = endless(TorchvisionLoader(index, args.img_size, batch, seed=0, num_workers=workers,
-                                                            pin=gpu, kind="finetune"))  # fmt: skip
+                                                            pin=gpu, pipeline="finetune"))  # fmt: skip
     return out
 
 

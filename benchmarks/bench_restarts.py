@@ -26,11 +26,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
 from _harness import env_info, report, write_results  # noqa: E402
-
-from tests._procs import finish, logged_steps, pids_with, start, torchrun_cmd, wait_for_step  # noqa: E402
-from tests._util import noise_pngs  # noqa: E402
+from fastmae.train.procs import finish, logged_steps, pids_with, start, torchrun_cmd, wait_for_step  # noqa: E402
+from fastmae.train.samples import noise_pngs  # noqa: E402
 
 RUN = ["--model", "mae_vit_mini_patch4", "--img-size", "32", "--batch-size", "2", "--epochs", "24",
        "--warmup-epochs", "1", "--no-progress", "--log-every", "1", "--save-every", "8", "--picture-every", "0",

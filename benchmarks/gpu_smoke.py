@@ -136,7 +136,7 @@ def check_attention(device, backend: str, head_dim: int) -> dict:
     q, k, v = (torch.randn(4, 4, TOKENS.get(head_dim, 50), head_dim, device=device, generator=g,
                            dtype=dtype).requires_grad_() for _ in range(3))  # fmt: skip
     impl = attention.get_backend(backend)
-    if reasons := impl.supports(q, k, v):
+    if reasons := impl.unsupported(q, k, v):
         if backend == "xformers" and attention._xformers_fmha()[0] is not None:
             reasons.append(f"its C++ extension {'loaded' if attention._xformers_has_extension() else 'did not load'}")
         raise CheckFailed(f"{backend} cannot run: {'; '.join(reasons)}")
@@ -157,20 +157,24 @@ def check_attention(device, backend: str, head_dim: int) -> dict:
 
 
 def _trainer(device, graphs: bool, variant: str = "off", warmup: int = 2):
-    """The pretraining step as the loop builds it (a one-process run context, bf16 on CUDA); ``.model`` is its MAE."""
+    """The pretraining step as the loop builds it (``build_step`` over ``mae_loss`` in a one-process run spec, bf16 on
+    CUDA); ``.model`` is its MAE."""
     import torch
-    from fastmae.train.context import RunContext
-    from fastmae.train.pretrain import mae_step
+    from fastmae.train.pretrain import mae_loss
     from fastmae.train.schedule import build_optimizer
+    from fastmae.train.spec import local_spec
+    from fastmae.train.step import StepParts, build_step
 
     import fastmae
 
     torch.manual_seed(0)
-    kernels = "triton" if device.type == "cuda" else "reference"
-    model = fastmae.create_model("mae_vit_tiny_patch16", img_size=64, kernels=kernels, norm_pix_loss=True).to(device)
+    spec = local_spec(device, compile=variant, graphs=graphs, kernels="triton" if device.type == "cuda" else
+                      "reference")  # fmt: skip
+    model = fastmae.create_model("mae_vit_tiny_patch16", img_size=64, norm_pix_loss=True, **spec.model_options())
+    model.to(device)
     opt = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), fused=True)
-    ctx = RunContext.local(device, compile=variant, graphs=graphs)
-    step = mae_step(model, ctx.compiled(model), opt, ctx, seed=3, mask_ratio=0.75, warmup=warmup)
+    loss = mae_loss(model, spec.compiled(model), device, seed=3, mask_ratio=0.75)
+    step = build_step(StepParts(loss, opt, model.parameters()), spec, warmup=warmup)
     step.model = model
     return step
 

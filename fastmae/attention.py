@@ -166,7 +166,7 @@ class MathAttention:
 
     name = "math"
 
-    def supports(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
+    def unsupported(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
         return [] if q.is_floating_point() else [f"needs floating-point inputs, got {q.dtype}"]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -180,7 +180,7 @@ class SDPAAttention:
 
     name = "sdpa"
 
-    def supports(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
+    def unsupported(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
         return [] if q.is_floating_point() else [f"needs floating-point inputs, got {q.dtype}"]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -205,7 +205,7 @@ class SDPAKernel:
         self.name, self.member, self.dtypes = name, member, dtypes
         self.max_head_dim, self.min_capability = max_head_dim, min_capability
 
-    def supports(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
+    def unsupported(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
         if q.device.type != "cuda":
             return [f"{self.name} attention needs CUDA (inputs are on {q.device.type})"]
         reasons = []
@@ -244,7 +244,7 @@ class XFormersAttention:
         self.pairs = (pair,) if pair else XFORMERS_PAIRS
         self.name = f"xformers-{pair}" if pair else "xformers"
 
-    def supports(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
+    def unsupported(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
         if q.device.type != "cuda":  # whether installed or not: advice to install it would only mislead here
             return [f"xformers has no {q.device.type.upper()} operator: its memory_efficient_attention operators "
                     f"(fa2F-pt, cutlassF-pt, ...) run on CUDA only (inputs are on {q.device.type})"]  # fmt: skip
@@ -303,7 +303,7 @@ def resolve(requested: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """The backend that will run ``q, k, v`` for ``requested``; raises if an explicit request cannot run."""
     if requested != "auto":
         backend = get_backend(requested)
-        reasons = backend.supports(q, k, v)
+        reasons = backend.unsupported(q, k, v)
         if reasons and requested == "xformers" and isinstance(q, torch.Tensor) and _xformers_fmha()[0] is not None:
             # chosen explicitly, so xformers may be imported: its own operators say why too
             _, theirs = _pair_for(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
@@ -315,7 +315,7 @@ def resolve(requested: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         skipped = []
         for name in AUTO_ORDER:
             backend = _BACKENDS[name]
-            reasons = backend.supports(q, k, v)
+            reasons = backend.unsupported(q, k, v)
             if not reasons:
                 break
             skipped.append(f"{name}: {'; '.join(reasons)}")
@@ -341,7 +341,7 @@ def log_choice(line: str) -> None:
 def explain(requested: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, list[str]]:
     """Reasons each backend gives for these inputs (empty list = can run). For logs and benchmark records."""
     check_backend_name(requested)
-    return {name: _BACKENDS[name].supports(q, k, v) for name in AUTO_ORDER}
+    return {name: _BACKENDS[name].unsupported(q, k, v) for name in AUTO_ORDER}
 
 
 def parse_sites(spec: str) -> dict[str, str]:
@@ -359,7 +359,18 @@ def parse_sites(spec: str) -> dict[str, str]:
     return out
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+class StandIn:
+    """The metadata of ``q`` (shape, dtype) on ``device``, without a tensor: lets a backend's ``unsupported`` answer for
+    a device and a shape before anything is allocated (the run spec's check, the model's resolution per call site)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str):
+        self._t, self.device = torch.empty(shape, dtype=dtype, device="meta"), torch.device(device)
+
+    def __getattr__(self, name):
+        return getattr(self._t, name)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
 
 
@@ -379,7 +390,7 @@ def measured_choice(gpu: str, dtype: torch.dtype, head_dim: int, tokens: int,
     """(backend, why) of the fastest measured backend for this GPU, dtype and head dim at the nearest measured token
     count (within 2x), or None when the table has no such entry."""
     entries = load_table() if entries is None else entries
-    near = [e for e in entries if e["gpu"] == gpu and e["dtype"] == _dtype_name(dtype) and e["head_dim"] == head_dim
+    near = [e for e in entries if e["gpu"] == gpu and e["dtype"] == dtype_name(dtype) and e["head_dim"] == head_dim
             and abs(math.log(e["tokens"] / max(tokens, 1))) <= math.log(2)]  # fmt: skip
     if not near:
         return None

@@ -9,7 +9,6 @@ ends with one ``fastmae: error: ...`` line and exit code 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -65,11 +64,11 @@ def _config_flags(p: argparse.ArgumentParser, cls, presets: dict | None = None, 
                        help="named configuration to start from; the values shown below are this preset's")  # fmt: skip
     base = presets[default_preset] if presets is not None else cls()
     shown_as = default_preset if presets is not None else "default"
-    for f in dataclasses.fields(cls):
+    for f in cls.flags():
         flag = "--" + f.name.replace("_", "-")
         tp = _flag_type(f.type)
         value = getattr(base, f.name)
-        text = f.metadata["help"] + ("" if value is None else f" ({shown_as}: {_shown(value)})")
+        text = f.help + ("" if value is None else f" ({shown_as}: {_shown(value)})")
         text = text.replace("%", "%%")
         if tp is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
@@ -168,11 +167,10 @@ def config_from_args(args: argparse.Namespace, cls=PretrainConfig, presets: dict
     """The chosen preset (or, for a command without presets, the dataclass's defaults), then what a ``--pretrained``
     checkpoint says of the architecture (model; for pretraining also image size and norm-pix loss), then every flag
     given on the command line; validated."""
+    given = {name: getattr(args, name) for name in cls.field_names() if getattr(args, name) is not None}
     if presets is None:
-        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
         return cls(**given).validate()
-    cfg = preset(args.preset) if presets is PRESETS else dataclasses.replace(presets[args.preset])
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
+    cfg = preset(args.preset) if presets is PRESETS else presets[args.preset].replace()
     if given.get("pretrained") == "none":  # a preset's checkpoint turned off: random weights
         given["pretrained"] = None
     pretrained = given.get("pretrained", cfg.pretrained)
@@ -186,8 +184,8 @@ def config_from_args(args: argparse.Namespace, cls=PretrainConfig, presets: dict
         fields = pretrained_fields(pretrained, "--pretrained")
         if cls is not PretrainConfig:
             fields = {"model": fields["model"]}
-        cfg = dataclasses.replace(cfg, **fields)
-    return dataclasses.replace(cfg, **given).validate()
+        cfg = cfg.replace(**fields)
+    return cfg.replace(**given).validate()
 
 
 class _BarSafeHandler(logging.StreamHandler):

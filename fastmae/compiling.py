@@ -16,14 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .config import DEFAULT_VARIANT, GRAPH_MODES, MODES, VARIANTS  # noqa: F401 (the choice lists live in config)
 from .errors import FastMAEError
-
-VARIANTS = ("off", "full", "regional")
-# What --compile alone (and "auto" on CUDA) means. Full: the variant the first H200 sitting measured; the next sitting
-# times regional beside it (benchmarks/gpu_sitting.py --stage step), and that measurement chooses.
-DEFAULT_VARIANT = "full"
-MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")  # torch.compile's modes
-GRAPH_MODES = ("max-autotune", "reduce-overhead")  # modes that capture CUDA graphs of their own
 
 
 def check_variant(variant: str) -> str:

@@ -1,91 +1,160 @@
-"""Dataclass configs with named presets. The resolved config is written to ``config.json`` beside the checkpoints."""
+"""Configs: one dataclass per concern, composed per command; named presets. The resolved config is written to
+``config.json`` beside the checkpoints.
+
+A command's configuration (:class:`PretrainConfig`, :class:`FinetuneConfig`, :class:`LinprobeConfig`,
+:class:`BenchConfig`) is made of sections, one dataclass per concern (torchtitan's ``job_config`` shape): what the
+training commands share (:class:`Model`, :class:`Data`, :class:`Optimisation`, :class:`Run`, :class:`Checkpointing`),
+then the command's own. A field lives in one section; a command states only where its defaults or help differ
+(``DEFAULTS``, ``HELP``, ``CHOICES``), and a preset is a set of values. The CLI's flags are the field names in
+kebab-case, in section order; a config reads and writes its fields flat (``cfg.batch_size``) or by section
+(``cfg.optimisation.batch_size``).
+
+Every choice list is defined once here (the data layer, the compile helper and the run spec import them), and every
+check that spans fields is written once. No torch is imported: ``fastmae --help`` parses flags in a fraction of a
+second.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar, NamedTuple
 
-from .compiling import DEFAULT_VARIANT, GRAPH_MODES, MODES, VARIANTS
 from .errors import FastMAEError
 from .registry import check_mask_ratio, list_models
 
-LOADERS = ("auto", "dali", "gpu", "torchvision", "synthetic")
+# ---------------------------------------------------------------------- the choice lists (each defined once)
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-PARALLEL = ("ddp", "fsdp")
-INDEX_CHECKS = ("listing", "stat")
-COMPILE_MODES = MODES  # torch.compile's
+LOADERS = ("auto", "dali", "gpu", "torchvision", "synthetic")
+PRETRAIN_ONLY_LOADERS = ("gpu", "synthetic")  # the GPU loader has the pretrain pipeline only; synthetic has no labels
+PARALLEL = ("ddp", "fsdp")  # under torchrun: DistributedDataParallel, or FSDP2
+INDEX_CHECKS = ("listing", "stat")  # how a start finds changed files in a cached image folder
+VARIANTS = ("off", "full", "regional")  # --compile (fastmae.compiling)
+# What --compile alone (and "auto" on CUDA) means. Full: the variant the first H200 sitting measured; the next sitting
+# times regional beside it (benchmarks/gpu_sitting.py --stage step), and that measurement chooses.
+DEFAULT_VARIANT = "full"
+MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")  # torch.compile's modes
+GRAPH_MODES = ("max-autotune", "reduce-overhead")  # modes that capture CUDA graphs of their own
+BENCH_CONFIGS = ("eager", "compiled-reference", "fastmae", "mask-token")
 
 
 def _f(default, help: str, **kw):
+    """A field with its help text (the CLI's) and options: ``choices``, ``positive`` (None allowed when the default
+    is None), ``probability``, and the CLI's ``const`` / ``negative`` / ``nargs``."""
     return field(default=default, metadata={"help": help, **kw})
 
 
-def _check_compile(cfg) -> None:
-    """``compile``: None (the device decides), a variant, or a bool from older code (True: the default variant)."""
-    if isinstance(cfg.compile, bool):
-        cfg.compile = DEFAULT_VARIANT if cfg.compile else "off"
-    if cfg.compile is not None and cfg.compile not in VARIANTS:
-        raise FastMAEError(f"--compile must be one of {', '.join(VARIANTS)}, got {cfg.compile!r}")
-    if cfg.compile_mode not in MODES:
-        raise FastMAEError(f"--compile-mode must be one of {', '.join(MODES)}, got {cfg.compile_mode!r}")
-    if getattr(cfg, "cuda_graphs", False) and cfg.compile_mode in GRAPH_MODES and cfg.compile != "off":
-        raise FastMAEError(f"--compile-mode {cfg.compile_mode} captures CUDA graphs of its own inside the step, which "
-                           "--cuda-graphs captures whole: use one of them (e.g. --compile-mode "
-                           "max-autotune-no-cudagraphs with --cuda-graphs)")  # fmt: skip
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-def _check_augment(cfg) -> None:
-    if not 0 < cfg.crop_scale <= 1:
-        raise FastMAEError(f"--crop-scale must be in (0, 1], got {cfg.crop_scale}")
-    for name in ("hflip", "reprob"):
-        value = getattr(cfg, name, 0.0)
-        if not 0 <= value <= 1:
-            raise FastMAEError(f"--{name} must be a probability in [0, 1], got {value}")
-    if getattr(cfg, "patch_size", None) is not None and cfg.patch_size <= 0:
-        raise FastMAEError(f"--patch-size must be positive, got {cfg.patch_size}")
+# ---------------------------------------------------------------------- the checks that span fields (each once)
+def check_graph_mode(graphs: bool, compile: str | None, compile_mode: str, flag: str = "--cuda-graphs") -> None:
+    """A whole-step CUDA graph (``flag``) and a compile mode that captures graphs of its own exclude each other."""
+    if graphs and compile_mode in GRAPH_MODES and compile != "off":
+        raise FastMAEError(f"--compile-mode {compile_mode} captures CUDA graphs of its own inside the step, which "
+                           f"{flag} captures whole: use one of them (e.g. --compile-mode max-autotune-no-cudagraphs "
+                           f"with {flag})")  # fmt: skip
 
 
+def check_compile(compile: str | bool | None, compile_mode: str) -> str | None:
+    """``compile``: None (the device decides), a variant, or a bool from older code (True: the default variant);
+    returns the variant (or None)."""
+    if isinstance(compile, bool):
+        compile = DEFAULT_VARIANT if compile else "off"
+    if compile is not None and compile not in VARIANTS:
+        raise FastMAEError(f"--compile must be one of {', '.join(VARIANTS)}, got {compile!r}")
+    if compile_mode not in MODES:
+        raise FastMAEError(f"--compile-mode must be one of {', '.join(MODES)}, got {compile_mode!r}")
+    return compile
+
+
+# ---------------------------------------------------------------------- sections shared by the training commands
 @dataclass
-class RunConfig:
-    """What every training command (pretrain, finetune, linprobe) is configured by, one section per concern. CLI flags
-    are these field names in kebab-case; a command's class may give a field another default or help."""
+class Model:
+    """The model and where it starts from."""
 
-    # --- the model and where it starts from
     model: str | None = _f(
         "mae_vit_tiny_patch16",
         "model name (fastmae models lists them); with --pretrained, the checkpoint's unless given",
     )
-    pretrained: str | None = _f(None, "weights to start from (not set by default)")
-    img_size: int = _f(224, "input resolution in pixels")
-    # --- data
-    data: str | None = _f(None, "the images (default: a built-in data set)")
+    pretrained: str | None = _f(
+        None, "start from these weights: a fastmae checkpoint, an official MAE .pth (full, or encoder-only: fresh "
+        "decoder) or a transformers ViT-MAE folder; model, image size and norm-pix loss come from it unless given "
+        "(not set by default)"
+    )  # fmt: skip
+    img_size: int = _f(224, "input resolution in pixels", positive=True)
+
+    def check(self) -> None:
+        if self.model is None and self.pretrained is None:
+            raise FastMAEError("--model is needed when there is no --pretrained checkpoint to read the model from")
+        if self.model is not None and self.model not in list_models():
+            raise FastMAEError(f"unknown model {self.model!r}; known models: {', '.join(list_models())}")
+
+
+@dataclass
+class Data:
+    """The images, how a start checks them, and how the loader reads and augments them."""
+
+    data: str | None = _f(
+        None,
+        "folder of images (searched recursively; ImageFolder sub-folders give labels), a folder of webdataset .tar "
+        "shards, a .tar, a brace pattern like shards/train-{0000..0146}.tar, or 'digits' (the training split of "
+        "scikit-learn's digits; labels unused) (default: scikit-image's photos)",
+    )
     index_check: str = _f(
         "listing", "how a start finds changed files in a cached image folder: listing (one stat per folder; misses a "
-        "file rewritten in place under the same name) | stat (also one stat per file)"
+        "file rewritten in place under the same name) | stat (also one stat per file)", choices=INDEX_CHECKS
     )  # fmt: skip
-    crop_scale: float = _f(0.2, "smallest RandomResizedCrop area")
-    hflip: float = _f(0.5, "horizontal flip probability")
-    loader: str = _f("auto", "auto | dali | torchvision")
+    crop_scale: float = _f(0.2, "smallest RandomResizedCrop area (the paper: 0.2)")
+    hflip: float = _f(0.5, "horizontal flip probability", probability=True)
+    loader: str = _f(
+        "auto", "auto (on CUDA: dali when nvidia-dali is installed, else torchvision) | dali | gpu (workers read "
+        "bytes; nvJPEG + one fused kernel on the GPU; only when asked for until a GPU sitting measures it faster) | "
+        "torchvision | synthetic", choices=LOADERS
+    )  # fmt: skip
     num_workers: int | None = _f(None, "loader processes (torchvision) or threads (dali); default min(8, CPU count)")
-    # --- schedule and optimizer
-    epochs: int = _f(800, "epochs over the data set")
+
+    def check(self) -> None:
+        if not 0 < self.crop_scale <= 1:
+            raise FastMAEError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
+
+
+@dataclass
+class Optimisation:
+    """The schedule, the optimizer's shared settings, the seed, and what a non-finite step does."""
+
+    epochs: int = _f(800, "epochs over the data set", positive=True)
     warmup_epochs: float = _f(40, "linear warmup length in epochs (then cosine decay per iteration)")
-    batch_size: int = _f(64, "images per step per process (effective batch = batch x accum-iter x world size)")
-    accum_iter: int = _f(1, "accumulate gradients over N batches per optimizer step")
+    batch_size: int = _f(64, "images per step per process (effective batch = batch x accum-iter x world size)",
+                         positive=True)  # fmt: skip
+    accum_iter: int = _f(1, "accumulate gradients over N batches per optimizer step", positive=True)
     lr: float | None = _f(None, "absolute learning rate (overrides --blr; unset by default)")
     min_lr: float = _f(0.0, "floor of the cosine schedule")
-    weight_decay: float = _f(0.05, "weight decay (not on biases, norms, tokens)")
+    weight_decay: float = _f(0.05, "AdamW weight decay (not on biases, norms, tokens)")
     clip_grad: float | None = _f(None, "clip the gradient norm to this value (off by default, as in the paper)")
     seed: int = _f(0, "random seed")
-    # --- non-finite steps
     nan_guard: bool = _f(True, "skip optimizer updates whose loss or gradients are not finite (no host sync)")
-    nan_rollback_after: int = _f(3, "after N non-finite steps in a row, reload the last checkpoint and go on")
+    nan_rollback_after: int = _f(3, "after N non-finite steps in a row, reload the last checkpoint and go on",
+                                 positive=True)  # fmt: skip
     max_rollbacks: int = _f(2, "stop with an error after this many rollbacks")
-    # --- where and how it runs
-    device: str = _f("auto", "auto | cpu | cuda")
-    precision: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32")
+
+    def check(self) -> None:
+        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
+            raise FastMAEError(f"--warmup-epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
+
+
+@dataclass
+class Run:
+    """Where and how it runs: the device, precision and compilation, the process group's waits, an early stop."""
+
+    device: str = _f("auto", "auto | cpu | cuda", choices=DEVICES)
+    precision: str = _f(
+        "auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp16 (autocast + dynamic GradScaler) | fp32",
+        choices=PRECISIONS,
+    )
     compile: str | None = _f(
         None, f"torch.compile: off | full (the whole model) | regional (each transformer block once, reused: a "
         f"fraction of full's compile time); --compile alone: {DEFAULT_VARIANT}, --no-compile: off (default: "
@@ -99,19 +168,32 @@ class RunConfig:
         10.0, "minutes a multi-process run waits to join its process group, and in any collective, before it ends "
         "with one line (a lost or missing peer) instead of hanging"
     )  # fmt: skip
-    stop_after_steps: int | None = _f(None, "stop once the global step reaches N (schedule unchanged; off by default)")
-    # --- the output folder: logs and checkpoints
+    stop_after_steps: int | None = _f(None, "stop once the global step reaches N (schedule unchanged; off by default)",
+                                      positive=True)  # fmt: skip
+
+    def check(self) -> None:
+        self.compile = check_compile(self.compile, self.compile_mode)
+        if self.dist_timeout <= 0:
+            raise FastMAEError(f"--dist-timeout must be positive minutes, got {self.dist_timeout}")
+
+
+@dataclass
+class Checkpointing:
+    """The output folder: logs, checkpoints and when they are written, resuming."""
+
     output_dir: str = _f("output/pretrain", "where config, metrics, checkpoints and summary go")
-    log_every: int = _f(10, "log metrics every N optimizer steps")
+    log_every: int = _f(10, "log metrics every N optimizer steps", positive=True)
     save_every: int | None = _f(
-        None, "save checkpoint-last.pth every N steps (off by default; always saved at the end and on SIGTERM)"
+        None, "save checkpoint-last.pth every N steps (off by default; always saved at the end and on SIGTERM)",
+        positive=True,
     )
     save_interval: float = _f(
         5.0, "minutes: an epoch end saves checkpoint-last.pth only when this long has passed since the last save "
         "(0: every epoch end), so runs of many short epochs do not fill the disk"
     )  # fmt: skip
     keep_every: int | None = _f(
-        None, "also keep checkpoint-<step>.pth when a save falls on a multiple of N steps (off by default)"
+        None, "also keep checkpoint-<step>.pth when a save falls on a multiple of N steps (off by default)",
+        positive=True,
     )
     resume: str | None = _f(
         None, "checkpoint path (or a run's output folder), or 'auto' for the output folder's checkpoint-last.pth; "
@@ -124,35 +206,123 @@ class RunConfig:
     tensorboard: bool | None = _f(None, "TensorBoard event files in <output>/tensorboard (default: when installed)")
     progress: bool = _f(True, "show a progress bar")
 
-    LOADERS: ClassVar[tuple[str, ...]] = ("auto", "dali", "torchvision")
-    PRECISIONS: ClassVar[tuple[str, ...]] = ("auto", "bf16", "fp32")
-
-    def validate(self):
-        if self.model is None and self.pretrained is None:
-            raise FastMAEError("--model is needed when there is no --pretrained checkpoint to read the model from")
-        if self.model is not None and self.model not in list_models():
-            raise FastMAEError(f"unknown model {self.model!r}; known models: {', '.join(list_models())}")
-        for name, choices in (("loader", self.LOADERS), ("device", DEVICES), ("precision", self.PRECISIONS),
-                              ("index_check", INDEX_CHECKS)):  # fmt: skip
-            if getattr(self, name) not in choices:
-                raise FastMAEError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
-                                   f"got {getattr(self, name)!r}")  # fmt: skip
-        for name in ("epochs", "batch_size", "accum_iter", "img_size", "log_every", "nan_rollback_after"):
-            if getattr(self, name) <= 0:
-                raise FastMAEError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("stop_after_steps", "save_every", "keep_every"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise FastMAEError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    def check(self) -> None:
         if self.save_interval < 0:
             raise FastMAEError(f"--save-interval must be >= 0 minutes (0: every epoch end), got {self.save_interval}")
-        if self.dist_timeout <= 0:
-            raise FastMAEError(f"--dist-timeout must be positive minutes, got {self.dist_timeout}")
-        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
-            raise FastMAEError(f"--warmup-epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
-        _check_augment(self)
-        _check_compile(self)
+
+
+SHARED = {"modelling": Model, "inputs": Data, "optimisation": Optimisation, "run": Run, "checkpointing": Checkpointing}
+
+
+# ---------------------------------------------------------------------- a command's configuration
+class Flag(NamedTuple):
+    """One field as a command shows it: its flag's name, type, this command's default and help, its options."""
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+    metadata: dict
+
+
+class CommandConfig:
+    """A command's sections (``SECTIONS``: attribute name -> dataclass, in flag order) and where the command differs
+    from them (``DEFAULTS``, ``HELP``, ``CHOICES``). Built from flat values: ``PretrainConfig(batch_size=8)``."""
+
+    SECTIONS: ClassVar[dict[str, type]] = {}
+    DEFAULTS: ClassVar[dict[str, Any]] = {}
+    HELP: ClassVar[dict[str, str]] = {}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    def __init__(self, **values):
+        if unknown := sorted(set(values) - set(self.field_names())):
+            raise TypeError(f"{type(self).__name__} has no field {', '.join(unknown)}")
+        for key, section in self.SECTIONS.items():
+            names = [f.name for f in dataclasses.fields(section)]
+            given = {n: values[n] if n in values else self.DEFAULTS[n] for n in names
+                     if n in values or n in self.DEFAULTS}  # fmt: skip
+            object.__setattr__(self, key, section(**given))
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for section in cls.SECTIONS.values() for f in dataclasses.fields(section)]
+
+    @classmethod
+    def section_of(cls, name: str) -> str | None:
+        """The attribute name of the section that holds field ``name`` (None: no such field)."""
+        return _sections_by_field(cls).get(name)
+
+    @classmethod
+    def flags(cls) -> list[Flag]:
+        """Every field as this command shows it, in flag order."""
+        out = []
+        for section in cls.SECTIONS.values():
+            for f in dataclasses.fields(section):
+                meta = dict(f.metadata)
+                if f.name in cls.CHOICES:
+                    meta["choices"] = cls.CHOICES[f.name]
+                out.append(Flag(f.name, f.type, cls.DEFAULTS.get(f.name, f.default), cls.HELP.get(f.name, meta["help"]),
+                                meta))  # fmt: skip
+        return out
+
+    def __getattr__(self, name: str):  # a field, read flat (only called when normal lookup fails)
+        key = type(self).section_of(name) if not name.startswith("_") else None
+        if key is None:
+            raise AttributeError(f"{type(self).__name__!r} has no field {name!r}")
+        return getattr(self.__dict__[key], name)
+
+    def __setattr__(self, name: str, value) -> None:
+        key = type(self).section_of(name)
+        setattr(self.__dict__[key], name, value) if key is not None else object.__setattr__(self, name, value)
+
+    def get(self, name: str, default=None):
+        """Field ``name``, or ``default`` when this command has no such field (``cfg.get("cuda_graphs", False)``)."""
+        return getattr(self, name) if type(self).section_of(name) is not None else default
+
+    def to_dict(self) -> dict:
+        """Every field, flat, in flag order (``config.json``)."""
+        return {n: getattr(self, n) for n in self.field_names()}
+
+    def replace(self, **changes) -> CommandConfig:
+        return type(self)(**{**self.to_dict(), **changes})
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and other.to_dict() == self.to_dict()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
+
+    def validate(self):
+        """Each field's checks (its choices, positive, a probability), then each section's own, then the command's
+        checks across sections; the first problem is a one-line error."""
+        for flag in self.flags():
+            value, meta = getattr(self, flag.name), flag.metadata
+            if "choices" in meta and value is not None and not isinstance(value, bool) and value not in meta["choices"]:
+                raise FastMAEError(f"{_flag(flag.name)} must be one of {', '.join(meta['choices'])}, got {value!r}")
+            if meta.get("positive") and value is not None and value <= 0:
+                raise FastMAEError(f"{_flag(flag.name)} must be positive, got {value}")
+            if meta.get("probability") and not 0 <= value <= 1:
+                raise FastMAEError(f"{_flag(flag.name)} must be a probability in [0, 1], got {value}")
+        for key in self.SECTIONS:
+            check = getattr(self.__dict__[key], "check", None)
+            if check is not None:
+                check()
+        self.check()
         return self
+
+    def check(self) -> None:
+        """The command's checks across sections."""
+
+
+@functools.cache
+def _sections_by_field(cls: type[CommandConfig]) -> dict[str, str]:
+    return {f.name: key for key, section in cls.SECTIONS.items() for f in dataclasses.fields(section)}
+
+
+class TrainingConfig(CommandConfig):
+    """What the three training commands share: the batch arithmetic."""
+
+    SECTIONS = SHARED
 
     def effective_batch(self, world_size: int = 1) -> int:
         return self.batch_size * self.accum_iter * world_size
@@ -162,47 +332,34 @@ class RunConfig:
         return blr * self.effective_batch(world_size) / 256
 
     def effective_lr(self, world_size: int = 1) -> float:
-        """lr = blr x effective batch / 256 (the paper's scaling rule), unless --lr is given."""
+        """lr = blr x effective batch / 256 (the paper's scaling rule), unless --lr is given; for a command with a
+        ``--blr`` (the linear probe has one per probe: :meth:`LinprobeConfig.probe_lrs`)."""
         return self.lr if self.lr is not None else self.scaled_lr(self.blr, world_size)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
-
+# ---------------------------------------------------------------------- pretraining
 @dataclass
-class PretrainConfig(RunConfig):
-    """Everything a pretraining run depends on (the official recipe's defaults)."""
+class Pretraining:
+    """Pretraining's own: patches, AdamW, masking, the synthetic data set."""
 
-    pretrained: str | None = _f(
-        None, "start from these weights: a fastmae checkpoint, an official MAE .pth (full, or encoder-only: fresh "
-        "decoder) or a transformers ViT-MAE folder; model, image size and norm-pix loss come from it unless given "
-        "(not set by default)"
-    )  # fmt: skip
-    data: str | None = _f(
-        None,
-        "folder of images (searched recursively; ImageFolder sub-folders give labels), a folder of webdataset .tar "
-        "shards, a .tar, a brace pattern like shards/train-{0000..0146}.tar, or 'digits' (the training split of "
-        "scikit-learn's digits; labels unused) (default: scikit-image's photos)",
-    )
-    crop_scale: float = _f(0.2, "smallest RandomResizedCrop area (the paper: 0.2)")
-    loader: str = _f(
-        "auto", "auto (on CUDA: dali when nvidia-dali is installed, else torchvision) | dali | gpu (workers read "
-        "bytes; nvJPEG + one fused kernel on the GPU; only when asked for until a GPU sitting measures it faster) | "
-        "torchvision | synthetic"
-    )  # fmt: skip
-    weight_decay: float = _f(0.05, "AdamW weight decay (not on biases, norms, tokens)")
-    precision: str = _f(
-        "auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp16 (autocast + dynamic GradScaler) | fp32"
-    )
-    # --- pretraining's own
-    patch_size: int | None = _f(None, "patch size in pixels (default: the model's, e.g. 16 for *_patch16)")
+    patch_size: int | None = _f(None, "patch size in pixels (default: the model's, e.g. 16 for *_patch16)",
+                                positive=True)  # fmt: skip
     blr: float = _f(1.5e-4, "base learning rate: lr = blr * effective batch / 256 (batch x accum-iter x processes)")
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.95, "AdamW beta2")
     mask_ratio: float = _f(0.75, "fraction of patches removed, in [0, 1)")
     norm_pix_loss: bool = _f(False, "normalise each target patch by its mean and std")
     encoder_mode: str = _f("visible", "visible (MAE) or mask_token (encoder sees all patches)")
-    synthetic_images: int = _f(4096, "images per epoch for --loader synthetic")
+    synthetic_images: int = _f(4096, "images per epoch for --loader synthetic", positive=True)
+
+    def check(self) -> None:
+        check_mask_ratio(self.mask_ratio)
+
+
+@dataclass
+class Levers:
+    """How pretraining's step runs: fused kernels, attention per call site, DDP or FSDP2, one CUDA graph."""
+
     kernels: str = _f("auto", "auto | reference | triton, or per op: masking=triton,masked_mse=reference")
     attn_backend: str = _f(
         "auto", "auto (on a GPU: the fastest backend measured per call site, fastmae/attention_table.json; else the "
@@ -210,38 +367,38 @@ class PretrainConfig(RunConfig):
         "site: encoder=flash,decoder=efficient"
     )  # fmt: skip
     parallel: str = _f(
-        "ddp", "under torchrun: ddp (DistributedDataParallel) | fsdp (FSDP2 fully_shard per block, for ViT-H and up)"
+        "ddp", "under torchrun: ddp (DistributedDataParallel) | fsdp (FSDP2 fully_shard per block, for ViT-H and up)",
+        choices=PARALLEL,
     )
     cuda_graphs: bool = _f(
         False, "run the whole step (forward, backward, AdamW) as one CUDA graph: one process, --accum-iter 1, bf16 or "
         "fp32 (off by default until the H200 sitting measures it; docs/benchmarks.md)"
     )  # fmt: skip
+
+
+@dataclass
+class Pictures:
+    """Reconstruction pictures and the fixed-image eval loss."""
+
     num_reconstructions: int = _f(8, "fixed images shown in each reconstructions/*.png")
     picture_scale: int | None = _f(
         None, "draw each pixel of the reconstruction pictures as an N x N block (default: the smallest N that draws an "
-        "image at least 96 pixels high)"
+        "image at least 96 pixels high)", positive=True
     )  # fmt: skip
     picture_every: int | None = _f(1000, "reconstruction picture + eval loss every N steps (0: only at start and end)")
 
-    LOADERS: ClassVar[tuple[str, ...]] = ("auto", "dali", "gpu", "torchvision", "synthetic")
-    PRECISIONS: ClassVar[tuple[str, ...]] = ("auto", "bf16", "fp16", "fp32")
-
-    def validate(self) -> PretrainConfig:
-        super().validate()
-        check_mask_ratio(self.mask_ratio)
-        if self.parallel not in PARALLEL:
-            raise FastMAEError(f"--parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}")
-        for name in ("synthetic_images", "patch_size", "picture_scale"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise FastMAEError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    def check(self) -> None:
         if self.picture_every is not None and self.picture_every < 0:
             raise FastMAEError(f"--picture-every must be >= 0 (0: only at start and end), got {self.picture_every}")
-        if self.cuda_graphs and self.compile_mode in GRAPH_MODES and self.compile != "off":
-            raise FastMAEError(f"--compile-mode {self.compile_mode} captures CUDA graphs of its own inside the step, "
-                               "which --cuda-graphs captures whole: use one of them (e.g. --compile-mode "
-                               "max-autotune-no-cudagraphs with --cuda-graphs)")  # fmt: skip
-        return self
+
+
+class PretrainConfig(TrainingConfig):
+    """Everything a pretraining run depends on (the official recipe's defaults)."""
+
+    SECTIONS = {**SHARED, "pretraining": Pretraining, "levers": Levers, "pictures": Pictures}
+
+    def check(self) -> None:
+        check_graph_mode(self.cuda_graphs, self.compile, self.compile_mode)
 
     def recipe_check(self, world_size: int, steps_per_epoch: int) -> tuple[list[str], list[str]]:
         """(summary lines, warnings) about the recipe this configuration amounts to, printed at the start."""
@@ -299,51 +456,45 @@ PRESETS: dict[str, PretrainConfig] = {
 def preset(name: str) -> PretrainConfig:
     if name not in PRESETS:
         raise FastMAEError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    return dataclasses.replace(PRESETS[name])
+    return PRESETS[name].replace()
 
 
 # ---------------------------------------------------------------------- downstream: finetune and linear probe
 @dataclass
-class _DownstreamConfig(RunConfig):
-    """What finetuning and linear probing share beyond :class:`RunConfig`: labelled data and a pretrained encoder."""
+class Labelled:
+    """Labelled data without a validation folder: the share held out."""
 
-    model: str | None = _f(
-        "mae_vit_tiny_patch16", "encoder of this MAE model (fastmae models lists them); with --pretrained, the "
-        "checkpoint's architecture unless given"
-    )  # fmt: skip
-    pretrained: str | None = _f(
-        None, "checkpoint to start from: fastmae pretrain/finetune, official {'model': ...} (full or encoder-only), "
-        ".pth or .safetensors, or a transformers ViT-MAE folder (ViTMAEForPreTraining or ViTMAEModel) (default: "
-        "random init, with a warning)"
-    )  # fmt: skip
-    img_size: int = _f(224, "input resolution (the position table is resampled from the checkpoint's)")
-    data: str | None = _f(
-        None, "ImageFolder layout: DIR/train/<class>/* and DIR/val/<class>/*, or DIR/<class>/* split by --val-split "
-        "(default, or 'digits': scikit-learn's handwritten digits, 10 classes, no download)"
-    )  # fmt: skip
-    crop_scale: float = _f(0.08, "smallest RandomResizedCrop area (the paper: 0.08)")
-    loader: str = _f("auto", "auto (dali on CUDA when installed, else torchvision) | dali | torchvision")
-    output_dir: str = _f("output/finetune", "where config, metrics, checkpoints and summary go")
-    epochs: int = _f(100, "epochs over the training set")
-    warmup_epochs: float = _f(5, "linear warmup length in epochs (then cosine decay per iteration)")
-    min_lr: float = _f(1e-6, "floor of the cosine schedule")
-    clip_grad: float | None = _f(None, "clip the gradient norm to this value (off by default)")
-    save_interval: float = _f(
-        5.0, "minutes: an epoch end saves checkpoint-last.pth only when this long has passed since the last save "
-        "(0: every epoch end; checkpoint-best.pth is written whenever top-1 improves)"
-    )  # fmt: skip
     val_split: float = _f(0.2, "fraction held out for validation when --data has no train/ and val/ folders")
 
-    def validate(self):
-        super().validate()
+    def check(self) -> None:
         if not 0 < self.val_split < 1:
             raise FastMAEError(f"--val-split must be in (0, 1), got {self.val_split}")
-        return self
+
+
+DOWNSTREAM_LOADERS = tuple(x for x in LOADERS if x not in PRETRAIN_ONLY_LOADERS)
+DOWNSTREAM_HELP = {  # where finetuning and linear probing say it otherwise than pretraining
+    "model": "encoder of this MAE model (fastmae models lists them); with --pretrained, the checkpoint's architecture "
+             "unless given",
+    "pretrained": "checkpoint to start from: fastmae pretrain/finetune, official {'model': ...} (full or "
+                  "encoder-only), .pth or .safetensors, or a transformers ViT-MAE folder (ViTMAEForPreTraining or "
+                  "ViTMAEModel) (default: random init, with a warning)",
+    "img_size": "input resolution (the position table is resampled from the checkpoint's)",
+    "data": "ImageFolder layout: DIR/train/<class>/* and DIR/val/<class>/*, or DIR/<class>/* split by --val-split "
+            "(default, or 'digits': scikit-learn's handwritten digits, 10 classes, no download)",
+    "crop_scale": "smallest RandomResizedCrop area (the paper: 0.08)",
+    "loader": "auto (dali on CUDA when installed, else torchvision) | dali | torchvision",
+    "epochs": "epochs over the training set",
+    "clip_grad": "clip the gradient norm to this value (off by default)",
+    "precision": "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32",
+    "save_interval": "minutes: an epoch end saves checkpoint-last.pth only when this long has passed since the last "
+                     "save (0: every epoch end; checkpoint-best.pth is written whenever top-1 improves)",
+}  # fmt: skip
+DOWNSTREAM_CHOICES = {"loader": DOWNSTREAM_LOADERS, "precision": tuple(p for p in PRECISIONS if p != "fp16")}
 
 
 @dataclass
-class FinetuneConfig(_DownstreamConfig):
-    """End-to-end finetuning with the paper's recipe (facebookresearch/mae FINETUNE.md)."""
+class Finetuning:
+    """Finetuning's own: the paper's recipe (layer decay, drop path, mixup / cutmix, smoothing, EMA, augmentation)."""
 
     blr: float = _f(1e-3, "base learning rate: lr = blr * effective batch / 256")
     layer_decay: float = _f(0.75, "layer-wise lr decay: block i gets decay^(depth + 1 - (i + 1)) (0.65 for ViT-B)")
@@ -354,35 +505,35 @@ class FinetuneConfig(_DownstreamConfig):
     ema: bool = _f(False, "keep an exponential moving average of the weights (timm ModelEmaV3) and evaluate it too")
     ema_decay: float = _f(0.9999, "EMA decay per optimizer step")
     rand_augment: str = _f("rand-m9-mstd0.5-inc1", "timm RandAugment policy of the loader ('none': off)")
-    reprob: float = _f(0.25, "random erasing probability")
+    reprob: float = _f(0.25, "random erasing probability", probability=True)
 
-    def validate(self):
-        super().validate()
-        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
-            raise FastMAEError(f"mixup/cutmix need an even --batch-size, got {self.batch_size}")
+    def check(self) -> None:
         if not 0 < self.layer_decay <= 1:
             raise FastMAEError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
-        return self
+
+
+class FinetuneConfig(TrainingConfig):
+    """End-to-end finetuning with the paper's recipe (facebookresearch/mae FINETUNE.md)."""
+
+    SECTIONS = {**SHARED, "labelled": Labelled, "finetuning": Finetuning}
+    DEFAULTS = {"crop_scale": 0.08, "epochs": 100, "warmup_epochs": 5, "min_lr": 1e-6, "output_dir": "output/finetune"}
+    HELP = {**DOWNSTREAM_HELP, "weight_decay": "weight decay (not on biases, norms, tokens)"}
+    CHOICES = DOWNSTREAM_CHOICES
+
+    def check(self) -> None:
+        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
+            raise FastMAEError(f"mixup/cutmix need an even --batch-size, got {self.batch_size}")
 
 
 @dataclass
-class LinprobeConfig(_DownstreamConfig):
-    """Linear probing of the frozen encoder (facebookresearch/mae LINPROBE.md), several lrs in one pass, plus kNN."""
+class Probing:
+    """Linear probing's own: the probes' base learning rates, the features, kNN."""
 
-    output_dir: str = _f("output/linprobe", "where config, metrics, checkpoints and summary go")
-    epochs: int = _f(90, "epochs over the training set")
-    warmup_epochs: float = _f(10, "linear warmup length in epochs")
-    lr: float | None = _f(None, "one probe with this absolute learning rate instead of --probe-blrs (unset by default)")
-    weight_decay: float = _f(0.0, "LARS weight decay")
-    min_lr: float = _f(0.0, "floor of the cosine schedule")
     probe_blrs: str = _f("0.05,0.1,0.2,0.4", "base learning rates of the probes trained side by side on the same "
                          "features, lr = blr * effective batch / 256 (the paper's blr is 0.1)")  # fmt: skip
     global_pool: bool = _f(False, "probe the mean of the patch tokens instead of the cls token")
     knn_k: int = _f(20, "neighbours for the kNN evaluation (0 turns it off)")
     knn_t: float = _f(0.07, "temperature of the kNN vote weights exp(sim / t)")
-
-    def probe_lrs(self, world_size: int = 1) -> list[float]:
-        return [self.lr] if self.lr is not None else [self.scaled_lr(b, world_size) for b in self.blrs()]
 
     def blrs(self) -> list[float]:
         try:
@@ -393,12 +544,31 @@ class LinprobeConfig(_DownstreamConfig):
             raise FastMAEError(f"--probe-blrs must be positive numbers, got {self.probe_blrs!r}")
         return values
 
-    def validate(self):
-        super().validate()
+    def check(self) -> None:
         self.blrs()
         if self.knn_k < 0:
             raise FastMAEError(f"--knn-k must be >= 0, got {self.knn_k}")
-        return self
+
+
+class LinprobeConfig(TrainingConfig):
+    """Linear probing of the frozen encoder (facebookresearch/mae LINPROBE.md), several lrs in one pass, plus kNN."""
+
+    SECTIONS = {**SHARED, "labelled": Labelled, "probing": Probing}
+    DEFAULTS = {"crop_scale": 0.08, "epochs": 90, "warmup_epochs": 10, "weight_decay": 0.0,
+                "output_dir": "output/linprobe"}  # fmt: skip
+    HELP = {**DOWNSTREAM_HELP, "warmup_epochs": "linear warmup length in epochs", "weight_decay": "LARS weight decay",
+            "lr": "one probe with this absolute learning rate instead of --probe-blrs (unset by default)"}  # fmt: skip
+    CHOICES = DOWNSTREAM_CHOICES
+
+    def blrs(self) -> list[float]:
+        return self.probing.blrs()
+
+    def probe_lrs(self, world_size: int = 1) -> list[float]:
+        return [self.lr] if self.lr is not None else [self.scaled_lr(b, world_size) for b in self.blrs()]
+
+    def effective_lr(self, world_size: int = 1) -> float:
+        """The first probe's lr (the others are multiples of it)."""
+        return self.probe_lrs(world_size)[0]
 
 
 _OFFICIAL_FT = {  # FINETUNE.md: effective batch 1024, 5 warmup epochs, wd 0.05, mixup 0.8, cutmix 1.0, reprob 0.25
@@ -444,17 +614,13 @@ LINPROBE_PRESETS: dict[str, LinprobeConfig] = {
 
 
 # ---------------------------------------------------------------------- fastmae bench
-BENCH_CONFIGS = ("eager", "compiled-reference", "fastmae", "mask-token")
-
-
 def _csv(text: str | None) -> list[str]:
     return [x.strip() for x in (text or "").split(",") if x.strip()]
 
 
 @dataclass
-class BenchConfig:
-    """``fastmae bench``: the pretraining step of the official models in several configurations side by side, built
-    through the training loop's own run context and step (see ``train/bench.py``)."""
+class Bench:
+    """What ``fastmae bench`` measures, how, and the report it draws."""
 
     suite: str = _f("pretrain", "what to measure: pretrain (the kernel, loader and finetune benchmarks are scripts of "
                     "their own in benchmarks/)")  # fmt: skip
@@ -463,11 +629,11 @@ class BenchConfig:
     )
     decoder_depths: str = _f("8,1", "decoder depths to run for each model")
     configs: str = _f(",".join(BENCH_CONFIGS), f"pretrain configurations to run: {', '.join(BENCH_CONFIGS)}")
-    batch: int | None = _f(None, "images per step (default: B 256, L 128, H 64, fixed per model)")
+    batch: int | None = _f(None, "images per step (default: B 256, L 128, H 64, fixed per model)", positive=True)
     batches: str | None = _f(
         None, "batch sweep of the fastmae rows beside the fixed batch, e.g. 64,256,512 (img/s, peak memory, knee)"
     )
-    steps: int = _f(10, "timed steps per configuration")
+    steps: int = _f(10, "timed steps per configuration", positive=True)
     warmup: int = _f(3, "untimed steps first (compilation, autotuning)")
     device: str = _f("auto", "auto (cuda if available, else cpu) | cpu | cuda")
     quick: bool = _f(False, "tiny shapes on any device: checks the suite, not a number")
@@ -497,7 +663,14 @@ class BenchConfig:
     readme: str | None = _f(None, "the page to update between the markers (--report): docs/benchmarks.md")
     marker: str = _f("fastmae-bench", "which markers hold the table (--report): fastmae-bench-gpu for a GPU sitting")
 
-    def validate(self) -> BenchConfig:
+
+class BenchConfig(CommandConfig):
+    """``fastmae bench``: the pretraining step of the official models in several configurations side by side, built
+    with the training loop's own run spec and step builder (see ``train/bench.py``)."""
+
+    SECTIONS = {"bench": Bench}
+
+    def check(self) -> None:
         if others := [x for x in _csv(self.suite) if x != "pretrain"]:
             raise FastMAEError(f"--suite {','.join(others)}: fastmae bench measures the pretraining step; run "
                                + ", ".join(f"python benchmarks/bench_{x}.py" for x in others) + " instead")
@@ -515,20 +688,13 @@ class BenchConfig:
                                "comma-separated")  # fmt: skip
         if self.compile_mode not in MODES:
             raise FastMAEError(f"--compile-mode must be one of {', '.join(MODES)}, got {self.compile_mode!r}")
-        if self.graphs and self.compile_mode in GRAPH_MODES:
-            raise FastMAEError(f"--compile-mode {self.compile_mode} captures CUDA graphs of its own, which --graphs "
-                               "captures whole: use one of them (max-autotune-no-cudagraphs goes with --graphs)")
+        check_graph_mode(self.graphs, None, self.compile_mode, "--graphs")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise FastMAEError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        for name in ("steps", "batch"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise FastMAEError(f"--{name} must be positive, got {value}")
-        if self.attn_backend is not None:
+        if self.attn_backend is not None:  # a spec that does not parse is one line now, not a failed row per model
             from .attention import parse_sites
 
-            parse_sites(self.attn_backend)  # a bad spec is one line now, not after the first model compiled
-        return self
+            parse_sites(self.attn_backend)
 
     @property
     def model_names(self) -> list[str]:

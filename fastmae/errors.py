@@ -1,4 +1,4 @@
-"""Errors that the CLI reports as one line (no traceback)."""
+"""Errors that the CLI reports as one line (no traceback), and the one way an exception becomes one line."""
 
 
 class FastMAEError(ValueError):
@@ -18,3 +18,14 @@ class RunFault(FastMAEError):
 
 class NoRoom(RunFault):
     """A file could not be written for lack of room (disk full, quota, file size limit)."""
+
+
+def one_line(exc: BaseException, *, last: bool = False, typed: bool = False, limit: int = 200) -> str:
+    """``exc`` as one line, for logs, results rows and error lines: the first non-empty line of its message (``last``:
+    the last one, where torch puts the cause), cut at ``limit`` characters, after its type's name when ``typed``; its
+    type's name alone when the message is empty."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = (lines[-1] if last else lines[0])[:limit] if lines else ""
+    if typed or not text:
+        return f"{type(exc).__name__}: {text}".rstrip(": ")
+    return text

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from .errors import FastMAEError, NoRoom
+from .errors import FastMAEError, NoRoom, one_line
 
 _NO_ROOM = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
             errno.EFBIG: "the file size limit (ulimit -f) is reached"}  # fmt: skip
@@ -235,5 +235,4 @@ def load_file(path: str | os.PathLike, what: str = "checkpoint") -> tuple[object
 
         return torch.load(path, map_location="cpu", weights_only=True), {}
     except Exception as exc:
-        raise FastMAEError(f"{what} {path} could not be read: {(str(exc).splitlines() or [type(exc).__name__])[0]}"
-                           ) from exc  # fmt: skip
+        raise FastMAEError(f"{what} {path} could not be read: {one_line(exc, limit=10_000)}") from exc

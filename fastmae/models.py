@@ -47,7 +47,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, H, N, Dh]
         chosen = attn_dispatch.get_backend(self.choice) if self.choice is not None else None
-        backend = chosen if chosen is not None and not chosen.supports(q, k, v) else attn_dispatch.resolve(
+        backend = chosen if chosen is not None and not chosen.unsupported(q, k, v) else attn_dispatch.resolve(
             self.backend, q, k, v)  # fmt: skip
         if not torch.compiler.is_compiling():
             self.backend_used = backend.name
@@ -113,7 +113,7 @@ class MaskedAutoencoderViT(nn.Module):
         norm_pix_loss: bool = False,
         *,
         kernels: str | Mapping[str, str] = "auto",
-        attn_backend: str = "auto",
+        attn_backend: str | Mapping[str, str] = "auto",
         encoder_mode: str = "visible",
         drop_path_rate: float = 0.0,
         embed: str = "auto",
@@ -126,10 +126,11 @@ class MaskedAutoencoderViT(nn.Module):
             raise FastMAEError(f"unknown embed {embed!r}; choose one of {', '.join(EMBED_MODES)}")
         self.embed = embed
         self.kernels = ops.parse_kernels(kernels)
-        ops.check_triton(self.kernels)
         # Implementation per (device type, op), decided now so forward stays a straight line under torch.compile.
         self._op_impls = {dev: self._choose_impls(torch.device(dev)) for dev in ("cpu", "cuda")}
-        sites = attn_dispatch.parse_sites(attn_backend)
+        # A string as a user writes it, or the {call site: backend} the run spec resolved.
+        spec = attn_backend if isinstance(attn_backend, str) else ",".join(f"{k}={v}" for k, v in attn_backend.items())
+        sites = attn_dispatch.parse_sites(spec)
         self.attn_backend = attn_backend
         self.encoder_mode = encoder_mode
         self.norm_pix_loss = norm_pix_loss
@@ -190,28 +191,29 @@ class MaskedAutoencoderViT(nn.Module):
             nn.init.constant_(m.weight, 1.0)
 
     # ------------------------------------------------------------------ op layer
-    def _choose_impls(self, device: torch.device) -> dict[str, tuple[str, Callable] | str]:
-        chosen: dict[str, tuple[str, Callable] | str] = {}
+    def _choose_impls(self, device: torch.device) -> dict[str, tuple[str, Callable | FastMAEError]]:
+        """{op: (implementation name, its function)}; an op forced to Triton that cannot run on this device holds
+        the error instead of a function, raised if it is used there (the run spec refuses such a run first)."""
+        chosen: dict[str, tuple[str, Callable | FastMAEError]] = {}
         for op, choice in self.kernels.items():
             try:
                 impl = ops.select(op, choice, device)
-            except FastMAEError as exc:  # forced triton that cannot run on this device: raise when used there
-                chosen[op] = str(exc)
-                continue
-            chosen[op] = (impl, ops.get_impl(op, impl))
+                chosen[op] = (impl, ops.get_impl(op, impl))
+            except FastMAEError as exc:
+                chosen[op] = (choice, exc)
         return chosen
 
     def _op(self, op: str, device: torch.device) -> Callable:
-        entry = self._op_impls["cuda" if device.type == "cuda" else "cpu"][op]
-        if isinstance(entry, str):
-            raise FastMAEError(entry)
-        return entry[1]
+        fn = self._op_impls["cuda" if device.type == "cuda" else "cpu"][op][1]
+        if isinstance(fn, FastMAEError):
+            raise fn
+        return fn
 
     def kernels_used(self, device: torch.device | str = "cpu") -> dict[str, str]:
-        """``{op: "triton" | "reference"}`` that runs for inputs on ``device``."""
+        """``{op: "triton" | "reference"}`` that runs for inputs on ``device`` (an op forced to Triton that cannot
+        run there says ``triton``, and raises when called)."""
         device = torch.device(device)
-        entries = self._op_impls["cuda" if device.type == "cuda" else "cpu"]
-        return {op: (e if isinstance(e, str) else e[0]) for op, e in entries.items()}
+        return {op: impl for op, (impl, _) in self._op_impls["cuda" if device.type == "cuda" else "cpu"].items()}
 
     @property
     def attn_backend_used(self) -> str | None:
@@ -235,11 +237,11 @@ class MaskedAutoencoderViT(nn.Module):
                 continue
             a = blocks[0].attn
             head_dim = a.qkv.in_features // a.num_heads
-            q = _OnDevice(torch.empty(1, a.num_heads, tokens[site], head_dim, device="meta", dtype=dtype), device)
+            q = attn_dispatch.StandIn((1, a.num_heads, tokens[site], head_dim), dtype, device)
             choice = None
             if a.backend == "auto" and gpu is not None:
                 found = attn_dispatch.measured_choice(gpu, dtype, head_dim, tokens[site])
-                if found is not None and not attn_dispatch.get_backend(found[0]).supports(q, q, q):
+                if found is not None and not attn_dispatch.get_backend(found[0]).unsupported(q, q, q):
                     choice = found[0]
                     attn_dispatch.log_choice(f"{site} auto -> {choice}: {found[1]}")
                 elif found is None:
@@ -355,16 +357,6 @@ class MaskedAutoencoderViT(nn.Module):
         pred = self.forward_decoder(latent, ids_restore)
         loss = self.forward_loss(imgs, pred, mask)
         return loss, pred, mask
-
-
-class _OnDevice:
-    """A metadata stand-in that reports another device: lets the dispatch answer for a device without tensors."""
-
-    def __init__(self, t: torch.Tensor, device: torch.device | str):
-        self._t, self.device = t, torch.device(device)
-
-    def __getattr__(self, name):
-        return getattr(self._t, name)
 
 
 def _check_geometry(img_size, patch_size, embed_dim, num_heads, decoder_embed_dim, decoder_num_heads) -> None:

@@ -4,18 +4,7 @@ import os
 import subprocess
 import sys
 
-import numpy as np
-from PIL import Image
-
-
-def noise_pngs(root, count: int, seed: int, size: tuple[int, int] = (36, 40)):
-    """``count`` random RGB PNGs of slightly different sizes (a few pixels over a 32 px crop) in ``root``."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True)
-    h, w = size
-    for i in range(count):
-        Image.fromarray(rng.integers(0, 255, (h + 3 * i, w, 3), dtype=np.uint8)).save(root / f"{i}.png")
-    return root
+from fastmae.train.samples import noise_pngs  # noqa: F401 (the test modules' small image folders)
 
 
 def torchrun(args: list[str], nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:

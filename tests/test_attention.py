@@ -33,7 +33,7 @@ def test_runnable_backends_agree_with_math(dtype, shape):
     ran = []
     for name in attention.AUTO_ORDER:
         backend = attention.get_backend(name)
-        if backend.supports(q, k, v):
+        if backend.unsupported(q, k, v):
             continue
         out = attention.attention(q, k, v, name)
         assert out.shape == q.shape and out.dtype == dtype
@@ -132,7 +132,7 @@ def test_xformers_reasons_on_cuda_metadata():
     class OnCuda:
         device, dtype, shape = torch.device("cuda"), q.dtype, q.shape
 
-    reasons = attention.get_backend("xformers").supports(OnCuda, OnCuda, OnCuda)
+    reasons = attention.get_backend("xformers").unsupported(OnCuda, OnCuda, OnCuda)
     assert any("dtype torch.float64" in r for r in reasons) and any("head dim 512" in r for r in reasons)
 
 
@@ -147,7 +147,7 @@ def test_resolve_attention_reports_backend_without_running():
 def test_sdpa_kernels_say_why_they_cannot_run_on_a_cpu():
     q, k, v = _qkv(torch.bfloat16, Dh=16)
     for name in ("flash", "cudnn", "efficient"):
-        assert attention.get_backend(name).supports(q, k, v) == [f"{name} attention needs CUDA (inputs are on cpu)"]
+        assert attention.get_backend(name).unsupported(q, k, v) == [f"{name} attention needs CUDA (inputs are on cpu)"]
         with pytest.raises(AttentionBackendUnavailable, match=f"attention backend '{name}' cannot run: {name} "):
             attention.attention(q, k, v, name)
 
@@ -156,10 +156,10 @@ def test_sdpa_kernel_reasons_on_cuda_metadata():
     class OnCuda:
         device, dtype, shape = torch.device("cuda"), torch.float32, (1, 2, 3, 100)
 
-    reasons = attention.get_backend("flash").supports(OnCuda, OnCuda, OnCuda)
+    reasons = attention.get_backend("flash").unsupported(OnCuda, OnCuda, OnCuda)
     assert "dtype torch.float32 is not one of float16, bfloat16" in reasons
     assert "head dim 100 is not a multiple of 8 up to 256" in reasons
-    assert attention.get_backend("efficient").supports(OnCuda, OnCuda, OnCuda) == [
+    assert attention.get_backend("efficient").unsupported(OnCuda, OnCuda, OnCuda) == [
         "head dim 100 is not a multiple of 8 up to 256"]  # fmt: skip
 
 

@@ -11,7 +11,8 @@ import torch
 from fastmae.train.data import decode as decode_mod
 from fastmae.train.data.dali import DALILoader, build_pipeline, eval_geometry
 from fastmae.train.data.decode import IMAGENET_MEAN, IMAGENET_STD, JPEG, PNG, TORCHVISION, decode, load_rgb
-from fastmae.train.data.index import expand_braces, index_data
+from fastmae.train.data.index import index_data
+from fastmae.train.data.index_build import expand_braces
 from fastmae.train.data.loaders import ImageFiles, TorchvisionLoader, eval_transform, model_input
 from fastmae.train.data.order import ShardedOrder, augment_params, random_resized_crop
 from PIL import Image
@@ -188,9 +189,9 @@ def test_every_mode_decodes_the_same_in_both_loaders(mixed, loader):
     DALI and in the torchvision loader with each decoder (TorchCodec by default)."""
     index = index_data(mixed)
     make = {
-        "dali": lambda: DALILoader(index, 24, VALID, seed=0, device=CPU, num_threads=1, kind="eval"),
-        "torchvision": lambda: TorchvisionLoader(index, 24, VALID, seed=0, kind="eval"),
-    }.get(loader, lambda: TorchvisionLoader(index, 24, VALID, seed=0, kind="eval"))
+        "dali": lambda: DALILoader(index, 24, VALID, seed=0, device=CPU, num_threads=1, pipeline="eval"),
+        "torchvision": lambda: TorchvisionLoader(index, 24, VALID, seed=0, pipeline="eval"),
+    }.get(loader, lambda: TorchvisionLoader(index, 24, VALID, seed=0, pipeline="eval"))
     made = make()
     if loader.startswith("torchvision-"):
         made.dataset.decoder = loader.split("-", 1)[1]
@@ -242,7 +243,7 @@ def test_the_default_decoder_is_torchcodec_where_it_loads(monkeypatch, caplog, p
     assert names["jpeg with an EXIF orientation"].startswith("pillow ")
     loader.dataset.decoder = "torchvision"
     assert loader.decoders["jpeg"].startswith("torchvision ") and "jpeg with an EXIF orientation" not in loader.decoders
-    assert set(TorchvisionLoader(photos, 32, 4, seed=0, kind="finetune").decoders.values()) == {
+    assert set(TorchvisionLoader(photos, 32, 4, seed=0, pipeline="finetune").decoders.values()) == {
         decode_mod.pillow_label()}  # fmt: skip
     cfg = type("Cfg", (), {"num_workers": 0, "img_size": 32, "batch_size": 4, "seed": 0})()
     with caplog.at_level("INFO", logger="fastmae.data"):
@@ -347,8 +348,8 @@ def test_uint8_pipeline_matches_the_pil_pipeline(photos, mixed, size):
 
 
 def test_eval_pipeline_equals_resize_and_centre_crop(photos):
-    dali = DALILoader(photos, 48, 5, seed=0, device=CPU, num_threads=2, kind="eval")
-    tv = TorchvisionLoader(photos, 48, 5, seed=0, kind="eval")
+    dali = DALILoader(photos, 48, 5, seed=0, device=CPU, num_threads=2, pipeline="eval")
+    tv = TorchvisionLoader(photos, 48, 5, seed=0, pipeline="eval")
     assert dali.steps_per_epoch == -(-len(photos) // 5)  # every image once, last batch short
     batches = list(zip(dali.epoch(0), tv.epoch(0), strict=True))
     assert sum(len(a) for a, _ in batches) == len(photos)
@@ -441,8 +442,8 @@ def test_evaluation_shards_count_every_image_once():
 def test_eval_loaders_cover_the_set_across_ranks(photos, loader):
     def make(rank, world):
         if loader == "dali":
-            return DALILoader(photos, 32, 2, seed=0, device=CPU, num_threads=1, kind="eval", rank=rank, world=world)
-        return TorchvisionLoader(photos, 32, 2, seed=0, kind="eval", rank=rank, world=world)
+            return DALILoader(photos, 32, 2, seed=0, device=CPU, num_threads=1, pipeline="eval", rank=rank, world=world)
+        return TorchvisionLoader(photos, 32, 2, seed=0, pipeline="eval", rank=rank, world=world)
 
     whole = torch.cat([b.images for b in make(0, 1).epoch(0)])
     world = len(photos) + 1  # one rank more than images: the last one gets nothing and yields no batch
@@ -513,12 +514,12 @@ def _copy_photos(photos, folder, n):
 def test_finetune_augmentation_depends_only_on_the_sample(photos):
     """RandAugment + random erasing of a sample are the same in any batch, rank or restart, whatever the global
     generators hold (timm draws its RandAugment ops from NumPy's)."""
-    whole = TorchvisionLoader(photos, 32, 4, seed=0, kind="finetune")
+    whole = TorchvisionLoader(photos, 32, 4, seed=0, pipeline="finetune")
     first = next(whole.epoch(0))
     x, ids = first.images, first.ids.tolist()
     np.random.seed(123)
     torch.manual_seed(9)
-    rank1 = TorchvisionLoader(photos, 32, 2, seed=0, kind="finetune", rank=1, world=2)
+    rank1 = TorchvisionLoader(photos, 32, 2, seed=0, pipeline="finetune", rank=1, world=2)
     batch1 = next(rank1.epoch(0))
     x1 = batch1.images
     for j, i in enumerate(batch1.ids.tolist()):  # rank 1's first batch: the 2nd and 4th of the global batch
@@ -526,8 +527,8 @@ def test_finetune_augmentation_depends_only_on_the_sample(photos):
 
 
 def test_finetune_pipeline_shapes_and_erasing(photos):
-    dali = DALILoader(photos, 32, 4, seed=0, device=CPU, num_threads=2, kind="finetune")
-    tv = TorchvisionLoader(photos, 32, 4, seed=0, kind="finetune")
+    dali = DALILoader(photos, 32, 4, seed=0, device=CPU, num_threads=2, pipeline="finetune")
+    tv = TorchvisionLoader(photos, 32, 4, seed=0, pipeline="finetune")
     for loader in (dali, tv):
         batch = next(loader.epoch(0))
         imgs, labels = batch.images, batch.labels

@@ -14,13 +14,13 @@ import timm
 import torch
 from fastmae.train.data.labelled import digits_folder
 from fastmae.train.evaluate import knn_classify, layer_decay_groups
+from fastmae.train.procs import finish, pids_with, start, torchrun_cmd, wait_for_step
 
 import fastmae
 from fastmae.cli import main
 from fastmae.interop import create_vit, interpolate_pos_embed, load_encoder, read_state_dict
 from fastmae.pos_embed import sincos_1d, sincos_2d
 
-from ._procs import finish, pids_with, start, torchrun_cmd, wait_for_step
 from ._util import noise_pngs, torchrun
 
 TINY = "mae_vit_tiny_patch16"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from fastmae.train.procs import finish, free_port, logged_steps, pids_with, start, torchrun_cmd, wait_for_step
 
-from ._procs import finish, free_port, logged_steps, pids_with, start, torchrun_cmd, wait_for_step
 from ._util import noise_pngs
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}

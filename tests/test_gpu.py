@@ -194,16 +194,19 @@ def test_visible_embedding_at_official_shapes(model):
 
 
 def _cuda_trainer(graphs: bool, compile_model: bool = False):
-    """The pretraining step as the loop builds it (a one-process run context: bf16 autocast); ``.model``: the MAE."""
-    from fastmae.train.context import RunContext
-    from fastmae.train.pretrain import mae_step
+    """The pretraining step as the loop builds it (``build_step`` over ``mae_loss`` in a one-process run spec: bf16
+    autocast); ``.model``: the MAE."""
+    from fastmae.train.pretrain import mae_loss
     from fastmae.train.schedule import build_optimizer
+    from fastmae.train.spec import local_spec
+    from fastmae.train.step import StepParts, build_step
 
     torch.manual_seed(0)
     model = fastmae.create_model("mae_vit_tiny_patch16", img_size=64, kernels="triton", norm_pix_loss=True).to(CUDA)
     opt = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), fused=True)
-    ctx = RunContext.local(CUDA, compile="full" if compile_model else "off", graphs=graphs)
-    step = mae_step(model, ctx.compiled(model), opt, ctx, seed=3, mask_ratio=0.75, warmup=2)
+    spec = local_spec(CUDA, compile="full" if compile_model else "off", graphs=graphs)
+    loss = mae_loss(model, spec.compiled(model), CUDA, seed=3, mask_ratio=0.75)
+    step = build_step(StepParts(loss, opt, model.parameters()), spec, warmup=2)
     step.model = model
     return step
 
@@ -284,53 +287,65 @@ def test_crop_resize_kernel_compiled_at_imagenet_sizes():
     assert ((out - cpu) * std * 255).abs().max() <= 3
 
 
-def _smoke():
+def _smoke(check: str, tmp_path) -> dict:
+    """One check of ``benchmarks/gpu_smoke.py``, run as the GPU sitting runs it (a process of its own): its details,
+    or the test fails with the check's one-line error."""
+    import subprocess
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import gpu_smoke
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_smoke.py"
+    out = tmp_path / f"{check}.jsonl"
+    subprocess.run([sys.executable, str(script), "--check", check, "--device", "cuda", "--out", str(out)], check=True,
+                   timeout=300)  # fmt: skip
+    record = json.loads(out.read_text().splitlines()[-1])
+    assert record["ok"], record["error"]
+    return record["details"]
 
-    return gpu_smoke
+
+DECODE_MEAN = 2.0  # nvJPEG against libjpeg, mean difference in 8-bit levels (gpu_smoke's bound; torchvision's own test)
+LOADER_BOUNDS = {"mean": 1.0, "p999": 12.0, "max": 48.0}  # the GPU loader against the torchvision loader (gpu_smoke's)
 
 
-def test_crop_kernel_alone_matches_the_cpu_pipeline_on_nvjpeg_pixels():
+def _levels(a, b) -> dict:
+    """|a - b| in 8-bit levels: mean, 99.9th percentile, largest."""
+    d = (a.float() - b.float()).abs().flatten()
+    return {"mean": d.mean().item(), "p999": torch.quantile(d[:: max(1, d.numel() // 1_000_000)], 0.999).item(),
+            "max": d.max().item()}  # fmt: skip
+
+
+def test_crop_kernel_alone_matches_the_cpu_pipeline_on_nvjpeg_pixels(tmp_path):
     """nvJPEG and libjpeg decode the same JPEGs to different pixels (IDCT rounding, chroma upsampling), so they are
     compared by the mean, the 99.9th percentile and the largest difference (torchvision's own test bounds the mean);
     the crop kernel is compared alone, against the CPU pipeline on the very pixels nvJPEG decoded: within 3 levels."""
-    smoke = _smoke()
-    details = smoke.check_nvjpeg_crop(CUDA)  # raises CheckFailed with the numbers when a bound is passed
-    assert details["decode_levels"]["mean"] < smoke.DECODE_BOUNDS["mean"]
+    details = _smoke("nvjpeg-crop", tmp_path)  # fails with the numbers when a bound is passed
+    assert details["decode_levels"]["mean"] < DECODE_MEAN
     assert details["crop_levels"]["max"] <= 3
 
 
 @pytest.mark.parametrize("head_dim", [64, 32])
-def test_xformers_matches_math_at_the_encoder_and_decoder_shapes(head_dim):
+def test_xformers_matches_math_at_the_encoder_and_decoder_shapes(head_dim, tmp_path):
     """xformers forward + backward in bf16 at 50 tokens x head dim 64 (the encoder) and 197 x 32 (the decoder)
     against float64 math, naming the operators that ran."""
-    details = _smoke().check_attention(CUDA, "xformers", head_dim)  # raises CheckFailed with the numbers
+    details = _smoke(f"attn-xformers-h{head_dim}", tmp_path)  # fails with the numbers
     assert details["xformers_ops"]["forward"].startswith(("fa2F", "fa3F", "cutlassF")), details
 
 
-def test_torchcodec_batch_decode_on_the_gpu_is_within_the_nvjpeg_bounds():
-    details = _smoke().check_torchcodec_cuda(CUDA)
-    assert details["levels"]["mean"] < _smoke().DECODE_BOUNDS["mean"]
+def test_torchcodec_batch_decode_on_the_gpu_is_within_the_nvjpeg_bounds(tmp_path):
+    details = _smoke("torchcodec-cuda", tmp_path)
+    assert details["levels"]["mean"] < DECODE_MEAN
 
 
 def test_gpu_loader_with_nvjpeg_gives_the_torchvision_loaders_batches(tmp_path):
     """--loader gpu for real (nvJPEG, the compiled kernel, the side stream): two epochs of generated ImageNet-like
     JPEGs, the torchvision loader's samples and boxes; pixels bounded by mean, 99.9th percentile and maximum (the
     decoders differ, see above)."""
-    import sys
-
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"))
-    from bench_loader import make_jpegs
     from fastmae.train.data import index_data
     from fastmae.train.data.decode import IMAGENET_STD, normalize
     from fastmae.train.data.gpu_loader import GPULoader, gpu_loader_unavailable_reason
     from fastmae.train.data.loaders import TorchvisionLoader
+    from fastmae.train.samples import make_jpegs
 
-    smoke = _smoke()
     assert gpu_loader_unavailable_reason(CUDA) is None
     index = index_data(make_jpegs(tmp_path / "jpegs", 64, processes=1))
     ref = TorchvisionLoader(index, 224, 16, seed=2, num_workers=2)
@@ -339,11 +354,10 @@ def test_gpu_loader_with_nvjpeg_gives_the_torchvision_loaders_batches(tmp_path):
     for epoch in (0, 1):
         for a, b in zip(ref.epoch(epoch), gpu.epoch(epoch), strict=True):
             assert b.images.device.type == "cuda" and torch.equal(a.ids, b.ids.cpu())
-            stats = smoke._levels_stats(b.images.cpu() * std * 255, normalize(a.images) * std * 255)
-            smoke._within(stats, smoke.LOADER_BOUNDS, "GPU loader vs torchvision loader")
+            stats = _levels(b.images.cpu() * std * 255, normalize(a.images) * std * 255)
+            assert all(stats[k] <= bound for k, bound in LOADER_BOUNDS.items()), stats
     assert gpu.routes["gpu"] == 128 and gpu.routes["cpu"] == 0
 
 
-def test_batches_ahead_on_the_device_keep_order_and_positions():
-    smoke = _smoke()
-    assert smoke.check_ahead_on_device(CUDA)["batches"] > 0  # raises CheckFailed naming what differs
+def test_batches_ahead_on_the_device_keep_order_and_positions(tmp_path):
+    assert _smoke("ahead-on-device", tmp_path)["batches"] > 0  # fails naming what differs

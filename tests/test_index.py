@@ -10,11 +10,11 @@ import time
 
 import numpy as np
 import pytest
-from fastmae.train.data import index as index_mod
+from fastmae.train.data import index_build, index_cache
 from fastmae.train.data.index import index_data
+from fastmae.train.procs import finish, free_port, start
 from PIL import Image
 
-from ._procs import finish, free_port, start
 from ._util import noise_pngs
 from .test_data import BROKEN, VALID, make_mixed_folder
 
@@ -34,13 +34,13 @@ def _age(*folders):
 def probes(monkeypatch):
     """Every file validated in this process, by name."""
     seen = []
-    real = index_mod._probe_file
+    real = index_build.probe_file
 
     def counting(item):
         seen.append(os.fsdecode(item[0]).rsplit("/", 1)[-1])
         return real(item)
 
-    monkeypatch.setattr(index_mod, "_probe_file", counting)
+    monkeypatch.setattr(index_build, "probe_file", counting)
     return seen
 
 
@@ -93,13 +93,13 @@ def test_index_of_a_class_tree_lists_only_changed_folders(tmp_path, probes):
     # Per-sample state is numpy arrays and one byte buffer: nothing that grows with N as Python objects.
     for name in ("unit_of", "offsets", "sizes", "labels", "widths", "heights", "routes"):
         assert isinstance(getattr(second, name), np.ndarray) and len(getattr(second, name)) == 14, name
-    assert isinstance(second.names, index_mod.StringTable) and isinstance(second.names.blob, np.ndarray)
+    assert isinstance(second.names, index_cache.StringTable) and isinstance(second.names.blob, np.ndarray)
     assert second.names.blob.dtype == np.uint8 and len(second.units) == 5
 
 
 def test_unreadable_cache_is_rebuilt_with_a_warning(mixed, probes, caplog):
     first = index_data(mixed)
-    path = index_mod._cache_file(first.root)
+    path = index_cache.cache_file(first.root)
     path.write_bytes(path.read_bytes()[:100])  # cut short
     probes.clear()
     again = index_data(mixed)
@@ -128,8 +128,8 @@ def test_unchanged_shards_are_not_parsed_again(tmp_path, monkeypatch):
         _shard(folder / f"train-{s}.tar", [f"s{s}-{k}" for k in range(4)], s)
     _age(*folder.iterdir())
     parsed = []
-    real = index_mod._scan_shard
-    monkeypatch.setattr(index_mod, "_scan_shard", lambda path: parsed.append(os.path.basename(path)) or real(path))
+    real = index_build.scan_shard
+    monkeypatch.setattr(index_build, "scan_shard", lambda path: parsed.append(os.path.basename(path)) or real(path))
     first = index_data(folder, workers=1)  # in this process, where the counting stand-in is
     assert len(first) == 12 and sorted(parsed) == [b"train-0.tar", b"train-1.tar", b"train-2.tar"]
     assert first.labels.tolist() == [0, 1, 0, 1] * 3 and first.tar

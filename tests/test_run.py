@@ -65,6 +65,19 @@ def test_help_shows_preset_values_never_none(capsys):
     assert "(demo: 96)" in text and "(demo: mae_vit_tiny_patch16)" in text and "(demo: 5.0)" in text
 
 
+def test_help_imports_no_torch():
+    """``fastmae --help`` and ``fastmae pretrain --help`` parse flags without importing torch (a fresh process: the
+    configs, the CLI and the registry are torch-free)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom fastmae.cli import main\nfor argv in (['--help'], ['pretrain', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules)")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "False", proc.stderr
+
+
 def _one_line_error(args, capsys) -> str:
     code = main(args)
     err = capsys.readouterr().err.strip().splitlines()
@@ -106,3 +119,68 @@ def test_resume_and_pretrained_that_are_not_checkpoints(kind, folder, tmp_path, 
         assert err.startswith(f"fastmae: error: --pretrained {bad} {want}"), err
     err = _one_line_error(["export", str(bad), str(tmp_path / "out.pth")], capsys)
     assert f"{bad} {want}" in err
+
+
+@pytest.fixture
+def compiled_triton_only(monkeypatch):
+    """As if fastmae was imported without TRITON_INTERPRET=1: Triton's kernels need a GPU."""
+    from fastmae.kernels import _common
+
+    monkeypatch.setattr(_common, "INTERPRETED", False)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--attn-backend", "bogus"], "fastmae: error: unknown attention backend 'bogus'; choose one of auto, "),
+        (["--kernels", "triton", "--device", "cpu"], "fastmae: error: --kernels triton: masking, unshuffle, "
+         "masked_mse cannot run: Triton kernels need a CUDA device, the inputs are on cpu"),
+    ],
+)
+def test_flags_that_cannot_run_here_fail_in_one_line_before_indexing(args, message, folder, tmp_path, monkeypatch,
+                                                                     capsys, compiled_triton_only):  # fmt: skip
+    """The run spec decides attention and kernels before any data is indexed (a cold 1.28M-file folder takes minutes)
+    or a file is written, instead of the model's constructor or the first forward failing after that."""
+    from fastmae.train import pretrain
+
+    monkeypatch.setattr(pretrain, "pretrain_index", lambda *a, **k: pytest.fail("indexed the data first"))
+    args = ["pretrain", *TINY, "--data", str(folder), "--output-dir", str(tmp_path / "o"), *args]
+    err = _one_line_error(args, capsys)
+    assert err.startswith(message), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_every_problem_of_the_run_spec_is_in_its_one_line(compiled_triton_only):
+    from fastmae.train.spec import Asked, decide
+
+    from fastmae import FastMAEError
+
+    asked = Asked(device="cpu", graphs=True, kernels="masking=triton", attn_backend="encoder=flash",
+                  model="mae_vit_tiny_patch16")
+    with pytest.raises(FastMAEError) as info:
+        decide(asked)
+    assert str(info.value) == (
+        "3 problems: --cuda-graphs cannot run here: CUDA graphs need a CUDA device (this run is on cpu); attention "
+        "backend 'flash' cannot run: flash attention needs CUDA (inputs are on cpu); --kernels triton: masking cannot "
+        "run: Triton kernels need a CUDA device, the inputs are on cpu; set TRITON_INTERPRET=1 before importing "
+        "fastmae to run them (slowly) on CPU"
+    )
+    spec = decide(Asked(device="cpu", kernels="auto", attn_backend="decoder=math", model="mae_vit_tiny_patch16"))
+    assert spec.kernels == {"masking": "reference", "unshuffle": "reference", "masked_mse": "reference"}
+    assert spec.attention == {"encoder": "auto", "decoder": "math"} and spec.precision == "fp32"
+
+
+def test_the_model_is_built_with_the_choices_the_run_spec_resolved(folder, tmp_path, monkeypatch):
+    import fastmae
+
+    seen, real = {}, fastmae.create_model
+
+    def spy(name, **kw):
+        seen.update(kw)
+        return real(name, **kw)
+
+    monkeypatch.setattr(fastmae, "create_model", spy)
+    assert main(["pretrain", *TINY, "--data", str(folder), "--output-dir", str(tmp_path / "o"), "--stop-after-steps",
+                 "1", "--attn-backend", "decoder=math", "--picture-every", "0"]) == 0  # fmt: skip
+    assert seen["kernels"] == {"masking": "reference", "unshuffle": "reference", "masked_mse": "reference"}
+    assert seen["attn_backend"] == {"encoder": "auto", "decoder": "math"}

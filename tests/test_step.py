@@ -1,18 +1,19 @@
-"""The training step (train/step.py): eager, and the whole step as one graph. On a CPU the graph is a stand-in that
-records the step at capture and runs it at each replay, reading only the buffers the step was captured with, as a
-CUDA graph does; the same checks on a real CUDA graph are in tests/test_gpu.py."""
+"""The training step (train/step.py, built by build_step as the loop builds it): eager, and the whole step as one
+graph. On a CPU the graph is a stand-in that records the step at capture and runs it at each replay, reading only the
+buffers the step was captured with, as a CUDA graph does; the same checks on a real CUDA graph are in
+tests/test_gpu.py."""
 
 import copy
 
 import pytest
 import torch
 from fastmae.train.checkpointer import portable_optimizer_state
-from fastmae.train.context import RunContext
 from fastmae.train.data import Batch
 from fastmae.train.noise import mask_noise
-from fastmae.train.pretrain import mae_step
+from fastmae.train.pretrain import mae_loss
 from fastmae.train.schedule import build_optimizer
-from fastmae.train.step import graphs_unsupported
+from fastmae.train.spec import graphs_unsupported, local_spec
+from fastmae.train.step import StepParts, build_step
 
 from fastmae import create_model
 from fastmae.cli import main
@@ -49,15 +50,16 @@ class Recorder(torch.nn.Module):
 
 
 def _trainer(graphs: bool, wrap=None, precision="fp32"):
-    """The pretraining step as the loop builds it (:func:`mae_step` in a one-process run context), on a model that
-    records the noise it gets (or on ``wrap(model)``); ``.model`` is the MAE."""
+    """The pretraining step as the loop builds it (:func:`build_step` over :func:`mae_loss` in a one-process run
+    spec), on a model that records the noise it gets (or on ``wrap(model)``); ``.model`` is the MAE."""
     torch.manual_seed(0)
     model = create_model("mae_vit_tiny_patch16", **TINY, kernels="reference", norm_pix_loss=True)
     opt = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), fused=True)
     rec = Recorder(model)
-    ctx = RunContext.local(torch.device("cpu"), precision, graphs=graphs)
+    spec = local_spec("cpu", precision, graphs=graphs)
     step_fn = wrap(model) if wrap is not None else rec
-    step = mae_step(model, step_fn, opt, ctx, seed=7, mask_ratio=0.75, warmup=2, graph_factory=ReplayGraph)
+    loss = mae_loss(model, step_fn, spec.device, seed=7, mask_ratio=0.75)
+    step = build_step(StepParts(loss, opt, model.parameters()), spec, warmup=2, graph_factory=ReplayGraph)
     step.model = model
     return step, rec
 

@@ -10,7 +10,7 @@ Configurations (``config`` x ``encoder_mode``):
   ``torch.compile`` (on CUDA).
 - ``fastmae`` / ``mask_token``: the same fast settings with the encoder run on every patch (the paper's baseline).
 
-Every configuration runs the training loop's own step (:class:`fastmae.train.step.TrainStep`): a uint8 batch
+Every configuration runs the training loop's own step (:func:`fastmae.train.step.build_step`): a uint8 batch
 normalised on the device, per-sample mask noise from the sample ids, bf16 autocast on CUDA (fp32 on CPU), forward,
 backward, NaN guard and fused AdamW over the recipe's parameter groups. Before timing, the fast configuration's loss is
 checked against the eager one on the same weights, images and masks (an ``equivalence`` row). Rows record what
@@ -33,75 +33,42 @@ tables.
 
 from __future__ import annotations
 
-import datetime
-import importlib.metadata
 import os
-import subprocess
 import time
-from pathlib import Path
 
 import torch
 
 from fastmae.config import BenchConfig
 from fastmae.errors import FastMAEError
-from fastmae.files import write_json
 from fastmae.models import create_model, flops_per_image
 
 from .bench_report import CONFIG_NAMES, default_results_path, mfu_of, peak_tflops, speedups
-from .context import RunContext, resolve_device
 from .data import Batch
-from .pretrain import mae_step
+from .harness import Rows, env_info, free_memory, is_oom, row_error, sync
+from .pretrain import mae_loss
 from .schedule import build_optimizer
+from .spec import RunSpec, local_spec, resolve_device
+from .step import StepParts, build_step
 
-REPO = Path(__file__).resolve().parent.parent
 BATCH = {"mae_vit_base_patch16": 256, "mae_vit_large_patch16": 128, "mae_vit_huge_patch14": 64}  # fixed per model
 
 
-def _version(*names: str) -> str | None:
-    for name in names:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
-
-
-def git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=REPO)
-    except OSError:
-        return None
-    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
-
-
-def env_info(device: torch.device) -> dict:
-    """What ran: GPU (or "cpu"), CUDA, library versions, git sha, date."""
-    return {
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "cuda": torch.version.cuda if device.type == "cuda" else None,
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "xformers": _version("xformers"),
-        "dali": _version("nvidia-dali-cuda120", "nvidia-dali-cuda130"),
-        "timm": _version("timm"),
-        "git_sha": git_sha(),
-        "date": datetime.datetime.now().strftime("%Y-%m-%dT%H:%M:%S"),
-        "cpu_threads": torch.get_num_threads(),
-    }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _build(model_name, decoder_depth, config, mode, device: torch.device, quick: dict | None, attn: str | None = None):
+def _spec(config: str, device: torch.device, compile_variant: str = "off", compile_mode: str = "default",
+          attn: str | None = None, model: str | None = None) -> RunSpec:
+    """The run spec of a configuration, from the loop's own function: ``eager`` is the reference ops with ``math``
+    attention, ``compiled-reference`` the reference ops with SDPA, ``fastmae`` Triton ops (on CUDA) with ``attn``
+    (default auto); only CUDA compiles. An attention backend that cannot run here is a one-line error."""
+    cuda = device.type == "cuda"
     fast = config == "fastmae"
-    kernels = ("triton" if device.type == "cuda" else "reference") if fast else "reference"
+    kernels = ("triton" if cuda else "reference") if fast else "reference"
     attn_backend = (attn or "auto") if fast else "sdpa" if config == "compiled-reference" else "math"
-    kw = dict(quick or {}, decoder_depth=decoder_depth, kernels=kernels, encoder_mode=mode, attn_backend=attn_backend)
-    return create_model(model_name, **kw).to(device)
+    variant = compile_variant if config != "eager" and cuda else "off"
+    return local_spec(device, "auto", variant, compile_mode, kernels=kernels, attn_backend=attn_backend, model=model)
+
+
+def _build(model_name, decoder_depth, mode, spec: RunSpec, quick: dict | None):
+    kw = dict(quick or {}, decoder_depth=decoder_depth, encoder_mode=mode, **spec.model_options())
+    return create_model(model_name, **kw).to(spec.device)
 
 
 def _top_kernels(prof, cuda: bool, steps: int, top: int = 10) -> list[dict]:
@@ -131,63 +98,65 @@ def profile_steps(step, device: torch.device, step_ms: float, steps: int = 2) ->
     with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-        _sync(device)
+        sync(device)
     return _top_kernels(prof, cuda, steps), breakdown(prof, cuda, steps, step_ms)
 
 
 class StepBench:
-    """One configuration's model, compiled once, and the training step over it, built as the loop builds it: a
-    one-process :class:`~fastmae.train.context.RunContext` (bf16 autocast on CUDA, fp32 on a CPU; the compile variant
-    and mode) and :func:`~fastmae.train.pretrain.mae_step`, so that every lever means the same here as in
-    ``fastmae pretrain``. :meth:`row` times a variant (the plain step, or the same step as one CUDA graph) on the same
-    weights and compiled code. ``eager`` never compiles, nor anything on a CPU."""
+    """One configuration's model, compiled once, and the training step over it, built as the loop builds it: the run
+    spec from the loop's function (:func:`~fastmae.train.spec.local_spec`: bf16 autocast on CUDA, fp32 on a CPU; the
+    compile variant and mode; the resolved attention and kernels) and :func:`~fastmae.train.step.build_step` over
+    :func:`~fastmae.train.pretrain.mae_loss`, so that every lever means the same here as in ``fastmae pretrain``.
+    :meth:`row` times a variant (the plain step, or the same step as one CUDA graph) on the same weights and compiled
+    code. ``eager`` never compiles, nor anything on a CPU."""
 
     def __init__(self, model_name, decoder_depth, config, mode, batch, device, quick=None, attn=None,
                  compile_mode: str = "default", compile_variant: str = "full"):  # fmt: skip
         torch.manual_seed(0)
         self.device, self.batch, self.config, self.mode = device, batch, config, mode
         self.model_name, self.decoder_depth, self.compile_mode = model_name, decoder_depth, compile_mode
-        self.model = _build(model_name, decoder_depth, config, mode, device, quick, attn)
-        cuda = device.type == "cuda"
-        self.compile = compile_variant if config != "eager" and cuda else "off"
-        self.ctx = RunContext.local(device, compile=self.compile, compile_mode=compile_mode)
-        self.step_fn = self.ctx.compiled(self.model)
+        self.spec = _spec(config, device, compile_variant, compile_mode, attn, model_name)
+        self.compile = self.spec.compile
+        self.model = _build(model_name, decoder_depth, mode, self.spec, quick)
+        self.step_fn = self.spec.compiled(self.model)
         # The recipe's AdamW (no weight decay on norms, biases, tokens), fused: the optimizer the loop runs.
         self.optimizer = build_optimizer(self.model, 1e-4, 0.05, (0.9, 0.95), fused=True)
-        self.attn_backend = self.model.resolve_attention(device, self.ctx.act_dtype)
+        self.attn_backend = self.model.resolve_attention(device, self.spec.act_dtype)
         size = self.model.patch_embed.img_size
         g = torch.Generator(device=device).manual_seed(0)
         self.imgs = torch.randint(0, 256, (batch, 3, *size), dtype=torch.uint8, device=device, generator=g)
         self.labels = torch.zeros(batch, dtype=torch.long, device=device)
         self.calls = 0
 
-    def trainer(self, graphs: bool):
-        self.ctx.graphs = graphs
-        return mae_step(self.model, self.step_fn, self.optimizer, self.ctx, seed=0, mask_ratio=0.75)
+    def step(self, graphs: bool):
+        """The loop's pretraining step over this configuration's model (as one CUDA graph with ``graphs``)."""
+        self.spec.graphs = graphs
+        loss = mae_loss(self.model, self.step_fn, self.device, seed=0, mask_ratio=0.75)
+        return build_step(StepParts(loss, self.optimizer, self.model.parameters()), self.spec)
 
-    def _step(self, trainer):
+    def _run_once(self, step):
         """One step on the fixed images with new sample ids (so new masks) every call."""
         k = self.calls
         self.calls += 1
         ids = torch.arange(k * self.batch, (k + 1) * self.batch, device=self.device)
-        return trainer(Batch(self.imgs, self.labels, ids, k // 1000, (0, k + 1)), 1e-4)
+        return step(Batch(self.imgs, self.labels, ids, k // 1000, (0, k + 1)), 1e-4)
 
     def row(self, variant: str, steps: int, warmup: int, profile: bool = False) -> dict:
         device = self.device
         cuda = device.type == "cuda"
         graphs = variant == "graphs"
-        trainer = self.trainer(graphs=graphs)
-        for _ in range(max(warmup, trainer.warmup + 2) if graphs else warmup):
-            if cuda and trainer.captures_next:  # the capture allocates the step's activations (in the graph's pool)
+        step = self.step(graphs=graphs)
+        for _ in range(max(warmup, step.warmup + 2) if graphs else warmup):
+            if cuda and step.captures_next:  # the capture allocates the step's activations (in the graph's pool)
                 torch.cuda.reset_peak_memory_stats(device)
-            self._step(trainer)
-        _sync(device)
+            self._run_once(step)
+        sync(device)
         if cuda and not graphs:  # an ordinary step allocates its activations at every step
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         for _ in range(steps):
-            self._step(trainer)
-        _sync(device)
+            self._run_once(step)
+        sync(device)
         seconds = (time.perf_counter() - t0) / steps
         img_s = self.batch / seconds
         embed = self.model.embed_used(device)
@@ -198,14 +167,14 @@ class StepBench:
         peak_mem = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None
         top = parts = None
         if profile:
-            top, parts = profile_steps(lambda: self._step(trainer), device, seconds * 1e3)
+            top, parts = profile_steps(lambda: self._run_once(step), device, seconds * 1e3)
         return {
             "name": "pretrain_step", "model": self.model_name, "decoder_depth": self.decoder_depth,
             "encoder_mode": self.mode, "config": self.config, "variant": variant, "batch_size": self.batch,
-            "img_size": self.model.patch_embed.img_size[0], "dtype": self.ctx.precision,
+            "img_size": self.model.patch_embed.img_size[0], "dtype": self.spec.precision,
             "attn_backend": self.attn_backend, "kernels": self.model.kernels_used(device), "embed": embed,
             "compile": self.compile, "compile_mode": self.compile_mode if self.compile != "off" else None,
-            "graphs": trainer.captured, "img_per_s": img_s, "step_ms": seconds * 1e3, "tflops": tflops, "mfu": mfu,
+            "graphs": step.captured, "img_per_s": img_s, "step_ms": seconds * 1e3, "tflops": tflops, "mfu": mfu,
             "mfu_measured_peak": mfu_measured, "peak_tflops": peak_tflops(gpu),
             "peak_mem_gb": peak_mem, "peak_mem_gb_per_image": peak_mem / self.batch if cuda else None,
             "gflops_per_image": flops / 1e9, "profile": top, "breakdown": parts,
@@ -220,33 +189,21 @@ def pretrain_step_row(model_name, decoder_depth, config, mode, batch, device, st
 
 def check_fast_matches_eager(model_name, decoder_depth, device, quick=None, batch=2) -> float:
     """Loss of the fast configuration vs eager on the same weights, images and masks; raises if they disagree."""
-    eager = _build(model_name, decoder_depth, "eager", "visible", device, quick)
-    fast = _build(model_name, decoder_depth, "fastmae", "visible", device, quick)
+    eager = _build(model_name, decoder_depth, "visible", _spec("eager", device), quick)
+    fast = _build(model_name, decoder_depth, "visible", _spec("fastmae", device), quick)
     fast.load_state_dict(eager.state_dict())
     g = torch.Generator(device=device).manual_seed(0)
     size = eager.patch_embed.img_size
     imgs = torch.randn(batch, 3, *size, generator=g, device=device)
     noise = torch.rand(batch, eager.patch_embed.num_patches, generator=g, device=device)
     cuda = device.type == "cuda"
-    with torch.no_grad(), RunContext.local(device).autocast():  # the loop's autocast (bf16 on CUDA, none on a CPU)
+    with torch.no_grad(), local_spec(device).autocast():  # the loop's autocast (bf16 on CUDA, none on a CPU)
         a = eager(imgs, mask_ratio=0.75, noise=noise)[0].float().item()
         b = fast(imgs, mask_ratio=0.75, noise=noise)[0].float().item()
     rel = abs(a - b) / max(abs(a), 1e-12)
     if rel > (3e-2 if cuda else 1e-4):
         raise FastMAEError(f"{model_name}: fast loss {b:.6f} differs from eager {a:.6f} (rel {rel:.2e}); not timing")
     return rel
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def _free(device: torch.device) -> None:
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def optimizer_rows(model_name: str, device: torch.device, quick: dict | None, steps: int = 10) -> list[dict]:
@@ -268,11 +225,11 @@ def optimizer_rows(model_name: str, device: torch.device, quick: dict | None, st
             p.grad = torch.randn_like(p) * 1e-3
         for _ in range(3):
             step()
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
-        _sync(device)
+        sync(device)
         rows.append({"name": "optimizer_step", "model": model_name, "impl": impl,
                      "compile": impl == "compiled" and device.type == "cuda",
                      "params": sum(p.numel() for p in model.parameters()),
@@ -280,15 +237,9 @@ def optimizer_rows(model_name: str, device: torch.device, quick: dict | None, st
     return rows
 
 
-def _error_line(exc: BaseException) -> str:
-    """An exception as one line: its type and the last non-empty line of its message (torch puts the cause last)."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}".rstrip(": ")
-
-
 def run_suite(cfg: BenchConfig, device: torch.device, log=print, on_row=None) -> list[dict]:
     """Rows for every model x decoder depth x configuration x compile variant (see the module docstring), then the
-    levers asked for. ``on_row(row)`` sees each row as soon as it is measured (:class:`ResultsFile` writes it then). A
+    levers asked for. ``on_row(row)`` sees each row as soon as it is measured (the results file writes it then). A
     configuration that fails (out of memory, a compile error, a kernel that cannot run) is a row with its one-line
     ``error``, and the suite goes on; a fast loss that disagrees with eager's is an ``equivalence`` row and that model
     and depth are not timed."""
@@ -318,16 +269,16 @@ def run_suite(cfg: BenchConfig, device: torch.device, log=print, on_row=None) ->
             bench = StepBench(name, depth, config, mode, b, device, tiny, attn if config == "fastmae" else None,
                               compile_mode, variant_compile)  # fmt: skip
         except Exception as exc:
-            add({**base, "variant": variants[0], "error": _error_line(exc), "oom": _is_oom(exc)})
-            log(f"{name} dec{depth} {config} {mode} batch {b}: {_error_line(exc)}")
+            add({**base, "variant": variants[0], "error": row_error(exc), "oom": is_oom(exc)})
+            log(f"{name} dec{depth} {config} {mode} batch {b}: {row_error(exc)}")
         for variant in variants if bench is not None else ():
             what = f"{name} dec{depth} {config:18s} {mode:10s} {bench.compile:8s} {variant:6s} batch {b}"
             try:
                 row = {**bench.row(variant, steps, warmup, profile and not sweep), "sweep": sweep}
             except Exception as exc:
-                add({**base, "variant": variant, "error": _error_line(exc), "oom": _is_oom(exc)})
-                log(f"{what}: {'out of memory' if _is_oom(exc) else _error_line(exc)}")
-                _free(device)
+                add({**base, "variant": variant, "error": row_error(exc), "oom": is_oom(exc)})
+                log(f"{what}: {'out of memory' if is_oom(exc) else row_error(exc)}")
+                free_memory(device)
                 continue
             add(row)
             log(f"{what}: {row['img_per_s']:9.1f} img/s {row['tflops']:7.2f} TFLOP/s attn {row['attn_backend']} "
@@ -336,7 +287,7 @@ def run_suite(cfg: BenchConfig, device: torch.device, log=print, on_row=None) ->
                 top = ", ".join(f"{p['kernel'][:40]} {100 * p['share']:.0f}%" for p in row["profile"][:3])
                 log(f"    where the time goes: {top}")
         del bench
-        _free(device)
+        free_memory(device)
 
     for name in models:
         for depth in decoder_depths:
@@ -345,9 +296,9 @@ def run_suite(cfg: BenchConfig, device: torch.device, log=print, on_row=None) ->
                 add({"name": "equivalence", "model": name, "decoder_depth": depth, "ok": True, "rel_loss_diff": rel})
             except Exception as exc:
                 add({"name": "equivalence", "model": name, "decoder_depth": depth, "ok": False,
-                     "error": _error_line(exc)})  # fmt: skip
-                log(f"{name} dec{depth}: not timed: {_error_line(exc)}")
-                _free(device)
+                     "error": row_error(exc)})  # fmt: skip
+                log(f"{name} dec{depth}: not timed: {row_error(exc)}")
+                free_memory(device)
                 continue
             b = batch or (2 if quick else BATCH.get(name, 64))
             for config, mode in chosen:
@@ -367,28 +318,8 @@ def run_suite(cfg: BenchConfig, device: torch.device, log=print, on_row=None) ->
                     add(row)
                 log(f"{name} AdamW update: " + ", ".join(f"{r['impl']} {r['ms']:.2f} ms" for r in rows[-2:]))
             except Exception as exc:
-                add({"name": "optimizer_step", "model": name, "error": _error_line(exc)})
+                add({"name": "optimizer_step", "model": name, "error": row_error(exc)})
     return rows
-
-
-class ResultsFile:
-    """A results JSON (``{"env", "rows", "speedups"}``) rewritten atomically after every row, so that a command
-    stopped at its time budget leaves every row it had finished, and a crash never leaves half a file."""
-
-    def __init__(self, path: str | Path, env: dict):
-        self.path, self.env, self.rows = Path(path), env, []
-        self.write()
-
-    def add(self, row: dict) -> None:
-        self.rows.append(row)
-        self.write()
-
-    def extend(self, rows: list[dict]) -> None:
-        self.rows += rows
-        self.write()
-
-    def write(self) -> Path:
-        return write_json(self.path, {"env": self.env, "rows": self.rows, "speedups": speedups(self.rows)})
 
 
 def bench(cfg: BenchConfig) -> int:
@@ -405,7 +336,8 @@ def bench(cfg: BenchConfig) -> int:
         os.environ["FASTMAE_ATTENTION_TABLE"] = cfg.attn_table
     device = resolve_device(cfg.device)
     env = env_info(device)
-    results = ResultsFile(cfg.out or default_results_path(env), env)  # rewritten after every row
+    results = Rows("fastmae-bench", env, cfg.out or default_results_path(env),
+                   summary=lambda rows: {"speedups": speedups(rows)})  # rewritten after every row
     run_suite(cfg, device, on_row=results.add)
     for s in speedups(results.rows):
         print(f"{s['model']} dec{s['decoder_depth']}: fastmae {_fmt(s['fastmae_vs_eager'])}x eager, "

@@ -1,17 +1,17 @@
 """Checkpoints for every recipe: what a checkpoint holds, when one is written, and how a run starts from one, falls
 back from a broken one and rolls back to one.
 
-What (:meth:`Checkpointer.state`, the one function that builds checkpoint dicts): ``model`` (official-named weights,
+What (:meth:`Checkpointer.contents`, the one function that builds checkpoint dicts): ``model`` (official-named weights,
 FSDP shards gathered; a linear probe's probes), ``optimizer`` (as an ungraphed one-process run writes it), ``step``,
 ``epoch``, ``config``, ``data_position`` (``[epoch, batches consumed]`` of the last whole step), ``rng`` (every rank's
 generators in rank order: restored when a resume has as many processes), ``scaler`` with fp16, and the recipe's own
 entries (EMA weights, the best top-1, the probes' start scores). Files are written atomically and read with
 ``weights_only=True`` (:mod:`fastmae.files`).
 
-When (:meth:`Checkpointer.due`, the one save policy): every ``--save-every`` steps; at an epoch end when
-``--save-interval`` minutes have passed since the last save; ``checkpoint-best.pth`` when the recipe's score improved;
-at the end of the run and on a stop signal; and after a fault, what one process can still write
-(:meth:`Checkpointer.save_alone`). ``--keep-every N`` keeps a numbered copy of each save on a multiple of N.
+When (:meth:`Checkpointer.save`, the one save policy, which the loop calls once per step with the run's state and a
+reason): every ``--save-every`` steps; at an epoch end when ``--save-interval`` minutes have passed since the last
+save; ``checkpoint-best.pth`` when the recipe's score improved; at the end of the run and on a stop signal; and after a
+fault, what one process can still write. ``--keep-every N`` keeps a numbered copy of each save on a multiple of N.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from fastmae.files import CHECKPOINT_NAME, checkpoint_problem, load_file, room_p
 from .distributed import full_state, load_full_state
 
 LAST, BEST = CHECKPOINT_NAME, "checkpoint-best.pth"
+# Why the loop asks for a save: an ordinary step, a step that ends an epoch, the run's end, a stop signal, a fault.
+STEP, EPOCH_END, END, SIGNAL, FAULT = "step", "epoch end", "end", "signal", "fault"
 NUMBERED = re.compile(r"checkpoint-(\d+)\.pth$")
 logger = logging.getLogger("fastmae.checkpoint")
 
@@ -172,8 +174,8 @@ class Checkpointer:
         self.saved_rng: list | None = None
 
     # ----------------------------------------------------------------------------------------- what and when
-    def state(self, step: int, position: tuple[int, int], rng: list | None, model_state: dict,
-              optim_state: dict) -> dict:  # fmt: skip
+    def contents(self, step: int, position: tuple[int, int], rng: list | None, model_state: dict,
+                 optim_state: dict) -> dict:  # fmt: skip
         """The checkpoint dict (the only place one is built)."""
         epoch = position[0] + (1 if position[1] >= self.usable else 0)  # whole epochs done
         state = {"model": model_state, "optimizer": portable_optimizer_state(optim_state), "step": step,
@@ -184,20 +186,29 @@ class Checkpointer:
             state["scaler"] = self.recipe.scaler.state_dict()
         return {**state, **self.recipe.extra_state()}
 
-    def due(self, step: int, epoch_end: bool) -> bool:
-        """Whether the step just done is saved (end, signal and best are the caller's): every ``--save-every``
-        steps, or at an epoch end once ``--save-interval`` minutes have passed. Under torchrun the ranks agree on
-        the clock (a collective, so a host sync: at epoch ends only)."""
-        if self.every and step % self.every == 0:
-            return True
-        return epoch_end and self.ctx.dist.any(self.clock.due(), self.ctx.device)
+    def save(self, state, reason: str, best: bool = False) -> str | None:
+        """The one save policy: what the step ``state`` (a :class:`~fastmae.train.trainer.TrainingState`) just done
+        leaves on disk, for ``reason`` (:data:`STEP`, :data:`EPOCH_END`, :data:`END`, :data:`SIGNAL`, :data:`FAULT`)
+        and whether the recipe's score is the ``best`` so far. ``checkpoint-best.pth`` when it is; then
+        ``checkpoint-last.pth`` at the end and on a signal, every ``--save-every`` steps, and at an epoch end once
+        ``--save-interval`` minutes have passed (under torchrun the ranks agree on the clock: a collective, so a host
+        sync, at epoch ends only). After a fault, this process alone keeps what it can; returns what it kept, in words.
+        Every rank calls it (but after a fault)."""
+        if reason == FAULT:
+            return self._save_alone(state.step, state.position)
+        if best:
+            self._save(state.step, state.position, BEST)
+        if (reason in (END, SIGNAL) or (self.every and state.step % self.every == 0)
+                or (reason == EPOCH_END and self.ctx.dist.any(self.clock.due(), self.ctx.device))):  # fmt: skip
+            self._save(state.step, state.position, LAST)
+        return None
 
-    def save(self, step: int, position: tuple[int, int], name: str = LAST) -> None:
+    def _save(self, step: int, position: tuple[int, int], name: str) -> None:
         """``name`` (and a numbered copy with ``--keep-every``); every rank calls it."""
         model_state, optim_state = full_state(self.recipe.model, self.recipe.optimizer, self.ctx.dist)
         rng = self.ctx.dist.gather_objects(rng_state(self.ctx.device))  # every rank's, in rank order
         if self.ctx.main:
-            self._write(self.state(step, position, rng, model_state, optim_state), step, name)
+            self._write(self.contents(step, position, rng, model_state, optim_state), step, name)
         if name == LAST:
             self.clock.saved()
         self.ctx.dist.barrier()  # no rank reads the checkpoint (rollback) before it is complete
@@ -207,7 +218,7 @@ class Checkpointer:
         if name == LAST and self.keep_every and step % self.keep_every == 0:
             save_torch(state, self.ctx.out / f"checkpoint-{step:07d}.pth")
 
-    def save_alone(self, step: int, position: tuple[int, int]) -> str:
+    def _save_alone(self, step: int, position: tuple[int, int]) -> str:
         """After a fault: ``checkpoint-last.pth`` at the last whole step, written by this process with no collective
         (the other ranks may be gone). Weights and optimizer state are those after step ``step`` (an unfinished step
         never reaches the optimizer); generators only in a one-process run (the others' are out of reach). Returns
@@ -218,7 +229,7 @@ class Checkpointer:
             return "rank 0 saves the checkpoint"
         rng = [rng_state(self.ctx.device)] if not self.ctx.dist.enabled else None
         model, optimizer = self.recipe.model, self.recipe.optimizer
-        self._write(self.state(step, position, rng, model.state_dict(), optimizer.state_dict()), step, LAST)
+        self._write(self.contents(step, position, rng, model.state_dict(), optimizer.state_dict()), step, LAST)
         return f"saved {self.ctx.out / LAST} at step {step}; --resume auto continues from there"
 
     def warn_if_no_room(self, copies: int = 3) -> None:

@@ -20,12 +20,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from fastmae.errors import FastMAEError, RunFault
+from fastmae.config import PARALLEL
+from fastmae.errors import FastMAEError, RunFault, one_line
 
 from .job import dist_info, export_slurm_env, launcher, without_step_id
 
 logger = logging.getLogger("fastmae.distributed")
-STRATEGIES = ("ddp", "fsdp")
 # Messages of collectives whose peer went away (gloo, NCCL, the TCP store), for errors torch does not type.
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out", "Timed out",
               "NCCL communicator was aborted", "NCCL error", "DistBackendError", "connection refused")  # fmt: skip
@@ -207,8 +207,8 @@ def init_distributed(strategy: str, device: torch.device,
     rank, world, local = dist_info()
     if world <= 1:
         return DistContext(), device
-    if strategy not in STRATEGIES:
-        raise FastMAEError(f"--parallel must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if strategy not in PARALLEL:
+        raise FastMAEError(f"--parallel must be one of {', '.join(PARALLEL)}, got {strategy!r}")
     if device.type == "cuda":
         if local >= torch.cuda.device_count():
             raise FastMAEError(f"LOCAL_RANK={local} but only {torch.cuda.device_count()} GPU(s) are visible")
@@ -225,7 +225,7 @@ def init_distributed(strategy: str, device: torch.device,
                 dist.init_process_group(backend, timeout=timedelta(minutes=timeout_min),
                                         device_id=device if device.type == "cuda" else None)  # fmt: skip
         except (ValueError, RuntimeError, dist.DistError, TimeoutError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            first = one_line(exc)
             if "MASTER_ADDR" in str(exc) or "MASTER_PORT" in str(exc) or "environment variable" in str(exc):
                 raise FastMAEError(f"WORLD_SIZE={world}: could not join the {backend} process group ({first}); "
                                    "launch with torchrun or srun, which set RANK, MASTER_ADDR and MASTER_PORT"

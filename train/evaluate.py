@@ -72,12 +72,12 @@ def lars_groups(probes: nn.ModuleList, lrs: list[float], weight_decay: float) ->
     return groups
 
 
-def _with_labels(feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[N, D + 1]: the labels as a last column (exact in float32 below 2**24 classes), to gather both at once."""
-    return torch.cat([feats, labels.to(feats.device, torch.float32)[:, None]], dim=1)
-
-
-def _split_labels(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_features(feats: torch.Tensor, labels: torch.Tensor, ctx: DistContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's features [n_rank, D] and labels [n_rank], in rank order, on every rank (row counts may differ:
+    a host sync). The labels travel as a last column (exact in float32 below 2**24 classes), so both go at once."""
+    if not ctx.enabled:
+        return feats, labels
+    rows = ctx.gather_rows(torch.cat([feats, labels.to(feats.device, torch.float32)[:, None]], dim=1))
     return rows[:, :-1], rows[:, -1].long()
 
 
@@ -92,8 +92,8 @@ def extract(encoder: nn.Module, loader, device: torch.device, autocast, dim: int
             feats.append(encoder(model_input(batch.images)).float())
         labels.append(batch.labels)
     feats, labels = torch.cat(feats), torch.cat(labels)
-    if ctx is not None and ctx.enabled:
-        feats, labels = _split_labels(ctx.gather_rows(_with_labels(feats, labels)))
+    if ctx is not None:
+        feats, labels = gather_features(feats, labels, ctx)
     return feats, labels
 
 

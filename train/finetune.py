@@ -25,8 +25,8 @@ from .context import RunContext, seed_all, start_run
 from .data import labelled_data
 from .distributed import gradient_sync, wrap_model
 from .evaluate import evaluate, layer_decay_groups
-from .step import TrainStep
-from .trainer import Recipe, Trainer
+from .step import StepParts, build_step
+from .trainer import Recipe, Trainer, TrainingState
 
 logger = logging.getLogger("fastmae.finetune")
 
@@ -49,11 +49,9 @@ def mixing(classes: int, mixup: float, cutmix: float, smoothing: float):
     return None, (LabelSmoothingCrossEntropy(smoothing) if smoothing > 0 else torch.nn.CrossEntropyLoss())
 
 
-def finetune_step(model, step_fn, optimizer, ctx: RunContext, mixup, criterion, *, accum: int = 1, sync=None,
-                  nan_guard: bool = True, clip_grad: float | None = None, after_update=None) -> TrainStep:  # fmt: skip
-    """The finetuning step, as the loop and ``benchmarks/bench_finetune.py`` both build it: mixup / cutmix on the
-    device, ``step_fn`` (the ViT, compiled and/or wrapped) and the criterion in the run's autocast, the loss averaged
-    over ranks before the NaN guard."""
+def finetune_loss(step_fn, mixup, criterion):
+    """The finetuning loss of a batch, which the loop's step and ``benchmarks/bench_finetune.py``'s are built on:
+    mixup / cutmix on the device, ``step_fn`` (the ViT, compiled and/or wrapped) and the criterion."""
 
     def loss(batch):
         imgs, labels = batch.images, batch.labels
@@ -64,9 +62,7 @@ def finetune_step(model, step_fn, optimizer, ctx: RunContext, mixup, criterion, 
             imgs, targets = mixup(imgs, labels)
         return criterion(step_fn(imgs), targets)
 
-    reduce = ctx.dist.all_reduce_mean if ctx.dist.enabled else None
-    return TrainStep(loss, optimizer, list(model.parameters()), device=ctx.device, autocast=ctx.autocast, accum=accum,
-                     sync=sync, nan_guard=nan_guard, clip_grad=clip_grad, reduce=reduce, after_update=after_update)
+    return loss
 
 
 class Finetuning(Recipe):
@@ -108,15 +104,21 @@ class Finetuning(Recipe):
         if self.ema is not None and "ema" in ckpt:
             self.ema.module.load_state_dict(ckpt["ema"])
 
-    def prepare(self, trainer: Trainer) -> dict:
-        self.trainer, self.log, cfg = trainer, trainer.log, self.cfg
-        step_fn = self.ctx.compiled(self.step_module)
-        ema = (lambda: self.ema.update(self.model, step=trainer.step + 1)) if self.ema is not None else None
-        self.step = finetune_step(self.model, step_fn, self.optimizer, self.ctx, self.mixup, self.criterion,
-                                  accum=cfg.accum_iter, sync=gradient_sync(self.step_module, self.model, self.ctx.dist),
-                                  nan_guard=cfg.nan_guard, clip_grad=cfg.clip_grad, after_update=ema)  # fmt: skip
+    def prepare(self, state: TrainingState, log) -> dict:
+        cfg, ctx = self.cfg, self.ctx
+        self.log, self.updates = log, state.step  # the EMA's warm-up counts the run's optimizer steps
+        loss = finetune_loss(ctx.compiled(self.step_module), self.mixup, self.criterion)
+        ema = self.update_ema if self.ema is not None else None
+        parts = StepParts(loss, self.optimizer, self.model.parameters(), after_update=ema,
+                          sync=gradient_sync(self.step_module, self.model, ctx.dist),
+                          reduce=ctx.dist.all_reduce_mean if ctx.dist.enabled else None)  # fmt: skip
+        self.train_step = build_step(parts, ctx, cfg.optimisation)
         return {"arch": self.arch, "num_classes": self.classes, "classes": self.train_idx.classes,
                 "train_images": len(self.train_idx), "val_images": len(self.val_idx), **self.loaded}  # fmt: skip
+
+    def update_ema(self) -> None:
+        self.updates += 1
+        self.ema.update(self.model, step=self.updates)
 
     def start_line(self) -> str:
         cfg = self.cfg
@@ -126,15 +128,15 @@ class Finetuning(Recipe):
     def score(self, module: torch.nn.Module) -> dict:
         return evaluate(module, self.val_loader, self.ctx.device, self.ctx.autocast, self.classes, self.ctx.dist)
 
-    def begin(self, resumed: bool) -> dict | None:
-        start = None if resumed else self.score(self.model)
+    def begin(self, state: TrainingState) -> dict | None:
+        start = None if state.resumed else self.score(self.model)
         self.model.train()
         return start
 
-    def end_epoch(self, epoch: int, step: int) -> bool:
-        """Validation (and of the EMA weights); returns whether top-1 improved (the trainer saves the best)."""
-        self.last_eval = self.score(self.model)
-        row = {"step": step, "epoch": epoch + 1, **self.last_eval}
+    def end_epoch(self, state: TrainingState) -> bool:
+        """Validation (and of the EMA weights); returns whether top-1 improved (the checkpointer saves the best)."""
+        self.last_eval, epoch = self.score(self.model), state.position[0]
+        row = {"step": state.step, "epoch": epoch + 1, **self.last_eval}
         if self.ema is not None:
             row.update({f"ema_{k}": v for k, v in self.score(self.ema.module).items()})
         self.log.row(row)
@@ -145,9 +147,9 @@ class Finetuning(Recipe):
             self.best = self.last_eval["top1"]
         return improved
 
-    def summary(self, start: dict | None, stopped_by: str | None) -> dict:
+    def summary(self, state: TrainingState, start: dict | None, stopped_by: str | None) -> dict:
         last = getattr(self, "last_eval", None)
-        if last is None or stopped_by is not None or self.trainer.position[1] < self.trainer.usable:
+        if last is None or stopped_by is not None or state.mid_epoch:
             last = self.score(self.model)  # stopped inside an epoch: evaluate where it stands
         return {**last, "val_loss_start": start["val_loss"] if start else None,
                 "top1_start": start["top1"] if start else None,

@@ -63,8 +63,7 @@ def launcher() -> str:
 def dist_info() -> tuple[int, int, int]:
     """(rank, world size, local rank); (0, 1, 0) when no launcher started several processes. A SLURM task whose
     variables do not describe one place in the job is a one-line error."""
-    kind = launcher()
-    if kind == "slurm":
+    if launcher() == "slurm":
         rank, world = _int_env("SLURM_PROCID"), _int_env("SLURM_NTASKS")
         if not 0 <= rank < world:
             raise FastMAEError(f"SLURM_PROCID={rank} is not a task of SLURM_NTASKS={world}")

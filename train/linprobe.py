@@ -26,9 +26,9 @@ from fastmae.interop import create_vit, encoder_arch, load_pretrained
 
 from .context import RunContext, seed_all, start_run
 from .data import labelled_data
-from .evaluate import _split_labels, _with_labels, extract, knn_classify, lars_groups, make_probe, score_probes
-from .step import TrainStep
-from .trainer import Recipe, Trainer
+from .evaluate import extract, gather_features, knn_classify, lars_groups, make_probe, score_probes
+from .step import StepParts, build_step
+from .trainer import Recipe, Trainer, TrainingState
 
 logger = logging.getLogger("fastmae.linprobe")
 
@@ -71,26 +71,21 @@ class LinearProbing(Recipe):
     def load_extra_state(self, ckpt: dict) -> None:
         self.start_scores = ckpt.get("start_scores")
 
-    def prepare(self, trainer: Trainer) -> dict:
-        self.trainer, self.log, cfg = trainer, trainer.log, self.cfg
-        self.features = self.ctx.compiled(self.encoder)
-        dist = self.ctx.dist
+    def prepare(self, state: TrainingState, log) -> dict:
+        cfg, ctx = self.cfg, self.ctx
+        self.log, self.features = log, ctx.compiled(self.encoder)
 
         def loss(batch):
             """Features of the frozen encoder (under torchrun every rank's: the whole global batch), every probe's
             loss [K], one backward for all (they share no parameters)."""
             with torch.no_grad():
                 feats = self.features(batch.images)  # in the run's autocast
-            feats, labels = feats.float(), batch.labels
-            if dist.enabled:  # a host sync for the row counts
-                feats, labels = _split_labels(dist.gather_rows(_with_labels(feats, labels)))
-            with torch.autocast(self.ctx.device.type, enabled=False):  # the probes train in float32
+            feats, labels = gather_features(feats.float(), batch.labels, ctx.dist)  # a host sync for the row counts
+            with torch.autocast(ctx.device.type, enabled=False):  # the probes train in float32
                 return torch.stack([nn.functional.cross_entropy(p(feats), labels) for p in self.model])
 
         # every rank trains the same probes on the same gathered features: the losses need no reduction
-        self.step = TrainStep(loss, self.optimizer, list(self.model.parameters()), device=self.ctx.device,
-                              autocast=self.ctx.autocast, accum=cfg.accum_iter, nan_guard=cfg.nan_guard,
-                              clip_grad=cfg.clip_grad)  # fmt: skip
+        self.train_step = build_step(StepParts(loss, self.optimizer, self.model.parameters()), ctx, cfg.optimisation)
         return {"lrs": self.lrs, "num_classes": self.classes, "feature_dim": self.dim, **self.loaded}
 
     def start_line(self) -> str:
@@ -99,7 +94,7 @@ class LinearProbing(Recipe):
                 f"({self.classes} classes), lrs {', '.join(f'{lr:.3g}' for lr in self.lrs)}, effective batch "
                 f"{cfg.effective_batch(self.ctx.dist.world_size)}")  # fmt: skip
 
-    def begin(self, resumed: bool) -> None:
+    def begin(self, state: TrainingState) -> None:
         # the whole validation set, on every rank
         self.val_f, self.val_y = extract(self.features, self.val_loader, self.ctx.device, self.ctx.autocast, self.dim,
                                          self.ctx.dist)  # fmt: skip
@@ -108,13 +103,13 @@ class LinearProbing(Recipe):
     def row(self, losses: list[float], finite: bool, lr: float) -> dict:
         return {"losses": losses, "lrs": [g["lr"] for g in self.optimizer.param_groups[::2]]}
 
-    def end_epoch(self, epoch: int, step: int) -> bool:
-        self.log.row({"step": step, "epoch": epoch + 1,
+    def end_epoch(self, state: TrainingState) -> bool:
+        self.log.row({"step": state.step, "epoch": state.position[0] + 1,
                       "probes": score_probes(self.model, self.val_f, self.val_y, self.classes)})  # fmt: skip
         return False
 
-    def summary(self, start, stopped_by: str | None) -> dict:
-        cfg, ctx, trainer = self.cfg, self.ctx, self.trainer
+    def summary(self, state: TrainingState, start, stopped_by: str | None) -> dict:
+        cfg, ctx = self.cfg, self.ctx
         scores = score_probes(self.model, self.val_f, self.val_y, self.classes)
         knn = None
         if cfg.knn_k > 0:  # training features without augmentation, each rank its shard
@@ -127,7 +122,7 @@ class LinearProbing(Recipe):
                   for b, lr, s, s0 in rows]  # fmt: skip
         best = max(range(len(probes)), key=lambda i: probes[i]["top1"])
         return {"probes": probes, "best_probe": best, "top1": probes[best]["top1"], "knn": knn,
-                "first_logged_losses": _listed(trainer.first_loss), "final_losses": _listed(trainer.last_loss),
+                "first_logged_losses": _listed(state.first_loss), "final_losses": _listed(state.last_loss),
                 "features": "mean-token" if cfg.global_pool else "cls-token", "num_classes": self.classes,
                 "val_images": self.val_f.shape[0], "skipped_files": len(self.loader.skipped | self.val_loader.skipped),
                 "decoders": {"train": self.loader.decoders, "val": self.val_loader.decoders},

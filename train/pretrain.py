@@ -3,7 +3,7 @@
 The loop, checkpoints, logs and faults are the :class:`~fastmae.train.trainer.Trainer`'s. What is pretraining's own:
 the data (any image folder, shards, the digits, or synthetic batches), the MAE (new, or from ``--pretrained``) wrapped
 for DDP / FSDP2, fused AdamW with the recipe's weight-decay groups, the loss (each sample's mask from
-``(seed, epoch, sample id)``, :func:`mae_step`), and a picture + fixed-image eval loss at the start, every
+``(seed, epoch, sample id)``, :func:`mae_loss`), and a picture + fixed-image eval loss at the start, every
 ``--picture-every`` steps and at the end. Output folder: see docs/output.md (``config.json``, ``metrics.jsonl``,
 ``checkpoint-last.pth``, ``summary.json``, ``reconstructions/step*.png``, ``loss.png``, ``tensorboard/``).
 """
@@ -24,8 +24,8 @@ from .data import SyntheticLoader, pretrain_index, sample_images
 from .distributed import gradient_sync, wrap_model
 from .noise import mask_noise
 from .schedule import build_optimizer
-from .step import TrainStep
-from .trainer import Recipe, Trainer
+from .step import StepParts, build_step
+from .trainer import Recipe, Trainer, TrainingState
 from .visualize import auto_scale, plot_loss_curve, reconstruct, write_grid
 
 logger = logging.getLogger("fastmae.pretrain")
@@ -38,23 +38,16 @@ def pretrain(cfg: PretrainConfig) -> dict:
         return Trainer(ctx, cfg, Pretraining(cfg, ctx)).run()
 
 
-def mae_step(model, step_fn, optimizer, ctx: RunContext, *, seed: int, mask_ratio: float, accum: int = 1,
-             nan_guard: bool = True, clip_grad: float | None = None, scaler=None, sync=None, warmup: int = 3,
-             graph_factory=None) -> TrainStep:  # fmt: skip
-    """The pretraining step, as the loop and ``fastmae bench`` both build it: ``step_fn`` (the model, compiled and/or
-    wrapped) on the batch with each sample's mask noise from ``(seed, epoch, sample id)``, in the run's autocast, the
-    loss averaged over ranks before the NaN guard, one CUDA graph when the context says so."""
+def mae_loss(model, step_fn, device: torch.device, seed: int, mask_ratio: float):
+    """The pretraining loss of a batch, which the loop's step and the benchmarks' are built on: ``step_fn`` (the MAE
+    ``model``, compiled and/or wrapped) on the batch with each sample's mask noise from ``(seed, epoch, sample id)``."""
     num_patches = model.patch_embed.num_patches
 
     def loss(batch):
-        noise = mask_noise(seed, batch.epoch, batch.ids, num_patches, ctx.device)
+        noise = mask_noise(seed, batch.epoch, batch.ids, num_patches, device)
         return step_fn(batch.images, mask_ratio=mask_ratio, noise=noise)[0]
 
-    extra = {"graph_factory": graph_factory} if graph_factory is not None else {}
-    return TrainStep(loss, optimizer, list(model.parameters()), device=ctx.device, autocast=ctx.autocast, accum=accum,
-                     sync=sync, nan_guard=nan_guard, clip_grad=clip_grad, scaler=scaler,
-                     reduce=ctx.dist.all_reduce_mean if ctx.dist.enabled else None, graphs=ctx.graphs, warmup=warmup,
-                     **extra)  # fmt: skip
+    return loss
 
 
 class Pretraining(Recipe):
@@ -70,7 +63,7 @@ class Pretraining(Recipe):
         else:
             self.index = pretrain_index(cfg.data, dist, cfg.index_check)
             self.loader = ctx.loader_for(self.index, "pretrain", cfg)
-        options = dict(kernels=cfg.kernels, attn_backend=cfg.attn_backend, encoder_mode=cfg.encoder_mode)
+        options = dict(ctx.model_options(), encoder_mode=cfg.encoder_mode)  # attention and kernels as the spec chose
         if cfg.pretrained is not None:  # continued pretraining: the checkpoint's architecture and weights
             self.model = from_pretrained(cfg.pretrained, cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size,
                                          norm_pix_loss=cfg.norm_pix_loss, **options)  # fmt: skip
@@ -80,7 +73,7 @@ class Pretraining(Recipe):
             self.model = fastmae.create_model(cfg.model, img_size=cfg.img_size, norm_pix_loss=cfg.norm_pix_loss,
                                               **patch, **options)  # fmt: skip
         self.model.to(ctx.device)
-        self.attn_used = self.model.resolve_attention(ctx.device, ctx.act_dtype)  # raises if an explicit one can't
+        self.attn_used = self.model.resolve_attention(ctx.device, ctx.act_dtype)  # auto, per call site
         self.kernels_used = self.model.kernels_used(ctx.device)
         self.base_lr = cfg.effective_lr(dist.world_size)
         self.step_module = wrap_model(self.model, dist, ctx.device)  # DDP, or the model (FSDP2 shards in place)
@@ -92,10 +85,10 @@ class Pretraining(Recipe):
     def check_checkpoint(self, state: dict, what: str) -> None:
         check_model(state, self.cfg.model or "this model", what, model_arch(self.model))  # the architecture: one line
 
-    def prepare(self, trainer: Trainer) -> dict:
+    def prepare(self, state: TrainingState, log) -> dict:
         cfg, ctx = self.cfg, self.ctx
-        self.trainer, self.log, world = trainer, trainer.log, ctx.dist.world_size
-        recipe, warnings_ = cfg.recipe_check(world, trainer.steps_per_epoch)
+        self.log = log
+        recipe, warnings_ = cfg.recipe_check(ctx.dist.world_size, state.steps_per_epoch)
         for line in recipe:
             logger.info("recipe: %s", line)
         for line in warnings_:
@@ -104,27 +97,30 @@ class Pretraining(Recipe):
         self.eval_imgs = (sample_images(self.index, cfg.img_size, max(cfg.num_reconstructions, EVAL_IMAGES))
                           if self.index is not None else next(self.loader.epoch(0)).images[: cfg.num_reconstructions]
                           .cpu())  # fmt: skip
-        self.step = mae_step(self.model, ctx.compiled(self.step_module), self.optimizer, ctx, seed=cfg.seed,
-                             mask_ratio=cfg.mask_ratio, accum=cfg.accum_iter, nan_guard=cfg.nan_guard,
-                             clip_grad=cfg.clip_grad, scaler=self.scaler,
-                             sync=gradient_sync(self.step_module, self.model, ctx.dist))  # fmt: skip
+        loss = mae_loss(self.model, ctx.compiled(self.step_module), ctx.device, cfg.seed, cfg.mask_ratio)
+        parts = StepParts(loss, self.optimizer, self.model.parameters(), scaler=self.scaler,
+                          sync=gradient_sync(self.step_module, self.model, ctx.dist),
+                          reduce=ctx.dist.all_reduce_mean if ctx.dist.enabled else None)  # fmt: skip
+        self.train_step = build_step(parts, ctx, cfg.optimisation)
         return {"arch": model_arch(self.model), "recipe_warnings": warnings_,
                 "data": str(self.index.root) if self.index is not None else None,
                 "num_images": len(self.index) if self.index is not None else None}  # fmt: skip
 
     def start_line(self) -> str:
+        kernels = set(self.kernels_used.values())
+        kernels = kernels.pop() if len(kernels) == 1 else ",".join(f"{k}={v}" for k, v in self.kernels_used.items())
         return (f"model {self.cfg.model} on {self.ctx.device} ({self.ctx.precision}), attention {self.attn_used}, "
-                f"kernels {self.kernels_used}")  # fmt: skip
+                f"kernels {kernels}")  # fmt: skip
 
-    def begin(self, resumed: bool) -> float | None:
-        loss = self.picture(self.trainer.step)
-        self.log.scalar("eval_loss", loss, self.trainer.step)
+    def begin(self, state: TrainingState) -> float | None:
+        loss = self.picture(state.step)
+        self.log.scalar("eval_loss", loss, state.step)
         self.model.train()
         return loss
 
-    def after_step(self, step: int) -> None:
-        if self.cfg.picture_every and step % self.cfg.picture_every == 0:
-            self.log.row({"step": step, "epoch": step / self.trainer.steps_per_epoch, "eval_loss": self.picture(step)})
+    def after_step(self, state: TrainingState) -> None:
+        if self.cfg.picture_every and state.step % self.cfg.picture_every == 0:
+            self.log.row({"step": state.step, "epoch": state.epoch, "eval_loss": self.picture(state.step)})
 
     def picture(self, step: int) -> float | None:
         """The reconstruction picture (rank 0); returns the loss on the fixed images with a fixed mask. Every rank
@@ -141,9 +137,9 @@ class Pretraining(Recipe):
                        cfg.picture_scale), title=f"step {step}, eval loss {loss:.4f}")  # fmt: skip
         return loss
 
-    def summary(self, start: float | None, stopped_by: str | None) -> dict:
-        end = self.picture(self.trainer.step)
-        self.log.scalar("eval_loss", end, self.trainer.step)
+    def summary(self, state: TrainingState, start: float | None, stopped_by: str | None) -> dict:
+        end = self.picture(state.step)
+        self.log.scalar("eval_loss", end, state.step)
         return {"eval_loss_start": start, "eval_loss_end": end,
                 "attn_backend": self.model.attn_backend_used or self.attn_used, "kernels": self.kernels_used,
                 "embed": self.model.embed_used(self.ctx.device), "fp16_scale": self.scaler.get_scale() if self.scaler

@@ -1,23 +1,29 @@
-"""One optimizer step of any recipe, as the loop and the benchmark run it, optionally as one CUDA graph.
+"""One optimizer step of any recipe, built by one function: :func:`build_step`. The loop, ``fastmae bench``, the GPU
+smoke checks, ``benchmarks/bench_finetune.py`` and the tests all build it here, so what a benchmark times is what the
+loop runs.
 
-:class:`TrainStep` holds what a step needs beside the batch: the recipe's loss (a function of a
-:class:`~fastmae.train.data.batch.Batch`), the optimizer, the run's one autocast, gradient synchronisation under
-DDP / FSDP, the NaN guard and clipping. ``step(batch, lr, last)`` runs one micro-batch (normalise a uint8 batch on the
-device, forward, backward of loss / accum) and, on the last micro-batch of an accumulation (``last``), the update;
-accumulation and none share this one path. Nothing reads a number back to the host: the loss, the NaN counters and
-the skip flag stay on the device, so the loop decides when to look (on logging steps).
+:class:`StepParts` is what a recipe brings (its loss, a function of a
+:class:`~fastmae.train.data.batch.Batch`; the optimizer and the trained parameters; the switches DDP and FSDP need);
+the run spec brings the device, the one autocast and whether the step is one CUDA graph; the configuration's
+optimisation section brings ``--accum-iter``, the NaN guard and clipping.
+
+``step(batches, lr)`` pulls the micro-batches of one optimizer step from ``batches`` (an accumulation closes on a
+batch whose place in its epoch divides by ``--accum-iter``, or on an epoch's last batch), runs each (normalise a uint8
+batch on the device, forward under the autocast, backward of loss / accum, the gradient all-reduce only in the last
+backward: nanoGPT's ``require_backward_grad_sync = (micro_step == last)``), then the update. Accumulation and none
+share this one path. Nothing reads a number back to the host: the loss, the NaN counters and the skip flag stay on the
+device, and the loop decides when to look (on logging steps).
 
 The NaN guard skips an update whose loss or gradient norm is not finite, on the device: fused AdamW takes the flag
 as its ``found_inf`` and leaves weights and moments untouched; any other optimizer (the probes' LARS) has its
 parameters and state put back where the flag is set. Skips are counted, and so are skips in a row (the trainer rolls
 back after ``--nan-rollback-after`` of them).
 
-With ``graphs=True`` (CUDA, one process, one micro-batch a step, no fp16 loss scaler) the whole step (forward,
-backward, NaN guard, clipping, optimizer) is one CUDA graph: the batch, the epoch and the learning rate are copied
-into device buffers the graph reads, so per-sample masks still differ from step to step. The first ``warmup`` calls
-are ordinary steps (on a side stream, as capture requires), the next is captured and replayed, later ones only
+:class:`GraphedStep` wraps a step of one micro-batch (CUDA, one process, no fp16 loss scaler) so that the whole of it
+(forward, backward, NaN guard, clipping, optimizer) is one CUDA graph: the batch, the epoch and the learning rate are
+copied into device buffers the graph reads, so per-sample masks still differ from step to step. The first ``warmup``
+calls are ordinary steps (on a side stream, as capture requires), the next is captured and replayed, later ones only
 replay. A batch of another shape (a short batch after skipped files) runs as an ordinary step through the same code.
-:meth:`invalidate` drops the graph (a rollback replaced the optimizer's state).
 """
 
 from __future__ import annotations
@@ -25,91 +31,84 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
+
+from fastmae.config import Optimisation
 
 from .data import Batch, model_input
 
 logger = logging.getLogger("fastmae.step")
 
 
-def graphs_unsupported(device: torch.device, world_size: int, accum: int, precision: str, strategy: str) -> list[str]:
-    """Why the whole step cannot be one CUDA graph here (empty: it can)."""
-    reasons = []
-    if device.type != "cuda":
-        reasons.append(f"CUDA graphs need a CUDA device (this run is on {device.type})")
-    if world_size > 1:
-        reasons.append(f"{world_size} processes ({strategy}): the gradient all-reduce is not captured")
-    if accum > 1:
-        reasons.append(f"--accum-iter {accum}: a graph holds one micro-batch and the update")
-    if precision == "fp16":
-        reasons.append("fp16: the loss scaler's update is not captured (use bf16)")
-    return reasons
+@dataclass
+class StepParts:
+    """What a recipe brings to its step. ``loss(batch)`` is its forward on a batch whose images are normalised, on the
+    device; it returns a loss tensor (one, or one per probe), whose sum is backpropagated. ``params``: the trained
+    parameters. ``sync(last)`` turns the gradient all-reduce of the next backward on or off (DDP / FSDP; None in one
+    process); ``reduce(loss)`` averages the loss over ranks before the NaN guard, so that every rank skips alike
+    (None: every rank computes the same loss); ``after_update()`` runs after each update (an EMA)."""
+
+    loss: Callable[[Batch], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    params: Iterable[torch.nn.Parameter]
+    sync: Callable[[bool], None] | None = None
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    scaler: torch.amp.GradScaler | None = None
+    after_update: Callable[[], None] | None = None
 
 
-class CUDAGraph:
-    """torch.cuda.CUDAGraph behind the two calls :class:`TrainStep` makes (tests stand in a CPU replay here)."""
-
-    def __init__(self):
-        self.graph = torch.cuda.CUDAGraph()
-
-    def capture(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        # thread_local, as inductor captures its own graphs: the default ("global") mode makes any CUDA call of another
-        # thread an error during the capture, and the pin-memory thread and the GPU loader's producer keep making them
-        # (entering capture also empties the caching allocator, so their next allocation is such a call). Only this
-        # thread's unsafe calls fail the capture now; the other threads' work is on their own streams, not recorded.
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            return fn()
-
-    def replay(self) -> None:
-        self.graph.replay()
+def build_step(parts: StepParts, spec, options: Optimisation | None = None, *, warmup: int = 3,
+               graph_factory: Callable[[], CUDAGraph] | None = None) -> TrainStep | GraphedStep:  # fmt: skip
+    """The training step of ``parts`` in the run ``spec`` (a :class:`~fastmae.train.spec.RunSpec`: device, autocast,
+    graphs) with ``options``' accumulation, NaN guard and clipping (default: one micro-batch, the guard on, no
+    clipping); one CUDA graph after ``warmup`` ordinary steps when the spec says so."""
+    options = options or Optimisation()
+    step = TrainStep(parts, spec.device, spec.autocast, accum=options.accum_iter, nan_guard=options.nan_guard,
+                     clip_grad=options.clip_grad)  # fmt: skip
+    if not spec.graphs:
+        return step
+    return GraphedStep(step, warmup, graph_factory or CUDAGraph)
 
 
 class TrainStep:
-    """See the module docstring. ``loss(batch)`` is the recipe's forward (the batch's images normalised, on the
-    device); it returns a loss tensor (one, or one per probe), whose sum is backpropagated. ``params`` are the
-    trained parameters; ``sync(last)`` turns the gradient all-reduce of the next backward on or off;
-    ``after_update()`` runs after each update (an EMA)."""
+    """See the module docstring; :func:`build_step` makes one."""
 
-    def __init__(self, loss: Callable[[Batch], torch.Tensor], optimizer: torch.optim.Optimizer,
-                 params: list[torch.nn.Parameter], *, device: torch.device, autocast: Callable = contextlib.nullcontext,
-                 accum: int = 1, sync: Callable[[bool], None] | None = None, nan_guard: bool = True,
-                 clip_grad: float | None = None, scaler: torch.amp.GradScaler | None = None,
-                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 after_update: Callable[[], None] | None = None, graphs: bool = False, warmup: int = 3,
-                 graph_factory: Callable[[], CUDAGraph] = CUDAGraph):  # fmt: skip
-        self.loss, self.optimizer, self.device, self.autocast = loss, optimizer, device, autocast
-        self.params = [p for p in params if p.requires_grad]
-        self.accum, self.sync, self.after_update = accum, sync, after_update
-        self.reduce = reduce  # the loss averaged over ranks before the NaN guard, so that every rank skips alike
-        self.nan_guard, self.clip_grad, self.scaler = nan_guard, clip_grad, scaler
-        self.fused = bool(optimizer.defaults.get("fused"))  # takes found_inf: skips on the device by itself
+    def __init__(self, parts: StepParts, device: torch.device, autocast: Callable = contextlib.nullcontext, *,
+                 accum: int = 1, nan_guard: bool = True, clip_grad: float | None = None):  # fmt: skip
+        self.loss, self.optimizer, self.device, self.autocast = parts.loss, parts.optimizer, device, autocast
+        self.params = [p for p in parts.params if p.requires_grad]
+        self.sync, self.reduce, self.scaler, self.after_update = parts.sync, parts.reduce, parts.scaler, \
+            parts.after_update  # fmt: skip
+        self.accum, self.nan_guard, self.clip_grad = accum, nan_guard, clip_grad
+        self.fused = bool(self.optimizer.defaults.get("fused"))  # takes found_inf: skips on the device by itself
         self.nan_skipped = torch.zeros((), device=device)  # device-side counters, read on logging steps only
         self.nan_in_a_row = torch.zeros((), device=device)
         self.loss_sum: torch.Tensor | float = 0.0  # of the accumulation so far
-        self.graphs, self.warmup, self._graph_factory = graphs, warmup, graph_factory
-        self._graph: CUDAGraph | None = None
-        self._static: Batch | None = None
-        self._calls = 0  # ordinary steps since the graph was (in)validated
-        self._stream: torch.cuda.Stream | None = None  # the warm-up steps' side stream
-        if graphs:
-            self._use_device_lr()
+        self.images = 0  # images in the step being taken (or the last one taken)
+        self.last_batch: Batch | None = None  # the micro-batch that closed the last step (its position, epoch end)
 
     # --------------------------------------------------------------------------------------------- the step
-    def __call__(self, batch: Batch, lr: float, last: bool = True) -> torch.Tensor | None:
-        """One micro-batch; after the ``last`` of an accumulation also the update at ``lr``: returns the step's loss
-        (averaged over micro-batches and ranks; a device tensor, overwritten by the next graphed step: read or copy it
-        before the next call), or None after the other micro-batches."""
-        if self.graphs:
-            return self._graphed(batch, lr)
-        if self.sync is not None:
-            self.sync(last)  # the gradient all-reduce only in the backward of the last micro-batch
-        self.loss_sum = self.loss_sum + self.forward_backward(batch)
-        if not last:
-            return None
-        loss_sum, self.loss_sum = self.loss_sum, 0.0
-        return self.update(loss_sum / self.accum, lr)
+    def __call__(self, batches: Iterable[Batch] | Batch, lr: float) -> torch.Tensor | None:
+        """The micro-batches of one step, pulled from ``batches`` (a single :class:`Batch` is one micro-batch), and
+        the update at ``lr``: returns the step's loss (averaged over micro-batches and ranks; a device tensor,
+        overwritten by the next graphed step: read or copy it before the next call), or None when ``batches`` ran out
+        before the accumulation closed (the next call goes on with it)."""
+        for batch in (batches,) if isinstance(batches, Batch) else batches:
+            last = batch.epoch_end or batch.position[1] % self.accum == 0
+            if self.sync is not None:
+                self.sync(last)  # the gradient all-reduce only in the backward of the last micro-batch
+            if isinstance(self.loss_sum, float):  # the first micro-batch of a step
+                self.images = 0
+            self.loss_sum = self.loss_sum + self.forward_backward(batch)
+            self.images += len(batch)
+            if last:
+                self.last_batch = batch
+                loss_sum, self.loss_sum = self.loss_sum, 0.0
+                return self.update(loss_sum / self.accum, lr)
+        return None
 
     def forward_backward(self, batch: Batch) -> torch.Tensor:
         """One micro-batch: forward under autocast, backward of loss / accum; returns the (detached, float32) loss."""
@@ -171,25 +170,112 @@ class TrainStep:
                 old = before.get(id(t))
                 t.data.copy_(torch.where(keep, old if old is not None else torch.zeros_like(t), t.data))
 
-    # ------------------------------------------------------------------------------------------- CUDA graph
-    def _use_device_lr(self) -> None:
+    # ------------------------------------------------------------------------------------------- the counters
+    def nan_counters(self) -> torch.Tensor:
+        """[skipped so far, skipped in a row], on the device (the loop reads them with the loss on logging steps)."""
+        return torch.stack([self.nan_skipped, self.nan_in_a_row])
+
+    def restart(self) -> None:
+        """After the optimizer's state was loaded again (a rollback): the run of non-finite steps starts anew."""
+        self.nan_in_a_row.zero_()
+
+    captured = False  # a TrainStep runs eagerly (GraphedStep: whether its graph was captured)
+    captures_next = False
+
+
+class CUDAGraph:
+    """torch.cuda.CUDAGraph behind the two calls :class:`GraphedStep` makes (tests stand a CPU replay in here)."""
+
+    def __init__(self):
+        self.graph = torch.cuda.CUDAGraph()
+
+    def capture(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        # thread_local, as inductor captures its own graphs: the default ("global") mode makes any CUDA call of another
+        # thread an error during the capture, and the pin-memory thread and the GPU loader's producer keep making them
+        # (entering capture also empties the caching allocator, so their next allocation is such a call). Only this
+        # thread's unsafe calls fail the capture now; the other threads' work is on their own streams, not recorded.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            return fn()
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class GraphedStep:
+    """A :class:`TrainStep` of one micro-batch as one CUDA graph (see the module docstring); the same calls and
+    counters as the step it wraps. :meth:`restart` drops the graph (a rollback replaced the optimizer's state)."""
+
+    def __init__(self, step: TrainStep, warmup: int = 3, graph_factory: Callable[[], CUDAGraph] = CUDAGraph):
+        self.step, self.warmup, self.graph_factory = step, warmup, graph_factory
+        self.graph: CUDAGraph | None = None
+        self.static: Batch | None = None  # the buffers the graph reads
+        self.calls = 0  # ordinary steps since the graph was (in)validated
+        self.stream: torch.cuda.Stream | None = None  # the warm-up steps' side stream
+        self.told_shape = False
+        self.use_device_lr()
+
+    # what the loop and the benchmarks read, as on the step itself
+    optimizer = property(lambda self: self.step.optimizer)
+    params = property(lambda self: self.step.params)
+    device = property(lambda self: self.step.device)
+    nan_skipped = property(lambda self: self.step.nan_skipped)
+    nan_in_a_row = property(lambda self: self.step.nan_in_a_row)
+    images = property(lambda self: self.step.images)
+    last_batch = property(lambda self: self.step.last_batch)
+
+    def nan_counters(self) -> torch.Tensor:
+        return self.step.nan_counters()
+
+    def __call__(self, batches: Iterable[Batch] | Batch, lr: float) -> torch.Tensor | None:
+        batch = batches if isinstance(batches, Batch) else next(iter(batches), None)
+        if batch is None:
+            return None
+        self.step.images, self.step.last_batch = len(batch), batch
+        if not self.fill(batch, lr):
+            if self.graph is not None and not self.told_shape:
+                logger.info("a batch of shape %s does not fit the CUDA graph's %s: it runs as an ordinary step",
+                            tuple(batch.images.shape), tuple(self.static.images.shape))  # fmt: skip
+                self.told_shape = True
+            self.lr.fill_(lr)
+            return self.step.update(self.step.forward_backward(batch), None)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.loss
+        if self.calls < self.warmup:  # ordinary steps first: compilation, autotuning, optimizer state, workspaces
+            self.calls += 1
+            with self.side_stream():
+                return self.body()
+        self.step.optimizer.zero_grad(set_to_none=True)
+        graph = self.graph_factory()
+        self.loss = graph.capture(self.body)  # recorded, not run
+        self.graph = graph
+        graph.replay()  # this step, for real
+        logger.info("the training step is one CUDA graph from here on (captured after %d ordinary steps)",
+                    self.warmup)  # fmt: skip
+        return self.loss
+
+    def body(self) -> torch.Tensor:
+        return self.step.update(self.step.forward_backward(self.static), None)
+
+    def use_device_lr(self) -> None:
         """The learning rate as a device tensor the graph reads (fused AdamW takes a tensor lr), capture allowed. On a
         GPU it is float32, which the fused kernel reads: updates then differ in the last bit from steps with a Python
         lr (a double); elsewhere float64, the same updates bit for bit."""
-        dtype = torch.float32 if self.device.type == "cuda" else torch.float64
-        self.lr = torch.zeros((), dtype=dtype, device=self.device)
-        for group in self.optimizer.param_groups:
+        device = self.step.device
+        self.lr = torch.zeros((), dtype=torch.float32 if device.type == "cuda" else torch.float64, device=device)
+        for group in self.step.optimizer.param_groups:
             group["lr"], group["capturable"] = self.lr, True
-        self.optimizer._warned_capturable_if_run_uncaptured = True  # the ordinary warm-up steps are meant
+        self.step.optimizer._warned_capturable_if_run_uncaptured = True  # the ordinary warm-up steps are meant
 
-    def _fill(self, batch: Batch, lr: float) -> bool:
+    def fill(self, batch: Batch, lr: float) -> bool:
         """Copy the step's inputs into the graph's buffers; False when the batch does not fit them."""
-        if self._static is None:
-            buffers = (torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in
+        device = self.step.device
+        if self.static is None:
+            buffers = (torch.empty(t.shape, dtype=t.dtype, device=device) for t in
                        (batch.images, batch.labels, batch.ids))  # fmt: skip
-            epoch = torch.zeros((), dtype=torch.int64, device=self.device)
-            self._static = Batch(*buffers, epoch=epoch, position=(0, 0))
-        s = self._static
+            epoch = torch.zeros((), dtype=torch.int64, device=device)
+            self.static = Batch(*buffers, epoch=epoch, position=(0, 0))
+        s = self.static
         pairs = ((s.images, batch.images), (s.labels, batch.labels), (s.ids, batch.ids))
         if any(a.shape != b.shape or a.dtype != b.dtype for a, b in pairs):
             return False
@@ -199,60 +285,37 @@ class TrainStep:
         self.lr.fill_(lr)
         return True
 
-    def _body(self) -> torch.Tensor:
-        return self.update(self.forward_backward(self._static), None)
-
-    def _graphed(self, batch: Batch, lr: float) -> torch.Tensor:
-        if not self._fill(batch, lr):
-            if self._graph is not None and not getattr(self, "_told_shape", False):
-                logger.info("a batch of shape %s does not fit the CUDA graph's %s: it runs as an ordinary step",
-                            tuple(batch.images.shape), tuple(self._static.images.shape))  # fmt: skip
-                self._told_shape = True
-            self.lr.fill_(lr)
-            return self.update(self.forward_backward(batch), None)
-        if self._graph is not None:
-            self._graph.replay()
-            return self._loss
-        if self._calls < self.warmup:  # ordinary steps first: compilation, autotuning, optimizer state, workspaces
-            self._calls += 1
-            with self._side_stream():
-                return self._body()
-        self.optimizer.zero_grad(set_to_none=True)
-        graph = self._graph_factory()
-        self._loss = graph.capture(self._body)  # recorded, not run
-        self._graph = graph
-        graph.replay()  # this step, for real
-        logger.info("the training step is one CUDA graph from here on (captured after %d ordinary steps)",
-                    self.warmup)  # fmt: skip
-        return self._loss
-
     @contextlib.contextmanager
-    def _side_stream(self):
+    def side_stream(self):
         """Warm-up steps run on a side stream, as CUDA graph capture requires (on a CPU: nothing to do)."""
-        if self.device.type != "cuda":
+        device = self.step.device
+        if device.type != "cuda":
             yield
             return
-        if self._stream is None:  # one stream for every warm-up step: the allocator keeps a pool per stream
-            self._stream = torch.cuda.Stream(self.device)
-        stream = self._stream
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
+        if self.stream is None:  # one stream for every warm-up step: the allocator keeps a pool per stream
+            self.stream = torch.cuda.Stream(device)
+        self.stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(self.stream):
             yield
-        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.current_stream(device).wait_stream(self.stream)
+
+    def restart(self) -> None:
+        """After the optimizer's state was loaded again (a rollback: new state tensors, a number for lr): the run of
+        non-finite steps starts anew, and the next calls warm up and capture again."""
+        self.step.restart()
+        self.invalidate()
 
     def invalidate(self) -> None:
-        """Forget the graph (after the optimizer's state was loaded again, e.g. by a rollback: new state tensors, a
-        number for lr): the next calls warm up and capture again."""
-        self._graph, self._calls = None, 0
-        if self.graphs:
-            self._use_device_lr()
+        """Forget the graph: the next calls warm up and capture again (on the optimizer's state as it is now)."""
+        self.graph, self.calls = None, 0
+        self.use_device_lr()
 
     @property
     def captured(self) -> bool:
-        return self._graph is not None
+        return self.graph is not None
 
     @property
     def captures_next(self) -> bool:
         """Whether the next call of a batch that fits captures the graph (a benchmark resets the memory peak then:
         the capture allocates the step's activations in the graph's pool; replays allocate nothing)."""
-        return self.graphs and self._graph is None and self._calls >= self.warmup
+        return self.graph is None and self.calls >= self.warmup

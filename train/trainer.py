@@ -1,11 +1,11 @@
 """The one training loop: pretraining, finetuning and linear probing are recipes it runs.
 
-:class:`Trainer` owns the loop, the logs, the checkpoints (through :class:`~fastmae.train.checkpointer.Checkpointer`)
-and every fault path; a :class:`Recipe` supplies its model, optimizer, loader, step (a
-:class:`~fastmae.train.step.TrainStep` over its loss), its start and epoch-end evaluations, its metrics fields and its
-summary, and never owns a loop, a save or a fault path. So every lever (device prefetch, the device-side NaN guard
-and rollback, compile, CUDA graphs where the recipe allows them) and every guarantee (bit-exact resume, one line
-and a checkpoint after a lost peer, SIGTERM saves) holds for all three.
+:class:`Trainer` owns the loop, the logs, the checkpoints (through :class:`~fastmae.train.checkpointer.Checkpointer`,
+which decides every save) and every fault path. A :class:`Recipe` is plain parts: its model, optimizer, loader and
+step (built with :func:`~fastmae.train.step.build_step` over its loss), the extras it saves, its evaluations and its
+log fields; it never holds the trainer, and its hooks get a read-only :class:`TrainingState`. So every lever (device
+prefetch, the device-side NaN guard and rollback, compile, CUDA graphs where the recipe allows them) and every
+guarantee (bit-exact resume, one line and a checkpoint after a lost peer, SIGTERM saves) holds for all three.
 """
 
 from __future__ import annotations
@@ -16,20 +16,44 @@ import math
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from fastmae.errors import FastMAEError, NoRoom, RunFault
+from fastmae.errors import FastMAEError, NoRoom, RunFault, one_line
 
-from .checkpointer import BEST, Checkpointer
+from .checkpointer import END, EPOCH_END, FAULT, SIGNAL, STEP, Checkpointer
 from .context import RunContext, processes, versions
 from .data import epochs, on_device
 from .distributed import params_in_sync, peer_lost
 from .output import RunLog
 from .schedule import lr_at
-from .step import TrainStep
+from .step import GraphedStep, TrainStep
 
 logger = logging.getLogger("fastmae.trainer")
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """Where the run stands, as the loop tells a recipe's hooks and the checkpointer (read-only)."""
+
+    step: int = 0  # optimizer steps done
+    position: tuple[int, int] = (0, 0)  # (epoch, batches of it consumed) after the last whole step
+    steps_per_epoch: int = 1
+    usable: int = 1  # an epoch's batches that make whole steps
+    resumed: bool = False
+    first_loss: float | list[float] | None = None  # the first and last finite logged losses
+    last_loss: float | list[float] | None = None
+
+    @property
+    def epoch(self) -> float:
+        """Epochs done, fractional (the ``epoch`` of a metrics row)."""
+        return self.step / self.steps_per_epoch
+
+    @property
+    def mid_epoch(self) -> bool:
+        """Whether the run stands inside an epoch (stopped early), not at an epoch's end."""
+        return self.position[1] < self.usable
 
 
 class Recipe:
@@ -40,7 +64,7 @@ class Recipe:
     optimizer: torch.optim.Optimizer
     loader = None  # the training loader (a fastmae.train.data.Loader)
     scaler: torch.amp.GradScaler | None = None
-    step: TrainStep  # built by prepare()
+    train_step: TrainStep | GraphedStep  # built by prepare() with build_step
     base_lr: float  # the schedule's peak; each optimizer group scales it by its lr_scale
     fits = "fit this model"  # words for a checkpoint that does not fit: "--resume X does not <fits> (...)"
     copies = 3  # checkpoint sizes in weights: weights + two AdamW moments
@@ -55,29 +79,31 @@ class Recipe:
     def load_extra_state(self, ckpt: dict) -> None:
         pass
 
-    def prepare(self, trainer: Trainer) -> dict:
-        """Build the step (and what only a run that trains needs); returns the recipe's part of ``config.json``."""
+    def prepare(self, state: TrainingState, log: RunLog) -> dict:
+        """Build the step (after a resume loaded the optimizer's state) and what only a run that trains needs;
+        ``log`` is the run's metrics log the recipe writes its rows to. Returns the recipe's part of
+        ``config.json``."""
         raise NotImplementedError
 
     def start_line(self) -> str:
         """The log line that says what runs where."""
         return self.name
 
-    def begin(self, resumed: bool):
+    def begin(self, state: TrainingState):
         """Before the first step: the start's evaluation; returned to :meth:`summary`."""
 
     def row(self, losses: list[float], finite: bool, lr: float) -> dict:
         """The recipe's fields of a ``metrics.jsonl`` row."""
         return {"loss": losses[0] if finite else None, "lr": lr}
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, state: TrainingState) -> None:
         """After a step that does not end the run (pictures every N steps)."""
 
-    def end_epoch(self, epoch: int, step: int) -> bool:
+    def end_epoch(self, state: TrainingState) -> bool:
         """At the end of an epoch (not the run's stop on a signal): evaluation; returns whether it is the best."""
         return False
 
-    def summary(self, start, stopped_by: str | None) -> dict:
+    def summary(self, state: TrainingState, start, stopped_by: str | None) -> dict:
         """The recipe's fields of ``summary.json`` (end evaluations); every rank calls it."""
         return {}
 
@@ -97,17 +123,21 @@ class Trainer:
     """One run of ``recipe`` in ``ctx`` as ``cfg`` says (see the module docstring)."""
 
     def __init__(self, ctx: RunContext, cfg, recipe: Recipe):
-        self.ctx, self.cfg, self.recipe, self.accum = ctx, cfg, recipe, cfg.accum_iter
-        self.steps_per_epoch = optimizer_steps(recipe.loader.steps_per_epoch, self.accum)
-        self.usable = self.steps_per_epoch * self.accum  # an epoch's batches that make whole steps
+        self.ctx, self.cfg, self.recipe = ctx, cfg, recipe
+        self.steps_per_epoch = optimizer_steps(recipe.loader.steps_per_epoch, cfg.accum_iter)
+        self.usable = self.steps_per_epoch * cfg.accum_iter  # an epoch's batches that make whole steps
         total = cfg.epochs * self.steps_per_epoch
         self.last_step = min(total, cfg.stop_after_steps or total)
         self.checkpointer = Checkpointer(ctx, cfg, recipe, self.usable)
         self.step, self.position = 0, (0, 0)  # the last whole step, and the data position after it
         if ctx.resume_path is not None:
-            self.step, self.position = self.checkpointer.resume(self.steps_per_epoch, self.accum)
+            self.step, self.position = self.checkpointer.resume(self.steps_per_epoch, cfg.accum_iter)
         self.images = self.images_since_log = self.skipped_logged = 0  # images this process saw
         self.first_loss = self.last_loss = None
+
+    def state(self) -> TrainingState:
+        return TrainingState(self.step, self.position, self.steps_per_epoch, self.usable,
+                             self.ctx.resume_path is not None, self.first_loss, self.last_loss)  # fmt: skip
 
     @property
     def finished(self) -> bool:
@@ -127,7 +157,7 @@ class Trainer:
         resolved = {**cfg.to_dict(), **ctx.info(), "command": self.recipe.name, "steps_per_epoch": self.steps_per_epoch,
                     "effective_batch": cfg.effective_batch(world), "total_steps": cfg.epochs * self.steps_per_epoch,
                     "lr": self.recipe.base_lr}  # fmt: skip
-        resolved.update(self.recipe.prepare(self))
+        resolved.update(self.recipe.prepare(self.state(), self.log))
         self.checkpointer.config = resolved
         self.log.config(resolved)
         logger.info("%s, loader %s, %s, %d steps/epoch, lr %.3g", self.recipe.start_line(), ctx.loader,
@@ -135,44 +165,41 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------- the loop
     def train(self) -> dict:
-        """The run, top to bottom. Batches come on the device, one ahead; the only host syncs are the logging steps'
-        (and, under torchrun, the agreement on the save clock at epoch ends)."""
-        ctx, recipe, step = self.ctx, self.recipe, self.recipe.step
+        """The run, top to bottom. Batches come on the device, one ahead; the step pulls its micro-batches; the only
+        host syncs are the logging steps' (and, under torchrun, the agreement on the save clock at epoch ends)."""
+        ctx, recipe, train_step = self.ctx, self.recipe, self.recipe.train_step
         bar = self.bar = self.log.progress(self.last_step, self.step, self.cfg.progress)
         stopping, start = False, None
         with StopSignal() as stop:
             try:
-                start = recipe.begin(ctx.resume_path is not None)  # the start's evaluation / picture
+                start = recipe.begin(self.state())  # the start's evaluation / picture
                 self.checkpointer.restore_rng()  # after it: the steps draw what the interrupted run would have
                 t_start = self.t_log = time.perf_counter()
-                batches = epochs(recipe.loader, *self.position, self.usable)
-                for batch in on_device(batches, ctx.device):
-                    loss = step(batch, self.lr(), last=batch.epoch_end or batch.micro % self.accum == 0)
-                    self.images += len(batch)
-                    self.images_since_log += len(batch)
-                    if loss is None:  # a micro-batch of an accumulation
-                        continue
+                batches = on_device(epochs(recipe.loader, *self.position, self.usable), ctx.device)
+                while True:
+                    loss = train_step(batches, self.lr())  # pulls --accum-iter micro-batches, then the update
+                    batch = train_step.last_batch
                     self.step, self.position = self.step + 1, batch.position
+                    self.images += train_step.images
+                    self.images_since_log += train_step.images
                     bar.update(1)
                     log_now = self.step % self.cfg.log_every == 0 or self.step in (1, self.last_step)
                     stopping, log_now = ctx.dist.agree_stop(stop.received is not None, log_now, ctx.device)
                     if log_now:
                         self.log_step(loss)
-                    if batch.epoch_end and not stopping and recipe.end_epoch(batch.epoch, self.step):
-                        self.checkpointer.save(self.step, self.position, BEST)  # the best score so far
+                    best = batch.epoch_end and not stopping and recipe.end_epoch(self.state())
                     if self.step >= self.last_step or stopping:
                         break
-                    recipe.after_step(self.step)
-                    if self.checkpointer.due(self.step, batch.epoch_end):
-                        self.checkpointer.save(self.step, self.position)
+                    recipe.after_step(self.state())
+                    self.checkpointer.save(self.state(), EPOCH_END if batch.epoch_end else STEP, best)
             except Exception as exc:  # a lost peer or a dying loader: save what is whole, then one line
-                raise fault(exc, ctx, self.step, lambda: self.checkpointer.save_alone(self.step, self.position))  # noqa: B904
+                raise fault(exc, ctx, self.step, lambda: self.checkpointer.save(self.state(), FAULT))  # noqa: B904
             finally:
                 self.log.end_progress()
-            if ctx.device.type == "cuda":
-                torch.cuda.synchronize(ctx.device)
+            ctx.synchronize()
             wall = time.perf_counter() - t_start
-            self.checkpointer.save(self.step, self.position)  # at the end, and on SIGTERM/SIGINT (2nd Ctrl-C: at once)
+            # the end, or a stop on SIGTERM/SIGINT (2nd Ctrl-C: at once)
+            self.checkpointer.save(self.state(), SIGNAL if stopping else END, best)
         return self.finish(start, wall, stop.stopped_by(stopping))
 
     def lr(self) -> float:
@@ -184,8 +211,8 @@ class Trainer:
 
     def log_step(self, loss: torch.Tensor) -> None:
         """A logging step: the row, the bar, NaN warnings, and a rollback after too many non-finite steps in a row."""
-        cfg, step = self.cfg, self.recipe.step
-        counters = torch.stack([step.nan_skipped, step.nan_in_a_row]).to(loss.device, torch.float32)
+        cfg, train_step = self.cfg, self.recipe.train_step
+        counters = train_step.nan_counters().to(loss.device, torch.float32)
         # note: this is the CPU-GPU sync point of a logging step (the loss and the NaN counters, read at once)
         *losses, skipped, in_a_row = torch.cat([loss.reshape(-1).float(), counters]).tolist()
         now = time.perf_counter()
@@ -205,8 +232,7 @@ class Trainer:
             self.skipped_logged = skipped
         if cfg.nan_guard and in_a_row >= cfg.nan_rollback_after:
             self.checkpointer.rollback(self.step, int(in_a_row))
-            step.nan_in_a_row.zero_()
-            step.invalidate()  # new optimizer state tensors: a CUDA graph captures again
+            train_step.restart()  # new optimizer state: the run of NaNs starts anew, a CUDA graph captures again
         elif not cfg.nan_guard and not finite:
             raise FastMAEError(f"loss is {value} at step {self.step}; lower the learning rate")
 
@@ -216,16 +242,16 @@ class Trainer:
         ctx, recipe, world = self.ctx, self.recipe, self.ctx.dist.world_size
         loader = recipe.loader
         summary = {
-            "steps": self.step, "stopped_by": stopped_by, "nan_skipped": int(recipe.step.nan_skipped.item()),
+            "steps": self.step, "stopped_by": stopped_by, "nan_skipped": int(recipe.train_step.nan_skipped.item()),
             "rollbacks": self.checkpointer.rollbacks, "images_seen": self.images * world,
             "skipped_files": len(loader.skipped), "skipped_examples": sorted(loader.skipped)[:5],
             "wall_time_s": wall, "img_per_s": self.images * world / max(wall, 1e-9),
             "first_logged_loss": self.first_loss, "final_loss": self.last_loss, **ctx.info(),
-            "gpu": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else None,
+            "gpu": torch.cuda.get_device_name(ctx.device) if ctx.cuda else None,
             "loader": loader.name, "loader_fallback": getattr(loader, "fell_back", None),
             "decoders": getattr(loader, "decoders", None), **versions(),  # {decode route: the decoder that ran}
         }  # fmt: skip
-        summary.update(recipe.summary(start, stopped_by))
+        summary.update(recipe.summary(self.state(), start, stopped_by))
         summary["ranks_in_sync"] = params_in_sync(recipe.model, ctx.dist, ctx.device)  # logs an error when not
         self.log.summary(summary)
         self.log.close()
@@ -253,12 +279,12 @@ def fault(exc: Exception, ctx: RunContext, step: int, save_alone: Callable[[], s
     lost = ctx.dist.enabled and peer_lost(exc)
     if not lost and not isinstance(exc, RunFault):
         return exc
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    first = one_line(exc)
     what = f"lost another rank ({type(exc).__name__}: {first})" if lost else first
     try:
         kept = save_alone() if save_alone is not None else "nothing saved now; the last checkpoint stays"
     except Exception as err:  # e.g. the disk is full as well
-        kept = f"could not save ({(str(err).splitlines() or [type(err).__name__])[0]})"
+        kept = f"could not save ({one_line(err, limit=10_000)})"
     out = RunFault(f"rank {ctx.dist.rank} of {ctx.dist.world_size}: {what}, after step {step}; {kept}")
     out.__cause__ = exc
     return out

@@ -45,7 +45,7 @@ def pretrain_index(data: str | None, group=None, check: str = "listing") -> Data
     return index_data(digits_folder() / "train" if data == "digits" else data, group=group, check=check)
 
 
-def loader_problem(name: str, device: torch.device, kind: str) -> tuple[str, str | None]:
+def loader_problem(name: str, device: torch.device, command: str) -> tuple[str, str | None]:
     """(the loader that runs, why the one asked for cannot run here or None). ``auto`` is DALI on CUDA when it
     imports, else torchvision, and says why. The GPU loader (``gpu``, pretraining only) is chosen only when asked for,
     until a GPU sitting measures it faster than torchvision's (``benchmarks/gpu_sitting.py --stage feed``)."""
@@ -54,30 +54,31 @@ def loader_problem(name: str, device: torch.device, kind: str) -> tuple[str, str
             return "torchvision", None
         if (reason := dali_unavailable_reason()) is None:
             return "dali", None
-        later = "; --loader gpu (not measured faster yet) decodes on the GPU without DALI" if kind == "pretrain" else ""
+        later = "; --loader gpu (not measured faster yet) decodes on the GPU without DALI" if command == "pretrain" \
+            else ""  # fmt: skip
         logger.info("loader auto -> torchvision (skipped dali: %s%s)", reason, later)
         return "torchvision", None
     if name == "dali" and (reason := dali_unavailable_reason()):
         return name, f"--loader dali: {reason}"
     if name == "gpu":
-        if kind != "pretrain":
-            return name, f"--loader gpu has the pretrain pipeline only, not {kind}'s"
+        if command != "pretrain":
+            return name, f"--loader gpu has the pretrain pipeline only, not {command}'s"
         if reason := gpu_loader_unavailable_reason(device):
             return name, f"--loader gpu: {reason}"
     return name, None
 
 
-def resolve_loader(name: str, device: torch.device, kind: str = "pretrain") -> str:
+def resolve_loader(name: str, device: torch.device, command: str = "pretrain") -> str:
     """The loader that runs for ``--loader name`` (see :func:`loader_problem`); one that cannot is a one-line error."""
-    chosen, problem = loader_problem(name, device, kind)
+    chosen, problem = loader_problem(name, device, command)
     if problem:
         raise FastMAEError(problem)
     return chosen
 
 
-def make_loader(name: str, index: DataIndex, kind: str, cfg, device: torch.device, rank: int = 0, world: int = 1,
+def make_loader(name: str, index: DataIndex, pipeline: str, cfg, device: torch.device, rank: int = 0, world: int = 1,
                 fallback: bool = False):  # fmt: skip
-    """A ``gpu``, ``dali`` or ``torchvision`` loader of ``kind`` (pretrain / linprobe / finetune / eval) over
+    """A ``gpu``, ``dali`` or ``torchvision`` loader of ``pipeline`` (pretrain / linprobe / finetune / eval) over
     ``index`` for rank ``rank`` of ``world``, with the config's img_size, batch_size, seed and num_workers (default
     min(8, CPU count) processes or threads). ``fallback`` (``--loader auto`` chose it): a GPU route that fails in its
     first batches gives way to the torchvision loader, from the batch it had reached, with one logged line
@@ -87,16 +88,16 @@ def make_loader(name: str, index: DataIndex, kind: str, cfg, device: torch.devic
 
     def torchvision_loader():
         return TorchvisionLoader(index, cfg.img_size, cfg.batch_size, cfg.seed, workers, pin=device.type == "cuda",
-                                 kind=kind, rank=rank, world=world, augment=augment)  # fmt: skip
+                                 pipeline=pipeline, rank=rank, world=world, augment=augment)  # fmt: skip
 
     if name == "gpu":
         loader = GPULoader(index, cfg.img_size, cfg.batch_size, cfg.seed, device, workers, rank=rank, world=world,
                            augment=augment)  # fmt: skip
     elif name == "dali":
         loader = DALILoader(index, cfg.img_size, cfg.batch_size, cfg.seed, device, num_threads=max(workers, 1),
-                            kind=kind, rank=rank, world=world, augment=augment)  # fmt: skip
+                            pipeline=pipeline, rank=rank, world=world, augment=augment)  # fmt: skip
     else:
         loader = torchvision_loader()
-    logger.info("decoders of the %s loader (%s): %s", loader.name, kind,
+    logger.info("decoders of the %s loader (%s): %s", loader.name, pipeline,
                 ", ".join(f"{route} -> {dec}" for route, dec in loader.decoders.items()))  # fmt: skip
     return FallbackLoader(loader, torchvision_loader) if fallback and name in ("gpu", "dali") else loader

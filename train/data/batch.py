@@ -32,11 +32,6 @@ class Batch:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    @property
-    def micro(self) -> int:
-        """This batch's number in its epoch (1-based): an accumulation of N batches closes where it divides by N."""
-        return self.position[1]
-
 
 class Loader(Protocol):
     """What every loader (torchvision, DALI, the GPU loader, synthetic) offers the loop. Loaders are built for one

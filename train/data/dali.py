@@ -20,7 +20,7 @@ import logging
 import numpy as np
 import torch
 
-from fastmae.errors import FastMAEError
+from fastmae.errors import FastMAEError, one_line
 
 from .decode import DALI_NATIVE, IMAGENET_MEAN, IMAGENET_STD, load_rgb
 from .index import DataIndex
@@ -58,12 +58,12 @@ def _to_bmp(data: bytes) -> bytes:
     return buf.getvalue()
 
 
-def build_pipeline(kind: str, img_size: int, batch_size: int, num_threads: int, device_id: int | None, seed: int,
+def build_pipeline(pipeline: str, img_size: int, batch_size: int, num_threads: int, device_id: int | None, seed: int,
                    source, dtype: str = "float32"):  # fmt: skip
-    """The MAE input pipeline of ``kind`` (pretrain | linprobe | finetune | eval) for a GPU (``device_id``) or the
-    CPU (None).
+    """The DALI pipeline of the MAE input ``pipeline`` (pretrain | linprobe | finetune | eval) for a GPU
+    (``device_id``) or the CPU (None).
 
-    ``source(batch_info)`` returns the batch: encoded bytes, and for the training kinds also crop anchors (x, y) and
+    ``source(batch_info)`` returns the batch: encoded bytes, and for the training pipelines also crop anchors (x, y) and
     shapes (w, h) in pixels and flips. Output: NCHW images normalised with the ImageNet mean/std.
     """
     from nvidia.dali import fn, pipeline_def, types
@@ -74,9 +74,9 @@ def build_pipeline(kind: str, img_size: int, batch_size: int, num_threads: int, 
     mean = [255 * m for m in IMAGENET_MEAN]
     std = [255 * s for s in IMAGENET_STD]
 
-    @pipeline_def(enable_conditionals=kind == "finetune")
+    @pipeline_def(enable_conditionals=pipeline == "finetune")
     def mae_pipeline():
-        if kind == "eval":
+        if pipeline == "eval":
             # Sizes and crop position come from the source, computed as torchvision computes them (same pixels).
             encoded, size, crop_pos = fn.external_source(
                 source, num_outputs=3, batch=True, batch_info=True, dtype=[types.UINT8, types.FLOAT, types.FLOAT]
@@ -97,7 +97,7 @@ def build_pipeline(kind: str, img_size: int, batch_size: int, num_threads: int, 
             normalized_anchor=False, normalized_shape=False, adjust_orientation=False,
         )  # fmt: skip
         images = fn.resize(images, resize_x=img_size, resize_y=img_size, interp_type=types.INTERP_CUBIC, antialias=True)
-        if kind == "finetune":
+        if pipeline == "finetune":
             from nvidia.dali.auto_aug import rand_augment
 
             # rand-m9 with increasing magnitudes (inc1); DALI has no magnitude noise (mstd0.5).
@@ -129,22 +129,22 @@ class DALILoader(IndexLoader):
     name = "dali"
 
     def __init__(self, index: DataIndex, img_size: int, batch_size: int, seed: int, device: torch.device,
-                 num_threads: int = 4, kind: str = "pretrain", rank=0, world=1, dtype="float32",
+                 num_threads: int = 4, pipeline: str = "pretrain", rank=0, world=1, dtype="float32",
                  augment: Augment = RECIPE):  # fmt: skip
         reason = dali_unavailable_reason()
         if reason:
             raise FastMAEError(f"--loader dali: {reason}")
-        if kind == "finetune" and augment.rand_augment != RECIPE.rand_augment:
+        if pipeline == "finetune" and augment.rand_augment != RECIPE.rand_augment:
             raise FastMAEError(f"--loader dali runs RandAugment {RECIPE.rand_augment} only, not "
                                f"{augment.rand_augment!r}; use --loader torchvision")  # fmt: skip
-        super().__init__(index, kind, img_size, batch_size, seed, rank, world, augment)
+        super().__init__(index, pipeline, img_size, batch_size, seed, rank, world, augment)
         self.device = torch.device(device)
         self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         self.num_threads, self.dtype = num_threads, dtype
         self.via_pil: set[int] = set()  # samples DALI failed on at run time: decoded by PIL from then on
         self._pipe, self._pending, self._next = None, collections.deque(), (0, 0)
         self.erase = None
-        if kind == "finetune":
+        if pipeline == "finetune":
             from timm.data.random_erasing import RandomErasing
 
             # Random erasing runs on the normalised batch on its device (timm, pixel mode), like mixup/cutmix.
@@ -186,7 +186,7 @@ class DALILoader(IndexLoader):
         The pipeline then lives across epochs (its source runs on into the next epoch, so prefetching never stalls at
         an epoch boundary); it is rebuilt only when asked for a position that is not the next one.
         """
-        scale = self.augment.scale(self.kind) if self.kind != "eval" else None
+        scale = self.augment.scale(self.pipeline) if self.pipeline != "eval" else None
         plan = self._plan(epoch, start_batch)
         pending: collections.deque = collections.deque()  # (epoch, batch, ids fed) of batches not yet returned
 
@@ -204,7 +204,7 @@ class DALILoader(IndexLoader):
                 raise FastMAEError(f"no sample of batch {b} of epoch {e} can be read any more (files changed?)")
             ids = np.array(ids)
             pending.append((e, b, ids))
-            if self.kind == "eval":
+            if self.pipeline == "eval":
                 geometry = [eval_geometry(int(self.index.widths[i]), int(self.index.heights[i]), self.img_size)
                             for i in ids]  # fmt: skip
                 return data, [g[0] for g in geometry], [g[1] for g in geometry]
@@ -214,7 +214,7 @@ class DALILoader(IndexLoader):
             return data, anchors, shapes, [np.array(f, dtype=np.int32) for f in flips]
 
         # DALI's own randomness (finetune RandAugment) is seeded by the start position.
-        self._pipe = build_pipeline(self.kind, self.img_size, self.batch_size, self.num_threads, self.device_id,
+        self._pipe = build_pipeline(self.pipeline, self.img_size, self.batch_size, self.num_threads, self.device_id,
                                     hash((self.seed, epoch, start_batch)), source, self.dtype)  # fmt: skip
         self._pending, self._next = pending, (epoch, start_batch)
 
@@ -229,7 +229,7 @@ class DALILoader(IndexLoader):
             except Exception as exc:  # a file DALI cannot decode: retry from here with PIL for the fed batches
                 retry = {int(i) for _, _, ids in self._pending for i in ids}
                 logger.warning("DALI failed on batch %d of epoch %d (%s); retrying it with PIL decoding",
-                               self._next[1], epoch, str(exc).splitlines()[0][:120])  # fmt: skip
+                               self._next[1], epoch, one_line(exc, limit=120))  # fmt: skip
                 self._pipe = None
                 if not retry or retry <= self.via_pil:
                     raise

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastmae.errors import FastMAEError
+from fastmae.errors import FastMAEError, one_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -155,10 +155,10 @@ def _load_torchcodec():
 
         from torchcodec.decoders import decode_jpeg, decode_png
     except ImportError as exc:  # not installed, or a build for another torch (its libraries do not load)
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        return f"torchcodec does not import ({first}); pip install 'fastmae[torchcodec]' (torch >= 2.11)"
+        why = one_line(exc, limit=160)
+        return f"torchcodec does not import ({why}); pip install 'fastmae[torchcodec]' (torch >= 2.11)"
     except Exception as exc:  # e.g. RuntimeError from its library loading
-        return f"torchcodec does not load ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]})"
+        return f"torchcodec does not load ({one_line(exc, typed=True, limit=160)})"
     return {JPEG: decode_jpeg, PNG: decode_png, "mode": "RGB", "version": version("torchcodec").split("+")[0]}
 
 

@@ -31,10 +31,10 @@ import threading
 import numpy as np
 import torch
 
-from fastmae.errors import RunFault
+from fastmae.errors import RunFault, one_line
 
 from .decode import JPEG, crop_resize_flip, decode, exif_orientation, normalize, resolve_decoder
-from .loaders import RECIPE, Augment, ImageFiles, TorchvisionLoader, _batch_tensor, _one_line
+from .loaders import RECIPE, Augment, ImageFiles, TorchvisionLoader, batch_tensor
 from .order import augment_params
 
 logger = logging.getLogger("fastmae.data")
@@ -77,7 +77,7 @@ class EncodedFiles(ImageFiles):
     def __getitems__(self, items: list[tuple[int, int]]):
         epoch = items[0][0]
         ids = np.array([i for _, i in items], dtype=np.int64)
-        boxes, flips = augment_params(self.index, ids, self.seed, epoch, self.augment.scale(self.kind),
+        boxes, flips = augment_params(self.index, ids, self.seed, epoch, self.augment.scale(self.pipeline),
                                       self.augment.hflip)  # fmt: skip
         encoded, ready, good, failed = [], [], [], []
         for j, i in enumerate(ids.tolist()):
@@ -94,7 +94,7 @@ class EncodedFiles(ImageFiles):
                 failed.append(self.index.key(i))
         if not good:
             return None, None, None, failed
-        crops = _batch_tensor((len(ready), 3, self.img_size, self.img_size))
+        crops = batch_tensor((len(ready), 3, self.img_size, self.img_size))
         for k, (_, img) in enumerate(ready):
             crops[k].copy_(img)
         # The encoded files as one buffer + offsets: one tensor crosses from the worker, not one per file (the transfer
@@ -102,7 +102,7 @@ class EncodedFiles(ImageFiles):
         # views for the decoder.
         sizes = np.fromiter((len(d) for _, d in encoded), dtype=np.int64, count=len(encoded))
         offsets = np.concatenate([[0], np.cumsum(sizes)])
-        buffer = _batch_tensor((int(offsets[-1]),))
+        buffer = batch_tensor((int(offsets[-1]),))
         view = buffer.numpy()
         for k, (_, data) in enumerate(encoded):
             view[offsets[k] : offsets[k + 1]] = np.frombuffer(data, dtype=np.uint8)
@@ -153,7 +153,7 @@ def batch_jpeg_decoder(device: torch.device) -> tuple[str | None, str]:
             try:
                 _BATCH_DECODERS[name]([_tiny_jpeg()], device)
             except Exception as exc:  # not installed, no nvJPEG in this build, a driver problem, ...
-                skipped.append(f"{name}: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:120]}")
+                skipped.append(f"{name}: {one_line(exc, typed=True, limit=120)}")
                 continue
             _CHOSEN[key] = (name, "; ".join(skipped))
             break
@@ -196,7 +196,7 @@ class GPULoader(TorchvisionLoader):
         self.device, self.decoder = torch.device(device), decoder
         self.routes = {"gpu": 0, "cpu": 0, "cpu_after_gpu_failed": 0}
         super().__init__(index, img_size, batch_size, seed, num_workers, pin=self.device.type == "cuda",
-                         kind="pretrain", rank=rank, world=world, augment=augment)  # fmt: skip
+                         pipeline="pretrain", rank=rank, world=world, augment=augment)  # fmt: skip
         self.dataset = EncodedFiles(index, "pretrain", img_size, seed, augment)
         self.loader = self._data_loader()
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -295,7 +295,8 @@ class GPULoader(TorchvisionLoader):
             raise
         except Exception as exc:
             raise RunFault(f"--loader gpu: the GPU pipeline failed after batch {self.reached[1]} of epoch "
-                           f"{self.reached[0]} ({_one_line(exc)}); --loader torchvision runs without it") from exc
+                           f"{self.reached[0]} ({one_line(exc, last=True, typed=True)}); --loader torchvision runs "
+                           "without it") from exc  # fmt: skip
 
     def _ahead(self, epoch: int, start_batch: int):
         ready: queue.Queue = queue.Queue(maxsize=self.AHEAD)

@@ -14,7 +14,8 @@ from PIL import Image
 
 from fastmae.errors import FastMAEError
 
-from .index import DataIndex, cache_folder, index_data
+from .index import DataIndex, index_data
+from .index_cache import cache_folder
 
 logger = logging.getLogger("fastmae.data")
 DIGITS_VAL_FRACTION = 0.2

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fastmae.errors import FastMAEError, RunFault
+from fastmae.errors import FastMAEError, RunFault, one_line
 
 from .batch import Batch
 from .decode import (
@@ -44,10 +44,10 @@ from .order import ShardedOrder, augment_params, sample_rng
 
 logger = logging.getLogger("fastmae.data")
 
-KINDS = ("pretrain", "linprobe", "finetune", "eval")
+PIPELINES = ("pretrain", "linprobe", "finetune", "eval")
 PRETRAIN_SCALE = (0.2, 1.0)  # MAE pretraining crop scale
 FINETUNE_SCALE = (0.08, 1.0)  # timm / DeiT default, used by the MAE finetune and linear-probe recipes
-# RandomResizedCrop scale of the training kinds: pretrain and linprobe are crop + flip only, finetune adds RandAugment.
+# RandomResizedCrop scale of the training pipelines: pretrain and linprobe crop + flip only, finetune adds RandAugment.
 CROP_SCALE = {"pretrain": PRETRAIN_SCALE, "linprobe": FINETUNE_SCALE, "finetune": FINETUNE_SCALE}
 FINETUNE_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
 RANDOM_ERASE_PROB = 0.25
@@ -89,16 +89,16 @@ def _posterize(img, bits_to_keep, **_):
 @dataclass(frozen=True)
 class Augment:
     """A training pipeline's augmentation; the defaults are the paper's recipes. ``crop_scale`` is the smallest
-    RandomResizedCrop area (None: the kind's recipe, :data:`CROP_SCALE`), ``hflip`` the flip probability;
-    ``rand_augment`` (``"none"``: off) and ``reprob`` (random erasing) apply to the finetune kind."""
+    RandomResizedCrop area (None: the pipeline's recipe, :data:`CROP_SCALE`), ``hflip`` the flip probability;
+    ``rand_augment`` (``"none"``: off) and ``reprob`` (random erasing) apply to the finetune pipeline."""
 
     crop_scale: float | None = None
     hflip: float = 0.5
     rand_augment: str = FINETUNE_AUTO_AUGMENT
     reprob: float = RANDOM_ERASE_PROB
 
-    def scale(self, kind: str) -> tuple[float, float]:
-        return (self.crop_scale, 1.0) if self.crop_scale is not None else CROP_SCALE[kind]
+    def scale(self, pipeline: str) -> tuple[float, float]:
+        return (self.crop_scale, 1.0) if self.crop_scale is not None else CROP_SCALE[pipeline]
 
     @classmethod
     def of(cls, cfg) -> Augment:
@@ -158,9 +158,9 @@ class ImageFiles(torch.utils.data.Dataset):
 
     decoder: str | None = None
 
-    def __init__(self, index: DataIndex, kind: str, img_size: int, seed: int, augment: Augment = RECIPE):
-        self.index, self.kind, self.img_size, self.seed, self.augment = index, kind, img_size, seed, augment
-        self.transform = finetune_transform(img_size, augment) if kind == "finetune" else None
+    def __init__(self, index: DataIndex, pipeline: str, img_size: int, seed: int, augment: Augment = RECIPE):
+        self.index, self.pipeline, self.img_size, self.seed, self.augment = index, pipeline, img_size, seed, augment
+        self.transform = finetune_transform(img_size, augment) if pipeline == "finetune" else None
 
     def __len__(self) -> int:
         return len(self.index)
@@ -175,18 +175,18 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitems__(self, items: list[tuple[int, int]]):
         """A whole batch at once (the DataLoader calls this when it exists): crop boxes drawn together, images written
         straight into the batch, which lives in shared memory inside a worker (no copy on the way out)."""
-        if self.kind == "finetune":
+        if self.pipeline == "finetune":
             return _collate([self[item] for item in items])
         epoch = items[0][0]
         ids = np.array([i for _, i in items], dtype=np.int64)
-        if self.kind != "eval":
-            boxes, flips = augment_params(self.index, ids, self.seed, epoch, self.augment.scale(self.kind),
+        if self.pipeline != "eval":
+            boxes, flips = augment_params(self.index, ids, self.seed, epoch, self.augment.scale(self.pipeline),
                                           self.augment.hflip)  # fmt: skip
-        out = _batch_tensor((len(items), 3, self.img_size, self.img_size))
+        out = batch_tensor((len(items), 3, self.img_size, self.img_size))
         good, failed = [], []
         for j, i in enumerate(ids.tolist()):
             try:
-                img = self.image(epoch, i, None if self.kind == "eval" else (boxes[j], bool(flips[j])))
+                img = self.image(epoch, i, None if self.pipeline == "eval" else (boxes[j], bool(flips[j])))
                 out[len(good)].copy_(img)
                 good.append(i)
             except Exception:  # changed or unreadable since validation: skipped and counted, never fatal
@@ -199,20 +199,20 @@ class ImageFiles(torch.utils.data.Dataset):
     def image(self, epoch: int, i: int, crop: tuple | None = None) -> torch.Tensor:
         """Sample ``i``'s image in ``epoch``; ``crop`` = (box, flip) when the caller drew them already (a batch)."""
         data = self.index.read(i)
-        if self.kind == "finetune":
+        if self.pipeline == "finetune":
             with _seeded(sample_rng(self.seed, epoch, i)):
                 return self.transform(load_rgb(data))
         img = decode(data, int(self.index.routes[i]), self.decoder)
-        if self.kind == "eval":
+        if self.pipeline == "eval":
             return eval_resize_crop(img, self.img_size)
         if crop is None:
-            boxes, flips = augment_params(self.index, np.array([i]), self.seed, epoch, self.augment.scale(self.kind),
-                                          self.augment.hflip)  # fmt: skip
+            scale = self.augment.scale(self.pipeline)
+            boxes, flips = augment_params(self.index, np.array([i]), self.seed, epoch, scale, self.augment.hflip)
             crop = boxes[0], bool(flips[0])
         return crop_resize_flip(img, crop[0], crop[1], self.img_size)
 
 
-def _batch_tensor(shape: tuple[int, ...], dtype=torch.uint8) -> torch.Tensor:
+def batch_tensor(shape: tuple[int, ...], dtype=torch.uint8) -> torch.Tensor:
     """An empty batch; inside a DataLoader worker in shared memory from the start, as torch's default_collate makes
     it, so handing it to the main process copies nothing."""
     if torch.utils.data.get_worker_info() is None:
@@ -230,7 +230,7 @@ def _collate(items):
     if not good:
         return None, None, None, failed
     ids = torch.tensor([i for _, _, i in good])
-    out = _batch_tensor((len(good), *good[0][0].shape), good[0][0].dtype)
+    out = batch_tensor((len(good), *good[0][0].shape), good[0][0].dtype)
     return torch.stack([x for x, _, _ in good], out=out), torch.tensor([y for _, y, _ in good]), ids, failed
 
 
@@ -240,13 +240,13 @@ class IndexLoader:
 
     name = "base"
 
-    def __init__(self, index: DataIndex, kind: str, img_size: int, batch_size: int, seed: int, rank: int = 0,
+    def __init__(self, index: DataIndex, pipeline: str, img_size: int, batch_size: int, seed: int, rank: int = 0,
                  world: int = 1, augment: Augment = RECIPE):  # fmt: skip
-        if kind not in KINDS:
-            raise FastMAEError(f"pipeline kind must be one of {', '.join(KINDS)}, got {kind!r}")
-        train = kind != "eval"
-        self.index, self.kind, self.img_size, self.batch_size, self.seed = index, kind, img_size, batch_size, seed
-        self.augment = augment
+        if pipeline not in PIPELINES:
+            raise FastMAEError(f"pipeline must be one of {', '.join(PIPELINES)}, got {pipeline!r}")
+        train = pipeline != "eval"
+        self.index, self.pipeline, self.img_size, self.batch_size = index, pipeline, img_size, batch_size
+        self.seed, self.augment = seed, augment
         self.order = ShardedOrder(len(index), batch_size, seed, rank, world, shuffle=train, drop_last=train)
         self.steps_per_epoch = self.order.steps_per_epoch
         self.skipped: set[str] = {key for key, _ in index.bad}
@@ -295,11 +295,11 @@ class TorchvisionLoader(IndexLoader):
     name = "torchvision"
     MAX_WORKER_RESTARTS = 3
 
-    def __init__(self, index, img_size, batch_size, seed, num_workers=0, pin=False, kind="pretrain", rank=0,
+    def __init__(self, index, img_size, batch_size, seed, num_workers=0, pin=False, pipeline="pretrain", rank=0,
                  world=1, augment: Augment = RECIPE):  # fmt: skip
-        super().__init__(index, kind, img_size, batch_size, seed, rank, world, augment)
+        super().__init__(index, pipeline, img_size, batch_size, seed, rank, world, augment)
         self.sampler = _EpochBatches(self.order)
-        self.dataset = ImageFiles(index, kind, img_size, seed, augment)
+        self.dataset = ImageFiles(index, pipeline, img_size, seed, augment)
         self.num_workers, self.pin = num_workers, pin
         self.worker_restarts = 0
         self.loader = self._data_loader()
@@ -309,7 +309,7 @@ class TorchvisionLoader(IndexLoader):
         """``{decode route: decoder and version}`` over the routes of this loader's index (finetune: Pillow for all,
         timm's RandAugment works on Pillow images): for ``summary.json`` and the log."""
         routes = np.unique(self.index.routes)
-        if self.kind == "finetune":
+        if self.pipeline == "finetune":
             return {ROUTE_NAMES[int(r)]: pillow_label() for r in routes if int(r) in ROUTE_NAMES}
         return decoder_names(routes, self.dataset.decoder)
 
@@ -420,7 +420,8 @@ class FallbackLoader:
                 failed = self.current.name
                 at = getattr(self.current, "reached", at)
                 cause = exc.__cause__ if isinstance(exc, RunFault) and exc.__cause__ is not None else exc
-                self.fell_back = f"the {failed} loader failed at batch {at[1]} of epoch {at[0]} ({_one_line(cause)})"
+                why = one_line(cause, last=True, typed=True)
+                self.fell_back = f"the {failed} loader failed at batch {at[1]} of epoch {at[0]} ({why})"
                 logger.warning("--loader auto: %s; the torchvision loader continues from there", self.fell_back)
                 skipped = set(self.current.skipped)
                 self.current = self._make_fallback()
@@ -430,11 +431,6 @@ class FallbackLoader:
             self.served += 1
             at = batch.position
             yield batch
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[-1][:200] if lines else ''}".rstrip(": ")
 
 
 class SyntheticLoader:

@@ -1,5 +1,6 @@
-"""Processes for fault tests (and benchmarks/bench_restarts.py): start a command tagged with a marker that every
-process it starts inherits, find those processes by marker and rank, wait with a bound, and leave nothing behind."""
+"""Processes that the fault tests and ``benchmarks/bench_restarts.py`` start, kill and wait for: start a command tagged
+with a marker that every process it starts inherits, find those processes by marker and rank, wait with a bound, and
+leave nothing behind."""
 
 import contextlib
 import json
