@@ -274,3 +274,14 @@ class PackedTiles:
     def key(self, i: int) -> str:
         start = int(self._ends[i - 1]) if i else 0
         return self._keys[start : int(self._ends[i])].tobytes().decode()
+
+
+def pack_command(data: str, out: str, workers: int | None = None) -> int:
+    """``fastmae pack DATA OUT``: :func:`pack` with a progress bar, then one line of what was written and skipped."""
+    if workers is None:
+        workers = min(len(os.sched_getaffinity(0)), 8)
+    done = pack(data, out, workers=workers if workers > 1 else 0, progress=True)
+    c, h, w = done.shape
+    print(f"packed {done.count} tiles of {c}x{h}x{w} {done.dtype} into {done.path} ({mb(done.bytes)}); skipped "
+          f"{len(done.skipped)}" + (f", e.g. {done.skipped[0][0]}: {done.skipped[0][1]}" if done.skipped else ""))
+    return 0

@@ -25,6 +25,7 @@ caller's back.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -136,7 +137,7 @@ def _npy_info(source) -> tuple[RasterInfo, int, bool, np.dtype, tuple[int, ...]]
         offset = f.tell()
     name = _dtype_name(dtype, ".npy array")
     layout = _npy_layout(shape)
-    c, h, w = {"hw": (1, *shape), "hwc": (shape[2], shape[0], shape[1]), "chw": shape}[layout]
+    c, h, w = (1, *shape) if layout == "hw" else (shape[2], shape[0], shape[1]) if layout == "hwc" else shape
     if min(c, h, w) < 1:
         raise RasterError(f".npy array of shape {shape} is empty")
     return RasterInfo("npy", int(c), int(h), int(w), name), offset, fortran, dtype, shape
@@ -171,6 +172,9 @@ def _tifffile():
         import tifffile
     except ImportError as exc:  # a dependency of fastmae (and of scikit-image): only a broken install lacks it
         raise RasterError(f"reading TIFF needs tifffile ({exc})") from exc
+    quiet = logging.getLogger("tifffile")
+    if quiet.level == logging.NOTSET:  # its warnings about a malformed file are our reason line; the index is quiet
+        quiet.setLevel(logging.ERROR)
     return tifffile
 
 
@@ -198,6 +202,8 @@ def _tiff_info(tif) -> tuple[RasterInfo, object]:
     try:
         series = tif.series[0]
         page = tif.pages[0]
+    except IndexError as exc:
+        raise RasterError("TIFF has no image directory that reads (truncated, or not a TIFF)") from exc
     except Exception as exc:
         raise RasterError(f"TIFF has no image ({_first_line(exc)})") from exc
     band, _ = _tiff_axes(series)

@@ -222,6 +222,11 @@ def fill_nodata(img: torch.Tensor, nodata, fill, inplace: bool = False) -> torch
         fv = torch.floor(fv + 0.5).clamp(lo, hi)
     fv = fv.tolist()
     out = img if inplace else img.clone()
+    bits = out.view(torch.int16) if out.dtype == torch.uint16 else out  # torch has no masked_fill for uint16
+
+    def as_bits(v: float) -> int:  # a uint16 value as the int16 with its bits
+        return int(v) - 65536 if out.dtype == torch.uint16 and v > 32767 else int(v)
+
     for b in range(c):  # per band: one comparison and one masked fill over a view
         v = nd[b]
         if math.isnan(v):
@@ -230,5 +235,5 @@ def fill_nodata(img: torch.Tensor, nodata, fill, inplace: bool = False) -> torch
         elif floating:
             out[b].masked_fill_(out[b] == v, fv[b])
         elif v.is_integer() and lo <= v <= hi:
-            out[b].masked_fill_(out[b] == int(v), int(fv[b]))
+            bits[b].masked_fill_(bits[b] == as_bits(v), as_bits(fv[b]))
     return out
