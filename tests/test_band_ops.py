@@ -127,6 +127,17 @@ def test_integers_are_rounded_half_up_and_clamped():
     assert np.array_equal(resize_matrix(9, 4, True), resize_matrix(9, 4)[::-1])
 
 
+def test_resize_matrices_are_the_gpu_kernels():
+    """The same taps and weights as the crop kernel's reference (fastmae.kernels.crop_resize), built per output row
+    there: one resampling for the CPU and GPU paths."""
+    from fastmae.kernels.crop_resize import _coeffs
+
+    for n_in, n_out in [(1, 3), (2, 9), (37, 17), (264, 224), (118, 224), (45, 97), (7, 1), (500, 3)]:
+        for flip in (False, True):
+            ours, kernel = resize_matrix(n_in, n_out, flip), _coeffs(n_in, n_out, flip).numpy()
+            assert np.array_equal(ours != 0, kernel != 0) and np.abs(ours - kernel).max() <= 1e-15
+
+
 def test_output_is_a_channels_last_view_a_batch_takes_with_a_copy():
     img = _smooth(torch.uint16, 13)
     out = crop_resize_flip(img, (0, 0, 45, 37), False, 24)
@@ -134,6 +145,12 @@ def test_output_is_a_channels_last_view_a_batch_takes_with_a_copy():
     batch = torch.empty(2, 24, 24, 13, dtype=torch.uint16).permute(0, 3, 1, 2)  # [B, C, S, S] channels last
     batch[0].copy_(out)
     assert torch.equal(batch[0], out)
+    written = crop_resize_flip(img, (0, 0, 45, 37), False, 24, out=batch[1])  # straight into the slot
+    assert written.data_ptr() == batch[1].data_ptr() and torch.equal(batch[1], out)
+    f32 = _smooth(torch.float32, 3)
+    slot = torch.empty(1, 24, 24, 3).permute(0, 3, 1, 2)
+    assert torch.equal(crop_resize_flip(f32, (1, 2, 30, 20), True, 24, out=slot[0]),
+                       crop_resize_flip(f32, (1, 2, 30, 20), True, 24))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------ nodata
