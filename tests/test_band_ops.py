@@ -138,6 +138,18 @@ def test_resize_matrices_are_the_gpu_kernels():
             assert np.array_equal(ours != 0, kernel != 0) and np.abs(ours - kernel).max() <= 1e-15
 
 
+@pytest.mark.parametrize("dtype", NATIVE)
+def test_results_survive_the_next_call(dtype):
+    """The work buffers are reused from call to call; what a call returned is not among them."""
+    first = crop_resize_flip(_smooth(dtype, 3, seed=1), (2, 3, 30, 20), False, 16)
+    kept = first.clone()
+    crop_resize_flip(_smooth(dtype, 3, seed=2) * (2 if dtype == torch.float32 else 1), (0, 0, 45, 37), True, 16)
+    view = eval_resize_crop(_smooth(dtype, 3, seed=3), 16)
+    kept_view = view.clone()
+    eval_resize_crop(_smooth(dtype, 3, seed=4), 16)
+    assert torch.equal(first, kept) and torch.equal(view, kept_view)
+
+
 def test_output_is_a_channels_last_view_a_batch_takes_with_a_copy():
     img = _smooth(torch.uint16, 13)
     out = crop_resize_flip(img, (0, 0, 45, 37), False, 24)

@@ -384,7 +384,7 @@ def test_pack_never_leaves_a_partial_file(tile_folder, tmp_path, monkeypatch):
     assert not (tmp_path / "new.pack").exists()
 
 
-def test_pack_refusals(tmp_path):
+def test_pack_refusals(tmp_path, tile_folder):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FastMAEError, match="no rasters"):
         pack(tmp_path / "empty", tmp_path / "x.pack")
@@ -396,6 +396,10 @@ def test_pack_refusals(tmp_path):
     (tmp_path / "notpack").write_bytes(b"hello")
     with pytest.raises(FastMAEError, match="not a fastmae pack"):
         PackedTiles(tmp_path / "notpack")
+    whole = pack(tile_folder, tmp_path / "whole.pack").path.read_bytes()
+    (tmp_path / "cut.pack").write_bytes(whole[: len(whole) // 2])  # a copy that stopped half way
+    with pytest.raises(FastMAEError, match="truncated"):
+        PackedTiles(tmp_path / "cut.pack")
 
 
 def test_fastmae_pack_command(tile_folder, tmp_path, capsys):

@@ -238,7 +238,8 @@ class PackedTiles:
         self.dtype: str = m["dtype"]
         self.classes: list[str] = m["classes"]
         self.skipped: list[tuple[str, str]] = [tuple(s) for s in m["skipped"]]
-        if len(text) < length or m["tile_offset"] + self.count * m["tile_bytes"] > m["labels_offset"] > size:
+        tiles_end = m["tile_offset"] + self.count * m["tile_bytes"]
+        if len(text) < length or tiles_end > m["labels_offset"] or m["keys_offset"] > size:
             raise FastMAEError(f"{self.path}: pack is truncated ({size} bytes)")
         self._open()
 
