@@ -9,7 +9,7 @@ SSL4EO-S12 size; SYNTHETIC tiles from ``examples/make_multispectral.py``) throug
 - ``fastmae-tiff`` / ``fastmae-npy`` / ``fastmae-pack``: fastmae's raster path: :func:`~fastmae.train.data.rasters.
   read_raster` (a ``.npy`` memory-mapped, so only the crop's rows are read) or a tile of the packed store
   (``fastmae pack``), the crop box and flip of :mod:`fastmae.train.data.order`, :func:`~fastmae.train.data.resample.
-  crop_resize_flip` in the native dtype, written straight into a channels-last uint16 batch in shared memory: uint16
+  crop_resize_flip` in the native dtype, written straight into a uint16 batch in shared memory: uint16
   batches out of the workers, normalised on the device by the step (here the CPU, timed apart:
   ``normalize_on_device_ms_per_batch``).
 
@@ -88,7 +88,7 @@ class PlainTiles(torch.utils.data.Dataset):
 # -------------------------------------------------------------------------------------------- fastmae's path
 class RasterTiles(torch.utils.data.Dataset):
     """fastmae's raster path, a batch at a time: crop boxes and flips of ``(seed, epoch, sample)``, native-dtype
-    crop / resize / flip written into a channels-last batch that lives in shared memory inside a worker."""
+    crop / resize / flip written into a batch that lives in shared memory inside a worker."""
 
     def __init__(self, paths: list[str] | None, labels, img_size: int, pack_path: str | None = None, seed: int = 0):
         self.paths, self.labels, self.img_size, self.seed = paths, np.asarray(labels), img_size, seed
@@ -106,7 +106,7 @@ class RasterTiles(torch.utils.data.Dataset):
 
     def __getitems__(self, items: list[tuple[int, int]]):
         s, n = self.img_size, len(items)
-        out = _shared((n, s, s, self.bands), self.dtype).permute(0, 3, 1, 2)  # [B, C, S, S], channels last
+        out = _shared((n, self.bands, s, s), self.dtype)  # [B, C, S, S]
         for j, (epoch, i) in enumerate(items):
             rng = sample_rng(self.seed, epoch, i)
             box = random_resized_crop(rng, self.width, self.height, SCALE)
@@ -342,7 +342,7 @@ def _rows(rates: dict[str, list[float]], workers: int, args, normalize_ms: float
         row = {"name": "loader", "loader": name, "format": fmt, "workers": workers, "img_per_s": rate,
                "img_per_s_per_worker": rate / max(workers, 1),
                "vs_plain": rate / median(base) if kind == "fastmae" and base else None,
-               "output": "uint16 (channels last)" if kind == "fastmae" else "float32",
+               "output": "uint16" if kind == "fastmae" else "float32",
                "bytes_per_image_out": 13 * args.img_size**2 * (2 if kind == "fastmae" else 4),
                "normalize_on_device_ms_per_batch": normalize_ms if kind == "fastmae" else None,
                "img_size": args.img_size, "batch_size": args.batch, "images": args.images, "bands": 13,

@@ -5,8 +5,8 @@ otherwise be most of a loader's time.
 Layout of a pack (little-endian):
 
 - bytes 0-15: :data:`MAGIC`; 16-23: the manifest's offset; 24-31: its length (uint64);
-- from byte 4096: the ``N`` tiles, ``[N, H, W, C]`` in their native dtype (rows of pixels with their bands together:
-  a crop reads only its rows, and the resampler wants channels last);
+- from byte 4096: the ``N`` tiles, ``[N, C, H, W]`` in their native dtype (band planes, as the resampler reads them:
+  ``.npy`` or TIFF data in ``H x W x C`` order costs it a transposing copy; a crop reads only its rows of each plane);
 - then the labels (int64 ``[N]``) and the end offsets of the keys (int64 ``[N]``), each at an 8-byte boundary, and
   the keys' bytes (UTF-8, one after the other): no Python object per tile when it is opened;
 - last, the manifest (JSON): format and version, count, bands, height, width, dtype, layout, where each array is,
@@ -86,11 +86,11 @@ class PackResult:
 
 
 def _load(source) -> tuple[np.ndarray | None, str | None]:
-    """``(pixels [H, W, C] contiguous, None)`` or ``(None, reason)`` of one source."""
+    """``(pixels [C, H, W] contiguous, None)`` or ``(None, reason)`` of one source."""
     got = check_raster(source)
     if isinstance(got, str):
         return None, got
-    return np.ascontiguousarray(read_raster(source).permute(1, 2, 0).numpy()), None
+    return np.ascontiguousarray(read_raster(source).numpy()), None
 
 
 def _decoded(sources: Sequence, workers: int):
@@ -169,9 +169,9 @@ def pack(data, out: str | os.PathLike, *, labels: Sequence[int] | None = None, c
         for source, label, (pixels, reason) in zip(sources, labels, _decoded(sources, workers), strict=True):
             if bar is not None:
                 bar.update()
-            if reason is None and (pixels.shape != (h, w, c) or pixels.dtype.name != dt):
-                reason = (f"tile {pixels.shape[2]}x{pixels.shape[0]}x{pixels.shape[1]} {pixels.dtype.name}, not the "
-                          f"pack's {c}x{h}x{w} {dt}")  # fmt: skip
+            if reason is None and (pixels.shape != (c, h, w) or pixels.dtype.name != dt):
+                reason = (f"tile {'x'.join(map(str, pixels.shape))} {pixels.dtype.name}, not the pack's {c}x{h}x{w} "
+                          f"{dt}")  # fmt: skip
             if reason is not None:
                 skipped.append((str(source), reason))
                 continue
@@ -187,7 +187,7 @@ def pack(data, out: str | os.PathLike, *, labels: Sequence[int] | None = None, c
         f.write(b"".join(keys))
         manifest = {
             "format": "fastmae-pack", "version": VERSION, "count": n, "bands": c, "height": h, "width": w,
-            "dtype": dt, "layout": "NHWC", "tile_offset": TILE_OFFSET, "tile_bytes": tile_bytes,
+            "dtype": dt, "layout": "NCHW", "tile_offset": TILE_OFFSET, "tile_bytes": tile_bytes,
             "labels_offset": labels_at, "key_ends_offset": ends_at, "keys_offset": keys_at, "classes": list(classes),
             "source": source_label, "skipped": skipped, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }  # fmt: skip
@@ -211,7 +211,7 @@ def pack(data, out: str | os.PathLike, *, labels: Sequence[int] | None = None, c
 
 # -------------------------------------------------------------------------------------------------- reading
 class PackedTiles:
-    """A pack opened for reading: :meth:`tile` is a memory-mapped ``[C, H, W]`` view (copy on write, so writable
+    """A pack opened for reading: :meth:`tile` is a memory-mapped ``[C, H, W]`` tensor (copy on write, so writable
     without touching the file), labels and keys are numpy arrays. Pickles as its path (a spawned DataLoader worker
     maps the file again instead of receiving its bytes)."""
 
@@ -232,8 +232,9 @@ class PackedTiles:
         except (ValueError, UnicodeDecodeError) as exc:
             raise FastMAEError(f"{self.path}: the pack's manifest does not read (truncated? {exc})") from exc
         m = self.manifest
-        if m.get("format") != "fastmae-pack" or m.get("version") != VERSION:
-            raise FastMAEError(f"{self.path}: pack version {m.get('version')}, this fastmae reads {VERSION}")
+        if m.get("format") != "fastmae-pack" or m.get("version") != VERSION or m.get("layout") != "NCHW":
+            raise FastMAEError(f"{self.path}: pack version {m.get('version')} ({m.get('layout')}), this fastmae reads "
+                               f"{VERSION} (NCHW): pack the data again")  # fmt: skip
         self.count, self.bands, self.height, self.width = m["count"], m["bands"], m["height"], m["width"]
         self.dtype: str = m["dtype"]
         self.classes: list[str] = m["classes"]
@@ -245,7 +246,7 @@ class PackedTiles:
 
     def _open(self) -> None:
         m, n = self.manifest, self.count
-        shape = (n, self.height, self.width, self.bands)
+        shape = (n, self.bands, self.height, self.width)
         self.tiles = np.memmap(self.path, dtype=np.dtype(self.dtype), mode="c", offset=m["tile_offset"], shape=shape) \
             if n else np.empty(shape, dtype=self.dtype)  # fmt: skip
         self.labels = np.fromfile(self.path, dtype="<i8", count=n, offset=m["labels_offset"]).astype(np.int64)
@@ -270,7 +271,7 @@ class PackedTiles:
 
     def tile(self, i: int) -> torch.Tensor:
         """Tile ``i``: ``[C, H, W]`` in the pack's dtype, a view of the mapped file (nothing read until used)."""
-        return torch.from_numpy(self.tiles[i]).permute(2, 0, 1)
+        return torch.from_numpy(self.tiles[i])
 
     def key(self, i: int) -> str:
         start = int(self._ends[i - 1]) if i else 0

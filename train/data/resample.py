@@ -6,14 +6,15 @@ a = -0.5, the support scaled by the reduction, weights normalised per output pix
 crop, with no rounding between the two passes; integers are rounded (half up) and clamped to their dtype once at the
 end, float32 stays float32. uint8 images take the uint8 path itself, so RGB batches are bit for bit today's.
 
-How it is fast (``benchmarks/bench_bands.py``): torch's float antialiased ``interpolate`` walks its taps one pixel at a
-time; here each pass is a few small matrix products. The crop is copied once, cast to float32 and laid out
-``[W, H, C]``, so that the horizontal pass is ``R_x @ crop.view(W, H*C)`` (``R_x``: the ``[S, W]`` resampling matrix,
-rows mirrored for a flip); the result is laid out ``[H, S, C]`` and the vertical pass is ``R_y @ tmp.view(H, S*C)``,
-which leaves ``[S, S, C]``. ``R`` is banded (each output takes 4 to ~10 neighbouring inputs), so each product runs over
-blocks of :data:`BLOCK` output rows and only the input rows they touch. The result is returned as a ``[C, S, S]``
-view of that channels-last memory, so a batch allocated channels-last takes it with a plain copy. About 2x torch's
-``interpolate`` on a 13-band 264 px tile on one core (the benchmark's rows).
+How it is fast (``benchmarks/bench_bands.py``, stage rows): torch's float antialiased ``interpolate`` walks its
+taps pixel by pixel; here each pass is a few matrix products. The crop is copied once, cast to float32 and laid out
+``[h, C, w]`` (rows, then bands, then columns). The vertical pass is ``R_y @ src.view(h, C*w)`` (``R_y``: the
+``[S, h]`` resampling matrix), leaving ``[S, C, w]``; the horizontal pass multiplies on the right,
+``tmp.view(S*C, w) @ R_x^T`` (rows of ``R_x`` mirrored for a flip), leaving ``[S, C, S]``, and one casting copy
+writes ``[C, S, S]``. No transpose between the passes: each product reads its operands with their rows whole. ``R``
+is banded (each output takes 4 to ~10 neighbouring inputs), so each product runs over blocks of :data:`BLOCK` outputs
+and only the inputs they touch. Work buffers are kept per thread and reused. About 2.5x torch's ``interpolate`` on
+a 13-band 264 px tile on one core.
 
 ``FASTMAE_RESAMPLE=reference`` (or ``backend="reference"``) switches to :func:`crop_resize_flip_reference`: the same
 resampling matrices in float64, one image at a time; the tests bound the fast path against it.
@@ -86,10 +87,24 @@ def _blocks(n_in: int, n_out: int, flip: bool) -> tuple[tuple[int, int, int, int
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=4096)
+def _blocks_t(n_in: int, n_out: int, flip: bool) -> tuple[tuple[int, int, int, int, torch.Tensor], ...]:
+    """:func:`_blocks` with each block transposed (``[i1-i0, o1-o0]``), for multiplying on the right."""
+    return tuple((o0, o1, i0, i1, m.t().contiguous()) for o0, o1, i0, i1, m in _blocks(n_in, n_out, flip))
+
+
 def _banded(m_blocks, src: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out [n_out, K] = R @ src [n_in, K]`` with ``R`` given as banded blocks."""
     for o0, o1, i0, i1, m in m_blocks:
         torch.mm(m, src[i0:i1], out=out[o0:o1])
+    return out
+
+
+def _banded_right(src: torch.Tensor, m_blocks_t, out: torch.Tensor) -> torch.Tensor:
+    """``out [K, n_out] = src [K, n_in] @ R^T`` with ``R^T`` given as banded blocks (column slices: BLAS takes them
+    with their leading dimension, no copy)."""
+    for o0, o1, i0, i1, m in m_blocks_t:
+        torch.mm(src[:, i0:i1], m, out=out[:, o0:o1])
     return out
 
 
@@ -98,9 +113,8 @@ _SCRATCH = threading.local()  # per thread: float32 work buffers reused from cal
 
 
 def _scratch(slot: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """A float32 buffer of ``shape`` for this thread, reused by the next call: the four buffers of a 13-band 224 px
-    resize are ~2.5 MB each, and fresh ones cost a page fault per 4 KiB every call (measured 0.3-1 ms per image here,
-    more on a loaded machine)."""
+    """A float32 buffer of ``shape`` for this thread, reused by the next call: the three buffers of a 13-band 224 px
+    resize are ~2.5 MB each, and fresh ones cost a page fault per 4 KiB at every call."""
     bufs = getattr(_SCRATCH, "bufs", None)
     if bufs is None:
         bufs = _SCRATCH.bufs = {}
@@ -111,35 +125,32 @@ def _scratch(slot: int, shape: tuple[int, ...]) -> torch.Tensor:
     return buf[:numel].view(shape)
 
 
-def _resize_float(crop: torch.Tensor, size_hw: tuple[int, int], flip: bool, nodata=None, fill=None,
-                  keep: bool = False) -> torch.Tensor:  # fmt: skip
-    """``crop [C, h, w]`` (any dtype, any strides) -> float32 ``[S_h, S_w, C]`` (channels last), resampled as above:
-    a scratch buffer of this thread, overwritten by the next call, unless ``keep``."""
+def _resize_float(crop: torch.Tensor, size_hw: tuple[int, int], flip: bool, nodata=None, fill=None) -> torch.Tensor:
+    """``crop [C, h, w]`` (any dtype, any strides) -> float32 ``[S_h, C, S_w]``, resampled as above: a work buffer of
+    this thread, overwritten by its next call."""
     c, h, w = crop.shape
     s_h, s_w = size_hw
-    src = _scratch(0, (w, h, c))  # [w, h, C]: the horizontal pass's rows are the crop's columns
-    src.copy_(crop.permute(2, 1, 0))  # one strided read of the crop, cast on the way
+    src = _scratch(0, (h, c, w))
+    src.copy_(crop.permute(1, 0, 2))  # one read of the crop, cast on the way (a row at a time for H x W x C memory)
     if nodata is not None:
-        fill_nodata(src.permute(2, 1, 0), nodata, fill, inplace=True)
-    tmp = _banded(_blocks(w, s_w, flip), src.view(w, h * c), _scratch(1, (s_w, h * c)))  # [S_w, h, C]
-    rows = _scratch(2, (h, s_w, c))
-    rows.copy_(tmp.view(s_w, h, c).transpose(0, 1))  # [h, S_w, C]
-    out = torch.empty(s_h, s_w * c) if keep else _scratch(3, (s_h, s_w * c))
-    return _banded(_blocks(h, s_h, False), rows.view(h, s_w * c), out).view(s_h, s_w, c)
+        fill_nodata(src.permute(1, 0, 2), nodata, fill, inplace=True)
+    tmp = _banded(_blocks(h, s_h, False), src.view(h, c * w), _scratch(1, (s_h, c * w)))  # [S_h, C, w]
+    out = _banded_right(tmp.view(s_h * c, w), _blocks_t(w, s_w, flip), _scratch(2, (s_h * c, s_w)))
+    return out.view(s_h, c, s_w)
 
 
 def _to_dtype(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 ``x [S_h, S_w, C]`` as ``[C, S_h, S_w]`` in ``dtype``: integers rounded half up and clamped to the
-    dtype's range (in place on ``x``); cast straight into ``out`` when given (one pass, no intermediate)."""
+    """float32 ``x [S_h, C, S_w]`` (a work buffer) as ``[C, S_h, S_w]`` in ``dtype``: integers rounded half up and
+    clamped to the dtype's range (in place on ``x``), then one casting copy into ``out``, or a new contiguous tensor."""
     if dtype != torch.float32:
         lo, hi = _INT_RANGE[dtype]
         x.add_(0.5)
         if lo < 0:
             x.floor_()  # a cast truncates towards zero: floor first for the negative ones
         x.clamp_(lo, hi)
-    if out is not None:
-        return out.copy_(x.permute(2, 0, 1))
-    return (x if dtype == torch.float32 else x.to(dtype)).permute(2, 0, 1)
+    if out is None:
+        out = torch.empty(x.shape[1], x.shape[0], x.shape[2], dtype=dtype)
+    return out.copy_(x.permute(1, 0, 2))
 
 
 def _check(img: torch.Tensor) -> None:
@@ -160,8 +171,8 @@ def _backend(backend: str | None) -> str:
 def crop_resize_flip(img: torch.Tensor, box, flip: bool, size: int, *, nodata=None, fill=None,
                      backend: str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """The box ``(x, y, w, h)`` of ``img [C, H, W]`` resized to ``[C, size, size]`` (bicubic, antialiased), mirrored
-    when ``flip``, in ``img``'s dtype (a channels-last view), or written into ``out`` (a batch's slot: best
-    channels-last, then it is one casting pass). ``nodata`` (a value, per-band values, or NaN) is replaced by ``fill``
+    when ``flip``, in ``img``'s dtype: a new contiguous tensor, or written into ``out`` (a batch's slot) by the one
+    casting copy that ends the computation. ``nodata`` (a value, per-band values, or NaN) is replaced by ``fill``
     (per-band values, e.g. the band means) before resampling: see :func:`fill_nodata`. uint8 without nodata takes the
     uint8 path (:func:`~.decode.crop_resize_flip`: today's RGB pixels, any band count)."""
     _check(img)
@@ -174,8 +185,7 @@ def crop_resize_flip(img: torch.Tensor, box, flip: bool, size: int, *, nodata=No
     elif img.dtype == torch.uint8 and nodata is None:
         res = crop_resize_flip_uint8(img, box, flip, size)
     else:
-        keep = out is None and img.dtype == torch.float32  # returned as it is: not a scratch buffer
-        return _to_dtype(_resize_float(crop, (size, size), bool(flip), nodata, fill, keep), img.dtype, out)
+        return _to_dtype(_resize_float(crop, (size, size), bool(flip), nodata, fill), img.dtype, out)
     return res if out is None else out.copy_(res)
 
 
@@ -201,7 +211,7 @@ def eval_resize_crop(img: torch.Tensor, size: int, *, nodata=None, fill=None, ba
         src = fill_nodata(img, nodata, fill) if nodata is not None else img
         full = _reference(src, (0, 0, width, height), False, (rh, rw))
     else:
-        full = _to_dtype(_resize_float(img, (rh, rw), False, nodata, fill, img.dtype == torch.float32), img.dtype)
+        full = _to_dtype(_resize_float(img, (rh, rw), False, nodata, fill), img.dtype)
     return full[:, top : top + size, left : left + size]
 
 
