@@ -247,7 +247,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved measurements per loader (median kept)")
     ap.add_argument("--loaders", default=",".join(LOADERS))
     ap.add_argument("--stages", action="store_true", help="also time each step on one core (stage rows)")
-    ap.add_argument("--settle", type=float, default=1.0)
+    ap.add_argument("--settle", type=float, default=1.0, help="least rest after each measurement (seconds; longer "
+                    "when the loader just timed needs longer to refill its prefetch queues)")  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script works (seconds)")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/bands-cpu-<date>.json)")
     ap.add_argument("--report", default=None, metavar="JSON", help="only print the table of a results JSON")
@@ -283,7 +284,11 @@ def main(argv=None) -> dict:
             done = len(results.rows)
             for _ in range(args.rounds):
                 for name, src in loaders.items():
-                    rates[name].append(timed(src, device, args.batches, args.batch, args.settle))
+                    rate = timed(src, device, args.batches, args.batch, 0.0)
+                    rates[name].append(rate)
+                    # the workers of the loader just timed now refill their prefetch queues (PREFETCH batches each),
+                    # which must not be charged to the next loader: for the slow ones that is seconds, not a fixed rest
+                    time.sleep(max(args.settle, 1.2 * PREFETCH * args.batch * max(workers, 1) / rate))
                     results.rows[done:] = _rows(rates, workers, args, normalize_ms)
                     results.write()
             for row in results.rows[done:]:
