@@ -191,6 +191,8 @@ def stage_rows(data: dict, img_size: int, mean, std, reps: int = 30) -> list[dic
     def box():
         return boxes[next(k) % len(boxes)]
 
+    for b in boxes:  # the resampling matrices of these crop sizes, made once per process (as a warm worker has them)
+        crop_resize_flip(read_raster(npy), b, True, img_size)
     norm = T.Normalize(list(mean), list(std))
     resized = F.resized_crop(x, 0, 0, 200, 200, [img_size, img_size], InterpolationMode.BICUBIC, antialias=True)
     native = read_raster(npy)
