@@ -151,6 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     _config_flags(b, BenchConfig)
+    k = sub.add_parser(
+        "pack",
+        help="pack fixed-size rasters (.npy, TIFF / GeoTIFF, PNG) into one memory-mapped file, index included",
+        description="Decode every raster under DATA once (class sub-folders give labels) and write the tiles, labels "
+        "and names into the file OUT (written whole or not at all). Files of another shape or dtype than the first "
+        "one, and files that do not read, are skipped and counted.",
+        formatter_class=_HelpFormatter,
+    )
+    k.add_argument("data", help="folder of rasters (DATA/<class>/... gives labels)")
+    k.add_argument("out", help="the pack file to write")
+    k.add_argument("--workers", type=int, default=None, help="decoding processes (default: the usable cores)")
     return parser
 
 
@@ -232,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "export":
             return _export(args)
+        if args.command == "pack":
+            from fastmae.train.data.pack import pack_command
+
+            return pack_command(args.data, args.out, args.workers)
         if args.command == "visualize":
             from fastmae.train.visualize import visualize_checkpoint
 

@@ -52,6 +52,24 @@ def test_loader_benchmark_puts_the_decoders_side_by_side(tmp_path):
     assert all(r["img_per_s"] > 0 and "1 in 8 ~2000x1500" in r["data"] for r in rows)
 
 
+def test_bands_benchmark_writes_rows_and_its_table(tmp_path):
+    """13-band tiles: the plain pipeline and fastmae's raster path per format, stage rows, the docs table."""
+    out = tmp_path / "bands.json"
+    _load("bench_bands").main(["--smoke", "--workers", "0", "--stages", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    loaders = {r["loader"]: r for r in rows if r["name"] == "loader"}
+    assert set(loaders) == {"plain-tiff", "fastmae-tiff", "plain-npy", "fastmae-npy", "fastmae-pack"}
+    assert loaders["fastmae-npy"]["vs_plain"] == loaders["fastmae-npy"]["img_per_s"] / loaders["plain-npy"][
+        "img_per_s"] and loaders["plain-npy"]["vs_plain"] is None  # fmt: skip
+    assert loaders["fastmae-pack"]["vs_plain_npy"] > 0 and loaders["fastmae-tiff"]["output"].startswith("uint16")
+    assert loaders["fastmae-tiff"]["bytes_per_image_out"] * 2 == loaders["plain-tiff"]["bytes_per_image_out"]
+    stages = {r["stage"] for r in rows if r["name"] == "stage"}
+    assert {"read tiff (tifffile, deflate)", "fastmae crop/resize/flip uint16 (pack)"} <= stages
+    table = _load("bench_bands").main(["--report", str(out)])["table"]
+    assert "| fastmae-pack | pack (of the TIFFs) | uint16 (26,624) | 0 |" in table
+    assert "Where the time goes" in table
+
+
 def test_finetune_benchmark_writes_rows(tmp_path, capsys):
     from fastmae.cli import main
 

@@ -81,6 +81,7 @@ def test_every_docs_page_is_linked_from_the_front_page():
 
 # Where each generated table lives (the page its generator's documented --readme names; CONTRIBUTING.md lists them)
 TABLES = {"digits-payoff": "README.md", "index-bench": "docs/data.md", "loader-bench": "docs/data.md",
+          "bands-bench": "docs/data.md",
           "e2e-bench": "docs/data.md", "restarts-bench": "docs/long-runs.md", "fastmae-bench-gpu": "docs/benchmarks.md",
           "fastmae-breakdown": "docs/benchmarks.md", "fastmae-bench": "docs/benchmarks.md",
           "compile-bench": "docs/benchmarks.md", "startup-bench": "docs/benchmarks.md"}  # fmt: skip

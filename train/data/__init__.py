@@ -13,6 +13,10 @@
 - :mod:`.labelled`: labelled train/val splits and the built-in digits data set.
 - :mod:`.batch`: :class:`Batch` (images, labels, sample ids, epoch, position), the :class:`Loader` protocol every
   loader follows, and the one path onto the device ahead of the step.
+- Rasters of any band count and dtype (not yet wired into the index and loaders): :mod:`.rasters` (``.npy``, TIFF /
+  GeoTIFF, 8/16-bit PNG to native-dtype ``[C, H, W]``), :mod:`.resample` (crop / resize / flip in the native dtype,
+  nodata fill), :mod:`.bandstats` (per-band mean and std), :mod:`.normalize` (per-band affine on the device),
+  :mod:`.pack` (``fastmae pack``: tiles in one memory-mapped file).
 
 :func:`make_loader` picks the implementation for one rank of the run (the run context says which).
 """

@@ -1,0 +1,365 @@
+"""Loader throughput at 13 bands: images per second per DataLoader worker for 13-band uint16 tiles (264 x 264, the
+SSL4EO-S12 size; SYNTHETIC tiles from ``examples/make_multispectral.py``) through the MAE pretrain augmentation
+(random-resized-crop 0.2-1, bicubic antialiased resize to 224, flip), in one run, at each worker count:
+
+- ``plain-tiff`` / ``plain-npy``: the pipeline a user would write: ``tifffile.imread`` / ``np.load``, a float32 tensor,
+  ``torchvision.transforms.v2`` ``RandomResizedCrop(224, scale=(0.2, 1), bicubic, antialias)`` +
+  ``RandomHorizontalFlip`` + ``Normalize`` (the data's per-band mean and std) in the workers, torch's default collate:
+  float32 batches out of the workers;
+- ``fastmae-tiff`` / ``fastmae-npy`` / ``fastmae-pack``: fastmae's raster path: :func:`~fastmae.train.data.rasters.
+  read_raster` (a ``.npy`` memory-mapped, so only the crop's rows are read) or a tile of the packed store
+  (``fastmae pack``), the crop box and flip of :mod:`fastmae.train.data.order`, :func:`~fastmae.train.data.resample.
+  crop_resize_flip` in the native dtype, written straight into a uint16 batch in shared memory: uint16
+  batches out of the workers, normalised on the device by the step (here the CPU, timed apart:
+  ``normalize_on_device_ms_per_batch``).
+
+``vs_plain`` is each fastmae row's rate over the plain row of the same format (the pack: over ``plain-tiff``, the files
+it was packed from, and ``vs_plain_npy`` over ``plain-npy``) in the same run at the same worker count. Rates are medians
+of interleaved rounds over an endless order. ``--stages`` also times each step of both pipelines on one core in this
+process (read, float cast, resize, normalise, collate) and writes them as ``stage`` rows: where the time goes.
+
+    python benchmarks/bench_bands.py [--workers 1,2] [--images 320] [--batch 64] [--rounds 3] [--stages]
+    python benchmarks/bench_bands.py --report JSON [--readme docs/data.md]     # the table of a results JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _harness import Rows, cli, env_info, median, report  # noqa: E402
+from bench_loader import PREFETCH, timed  # noqa: E402
+from fastmae.train.data.bandstats import band_statistics  # noqa: E402
+from fastmae.train.data.normalize import normalize_bands  # noqa: E402
+from fastmae.train.data.order import random_resized_crop, sample_rng  # noqa: E402
+from fastmae.train.data.pack import PackedTiles, list_rasters, pack  # noqa: E402
+from fastmae.train.data.rasters import read_raster  # noqa: E402
+from fastmae.train.data.resample import crop_resize_flip  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SCALE = (0.2, 1.0)
+LOADERS = ("plain-tiff", "fastmae-tiff", "plain-npy", "fastmae-npy", "fastmae-pack")
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("make_multispectral", ROOT / "examples" / "make_multispectral.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----------------------------------------------------------------------------------------- the plain pipeline
+class PlainTiles(torch.utils.data.Dataset):
+    """What a user writes: read the file whole, float32, torchvision v2 transforms, Normalize; default collate."""
+
+    def __init__(self, paths: list[str], labels: list[int], img_size: int, mean, std):
+        from torchvision.transforms import v2 as T
+
+        self.paths, self.labels = paths, labels
+        self.transform = T.Compose([
+            T.RandomResizedCrop(img_size, scale=SCALE, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.RandomHorizontalFlip(),
+            T.Normalize(list(mean), list(std)),
+        ])  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        path = self.paths[i]
+        if path.endswith(".npy"):
+            arr = np.load(path)  # H x W x C
+        else:
+            import tifffile
+
+            arr = tifffile.imread(path)  # H x W x C (pixel-interleaved, as GDAL writes)
+        x = torch.from_numpy(arr).permute(2, 0, 1).float()
+        return self.transform(x), self.labels[i]
+
+
+# -------------------------------------------------------------------------------------------- fastmae's path
+class RasterTiles(torch.utils.data.Dataset):
+    """fastmae's raster path, a batch at a time: crop boxes and flips of ``(seed, epoch, sample)``, native-dtype
+    crop / resize / flip written into a batch that lives in shared memory inside a worker."""
+
+    def __init__(self, paths: list[str] | None, labels, img_size: int, pack_path: str | None = None, seed: int = 0):
+        self.paths, self.labels, self.img_size, self.seed = paths, np.asarray(labels), img_size, seed
+        self.pack_path = pack_path
+        self.tiles = PackedTiles(pack_path) if pack_path else None
+        first = self.tiles.tile(0) if self.tiles is not None else read_raster(paths[0])
+        self.bands, self.height, self.width = first.shape
+        self.dtype = first.dtype
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image(self, i: int) -> torch.Tensor:
+        return self.tiles.tile(i) if self.tiles is not None else read_raster(self.paths[i])
+
+    def __getitems__(self, items: list[tuple[int, int]]):
+        s, n = self.img_size, len(items)
+        out = _shared((n, self.bands, s, s), self.dtype)  # [B, C, S, S]
+        for j, (epoch, i) in enumerate(items):
+            rng = sample_rng(self.seed, epoch, i)
+            box = random_resized_crop(rng, self.width, self.height, SCALE)
+            crop_resize_flip(self.image(i), box, rng.random() < 0.5, s, out=out[j])
+        return out, torch.from_numpy(self.labels[[i for _, i in items]])
+
+
+def _shared(shape, dtype) -> torch.Tensor:
+    """An empty tensor, in shared memory inside a DataLoader worker (handing it over copies nothing)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes)).view(shape)
+
+
+class EndlessItems(torch.utils.data.Sampler):
+    """Batches of ``(epoch, sample)`` over seeded shuffles, epoch after epoch, without end."""
+
+    def __init__(self, n: int, batch: int, seed: int = 0):
+        self.n, self.batch, self.seed = n, batch, seed
+
+    def __iter__(self):
+        epoch = 0
+        while True:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            for b in range(self.n // self.batch):
+                yield [(epoch, int(i)) for i in perm[b * self.batch : (b + 1) * self.batch]]
+            epoch += 1
+
+
+def _identity(batch):
+    return batch
+
+
+def sources(names, data: dict, img_size: int, batch: int, workers: int, mean, std) -> dict:
+    """An endless iterator of image batches per loader name, each in its own DataLoader with ``workers`` workers."""
+    out = {}
+    for name in names:
+        kind, fmt = name.split("-")
+        paths, labels = data[fmt if fmt != "pack" else "tiff"]
+        common = dict(num_workers=workers, persistent_workers=workers > 0, prefetch_factor=PREFETCH if workers else
+                      None)  # fmt: skip
+        if kind == "plain":
+            ds = PlainTiles(paths, labels, img_size, mean, std)
+            sampler = torch.utils.data.RandomSampler(range(len(ds)), replacement=True, num_samples=2**40)
+            loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, drop_last=True, **common)
+        else:
+            ds = RasterTiles(None if fmt == "pack" else paths, labels, img_size, data["pack"] if fmt == "pack"
+                             else None)  # fmt: skip
+            loader = torch.utils.data.DataLoader(ds, batch_sampler=EndlessItems(len(ds), batch), collate_fn=_identity,
+                                                 **common)  # fmt: skip
+        out[name] = (x for x, _ in loader)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def _ms(fn, reps: int, stat=median) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * stat(times)
+
+
+def stage_rows(data: dict, img_size: int, mean, std, reps: int = 30) -> list[dict]:
+    """Milliseconds per image of each step of both pipelines, one core, this process, over the same boxes."""
+    import tifffile
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import v2 as T
+    from torchvision.transforms.v2 import functional as F
+
+    torch.set_num_threads(1)
+    tif, npy = data["tiff"][0][0], data["npy"][0][0]
+    tiles = PackedTiles(data["pack"])
+    arr = tifffile.imread(tif)
+    x = torch.from_numpy(arr).permute(2, 0, 1).float()
+    boxes = [random_resized_crop(sample_rng(0, 0, i), arr.shape[1], arr.shape[0], SCALE) for i in range(reps + 1)]
+    k = iter(range(10**9))
+
+    def box():
+        return boxes[next(k) % len(boxes)]
+
+    for b in boxes:  # the resampling matrices of these crop sizes, made once per process (as a warm worker has them)
+        crop_resize_flip(read_raster(npy), b, True, img_size)
+    norm = T.Normalize(list(mean), list(std))
+    resized = F.resized_crop(x, 0, 0, 200, 200, [img_size, img_size], InterpolationMode.BICUBIC, antialias=True)
+    native = read_raster(npy)
+    stages = {
+        "read tiff (tifffile, deflate)": lambda: tifffile.imread(tif),
+        "read npy (np.load)": lambda: np.load(npy),
+        "float32 tensor of the tile": lambda: torch.from_numpy(arr).permute(2, 0, 1).float(),
+        "plain resized crop (v2, float32)": lambda: F.resized_crop(x, *_yxhw(box()), [img_size, img_size],
+                                                                   InterpolationMode.BICUBIC, antialias=True),
+        "plain normalize (v2)": lambda: norm(resized),
+        "plain collate (stack float32, per image)": lambda: torch.stack([resized] * 16),
+        "fastmae read npy (memory map)": lambda: read_raster(npy),
+        "fastmae read pack tile": lambda: tiles.tile(3),
+        "fastmae crop/resize/flip uint16 (npy map)": lambda: crop_resize_flip(native, box(), True, img_size),
+        "fastmae crop/resize/flip uint16 (pack)": lambda: crop_resize_flip(tiles.tile(3), box(), True, img_size),
+    }
+    rows = []
+    for name, fn in stages.items():
+        per = 16 if "collate" in name else 1
+        ms = _ms(fn, reps) / per
+        fastest = _ms(fn, reps, min) / per  # the least disturbed call: on a shared machine, the cost itself
+        rows.append({"name": "stage", "stage": name, "ms_per_image": ms, "ms_min": fastest, "img_size": img_size})
+        print(f"  {name:45s} {ms:7.2f} ms per image (median), {fastest:6.2f} (fastest)")
+    return rows
+
+
+def _yxhw(box):
+    x, y, w, h = box
+    return y, x, h, w
+
+
+# --------------------------------------------------------------------------------------------------- main
+def make_data(folder: Path, images: int) -> dict:
+    """The generated TIFFs and the same tiles as ``.npy``, and the pack of the TIFFs."""
+    ex = _example()
+    t0 = time.perf_counter()
+    ex.generate(folder / "tiff", count=images, size=264, classes=4, seed=0)
+    ex.generate(folder / "npy", count=images, size=264, classes=4, seed=0, npy=True)
+    done = pack(folder / "tiff", folder / "tiles.pack", workers=2)
+    print(f"wrote {images} SYNTHETIC 13-band tiles as TIFF and .npy, and the pack ({done.count} tiles), in "
+          f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
+    paths, labels, _ = list_rasters(folder / "tiff")
+    npy_paths, npy_labels, _ = list_rasters(folder / "npy")
+    return {"tiff": (paths, labels), "npy": (npy_paths, npy_labels), "pack": str(folder / "tiles.pack")}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=320, help="tiles generated (each format)")
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batches", type=int, default=6, help="batches timed per measurement")
+    ap.add_argument("--workers", default="1,2", help="DataLoader worker counts")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved measurements per loader (median kept)")
+    ap.add_argument("--loaders", default=",".join(LOADERS))
+    ap.add_argument("--stages", action="store_true", help="also time each step on one core (stage rows)")
+    ap.add_argument("--settle", type=float, default=1.0, help="least rest after each measurement (seconds; longer "
+                    "when the loader just timed needs longer to refill its prefetch queues)")  # fmt: skip
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script works (seconds)")
+    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/bands-cpu-<date>.json)")
+    ap.add_argument("--report", default=None, metavar="JSON", help="only print the table of a results JSON")
+    ap.add_argument("--readme", default=None, help="with --report: the page to write (docs/data.md), between its "
+                    "bands-bench markers")  # fmt: skip
+    args = ap.parse_args(argv)
+    if args.report:
+        table = report(args.report, readme_table, "bands-bench", args.readme)
+        print(table)
+        return {"table": table}
+    if args.smoke:
+        args.images, args.img_size, args.batch, args.batches, args.rounds, args.settle = 16, 32, 4, 2, 1, 0.0
+    counts = [int(w) for w in args.workers.split(",")]
+    names = args.loaders.split(",")
+    device = torch.device("cpu")
+    results = Rows("bands", env_info(device), args.out)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_data(Path(tmp), args.images)
+        per_epoch = args.images // args.batch
+        if per_epoch < max(counts) * PREFETCH:
+            raise SystemExit(f"bench_bands: {per_epoch} batches an epoch, fewer than {max(counts)} workers x "
+                             f"{PREFETCH} prefetched; use --images {max(counts) * PREFETCH * args.batch} or more")
+        stats = band_statistics(data["npy"][0], sample=64, pixels=4096, seed=0)
+        mean, std = stats.mean.tolist(), stats.std.tolist()
+        batch_u16 = torch.randint(0, 10000, (args.batch, 13, args.img_size, args.img_size)).to(torch.uint16)
+        normalize_ms = _ms(lambda: normalize_bands(batch_u16, mean, std), 5)
+        if args.stages:
+            results.rows += stage_rows(data, args.img_size, mean, std, reps=3 if args.smoke else 30)
+            results.write()
+        for workers in counts:
+            loaders = sources(names, data, args.img_size, args.batch, workers, mean, std)
+            rates: dict[str, list[float]] = {k: [] for k in loaders}
+            done = len(results.rows)
+            for _ in range(args.rounds):
+                for name, src in loaders.items():
+                    rate = timed(src, device, args.batches, args.batch, 0.0)
+                    rates[name].append(rate)
+                    # the workers of the loader just timed now refill their prefetch queues (PREFETCH batches each),
+                    # which must not be charged to the next loader: for the slow ones that is seconds, not a fixed rest
+                    time.sleep(max(args.settle, 1.2 * PREFETCH * args.batch * max(workers, 1) / rate))
+                    results.rows[done:] = _rows(rates, workers, args, normalize_ms)
+                    results.write()
+            for row in results.rows[done:]:
+                vs = "" if row["vs_plain"] is None else f"  {row['vs_plain']:.2f}x plain"
+                print(f"{row['loader']:14s} {workers} workers  {row['img_per_s']:7.1f} img/s  "
+                      f"{row['img_per_s_per_worker']:7.1f} per worker{vs}")
+            del loaders
+    print(f"wrote {results.path}")
+    return {"rows": results.rows, "path": str(results.path)}
+
+
+def readme_table(saved: dict, json_name: str) -> str:
+    """The docs table of a results JSON: one row per loader and worker count, then where the time goes."""
+    env, rows = saved["env"], [r for r in saved["rows"] if r["name"] == "loader"]
+    first = rows[0]
+    lines = [
+        f"Measured on **{env.get('cpu', 'cpu')}** ({env.get('cpu_threads')} threads, shared), batch "
+        f"{first['batch_size']}, {first['img_size']} px, {first['images']} tiles per format ({first['data']}); torch "
+        f"{env.get('torch')}, git `{str(env.get('git_sha'))[:12]}`, {str(env.get('date', ''))[:10]}; raw JSON "
+        f"`benchmarks/results/{json_name}`.",
+        "",
+        "| loader | read | output (bytes per image) | workers | img/s | img/s per worker | vs plain, same format "
+        "(same run) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    reads = {"tiff": "TIFF, deflate", "npy": ".npy", "pack": "pack (of the TIFFs)"}
+    for r in rows:
+        vs = "" if r["vs_plain"] is None else f"{r['vs_plain']:.2f}x"
+        if r.get("vs_plain_npy"):
+            vs += f" (vs plain-npy {r['vs_plain_npy']:.2f}x)"
+        lines.append(f"| {r['loader']} | {reads[r['format']]} | {r['output']} ({r['bytes_per_image_out']:,}) | "
+                     f"{r['workers']} | {r['img_per_s']:.0f} | {r['img_per_s_per_worker']:.0f} | {vs} |")  # fmt: skip
+    norm = next((r["normalize_on_device_ms_per_batch"] for r in rows if r.get("normalize_on_device_ms_per_batch")),
+                None)  # fmt: skip
+    if norm is not None:
+        lines += ["", f"fastmae's batches leave the workers as uint16; the step normalises them on its device (here "
+                      f"the CPU: {norm:.1f} ms per batch of {first['batch_size']}, outside the loader's time)."]
+    stages = [r for r in saved["rows"] if r["name"] == "stage"]
+    if stages:
+        lines += ["", "Where the time goes, per image on one core (`--stages`; median, and the fastest call in "
+                      "brackets, which a shared machine disturbs least): " + "; ".join(
+            f"{r['stage']} {r['ms_per_image']:.2f} ms ({r.get('ms_min', r['ms_per_image']):.2f})" for r in stages) +
+            "."]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _rows(rates: dict[str, list[float]], workers: int, args, normalize_ms: float) -> list[dict]:
+    rows = []
+    for name, xs in rates.items():
+        if not xs:
+            continue
+        kind, fmt = name.split("-")
+        rate = median(xs)
+        base = rates.get("plain-tiff" if fmt == "pack" else f"plain-{fmt}")
+        base_npy = rates.get("plain-npy")
+        row = {"name": "loader", "loader": name, "format": fmt, "workers": workers, "img_per_s": rate,
+               "img_per_s_per_worker": rate / max(workers, 1),
+               "vs_plain": rate / median(base) if kind == "fastmae" and base else None,
+               "output": "uint16" if kind == "fastmae" else "float32",
+               "bytes_per_image_out": 13 * args.img_size**2 * (2 if kind == "fastmae" else 4),
+               "normalize_on_device_ms_per_batch": normalize_ms if kind == "fastmae" else None,
+               "img_size": args.img_size, "batch_size": args.batch, "images": args.images, "bands": 13,
+               "data": "SYNTHETIC 13-band uint16 264x264 (examples/make_multispectral.py); TIFF deflate+predictor, "
+                       "pixel-interleaved; .npy H x W x C; pack of the TIFFs", "rates": list(xs)}  # fmt: skip
+        if name == "fastmae-pack" and base_npy:
+            row["vs_plain_npy"] = rate / median(base_npy)
+        rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(cli(main))
