@@ -259,6 +259,9 @@ def _export(args: argparse.Namespace) -> int:
     done = export_encoder(args.checkpoint, args.output, args.to, args.img_size)
     h, w = done["img_size"]
     print(f"wrote {done['output']}: {done['model']}, {done['keys']} tensors, {h}x{w} px ({args.to})")
+    if done["bands"] is not None:
+        where = done["bands_file"] or "its config.json (fastmae_bands)"
+        print(f"bands: {done['bands'].describe()}; written to {where}")
     if args.to == "timm":
         out = done["output"]
         read = (f"from safetensors.torch import load_file; state_dict = load_file({out!r})"
