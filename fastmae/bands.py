@@ -451,8 +451,9 @@ def transfer_state(sd: Mapping, transfer: BandTransfer) -> dict:
 
     **timm rule** (no names to match). The patch embedding is timm's ``adapt_input_conv(target, w)`` (1 band: the
     filters summed, exact on a gray image standing for equal bands; N bands: repeated and scaled by C/N, exact when
-    the bands are equal). The decoder's output follows the same mapping, inverted: a 1-band prediction is the mean of
-    the C predictions, N bands repeat the source's predictions (``adapt_input_conv`` on the rows, times N/C).
+    the bands are equal). The decoder's output follows the same mapping on the output side: a 1-band prediction is
+    the mean of the C predictions, N bands repeat the source's predictions in timm's cyclic order (band i predicted
+    as band i mod C).
     """
     if transfer.rule == "same":
         return dict(sd)
@@ -480,20 +481,25 @@ def transfer_state(sd: Mapping, transfer: BandTransfer) -> dict:
 
 def _move(w, transfer: BandTransfer, conv_scale: bool, is_bias: bool = False):
     """``w`` [O, C, J, K] with bands on dim 1 -> [O, C', J, K] by ``transfer``. ``conv_scale``: an input layer
-    (timm's scaling); else an output layer (timm's mapping with its scale undone)."""
+    (timm's ``adapt_input_conv``); else an output layer (the same band mapping on the output side). ``is_bias``: a
+    new band takes the plain mean (no norm to match). New bands are computed in at least fp32."""
     import torch
 
     C, T = transfer.source_count, transfer.target_count
+    wide = torch.promote_types(w.dtype, torch.float32)
     if transfer.rule == "timm":
         from timm.models import adapt_input_conv
 
         try:
-            moved = adapt_input_conv(T, w) if C == 3 else adapt_input_conv(T, w, base_chans=C)
+            if conv_scale:
+                return adapt_input_conv(T, w) if C == 3 else adapt_input_conv(T, w, base_chans=C)
         except TypeError as exc:  # an older timm: base_chans came later
             raise FastMAEError(f"moving {C} unnamed bands to {T} needs a timm whose adapt_input_conv takes "
                                "base_chans (pip install -U timm), or band names on both sides") from exc
-        return moved if conv_scale else (moved.float() * (T / C)).to(w.dtype)
-    src = w.float()
+        if T == 1:  # the output side of the same mapping: the mean prediction, or the predictions repeated
+            return w.to(wide).mean(dim=1, keepdim=True).to(w.dtype)
+        return w.repeat(1, -(-T // C), 1, 1)[:, :T]
+    src = w.to(wide)
     parts = []
     new = None
     for s in transfer.sources:
