@@ -168,9 +168,9 @@ class BandSpec:
                                                                   strict=True))  # fmt: skip
 
     # ------------------------------------------------------------------ subsets
-    def select(self, which, flag: str = "--bands") -> tuple[BandSpec, list[int]]:
+    def select(self, which, flag: str = "--bands", name_unnamed: bool = True) -> tuple[BandSpec, list[int]]:
         """See :func:`select_bands`."""
-        return select_bands(self, which, flag)
+        return select_bands(self, which, flag, name_unnamed)
 
     def subset(self, indices: Sequence[int]) -> BandSpec:
         """The bands at ``indices`` (in that order), statistics included."""
@@ -238,14 +238,14 @@ def parse_band_list(text: str | Sequence, flag: str = "--bands") -> list[int | s
     return [int(t) if isinstance(t, str) and t.lstrip("-").isdigit() else t for t in items]
 
 
-def select_bands(spec: BandSpec, which, flag: str = "--bands") -> tuple[BandSpec, list[int]]:
+def select_bands(spec: BandSpec, which, flag: str = "--bands", name_unnamed: bool = True) -> tuple[BandSpec, list[int]]:
     """(the chosen bands, their indices in ``spec``) for ``which`` (a comma-separated string or a list of names and
     0-based indices). Names must be among ``spec``'s names; where the data's bands have no names, as many names as
-    bands *name* them (indices 0..C-1) instead of selecting. Out-of-range indices, unknown or repeated bands are a
-    one-line error naming ``flag`` and the data's bands."""
+    bands *name* them (indices 0..C-1) instead of selecting (unless ``name_unnamed`` is False). Out-of-range indices,
+    unknown or repeated bands are a one-line error naming ``flag`` and the data's bands."""
     items = parse_band_list(which, flag)
     names_only = all(isinstance(t, str) for t in items)
-    if names_only and spec.names is None:
+    if names_only and spec.names is None and name_unnamed:
         if len(items) != spec.count:
             raise FastMAEError(f"{flag} names {len(items)} bands ({','.join(items)}) but the data's {spec.count} "
                                f"bands have no names: give {spec.count} names to name them, or 0-based indices to "
