@@ -110,6 +110,7 @@ def test_imagenet_is_todays_normalisation_to_the_bit():
     assert torch.equal(torch.tensor(scale), torch.tensor([1 / (255 * s) for s in IMAGENET_STD]))
     todays = [-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]  # decode.normalize's bias
     assert torch.equal(torch.tensor(bias), torch.tensor(todays))
+    assert IMAGENET_MEAN == (0.485, 0.456, 0.406) and IMAGENET_STD == (0.229, 0.224, 0.225)  # torchvision's
     assert IMAGENET.count == 3 and IMAGENET.dtype == "uint8" and IMAGENET.norm == "imagenet" and IMAGENET.names is None
     x = torch.tensor([0.0, 128.0, 255.0])
     np.testing.assert_allclose(x * scale[1] + bias[1], (x - IMAGENET.mean[1]) / IMAGENET.std[1], rtol=1e-6)
