@@ -176,10 +176,6 @@ def checkpoint_bands(path: str | os.PathLike, info: dict) -> BandSpec | None:
     """The bands a checkpoint file was trained on: its config's ``"bands"`` (fastmae runs), else the band file
     beside it (fastmae exports, :func:`~fastmae.bands.sidecar_path`), else None."""
     cfg = info.get("config")
-    if isinstance(cfg, dict) and isinstance(cfg.get("bands"), str):  # safetensors metadata are strings
-        import json
-
-        cfg = {**cfg, "bands": json.loads(cfg["bands"])}
     spec = spec_from_config(cfg if isinstance(cfg, dict) else None, f"checkpoint {path}")
     return spec if spec is not None else read_sidecar(path)
 
