@@ -126,6 +126,12 @@ class BandSpec:
         if self.norm is not None and self.norm not in NORMS:
             raise FastMAEError(f"unknown band normalisation {self.norm!r}; choose one of {', '.join(NORMS)}")
 
+    def __eq__(self, other) -> bool:  # a NaN nodata equals itself here (the generated __eq__ would say not)
+        return isinstance(other, BandSpec) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
     # ------------------------------------------------------------------ views
     @property
     def has_stats(self) -> bool:

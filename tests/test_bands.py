@@ -64,6 +64,7 @@ def test_spec_round_trips_through_json():
     nan = BandSpec(2, dtype="float32", nodata=float("nan"))
     back = BandSpec.from_dict(json.loads(json.dumps(nan.to_dict(), allow_nan=False)))
     assert math.isnan(back.nodata) and back.dtype == "float32" and not back.has_stats
+    assert back == nan and len({back, nan}) == 1 and back != BandSpec(2, dtype="float32", nodata=0)
     assert spec_from_config(config_with_bands({"arch": {}}, spec)) == spec
     assert spec_from_config({"arch": {}}) is None and "bands" not in config_with_bands({"bands": 1}, None)
     assert BandSpec.from_dict({"names": ["a", "b"]}).count == 2  # a hand-written file may leave the count out
