@@ -2,9 +2,11 @@
 
 Triton compiles ahead of time for a CUDA target with its bundled ptxas, and ``cuobjdump --dump-resource-usage`` (from
 Triton's nvidia backend) reads each cubin's registers, shared memory and local-memory spills. This script runs the
-launchers of every fused op (forward and backward) at the ViT-B/16, ViT-L/16 and ViT-H/14 shapes, fp32 and bf16,
-norm-pix on and off, records each launch configuration instead of running it (block sizes do not depend on the batch,
-so batch 2 stands for 256), compiles each distinct one for sm_80 and sm_90, and writes rows
+launchers of every fused op (forward and backward) at the ViT-B/16, ViT-L/16 and ViT-H/14 shapes, with 3 bands (RGB)
+and with 1, 4 and 13 (gray, RGB + near infrared, Sentinel-2: ``vit_b16/c13``; only the loss's patch of p*p*C values
+depends on them), fp32 and bf16, norm-pix on and off, records each launch configuration instead of running it (block
+sizes do not depend on the batch, so batch 2 stands for 256), compiles each distinct one for sm_80 and sm_90, and
+writes rows
 
     {"name": "kernel_static", "kernel", "arch", "dtype", "shape", "block", "num_warps", "num_stages", "registers",
      "shared_bytes", "spill_bytes", "occupancy"}
@@ -42,6 +44,7 @@ from _harness import RESULTS, env_info, write_results  # noqa: E402
 
 # (patches, encoder width, decoder width, patch size) at 224 px
 SHAPES = {"vit_b16": (196, 768, 512, 16), "vit_l16": (196, 1024, 512, 16), "vit_h14": (256, 1280, 512, 14)}
+CHANNELS = (3, 1, 4, 13)  # band counts: RGB first (its rows are named by the model alone), then gray, RGB+NIR, S2
 ARCHS = {"sm_80": (80, 164 * 1024), "sm_90": (90, 228 * 1024)}
 MIN_OCCUPANCY = 0.25
 _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64", torch.int32: "i32",
@@ -72,8 +75,9 @@ class _Recorder:
         return False
 
 
-def capture(shape: str, dtype: torch.dtype, norm_pix: bool) -> list:
-    """Every kernel launch (forward and backward) the three fused ops make at ``shape`` in ``dtype``."""
+def capture(shape: str, dtype: torch.dtype, norm_pix: bool, chans: int = 3) -> list:
+    """Every kernel launch (forward and backward) the three fused ops make at ``shape`` with ``chans`` bands in
+    ``dtype``."""
     from fastmae.kernels.crop_resize import crop_resize_normalize
     from fastmae.kernels.masked_mse import masked_mse
     from fastmae.kernels.masking import random_masking
@@ -88,8 +92,8 @@ def capture(shape: str, dtype: torch.dtype, norm_pix: bool) -> list:
         xd = torch.zeros(N, 1 + K, Dd, dtype=dtype, requires_grad=True)
         tok = torch.zeros(1, 1, Dd, requires_grad=True)
         unshuffle(xd, tok, torch.arange(L).repeat(N, 1), torch.zeros(1, L + 1, Dd)).sum().backward()
-        pred = torch.zeros(N, L, p * p * 3, dtype=dtype, requires_grad=True)
-        masked_mse(pred, torch.zeros(N, 3, 224, 224), torch.ones(N, L), p, norm_pix).backward()
+        pred = torch.zeros(N, L, p * p * chans, dtype=dtype, requires_grad=True)
+        masked_mse(pred, torch.zeros(N, chans, 224, 224), torch.ones(N, L), p, norm_pix).backward()
         # --loader gpu's augmentation: one configuration whatever the model (ImageNet-sized images to 224 px)
         imgs = [torch.zeros(3, 375, 500, dtype=torch.uint8), torch.zeros(3, 333, 500, dtype=torch.uint8)]
         crop_resize_normalize(imgs, [(10, 20, 300, 250), (0, 0, 500, 333)], [0, 1], 224)
@@ -138,17 +142,19 @@ def occupancy(registers: int, warps: int, shared: int, smem_per_sm: int) -> floa
 def report() -> list[dict]:
     """One row per distinct launch configuration and architecture; ``shape`` lists the models that launch it."""
     configs: dict[tuple, dict] = {}
-    for shape in SHAPES:
-        for dtype in (torch.float32, torch.bfloat16):
-            for norm_pix in (False, True):
-                for fn, bound, warps, stages in capture(shape, dtype, norm_pix):
-                    sig, constexprs = _signature(fn, bound)
-                    key = (fn.__name__, tuple(sig.items()), tuple(constexprs.items()), warps, stages)
-                    new = {"fn": fn, "sig": sig, "constexprs": constexprs, "warps": warps, "stages": stages,
-                           "dtype": _TYPES[dtype], "shapes": []}  # fmt: skip
-                    entry = configs.setdefault(key, new)
-                    if shape not in entry["shapes"]:
-                        entry["shapes"].append(shape)
+    for chans in CHANNELS:
+        for shape in SHAPES:
+            label = shape if chans == 3 else f"{shape}/c{chans}"
+            for dtype in (torch.float32, torch.bfloat16):
+                for norm_pix in (False, True):
+                    for fn, bound, warps, stages in capture(shape, dtype, norm_pix, chans):
+                        sig, constexprs = _signature(fn, bound)
+                        key = (fn.__name__, tuple(sig.items()), tuple(constexprs.items()), warps, stages)
+                        new = {"fn": fn, "sig": sig, "constexprs": constexprs, "warps": warps, "stages": stages,
+                               "dtype": _TYPES[dtype], "shapes": []}  # fmt: skip
+                        entry = configs.setdefault(key, new)
+                        if label not in entry["shapes"]:
+                            entry["shapes"].append(label)
     rows = []
     for c in configs.values():
         fn, constexprs = c["fn"], c["constexprs"]

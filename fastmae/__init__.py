@@ -3,10 +3,13 @@
 Public API:
     MaskedAutoencoderViT  the official-compatible MAE model (switchable op layer and attention dispatch)
     create_model(name, **overrides), list_models()
-    from_pretrained(path, **overrides)  an MAE from any checkpoint (fastmae, official .pth, transformers folder)
+    from_pretrained(path, **overrides)  an MAE from any checkpoint (fastmae, official .pth, transformers folder);
+                          its ``bands`` attribute is the checkpoint's BandSpec
+    BandSpec, IMAGENET    the bands of the data (names, per-band statistics, dtype), see fastmae.bands
     FastMAEError          bad user input, reported as one line by the CLI
 """
 
+from .bands import IMAGENET, BandSpec
 from .errors import FastMAEError
 from .registry import list_models
 
@@ -25,6 +28,8 @@ def __getattr__(name: str):
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 __all__ = [
+    "IMAGENET",
+    "BandSpec",
     "FastMAEError",
     "MaskedAutoencoderViT",
     "__version__",

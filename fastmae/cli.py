@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--mask-ratio", type=float, default=None, help="default: the checkpoint's")
     v.add_argument("--seed", type=int, default=0, help="seed of the fixed mask")
     v.add_argument("--scale", type=int, default=None, help="draw each pixel as an N x N block (default: the run's)")
+    v.add_argument("--show-bands", default=None, metavar="BANDS",
+                   help="bands to draw, names or 0-based indices: 3 as red,green,blue (e.g. 3,2,1) or 1 in gray "
+                   "(default: RGB as it is; the first three bands, or the first in gray, stretched 2-98%%)")
     b = sub.add_parser(
         "bench",
         help="pretrain-step benchmark (eager, compiled-reference, fastmae, mask-token encoder): JSON, chart, table",
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             from fastmae.train.visualize import visualize_checkpoint
 
             loss = visualize_checkpoint(args.checkpoint, args.output, args.images, args.count, args.mask_ratio,
-                                        args.seed, args.scale)  # fmt: skip
+                                        args.seed, args.scale, args.show_bands)  # fmt: skip
             print(f"wrote {args.output} (loss on these images {loss:.4f})")
             return 0
         cfg = config_from_args(args, *COMMANDS[args.command])
@@ -272,6 +275,9 @@ def _export(args: argparse.Namespace) -> int:
     done = export_encoder(args.checkpoint, args.output, args.to, args.img_size)
     h, w = done["img_size"]
     print(f"wrote {done['output']}: {done['model']}, {done['keys']} tensors, {h}x{w} px ({args.to})")
+    if done["bands"] is not None:
+        where = done["bands_file"] or "its config.json (fastmae_bands)"
+        print(f"bands: {done['bands'].describe()}; written to {where}")
     if args.to == "timm":
         out = done["output"]
         read = (f"from safetensors.torch import load_file; state_dict = load_file({out!r})"

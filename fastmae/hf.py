@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .bands import HF_FIELD, BandSpec
 from .errors import FastMAEError
 from .files import load_file, save_safetensors, write_json
 
@@ -227,6 +228,18 @@ def read_config(path: str | os.PathLike) -> dict:
     return config_to_arch(config, str(path))
 
 
+def read_bands(path: str | os.PathLike) -> BandSpec | None:
+    """The band spec a fastmae export wrote into a transformers ``config.json`` (field ``fastmae_bands``), or None."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FastMAEError(f"{folder / 'config.json'} could not be read: {str(exc).splitlines()[0]}") from exc
+    found = config.get(HF_FIELD)
+    return None if found is None else BandSpec.from_dict(found, f"{folder / 'config.json'} {HF_FIELD}")
+
+
 def read_hf(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """(state_dict in fastmae's names, architecture) of a transformers ViT-MAE folder or of its weight file."""
     path = Path(path)
@@ -240,12 +253,16 @@ def read_hf(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def write_hf(sd: dict[str, torch.Tensor], arch: dict, folder: str | os.PathLike, encoder_only: bool = False,
-             mask_ratio: float = 0.75) -> Path:  # fmt: skip
+             mask_ratio: float = 0.75, bands: BandSpec | None = None) -> Path:  # fmt: skip
     """Write ``folder/model.safetensors`` + ``folder/config.json`` that transformers' ``from_pretrained`` loads, each
-    file through a temp file and a rename."""
+    file through a temp file and a rename. ``bands`` goes into the config as the extra field ``fastmae_bands``
+    (transformers keeps unknown config fields as attributes and writes them back)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise FastMAEError(f"{folder} is a file; --to hf writes a folder")
+    config = arch_to_config(arch, mask_ratio, encoder_only)
+    if bands is not None:
+        config[HF_FIELD] = bands.to_dict()
     save_safetensors(to_hub(sd, encoder_only), folder / "model.safetensors", {"format": "pt"})
-    write_json(folder / "config.json", arch_to_config(arch, mask_ratio, encoder_only))
+    write_json(folder / "config.json", config)
     return folder

@@ -8,6 +8,9 @@
   :func:`load_encoder` fills it from any MAE checkpoint, reporting the missing and unexpected keys.
 - :func:`export_encoder` writes the encoder for timm (``vit_*_224``, ``num_classes=0``, strict) or in the official
   encoder-only format.
+- Bands (:mod:`fastmae.bands`): :func:`read_checkpoint` finds a checkpoint's :class:`~fastmae.bands.BandSpec` (its
+  config, a transformers ``config.json`` field, or the band file beside an exported weight file); the loaders move
+  weights to another band set (:func:`~fastmae.bands.transfer_state`) and exports carry the spec out again.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import hf
+from .bands import BandSpec, plan_transfer, read_sidecar, spec_from_config, transfer_state, write_sidecar
 from .errors import FastMAEError
 from .files import check_checkpoint_file, load_file, save_safetensors, save_torch
 from .models import ARCH_KEYS, MaskedAutoencoderViT, arch_name, create_from_arch, list_models, model_args, named_arch
@@ -150,14 +154,30 @@ def checkpoint_arch(sd: dict[str, torch.Tensor], info: dict) -> dict:
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """(state_dict in official names, architecture, other entries) of any checkpoint fastmae reads: a transformers
     ViT-MAE folder or its ``model.safetensors``, a fastmae pretrain / finetune checkpoint, an official MAE file (full
-    or encoder-only), a bare state_dict or a timm export."""
+    or encoder-only), a bare state_dict or a timm export. The other entries include ``"bands"``: the checkpoint's
+    :class:`~fastmae.bands.BandSpec` (see :func:`checkpoint_bands`), or None where it has none."""
     if hf.is_hf(path):
         sd, arch = hf.read_hf(path)
-        return sd, arch, {"source": "transformers"}
-    sd, info = read_state_dict(path)
-    if any(k.startswith(("vit.", "embeddings.", "encoder.layer.", "layers.")) for k in sd):
-        raise FastMAEError(f"{path} is in the transformers layout: give its folder, with the config.json beside it")
-    return sd, checkpoint_arch(sd, info), info
+        info = {"source": "transformers", "bands": hf.read_bands(path)}
+    else:
+        sd, info = read_state_dict(path)
+        if any(k.startswith(("vit.", "embeddings.", "encoder.layer.", "layers.")) for k in sd):
+            raise FastMAEError(f"{path} is in the transformers layout: give its folder, with the config.json beside "
+                               "it")  # fmt: skip
+        arch = checkpoint_arch(sd, info)
+        info = {**info, "bands": checkpoint_bands(path, info)}
+    spec = info["bands"]
+    if spec is not None and spec.count != arch["in_chans"]:
+        raise FastMAEError(f"checkpoint {path} takes {arch['in_chans']} bands but its band spec lists {spec.count}")
+    return sd, arch, info
+
+
+def checkpoint_bands(path: str | os.PathLike, info: dict) -> BandSpec | None:
+    """The bands a checkpoint file was trained on: its config's ``"bands"`` (fastmae runs), else the band file
+    beside it (fastmae exports, :func:`~fastmae.bands.sidecar_path`), else None."""
+    cfg = info.get("config")
+    spec = spec_from_config(cfg if isinstance(cfg, dict) else None, f"checkpoint {path}")
+    return spec if spec is not None else read_sidecar(path)
 
 
 def check_pretrained(path: str | os.PathLike, flag: str = "checkpoint") -> None:
@@ -203,24 +223,39 @@ def check_arch_name(arch: dict, model: str | None, source: str) -> None:
         raise FastMAEError(f"--model {model} disagrees with {source}, which is {what}; leave --model out to use it")
 
 
-def from_pretrained(path: str | os.PathLike, model: str | None = None, **overrides) -> MaskedAutoencoderViT:
+def from_pretrained(path: str | os.PathLike, model: str | None = None, *, bands: BandSpec | None = None,
+                    **overrides) -> MaskedAutoencoderViT:  # fmt: skip
     """An MAE built and filled from a checkpoint, its architecture read from the checkpoint itself (see
     :func:`read_checkpoint`). ``model``, when given, must be that architecture's name. ``overrides``: architecture
-    entries (``img_size``: position tables are moved to the new grid; ``norm_pix_loss``; ``norm_eps``) and the
-    model's keyword options (``kernels``, ``attn_backend``, ``encoder_mode``, ``drop_path_rate``). A full MAE loads
-    strictly; an encoder-only file gets a freshly initialised decoder, with a warning."""
-    sd, arch, _ = read_checkpoint(path)
-    return mae_from_state(sd, arch, f"checkpoint {path}", model, **overrides)
+    entries (``img_size``: position tables are moved to the new grid; ``in_chans``; ``norm_pix_loss``; ``norm_eps``)
+    and the model's keyword options (``kernels``, ``attn_backend``, ``encoder_mode``, ``drop_path_rate``). A full MAE
+    loads strictly; an encoder-only file gets a freshly initialised decoder, with a warning.
+
+    Bands: the returned model's ``bands`` attribute is the checkpoint's :class:`~fastmae.bands.BandSpec` (names,
+    per-band statistics, dtype; None for a checkpoint without one, such as an official file). ``bands`` (the spec of
+    the data to use it on) or ``in_chans`` asks for another band set: the patch embedding and decoder output move to
+    it (:func:`~fastmae.bands.transfer_state`: filters kept by name, new bands from the mean of the pretrained
+    filters; without names, timm's ``adapt_input_conv``), logged, and ``model.bands`` is then ``bands``."""
+    sd, arch, info = read_checkpoint(path)
+    return mae_from_state(sd, arch, f"checkpoint {path}", model, bands=bands, source_bands=info["bands"], **overrides)
 
 
-def mae_from_state(sd: dict[str, torch.Tensor], arch: dict, source: str, model: str | None = None,
+def mae_from_state(sd: dict[str, torch.Tensor], arch: dict, source: str, model: str | None = None, *,
+                   bands: BandSpec | None = None, source_bands: BandSpec | None = None,
                    **overrides) -> MaskedAutoencoderViT:  # fmt: skip
-    """:func:`from_pretrained` for a state_dict and architecture already read (``source`` names them in errors)."""
+    """:func:`from_pretrained` for a state_dict and architecture already read (``source`` names them in errors;
+    ``source_bands`` is the checkpoint's band spec, ``bands`` the one wanted)."""
     check_arch_name(arch, model, source)
     new = {**arch, **{k: v for k, v in overrides.items() if k in ARCH_KEYS and v is not None}}
     if new["patch_size"] != arch["patch_size"]:
         raise FastMAEError(f"{source} has patch size {arch['patch_size']}, not {new['patch_size']}")
+    if bands is not None:
+        if overrides.get("in_chans") not in (None, bands.count):
+            raise FastMAEError(f"in_chans {overrides['in_chans']} disagrees with the {bands.count} bands asked for")
+        new["in_chans"] = bands.count
+    sd, _ = _move_bands(sd, source_bands or arch["in_chans"], bands or new["in_chans"], source)
     mae = create_from_arch(new, **{k: v for k, v in overrides.items() if k not in ARCH_KEYS})
+    mae.bands = bands if bands is not None else (source_bands if new["in_chans"] == arch["in_chans"] else None)
     sd = dict(sd)
     for key in ("pos_embed", "decoder_pos_embed"):
         if key in sd:
@@ -236,6 +271,15 @@ def mae_from_state(sd: dict[str, torch.Tensor], arch: dict, source: str, model: 
         raise FastMAEError(f"{source} does not fit its architecture: missing {lacking[:3]}, unexpected "
                            f"{unexpected[:3]}")  # fmt: skip
     return mae
+
+
+def _move_bands(sd: dict[str, torch.Tensor], source, target, what: str):
+    """``sd`` moved from ``source`` to ``target`` bands (:func:`~fastmae.bands.plan_transfer`), the move logged;
+    (state_dict, transfer)."""
+    transfer = plan_transfer(source, target)
+    if transfer.rule != "same":
+        logger.info("%s: %s", what, transfer.describe())
+    return transfer_state(sd, transfer), transfer
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, new_grid, old_grid=None, num_prefix: int = 1) -> torch.Tensor:
@@ -287,15 +331,26 @@ def create_vit(model: str | dict, num_classes: int, img_size=224, global_pool: s
     )  # fmt: skip
 
 
-def load_encoder(vit: torch.nn.Module, path: str | os.PathLike, name: str | None = None) -> tuple[list[str], list[str]]:
+def load_encoder(vit: torch.nn.Module, path: str | os.PathLike, name: str | None = None,
+                 bands: BandSpec | None = None) -> tuple[list[str], list[str]]:  # fmt: skip
     """Fill ``vit`` (from :func:`create_vit`) with the encoder of any checkpoint :func:`read_checkpoint` reads.
 
     Decoder entries are dropped, a head of another shape is dropped, the position table is moved to ``vit``'s grid.
+    A checkpoint of other bands than ``vit`` takes (``bands``, the data's spec, else ``vit``'s input channels) has
+    its patch embedding moved to them (:func:`~fastmae.bands.transfer_state`, logged).
     Returns (missing, unexpected) keys; anything missing besides the head and ``fc_norm`` is an error, and so is an
     encoder of another geometry than ``vit`` (``name`` names it in the message).
     """
+    return _load_encoder(vit, path, name, bands)[:2]
+
+
+def _load_encoder(vit, path, name, bands):
     sd, arch, info = read_checkpoint(path)
-    sd = encoder_state(sd)
+    in_chans = vit.patch_embed.proj.weight.shape[1]
+    if bands is not None and bands.count != in_chans:
+        raise FastMAEError(f"the encoder takes {in_chans} bands, the data has {bands.count}")
+    sd, transfer = _move_bands(encoder_state(sd), info["bands"] or arch["in_chans"], bands or in_chans,
+                               f"checkpoint {path}")  # fmt: skip
     mine = {"patch_size": vit.patch_embed.patch_size[0], "embed_dim": vit.embed_dim, "depth": len(vit.blocks)}
     check_model(sd, name or "this encoder", f"checkpoint {path}", mine)
     head = vit.get_classifier()
@@ -311,18 +366,21 @@ def load_encoder(vit: torch.nn.Module, path: str | os.PathLike, name: str | None
     if "head.weight" in missing and hasattr(head, "weight"):
         torch.nn.init.trunc_normal_(head.weight, std=2e-5)  # the official finetune head init
         torch.nn.init.zeros_(head.bias)
-    return list(missing), list(unexpected)
+    return list(missing), list(unexpected), transfer
 
 
-def load_pretrained(vit: torch.nn.Module, path: str | os.PathLike | None, name: str | None) -> dict:
+def load_pretrained(vit: torch.nn.Module, path: str | os.PathLike | None, name: str | None,
+                    bands: BandSpec | None = None) -> dict:  # fmt: skip
     """:func:`load_encoder` for a recipe's ``--pretrained``, logged; returns what to record in the run's config and
-    summary. Without a checkpoint the encoder keeps its random weights, with a warning."""
+    summary (with ``"band_transfer"`` where the weights moved to other bands). Without a checkpoint the encoder keeps
+    its random weights, with a warning."""
     if path is None:
         logger.warning("no --pretrained checkpoint: the encoder starts from random weights")
         return {"pretrained": None}
-    missing, unexpected = load_encoder(vit, path, name)
+    missing, unexpected, transfer = _load_encoder(vit, path, name, bands)
     logger.info("loaded %s: missing %s, unexpected %s", path, missing or "none", unexpected or "none")
-    return {"pretrained": str(path), "missing_keys": missing, "unexpected_keys": unexpected}
+    done = {"pretrained": str(path), "missing_keys": missing, "unexpected_keys": unexpected}
+    return done if transfer.rule == "same" else {**done, "band_transfer": transfer.to_dict()}
 
 
 EXPORT_TARGETS = ("timm", "official", "hf", "hf-encoder")
@@ -351,10 +409,16 @@ def export_encoder(checkpoint: str | os.PathLike, output: str | os.PathLike, to:
     the released ``mae_pretrain_vit_*.pth``. ``to="hf"``: a folder (``config.json`` + ``model.safetensors``) that
     ``transformers.ViTMAEForPreTraining.from_pretrained`` loads, decoder included; ``"hf-encoder"``: the same for
     ``ViTMAEModel``. ``img_size`` moves the position tables to another resolution.
+
+    Any band count is carried (timm ``in_chans``, transformers ``num_channels``); the checkpoint's band spec (names,
+    per-band statistics) travels too: in the transformers ``config.json`` (field ``fastmae_bands``) or, for timm /
+    official files, in a band file beside the weights (``enc.pth`` -> ``enc.bands.json``), which
+    :func:`from_pretrained` reads back. The description's ``"bands"`` is the spec written, or None.
     """
     if to not in EXPORT_TARGETS:
         raise FastMAEError(f"--to must be one of {', '.join(EXPORT_TARGETS)}, got {to!r}")
-    sd, arch, _ = read_checkpoint(checkpoint)
+    sd, arch, info = read_checkpoint(checkpoint)
+    spec = info["bands"]
     patch, old = arch["patch_size"], _grid(arch)
     size = _pair(img_size) if img_size is not None else _pair(arch["img_size"])
     if size[0] % patch or size[1] % patch:
@@ -369,12 +433,15 @@ def export_encoder(checkpoint: str | os.PathLike, output: str | os.PathLike, to:
     if to in ("hf", "hf-encoder"):
         if to == "hf" and "decoder_embed.weight" not in sd:
             raise FastMAEError(f"checkpoint {checkpoint} holds an encoder only: export it with --to hf-encoder")
-        hf.write_hf(sd if to == "hf" else enc, arch, output, encoder_only=to == "hf-encoder")
+        hf.write_hf(sd if to == "hf" else enc, arch, output, encoder_only=to == "hf-encoder", bands=spec)
         cls = "ViTMAEForPreTraining" if to == "hf" else "ViTMAEModel"
         return {"model": name, "img_size": size, "keys": len(sd if to == "hf" else enc), "output": str(output),
-                "load": f'transformers.{cls}.from_pretrained("{output}")'}  # fmt: skip
+                "load": f'transformers.{cls}.from_pretrained("{output}")', "bands": spec,
+                "bands_file": None}  # fmt: skip
     if to == "official" and Path(output).suffix == ".safetensors":
         raise FastMAEError("--to official writes the released .pth format; use a .pth output")
     meta = {"model": name, "img_size": f"{size[0]}x{size[1]}", "patch_size": patch}
     write_state_dict(enc, output, meta=meta, wrap="model" if to == "official" else None)
-    return {"model": name, "img_size": size, "keys": len(enc), "load": _timm_call(arch, size), "output": str(output)}
+    side = write_sidecar(output, spec)
+    return {"model": name, "img_size": size, "keys": len(enc), "load": _timm_call(arch, size), "output": str(output),
+            "bands": spec, "bands_file": str(side) if side else None}  # fmt: skip

@@ -95,6 +95,10 @@ class MaskedAutoencoderViT(nn.Module):
         embed: ``"auto" | "full" | "visible"``: embed every patch then keep 25% (the official order), or gather the
             kept patches' pixels and embed only them (:mod:`fastmae.kernels.visible_embed`). ``auto``: visible on
             CUDA unless ``kernels`` puts masking on the reference (see :meth:`embed_used`).
+
+    Any ``in_chans`` (1, 4, 13, ...): every op takes the band count from the images. ``bands`` holds the
+    :class:`~fastmae.bands.BandSpec` of the data the weights were trained on when it is known (``from_pretrained``
+    sets it from the checkpoint), else None; it is not part of the state_dict.
     """
 
     def __init__(
@@ -135,6 +139,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.encoder_mode = encoder_mode
         self.norm_pix_loss = norm_pix_loss
         self.in_chans = in_chans
+        self.bands = None  # the BandSpec (names, per-band statistics) of its data, when known (from_pretrained sets it)
 
         # --- encoder
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)

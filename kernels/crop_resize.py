@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import torch
 
+from fastmae.bands import IMAGENET
+
 from ._common import FastMAEError, tl, triton
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN = tuple(m / 255 for m in IMAGENET.mean)  # 0-1 units: (0.485, 0.456, 0.406) to the bit
+IMAGENET_STD = tuple(s / 255 for s in IMAGENET.std)  # (0.229, 0.224, 0.225)
 SUPPORT = 2.0  # bicubic
 
 

@@ -122,11 +122,14 @@ def _mse_bwd(
     tl.store(dpred_ptr + rows[:, None] * P + e[None, :], out, mask=valid_r[:, None] & (e < P)[None, :])
 
 
-def _blocks(P: int) -> tuple[int, int]:
+def _blocks(P: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_P, num_warps) for patches of P = p*p*C values."""
     # A whole patch per row, ~2 K elements per program (was 4 K): 91-124 -> 48-72 registers, sm_90 occupancy 25-31% ->
     # 44-62% in the static report (benchmarks/results/kernel-static.json); not yet timed on a GPU.
+    # A patch above 2 K values (13 bands at p = 14 or 16: 2548, 3328 -> 4096) is one row with more warps, 16 values
+    # a thread as at 2 K: 4 warps held 167 registers a thread there (18.8% occupancy on sm_90), see the same report.
     block_p = next_pow2(P)
-    return max(1, 2048 // block_p), block_p
+    return max(1, 2048 // block_p), block_p, min(16, max(4, block_p // 512))
 
 
 def _geometry(pred, imgs, mask, patch_size):
@@ -149,9 +152,10 @@ def _mse_op(
     N, C, H, W, L, P, GW = _geometry(pred, imgs, mask, patch_size)
     mask = mask.to(torch.float32).contiguous()
     per_patch = torch.empty(N * L, device=pred.device, dtype=torch.float32)
-    br, bp = _blocks(P)
+    br, bp, warps = _blocks(P)
     _mse_fwd[(triton.cdiv(N * L, br),)](pred.contiguous(), imgs.contiguous(), mask, per_patch, N * L, L, GW, C, H, W,
-                                        P, patch_size, NORM=norm_pix, BLOCK_R=br, BLOCK_P=bp)  # fmt: skip
+                                        P, patch_size, NORM=norm_pix, BLOCK_R=br, BLOCK_P=bp,
+                                        num_warps=warps)  # fmt: skip
     return (per_patch * mask.reshape(-1)).sum() / mask.sum()
 
 
@@ -168,9 +172,10 @@ def _mse_bwd_op(
     mask = mask.to(torch.float32).contiguous()
     scale = (grad.to(torch.float32) / mask.sum()).reshape(1)  # stays on the device: no host sync
     dpred = torch.empty_like(pred, memory_format=torch.contiguous_format)
-    br, bp = _blocks(P)
+    br, bp, warps = _blocks(P)
     _mse_bwd[(triton.cdiv(N * L, br),)](pred.contiguous(), imgs.contiguous(), mask, scale, dpred, N * L, L, GW, C, H,
-                                        W, P, patch_size, NORM=norm_pix, BLOCK_R=br, BLOCK_P=bp)  # fmt: skip
+                                        W, P, patch_size, NORM=norm_pix, BLOCK_R=br, BLOCK_P=bp,
+                                        num_warps=warps)  # fmt: skip
     return dpred
 
 

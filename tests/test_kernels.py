@@ -87,6 +87,29 @@ def test_masked_mse(N, img, patch, dtype, norm_pix):
     assert torch.equal(masked_mse(pred, imgs, mask, patch, norm_pix), out)
 
 
+# Any band count: (batch, bands, image, patch) with odd patch counts (25, 9) and patches of 16 to 3328 values, the
+# largest one a program per patch (BLOCK_R = 1).
+BANDS_SHAPES = [(1, 1, 20, 4), (3, 2, 12, 4), (2, 4, 20, 4), (1, 13, 12, 4), (1, 13, 48, 16)]
+
+
+@pytest.mark.parametrize("N, C, img, patch", BANDS_SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_masked_mse_at_any_band_count(N, C, img, patch, norm_pix):
+    g = torch.Generator().manual_seed(C * img + patch)
+    L, P = (img // patch) ** 2, patch * patch * C
+    imgs = torch.randn(N, C, img, img, generator=g) * 3 + 1
+    pred = torch.randn(N, L, P, generator=g).requires_grad_(True)
+    mask = (torch.rand(N, L, generator=g) < 0.6).float()
+    mask[0, -1] = 1
+    out, ref = masked_mse(pred, imgs, mask, patch, norm_pix), masked_mse_reference(pred, imgs, mask, patch, norm_pix)
+    exact = masked_mse_reference(pred.double(), imgs.double(), mask, patch, norm_pix)
+    assert abs(out.item() - exact.item()) <= 2 * abs(ref.item() - exact.item()) + 1e-6 * exact.item()
+    (gp,) = torch.autograd.grad(out, pred)
+    (rp,) = torch.autograd.grad(ref, pred)
+    assert _rel(gp, rp) < 1e-5 and torch.all(gp[mask == 0] == 0)
+    assert torch.equal(masked_mse(pred, imgs, mask, patch, norm_pix), out)
+
+
 def test_input_checks_are_clear():
     x = torch.randn(2, 10, 8)
     with pytest.raises(FastMAEError, match=r"masking: noise must be \[N, L\] = \[2, 10\], got \[2, 9\]"):
@@ -121,6 +144,27 @@ def test_model_with_triton_kernels_matches_reference(norm_pix, encoder_mode):
             assert p.grad is None, name
             continue
         assert _rel(p.grad, q.grad) < 1e-5, name
+
+
+@pytest.mark.parametrize("C, encoder_mode", [(1, "visible"), (2, "visible"), (4, "visible"), (13, "visible"),
+                                             (13, "mask_token")])  # fmt: skip
+def test_model_at_any_band_count_with_triton_kernels_matches_reference(C, encoder_mode):
+    """Patchify, norm-pix target and masked MSE, masking and unshuffle fused, at C bands (batch 1, 49 patches)."""
+    torch.manual_seed(C)
+    cfg = {**AWKWARD, "in_chans": C, "depth": 1, "decoder_depth": 1}
+    ref = MaskedAutoencoderViT(**cfg, kernels="reference", norm_pix_loss=True, encoder_mode=encoder_mode)
+    fused = MaskedAutoencoderViT(**cfg, kernels="triton", norm_pix_loss=True, encoder_mode=encoder_mode)
+    fused.load_state_dict(ref.state_dict())
+    imgs, noise = torch.randn(1, C, 56, 56), _noise_with_ties(1, 49, torch.Generator().manual_seed(C))
+    lr_, pr, mr = ref(imgs, mask_ratio=0.75, noise=noise)
+    lf, pf, mf = fused(imgs, mask_ratio=0.75, noise=noise)
+    lr_.backward()
+    lf.backward()
+    assert pf.shape == (1, 49, 64 * C) and torch.equal(mf, mr) and torch.equal(pf, pr)
+    assert abs(lf.item() - lr_.item()) <= 1e-6 * lr_.item()
+    for (name, p), q in zip(fused.named_parameters(), ref.parameters(), strict=True):
+        if q.grad is not None:
+            assert _rel(p.grad, q.grad) < 1e-5, name
 
 
 @pytest.mark.parametrize("kernels", ["triton", "reference"])

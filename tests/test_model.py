@@ -64,6 +64,34 @@ def test_matches_reference(cfg, norm_pix, mask_ratio, batch, encoder_mode):
     assert checked == trainable - (encoder_mode == "mask_token")
 
 
+@pytest.mark.parametrize("C, norm_pix, encoder_mode", [(1, False, "visible"), (1, True, "mask_token"),
+                                                       (2, True, "visible"), (4, False, "visible"),
+                                                       (4, True, "mask_token"), (13, True, "visible"),
+                                                       (13, False, "mask_token")])  # fmt: skip
+def test_matches_reference_at_any_band_count(C, norm_pix, encoder_mode):
+    """``in_chans`` C: the patch embedding, the decoder's p*p*C outputs and the loss against the float64 reference
+    (which patchifies with F.unfold), batch 1 and 3, 49 patches."""
+    cfg = {**AWKWARD, "in_chans": C, "depth": 1, "decoder_depth": 1}
+    model, ref = _pair(cfg, norm_pix, encoder_mode, kernels="reference")
+    for batch in (1, 3):
+        g = torch.Generator().manual_seed(C + batch)
+        imgs, noise = torch.randn(batch, C, 56, 56, generator=g), torch.rand(batch, 49, generator=g)
+        model.zero_grad()
+        ref.zero_grad()
+        loss, pred, mask = model(imgs, mask_ratio=0.75, noise=noise)
+        loss.backward()
+        rloss, rpred, rmask = ref(imgs.double(), 0.75, noise.double())
+        rloss.backward()
+        assert pred.shape == (batch, 49, 64 * C) and torch.equal(mask, rmask.float())
+        assert _rel(pred, rpred) < 1e-5 and abs(loss.item() - rloss.item()) <= 1e-5 * abs(rloss.item())
+        ref_params = dict(ref.named_parameters())
+        for name, p in model.named_parameters():
+            if p.grad is not None:
+                assert _rel(p.grad, ref_params[name].grad) < 1e-4, name
+        assert model.patch_embed.proj.weight.grad.shape == (60, C, 8, 8)
+        torch.testing.assert_close(model.unpatchify(model.patchify(imgs)), imgs, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "math"])
 def test_attention_backends_agree_in_model(backend):
     torch.manual_seed(0)

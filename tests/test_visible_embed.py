@@ -9,8 +9,10 @@ from fastmae import FastMAEError, MaskedAutoencoderViT
 
 from .conftest import AWKWARD, PATCH4
 
-# (batch, channels, image, patch, width): 49 and 64 patches, widths 60 and 123, batch 1 and 3
-SHAPES = [(1, 3, 56, 8, 60), (3, 3, 32, 4, 123), (2, 1, 28, 7, 48)]
+# (batch, channels, image, patch, width): 49, 64 and 25 patches, widths 60, 123, 48 and 36, batch 1 to 3, and any
+# band count (1, 2, 4, 13)
+SHAPES = [(1, 3, 56, 8, 60), (3, 3, 32, 4, 123), (2, 1, 28, 7, 48), (1, 2, 20, 4, 36), (3, 4, 20, 4, 36),
+          (1, 13, 20, 4, 36)]  # fmt: skip
 
 
 def _err(a, b) -> float:
@@ -65,6 +67,23 @@ def test_model_with_visible_embedding_matches_the_full_one(cfg, norm_pix):
             assert _err(p.grad, q.grad) < 1e-4, name
     compiled = torch.compile(vis, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(imgs, mask_ratio=0.75, noise=noise)[2], mf)
+
+
+@pytest.mark.parametrize("C", [1, 2, 4, 13])
+def test_model_with_visible_embedding_at_any_band_count(C):
+    torch.manual_seed(C)
+    cfg = {**PATCH4, "in_chans": C, "img_size": 20, "depth": 1}  # 25 patches
+    full = MaskedAutoencoderViT(**cfg, norm_pix_loss=True, kernels="reference", embed="full")
+    vis = MaskedAutoencoderViT(**cfg, norm_pix_loss=True, kernels="reference", embed="visible")
+    vis.load_state_dict(full.state_dict())
+    g = torch.Generator().manual_seed(C)
+    imgs, noise = torch.randn(1, C, 20, 20, generator=g), torch.rand(1, 25, generator=g)
+    lf, pf, mf = full(imgs, mask_ratio=0.75, noise=noise)
+    lv, pv, mv = vis(imgs, mask_ratio=0.75, noise=noise)
+    lf.backward()
+    lv.backward()
+    assert torch.equal(mv, mf) and pv.shape == (1, 25, 16 * C) and _err(pv, pf) < 1e-5
+    assert _err(vis.patch_embed.proj.weight.grad, full.patch_embed.proj.weight.grad) < 1e-4
 
 
 def test_embed_choice():

@@ -1,4 +1,10 @@
-"""Reconstruction pictures: one row per image, columns original | masked | reconstruction (visible patches pasted)."""
+"""Reconstruction pictures: one row per image, columns original | masked | reconstruction (visible patches pasted).
+
+Any band count: 3-band 8-bit images (RGB) are drawn with their normalisation undone, as they were; other data (1, 2,
+4, 13 bands; 16-bit or float) shows a chosen band triple (``show_bands``, default the first three) or one band in
+gray, each band stretched between its 2nd and 98th percentile on the picture's originals, and its reconstructions
+with the same stretch, so that a band's colours mean the same in every column.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,53 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data.decode import IMAGENET_MEAN, IMAGENET_STD
+from fastmae.bands import IMAGENET, BandSpec, select_bands
+from fastmae.errors import FastMAEError
+
+STRETCH = (0.02, 0.98)  # percentiles of the per-band display stretch
+
+
+def picture_bands(bands: BandSpec | int, show_bands=None, flag: str = "--show-bands") -> list[int]:
+    """The bands a picture shows: ``show_bands`` (names or 0-based indices, "3,2,1" or a list; 1 band is drawn in
+    gray, 3 as red, green, blue), else the first three (the first one in gray for 1 or 2 bands). Out of range,
+    unknown or a count other than 1 or 3 is a one-line error naming ``flag``."""
+    spec = bands if isinstance(bands, BandSpec) else BandSpec(int(bands))
+    if show_bands is None:
+        return [0, 1, 2] if spec.count >= 3 else [0]
+    _, idx = select_bands(spec, show_bands, flag, name_unnamed=False)
+    if len(idx) not in (1, 3):
+        raise FastMAEError(f"{flag} takes 1 band (drawn in gray) or 3 (red, green, blue), got {len(idx)}")
+    return idx
+
+
+def stretch(originals: torch.Tensor, *others: torch.Tensor, q=STRETCH) -> list[torch.Tensor]:
+    """[N, B, H, W] pictures to [0, 1], band by band: ``(x - lo) / (hi - lo)`` clipped, with lo / hi the ``q``
+    quantiles of that band over all of ``originals`` (a constant band maps to 0). ``others`` (the reconstructions)
+    get the originals' stretch."""
+    flat = originals.float().transpose(0, 1).reshape(originals.shape[1], -1)  # [B, N*H*W]
+    lo, hi = (torch.quantile(flat, v, dim=1).view(1, -1, 1, 1) for v in q)
+    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+    return [((x.float() - lo) / span).clamp(0, 1) for x in (originals, *others)]
+
+
+def _natural(bands: BandSpec | None, count: int, show_bands) -> BandSpec | None:
+    """The spec whose normalisation a picture undoes (3-band 8-bit data shown as it is), or None to stretch."""
+    if count != 3 or show_bands is not None:
+        return None
+    spec = IMAGENET if bands is None else bands
+    return spec if spec.dtype == "uint8" and spec.has_stats else None
 
 
 @torch.no_grad()
-def reconstruct(model, imgs: torch.Tensor, mask_ratio: float, seed: int = 0):
+def reconstruct(model, imgs: torch.Tensor, mask_ratio: float, seed: int = 0, bands: BandSpec | None = None,
+                show_bands=None):  # fmt: skip
     """(loss, original, masked, reconstruction): the loss on these images and the [N, 3, H, W] pictures in [0, 1],
-    with a fixed masking noise so that calls at different steps are comparable."""
+    with a fixed masking noise so that calls at different steps are comparable. ``bands`` (default: the model's
+    ``bands``, else ImageNet RGB for 3 bands) and ``show_bands`` choose the drawing (see the module docstring)."""
+    bands = bands if bands is not None else getattr(model, "bands", None)
+    if imgs.shape[1] != model.in_chans:
+        raise FastMAEError(f"the images have {imgs.shape[1]} bands, the model takes {model.in_chans}")
+    shown = picture_bands(bands or model.in_chans, show_bands)
     was_training = model.training
     model.eval()
     g = torch.Generator().manual_seed(seed)
@@ -26,11 +72,17 @@ def reconstruct(model, imgs: torch.Tensor, mask_ratio: float, seed: int = 0):
         target = model.patchify(imgs.float())
         pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
     rec = model.unpatchify(pred)
-    m = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, pred.shape[-1]).float())  # 1 = removed
-    mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=imgs.device).view(1, 3, 1, 1)
-    orig = (imgs.float() * std + mean).clamp(0, 1)
-    rec = (rec * std + mean).clamp(0, 1)
+    m = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, pred.shape[-1]).float())[:, :1]  # 1 = removed
+    natural = _natural(bands, imgs.shape[1], show_bands)
+    if natural is not None:  # 8-bit RGB: the normalisation undone, as it was drawn before band specs
+        mean = torch.tensor([v / 255 for v in natural.mean], device=imgs.device).view(1, 3, 1, 1)
+        std = torch.tensor([v / 255 for v in natural.std], device=imgs.device).view(1, 3, 1, 1)
+        orig = (imgs.float() * std + mean).clamp(0, 1)
+        rec = (rec * std + mean).clamp(0, 1)
+    else:
+        orig, rec = stretch(imgs[:, shown], rec[:, shown])
+        if len(shown) == 1:  # gray
+            orig, rec = orig.expand(-1, 3, -1, -1), rec.expand(-1, 3, -1, -1)
     masked = orig * (1 - m) + 0.5 * m
     return loss.item(), orig, masked, orig * (1 - m) + rec * m
 
@@ -76,19 +128,19 @@ def write_grid(pictures, path: str | Path, count: int | None = None, scale: int 
 
 
 def save_reconstructions(model, imgs: torch.Tensor, path: str | Path, mask_ratio: float, seed: int = 0,
-                         scale: int = 1, title: str = "") -> float:  # fmt: skip
+                         scale: int = 1, title: str = "", bands: BandSpec | None = None,
+                         show_bands=None) -> float:  # fmt: skip
     """Write the picture grid of ``imgs`` as PNG (``title`` and the loss in its header); returns the loss."""
-    loss, *pictures = reconstruct(model, imgs, mask_ratio, seed)
+    loss, *pictures = reconstruct(model, imgs, mask_ratio, seed, bands, show_bands)
     write_grid(pictures, path, scale=scale, title=f"{title}{', ' if title else ''}loss {loss:.4f}")
     return loss
 
 
 def visualize_checkpoint(checkpoint: str | Path, output: str | Path, images: str | None = None, count: int = 8,
-                         mask_ratio: float | None = None, seed: int = 0,
-                         scale: int | None = None) -> float:  # fmt: skip
-    """Reconstructions from any full MAE checkpoint (fastmae, official, transformers; the architecture is read from
-    it); returns the loss on them."""
-    from fastmae.errors import FastMAEError
+                         mask_ratio: float | None = None, seed: int = 0, scale: int | None = None,
+                         show_bands=None) -> float:  # fmt: skip
+    """Reconstructions from any full MAE checkpoint (fastmae, official, transformers; the architecture and bands are
+    read from it); returns the loss on them. ``show_bands``: see :func:`picture_bands`."""
     from fastmae.interop import DECODER_KEYS, mae_from_state, read_checkpoint
 
     from .data.index import index_data
@@ -101,13 +153,15 @@ def visualize_checkpoint(checkpoint: str | Path, output: str | Path, images: str
                            "checkpoint-last.pth, an official full MAE .pth or a ViTMAEForPreTraining "
                            "folder)")  # fmt: skip
     cfg = info.get("config") or {}
-    model = mae_from_state(sd, arch, f"checkpoint {checkpoint}", encoder_mode=cfg.get("encoder_mode", "visible"))
+    model = mae_from_state(sd, arch, f"checkpoint {checkpoint}", encoder_mode=cfg.get("encoder_mode", "visible"),
+                           source_bands=info["bands"])  # fmt: skip
+    picture_bands(model.bands or model.in_chans, show_bands)  # a bad --show-bands ends here, before any image is read
     size = model.patch_embed.img_size[0]
     imgs = sample_images(index_data(images), size, count)
     scale = auto_scale(size, scale or cfg.get("picture_scale"))
     step = f", step {info['step']}" if info.get("step") is not None else ""
     return save_reconstructions(model, imgs, output, mask_ratio or cfg.get("mask_ratio", 0.75), seed, scale,
-                                f"{Path(checkpoint).name}{step}")  # fmt: skip
+                                f"{Path(checkpoint).name}{step}", show_bands=show_bands)  # fmt: skip
 
 
 def plot_loss_curve(metrics: str | Path, output: str | Path) -> Path | None:

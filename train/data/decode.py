@@ -32,11 +32,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fastmae.bands import IMAGENET
 from fastmae.errors import FastMAEError, one_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN = tuple(m / 255 for m in IMAGENET.mean)  # 0-1 units: (0.485, 0.456, 0.406) to the bit
+IMAGENET_STD = tuple(s / 255 for s in IMAGENET.std)  # (0.229, 0.224, 0.225)
 
 # Decode routes, one byte per sample in the index, found by :func:`probe`.
 BAD, JPEG, JPEG_CMYK, PNG, PNG16, OTHER_NATIVE, PIL_ONLY = range(7)
