@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,16 @@ from .checkpointer import resolve_resume
 from .data import loader_problem, make_loader
 from .distributed import DistContext, init_distributed
 from .job import dist_info, export_slurm_env
-from .output import check_fresh_start, check_output_dir, lock_output_dir, move_run_aside, run_files, tensorboard_problem
+from .output import (
+    check_fresh_start,
+    check_output_dir,
+    lock_output_dir,
+    missing_folder,
+    move_run_aside,
+    release_output_dir,
+    run_files,
+    tensorboard_problem,
+)
 from .step import graphs_unsupported
 
 logger = logging.getLogger("fastmae.context")
@@ -66,6 +74,7 @@ class RunContext:
     out: Path | None = None
     resume_path: Path | None = None
     lock: int | None = field(default=None, repr=False)  # rank 0's descriptor of out/.fastmae.lock
+    made: Path | None = field(default=None, repr=False)  # the outermost folder rank 0 created for out (or None)
 
     @classmethod
     def local(cls, device: torch.device, precision: str = "auto", compile: str = "off",
@@ -119,9 +128,9 @@ class RunContext:
             except Exception as exc:  # noqa: BLE001
                 logger.debug("leaving the process group without the other ranks: %s", exc)
         self.dist.close()  # leave torchrun's process group
-        if self.lock is not None:
-            os.close(self.lock)  # lets go of the folder
-            self.lock = None
+        if self.lock is not None or self.made is not None:
+            release_output_dir(self.out, self.lock, self.made)  # lets go of the folder (gone if nothing was written)
+            self.lock = self.made = None
 
     def __enter__(self) -> RunContext:
         return self
@@ -169,6 +178,7 @@ def start_run(cfg, command: str) -> RunContext:
     if getattr(cfg, "pretrained", None) is not None:
         check_pretrained(cfg.pretrained, "--pretrained")
     # One writer per folder: rank 0 locks it, then checks it again (another run may have written it meanwhile).
+    made = missing_folder(out) if rank == 0 else None
     lock = lock_output_dir(out) if rank == 0 else None
     try:
         if lock is not None:
@@ -178,10 +188,10 @@ def start_run(cfg, command: str) -> RunContext:
         aside = cfg.overwrite or (cfg.resume == "auto" and resume_path is None and bool(run_files(out)))
         dist, device = init_distributed(getattr(cfg, "parallel", "ddp"), device, cfg.dist_timeout)
         ctx = RunContext(dist, device, precision, variant, cfg.compile_mode, loader, bool(getattr(cfg, "cuda_graphs",
-                         False)), out, resume_path, lock)  # fmt: skip
+                         False)), out, resume_path, lock, made)  # fmt: skip
     except BaseException:
-        if lock is not None:
-            os.close(lock)
+        if rank == 0:
+            release_output_dir(out, lock, made)
         raise
     try:
         if aside:
