@@ -186,9 +186,9 @@ class PretrainConfig(RunConfig):
     )
     crop_scale: float = _f(0.2, "smallest RandomResizedCrop area (the paper: 0.2)")
     loader: str = _f(
-        "auto", "auto (on CUDA: dali when nvidia-dali is installed, else torchvision) | dali | gpu (workers read "
-        "bytes; nvJPEG + one fused kernel on the GPU; only when asked for until a GPU sitting measures it faster) | "
-        "torchvision | synthetic"
+        "auto", "auto (torchvision; on CUDA, dali once its GPU path has run on a GPU: docs/data.md) | dali | gpu "
+        "(workers read bytes; nvJPEG + one fused kernel on the GPU; only when asked for until a GPU sitting measures "
+        "it faster) | torchvision | synthetic"
     )  # fmt: skip
     weight_decay: float = _f(0.05, "AdamW weight decay (not on biases, norms, tokens)")
     precision: str = _f(
@@ -214,7 +214,7 @@ class PretrainConfig(RunConfig):
     )
     cuda_graphs: bool = _f(
         False, "run the whole step (forward, backward, AdamW) as one CUDA graph: one process, --accum-iter 1, bf16 or "
-        "fp32 (off by default until the H200 sitting measures it; docs/benchmarks.md)"
+        "fp32 (off by default: no GPU sitting has measured it yet; docs/benchmarks.md)"
     )  # fmt: skip
     num_reconstructions: int = _f(8, "fixed images shown in each reconstructions/*.png")
     picture_scale: int | None = _f(
@@ -322,7 +322,7 @@ class _DownstreamConfig(RunConfig):
         "(default, or 'digits': scikit-learn's handwritten digits, 10 classes, no download)"
     )  # fmt: skip
     crop_scale: float = _f(0.08, "smallest RandomResizedCrop area (the paper: 0.08)")
-    loader: str = _f("auto", "auto (dali on CUDA when installed, else torchvision) | dali | torchvision")
+    loader: str = _f("auto", "auto (torchvision; dali once its GPU path has run on a GPU) | dali | torchvision")
     output_dir: str = _f("output/finetune", "where config, metrics, checkpoints and summary go")
     epochs: int = _f(100, "epochs over the training set")
     warmup_epochs: float = _f(5, "linear warmup length in epochs (then cosine decay per iteration)")
