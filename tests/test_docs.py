@@ -83,7 +83,8 @@ def test_every_docs_page_is_linked_from_the_front_page():
 TABLES = {"digits-payoff": "README.md", "index-bench": "docs/data.md", "loader-bench": "docs/data.md",
           "e2e-bench": "docs/data.md", "restarts-bench": "docs/long-runs.md", "fastmae-bench-gpu": "docs/benchmarks.md",
           "fastmae-breakdown": "docs/benchmarks.md", "fastmae-bench": "docs/benchmarks.md",
-          "compile-bench": "docs/benchmarks.md", "startup-bench": "docs/benchmarks.md"}  # fmt: skip
+          "compile-bench": "docs/benchmarks.md", "startup-bench": "docs/benchmarks.md",
+          "gpu-plan": "docs/pretraining.md", "checkpoint-bench": "docs/long-runs.md"}  # fmt: skip
 
 
 def test_each_generated_table_sits_once_in_its_page():
