@@ -277,7 +277,7 @@ PRESETS: dict[str, PretrainConfig] = {
         output_dir="output/demo", log_every=5, picture_every=250,
     ),
     # MAE on small images: the training split of scikit-learn's digits (1438 images, 8x8 upscaled to 32 px, labels
-    # unused), patch 4, a 6-block ViT. Changed from the ImageNet recipe for 1.4k images and 12 minutes on 2 CPU cores:
+    # unused), patch 4, a 6-block ViT. Changed from the ImageNet recipe for 1.4k images and 2 CPU cores (timed in docs):
     # batch 64 (22 steps/epoch) with a larger blr (lr 1e-3), 10 warmup epochs; crops keep most of a digit (scale 0.35:
     # at 0.2 an 8-pixel digit becomes a stroke) and no flips (a mirrored digit is another symbol).
     "digits": PretrainConfig(
