@@ -37,6 +37,7 @@ MODELS = ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14
 SHORT = {"mae_vit_base_patch16": "ViT-B/16", "mae_vit_large_patch16": "ViT-L/16", "mae_vit_huge_patch14": "ViT-H/14"}
 DEFAULT_RESULTS = ("h200-20261130-pretrain-vit-b-dec8.json", "h200-20261130-pretrain-vit-l-dec8.json")
 SMI = "h200-20261130-nvidia-smi.txt"  # the H200's memory as nvidia-smi reported it at that sitting
+LOADER = "loader-cpu-20261203-025324.json"  # the CPU loader's rate per worker (benchmarks/bench_loader.py)
 IMAGENET = 1_281_167  # ImageNet-1k training images
 EPOCHS, GPUS, RECIPE_BATCH = 800, 8, 4096
 USABLE = 0.9  # of a card's memory: the CUDA context, the allocator's fragmentation and workspaces take the rest
@@ -86,16 +87,13 @@ def card_bytes(smi: Path) -> float:
     return int(m.group(1)) * 2**20
 
 
-def loader_rate(results: Path = RESULTS) -> tuple[float, str] | None:
-    """The fastmae loader's img/s per worker in the newest CPU loader benchmark (at its most workers), and its file."""
-    files = sorted(results.glob("loader-cpu-*.json"))
-    for path in reversed(files):
-        rows = [r for r in json.loads(path.read_text())["rows"] if r.get("loader") == "fastmae"
-                and r.get("kind") == "pretrain"]  # fmt: skip
-        if rows:
-            row = max(rows, key=lambda r: r["workers"])
-            return row["img_per_s_per_worker"], path.name
-    return None
+def loader_rate(path: Path) -> tuple[float, str] | None:
+    """The fastmae loader's img/s per worker in a CPU loader benchmark (at its most workers), and the file's name."""
+    rows = [r for r in json.loads(path.read_text())["rows"] if r.get("loader") == "fastmae"
+            and r.get("kind") == "pretrain"]  # fmt: skip
+    if not rows:
+        return None
+    return max(rows, key=lambda r: r["workers"])["img_per_s_per_worker"], path.name
 
 
 def largest(capacity: float, state: float, per_image: float) -> int:
@@ -113,7 +111,7 @@ def recipe_split(batch: int) -> str:
     return f"{b} x {want // b}"
 
 
-def table(paths: list[Path], smi: Path) -> str:
+def table(paths: list[Path], smi: Path, loader: Path | None = None) -> str:
     rows = measured_rows(paths)
     if "mae_vit_large_patch16" not in rows:
         raise SystemExit("the derivations start from a measured ViT-L/16 row; give its results JSON")
@@ -143,7 +141,7 @@ def table(paths: list[Path], smi: Path) -> str:
         predicted = ref_act * c["mae_vit_base_patch16"]["token_width"] / c[ref["model"]]["token_width"]
         check = (f" The same rule predicts ViT-B/16's activations from ViT-L/16's as {predicted / 1e9:.4f} GB per "
                  f"image, {100 * (predicted / b - 1):+.0f}% off its measured {b / 1e9:.4f}.")
-    workers = loader_rate()
+    workers = loader_rate(loader) if loader is not None else None
     head = "| | " + " | ".join(SHORT[m] for m in MODELS) + " |"
     out = [head, "| --- | " + " | ".join("---:" for _ in MODELS) + " |"]
 
@@ -199,9 +197,11 @@ def main(argv=None) -> str:
     ap.add_argument("--results", nargs="+", default=[str(RESULTS / f) for f in DEFAULT_RESULTS],
                     help="GPU results JSONs of `fastmae bench --suite pretrain` (one GPU model)")  # fmt: skip
     ap.add_argument("--smi", default=str(RESULTS / SMI), help="that GPU's nvidia-smi listing (its memory)")
+    ap.add_argument("--loader-results", default=str(RESULTS / LOADER),
+                    help="a CPU loader benchmark's JSON (benchmarks/bench_loader.py): workers per GPU to keep up")
     ap.add_argument("--readme", default=None, help="the page to write (docs/pretraining.md), between gpu-plan markers")
     args = ap.parse_args(argv)
-    text = table([Path(p) for p in args.results], Path(args.smi))
+    text = table([Path(p) for p in args.results], Path(args.smi), Path(args.loader_results))
     if args.readme:
         update_readme(Path(args.readme), text, "gpu-plan")
     print(text)
