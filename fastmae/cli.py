@@ -9,8 +9,10 @@ ends with one ``fastmae: error: ...`` line and exit code 2.
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
+import re
 import sys
 import types
 import typing
@@ -36,6 +38,50 @@ def _flag_type(tp):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         tp = args[0]
     return tp
+
+
+# argparse's message for a value outside an argument's choices (quoting differs between Python versions)
+_INVALID_CHOICE = re.compile(
+    r"argument (?P<arg>[^:]+): invalid choice: '?(?P<value>.*?)'? \(choose from (?P<choices>.*)\)$"
+)
+
+
+def _did_you_mean(word: str, candidates) -> str:
+    """``; did you mean X?`` for the closest of ``candidates``, or nothing."""
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors a user can act on: a wrong choice (a misspelt ``--preset`` or command) is one line naming
+    the choices and the closest one; any other error shows a short usage (a command's full usage runs to 37 lines)
+    and the error; an unknown flag is reported by its command's parser with the closest flag."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.commands: dict[str, argparse.ArgumentParser] = {}  # the top-level parser's: its commands' parsers
+
+    def error(self, message: str):
+        if m := _INVALID_CHOICE.match(message):
+            choices = [c.strip().strip("'") for c in m["choices"].split(",")]
+            arg, value = m["arg"], m["value"]
+            what = f"{value}: no such command" if arg == "command" else f"{arg} {value}: no such choice"
+            self.exit(2, f"{self.prog}: error: {what}{_did_you_mean(value, choices)} (choose from "
+                         f"{', '.join(choices)})\n")  # fmt: skip
+        usage = self.format_usage()
+        if usage.count("\n") > 3:
+            usage = f"usage: {self.prog} [FLAGS]  (`{self.prog} --help` lists them)\n"
+        self.exit(2, f"{usage}{self.prog}: error: {message}\n")
+
+    def parse_args(self, args=None, namespace=None):
+        args, extra = self.parse_known_args(args, namespace)
+        if extra:  # reported by the command's parser (its usage, its flags), not the top-level one
+            parser = self.commands.get(getattr(args, "command", None), self)
+            flags = [s for action in parser._actions for s in action.option_strings]
+            unknown = [a.split("=")[0] for a in extra if a.startswith("-")] or extra
+            hint = _did_you_mean(unknown[0], flags) if unknown[0].startswith("-") else ""
+            parser.error(f"unrecognized argument{'s' if len(unknown) > 1 else ''} {' '.join(unknown)}{hint}")
+        return args
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -85,8 +131,9 @@ def _config_flags(p: argparse.ArgumentParser, cls, presets: dict | None = None, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastmae", description="Fast, verified Masked Autoencoder pretraining.")
+    parser = _Parser(prog="fastmae", description="Fast, verified Masked Autoencoder pretraining.")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = sub.choices
     p = sub.add_parser(
         "pretrain",
         help="MAE pretraining (default: a tiny model on the bundled sample photos)",

@@ -111,9 +111,9 @@ class Data:
     crop_scale: float = _f(0.2, "smallest RandomResizedCrop area (the paper: 0.2)")
     hflip: float = _f(0.5, "horizontal flip probability", probability=True)
     loader: str = _f(
-        "auto", "auto (on CUDA: dali when nvidia-dali is installed, else torchvision) | dali | gpu (workers read "
-        "bytes; nvJPEG + one fused kernel on the GPU; only when asked for until a GPU sitting measures it faster) | "
-        "torchvision | synthetic", choices=LOADERS
+        "auto", "auto (torchvision; on CUDA, dali once its GPU path has run on a GPU: docs/data.md) | dali | gpu "
+        "(workers read bytes; nvJPEG + one fused kernel on the GPU; only when asked for until a GPU sitting measures "
+        "it faster) | torchvision | synthetic", choices=LOADERS
     )  # fmt: skip
     num_workers: int | None = _f(None, "loader processes (torchvision) or threads (dali); default min(8, CPU count)")
 
@@ -372,7 +372,7 @@ class Levers:
     )
     cuda_graphs: bool = _f(
         False, "run the whole step (forward, backward, AdamW) as one CUDA graph: one process, --accum-iter 1, bf16 or "
-        "fp32 (off by default until the H200 sitting measures it; docs/benchmarks.md)"
+        "fp32 (off by default: no GPU sitting has measured it yet; docs/benchmarks.md)"
     )  # fmt: skip
 
 
@@ -434,7 +434,7 @@ PRESETS: dict[str, PretrainConfig] = {
         output_dir="output/demo", log_every=5, picture_every=250,
     ),
     # MAE on small images: the training split of scikit-learn's digits (1438 images, 8x8 upscaled to 32 px, labels
-    # unused), patch 4, a 6-block ViT. Changed from the ImageNet recipe for 1.4k images and 12 minutes on 2 CPU cores:
+    # unused), patch 4, a 6-block ViT. Changed from the ImageNet recipe for 1.4k images and 2 CPU cores (timed in docs):
     # batch 64 (22 steps/epoch) with a larger blr (lr 1e-3), 10 warmup epochs; crops keep most of a digit (scale 0.35:
     # at 0.2 an 8-pixel digit becomes a stroke) and no flips (a mirrored digit is another symbol).
     "digits": PretrainConfig(
@@ -482,7 +482,7 @@ DOWNSTREAM_HELP = {  # where finetuning and linear probing say it otherwise than
     "data": "ImageFolder layout: DIR/train/<class>/* and DIR/val/<class>/*, or DIR/<class>/* split by --val-split "
             "(default, or 'digits': scikit-learn's handwritten digits, 10 classes, no download)",
     "crop_scale": "smallest RandomResizedCrop area (the paper: 0.08)",
-    "loader": "auto (dali on CUDA when installed, else torchvision) | dali | torchvision",
+    "loader": "auto (torchvision; dali once its GPU path has run on a GPU) | dali | torchvision",
     "epochs": "epochs over the training set",
     "clip_grad": "clip the gradient norm to this value (off by default)",
     "precision": "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32",

@@ -6,8 +6,8 @@
   tables are regenerated for the new grid, learned ones are resized bicubically; the cls row is kept.
 - :func:`create_vit` builds the finetune / probe encoder (timm ``VisionTransformer``, official MAE widths) and
   :func:`load_encoder` fills it from any MAE checkpoint, reporting the missing and unexpected keys.
-- :func:`export_encoder` writes the encoder for timm (``vit_*_224``, ``num_classes=0``, strict) or in the official
-  encoder-only format.
+- :func:`export_encoder` writes the encoder for timm (``vit_*_224``, ``num_classes=0``, strict; a finetuned one with
+  its head) or in the official encoder-only format.
 - Bands (:mod:`fastmae.bands`): :func:`read_checkpoint` finds a checkpoint's :class:`~fastmae.bands.BandSpec` (its
   config, a transformers ``config.json`` field, or the band file beside an exported weight file); the loaders move
   weights to another band set (:func:`~fastmae.bands.transfer_state`) and exports carry the spec out again.
@@ -386,16 +386,24 @@ def load_pretrained(vit: torch.nn.Module, path: str | os.PathLike | None, name: 
 EXPORT_TARGETS = ("timm", "official", "hf", "hf-encoder")
 
 
-def _timm_call(arch: dict, size: tuple[int, int]) -> str:
+def _timm_head(enc: dict[str, torch.Tensor]) -> str:
+    """The head arguments of the timm model that loads ``enc`` strictly: ``num_classes=0`` for a pretrained encoder;
+    a finetuned one's class count, and ``global_pool="avg"`` where it pools through ``fc_norm`` (the paper's head)."""
+    head = enc.get("head.weight")
+    classes = f"num_classes={head.shape[0] if head is not None else 0}"
+    return classes + (', global_pool="avg"' if "fc_norm.weight" in enc else "")
+
+
+def _timm_call(arch: dict, size: tuple[int, int], head: str = "num_classes=0") -> str:
     name = arch_name(arch)
     size_arg = size[0] if size[0] == size[1] else size
     if name in TIMM_NAMES and arch["norm_eps"] == 1e-6 and arch["in_chans"] == 3:
-        return f'timm.create_model("{TIMM_NAMES[name]}", num_classes=0' + (
+        return f'timm.create_model("{TIMM_NAMES[name]}", {head}' + (
             ")" if size == (224, 224) else f", img_size={size_arg})"
         )
     return (f"timm.models.vision_transformer.VisionTransformer(img_size={size_arg}, patch_size={arch['patch_size']}, "
             f"in_chans={arch['in_chans']}, embed_dim={arch['embed_dim']}, depth={arch['depth']}, "
-            f"num_heads={arch['num_heads']}, mlp_ratio={arch['mlp_ratio']:g}, num_classes=0"
+            f"num_heads={arch['num_heads']}, mlp_ratio={arch['mlp_ratio']:g}, {head}"
             + ("" if arch["norm_eps"] == 1e-6 else f", norm_layer=partial(nn.LayerNorm, eps={arch['norm_eps']:g})")
             + ")")  # fmt: skip
 
@@ -405,7 +413,8 @@ def export_encoder(checkpoint: str | os.PathLike, output: str | os.PathLike, to:
     """Write ``checkpoint`` (anything :func:`read_checkpoint` reads) for another library; returns a description.
 
     ``to="timm"``: the encoder as a bare state_dict (``.pth`` or ``.safetensors``) that ``timm.create_model(<timm
-    name>, num_classes=0[, img_size=...])`` loads with ``strict=True``. ``to="official"``: ``{"model": encoder}`` as in
+    name>, num_classes=0[, img_size=...])`` loads with ``strict=True`` (a finetuned model's with its head:
+    ``num_classes=N, global_pool="avg"``). ``to="official"``: ``{"model": encoder}`` as in
     the released ``mae_pretrain_vit_*.pth``. ``to="hf"``: a folder (``config.json`` + ``model.safetensors``) that
     ``transformers.ViTMAEForPreTraining.from_pretrained`` loads, decoder included; ``"hf-encoder"``: the same for
     ``ViTMAEModel``. ``img_size`` moves the position tables to another resolution.
@@ -443,5 +452,5 @@ def export_encoder(checkpoint: str | os.PathLike, output: str | os.PathLike, to:
     meta = {"model": name, "img_size": f"{size[0]}x{size[1]}", "patch_size": patch}
     write_state_dict(enc, output, meta=meta, wrap="model" if to == "official" else None)
     side = write_sidecar(output, spec)
-    return {"model": name, "img_size": size, "keys": len(enc), "load": _timm_call(arch, size), "output": str(output),
-            "bands": spec, "bands_file": str(side) if side else None}  # fmt: skip
+    return {"model": name, "img_size": size, "keys": len(enc), "load": _timm_call(arch, size, _timm_head(enc)),
+            "output": str(output), "bands": spec, "bands_file": str(side) if side else None}  # fmt: skip

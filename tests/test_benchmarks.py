@@ -607,3 +607,44 @@ def test_e2e_table_puts_the_gpu_loader_beside_the_synthetic_loop():
     table = e2e.readme_table(saved, "e2e.json")
     assert "| m | 256 | gpu | 16 | 1000 | 900 | 0.900 | 0.938 |" in table
     assert "| m | 256 | synthetic | 16 | 1000 | 960 | 0.960 | 1.000 |" in table
+
+
+def test_checkpoint_benchmark_sizes_are_exact_and_saves_are_timed(tmp_path):
+    """The computed size is the file's (the few hundred bytes of pickle and zip headers aside); the table marks a
+    model that was saved as measured and one that was not as derived from the other's write rate."""
+    bench = _load("bench_checkpoint")
+    out = tmp_path / "ckpt.json"
+    bench.main(["--models", "mae_vit_mini_patch4,mae_vit_tiny_patch16", "--save", "mae_vit_mini_patch4",
+                "--repeat", "2", "--dir", str(tmp_path), "--out", str(out)])  # fmt: skip
+    mini, tiny = json.loads(out.read_text())["rows"]
+    assert mini["model"] == "mae_vit_mini_patch4" and len(mini["save_s"]) == 2 and min(mini["save_s"]) > 0
+    assert 0 <= mini["file_bytes"] - mini["computed_bytes"] < 200_000, mini
+    assert "save_s" not in tiny and tiny["computed_bytes"] == 4 * tiny["params"] + 8 * tiny["trained_params"] + (
+        4 * tiny["trained_tensors"])  # fp32 weights (frozen position tables too), AdamW's moments, step counters
+    assert list(tmp_path.glob("fastmae-ckpt-*")) == []  # the saved files are gone
+    table = bench.main(["--report", str(out)])["table"]
+    assert "| mae_vit_mini_patch4 |" in table and "measured here |" in table
+    assert "| mae_vit_tiny_patch16 |" in table and "derived: mae_vit_mini_patch4's write rate here |" in table
+
+
+def test_gpu_plan_marks_each_number_and_the_page_is_current(tmp_path):
+    """Measured rates are the results files' own; ViT-H's are derived; the docs table is what the script writes from
+    the committed results (regenerated into a copy of the page and compared)."""
+    plan = _load("gpu_plan")
+    root = BENCH.parent
+    page = (root / "docs" / "pretraining.md").read_text()
+    copy = tmp_path / "pretraining.md"
+    copy.write_text(page)
+    text = plan.main(["--readme", str(copy)])
+    assert copy.read_text() == page, "docs/pretraining.md's gpu-plan table is stale: run benchmarks/gpu_plan.py"
+    rates = {r["model"]: r["img_per_s"] for f in plan.DEFAULT_RESULTS
+             for r in json.loads((BENCH / "results" / f).read_text())["rows"]
+             if r.get("config") == "fastmae" and r.get("encoder_mode") == "visible"}  # fmt: skip
+    row = next(line for line in text.splitlines() if line.startswith("| step rate per H200"))
+    cells = [c.strip() for c in row.split("|")[2:-1]]
+    assert cells[:2] == [f"{rates['mae_vit_base_patch16']:.0f} (m)", f"{rates['mae_vit_large_patch16']:.0f} (m)"]
+    assert cells[2].endswith("(d3)")
+    for line in text.splitlines()[2:]:  # every number in the table says where it comes from
+        if line.startswith("| ") and not line.startswith("| parameters"):
+            cells = [c.strip() for c in line.split("|")[2:-1]]
+            assert all("(m" in c or "(d" in c or c == "-" for c in cells) or "(d" in line.split("|")[1], line

@@ -183,3 +183,46 @@ def test_log_lines_go_above_a_progress_bar():
         handler.emit(record)
     lines = stream.getvalue().replace("\r", "\n").splitlines()
     assert "epoch 1: val loss 0.5" in lines  # a whole line, not a bar's tail
+
+
+def test_a_misspelt_flag_names_its_command_and_the_closest_flag(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["pretrain", "--batchsize", "64"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and err == [
+        "usage: fastmae pretrain [FLAGS]  (`fastmae pretrain --help` lists them)",
+        "fastmae pretrain: error: unrecognized argument --batchsize; did you mean --batch-size?"]  # fmt: skip
+    with pytest.raises(SystemExit):
+        main(["finetune", "--blrr=3", "--foo"])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "fastmae finetune: error: unrecognized arguments --blrr --foo; did you mean --blr?")
+
+
+def test_a_misspelt_preset_or_command_is_one_line_with_the_choices(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["pretrain", "--preset", "mae_vit_bas"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and err == [
+        "fastmae pretrain: error: --preset mae_vit_bas: no such choice; did you mean mae_vit_base_patch16? (choose "
+        "from demo, digits, mae_vit_base_patch16, mae_vit_large_patch16, mae_vit_huge_patch14)"]  # fmt: skip
+    with pytest.raises(SystemExit):
+        main(["pretrian"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastmae: error: pretrian: no such command; did you mean pretrain?")
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_a_refused_run_leaves_no_folder_and_no_lock(broken, tmp_path, capsys):
+    data = tmp_path / "data"
+    if broken:  # a folder whose only image does not decode
+        (data / "a").mkdir(parents=True)
+        (data / "a" / "x.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "kept").mkdir()
+    for out in (tmp_path / "new" / "run", tmp_path / "kept"):
+        code, _, err = _run([*TINY, "--data", str(data), "--output-dir", str(out)], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1
+        why = (f"the only image under {data} does not decode ({data / 'a' / 'x.jpg'}: " if broken else
+               f"--data {data} does not exist")  # fmt: skip
+        assert err.startswith(f"fastmae: error: {why}"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["data", "kept"] if broken else ["kept"])
+    assert list((tmp_path / "kept").iterdir()) == []  # a folder that existed stays, without a lock file

@@ -116,7 +116,11 @@ def test_missing_and_empty_sources_are_one_line_errors(tmp_path):
         index_data(tmp_path / "e")
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "x.jpg").write_bytes(b"junk")
-    with pytest.raises(FastMAEError, match=r"no images under .* decode \(1 broken file"):
+    with pytest.raises(FastMAEError, match=r"^the only image under .*b does not decode \(.*x\.jpg: .*\); replace it, "
+                       "or point --data at images that decode$"):  # fmt: skip
+        index_data(tmp_path / "b")
+    (tmp_path / "b" / "y.png").write_bytes(b"junk too")
+    with pytest.raises(FastMAEError, match=r"^none of the 2 images under .*b decodes \(e\.g\. .*: .*\); replace them"):
         index_data(tmp_path / "b")
     with pytest.raises(FastMAEError, match=r"2 shard\(s\) do not exist"):
         index_data(str(tmp_path / "s-{0..1}.tar"))

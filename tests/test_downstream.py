@@ -137,6 +137,51 @@ def test_export_to_timm_loads_strictly_and_features_match(tmp_path, capsys):
     assert off["model"].keys() == sd.keys()
 
 
+def _timm_from_export(args, capsys) -> torch.nn.Module:
+    """Run ``fastmae export ARGS`` and build the model the printed line says, with the weights it wrote (strict)."""
+    assert main(["export", *args]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    build = line.split("; model = ")[1].split("; model.load_state_dict")[0]
+    from functools import partial
+
+    model = eval(build, {"timm": timm, "torch": torch, "nn": torch.nn, "partial": partial})
+    model.load_state_dict(read_state_dict(args[1])[0], strict=True)
+    return model.eval()
+
+
+def check_finetune_export(ckpt, tmp_path, capsys, size: int) -> str:
+    """A finetune checkpoint exported for timm: the printed call builds the model with its head (classes, global
+    pool + fc_norm) and it computes fastmae's logits. Returns the call."""
+    saved = torch.load(ckpt, weights_only=True)
+    classes = saved["model"]["head.weight"].shape[0]
+    ours = create_vit(saved["config"]["arch"], classes, size).eval()  # the model fastmae finetune trains
+    ours.load_state_dict(saved["model"], strict=True)
+    x = torch.randn(3, 3, size, size)
+    for out in (tmp_path / "ft.safetensors", tmp_path / "ft.pth"):
+        theirs = _timm_from_export([str(ckpt), str(out), "--to", "timm"], capsys)
+        assert theirs.num_classes == classes and theirs.global_pool == "avg"
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(x), ours(x), rtol=0, atol=0)
+    assert main(["export", str(ckpt), str(tmp_path / "again.pth")]) == 0
+    return capsys.readouterr().out.splitlines()[-1].split("; model = ")[1].split("; model.")[0]
+
+
+@pytest.mark.parametrize("model, size, call", [
+    (TINY, 224, 'timm.create_model("vit_tiny_patch16_224", num_classes=7, global_pool="avg")'),
+    ("mae_vit_mini_patch4", 32, "timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=4, "
+     'in_chans=3, embed_dim=192, depth=6, num_heads=3, mlp_ratio=4, num_classes=7, global_pool="avg")'),
+])  # fmt: skip
+def test_export_a_finetuned_model_to_timm_with_its_head(model, size, call, tmp_path, capsys):
+    torch.manual_seed(2)
+    vit = create_vit(model, 7, size)  # a finetuned ViT as fastmae finetune saves it (random weights)
+    for p in vit.parameters():
+        p.data.normal_(0, 0.05)
+    arch = {**fastmae.models.named_arch(model), "img_size": size}
+    ckpt = _save({"model": vit.state_dict(), "config": {"model": model, "arch": arch, "num_classes": 7}},
+                 tmp_path / "ft.pth")  # fmt: skip
+    assert check_finetune_export(ckpt, tmp_path, capsys, size) == call
+
+
 def test_official_checkpoints_load_into_the_finetune_model(official_ckpts):
     for name in ("mae_full.pth", "mae_pretrain_vit_tiny.pth"):
         vit = create_vit(TINY, 10, 32, "avg")
@@ -163,7 +208,7 @@ def test_wrong_architecture_is_one_line(official_ckpts, tmp_path, capsys):
     assert "junk.pth is not a PyTorch checkpoint" in capsys.readouterr().err
 
 
-def test_finetune_on_digits_learns_then_resumes(official_ckpts, tmp_path):
+def test_finetune_on_digits_learns_then_resumes(official_ckpts, tmp_path, capsys):
     out = tmp_path / "ft"
     args = ["finetune", *FAST, "--epochs", "2", "--warmup-epochs", "0.2", "--batch-size", "32", "--blr", "4e-3",
             "--pretrained", str(official_ckpts / "mae_pretrain_vit_tiny.pth"), "--output-dir", str(out)]  # fmt: skip
@@ -174,6 +219,8 @@ def test_finetune_on_digits_learns_then_resumes(official_ckpts, tmp_path):
     assert sorted(s["missing_keys"]) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
     best = torch.load(out / "checkpoint-best.pth", weights_only=True)
     assert best["best_top1"] == s["best_top1"] and best["model"]["head.weight"].shape == (10, 192)
+    assert check_finetune_export(out / "checkpoint-best.pth", tmp_path, capsys, 32) == (  # the run's own checkpoint
+        'timm.create_model("vit_tiny_patch16_224", num_classes=10, global_pool="avg", img_size=32)')
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if "top1" in r] == [1, 2]
     # the paper's full recipe (mixup + cutmix + smoothing, EMA), stopped mid-epoch and resumed

@@ -448,3 +448,20 @@ def test_a_run_killed_with_its_workers_alive_frees_its_folder_at_once(images, tm
     assert code == 0 and "being written by another fastmae run" not in log, log[-3000:]
     assert "resumed from" in log and "at step 8" in log.split("resumed from")[1].splitlines()[0], log[-3000:]
     assert torch.load(out / "checkpoint-last.pth", weights_only=True)["step"] == 12
+
+
+def test_a_repeated_sigterm_changes_nothing_a_second_ctrl_c_stops_at_once():
+    """Under srun a task can receive SIGTERM twice (from SLURM and forwarded by srun, docs/long-runs.md): the stop
+    stays a clean one (finish the step, save); only a second Ctrl-C interrupts."""
+    from fastmae.train.trainer import StopSignal
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.received == "SIGTERM" and stop.stopped_by(True) == "SIGTERM"
+    with pytest.raises(KeyboardInterrupt), StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.received == "SIGINT"
+        os.kill(os.getpid(), signal.SIGINT)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # the handlers put back

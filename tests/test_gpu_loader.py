@@ -3,7 +3,10 @@ float64 reference and the CPU pipeline on the same boxes, and the whole loader (
 the kernel, the CPU route for PNG / CMYK / greyscale / progressive / broken files) against the torchvision loader."""
 
 import io
+import json
+import logging
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 import torch
@@ -283,11 +286,29 @@ def test_auto_falls_back_to_torchvision_when_the_gpu_route_fails_in_its_first_ba
         list(late.epoch(0))
 
 
-def test_loader_auto_leaves_the_gpu_loader_to_an_explicit_choice(monkeypatch):
+def test_loader_auto_prefers_a_loader_that_has_run_on_a_gpu(monkeypatch, caplog):
+    """On CUDA, auto never picks a route that has not run on a GPU (DALI's, the GPU loader), and says so; DALI comes
+    first once a sitting has run it. Availability is faked, so this runs on a CPU."""
     import fastmae.train.data as data
 
+    cuda = torch.device("cuda")
     monkeypatch.setattr(data, "dali_unavailable_reason", lambda: "nvidia-dali is not installed")
-    assert data.resolve_loader("auto", torch.device("cuda")) == "torchvision"
-    monkeypatch.setattr(data, "dali_unavailable_reason", lambda: None)
-    assert data.resolve_loader("auto", torch.device("cuda")) == "dali"
+    assert data.resolve_loader("auto", cuda) == "torchvision"
+    monkeypatch.setattr(data, "dali_unavailable_reason", lambda: None)  # DALI installed and importable
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fastmae.data"):
+        assert data.resolve_loader("auto", cuda) == "torchvision"
+        assert data.resolve_loader("auto", cuda, "finetune") == "torchvision"
+    assert [r.message for r in caplog.records] == [
+        "loader auto -> torchvision (skipped dali: nvidia-dali is installed, but its GPU path has not run on any GPU "
+        f"yet; --loader dali chooses it{later})" for later in ("; --loader gpu (not measured faster yet) decodes on "
+                                                              "the GPU without DALI", "")]  # fmt: skip
+    assert data.resolve_loader("dali", cuda) == "dali"  # when asked for
     assert data.resolve_loader("auto", torch.device("cpu")) == "torchvision"
+    monkeypatch.setitem(data.RAN_ON_A_GPU, "dali", "benchmarks/results/a-sitting-that-ran-it.json")
+    assert data.resolve_loader("auto", cuda) == "dali"
+    assert data.resolve_loader("auto", torch.device("cpu")) == "torchvision"
+    assert set(data.RAN_ON_A_GPU) <= {"torchvision", "dali", "gpu"}
+    for name, where in data.RAN_ON_A_GPU.items():  # each entry names a results file that exists and ran that loader
+        if "a-sitting" not in where:
+            assert json.loads((Path(__file__).parent.parent / where).read_text())["loader"] == name

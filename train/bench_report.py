@@ -16,8 +16,8 @@ MODELS = ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14
 CASES = (("eager", "visible"), ("compiled-reference", "visible"), ("fastmae", "visible"), ("fastmae", "mask_token"))
 CONFIG_NAMES = {"eager": CASES[0], "compiled-reference": CASES[1], "fastmae": CASES[2], "mask-token": CASES[3]}
 # Dense bf16 tensor-core peaks (TFLOP/s), the datasheets' (MFU is stated against these, as the field does), by GPU name
-# fragment, the more specific first; and, where one was measured, a large bf16 matmul's rate (~790 on H100 / H200),
-# for the second MFU column.
+# fragment, the more specific first; and a large bf16 matmul's rate (~790 on H100 / H200, as taken here: no fastmae
+# sitting has timed one), for the second MFU column ("against the measured matmul peak").
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0,
                "L4": 121.0, "4090": 165.2}  # fmt: skip
 MEASURED_PEAK_TFLOPS = {"H100 PCIe": None, "H200": 790.0, "H100": 790.0}

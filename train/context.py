@@ -11,7 +11,6 @@ checkpointer, loaders), so that none decides again.
 from __future__ import annotations
 
 import logging
-import os
 import random
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -27,7 +26,15 @@ from .checkpointer import resolve_resume
 from .data import make_loader
 from .distributed import DistContext, init_distributed
 from .job import dist_info, export_slurm_env
-from .output import check_fresh_start, check_output_dir, lock_output_dir, move_run_aside, run_files
+from .output import (
+    check_fresh_start,
+    check_output_dir,
+    lock_output_dir,
+    missing_folder,
+    move_run_aside,
+    release_output_dir,
+    run_files,
+)
 from .spec import Asked, RunSpec, decide, resolve_device  # noqa: F401 (benchmarks import resolve_device)
 
 logger = logging.getLogger("fastmae.context")
@@ -42,6 +49,7 @@ class RunContext(RunSpec):
     out: Path | None = None
     resume_path: Path | None = None
     lock: int | None = field(default=None, repr=False)  # rank 0's descriptor of out/.fastmae.lock
+    made: Path | None = field(default=None, repr=False)  # the outermost folder rank 0 created for out (or None)
 
     @classmethod
     def of(cls, spec: RunSpec, **kw) -> RunContext:
@@ -68,9 +76,9 @@ class RunContext(RunSpec):
             except Exception as exc:  # noqa: BLE001
                 logger.debug("leaving the process group without the other ranks: %s", exc)
         self.dist.close()  # leave torchrun's process group
-        if self.lock is not None:
-            os.close(self.lock)  # lets go of the folder
-            self.lock = None
+        if self.lock is not None or self.made is not None:
+            release_output_dir(self.out, self.lock, self.made)  # lets go of the folder (gone if nothing was written)
+            self.lock = self.made = None
 
     def __enter__(self) -> RunContext:
         return self
@@ -95,6 +103,7 @@ def start_run(cfg, command: str) -> RunContext:
     if cfg.pretrained is not None:
         check_pretrained(cfg.pretrained, "--pretrained")
     # One writer per folder: rank 0 locks it, then checks it again (another run may have written it meanwhile).
+    made = missing_folder(out) if rank == 0 else None
     lock = lock_output_dir(out) if rank == 0 else None
     try:
         if lock is not None:
@@ -103,11 +112,11 @@ def start_run(cfg, command: str) -> RunContext:
         # files go aside, so that the new run's metrics and pictures are its own. Decided before any rank moves one.
         aside = cfg.overwrite or (cfg.resume == "auto" and resume_path is None and bool(run_files(out)))
         dist, device = init_distributed(cfg.get("parallel", "ddp"), spec.device, cfg.dist_timeout)
-        ctx = RunContext.of(spec, dist=dist, out=out, resume_path=resume_path, lock=lock)
+        ctx = RunContext.of(spec, dist=dist, out=out, resume_path=resume_path, lock=lock, made=made)
         ctx.device = device
     except BaseException:
-        if lock is not None:
-            os.close(lock)
+        if rank == 0:
+            release_output_dir(out, lock, made)
         raise
     try:
         if aside:

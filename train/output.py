@@ -130,6 +130,39 @@ def lock_output_dir(out: Path) -> int | None:
     return fd
 
 
+def missing_folder(out: Path) -> Path | None:
+    """The outermost folder on ``out``'s path that does not exist yet (the first one locking ``out`` creates), or
+    None when ``out`` exists."""
+    made = None
+    for folder in (out, *out.parents):
+        if folder.exists():
+            break
+        made = folder
+    return made
+
+
+def release_output_dir(out: Path, fd: int | None, made: Path | None = None) -> None:
+    """Let go of ``out``'s lock (``fd`` from :func:`lock_output_dir`). A run that wrote nothing there (refused before
+    its first file: a missing ``--data``, no image that decodes) leaves nothing behind: the lock file goes while
+    still held, and so do the folders it created (``made``, from :func:`missing_folder`), if empty."""
+    try:
+        if [p.name for p in out.iterdir()] == [LOCK]:
+            (out / LOCK).unlink()
+    except OSError:
+        pass
+    if fd is not None:
+        os.close(fd)
+    if made is None:
+        return
+    for folder in (out, *out.parents):
+        try:
+            folder.rmdir()  # only an empty folder goes
+        except OSError:
+            return
+        if folder == made:
+            return
+
+
 # ---------------------------------------------------------------------------------------------------- the logs
 def tensorboard_problem(enabled: bool | None) -> str | None:
     """Why ``--tensorboard`` cannot be honoured here (asked for, not installed), or None."""

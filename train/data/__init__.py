@@ -49,15 +49,25 @@ def pretrain_index(data: str | None, group=None, check: str = "listing") -> Data
     return index_data(digits_folder() / "train" if data == "digits" else data, group=group, check=check)
 
 
+# The loaders that have fed a training run on a GPU, with where it is recorded. On CUDA, ``--loader auto`` takes DALI
+# only once it is here: until then a route that has never run on a GPU is chosen only when asked for. Add DALI (or
+# the GPU loader) with the sitting's results file once one has run it.
+RAN_ON_A_GPU = {"torchvision": "benchmarks/results/h200-20261130-demo-summary.json"}
+
+
 def loader_problem(name: str, device: torch.device, command: str) -> tuple[str, str | None]:
-    """(the loader that runs, why the one asked for cannot run here or None). ``auto`` is DALI on CUDA when it
-    imports, else torchvision, and says why. The GPU loader (``gpu``, pretraining only) is chosen only when asked for,
-    until a GPU sitting measures it faster than torchvision's (``benchmarks/gpu_sitting.py --stage feed``)."""
+    """(the loader that runs, why the one asked for cannot run here or None). ``auto`` is torchvision on a CPU; on
+    CUDA it is DALI when DALI imports *and* has run on a GPU (:data:`RAN_ON_A_GPU`), else torchvision, and it logs
+    why. The GPU loader (``gpu``, pretraining only) is chosen only when asked for, until a GPU sitting measures it
+    faster than torchvision's (``benchmarks/gpu_sitting.py --stage feed``)."""
     if name == "auto":
         if device.type != "cuda":
             return "torchvision", None
-        if (reason := dali_unavailable_reason()) is None:
+        reason = dali_unavailable_reason()
+        if reason is None and "dali" in RAN_ON_A_GPU:
             return "dali", None
+        if reason is None:
+            reason = "nvidia-dali is installed, but its GPU path has not run on any GPU yet; --loader dali chooses it"
         later = "; --loader gpu (not measured faster yet) decodes on the GPU without DALI" if command == "pretrain" \
             else ""  # fmt: skip
         logger.info("loader auto -> torchvision (skipped dali: %s%s)", reason, later)

@@ -190,8 +190,10 @@ def index_data(data: str | os.PathLike | None, cache: bool = True, workers: int 
     }  # fmt: skip
     if not len(index):
         if index.bad:
-            raise FastMAEError(f"no images under {root} decode ({len(index.bad)} broken file(s), e.g. "
-                               f"{index.bad[0][0]})")  # fmt: skip
+            (path, reason), n = index.bad[0], len(index.bad)
+            what = (f"the only image under {root} does not decode ({path}: {reason}); replace it" if n == 1 else
+                    f"none of the {n} images under {root} decodes (e.g. {path}: {reason}); replace them")  # fmt: skip
+            raise FastMAEError(f"{what}, or point --data at images that decode")
         raise FastMAEError(f"no images under {root} (looked for {', '.join(IMAGE_EXTENSIONS)} files and .tar shards)")
     if index.bad:
         n = len(index.bad)
