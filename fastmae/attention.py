@@ -9,8 +9,9 @@ torch choose among them).
 The model asks per call site (:data:`SITES`: the encoder, head dim 64 at ViT-B/L, 50 visible tokens; the decoder,
 head dim 32, 197 tokens): ``--attn-backend encoder=flash,decoder=efficient``. For ``auto`` on a GPU,
 :func:`measured_choice` looks the site's shape up in a table of measured fwd+bwd times (``attention_table.json``,
-written by ``benchmarks/bench_attention.py`` on that GPU) and picks the fastest, saying so; without an entry it keeps
-:data:`AUTO_ORDER` and says that.
+written by ``benchmarks/bench_attention.py`` on that GPU, one entry per model, call site and batch) and picks the
+fastest at the nearest tokens and batch x heads, saying so; without an entry it keeps :data:`AUTO_ORDER` and says
+that.
 
 xformers is imported only when a call site asks for it (explicitly, or ``auto`` from a measured table entry): its import
 warns when its C++ extension does not load, and a user who did not choose it never sees that. Its
@@ -422,19 +423,29 @@ def load_table(path: str | os.PathLike | None = None) -> list[dict]:
         raise FastMAEError(f"attention table {path} cannot be read ({exc})") from exc
 
 
-def measured_choice(gpu: str, dtype: torch.dtype, head_dim: int, tokens: int,
-                    entries: list[dict] | None = None) -> tuple[str, str] | None:  # fmt: skip
+def measured_choice(gpu: str, dtype: torch.dtype, head_dim: int, tokens: int, entries: list[dict] | None = None,
+                    batch_heads: int | None = None) -> tuple[str, str] | None:  # fmt: skip
     """(backend, why) of the fastest measured backend for this GPU, dtype and head dim at the nearest measured token
-    count (within 2x), or None when the table has no such entry."""
+    count (within 2x) and, given ``batch_heads`` (batch x heads), the nearest measured one of those (the table holds
+    an entry per model and batch: ViT-B's and ViT-L's encoders share head dim and tokens), or None when the table has
+    no such entry."""
     entries = load_table() if entries is None else entries
     near = [e for e in entries if e["gpu"] == gpu and e["dtype"] == _dtype_name(dtype) and e["head_dim"] == head_dim
             and abs(math.log(e["tokens"] / max(tokens, 1))) <= math.log(2)]  # fmt: skip
     if not near:
         return None
-    e = min(near, key=lambda e: abs(math.log(e["tokens"] / max(tokens, 1))))
+
+    def distance(e: dict) -> tuple[float, float]:
+        apart = abs(math.log(e["tokens"] / max(tokens, 1)))
+        if batch_heads is None or not e.get("batch_heads"):
+            return apart, 0.0
+        return apart, abs(math.log(e["batch_heads"] / max(batch_heads, 1)))
+
+    e = min(near, key=distance)
     times = ", ".join(f"{k} {v:.3f} ms" for k, v in sorted(e["ms"].items(), key=lambda kv: kv[1]))
-    why = (f"measured fastest on {gpu} ({e['dtype']}, head dim {head_dim}, {e['tokens']} tokens x {e['batch_heads']} "
-           f"batch x heads, fwd+bwd: {times}; {e.get('source', 'attention table')})")  # fmt: skip
+    of = f"{e['model']} {e.get('site', '')} at batch {e['batch']}, ".replace(" ,", ",") if e.get("model") else ""
+    why = (f"measured fastest on {gpu} ({of}{e['dtype']}, head dim {head_dim}, {e['tokens']} tokens x "
+           f"{e['batch_heads']} batch x heads, fwd+bwd: {times}; {e.get('source', 'attention table')})")  # fmt: skip
     return e["best"], why
 
 

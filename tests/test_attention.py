@@ -196,6 +196,49 @@ def test_measured_choice_takes_the_nearest_entry_within_2x():
     assert attention.measured_choice("NVIDIA H200", torch.float16, 16, 5, entries) is None
 
 
+def test_the_table_keeps_an_entry_per_model_and_batch_and_auto_takes_the_nearest_batch(tmp_path, monkeypatch):
+    """ViT-B's and ViT-L's encoders share head dim 64 and 50 tokens at other batch x heads (256 x 12, 128 x 16): the
+    table keeps both, and a model resolving at its batch takes its own. An entry written before entries named a
+    model and batch still reads."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_attention", Path(__file__).parent.parent / "benchmarks"
+                                                  / "bench_attention.py")  # fmt: skip
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [{"name": "attention", "model": model, "site": "encoder", "backend": backend, "batch": batch,
+             "heads": heads, "tokens": 50, "head_dim": 64, "dtype": "bf16", "ms": ms}
+            for model, batch, heads, times in (("mae_vit_base_patch16", 256, 12, {"flash": 1.0, "cudnn": 2.0}),
+                                               ("mae_vit_large_patch16", 128, 16, {"flash": 2.0, "cudnn": 1.0}))
+            for backend, ms in times.items()]  # fmt: skip
+    table = tmp_path / "table.json"
+    old = {"gpu": "NVIDIA H100 80GB HBM3", "dtype": "bf16", "head_dim": 32, "tokens": 197, "batch_heads": 4096,
+           "ms": {"efficient": 1.0}, "best": "efficient"}  # fmt: skip
+    table.write_text(json.dumps({"entries": [old]}))
+    env = {"gpu": "NVIDIA H100 80GB HBM3"}
+    bench.write_table(table, bench.table_entries(rows, env, "x.json"))
+    bench.write_table(table, bench.table_entries(rows, env, "y.json"))  # the same keys again: replaced, not added
+    entries = json.loads(table.read_text())["entries"]
+    assert len(entries) == 3 and old in entries
+    by = {e.get("model"): e for e in entries}
+    assert by["mae_vit_base_patch16"]["best"] == "flash" and by["mae_vit_large_patch16"]["best"] == "cudnn"
+    assert by["mae_vit_base_patch16"]["batch_heads"] == 3072 and by["mae_vit_base_patch16"]["source"] == "y.json"
+    choose = attention.measured_choice
+    best, why = choose(env["gpu"], torch.bfloat16, 64, 50, entries, batch_heads=256 * 12)
+    assert best == "flash" and "mae_vit_base_patch16 encoder at batch 256" in why
+    assert choose(env["gpu"], torch.bfloat16, 64, 50, entries, batch_heads=128 * 16)[0] == "cudnn"
+    assert choose(env["gpu"], torch.bfloat16, 32, 197, entries, batch_heads=512)[0] == "efficient"  # the old entry
+    monkeypatch.setenv("FASTMAE_ATTENTION_TABLE", str(table))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: env["gpu"])
+    # encoder: 49 visible + cls tokens, head dim 64, 2 heads; decoder: 197 tokens, head dim 32, 1 head
+    model = MaskedAutoencoderViT(img_size=224, patch_size=16, embed_dim=128, depth=1, num_heads=2,
+                                 decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=1)  # fmt: skip
+    attention._logged.clear()
+    assert model.resolve_attention("cuda", torch.bfloat16, batch=1536) == "encoder=flash,decoder=efficient"
+    assert model.resolve_attention("cuda", torch.bfloat16, batch=1024) == "encoder=cudnn,decoder=efficient"
+
+
 def test_auto_on_a_gpu_takes_the_table_choice_per_site_and_says_why(tmp_path, monkeypatch, caplog):
     """resolve_attention for a (stand-in) H200: the encoder (4 visible tokens + cls, head dim 16) and the decoder
     (16 + 1 tokens, head dim 8) each get their measured fastest; on CPU tensors the forward falls back to auto."""
