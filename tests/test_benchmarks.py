@@ -687,6 +687,32 @@ def test_bench_results_are_whole_after_every_row_and_a_failing_configuration_is_
     assert {r["config"] for r in rows if "error" not in r} == {"eager", "compiled-reference"}
 
 
+def test_a_row_measured_while_torch_compile_hit_its_recompile_limit_fails(tmp_path, monkeypatch):
+    """A recompile-limit hit while a row runs (dynamo then runs the step's code uncompiled for new inputs) fails that
+    row, with the numbers kept beside the error and out of the tables; rows record their warm-up seconds."""
+    import fastmae.train.bench as bench_module
+
+    from fastmae.cli import main
+
+    hits: list[str] = []
+
+    def hit_once_per_row():  # called before and after each row: every row sees one new hit
+        if len(hits) % 2:
+            hits.append("torch._dynamo hit config.recompile_limit (8) function: 'forward' (models.py:78)")
+        hits.append(None)
+        return [h for h in hits if h]
+
+    monkeypatch.setattr(bench_module, "recompile_limit_hits", hit_once_per_row)
+    out = tmp_path / "r.json"
+    assert main(["bench", "--quick", "--suite", "pretrain", "--decoder-depths", "1", "--configs", "fastmae",
+                 "--out", str(out)]) == 0  # fmt: skip
+    saved = json.loads(out.read_text())
+    rows = [r for r in saved["rows"] if r["name"] == "pretrain_step"]
+    assert rows and all(r["error"].startswith("torch.compile hit its recompile limit during this row") for r in rows)
+    assert all(r["recompile_limit_hits"] and r["img_per_s"] > 0 and r["warmup_s"] >= 0 for r in rows)
+    assert saved["speedups"] == [] or all(s.get("fastmae_vs_eager") is None for s in saved["speedups"])
+
+
 def test_e2e_table_puts_the_gpu_loader_beside_the_synthetic_loop():
     """--loaders gpu,synthetic: the GPU loader's loop as a fraction of the loop with no feed (what decoding and
     augmenting beside the step takes from it)."""
