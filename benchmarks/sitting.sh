@@ -16,14 +16,15 @@
 #    into $CU12, both on PYTHONPATH (torch's import preloads the first nvidia/cuda_runtime/lib/libcudart.so.* on
 #    sys.path, which lets the extension load; the smoke stage's -noext checks run without $CU12); then fastmae itself;
 # 3. probes: TorchCodec (import, a CPU and a CUDA decode; when 0.17 fails, the fallback wheel in .whl/fallback, whose
-#    README states torch >= 2.11, is installed instead), xformers (import, extension, operators), fastmae;
+#    README states torch >= 2.11, is installed instead), xformers (import, extension, operators), fastmae (first call
+#    on a machine only, as the installs);
 # 4. the sitting (benchmarks/gpu_sitting.py --resume: a second call on the same warm machine skips what the first
 #    finished), its own deadline 10 s before the timeout that would stop it.
 # SIGTERM, SIGINT or SIGHUP (the device tool ending the call) stops the step running, ends every process of the sitting
 # (they carry FASTMAE_SITTING in their environment), packs, and exits 128 + the signal.
 #
-# Rehearsed on a CPU with PY, WHEELS, OUT, RUN set (every GPU command fails fast there); SITTING_SKIP=install,facts,probes
-# and SITTING_MARGIN are for the tests, never for a GPU call.
+# Rehearsed on a CPU with PY, WHEELS, OUT, RUN, SITE, CU12 set (every GPU command fails fast there);
+# SITTING_SKIP=install,facts,probes and SITTING_MARGIN are for the tests, never for a GPU call.
 set -uo pipefail
 LIMIT=${1:-540}
 STAGES=${2:-smoke,step,codec,feed}
@@ -110,7 +111,11 @@ if [[ $SKIP != *,install,* ]]; then
   fi
 fi
 export PYTHONPATH="$SITE:$CU12${PYTHONPATH:+:$PYTHONPATH}"
-if [[ $SKIP != *,probes,* ]]; then
+if [[ $SKIP == *,probes,* ]]; then
+  :
+elif [[ -e $SITE/.installed && -s $RUN/probes.jsonl ]]; then
+  say "probes: run by an earlier call on this machine ($RUN/probes.jsonl)"
+else
   probe=("$PY" benchmarks/gpu_sitting.py --probe-out "$RUN/probes.jsonl" --probe)
   if ! step 90 "probe torchcodec" "${probe[@]}" torchcodec && [[ $SKIP != *,install,* ]]; then
     for whl in "$WHEELS"/fallback/torchcodec-*.whl; do
