@@ -578,6 +578,12 @@ def facts(path: Path) -> dict:
     for key, want in GPU_MD.items():
         have = str(out.get(key))
         claims.append(f"{key} {want}: {'holds' if have.startswith(want) else 'DIFFERS'} ({have})")
+    gpu, memory = str(out.get("gpu")), out.get("memory_gib") or 0
+    kind = "H100" if "H100" in gpu else "H200" if "H200" in gpu else None
+    want_memory = {"H100": (70, 85), "H200": (130, 145)}.get(kind, (1, 0))  # about 78 and 139 GiB; none else
+    claims.append(f"an H100 80GB or an H200: {'holds' if kind else 'DIFFERS'} ({gpu})")
+    claims.append(f"memory about 78 (H100) / 139 (H200) GiB: "
+                  f"{'holds' if want_memory[0] <= memory <= want_memory[1] else 'DIFFERS'} ({memory} GiB)")  # fmt: skip
     for name in GPU_MD_ABSENT:
         have = out["packages"].get(name)
         claims.append(f"no {name}: {'holds' if have is None else 'DIFFERS'} ({have or 'absent'})")
@@ -686,9 +692,10 @@ def table(folder: Path) -> str:
     facts_file = folder / "facts.json"
     if facts_file.exists():
         f = json.loads(facts_file.read_text())
+        differ = ", ".join(c for c in f.get("gpu_md", []) if "DIFFERS" in c)
         lines.append(f"facts: {f.get('gpu', 'no GPU')}, python {f.get('python')}, torch {f.get('torch')}, triton "
                      f"{f.get('triton')}, torchvision {f.get('torchvision')}; GPU.md: "
-                     + ", ".join(c for c in f.get("gpu_md", []) if "DIFFERS" in c) or "every claim holds")  # fmt: skip
+                     f"{differ or 'every claim holds'}")  # fmt: skip
     probes = folder / "probes.jsonl"
     if probes.exists():
         found = [json.loads(line) for line in probes.read_text().splitlines() if line.strip()]
