@@ -65,7 +65,7 @@ from gpu_smoke import checks_by_status, failed_checks  # noqa: E402
 PY = sys.executable
 BENCH = [PY, "-m", "fastmae.cli", "bench"]
 PLAN = "smoke,step,codec,feed"  # benchmarks/sitting.sh's default, most value first
-PACK_EVERY = 15.0  # seconds between packs of the run folder while a command runs
+PACK_EVERY = 5.0  # seconds between packs of the run folder while a command runs (a few ms each)
 GRACE = 3.0  # seconds between a stopped command's SIGTERM and SIGKILL
 MARKER, COMMAND_MARKER = "FASTMAE_SITTING", "FASTMAE_SITTING_COMMAND"  # environment markers every process inherits
 

@@ -5,7 +5,7 @@
 #
 # $OUT (the folder whose files come back, 8 at most) gets two files: sitting.log (everything printed, as it is
 # printed) and sitting.tgz (the run folder: every results JSON, rewritten after every row; every stage log with every
-# command's exit line; smoke.jsonl, sitting.jsonl, facts.json, probes.jsonl), re-packed every 15 s, after every command
+# command's exit line; smoke.jsonl, sitting.jsonl, facts.json, probes.jsonl), re-packed every 5 s, after every command
 # and at the end. So a call cut short brings back every row finished before the cut.
 #
 # In order, each step under its own timeout and all of it under LIMIT_S - 30 s (the 30 s stop, reap and pack):
