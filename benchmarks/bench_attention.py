@@ -95,17 +95,25 @@ def measure(shape, backend: str, device: torch.device, dtype: torch.dtype, reps:
     return row
 
 
+def entry_key(e: dict) -> tuple:
+    """What a table entry is measured at: the GPU, dtype and call site's shape, and the model and batch it is of (an
+    entry written before entries named them has neither: its shape alone)."""
+    return (e["gpu"], e["dtype"], e.get("model"), e.get("site"), e.get("batch"), e["head_dim"], e["tokens"],
+            e.get("batch_heads"))  # fmt: skip
+
+
 def table_entries(rows: list[dict], env: dict, source: str) -> list[dict]:
-    """One entry per measured shape: every backend's fwd+bwd ms and the fastest (within 2% of the fastest, the
-    earlier of :data:`CANDIDATES`: no switch for noise)."""
+    """One entry per measured call site (model, site, batch): every backend's fwd+bwd ms and the fastest (within 2% of
+    the fastest, the earlier of :data:`CANDIDATES`: no switch for noise). ViT-B's and ViT-L's encoders have the same
+    head dim and tokens at other batch x heads: each keeps its own entry."""
     out = {}
     for r in rows:
         if r["ms"] is None or r.get("error") or r["backend"] not in attention.BACKENDS:  # checked, and choosable
             continue
-        key = (r["dtype"], r["head_dim"], r["tokens"])
-        e = out.setdefault(key, {"gpu": env["gpu"], "dtype": r["dtype"], "head_dim": r["head_dim"],
-                                 "tokens": r["tokens"], "batch_heads": r["batch"] * r["heads"], "ms": {},
-                                 "source": source})  # fmt: skip
+        key = (r["dtype"], r["model"], r["site"], r["batch"], r["heads"], r["head_dim"], r["tokens"])
+        e = out.setdefault(key, {"gpu": env["gpu"], "dtype": r["dtype"], "model": r["model"], "site": r["site"],
+                                 "batch": r["batch"], "head_dim": r["head_dim"], "tokens": r["tokens"],
+                                 "batch_heads": r["batch"] * r["heads"], "ms": {}, "source": source})  # fmt: skip
         e["ms"][r["backend"]] = r["ms"]
     for e in out.values():
         fastest = min(e["ms"].values())
@@ -114,13 +122,15 @@ def table_entries(rows: list[dict], env: dict, source: str) -> list[dict]:
 
 
 def write_table(path: Path, entries: list[dict]) -> None:
-    """Merge ``entries`` into the table at ``path``: entries of the same GPU, dtype, head dim and tokens replaced."""
-    keys = {(e["gpu"], e["dtype"], e["head_dim"], e["tokens"]) for e in entries}
+    """Merge ``entries`` into the table at ``path``: an entry of the same GPU, dtype, model, site, batch and shape is
+    replaced, every other kept (older entries without model and batch too)."""
+    keys = {entry_key(e) for e in entries}
     old = json.loads(path.read_text()).get("entries", []) if path.exists() else []
-    kept = [e for e in old if (e["gpu"], e["dtype"], e["head_dim"], e["tokens"]) not in keys]
-    doc = {"about": "fwd+bwd ms per attention backend at MAE's call sites, written by benchmarks/bench_attention.py; "
-                    "--attn-backend auto on a GPU takes each site's fastest (fastmae.attention.measured_choice)",
-           "entries": sorted(kept + entries, key=lambda e: (e["gpu"], e["dtype"], e["head_dim"], e["tokens"]))}
+    kept = [e for e in old if entry_key(e) not in keys]
+    doc = {"about": "fwd+bwd ms per attention backend at MAE's call sites, per model and batch, written by "
+                    "benchmarks/bench_attention.py; --attn-backend auto on a GPU takes each site's fastest "
+                    "(fastmae.attention.measured_choice)",
+           "entries": sorted(kept + entries, key=lambda e: tuple(str(x) for x in entry_key(e)))}  # fmt: skip
     write_json(path, doc)
 
 
@@ -148,7 +158,8 @@ def main(argv=None) -> dict:
     if args.write_table:
         entries = table_entries(results.rows, env, f"benchmarks/results/{results.path.name}")
         print(f"{len(entries)} entries into {args.write_table}: " + ", ".join(
-            f"h{e['head_dim']}/{e['tokens']} tokens -> {e['best']}" for e in entries))  # fmt: skip
+            f"{e['model']} {e['site']} (batch {e['batch']}, h{e['head_dim']}/{e['tokens']} tokens) -> {e['best']}"
+            for e in entries))  # fmt: skip
     return {"rows": results.rows, "path": str(results.path)}
 
 

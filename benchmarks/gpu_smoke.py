@@ -1,6 +1,9 @@
 """The GPU sitting's first stage: every GPU-only path once, at tiny shapes, each in its own process with its own
-timeout, one JSON line per path (``{"check", "ok", "seconds", "error", "details"}``), so that one crash (an illegal
-memory access, a segfault in a driver library, a hang) costs that path alone, and the later stages skip what failed.
+timeout, one JSON line per path (``{"check", "ok", "status", "seconds", "error", "details"}``), so that one crash (an
+illegal memory access, a segfault in a driver library, a hang) costs that path alone, and the later stages skip what
+failed. ``status`` is ``pass``, ``fail`` (the check found something, or its process crashed), ``timed out`` (slow:
+stopped at its timeout) or ``not run`` (the stage's time was spent, or the stage was stopped): only ``fail`` makes the
+later stages drop a lever (:func:`failed_checks`); a slow check is not a failed one.
 
     python benchmarks/gpu_smoke.py --out $OUT/smoke.jsonl            # every check, in parallel, about a minute
     python benchmarks/gpu_smoke.py --check graphs-full --out F       # one check, in this process
@@ -26,6 +29,12 @@ The checks (``CHECKS``), each against a reference where there is one:
   crop kernel alone against the CPU pipeline on the same decoded pixels.
 - ``gpu-loader``: ``--loader gpu`` for two batches against the torchvision loader.
 - ``ahead-on-device``: the loop's device prefetch keeps order and positions.
+- ``pretrain-loop``: the real loop's fast path, ``fastmae pretrain --loader gpu --cuda-graphs --compile regional
+  --stop-after-steps 8`` on 48 of the check's JPEGs (the producer thread, the thread-local graph capture beside it,
+  the compiled blocks, the eval pictures): 8 steps, the step captured, a finite loss, no file skipped, no
+  recompile-limit hit. Its CPU form runs the loop's CPU path (``--loader torchvision``, no graphs, no compile).
+- ``attn-xformers-compiled``: a ViT-B-sized block with ``--attn-backend xformers`` compiled with ``fullgraph=True``
+  (one graph: xformers' operators are opaque custom ops), forward and backward against the same block eager.
 
 Without CUDA every check fails at once, saying so. ``--device cpu`` runs the checks that have a CPU form (the tests
 use it to check the checks).
@@ -37,8 +46,10 @@ import argparse
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -48,9 +59,12 @@ HERE = Path(__file__).resolve().parent
 ATTENTION = [(b, d) for b in ("flash", "cudnn", "efficient", "sdpa", "xformers", "xformers-noext") for d in (64, 32)]
 TOKENS = {64: 50, 32: 197}  # head dim -> tokens: the encoder's (visible 25% + cls at 224 px) and the decoder's
 # The two that compile first: they take longest, and the checks run in this order, a few at a time.
-CHECKS = ("graphs-full", "graphs-regional", "cuda", "fused-ops", *(f"attn-{b}-h{d}" for b, d in ATTENTION),
-          "nan-guard", "host-sync", "nvjpeg-crop", "torchcodec-cuda", "gpu-loader", "ahead-on-device")  # fmt: skip
-TIMEOUT = {"graphs-full": 80, "graphs-regional": 80}  # seconds; the rest: --timeout
+CHECKS = ("pretrain-loop", "graphs-full", "graphs-regional", "attn-xformers-compiled", "cuda", "fused-ops",
+          *(f"attn-{b}-h{d}" for b, d in ATTENTION), "nan-guard", "host-sync", "nvjpeg-crop", "torchcodec-cuda",
+          "gpu-loader", "ahead-on-device")  # fmt: skip
+# seconds; the rest: --timeout
+TIMEOUT = {"pretrain-loop": 95, "graphs-full": 80, "graphs-regional": 80, "attn-xformers-compiled": 70}
+STATUSES = ("pass", "fail", "timed out", "not run")
 
 
 class CheckFailed(Exception):
@@ -427,12 +441,98 @@ def check_ahead_on_device(device) -> dict:
     return {"batches": len(moved)}
 
 
+def check_pretrain_loop(device) -> dict:
+    """``fastmae pretrain`` on 48 JPEGs for 8 steps with the loop's fast path on CUDA (the GPU loader's producer
+    thread beside a step captured as one CUDA graph in the thread-local mode, the blocks compiled regionally, the eval
+    pictures through the compiled blocks); on a CPU the loop's CPU path."""
+    import tempfile
+
+    cuda = device.type == "cuda"
+    fast = (["--loader", "gpu", "--cuda-graphs", "--compile", "regional"] if cuda else
+            ["--loader", "torchvision", "--no-cuda-graphs", "--compile", "off", "--img-size", "32"])  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "jpegs"
+        data.mkdir()
+        for k, jpeg in enumerate(_jpegs(48, seed=5, small=not cuda)):  # 6 batches of 8: 8 steps cross an epoch
+            (data / f"{k:03d}.jpg").write_bytes(jpeg)
+        out = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "fastmae.cli", "pretrain", "--data", str(data), "--device", device.type, *fast,
+               "--batch-size", "8", "--stop-after-steps", "8", "--num-workers", "2", "--log-every", "4",
+               "--no-progress", "--no-tensorboard", "--output-dir", str(out)]  # fmt: skip
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=TIMEOUT["pretrain-loop"] - 5)  # fmt: skip
+        wall = time.perf_counter() - t0
+        lines = [line for line in proc.stdout.splitlines() if line.strip()]
+        if proc.returncode != 0:
+            raise CheckFailed(f"fastmae pretrain exit {proc.returncode}: {(lines or [''])[-1][:300]}")
+        summary = json.loads((out / "summary.json").read_text())
+    judge_loop(summary, lines, cuda)
+    return {"seconds_incl_start": wall, "final_loss": summary["final_loss"], "img_per_s": summary.get("img_per_s"),
+            "attn_backend": summary.get("attn_backend"), "decoders": summary.get("decoders"),
+            "kernels": summary.get("kernels")}  # fmt: skip
+
+
+def judge_loop(summary: dict, lines: list[str], cuda: bool) -> None:
+    """The ``pretrain-loop`` check's verdict on a run's ``summary.json`` and log lines: 8 steps with the loader,
+    compile and graphs asked for, no file or step skipped, a finite loss, the step captured (CUDA), no recompile-limit
+    hit; raises :class:`CheckFailed` naming every miss."""
+    import math
+
+    want = {"steps": 8, "loader": "gpu" if cuda else "torchvision", "compile": "regional" if cuda else "off",
+            "cuda_graphs": cuda, "skipped_files": 0, "nan_skipped": 0}  # fmt: skip
+    found = [f"{k} {summary.get(k)!r} (expected {v!r})" for k, v in want.items() if summary.get(k) != v]
+    loss = summary.get("final_loss")
+    if not (isinstance(loss, float) and math.isfinite(loss)):
+        found.append(f"final loss {loss!r}")
+    if cuda and not any("one CUDA graph from here on" in line for line in lines):
+        found.append("the step was never captured (no 'one CUDA graph from here on' in its log)")
+    if hits := [line for line in lines if "hit config." in line]:
+        found.append(f"recompile limit hit: {hits[0][:200]}")
+    if found:
+        raise CheckFailed("fastmae pretrain: " + "; ".join(found))
+
+
+def check_attn_xformers_compiled(device) -> dict:
+    """A ViT-B-sized block (width 768, 12 heads, 50 tokens) with xformers compiled with ``fullgraph=True`` (a graph
+    break raises): forward and every gradient in bf16 autocast against the same block eager."""
+    import torch
+
+    from fastmae import attention
+    from fastmae.models import Block
+
+    if device.type != "cuda":
+        raise CheckFailed(f"needs CUDA (device is {device.type})")
+    torch.manual_seed(0)
+    block = Block(768, 12, attn_backend="xformers").to(device)
+    x = torch.randn(16, 50, 768, device=device, requires_grad=True)
+    params = [x, *block.parameters()]
+
+    def run(fn):
+        with torch.autocast("cuda", torch.bfloat16):
+            out = fn(x)
+        return out, torch.autograd.grad(out.float().square().mean(), params)
+
+    want, want_grads = run(block)
+    ops = attention.xformers_ops_used()
+    t0 = time.perf_counter()
+    got, got_grads = run(torch.compile(block, fullgraph=True, dynamic=False))
+    compile_s = time.perf_counter() - t0
+    rel = _rel(got, want)
+    grad_rel = max(_rel(a, b) for a, b in zip(got_grads, want_grads, strict=True))
+    if not (rel < 2e-2 and grad_rel < 5e-2):
+        raise CheckFailed(f"compiled block with xformers off eager: output {rel:.2e}, gradients {grad_rel:.2e}")
+    return {"xformers_ops": ops, "rel_err": rel, "grad_rel_err": grad_rel, "compile_s": compile_s}
+
+
 def run_check(name: str, device_name: str) -> dict:
     """One check in this process: ``{"check", "ok", "seconds", "error", "details"}``."""
     t0 = time.perf_counter()
     try:
         device = _device(device_name)
-        if name.startswith("attn-"):
+        if name == "attn-xformers-compiled":
+            details = check_attn_xformers_compiled(device)
+        elif name.startswith("attn-"):
             backend, dim = name[len("attn-") :].rsplit("-", 1)
             details = check_attention(device, backend, int(dim[1:]))
         elif name.startswith("graphs-"):
@@ -442,7 +542,8 @@ def run_check(name: str, device_name: str) -> dict:
             if fn is None:
                 raise CheckFailed(f"no check {name!r}; checks: {', '.join(CHECKS)}")
             details = fn(device)
-        return {"check": name, "ok": True, "seconds": time.perf_counter() - t0, "error": None, "details": details}
+        return {"check": name, "ok": True, "status": "pass", "seconds": time.perf_counter() - t0, "error": None,
+                "details": details}  # fmt: skip
     except Exception as exc:
         if isinstance(exc, CheckFailed):
             error = str(exc)
@@ -451,7 +552,8 @@ def run_check(name: str, device_name: str) -> dict:
             where = traceback.extract_tb(exc.__traceback__)[-1]
             error = (f"{type(exc).__name__}: {lines[-1][:300] if lines else ''} "
                      f"({Path(where.filename).name}:{where.lineno})")  # fmt: skip
-        return {"check": name, "ok": False, "seconds": time.perf_counter() - t0, "error": error, "details": None}
+        return {"check": name, "ok": False, "status": "fail", "seconds": time.perf_counter() - t0, "error": error,
+                "details": None}  # fmt: skip
 
 
 def _append(out: Path, record: dict) -> None:
@@ -461,47 +563,103 @@ def _append(out: Path, record: dict) -> None:
         f.write(json.dumps(record, default=str) + "\n")
 
 
+class Stopped(Exception):
+    """The smoke stage got SIGTERM, SIGINT or SIGHUP (the sitting stopped it)."""
+
+
+def _stop_on_signals() -> None:
+    def stop(signum, _frame):
+        raise Stopped(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, stop)
+
+
 def run_all(names: list[str], out: Path, device: str, timeout: float, jobs: int, deadline: float) -> list[dict]:
-    """Every check in its own process, ``jobs`` at a time, each killed at its timeout (and all at ``deadline``
-    seconds from now); a check that crashes or hangs is a failed line saying how."""
+    """Every check in its own process (and process group), ``jobs`` at a time, each killed with its group at its
+    timeout (and all at ``deadline`` seconds from now); a check that crashes is a failed line saying how, one that
+    hangs a ``timed out`` line. Stopped by a signal (:class:`Stopped`), the checks running are killed and every check
+    without a line gets a ``not run`` one before this raises."""
     end = time.monotonic() + deadline
+    lock, running, written, stopped = threading.Lock(), {}, set(), threading.Event()
+
+    def record(name, status, seconds, error=None, details=None) -> dict:
+        r = {"check": name, "ok": status == "pass", "status": status, "seconds": seconds, "error": error,
+             "details": details}  # fmt: skip
+        with lock:
+            if name in written:
+                return r
+            written.add(name)
+        _append(out, r)
+        print(f"[smoke] {name:22s} {status.upper() if status == 'fail' else status:9s} {seconds:5.1f} s"
+              + ("" if status == "pass" else f"  {str(error)[:150]}"), flush=True)  # fmt: skip
+        return r
 
     def one(name: str) -> dict:
         left = end - time.monotonic()
         limit = min(TIMEOUT.get(name, timeout), left)
+        if stopped.is_set():
+            return record(name, "not run", 0.0, "not run: the smoke stage was stopped")
         if limit <= 1:
-            record = {"check": name, "ok": False, "seconds": 0.0, "error": "not run: the smoke stage's time is spent",
-                      "details": None}  # fmt: skip
-            _append(out, record)
-            return record
+            return record(name, "not run", 0.0, "not run: the smoke stage's time is spent")
         part = out.with_name(f".{out.name}.{name}")
         part.unlink(missing_ok=True)
         cmd = [sys.executable, __file__, "--check", name, "--device", device, "--out", str(part)]
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True, env=_env_for(name))  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, process_group=0,
+                                env=_env_for(name))  # fmt: skip
+        with lock:
+            running[name] = proc
         try:
             text, _ = proc.communicate(timeout=limit)
             code = proc.returncode
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+            _kill_group(proc)
             text, _ = proc.communicate()
             code = None
+        finally:
+            with lock:
+                running.pop(name, None)
+        seconds = time.perf_counter() - t0
         if part.exists() and part.read_text().strip():
-            record = json.loads(part.read_text().strip().splitlines()[-1])
+            r = json.loads(part.read_text().strip().splitlines()[-1])
+            result = record(name, r.get("status") or ("pass" if r["ok"] else "fail"), r["seconds"], r["error"],
+                            r["details"])  # fmt: skip
         else:
             tail = [line for line in (text or "").splitlines() if line.strip()][-1:] or [""]
-            why = f"timed out after {limit:.0f} s" if code is None else f"exit {code}"
-            record = {"check": name, "ok": False, "seconds": time.perf_counter() - t0,
-                      "error": f"{why}; last output: {tail[0][:300]}", "details": None}  # fmt: skip
+            if stopped.is_set():
+                result = record(name, "not run", seconds, "not run: the smoke stage was stopped while it ran")
+            elif code is None:
+                result = record(name, "timed out", seconds, f"timed out after {limit:.0f} s; last output: "
+                                                             f"{tail[0][:300]}")  # fmt: skip
+            else:
+                result = record(name, "fail", seconds, f"exit {code}; last output: {tail[0][:300]}")
         part.unlink(missing_ok=True)
-        _append(out, record)
-        print(f"[smoke] {name:22s} {'pass' if record['ok'] else 'FAIL'} {record['seconds']:5.1f} s"
-              + ("" if record["ok"] else f"  {record['error'][:150]}"), flush=True)  # fmt: skip
-        return record
+        return result
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(one, names))
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    futures = [pool.submit(one, name) for name in names]
+    try:
+        return [f.result() for f in futures]
+    except Stopped as why:
+        stopped.set()
+        with lock:
+            procs = list(running.values())
+        for proc in procs:
+            _kill_group(proc)
+        pool.shutdown(wait=True, cancel_futures=True)
+        for name in names:
+            record(name, "not run", 0.0, f"not run: the smoke stage was stopped ({why})")
+        raise
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _env_for(name: str) -> dict:
@@ -516,22 +674,37 @@ def _env_for(name: str) -> dict:
     return env
 
 
-def failed_checks(path: str | os.PathLike) -> dict[str, str]:
-    """{check: error} of the failed checks in a smoke JSONL file (none when the file is absent: nothing known)."""
+def status_of(record: dict) -> str:
+    """A line's status (lines written before statuses existed: from the error's words)."""
+    if record.get("status") in STATUSES:
+        return record["status"]
+    if record.get("ok"):
+        return "pass"
+    error = str(record.get("error") or "")
+    return "timed out" if error.startswith("timed out") else "not run" if error.startswith("not run") else "fail"
+
+
+def checks_by_status(path: str | os.PathLike) -> dict[str, dict[str, str]]:
+    """{status: {check: error}} of a smoke JSONL file, each check at its last line (none when the file is absent)."""
     path = Path(path)
-    if not path.exists():
-        return {}
-    failed = {}
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("ok"):
-            failed.pop(record["check"], None)
-        else:
-            failed[record["check"]] = record.get("error") or "failed"
-    return failed
+    last: dict[str, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            last[record["check"]] = record
+    out: dict[str, dict[str, str]] = {s: {} for s in STATUSES}
+    for name, record in last.items():
+        out[status_of(record)][name] = record.get("error") or ""
+    return out
+
+
+def failed_checks(path: str | os.PathLike) -> dict[str, str]:
+    """{check: error} of the checks that failed in a smoke JSONL file: found something wrong, or crashed. A check
+    that timed out or was not run is not among them (slow is not failed: the later stages keep their levers)."""
+    return {name: error or "failed" for name, error in checks_by_status(path)["fail"].items()}
 
 
 def main(argv=None) -> int:
@@ -555,9 +728,15 @@ def main(argv=None) -> int:
     names = [c.strip() for c in args.only.split(",")] if args.only else list(CHECKS)
     if unknown := [c for c in names if c not in CHECKS]:
         ap.error(f"unknown checks {', '.join(unknown)}; --list shows them")
-    records = run_all(names, out, args.device, args.timeout, args.jobs, args.deadline)
-    passed = sum(r["ok"] for r in records)
-    print(f"[smoke] {passed}/{len(records)} passed; {out}")
+    _stop_on_signals()
+    try:
+        records = run_all(names, out, args.device, args.timeout, args.jobs, args.deadline)
+    except Stopped as why:
+        print(f"[smoke] stopped ({why}); {out}", flush=True)
+        return 128 + getattr(signal, f"SIG{why}", signal.SIGTERM)
+    counts = {s: sum(r["status"] == s for r in records) for s in STATUSES}
+    print(f"[smoke] {counts['pass']}/{len(records)} passed, {counts['fail']} failed, {counts['timed out']} timed out "
+          f"(slow, not failed), {counts['not run']} not run; {out}", flush=True)  # fmt: skip
     return 0
 
 

@@ -9,8 +9,9 @@ torch choose among them).
 The model asks per call site (:data:`SITES`: the encoder, head dim 64 at ViT-B/L, 50 visible tokens; the decoder,
 head dim 32, 197 tokens): ``--attn-backend encoder=flash,decoder=efficient``. For ``auto`` on a GPU,
 :func:`measured_choice` looks the site's shape up in a table of measured fwd+bwd times (``attention_table.json``,
-written by ``benchmarks/bench_attention.py`` on that GPU) and picks the fastest, saying so; without an entry it keeps
-:data:`AUTO_ORDER` and says that.
+written by ``benchmarks/bench_attention.py`` on that GPU, one entry per model, call site and batch) and picks the
+fastest at the nearest tokens and batch x heads, saying so; without an entry it keeps :data:`AUTO_ORDER` and says
+that.
 
 xformers is imported only when a call site asks for it (explicitly, or ``auto`` from a measured table entry): its import
 warns when its C++ extension does not load, and a user who did not choose it never sees that. Its
@@ -19,7 +20,9 @@ PyTorch's own flash and memory-efficient kernels (the ones SDPA calls): fastmae 
 flash first), names it (:func:`xformers_ops_used`), and runs it without xformers' C++ extension too, where xformers'
 own dispatch refuses every operator ("xFormers wasn't build with CUDA support").
 
-Resolution uses only tensor metadata and facts probed at import, so it traces under ``torch.compile(fullgraph=True)``.
+Resolution uses only tensor metadata and facts probed at import, so it traces under ``torch.compile(fullgraph=True)``;
+xformers' operator pair is resolved outside the trace (once per shape, eagerly) and its operators are opaque custom
+ops (``fastmae::xformers_attention`` and its backward), so a compiled block with xformers is one graph too.
 """
 
 from __future__ import annotations
@@ -51,12 +54,22 @@ class AttentionBackendUnavailable(FastMAEError):
     """An explicitly requested attention backend cannot run these inputs."""
 
 
-@functools.cache
+_XFORMERS: tuple | None = None  # (``xformers.ops.fmha`` or None, why not, C++ extension loaded): set once, eagerly
+
+
 def _xformers_fmha():
     """(``xformers.ops.fmha``, None), or (None, why it is unusable): imported on the first call, by a caller that chose
-    xformers, never at fastmae's import (its import warns when its C++ extension does not load)."""
+    xformers, never at fastmae's import (its import warns when its C++ extension does not load). Called eagerly only:
+    under torch.compile the dispatch reads what :func:`_xformers_pair` resolved outside the trace."""
+    global _XFORMERS
+    if _XFORMERS is None:
+        _XFORMERS = _import_xformers()
+    return _XFORMERS[:2]
+
+
+def _import_xformers() -> tuple:
     if importlib.util.find_spec("xformers") is None:
-        return None, "xformers is not installed (pip install 'fastmae[xformers]')"
+        return None, "xformers is not installed (pip install 'fastmae[xformers]')", False
     # Its import logs a many-line warning when the C++ extension does not load: kept, as one line of fastmae's log.
     held: list[logging.LogRecord] = []
     xlog = logging.getLogger("xformers")
@@ -65,21 +78,21 @@ def _xformers_fmha():
     xlog.addHandler(handler)
     xlog.propagate = False
     try:
+        import xformers
         from xformers.ops import fmha
     except Exception as exc:  # a broken build must not break fastmae; it becomes a reason
-        return None, f"xformers failed to import: {type(exc).__name__}: {exc}".splitlines()[0]
+        return None, f"xformers failed to import: {type(exc).__name__}: {exc}".splitlines()[0], False
     finally:
         xlog.removeHandler(handler)
         xlog.propagate = propagate
     for record in held:
         logger.info("xformers at import: %s", " ".join(record.getMessage().split())[:300])
-    return fmha, None
+    return fmha, None, bool(getattr(xformers, "_has_cpp_library", False))
 
 
 def _xformers_has_extension() -> bool:
-    import xformers
-
-    return bool(getattr(xformers, "_has_cpp_library", False))
+    _xformers_fmha()
+    return bool(_XFORMERS[2])
 
 
 _NO_EXTENSION = "wasn't build with CUDA support"  # xformers' reason for every op when its C++ extension did not load
@@ -116,41 +129,76 @@ def xformers_op_pairs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return None, reasons
 
 
-class _WithoutExtension(torch.autograd.Function):
-    """xformers' ``-pt`` forward and backward operators called directly (``op.apply``), for a build whose C++
-    extension did not load: its public ``memory_efficient_attention`` refuses every operator then, though these need
-    none. Inputs ``[B, N, H, Dh]``; ``pair`` is ``flash`` or ``cutlass`` (a string: torch.compile takes no classes)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, pair: str):
-        fmha = _xformers_fmha()[0]
-        out, op_ctx = getattr(fmha, pair).FwOp.apply(fmha.Inputs(query=q, key=k, value=v), needs_gradient=True)
-        ctx.save_for_backward(q, k, v, op_ctx.out, op_ctx.lse)
-        ctx.rng_state, ctx.pair = op_ctx.rng_state, pair
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        fmha = _xformers_fmha()[0]
-        q, k, v, out, lse = ctx.saved_tensors
-        op_ctx = fmha.Context(lse=lse, out=out, rng_state=ctx.rng_state)
-        grads = getattr(fmha, ctx.pair).BwOp.apply(op_ctx, fmha.Inputs(query=q, key=k, value=v), grad.contiguous())
-        return grads.dq, grads.dk, grads.dv, None
-
-
 _PAIRS: dict[tuple, tuple[str | None, list[str]]] = {}
 
 
-def _pair_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              pairs: tuple[str, ...] = XFORMERS_PAIRS) -> tuple[str | None, list[str]]:  # fmt: skip
-    """:func:`xformers_op_pairs`, remembered per device, dtype, shape and strides (outside torch.compile)."""
-    if torch.compiler.is_compiling():
-        return xformers_op_pairs(q, k, v, pairs)
-    key = (pairs, q.device, q.dtype, tuple(q.shape), tuple(q.stride()), tuple(k.stride()), tuple(v.stride()))
+def _xformers_pair(pairs: tuple[str, ...], device: torch.device, dtype: torch.dtype, shape: tuple[int, ...],
+                   strides: tuple[tuple[int, ...], ...]) -> tuple[str | None, tuple[str, ...]]:  # fmt: skip
+    """:func:`xformers_op_pairs` for ``[B, N, H, Dh]`` inputs of this device, dtype, shape and q/k/v strides, once per
+    key. Called from the trace it runs eagerly, outside torch.compile (:func:`torch.compiler.assume_constant_result`
+    below, with arguments that are constants of the static shapes): xformers' import, its logging and its Python
+    checks never enter the graph, so a compiled block that uses xformers is one graph, as with SDPA."""
+    key = (pairs, device, dtype, shape, strides)
     if key not in _PAIRS:
+        q, k, v = (torch.empty_strided(shape, s, device=device, dtype=dtype) for s in strides)
         _PAIRS[key] = xformers_op_pairs(q, k, v, pairs)
-    return _PAIRS[key]
+    pair, why = _PAIRS[key]
+    return pair, tuple(why)
+
+
+_xformers_pair_traced = torch.compiler.assume_constant_result(_xformers_pair)
+
+
+def _pair_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              pairs: tuple[str, ...] = XFORMERS_PAIRS) -> tuple[str | None, tuple[str, ...]]:  # fmt: skip
+    """The operator pair for these ``[B, N, H, Dh]`` inputs and why the others were passed over (see
+    :func:`_xformers_pair`); the same answer eager and under torch.compile."""
+    key = (pairs, q.device, q.dtype, tuple(q.shape), (tuple(q.stride()), tuple(k.stride()), tuple(v.stride())))
+    return _xformers_pair_traced(*key) if torch.compiler.is_compiling() else _xformers_pair(*key)
+
+
+def _xformers_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pair: str) -> tuple[torch.Tensor,
+                                                                                            torch.Tensor]:
+    """xformers' forward operator of ``pair`` (``flash`` | ``cutlass``) on ``[B, N, H, Dh]`` inputs: (output, the
+    log-sum-exp its backward needs), called directly (``op.apply``) with or without xformers' C++ extension: its public
+    ``memory_efficient_attention`` refuses every operator without the extension, though the ``-pt`` ones need none."""
+    fmha = _xformers_fmha()[0]
+    out, ctx = getattr(fmha, pair).FwOp.apply(fmha.Inputs(query=q, key=k, value=v), needs_gradient=True)
+    return out, ctx.lse
+
+
+def _xformers_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                          lse: torch.Tensor, pair: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """xformers' backward operator of ``pair``: (dq, dk, dv)."""
+    fmha = _xformers_fmha()[0]
+    grads = getattr(fmha, pair).BwOp.apply(fmha.Context(lse=lse, out=out), fmha.Inputs(query=q, key=k, value=v),
+                                           grad.contiguous())  # fmt: skip
+    return grads.dq, grads.dk, grads.dv
+
+
+# One opaque operator each to torch.compile: xformers' Python stays out of the graph. The fake forms run the same code
+# on fake tensors, so shapes and strides come from the meta functions of the kernels xformers calls.
+_xformers_attention = torch.library.custom_op("fastmae::xformers_attention", _xformers_forward, mutates_args=())
+_xformers_attention.register_fake(_xformers_forward)
+_xformers_attention_bwd = torch.library.custom_op("fastmae::xformers_attention_bwd", _xformers_backward_op,
+                                                  mutates_args=())  # fmt: skip
+_xformers_attention_bwd.register_fake(_xformers_backward_op)
+
+
+def _xformers_setup(ctx, inputs, output):
+    q, k, v, pair = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.pair = pair
+    ctx.mark_non_differentiable(lse)
+
+
+def _xformers_backward(ctx, grad, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    return *_xformers_attention_bwd(grad, q, k, v, out, lse, ctx.pair), None
+
+
+_xformers_attention.register_autograd(_xformers_backward, setup_context=_xformers_setup)
 
 
 _XOPS_USED: dict[str, str] = {}  # {"forward": NAME, "backward": NAME, "extension": "loaded" | "not loaded"}
@@ -239,18 +287,22 @@ class XFormersAttention:
 
     max_head_dim = 256
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    devices = ("cuda",)  # its operators' devices (the tests add "cpu" for operators stood in on a CPU)
 
     def __init__(self, pair: str | None = None):
         self.pairs = (pair,) if pair else XFORMERS_PAIRS
         self.name = f"xformers-{pair}" if pair else "xformers"
 
     def unsupported(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
-        if q.device.type != "cuda":  # whether installed or not: advice to install it would only mislead here
+        if q.device.type not in self.devices:  # whether installed or not: advice to install it would only mislead here
             return [f"xformers has no {q.device.type.upper()} operator: its memory_efficient_attention operators "
                     f"(fa2F-pt, cutlassF-pt, ...) run on CUDA only (inputs are on {q.device.type})"]  # fmt: skip
         reasons = []
-        if importlib.util.find_spec("xformers") is None:  # no import yet: a reason from metadata alone
-            reasons.append("xformers is not installed (pip install 'fastmae[xformers]')")
+        if not torch.compiler.is_compiling():  # (under torch.compile the operator pair below says it)
+            if _XFORMERS is None and importlib.util.find_spec("xformers") is None:  # no import: from metadata alone
+                reasons.append("xformers is not installed (pip install 'fastmae[xformers]')")
+            elif _XFORMERS is not None and _XFORMERS[0] is None:
+                reasons.append(_XFORMERS[1])
         if q.dtype not in self.dtypes:
             reasons.append(f"dtype {q.dtype} is not one of float16, bfloat16, float32")
         if q.shape[-1] > self.max_head_dim:
@@ -266,18 +318,15 @@ class XFormersAttention:
         pair, why = _pair_for(q, k, v, self.pairs)
         if pair is None:
             raise AttentionBackendUnavailable(f"attention backend 'xformers' cannot run: {'; '.join(why)}")
-        fmha = _xformers_fmha()[0]
-        extension = _xformers_has_extension()
-        fw, bw = getattr(fmha, pair).FwOp, getattr(fmha, pair).BwOp
-        if not torch.compiler.is_compiling() and _XOPS_USED.get("forward") != fw.NAME:
-            _XOPS_USED.update(forward=fw.NAME, backward=bw.NAME, extension="loaded" if extension else "not loaded")
-            logger.info("xformers runs %s + %s (C++ extension %s; the -pt operators wrap PyTorch's own kernels)",
-                        fw.NAME, bw.NAME, _XOPS_USED["extension"])  # fmt: skip
-        if extension:
-            out = fmha.memory_efficient_attention(q, k, v, op=(fw, bw))
-        else:
-            out = _WithoutExtension.apply(q, k, v, pair)
-        return out.transpose(1, 2)
+        if not torch.compiler.is_compiling():
+            fmha = _xformers_fmha()[0]
+            fw, bw = getattr(fmha, pair).FwOp, getattr(fmha, pair).BwOp
+            if _XOPS_USED.get("forward") != fw.NAME:
+                _XOPS_USED.update(forward=fw.NAME, backward=bw.NAME,
+                                  extension="loaded" if _xformers_has_extension() else "not loaded")  # fmt: skip
+                logger.info("xformers runs %s + %s (C++ extension %s; the -pt operators wrap PyTorch's own kernels)",
+                            fw.NAME, bw.NAME, _XOPS_USED["extension"])  # fmt: skip
+        return _xformers_attention(q, k, v, pair)[0].transpose(1, 2)
 
 
 _BACKENDS = {b.name: b for b in (
@@ -385,19 +434,29 @@ def load_table(path: str | os.PathLike | None = None) -> list[dict]:
         raise FastMAEError(f"attention table {path} cannot be read ({exc})") from exc
 
 
-def measured_choice(gpu: str, dtype: torch.dtype, head_dim: int, tokens: int,
-                    entries: list[dict] | None = None) -> tuple[str, str] | None:  # fmt: skip
+def measured_choice(gpu: str, dtype: torch.dtype, head_dim: int, tokens: int, entries: list[dict] | None = None,
+                    batch_heads: int | None = None) -> tuple[str, str] | None:  # fmt: skip
     """(backend, why) of the fastest measured backend for this GPU, dtype and head dim at the nearest measured token
-    count (within 2x), or None when the table has no such entry."""
+    count (within 2x) and, given ``batch_heads`` (batch x heads), the nearest measured one of those (the table holds
+    an entry per model and batch: ViT-B's and ViT-L's encoders share head dim and tokens), or None when the table has
+    no such entry."""
     entries = load_table() if entries is None else entries
     near = [e for e in entries if e["gpu"] == gpu and e["dtype"] == dtype_name(dtype) and e["head_dim"] == head_dim
             and abs(math.log(e["tokens"] / max(tokens, 1))) <= math.log(2)]  # fmt: skip
     if not near:
         return None
-    e = min(near, key=lambda e: abs(math.log(e["tokens"] / max(tokens, 1))))
+
+    def distance(e: dict) -> tuple[float, float]:
+        apart = abs(math.log(e["tokens"] / max(tokens, 1)))
+        if batch_heads is None or not e.get("batch_heads"):
+            return apart, 0.0
+        return apart, abs(math.log(e["batch_heads"] / max(batch_heads, 1)))
+
+    e = min(near, key=distance)
     times = ", ".join(f"{k} {v:.3f} ms" for k, v in sorted(e["ms"].items(), key=lambda kv: kv[1]))
-    why = (f"measured fastest on {gpu} ({e['dtype']}, head dim {head_dim}, {e['tokens']} tokens x {e['batch_heads']} "
-           f"batch x heads, fwd+bwd: {times}; {e.get('source', 'attention table')})")  # fmt: skip
+    of = f"{e['model']} {e.get('site', '')} at batch {e['batch']}, ".replace(" ,", ",") if e.get("model") else ""
+    why = (f"measured fastest on {gpu} ({of}{e['dtype']}, head dim {head_dim}, {e['tokens']} tokens x "
+           f"{e['batch_heads']} batch x heads, fwd+bwd: {times}; {e.get('source', 'attention table')})")  # fmt: skip
     return e["best"], why
 
 

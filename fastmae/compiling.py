@@ -9,15 +9,68 @@ compiles one encoder block and one decoder block instead of 32: the compile time
 
 Both variants compile with ``dynamic=False``: a second input shape (a batch-size sweep, a short batch after skipped
 files) compiles its own static kernels instead of turning the batch dimension symbolic for every later step.
+
+Dynamo keeps its compiled entries per code object, and past ``torch._dynamo.config.recompile_limit`` (8) it runs the
+code uncompiled, saying so once in a warning. Regional compilation's blocks share one code object: each kind of block
+(encoder, decoder) takes one entry per distinct input it sees (training and evaluation mode, with and without
+gradients, every batch size: the batch, the pictures', a short batch after skipped files, a benchmark's sweep; the
+visible-only and the mask-token encoder's token counts), and on a CPU a run and a benchmark reached 8. So ``regional``
+raises the limit to :data:`REGIONAL_ENTRIES_PER_BLOCK_KIND` per kind of block. Every hit of a limit is recorded
+(:func:`recompile_limit_hits`): ``fastmae bench`` fails the rows measured while one happened, instead of reporting
+uncompiled steps as compiled.
 """
 
 from __future__ import annotations
+
+import logging
+import threading
 
 import torch
 from torch import nn
 
 from .config import DEFAULT_VARIANT, GRAPH_MODES, MODES, VARIANTS  # noqa: F401 (the choice lists live in config)
 from .errors import FastMAEError
+
+REGIONAL_ENTRIES_PER_BLOCK_KIND = 16  # compiled entries a kind of block may take before dynamo runs it uncompiled
+
+
+class _LimitHits(logging.Handler):
+    """Keeps dynamo's "hit config.recompile_limit" warnings (one line each) as they are logged."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.hits: list[str] = []
+        self.lock_ = threading.Lock()
+        self.last: logging.LogRecord | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record is self.last or not str(record.msg).startswith("torch._dynamo hit config."):
+            return  # (the same record seen again where it propagates from convert_frame's logger to dynamo's)
+        self.last = record
+        try:
+            text = " ".join(record.getMessage().split())
+        except Exception:  # noqa: BLE001 - a record that cannot be formatted is still a hit
+            text = str(record.msg)
+        with self.lock_:
+            self.hits.append(text.split(" To log all recompilation reasons")[0][:400])
+
+
+_HITS = _LimitHits()
+
+
+def watch_recompile_limit() -> None:
+    """Start recording dynamo's recompile-limit hits in this process (once; :func:`compile_model` calls it)."""
+    for name in ("torch._dynamo.convert_frame", "torch._dynamo"):  # where it is logged, and above it
+        log = logging.getLogger(name)
+        if _HITS not in log.handlers:
+            log.addHandler(_HITS)
+
+
+def recompile_limit_hits() -> list[str]:
+    """Every recompile-limit hit recorded in this process so far, oldest first: after one, the code it names runs
+    uncompiled for inputs it has no compiled entry for."""
+    with _HITS.lock_:
+        return list(_HITS.hits)
 
 
 def check_variant(variant: str) -> str:
@@ -74,6 +127,7 @@ def compile_model(module: nn.Module, variant: str, mode: str = "default", backen
     check_variant(variant)
     if variant == "off":
         return module
+    watch_recompile_limit()
     options: dict = {"dynamic": False, "backend": backend}
     if mode != "default":
         options["mode"] = mode
@@ -85,6 +139,9 @@ def compile_model(module: nn.Module, variant: str, mode: str = "default", backen
                            "decoder_blocks) to compile; use --compile full")  # fmt: skip
     from timm.layers import DropPath
 
+    kinds = {(type(b), tuple((n, tuple(p.shape)) for n, p in b.named_parameters())) for b in blocks}
+    limit = REGIONAL_ENTRIES_PER_BLOCK_KIND * len(kinds)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)  # process-wide
     dropping = any(isinstance(m, DropPath) for b in blocks for m in b.modules())
     for block in blocks:
         _tensor_drop_paths(block, identities=dropping)  # one compiled graph for blocks of different drop-path rates

@@ -226,11 +226,13 @@ class MaskedAutoencoderViT(nn.Module):
         used = {b.attn.backend_used for b in [*self.blocks, *self.decoder_blocks]} - {None}
         return ",".join(sorted(used)) if used else None
 
-    def resolve_attention(self, device: torch.device | str, dtype: torch.dtype, mask_ratio: float = 0.75) -> str:
+    def resolve_attention(self, device: torch.device | str, dtype: torch.dtype, mask_ratio: float = 0.75,
+                          batch: int | None = None) -> str:  # fmt: skip
         """The attention backend(s) the encoder and decoder will use for activations on ``device`` in ``dtype``
         (``sdpa``, or ``encoder=flash,decoder=efficient`` when they differ); raises if an explicit one cannot run.
         A call site on ``auto`` takes the fastest backend a measured table has for this GPU and its shape (head
-        dim, tokens: visible ones in the encoder), logging why; without an entry, the first in the auto order."""
+        dim, tokens: visible ones in the encoder; given the ``batch``, the nearest batch x heads), logging why;
+        without an entry, the first in the auto order."""
         device = torch.device(device)
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         L = self.patch_embed.num_patches
@@ -245,7 +247,8 @@ class MaskedAutoencoderViT(nn.Module):
             q = attn_dispatch.StandIn((1, a.num_heads, tokens[site], head_dim), dtype, device)
             choice = None
             if a.backend == "auto" and gpu is not None:
-                found = attn_dispatch.measured_choice(gpu, dtype, head_dim, tokens[site])
+                found = attn_dispatch.measured_choice(gpu, dtype, head_dim, tokens[site],
+                                                      batch_heads=batch * a.num_heads if batch else None)
                 if found is not None and not attn_dispatch.get_backend(found[0]).unsupported(q, q, q):
                     choice = found[0]
                     attn_dispatch.log_choice(f"{site} auto -> {choice}: {found[1]}")

@@ -196,6 +196,49 @@ def test_measured_choice_takes_the_nearest_entry_within_2x():
     assert attention.measured_choice("NVIDIA H200", torch.float16, 16, 5, entries) is None
 
 
+def test_the_table_keeps_an_entry_per_model_and_batch_and_auto_takes_the_nearest_batch(tmp_path, monkeypatch):
+    """ViT-B's and ViT-L's encoders share head dim 64 and 50 tokens at other batch x heads (256 x 12, 128 x 16): the
+    table keeps both, and a model resolving at its batch takes its own. An entry written before entries named a
+    model and batch still reads."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_attention", Path(__file__).parent.parent / "benchmarks"
+                                                  / "bench_attention.py")  # fmt: skip
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [{"name": "attention", "model": model, "site": "encoder", "backend": backend, "batch": batch,
+             "heads": heads, "tokens": 50, "head_dim": 64, "dtype": "bf16", "ms": ms}
+            for model, batch, heads, times in (("mae_vit_base_patch16", 256, 12, {"flash": 1.0, "cudnn": 2.0}),
+                                               ("mae_vit_large_patch16", 128, 16, {"flash": 2.0, "cudnn": 1.0}))
+            for backend, ms in times.items()]  # fmt: skip
+    table = tmp_path / "table.json"
+    old = {"gpu": "NVIDIA H100 80GB HBM3", "dtype": "bf16", "head_dim": 32, "tokens": 197, "batch_heads": 4096,
+           "ms": {"efficient": 1.0}, "best": "efficient"}  # fmt: skip
+    table.write_text(json.dumps({"entries": [old]}))
+    env = {"gpu": "NVIDIA H100 80GB HBM3"}
+    bench.write_table(table, bench.table_entries(rows, env, "x.json"))
+    bench.write_table(table, bench.table_entries(rows, env, "y.json"))  # the same keys again: replaced, not added
+    entries = json.loads(table.read_text())["entries"]
+    assert len(entries) == 3 and old in entries
+    by = {e.get("model"): e for e in entries}
+    assert by["mae_vit_base_patch16"]["best"] == "flash" and by["mae_vit_large_patch16"]["best"] == "cudnn"
+    assert by["mae_vit_base_patch16"]["batch_heads"] == 3072 and by["mae_vit_base_patch16"]["source"] == "y.json"
+    choose = attention.measured_choice
+    best, why = choose(env["gpu"], torch.bfloat16, 64, 50, entries, batch_heads=256 * 12)
+    assert best == "flash" and "mae_vit_base_patch16 encoder at batch 256" in why
+    assert choose(env["gpu"], torch.bfloat16, 64, 50, entries, batch_heads=128 * 16)[0] == "cudnn"
+    assert choose(env["gpu"], torch.bfloat16, 32, 197, entries, batch_heads=512)[0] == "efficient"  # the old entry
+    monkeypatch.setenv("FASTMAE_ATTENTION_TABLE", str(table))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: env["gpu"])
+    # encoder: 49 visible + cls tokens, head dim 64, 2 heads; decoder: 197 tokens, head dim 32, 1 head
+    model = MaskedAutoencoderViT(img_size=224, patch_size=16, embed_dim=128, depth=1, num_heads=2,
+                                 decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=1)  # fmt: skip
+    attention._logged.clear()
+    assert model.resolve_attention("cuda", torch.bfloat16, batch=1536) == "encoder=flash,decoder=efficient"
+    assert model.resolve_attention("cuda", torch.bfloat16, batch=1024) == "encoder=cudnn,decoder=efficient"
+
+
 def test_auto_on_a_gpu_takes_the_table_choice_per_site_and_says_why(tmp_path, monkeypatch, caplog):
     """resolve_attention for a (stand-in) H200: the encoder (4 visible tokens + cls, head dim 16) and the decoder
     (16 + 1 tokens, head dim 8) each get their measured fastest; on CPU tensors the forward falls back to auto."""
@@ -216,3 +259,110 @@ def test_auto_on_a_gpu_takes_the_table_choice_per_site_and_says_why(tmp_path, mo
     with caplog.at_level(logging.INFO, logger="fastmae.attention"):
         assert model.resolve_attention("cuda", torch.bfloat16) in ("sdpa", "xformers")
     assert "no measured entry for NVIDIA A100" in caplog.text
+
+
+def _stand_in_fmha():
+    """xformers' ``fmha`` as fastmae uses it (``Inputs``, ``Context``, a ``flash`` and a ``cutlass`` pair whose
+    ``FwOp.apply`` / ``BwOp.apply`` take ``[B, N, H, Dh]``), computing exact attention with torch ops on any device:
+    xformers' operators stood in on a CPU. The backward recomputes the probabilities from the saved log-sum-exp, as the
+    real kernels do. ``calls`` counts the calls per operator."""
+    from types import SimpleNamespace
+
+    calls = {"fw": 0, "bw": 0}
+
+    def scores(q, k):  # [B, H, N, N] in float32
+        return (q.transpose(1, 2).float() @ k.transpose(1, 2).float().transpose(-2, -1)) * q.shape[-1] ** -0.5
+
+    class FwOp:
+        NAME, OPERATOR = "standinF-pt", object()
+
+        @classmethod
+        def not_supported_reasons(cls, inp):
+            return []
+
+        @classmethod
+        def apply(cls, inp, needs_gradient):
+            calls["fw"] += 1
+            s = scores(inp.query, inp.key)
+            lse = s.logsumexp(-1)  # [B, H, N]
+            out = ((s - lse[..., None]).exp() @ inp.value.transpose(1, 2).float()).transpose(1, 2)
+            out = out.to(inp.query.dtype)
+            return out, SimpleNamespace(out=out, lse=lse)
+
+    class BwOp:
+        NAME, OPERATOR = "standinB-pt", object()
+
+        @classmethod
+        def not_supported_reasons(cls, inp):
+            return []
+
+        @classmethod
+        def apply(cls, ctx, inp, grad):
+            calls["bw"] += 1
+            q, k, v = (t.transpose(1, 2).float() for t in (inp.query, inp.key, inp.value))
+            go, o = grad.transpose(1, 2).float(), ctx.out.transpose(1, 2).float()
+            p = (scores(inp.query, inp.key) - ctx.lse[..., None]).exp()
+            dv = p.transpose(-2, -1) @ go
+            ds = p * (go @ v.transpose(-2, -1) - (go * o).sum(-1, keepdim=True))
+            dq, dk = ds @ k * q.shape[-1] ** -0.5, ds.transpose(-2, -1) @ q * q.shape[-1] ** -0.5
+            return SimpleNamespace(**{n: g.transpose(1, 2).to(inp.query.dtype) for n, g in
+                                      (("dq", dq), ("dk", dk), ("dv", dv))})  # fmt: skip
+
+    pair = SimpleNamespace(FwOp=FwOp, BwOp=BwOp)
+    return SimpleNamespace(Inputs=lambda query, key, value: SimpleNamespace(query=query, key=key, value=value),
+                           Context=lambda lse, out: SimpleNamespace(lse=lse, out=out), flash=pair, cutlass=pair,
+                           calls=calls)  # fmt: skip
+
+
+@pytest.fixture
+def xformers_on_cpu(monkeypatch):
+    """xformers resolved to the stand-in operators, which run on a CPU."""
+    fake = _stand_in_fmha()
+    monkeypatch.setattr(attention, "_XFORMERS", (fake, None, False))
+    monkeypatch.setattr(attention, "_PAIRS", {})
+    monkeypatch.setattr(attention, "_XOPS_USED", {})
+    monkeypatch.setattr(attention.XFormersAttention, "devices", ("cuda", "cpu"))
+    torch._dynamo.reset()
+    yield fake
+    torch._dynamo.reset()
+
+
+def test_xformers_operators_through_the_dispatch_match_math(xformers_on_cpu):
+    """The dispatch's xformers path (operator pair, the custom ops, their autograd) against float64, forward and every
+    gradient, with xformers' operators stood in on a CPU."""
+    q, k, v = (t.requires_grad_() for t in _qkv(torch.float32, 2, 3, 50, 16))
+    out = attention.attention(q, k, v, "xformers")
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = _float64_reference(qd, kd, vd)
+    ref_grads = torch.autograd.grad(ref, (qd, kd, vd), grad.double())
+    assert (out.double() - ref).norm() / ref.norm() < 1e-5
+    assert all((a.double() - b).norm() / b.norm() < 1e-5 for a, b in zip(grads, ref_grads, strict=True))
+    assert attention.xformers_ops_used() == {"forward": "standinF-pt", "backward": "standinB-pt",
+                                             "extension": "not loaded"}  # fmt: skip
+    assert xformers_on_cpu.calls == {"fw": 1, "bw": 1}
+
+
+@pytest.mark.parametrize("backend", ["xformers", "auto"])
+def test_a_compiled_block_is_one_graph_with_xformers(xformers_on_cpu, backend):
+    """torch.compile(fullgraph=True) over a block whose attention goes through the dispatch: xformers' pair is resolved
+    outside the trace and its operators are opaque custom ops, so the block is one graph (a graph break raises here),
+    forward and backward through the operators' fake forms and autograd (aot_eager), equal to the eager block."""
+    from fastmae.models import Block
+
+    torch.manual_seed(0)
+    block = Block(32, 2, attn_backend=backend)
+    x = torch.randn(3, 17, 32, requires_grad=True)
+    want = block(x)
+    want_grads = torch.autograd.grad(want.square().sum(), (x, *block.parameters()))
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager", dynamic=False)
+    got = compiled(x)
+    got_grads = torch.autograd.grad(got.square().sum(), (x, *block.parameters()))
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b)
+    explained = torch._dynamo.explain(block)(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    if backend == "xformers":
+        assert xformers_on_cpu.calls["fw"] >= 2 and xformers_on_cpu.calls["bw"] >= 2  # eager and compiled both ran it

@@ -123,3 +123,37 @@ def test_regional_on_a_model_without_blocks_is_one_line():
         compile_model(nn.Linear(2, 2), "regional")
     with pytest.raises(FastMAEError, match="--compile must be one of off, full, regional"):
         compile_model(nn.Linear(2, 2), "some")
+
+
+def test_regional_covers_its_real_cache_entries_and_every_limit_hit_is_recorded():
+    """The inputs a regional model's blocks see in a run and a benchmark (training, a short batch, the eval picture
+    without gradients, the mask-token encoder sharing the blocks' code) take more compiled entries than dynamo's
+    default limit of 8: regional raises it, so nothing runs uncompiled. A hit is recorded
+    (fastmae.compiling.recompile_limit_hits), not silent."""
+    from fastmae import compiling
+
+    config = torch._dynamo.config  # (not monkeypatch: its undo deletes a config entry, which hides it for good)
+    original = config.recompile_limit
+    config.recompile_limit = 8
+    try:
+        before = len(compiling.recompile_limit_hits())
+        torch._dynamo.reset()
+        counting = CountingBackend()
+        models = [create_model("mae_vit_tiny_patch16", **TINY, encoder_mode=mode) for mode in ("visible",
+                                                                                               "mask_token")]
+        for m in models:
+            compile_model(m, "regional", backend=counting)
+            for batch in (2, 1):  # the batch, a short batch
+                m(torch.randn(batch, 3, 32, 32))[0].backward()
+            with torch.no_grad():  # the eval picture
+                m.eval()(torch.randn(3, 3, 32, 32))
+        assert config.recompile_limit == 2 * compiling.REGIONAL_ENTRIES_PER_BLOCK_KIND  # 2 kinds of block
+        assert counting.graphs == 9 and compiling.recompile_limit_hits()[before:] == []  # 9 entries, all compiled
+        config.recompile_limit = counting.graphs  # at the limit: the next input hits it
+        models[0].train()(torch.randn(4, 3, 32, 32))
+        hits = compiling.recompile_limit_hits()[before:]
+        assert counting.graphs == 9 and len(hits) == 1 and f"recompile_limit ({counting.graphs})" in hits[0]
+        assert "'forward'" in hits[0]
+    finally:
+        config.recompile_limit = original
+        torch._dynamo.reset()

@@ -572,3 +572,37 @@ def test_summary_names_the_loader(tmp_path, photos):
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["loader"] == "dali" and summary["steps"] == 3 and summary["skipped_files"] == 0
     assert summary["decoders"] == {"jpeg": f"dali {version('nvidia-dali-cuda120')} cpu"}
+
+
+def test_a_loader_worker_never_finalises_garbage_it_inherited(tmp_path):
+    """Garbage in a reference cycle that the parent has not collected yet (a DALI pipeline, whose __del__ waits on
+    threads a forked worker does not have) is frozen by the worker's first step, so the worker's collections never
+    finalise it; the parent's still do."""
+    import gc
+    import os
+
+    from fastmae.train.data.loaders import _freeze_inherited
+
+    log = tmp_path / "finalised"
+
+    class Finalised:
+        def __del__(self):
+            with open(log, "a") as f:
+                f.write(f"{os.getpid()}\n")
+
+    gc.disable()
+    try:
+        garbage = Finalised()
+        garbage.cycle = garbage
+        del garbage
+        pid = os.fork()
+        if pid == 0:  # the worker
+            _freeze_inherited(0)
+            gc.collect()
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert not log.exists()  # the worker finalised nothing it inherited
+    finally:
+        gc.enable()
+    gc.collect()
+    assert log.read_text().split() == [str(os.getpid())]

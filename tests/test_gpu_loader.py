@@ -312,3 +312,138 @@ def test_loader_auto_prefers_a_loader_that_has_run_on_a_gpu(monkeypatch, caplog)
     for name, where in data.RAN_ON_A_GPU.items():  # each entry names a results file that exists and ran that loader
         if "a-sitting" not in where:
             assert json.loads((Path(__file__).parent.parent / where).read_text())["loader"] == name
+
+
+
+class StandInStreams:
+    """The GPU loader's CUDA calls (:class:`~fastmae.train.data.gpu_loader.CudaStreams`) on a CPU: each logged with the
+    thread that made it and the stream that thread was running on."""
+
+    def __init__(self):
+        import threading
+
+        self.log, self.lock, self.local, self.events = [], threading.Lock(), threading.local(), 0
+
+    def _add(self, *entry):
+        import threading
+
+        with self.lock:
+            self.log.append((threading.current_thread().name, *entry))
+
+    def side_stream(self, device):
+        streams = self
+
+        class Stream:
+            def synchronize(self):
+                streams._add("synchronize", getattr(streams.local, "stream", None) is self)
+
+        return Stream()
+
+    def running_on(self, device, stream):
+        import contextlib
+
+        @contextlib.contextmanager
+        def on():
+            self.local.stream = stream
+            self._add("running_on")
+            try:
+                yield
+            finally:
+                self.local.stream = None
+                self._add("left")
+
+        return on()
+
+    def event_after(self, stream):
+        with self.lock:
+            self.events += 1
+            event = self.events
+        self._add("event", event, getattr(self.local, "stream", None) is stream)
+        return event
+
+    def hand_over(self, imgs, event, device):
+        self._add("hand_over", event, imgs.data_ptr())
+
+
+def _producer_alive() -> bool:
+    import threading
+
+    return any(t.name == "fastmae-gpu-loader" and t.is_alive() for t in threading.enumerate())
+
+
+def _ahead_loader(index, streams):
+    gpu = GPULoader(index, 16, 4, seed=0, device=torch.device("cpu"), num_workers=0, decoder=_cpu_decoder)
+    gpu.streams, gpu.stream = streams, streams.side_stream(gpu.device)  # the CUDA path: a producer thread, ahead
+    return gpu
+
+
+def test_the_producer_thread_hands_each_batch_over_after_its_event(mixed):
+    """GPULoader._ahead with the CUDA calls stood in: the same batches as without it, transformed in a producer
+    thread running on the side stream (each decode after the side stream's synchronize), an event recorded there after
+    each batch, and each batch handed over to the consumer's stream (wait on its own event, record_stream on its
+    own memory) before the loop gets it; the thread is gone at the epoch's end."""
+    index = index_data(mixed[0])
+    plain = list(GPULoader(index, 16, 4, seed=0, device=torch.device("cpu"), num_workers=0,
+                           decoder=_cpu_decoder).epoch(0))  # fmt: skip
+    streams = StandInStreams()
+    got = []
+    for batch in _ahead_loader(index, streams).epoch(0):
+        got.append((batch, batch.images.data_ptr()))
+    assert len(got) == len(plain) == 4 and not _producer_alive()
+    for a, (b, _) in zip(plain, got, strict=True):
+        assert torch.equal(a.images, b.images) and torch.equal(a.ids, b.ids) and a.position == b.position
+    log = streams.log
+    producer = {who for who, *_ in log if who != "MainThread"}
+    assert producer == {"fastmae-gpu-loader"}
+    events = [(i, e) for i, (who, what, *e) in enumerate(log) if what == "event"]
+    handed = [(i, e) for i, (who, what, *e) in enumerate(log) if what == "hand_over"]
+    assert [e[0] for _, e in events] == [1, 2, 3, 4] and all(on_side for _, (_, on_side) in events)
+    assert all(log[i][0] == "fastmae-gpu-loader" for i, _ in events)
+    assert [e for _, (e, _) in handed] == [1, 2, 3, 4] and all(log[i][0] == "MainThread" for i, _ in handed)
+    assert [ptr for _, (_, ptr) in handed] == [ptr for _, ptr in got]  # record_stream on the batch the loop got
+    for (ie, _), (ih, _) in zip(events, handed, strict=True):
+        assert ie < ih  # recorded before it is waited on
+    syncs = [(i, on_side) for i, (who, what, *rest) in enumerate(log) if what == "synchronize"
+             for on_side in rest]  # fmt: skip
+    assert len(syncs) == 4 and all(on_side and log[i][0] == "fastmae-gpu-loader" for i, on_side in syncs)
+    assert all(s < e for (s, _), (e, _) in zip(syncs, events, strict=True))  # each event after its batch's work
+    assert log[0][1] == "running_on" and log[-1][1] in ("left", "hand_over")
+
+
+def test_the_producer_stops_when_the_loop_stops_early_or_the_pipeline_fails(mixed, monkeypatch):
+    """A consumer that stops after one batch (the producer blocked on a full queue, AHEAD batches ready) ends the
+    producer thread, which leaves the side stream; an error in the producer reaches the loop as one RunFault line
+    after the batches before it, and the thread is gone."""
+    import time
+
+    from fastmae.errors import RunFault
+
+    index = index_data(mixed[0])
+    streams = StandInStreams()
+    gpu = _ahead_loader(index, streams)
+    epoch = gpu.epoch(0)
+    next(epoch)
+    time.sleep(0.3)  # the producer fills the queue and waits
+    t0 = time.monotonic()
+    epoch.close()
+    assert time.monotonic() - t0 < 5 and not _producer_alive()
+    assert [what for _, what, *_ in streams.log].count("hand_over") == 1 and streams.log[-1][1] == "left"
+
+    streams = StandInStreams()
+    gpu = _ahead_loader(index, streams)
+    transform, calls = gpu.transform, []
+
+    def fails_second(payload):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return transform(payload)
+
+    monkeypatch.setattr(gpu, "transform", fails_second)
+    got = []
+    with pytest.raises(RunFault, match=r"^--loader gpu: the GPU pipeline failed after batch 1 of epoch 0 "
+                                       r"\(RuntimeError: CUDA error: an illegal memory access"):  # fmt: skip
+        for batch in gpu.epoch(0):
+            got.append(batch)
+    assert len(got) == 1 and not _producer_alive()
+    assert [what for _, what, *_ in streams.log].count("hand_over") == 1

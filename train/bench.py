@@ -17,8 +17,10 @@ checked against the eager one on the same weights, images and masks (an ``equiva
 actually ran (attention backend per call site, kernels, compile variant and mode, graphs), img/s, model TFLOP/s (3x
 the forward FLOPs of :func:`fastmae.flops_per_image`: matmuls and attention), MFU against the GPU's spec dense bf16
 peak (``mfu``, the field's convention) and against the measured matmul peak (``mfu_measured_peak``), and peak memory
-per image (with graphs: from the capture on, where the step's activations are allocated). The results file is
-rewritten after every row; a configuration that fails is a row with its ``error``, and the suite goes on.
+per image (with graphs: from the capture on, where the step's activations are allocated), the warm-up's seconds
+(``warmup_s``: a configuration's compile time in its first row) and the recompile-limit hits seen while the row ran
+(a row with one fails: part of its step ran uncompiled). The results file is rewritten after every row; a
+configuration that fails is a row with its ``error``, and the suite goes on.
 
 Levers, each measured side by side in the same run: ``--graphs`` adds a ``graphs`` variant of every compiled
 configuration (the whole step as one CUDA graph, on the same compiled model); ``--batches`` sweeps the batch size of
@@ -38,6 +40,7 @@ import time
 
 import torch
 
+from fastmae.compiling import recompile_limit_hits
 from fastmae.config import BenchConfig
 from fastmae.errors import FastMAEError
 from fastmae.models import create_model, flops_per_image
@@ -121,7 +124,7 @@ class StepBench:
         self.step_fn = self.spec.compiled(self.model)
         # The recipe's AdamW (no weight decay on norms, biases, tokens), fused: the optimizer the loop runs.
         self.optimizer = build_optimizer(self.model, 1e-4, 0.05, (0.9, 0.95), fused=True)
-        self.attn_backend = self.model.resolve_attention(device, self.spec.act_dtype)
+        self.attn_backend = self.model.resolve_attention(device, self.spec.act_dtype, batch=batch)
         size = self.model.patch_embed.img_size
         g = torch.Generator(device=device).manual_seed(0)
         self.imgs = torch.randint(0, 256, (batch, 3, *size), dtype=torch.uint8, device=device, generator=g)
@@ -146,11 +149,14 @@ class StepBench:
         cuda = device.type == "cuda"
         graphs = variant == "graphs"
         step = self.step(graphs=graphs)
+        hits_before = len(recompile_limit_hits())
+        t_warm = time.perf_counter()
         for _ in range(max(warmup, step.warmup + 2) if graphs else warmup):
             if cuda and step.captures_next:  # the capture allocates the step's activations (in the graph's pool)
                 torch.cuda.reset_peak_memory_stats(device)
             self._run_once(step)
         sync(device)
+        warmup_s = time.perf_counter() - t_warm  # the first row of a configuration: its compile time too
         if cuda and not graphs:  # an ordinary step allocates its activations at every step
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
@@ -168,6 +174,7 @@ class StepBench:
         top = parts = None
         if profile:
             top, parts = profile_steps(lambda: self._run_once(step), device, seconds * 1e3)
+        hits = recompile_limit_hits()
         return {
             "name": "pretrain_step", "model": self.model_name, "decoder_depth": self.decoder_depth,
             "encoder_mode": self.mode, "config": self.config, "variant": variant, "batch_size": self.batch,
@@ -177,7 +184,8 @@ class StepBench:
             "graphs": step.captured, "img_per_s": img_s, "step_ms": seconds * 1e3, "tflops": tflops, "mfu": mfu,
             "mfu_measured_peak": mfu_measured, "peak_tflops": peak_tflops(gpu),
             "peak_mem_gb": peak_mem, "peak_mem_gb_per_image": peak_mem / self.batch if cuda else None,
-            "gflops_per_image": flops / 1e9, "profile": top, "breakdown": parts,
+            "gflops_per_image": flops / 1e9, "profile": top, "breakdown": parts, "warmup_s": warmup_s,
+            "recompile_limit_hits": hits[hits_before:], "recompile_limit_hits_before": hits_before,
         }  # fmt: skip
 
 
@@ -279,6 +287,12 @@ def run_suite(cfg: BenchConfig, device: torch.device, log=print, on_row=None) ->
                 add({**base, "variant": variant, "error": row_error(exc), "oom": is_oom(exc)})
                 log(f"{what}: {'out of memory' if is_oom(exc) else row_error(exc)}")
                 free_memory(device)
+                continue
+            if row["recompile_limit_hits"]:  # part of the step ran uncompiled: not a compiled row's number
+                row["error"] = (f"torch.compile hit its recompile limit during this row, so part of the step ran "
+                                f"uncompiled: {row['recompile_limit_hits'][0][:200]}")  # fmt: skip
+                add(row)
+                log(f"{what}: {row['error']}")
                 continue
             add(row)
             log(f"{what}: {row['img_per_s']:9.1f} img/s {row['tflops']:7.2f} TFLOP/s attn {row['attn_backend']} "

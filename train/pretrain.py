@@ -73,7 +73,8 @@ class Pretraining(Recipe):
             self.model = fastmae.create_model(cfg.model, img_size=cfg.img_size, norm_pix_loss=cfg.norm_pix_loss,
                                               **patch, **options)  # fmt: skip
         self.model.to(ctx.device)
-        self.attn_used = self.model.resolve_attention(ctx.device, ctx.act_dtype)  # auto, per call site
+        # auto: the measured table's fastest at this batch, per call site
+        self.attn_used = self.model.resolve_attention(ctx.device, ctx.act_dtype, batch=cfg.batch_size)
         self.kernels_used = self.model.kernels_used(ctx.device)
         self.base_lr = cfg.effective_lr(dist.world_size)
         self.step_module = wrap_model(self.model, dist, ctx.device)  # DDP, or the model (FSDP2 shards in place)

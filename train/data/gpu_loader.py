@@ -17,7 +17,8 @@ crops, flips, resizes (bicubic, antialiased) and normalises the whole batch, on 
   being reused before the step is done with it. Two batches are kept ready ahead.
 
 On a CPU (the tests) the same pipeline runs with the same decoders' CPU form, the kernel under the Triton
-interpreter, and no streams.
+interpreter, and no streams; the producer thread with its events and hand-over runs there with a stand-in for the CUDA
+calls (:class:`CudaStreams`).
 """
 
 from __future__ import annotations
@@ -183,6 +184,31 @@ def gpu_loader_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
+class CudaStreams:
+    """The CUDA calls of the GPU loader's pipeline, in one place: a side stream, running the producer on it, an event
+    after each batch's kernel, and handing a batch over to the step's stream (it waits for the event; the batch's
+    memory is kept from reuse until the step's stream is done with it). The tests put a stand-in here to run
+    :meth:`GPULoader._ahead` on a CPU (producer thread, events, ``record_stream``, shutdown, errors)."""
+
+    def side_stream(self, device: torch.device):
+        return torch.cuda.Stream(device)
+
+    @contextlib.contextmanager
+    def running_on(self, device: torch.device, stream):
+        with torch.cuda.device(device), torch.cuda.stream(stream):
+            yield
+
+    def event_after(self, stream):
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
+
+    def hand_over(self, imgs: torch.Tensor, event, device: torch.device) -> None:
+        current = torch.cuda.current_stream(device)
+        current.wait_event(event)  # the step's stream waits for the kernel, the host does not
+        imgs.record_stream(current)  # not reused by the side stream before the step is done with it
+
+
 class GPULoader(TorchvisionLoader):
     """The pretrain pipeline with decoding and augmentation on the GPU (see the module docstring). Same interface,
     order, boxes and resumability as :class:`TorchvisionLoader`, whose worker handling it keeps; batches are
@@ -190,6 +216,7 @@ class GPULoader(TorchvisionLoader):
 
     name = "gpu"
     AHEAD = 2  # batches transformed ahead of the step
+    streams = CudaStreams()
 
     def __init__(self, index, img_size, batch_size, seed, device: torch.device, num_workers=0, rank=0, world=1,
                  augment: Augment = RECIPE, decoder=_decode_jpegs):  # fmt: skip
@@ -199,7 +226,7 @@ class GPULoader(TorchvisionLoader):
                          pipeline="pretrain", rank=rank, world=world, augment=augment)  # fmt: skip
         self.dataset = EncodedFiles(index, "pretrain", img_size, seed, augment)
         self.loader = self._data_loader()
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.stream = self.streams.side_stream(self.device) if self.device.type == "cuda" else None
 
     @property
     def decoders(self) -> dict[str, str]:
@@ -304,10 +331,9 @@ class GPULoader(TorchvisionLoader):
 
         def produce():
             try:
-                with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+                with self.streams.running_on(self.device, self.stream):
                     for item in self._transformed(epoch, start_batch):
-                        event = torch.cuda.Event()
-                        event.record(self.stream)
+                        event = self.streams.event_after(self.stream)
                         while not stop.is_set():
                             with contextlib.suppress(queue.Full):
                                 ready.put((item, event), timeout=0.1)
@@ -329,9 +355,7 @@ class GPULoader(TorchvisionLoader):
                     raise item
                 b, imgs, labels, ids = item
                 if imgs is not None:
-                    current = torch.cuda.current_stream(self.device)
-                    current.wait_event(event)  # the step's stream waits for the kernel, the host does not
-                    imgs.record_stream(current)  # not reused by the side stream before the step is done with it
+                    self.streams.hand_over(imgs, event, self.device)
                 yield b, imgs, labels, ids
         finally:
             stop.set()

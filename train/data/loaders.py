@@ -13,6 +13,7 @@ the step) or already normalised float32.
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import logging
 import random
@@ -284,6 +285,14 @@ class _EpochBatches(torch.utils.data.Sampler):
             yield [(self.epoch, int(i)) for i in ids]
 
 
+def _freeze_inherited(_worker_id: int) -> None:
+    """A forked DataLoader worker first freezes what it inherited (``gc.freeze``): garbage the parent had not yet
+    collected is then never finalised in the worker, where the parent's threads do not exist. (A DALI pipeline left in
+    a reference cycle by an earlier loader, collected in a worker, hung it for good in ``Pipeline.__del__``, waiting on
+    threads that are not there.) What the worker allocates itself is collected as usual."""
+    gc.freeze()
+
+
 class TorchvisionLoader(IndexLoader):
     """torchvision.io / Pillow decoding and uint8 transforms (timm's for finetuning) in DataLoader worker processes.
 
@@ -324,6 +333,7 @@ class TorchvisionLoader(IndexLoader):
             # its own generator: a DataLoader iterator otherwise draws its base seed from torch's global generator,
             # which would shift drop path / mixup after a mid-epoch resume (augmentations are seeded per sample)
             generator=torch.Generator().manual_seed(self.seed),
+            worker_init_fn=_freeze_inherited,
         )
 
     def _batches(self, epoch, start_batch):
