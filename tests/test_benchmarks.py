@@ -245,7 +245,7 @@ def test_gpu_sitting_stages_fit_their_budgets_and_one_call(tmp_path, capsys):
                      ("codec", "attention"), ("codec", "decode"), ("feed", "e2e-feed"), ("feed", "loader")]  # fmt: skip
     l8, b8, full = (next(line for line in printed if f"] {n}: " in line) for n in ("l8", "b8", "l8-full"))
     for line in (l8, b8):  # the ratios and MFU, per block, plain and as one CUDA graph, fastmae's rows first
-        assert "--configs fastmae,eager,compiled-reference --compile regional --graphs" in line
+        assert "--configs fastmae,mask-token,compiled-reference,eager --compile regional --graphs" in line
     assert "--models mae_vit_large_patch16 --decoder-depths 8" in l8 and "--profile" in l8
     assert "--models mae_vit_base_patch16" in b8
     assert "--configs fastmae --compile full --graphs" in full and "mae_vit_large_patch16" in full
