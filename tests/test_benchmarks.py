@@ -636,13 +636,20 @@ def test_gpu_smoke_stopped_by_a_signal_writes_every_line_and_leaves_no_check_run
                              "fused-ops,cuda,nan-guard", "--jobs", "2", "--out", str(out)],
                             env={**os.environ, "FASTMAE_SITTING": marker}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)  # fmt: skip
-    time.sleep(2)  # the checks are starting
+    sitting = _load("gpu_sitting")
+    end = time.monotonic() + 60
+    while len(sitting.marked("FASTMAE_SITTING", marker)) < 3 and time.monotonic() < end:  # the stage and 2 checks
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     console = proc.communicate(timeout=30)[0].decode()
     assert proc.returncode == 128 + signal.SIGTERM, console
     by = {r["check"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert set(by) == {"fused-ops", "cuda", "nan-guard"}
-    assert all(r["status"] == "not run" and "stopped" in r["error"] for r in by.values())
+    assert set(by) == {"fused-ops", "cuda", "nan-guard"}, console
+    # a check that ended before the signal keeps its own line (a fast machine can end one in the race); every other
+    # one says it was stopped, and the third one, which waited for a free job, was never started
+    stopped = [r for r in by.values() if r["status"] == "not run"]
+    assert stopped and all("stopped" in r["error"] for r in stopped), console
+    assert all(r["status"] in ("pass", "fail") for r in by.values() if r["status"] != "not run"), console
     time.sleep(0.3)
     assert _load("gpu_sitting").marked("FASTMAE_SITTING", marker) == []
 

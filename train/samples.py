@@ -32,15 +32,16 @@ def make_jpegs(folder: Path, count: int, seed: int = 0, classes: int = 4, proces
     on ImageNet (~110 KB each); every ``large_every``-th about 2000 x 1500 (0: none; upsampled, so smoother than a
     real photo of that size). Written by ``processes`` processes (default: the usable cores), the same files
     whatever their number."""
-    import multiprocessing
     import os
 
     processes = processes or len(os.sched_getaffinity(0))
     if processes <= 1 or count < 256:
         _write_jpegs(folder, range(count), seed, classes, large_every)
         return folder
-    fork = multiprocessing.get_context("fork")  # the children run this module's function as it is (no pickling)
-    procs = [fork.Process(target=_write_jpegs, args=(folder, range(k, count, processes), seed, classes, large_every))
+    from .data.pool import context
+
+    ctx = context()
+    procs = [ctx.Process(target=_write_jpegs, args=(folder, range(k, count, processes), seed, classes, large_every))
              for k in range(processes)]  # fmt: skip
     for proc in procs:
         proc.start()

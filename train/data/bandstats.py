@@ -20,7 +20,6 @@ Work is spread over ``workers`` processes (forked; 0 = in this process); ``read`
 from __future__ import annotations
 
 import concurrent.futures
-import multiprocessing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ import numpy as np
 
 from fastmae.errors import FastMAEError
 
+from .pool import lost_worker, process_pool
 from .rasters import read_raster
 
 DEFAULT_SAMPLE = 512  # files
@@ -122,9 +122,11 @@ def band_statistics(sources: Sequence, *, read: Callable = read_raster, nodata=N
     chosen = sample_files(len(sources), sample, seed)
     tasks = [(read, sources[int(p)], nodata, pixels, seed, int(p)) for p in chosen]
     if workers and len(tasks) > 1:
-        ctx = multiprocessing.get_context("fork")
-        with concurrent.futures.ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx) as pool:
-            parts = list(pool.map(_file_partial, tasks, chunksize=max(1, len(tasks) // (4 * workers))))
+        with process_pool(min(workers, len(tasks))) as pool:
+            try:
+                parts = list(pool.map(_file_partial, tasks, chunksize=max(1, len(tasks) // (4 * workers))))
+            except concurrent.futures.process.BrokenProcessPool as err:
+                raise lost_worker("band statistics", err) from None
     else:
         parts = [_file_partial(t) for t in tasks]
     total, failed = None, []

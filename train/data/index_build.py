@@ -8,7 +8,6 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import logging
-import multiprocessing
 import os
 import re
 import sys
@@ -24,6 +23,7 @@ from fastmae.errors import FastMAEError
 from ..job import local_world_size, usable_cpus
 from .decode import BAD, IMAGE_EXTENSIONS, UNKNOWN, probe
 from .index_cache import StringTable, Table, TableBuilder, entries_of, reuse
+from .pool import lost_worker, process_pool
 
 logger = logging.getLogger("fastmae.data")
 
@@ -250,7 +250,7 @@ def _fill(entries: dict, positions: Iterable[int], found: list) -> dict[int, str
 
 
 def _pool_run(fn, tasks: list, workers: int, show: bool, unit: str, sizes: list[int] | None = None) -> list:
-    """``[fn(t) for t in tasks]`` over ``workers`` processes (forked: they inherit nothing they must re-import), a
+    """``[fn(t) for t in tasks]`` over ``workers`` processes (:mod:`.pool`: forked from a forkserver), a
     bounded number of tasks in flight, with a progress bar on the main rank."""
     from tqdm import tqdm
 
@@ -264,9 +264,8 @@ def _pool_run(fn, tasks: list, workers: int, show: bool, unit: str, sizes: list[
                 out.append(fn(t))
                 bar.update(n)
             return out
-        ctx = multiprocessing.get_context("fork")
         out: list = [None] * len(tasks)
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        with process_pool(workers) as pool:
             pending, nxt = {}, 0
             while nxt < len(tasks) or pending:
                 while nxt < len(tasks) and len(pending) < 4 * workers:
@@ -275,7 +274,10 @@ def _pool_run(fn, tasks: list, workers: int, show: bool, unit: str, sizes: list[
                 done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
                 for fut in done:
                     k = pending.pop(fut)
-                    out[k] = fut.result()
+                    try:
+                        out[k] = fut.result()
+                    except concurrent.futures.process.BrokenProcessPool as err:
+                        raise lost_worker("validating the data", err) from None
                     bar.update(sizes[k])
         return out
     finally:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import multiprocessing
 import os
 import shutil
 import struct
@@ -40,6 +39,7 @@ import torch
 from fastmae.errors import FastMAEError, NoRoom
 from fastmae.files import atomic_write, mb
 
+from .pool import lost_worker, process_pool
 from .rasters import RASTER_EXTENSIONS, check_raster, read_raster
 
 MAGIC = b"FASTMAE-PACK-01\n"
@@ -94,16 +94,18 @@ def _load(source) -> tuple[np.ndarray | None, str | None]:
 
 
 def _decoded(sources: Sequence, workers: int):
-    """``_load`` of each source, in order, over ``workers`` forked processes (0: here), a bounded number ahead."""
+    """``_load`` of each source, in order, over ``workers`` processes (0: here), a bounded number ahead."""
     if not workers:
         yield from map(_load, sources)
         return
-    ctx = multiprocessing.get_context("fork")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    with process_pool(workers) as pool:
         ahead = 4 * workers
         pending = [pool.submit(_load, s) for s in sources[:ahead]]
         for i in range(len(sources)):
-            result = pending[i].result()
+            try:
+                result = pending[i].result()
+            except concurrent.futures.process.BrokenProcessPool as err:
+                raise lost_worker(f"packing {sources[i]}", err) from None
             pending[i] = None
             if i + ahead < len(sources):
                 pending.append(pool.submit(_load, sources[i + ahead]))
