@@ -6,10 +6,10 @@ import threading
 
 import numpy as np
 import pytest
-
-from fastmae import FastMAEError
 from fastmae.train.data.bandstats import band_statistics
 from fastmae.train.data.pool import process_pool
+
+from fastmae import FastMAEError
 from tests import _util
 
 
