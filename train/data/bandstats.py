@@ -13,7 +13,7 @@ normalises with (in the data's native units), computed once at index time and ke
   one (``ddof=0``, numpy's default). A band with no valid pixel in the sample has mean and std NaN and count 0 (the
   caller refuses to train on it).
 
-Work is spread over ``workers`` processes (forked; 0 = in this process); ``read`` must be a module-level function
+Work is spread over ``workers`` processes (:mod:`.pool`; 0 = in this process); ``read`` must be a module-level function
 (it is pickled by reference), :func:`~fastmae.train.data.rasters.read_raster` by default.
 """
 

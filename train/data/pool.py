@@ -1,7 +1,9 @@
 """Process pools for the data tools (index validation, band statistics, packing, synthetic data): their workers are
-forked from a forkserver, a fresh process started once, never from the caller. The caller may hold threads (torch's
-pools, DALI's, a progress bar's, a test runner's) and a fork copies the locks those threads hold: a child that needs
-one (malloc, the import lock, a logging handler) waits for ever, and with it the pool. That hung a whole CI run.
+forked from a forkserver, a fresh process started once, never from the caller. A fork copies the caller's objects
+and the state of its threads' locks, not the threads: in a CI run a forked worker's garbage collector finalised a DALI
+pipeline that an earlier test had left in a reference cycle, its destructor waited for executor threads that do not
+exist in the child, and the pool (and the run) hung for 90 minutes. The functions the workers run, and what they take,
+must be importable and picklable.
 
 The server imports the modules whose functions the workers run (``preload``) once, so each worker starts warm; it is
 one per process, and what it preloads is fixed when it starts."""
