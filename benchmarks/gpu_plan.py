@@ -4,7 +4,10 @@ number is marked: measured (which results file, when) or derived (from what). No
 generated from the GPU sittings' results JSONs and the models' own counts (parameters, FLOPs), and written between the
 ``gpu-plan`` markers of docs/pretraining.md.
 
-    python benchmarks/gpu_plan.py [--results JSON ...] [--readme docs/pretraining.md]
+    python benchmarks/gpu_plan.py [--results JSON ...] [--readme docs/pretraining.md] [--table]
+
+``--table`` also writes ``fastmae/batch_table.json``: the same state and activation bytes per model, which
+``fastmae.batching`` reads to choose a preset's batch per process and gradient accumulation at any GPU count.
 
 How each derived number is made (also stated under the table):
 - memory: a step's peak = the fixed state + batch x activations per image. Fixed state, from the parameter count:
@@ -33,6 +36,8 @@ from fastmae.files import update_readme
 from fastmae.models import create_model, flops_per_image, model_args
 
 RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+TABLE = ROOT / "fastmae" / "batch_table.json"  # --table: what fastmae.batching reads
 MODELS = ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14")
 SHORT = {"mae_vit_base_patch16": "ViT-B/16", "mae_vit_large_patch16": "ViT-L/16", "mae_vit_huge_patch14": "ViT-H/14"}
 DEFAULT_RESULTS = ("h200-20261130-pretrain-vit-b-dec8.json", "h200-20261130-pretrain-vit-l-dec8.json")
@@ -111,12 +116,13 @@ def recipe_split(batch: int) -> str:
     return f"{b} x {want // b}"
 
 
-def table(paths: list[Path], smi: Path, loader: Path | None = None) -> str:
+def derive(paths: list[Path]) -> tuple[dict, dict, dict]:
+    """(the measured rows, each model's counts, each model's derived cells: rate, activations per image, their marks,
+    the DDP state) from the results JSONs: the numbers the table and the batch table share."""
     rows = measured_rows(paths)
     if "mae_vit_large_patch16" not in rows:
         raise SystemExit("the derivations start from a measured ViT-L/16 row; give its results JSON")
     c = {m: counts(m) for m in MODELS}
-    h200 = card_bytes(smi)
     ref = rows["mae_vit_large_patch16"]
     ref_act = (ref["peak_mem_gb"] * 1e9 - state_bytes(c[ref["model"]], False)) / ref["batch_size"]
     ref_flop_rate = ref["img_per_s"] * c[ref["model"]]["flops"]
@@ -132,9 +138,18 @@ def table(paths: list[Path], smi: Path, loader: Path | None = None) -> str:
             rate, rate_mark = ref_flop_rate / cm["flops"], "d3"
             act, act_mark = ref_act * cm["token_width"] / c[ref["model"]]["token_width"], "d2"
             peak = "-"
-        ddp = state_bytes(cm, True)
-        cells[m] = {"rate": rate, "rate_mark": rate_mark, "act": act, "act_mark": act_mark, "peak": peak, "ddp": ddp,
-                    "h100": largest(H100_BYTES, ddp, act), "h200": largest(h200, ddp, act)}  # fmt: skip
+        cells[m] = {"rate": rate, "rate_mark": rate_mark, "act": act, "act_mark": act_mark, "peak": peak,
+                    "ddp": state_bytes(cm, True)}  # fmt: skip
+    return rows, c, cells
+
+
+def table(paths: list[Path], smi: Path, loader: Path | None = None) -> str:
+    rows, c, cells = derive(paths)
+    h200 = card_bytes(smi)
+    ref = rows["mae_vit_large_patch16"]
+    ref_act = cells[ref["model"]]["act"]
+    for cell in cells.values():
+        cell.update(h100=largest(H100_BYTES, cell["ddp"], cell["act"]), h200=largest(h200, cell["ddp"], cell["act"]))
     check = ""
     if "mae_vit_base_patch16" in rows:
         b = cells["mae_vit_base_patch16"]["act"]
@@ -192,6 +207,38 @@ def table(paths: list[Path], smi: Path, loader: Path | None = None) -> str:
     return "\n".join(out + legend)
 
 
+def batch_table(paths: list[Path]) -> dict:
+    """What ``fastmae.batching`` sizes a per-process batch with (``fastmae/batch_table.json``): per model, the bytes
+    of state a process holds whatever its batch (weights, gradients, AdamW; DDP's buckets apart) and the bytes of
+    activations per image, each marked measured (file, date) or derived (from what). The same numbers as the table."""
+    rows, c, cells = derive(paths)
+    ref = rows["mae_vit_large_patch16"]
+    models = {}
+    for m in MODELS:
+        cm, r = c[m], rows.get(m)
+        if r is not None:
+            act = {"mark": "derived", "from": f"(the peak {r['peak_mem_gb']:g} GB measured at batch {r['batch_size']}"
+                   " - state_bytes) / the batch (d1)", "file": f"benchmarks/results/{r['file']}", "date": r["date"],
+                   "gpu": r["gpu"]}  # fmt: skip
+        else:
+            act = {"mark": "derived", "from": f"{SHORT[ref['model']]}'s bytes_per_image x "
+                   f"{cm['token_width'] / c[ref['model']]['token_width']:.3f}, the ratio of the sums over the encoder's"
+                   " and decoder's blocks of tokens x width (d2); not measured"}  # fmt: skip
+        models[m] = {
+            "state_bytes": {"value": int(state_bytes(cm, False)), "mark": "derived",
+                            "from": "4 B per parameter (fp32 weights) + 12 B per trained parameter (gradients, "
+                            f"AdamW's two moments), counted: {cm['params']:,} parameters, {cm['trained']:,} trained"},
+            "ddp_bytes": {"value": int(state_bytes(cm, True) - state_bytes(cm, False)), "mark": "derived",
+                          "from": "DDP's gradient buckets, 4 B per trained parameter (more than one process only)"},
+            "bytes_per_image": {"value": round(cells[m]["act"]), **act},
+        }  # fmt: skip
+    return {"about": "Memory per process of a pretraining step (bf16, torch.compile, Triton ops, visible-only encoder, "
+            "mask ratio 0.75, decoder depth 8) at img_size pixels; generated by `python benchmarks/gpu_plan.py "
+            "--table`, never edited by hand. fastmae.batching: the largest batch per process = (usable x the GPU's "
+            "memory - state_bytes - ddp_bytes) / bytes_per_image, rounded down to a multiple of 8.",
+            "usable": USABLE, "img_size": 224, "models": models}  # fmt: skip
+
+
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", nargs="+", default=[str(RESULTS / f) for f in DEFAULT_RESULTS],
@@ -200,7 +247,11 @@ def main(argv=None) -> str:
     ap.add_argument("--loader-results", default=str(RESULTS / LOADER),
                     help="a CPU loader benchmark's JSON (benchmarks/bench_loader.py): workers per GPU to keep up")
     ap.add_argument("--readme", default=None, help="the page to write (docs/pretraining.md), between gpu-plan markers")
+    ap.add_argument("--table", nargs="?", const=str(TABLE), default=None, metavar="JSON",
+                    help=f"also write the batch table fastmae sizes batches with (default: {TABLE.relative_to(ROOT)})")
     args = ap.parse_args(argv)
+    if args.table:
+        Path(args.table).write_text(json.dumps(batch_table([Path(p) for p in args.results]), indent=2) + "\n")
     text = table([Path(p) for p in args.results], Path(args.smi), Path(args.loader_results))
     if args.readme:
         update_readme(Path(args.readme), text, "gpu-plan")

@@ -128,9 +128,19 @@ class Optimisation:
 
     epochs: int = _f(800, "epochs over the data set", positive=True)
     warmup_epochs: float = _f(40, "linear warmup length in epochs (then cosine decay per iteration)")
-    batch_size: int = _f(64, "images per step per process (effective batch = batch x accum-iter x world size)",
-                         positive=True)  # fmt: skip
-    accum_iter: int = _f(1, "accumulate gradients over N batches per optimizer step", positive=True)
+    batch_size: int | None = _f(
+        64, "images per step per process (effective batch = batch x accum-iter x processes); with a --recipe-batch "
+        "and no --batch-size, chosen to fit the GPU (docs/pretraining.md); --batch-size alone keeps its meaning and "
+        "drops the preset's recipe batch", positive=True
+    )  # fmt: skip
+    accum_iter: int | None = _f(
+        1, "accumulate gradients over N batches per optimizer step (with a --recipe-batch and no --accum-iter, "
+        "chosen with the batch)", positive=True
+    )  # fmt: skip
+    recipe_batch: int | None = _f(
+        None, "effective batch to keep at any number of processes (batch x accum-iter x processes): what of "
+        "--batch-size and --accum-iter is not given is chosen to make it (unset by default)", positive=True
+    )  # fmt: skip
     lr: float | None = _f(None, "absolute learning rate (overrides --blr; unset by default)")
     min_lr: float = _f(0.0, "floor of the cosine schedule")
     weight_decay: float = _f(0.05, "AdamW weight decay (not on biases, norms, tokens)")
@@ -170,6 +180,14 @@ class Run:
     )  # fmt: skip
     stop_after_steps: int | None = _f(None, "stop once the global step reaches N (schedule unchanged; off by default)",
                                       positive=True)  # fmt: skip
+    world_size: int | None = _f(
+        None, "processes the batch is chosen for (default: the launcher's, torchrun's WORLD_SIZE or SLURM_NTASKS, "
+        "else 1); a run checks it against the launcher's, --print-config plans with it", positive=True
+    )  # fmt: skip
+    gpu_mem: float | None = _f(
+        None, "GiB of memory per GPU that the batch is chosen to fit (default: the GPU's own; no limit without one)",
+        positive=True,
+    )
 
     def check(self) -> None:
         self.compile = check_compile(self.compile, self.compile_mode)
@@ -325,6 +343,9 @@ class TrainingConfig(CommandConfig):
     SECTIONS = SHARED
 
     def effective_batch(self, world_size: int = 1) -> int:
+        if self.batch_size is None or self.accum_iter is None:
+            raise FastMAEError("the batch and accumulation are not chosen yet (fastmae.batching.choose_batch chooses "
+                               f"them for --recipe-batch {self.recipe_batch} at the start of a run)")  # fmt: skip
         return self.batch_size * self.accum_iter * world_size
 
     def scaled_lr(self, blr: float, world_size: int = 1) -> float:
@@ -400,12 +421,14 @@ class PretrainConfig(TrainingConfig):
     def check(self) -> None:
         check_graph_mode(self.cuda_graphs, self.compile, self.compile_mode)
 
-    def recipe_check(self, world_size: int, steps_per_epoch: int) -> tuple[list[str], list[str]]:
-        """(summary lines, warnings) about the recipe this configuration amounts to, printed at the start."""
+    def recipe_check(self, world_size: int, steps_per_epoch: int, batch_choice=()) -> tuple[list[str], list[str]]:
+        """(summary lines, warnings) about the recipe this configuration amounts to, printed at the start; the lines
+        begin with ``batch_choice``, the reasons :func:`fastmae.batching.resolve_batch` gave for the batch."""
         eff = self.effective_batch(world_size)
         total = self.epochs * steps_per_epoch
         warmup = round(self.warmup_epochs * steps_per_epoch)
         lines = [
+            *batch_choice,
             f"effective batch {eff} = {self.batch_size} per step x {self.accum_iter} accumulation x {world_size} "
             + ("process" if world_size == 1 else "processes"),
             f"lr {self.effective_lr(world_size):.3g}"
@@ -442,11 +465,14 @@ PRESETS: dict[str, PretrainConfig] = {
         blr=4e-3, norm_pix_loss=True, crop_scale=0.35, hflip=0.0, output_dir="output/digits", log_every=20,
         picture_every=500, picture_scale=4, num_reconstructions=8,
     ),
-    # The official MAE recipe (facebookresearch/mae PRETRAIN.md): batch 4096, blr 1.5e-4, 40 warmup epochs, norm-pix.
+    # The official MAE recipe (facebookresearch/mae PRETRAIN.md): effective batch 4096, blr 1.5e-4, 40 warmup epochs,
+    # norm-pix. 4096 is the effective batch: the batch per process and the accumulation are chosen at the start for
+    # the number of processes and the GPU's memory (fastmae/batching.py).
     **{
         name: PretrainConfig(
-            model=name, img_size=224, epochs=800, warmup_epochs=40, batch_size=4096, blr=1.5e-4, norm_pix_loss=True,
-            output_dir=f"output/{name}", log_every=20, save_every=1000,
+            model=name, img_size=224, epochs=800, warmup_epochs=40, batch_size=None, accum_iter=None,
+            recipe_batch=4096, blr=1.5e-4, norm_pix_loss=True, output_dir=f"output/{name}", log_every=20,
+            save_every=1000,
         )
         for name in ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14")
     },
@@ -521,7 +547,7 @@ class FinetuneConfig(TrainingConfig):
     CHOICES = DOWNSTREAM_CHOICES
 
     def check(self) -> None:
-        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
+        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size is not None and self.batch_size % 2:
             raise FastMAEError(f"mixup/cutmix need an even --batch-size, got {self.batch_size}")
 
 

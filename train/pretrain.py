@@ -89,7 +89,7 @@ class Pretraining(Recipe):
     def prepare(self, state: TrainingState, log) -> dict:
         cfg, ctx = self.cfg, self.ctx
         self.log = log
-        recipe, warnings_ = cfg.recipe_check(ctx.dist.world_size, state.steps_per_epoch)
+        recipe, warnings_ = cfg.recipe_check(ctx.dist.world_size, state.steps_per_epoch, ctx.batch_choice)
         for line in recipe:
             logger.info("recipe: %s", line)
         for line in warnings_:

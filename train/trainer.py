@@ -155,8 +155,8 @@ class Trainer:
         self.log = RunLog(ctx.out, ctx.main, cfg.tensorboard, self.step if ctx.resume_path is not None else None)
         self.checkpointer.warn_if_no_room(self.recipe.copies)
         resolved = {**cfg.to_dict(), **ctx.info(), "command": self.recipe.name, "steps_per_epoch": self.steps_per_epoch,
-                    "effective_batch": cfg.effective_batch(world), "total_steps": cfg.epochs * self.steps_per_epoch,
-                    "lr": self.recipe.base_lr}  # fmt: skip
+                    "effective_batch": cfg.effective_batch(world), "batch_choice": list(ctx.batch_choice),
+                    "total_steps": cfg.epochs * self.steps_per_epoch, "lr": self.recipe.base_lr}  # fmt: skip
         resolved.update(self.recipe.prepare(self.state(), self.log))
         self.checkpointer.config = resolved
         self.log.config(resolved)
