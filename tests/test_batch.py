@@ -198,7 +198,7 @@ def test_help_with_a_preset_shows_that_presets_values(capsys):
     assert err[0].startswith("fastmae pretrain: error: --preset mae_vit_bas: no such choice; did you mean")
 
 
-def test_a_run_chooses_before_it_starts_and_says_so_first(tmp_path, caplog):
+def test_a_run_chooses_before_it_starts_and_says_so_first(tmp_path, caplog, capsys):
     """The wiring: start_run chooses the batch (here from --recipe-batch and --accum-iter), the recipe check logs the
     reasons first, and config.json holds them; a --world-size that is not the launcher's is one line."""
     out = tmp_path / "run"
@@ -213,5 +213,9 @@ def test_a_run_chooses_before_it_starts_and_says_so_first(tmp_path, caplog):
     recipe = [r.getMessage() for r in caplog.records if r.getMessage().startswith("recipe: ")]
     assert recipe[:2] == ["recipe: batch 2 x accum 2 x 1 process: batch chosen to make recipe batch 4",
                           "recipe: effective batch 4 = 2 per step x 2 accumulation x 1 process"]  # fmt: skip
+    capsys.readouterr()
     assert main([*args, "--output-dir", str(tmp_path / "other"), "--world-size", "8"]) == 2
-    assert not (tmp_path / "other").exists()
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "fastmae: error: --world-size 8, but this run has 1 process(es): --world-size plans a batch for "
+        "--print-config; drop it, or start 8 processes (fastmae launch --nproc-per-node 8, or srun)"]  # fmt: skip
+    assert not (tmp_path / "other").exists()  # refused before any folder was made
