@@ -7,7 +7,12 @@ generated from the GPU sittings' results JSONs and the models' own counts (param
     python benchmarks/gpu_plan.py [--results JSON ...] [--readme docs/pretraining.md] [--table]
 
 ``--table`` also writes ``fastmae/batch_table.json``: the same state and activation bytes per model, which
-``fastmae.batching`` reads to choose a preset's batch per process and gradient accumulation at any GPU count.
+``fastmae.batching`` reads to choose a preset's batch per process and gradient accumulation at any GPU count; and the
+same for finetuning and linear probing, derived from pretraining's (nothing downstream is measured on a GPU):
+- finetuning: the encoder over every token (197 for ViT-B/L, 257 for ViT-H/14), no decoder; activations per image =
+  this model's pretraining activations x finetuning's sum over its blocks of tokens x width / pretraining's (d2's rule).
+- linear probing: the encoder frozen under ``no_grad``, so a block's activations are freed once the next has run;
+  activations per image = one block's share of the same (tokens x width of one block); the state is the fp32 weights.
 
 How each derived number is made (also stated under the table):
 - memory: a step's peak = the fixed state + batch x activations per image. Fixed state, from the parameter count:
@@ -44,6 +49,7 @@ DEFAULT_RESULTS = ("h200-20261130-pretrain-vit-b-dec8.json", "h200-20261130-pret
 SMI = "h200-20261130-nvidia-smi.txt"  # the H200's memory as nvidia-smi reported it at that sitting
 LOADER = "loader-cpu-20261203-025324.json"  # the CPU loader's rate per worker (benchmarks/bench_loader.py)
 IMAGENET = 1_281_167  # ImageNet-1k training images
+CLASSES = 1000  # ImageNet-1k classes: the finetuning head the batch table counts
 EPOCHS, GPUS, RECIPE_BATCH = 800, 8, 4096
 USABLE = 0.9  # of a card's memory: the CUDA context, the allocator's fragmentation and workspaces take the rest
 H100_BYTES = 80 * 2**30  # an H100 80 GB (its datasheet's 80 GB, taken as GiB)
@@ -62,6 +68,22 @@ def counts(name: str) -> dict:
             "flops": flops_per_image(model, 0.75, "visible")["total"],
             "token_width": a["depth"] * (kept + 1) * a["embed_dim"]
             + a["decoder_depth"] * (patches + 1) * a["decoder_embed_dim"]}  # fmt: skip
+
+
+def downstream_counts(name: str) -> dict:
+    """Parameters of the finetuned ViT (a ``CLASSES``-way head, all trained) and of the probed encoder (no head,
+    frozen), and the sums of tokens x width over the blocks that a finetuning step keeps for its backward (every
+    block, every token, cls included) and that a frozen forward holds at once (one block), at 224 px; built on the
+    meta device."""
+    from fastmae.interop import create_vit
+
+    with torch.device("meta"):
+        ft, lp = create_vit(name, CLASSES, 224, "avg"), create_vit(name, 0, 224, "token")
+    a = model_args(name)
+    tokens = ft.patch_embed.num_patches + 1
+    return {"ft_params": sum(p.numel() for p in ft.parameters()), "lp_params": sum(p.numel() for p in lp.parameters()),
+            "tokens": tokens, "ft_token_width": a["depth"] * tokens * a["embed_dim"],
+            "lp_token_width": tokens * a["embed_dim"], "depth": a["depth"], "width": a["embed_dim"]}  # fmt: skip
 
 
 def state_bytes(c: dict, ddp: bool) -> float:
@@ -208,14 +230,15 @@ def table(paths: list[Path], smi: Path, loader: Path | None = None) -> str:
 
 
 def batch_table(paths: list[Path]) -> dict:
-    """What ``fastmae.batching`` sizes a per-process batch with (``fastmae/batch_table.json``): per model, the bytes
-    of state a process holds whatever its batch (weights, gradients, AdamW; DDP's buckets apart) and the bytes of
-    activations per image, each marked measured (file, date) or derived (from what). The same numbers as the table."""
+    """What ``fastmae.batching`` sizes a per-process batch with (``fastmae/batch_table.json``): per command and model,
+    the bytes of state a process holds whatever its batch (weights, gradients, AdamW; DDP's buckets and the EMA apart)
+    and the bytes of activations per image, each marked measured (file, date) or derived (from what). Pretraining's
+    are the table's numbers; finetuning's and linear probing's are derived from them (see the module docstring)."""
     rows, c, cells = derive(paths)
     ref = rows["mae_vit_large_patch16"]
-    models = {}
+    pretrain, finetune, linprobe = {}, {}, {}
     for m in MODELS:
-        cm, r = c[m], rows.get(m)
+        cm, r, d = c[m], rows.get(m), downstream_counts(m)
         if r is not None:
             act = {"mark": "derived", "from": f"(the peak {r['peak_mem_gb']:g} GB measured at batch {r['batch_size']}"
                    " - state_bytes) / the batch (d1)", "file": f"benchmarks/results/{r['file']}", "date": r["date"],
@@ -224,7 +247,7 @@ def batch_table(paths: list[Path]) -> dict:
             act = {"mark": "derived", "from": f"{SHORT[ref['model']]}'s bytes_per_image x "
                    f"{cm['token_width'] / c[ref['model']]['token_width']:.3f}, the ratio of the sums over the encoder's"
                    " and decoder's blocks of tokens x width (d2); not measured"}  # fmt: skip
-        models[m] = {
+        pretrain[m] = {
             "state_bytes": {"value": int(state_bytes(cm, False)), "mark": "derived",
                             "from": "4 B per parameter (fp32 weights) + 12 B per trained parameter (gradients, "
                             f"AdamW's two moments), counted: {cm['params']:,} parameters, {cm['trained']:,} trained"},
@@ -232,11 +255,53 @@ def batch_table(paths: list[Path]) -> dict:
                           "from": "DDP's gradient buckets, 4 B per trained parameter (more than one process only)"},
             "bytes_per_image": {"value": round(cells[m]["act"]), **act},
         }  # fmt: skip
-    return {"about": "Memory per process of a pretraining step (bf16, torch.compile, Triton ops, visible-only encoder, "
-            "mask ratio 0.75, decoder depth 8) at img_size pixels; generated by `python benchmarks/gpu_plan.py "
-            "--table`, never edited by hand. fastmae.batching: the largest batch per process = (usable x the GPU's "
-            "memory - state_bytes - ddp_bytes) / bytes_per_image, rounded down to a multiple of 8.",
-            "usable": USABLE, "img_size": 224, "models": models}  # fmt: skip
+        per_unit = cells[m]["act"] / cm["token_width"]  # pretraining's activation bytes per token x width
+        blocks = f"{d['depth']} x {d['tokens']} x {d['width']}"
+        finetune[m] = {
+            "state_bytes": {"value": 16 * d["ft_params"], "mark": "derived",
+                            "from": "16 B per parameter (fp32 weights, gradients, AdamW's two moments; every "
+                            f"parameter trained), counted: {d['ft_params']:,} with a {CLASSES}-class head"},
+            "ddp_bytes": {"value": 4 * d["ft_params"], "mark": "derived",
+                          "from": "DDP's gradient buckets, 4 B per parameter (more than one process only)"},
+            "ema_bytes": {"value": 4 * d["ft_params"], "mark": "derived",
+                          "from": "--ema's fp32 copy of the weights, 4 B per parameter (with --ema only)"},
+            "bytes_per_image": {"value": round(per_unit * d["ft_token_width"]), "mark": "derived",
+                                "from": f"pretraining's bytes_per_image x {d['ft_token_width'] / cm['token_width']:.3f}"
+                                f", finetuning's sum over its blocks of tokens x width ({blocks}: the encoder over "
+                                "every token, no decoder) over pretraining's (d2's rule); not measured"},
+        }  # fmt: skip
+        linprobe[m] = {
+            "state_bytes": {"value": 4 * d["lp_params"], "mark": "derived",
+                            "from": f"4 B per parameter (fp32 weights, frozen: no gradients or optimizer state), "
+                            f"counted: {d['lp_params']:,}; the probes (a few MB) are not counted"},
+            "bytes_per_image": {"value": round(per_unit * d["lp_token_width"]), "mark": "derived",
+                                "from": f"pretraining's bytes_per_image x {d['lp_token_width'] / cm['token_width']:.4f}"
+                                f", one block's tokens x width ({d['tokens']} x {d['width']}) over pretraining's sum "
+                                "(d2's rule): the encoder runs frozen under no_grad, so a block's activations are "
+                                "freed once the next block has run; not measured"},
+        }  # fmt: skip
+    check = ""
+    if "mae_vit_base_patch16" in rows:  # how far d2's rule is from a measurement it was not made from
+        base, large = c["mae_vit_base_patch16"]["token_width"], c[ref["model"]]["token_width"]
+        off = cells[ref["model"]]["act"] * base / large / cells["mae_vit_base_patch16"]["act"] - 1
+        check = (f" d2's rule predicts ViT-B/16's measured pretraining activations from ViT-L/16's {100 * off:+.0f}% "
+                 "off; it has not been checked on this command's step.")  # fmt: skip
+    step = "bf16, torch.compile, at img_size pixels"
+    return {"about": "Memory per process of a training step, per command and model; generated by `python "
+            "benchmarks/gpu_plan.py --table`, never edited by hand. fastmae.batching: the largest batch per process = "
+            "(usable x the GPU's memory - state_bytes - ddp_bytes (more than one process) - ema_bytes (--ema)) / "
+            "bytes_per_image, rounded down to a multiple of 8.",
+            "usable": USABLE, "img_size": 224,
+            "commands": {
+                "pretrain": {"about": f"a pretraining step ({step}, Triton ops, visible-only encoder, mask ratio 0.75, "
+                             "decoder depth 8)", "state": "weights, gradients, AdamW", "models": pretrain},
+                "finetune": {"about": f"a finetuning step ({step}, timm's ViT: every token through the encoder, no "
+                             "decoder), derived from pretraining's; nothing here is measured." + check,
+                             "state": "weights, gradients, AdamW", "models": finetune},
+                "linprobe": {"about": f"a linear-probing step ({step}, the encoder frozen under no_grad), derived from "
+                             "pretraining's; nothing here is measured." + check, "state": "frozen weights",
+                             "models": linprobe},
+            }}  # fmt: skip
 
 
 def main(argv=None) -> str:

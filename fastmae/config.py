@@ -348,6 +348,19 @@ class TrainingConfig(CommandConfig):
                                f"them for --recipe-batch {self.recipe_batch} at the start of a run)")  # fmt: skip
         return self.batch_size * self.accum_iter * world_size
 
+    def batch_lines(self, world_size: int, batch_choice=()) -> list[str]:
+        """How the batch was chosen (``batch_choice``: :func:`fastmae.batching.resolve_batch`'s reasons), then the
+        effective batch it makes: the first lines of the recipe check."""
+        return [*batch_choice, f"effective batch {self.effective_batch(world_size)} = {self.batch_size} per step x "
+                f"{self.accum_iter} accumulation x {world_size} {'process' if world_size == 1 else 'processes'}"]
+
+    def recipe_check(self, world_size: int, steps_per_epoch: int, batch_choice=()) -> tuple[list[str], list[str]]:
+        """(summary lines, warnings) about the recipe this configuration amounts to, logged at the start of a run:
+        the batch, then the schedule's length."""
+        warmup = round(self.warmup_epochs * steps_per_epoch)
+        return [*self.batch_lines(world_size, batch_choice), f"{steps_per_epoch} steps/epoch, warmup {warmup} steps "
+                f"({self.warmup_epochs:g} epochs), {self.epochs * steps_per_epoch} steps"], []  # fmt: skip
+
     def scaled_lr(self, blr: float, world_size: int = 1) -> float:
         """The paper's rule: lr = blr x effective batch / 256."""
         return blr * self.effective_batch(world_size) / 256
@@ -428,9 +441,7 @@ class PretrainConfig(TrainingConfig):
         total = self.epochs * steps_per_epoch
         warmup = round(self.warmup_epochs * steps_per_epoch)
         lines = [
-            *batch_choice,
-            f"effective batch {eff} = {self.batch_size} per step x {self.accum_iter} accumulation x {world_size} "
-            + ("process" if world_size == 1 else "processes"),
+            *self.batch_lines(world_size, batch_choice),
             f"lr {self.effective_lr(world_size):.3g}"
             + ("" if self.lr is not None else f" = blr {self.blr:g} x {eff} / 256"),
             f"{steps_per_epoch} steps/epoch, warmup {warmup} steps ({self.warmup_epochs:g} epochs), {total} steps",
@@ -597,7 +608,10 @@ class LinprobeConfig(TrainingConfig):
         return self.probe_lrs(world_size)[0]
 
 
-_OFFICIAL_FT = {  # FINETUNE.md: effective batch 1024, 5 warmup epochs, wd 0.05, mixup 0.8, cutmix 1.0, reprob 0.25
+# FINETUNE.md: effective batch 1024 (ViT-B: 32 per GPU x accum 4 x 8 GPUs, or x 32 GPUs without accumulation), 5 warmup
+# epochs, wd 0.05, mixup 0.8, cutmix 1.0, reprob 0.25. 1024 is the effective batch: the batch per process and the
+# accumulation are chosen at the start for the number of processes and the GPU's memory (fastmae/batching.py).
+_OFFICIAL_FT = {
     "mae_vit_base_patch16": dict(blr=5e-4, layer_decay=0.65, drop_path=0.1, epochs=100),
     "mae_vit_large_patch16": dict(blr=1e-3, layer_decay=0.75, drop_path=0.2, epochs=50),
     "mae_vit_huge_patch14": dict(blr=1e-3, layer_decay=0.75, drop_path=0.3, epochs=50),
@@ -617,8 +631,8 @@ FINETUNE_PRESETS: dict[str, FinetuneConfig] = {
                              cutmix=0.0, smoothing=0.1, rand_augment="none", reprob=0.0, crop_scale=0.35, hflip=0.0,
                              output_dir="output/finetune-digits", log_every=20),
     **{
-        name: FinetuneConfig(model=name, img_size=224, batch_size=1024, warmup_epochs=5, output_dir=f"output/ft-{name}",
-                             log_every=20, **kw)
+        name: FinetuneConfig(model=name, img_size=224, batch_size=None, accum_iter=None, recipe_batch=1024,
+                             warmup_epochs=5, output_dir=f"output/ft-{name}", log_every=20, **kw)
         for name, kw in _OFFICIAL_FT.items()
     },
 }  # fmt: skip
@@ -630,10 +644,11 @@ LINPROBE_PRESETS: dict[str, LinprobeConfig] = {
     "digits": LinprobeConfig(model="mae_vit_mini_patch4", pretrained=DIGITS_CHECKPOINT, img_size=32, epochs=10,
                              warmup_epochs=1, batch_size=64, probe_blrs="100,400,1600", crop_scale=0.35, hflip=0.0,
                              output_dir="output/linprobe-digits"),
-    # LINPROBE.md: batch 16384, blr 0.1, LARS, wd 0, 90 epochs, 10 warmup; cls token (H: 50 epochs)
+    # LINPROBE.md: effective batch 16384 (512 per GPU x 32 GPUs), blr 0.1, LARS, wd 0, 90 epochs, 10 warmup; cls token
+    # (H: 50 epochs). 16384 is the effective batch, chosen at the start as finetuning's (fastmae/batching.py).
     **{
-        name: LinprobeConfig(model=name, img_size=224, batch_size=16384, epochs=50 if "huge" in name else 90,
-                             output_dir=f"output/lp-{name}", log_every=20)
+        name: LinprobeConfig(model=name, img_size=224, batch_size=None, accum_iter=None, recipe_batch=16384,
+                             epochs=50 if "huge" in name else 90, output_dir=f"output/lp-{name}", log_every=20)
         for name in _OFFICIAL_FT
     },
 }  # fmt: skip

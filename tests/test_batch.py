@@ -19,16 +19,17 @@ ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL = ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14")
 
 
-def _fits(model: str, world: int, gib: float) -> int:
+def _fits(model: str, world: int, gib: float, command: str = "pretrain", ema: bool = False) -> int:
     """The largest batch per process the table's numbers allow, worked out here from the rule as the docs state it."""
-    row = batch_table()["models"][model]
-    state = row["state_bytes"]["value"] + (row["ddp_bytes"]["value"] if world > 1 else 0)
+    row = batch_table()["commands"][command]["models"][model]
+    state = row["state_bytes"]["value"] + (row["ddp_bytes"]["value"] if world > 1 and "ddp_bytes" in row else 0)
+    state += row["ema_bytes"]["value"] if ema else 0
     return int((0.9 * gib * 2**30 - state) / row["bytes_per_image"]["value"]) // 8 * 8
 
 
-def _fewest_accum(model: str, world: int, gib: float, target: int = 4096) -> int:
+def _fewest_accum(model: str, world: int, gib: float, target: int = 4096, command: str = "pretrain") -> int:
     """The smallest accumulation that splits target / world evenly into batches that fit (a brute-force search)."""
-    share, fits = target // world, _fits(model, world, gib)
+    share, fits = target // world, _fits(model, world, gib, command)
     return next(a for a in range(1, share + 1) if share % a == 0 and share // a <= fits)
 
 
@@ -43,13 +44,45 @@ def test_the_batch_table_is_what_gpu_plan_writes(tmp_path):
     plan.main(["--table", str(out)])
     assert out.read_text() == TABLE.read_text(), "fastmae/batch_table.json is stale: run benchmarks/gpu_plan.py --table"
     table = json.loads(out.read_text())
-    assert sorted(table["models"]) == sorted(OFFICIAL)
-    for row in table["models"].values():
-        for number in row.values():
-            assert number["mark"] in ("measured", "derived") and number["from"] and number["value"] > 0
-    base = table["models"]["mae_vit_base_patch16"]["bytes_per_image"]
+    assert list(table["commands"]) == ["pretrain", "finetune", "linprobe"]
+    for section in table["commands"].values():
+        assert sorted(section["models"]) == sorted(OFFICIAL)
+        for row in section["models"].values():
+            for number in row.values():
+                assert number["mark"] in ("measured", "derived") and number["from"] and number["value"] > 0
+    pretrain = table["commands"]["pretrain"]["models"]
+    base = pretrain["mae_vit_base_patch16"]["bytes_per_image"]
     assert base["file"] == f"benchmarks/results/{plan.DEFAULT_RESULTS[0]}" and base["date"] == "2026-11-30"
-    assert "not measured" in table["models"]["mae_vit_huge_patch14"]["bytes_per_image"]["from"]
+    assert "not measured" in pretrain["mae_vit_huge_patch14"]["bytes_per_image"]["from"]
+    for command in ("finetune", "linprobe"):  # derived from pretraining's, and they say so
+        assert "nothing here is measured" in table["commands"][command]["about"]
+        for row in table["commands"][command]["models"].values():
+            assert row["bytes_per_image"]["from"].endswith("not measured") and "file" not in row["bytes_per_image"]
+
+
+# (depth, width, tokens at 224 px) and the pretraining decoder's (depth 8, width 512, every token), kept tokens: 25%
+ARCH = {"mae_vit_base_patch16": (12, 768, 197), "mae_vit_large_patch16": (24, 1024, 197),
+        "mae_vit_huge_patch14": (32, 1280, 257)}  # fmt: skip
+
+
+@pytest.mark.parametrize("model", OFFICIAL)
+def test_the_downstream_numbers_follow_the_stated_rule(model):
+    """Finetuning's activations per image = pretraining's x (every block over every token) / (pretraining's encoder
+    over the kept tokens + decoder); linear probing's = one block's share; worked out here from the architecture."""
+    depth, width, tokens = ARCH[model]
+    kept = (tokens - 1) // 4 + 1
+    pretrain_sum = depth * kept * width + 8 * tokens * 512
+    models = {c: batch_table()["commands"][c]["models"][model] for c in ("pretrain", "finetune", "linprobe")}
+    per_image = models["pretrain"]["bytes_per_image"]["value"]
+    assert models["finetune"]["bytes_per_image"]["value"] == pytest.approx(
+        per_image * depth * tokens * width / pretrain_sum, abs=1)
+    assert models["linprobe"]["bytes_per_image"]["value"] == pytest.approx(per_image * tokens * width / pretrain_sum,
+                                                                             abs=1)  # fmt: skip
+    # the fixed state: finetuning trains every parameter (16 B each, + 4 B DDP, + 4 B EMA); probing holds fp32 weights
+    ft, lp = models["finetune"], models["linprobe"]
+    assert ft["state_bytes"]["value"] == 4 * ft["ddp_bytes"]["value"] == 4 * ft["ema_bytes"]["value"]
+    assert "ddp_bytes" not in lp and lp["state_bytes"]["value"] < ft["state_bytes"]["value"] / 4  # no head
+    assert ft["state_bytes"]["value"] < models["pretrain"]["state_bytes"]["value"]  # no decoder
 
 
 @pytest.mark.parametrize("model", OFFICIAL)
