@@ -13,7 +13,7 @@ import pytest
 from fastmae import FastMAEError
 from fastmae.batching import TABLE, batch_table, choose_batch, resolve_batch
 from fastmae.cli import main
-from fastmae.config import preset
+from fastmae.config import FINETUNE_PRESETS, LINPROBE_PRESETS, preset
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL = ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14")
@@ -164,9 +164,72 @@ def test_a_preset_keeps_4096_at_1_8_and_64_processes(world, want):
     assert reasons[0].startswith(f"batch {want[0]} x accum 1 x {world} process")
 
 
-def _print_config(capsys, *args) -> dict:
-    assert main(["pretrain", *args, "--print-config"]) == 0
+DOWNSTREAM = {"finetune": (FINETUNE_PRESETS, 1024), "linprobe": (LINPROBE_PRESETS, 16384)}
+
+
+@pytest.mark.parametrize("command", DOWNSTREAM)
+@pytest.mark.parametrize("model", OFFICIAL)
+@pytest.mark.parametrize("world", [1, 8, 64])
+def test_the_downstream_presets_keep_their_recipe_batch_at_1_8_and_64_processes(command, model, world):
+    """Finetuning's 1024 and linear probing's 16384 (FINETUNE.md, LINPROBE.md) are effective batches: without a known
+    memory the share is the batch; on 80 GiB GPUs, the largest batch that fits the command's own numbers."""
+    presets, target = DOWNSTREAM[command]
+    cfg = presets[model].replace()
+    assert (cfg.batch_size, cfg.accum_iter, cfg.recipe_batch) == (None, None, target)
+    reasons = choose_batch(cfg, world, None, command)
+    assert (cfg.batch_size, cfg.accum_iter) == (target // world, 1) and cfg.effective_batch(world) == target
+    assert reasons[0] == (f"batch {target // world} x accum 1 x {world} process{'es' if world > 1 else ''}: recipe "
+                          f"batch {target} / {world} process{'es' if world > 1 else ''}, no memory limit applied")
+    cfg = presets[model].replace()
+    reasons = choose_batch(cfg, world, 80, command)
+    assert cfg.effective_batch(world) == target and cfg.batch_size <= _fits(model, world, 80, command)
+    assert cfg.accum_iter == _fewest_accum(model, world, 80, target, command)
+    assert reasons[1].startswith(f"why: at most {_fits(model, world, 80, command)} images per process fit")
+    assert reasons[1].endswith("derived, not measured: fastmae/batch_table.json)")
+    lr = cfg.effective_lr(world)  # the lr follows the effective batch, not the process count
+    assert lr == pytest.approx((cfg.blr if command == "finetune" else cfg.blrs()[0]) * target / 256)
+
+
+def test_the_downstream_splits_the_docs_name():
+    """docs/downstream.md's examples, and what the derived numbers mean: one 80 GiB GPU finetunes ViT-L at 256 x 4
+    and probes it at 8192 x 2, ViT-H at 128 x 8 and 4096 x 4; 8 GPUs need no accumulation."""
+    want = {("finetune", "mae_vit_large_patch16", 1): (256, 4), ("finetune", "mae_vit_huge_patch14", 1): (128, 8),
+            ("finetune", "mae_vit_base_patch16", 1): (1024, 1), ("linprobe", "mae_vit_large_patch16", 1): (8192, 2),
+            ("linprobe", "mae_vit_huge_patch14", 1): (4096, 4), ("finetune", "mae_vit_huge_patch14", 8): (128, 1),
+            ("linprobe", "mae_vit_huge_patch14", 8): (2048, 1)}  # fmt: skip
+    page = " ".join((ROOT / "docs" / "downstream.md").read_text().split())
+    for (command, model, world), split in want.items():
+        assert resolve_batch(model, world, 80, None, None, DOWNSTREAM[command][1], command=command)[:2] == split
+    assert "one 80 GB GPU finetunes ViT-L/16 at 256 x 4 (ViT-B/16 1024 x 1, ViT-H/14 128 x 8)" in page
+    assert "one 80 GB GPU probes ViT-L/16 at 8192 x 2 (ViT-H/14 4096 x 4)" in page
+    large = {c: batch_table()["commands"][c]["models"]["mae_vit_large_patch16"] for c in ("pretrain", "finetune")}
+    ratio = large["finetune"]["bytes_per_image"]["value"] / large["pretrain"]["bytes_per_image"]["value"]
+    assert f"no decoder: {ratio:.1f}x ViT-L/16's pretraining" in page
+    # the EMA's copy of the weights is counted: ViT-H/14 loses room for a few images
+    assert _fits("mae_vit_huge_patch14", 1, 80, "finetune", ema=True) < _fits("mae_vit_huge_patch14", 1, 80, "finetune")
+    got = resolve_batch("mae_vit_huge_patch14", 1, 80, None, None, 1024, command="finetune", ema=True)
+    assert got[:2] == (128, 8) and "weights, gradients, AdamW and the EMA" in got[2][1]
+
+
+def _print_config(capsys, *args, command="pretrain") -> dict:
+    assert main([command, *args, "--print-config"]) == 0
     return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("command", DOWNSTREAM)
+def test_print_config_for_finetune_and_linprobe(capsys, command):
+    target = DOWNSTREAM[command][1]
+    cfg = _print_config(capsys, "--preset", "mae_vit_large_patch16", "--world-size", "8", command=command)
+    assert (cfg["batch_size"], cfg["accum_iter"], cfg["effective_batch"]) == (target // 8, 1, target)
+    assert cfg["command"] == command and cfg["recipe_batch"] == target and "--gpu-mem GIB" in cfg["batch_choice"][1]
+    cfg = _print_config(capsys, "--preset", "mae_vit_large_patch16", "--gpu-mem", "80", command=command)
+    assert (cfg["batch_size"], cfg["accum_iter"], cfg["world_size"]) == ((256, 4) if command == "finetune" else
+                                                                        (8192, 2)) + (1,)  # fmt: skip
+    cfg = _print_config(capsys, "--preset", "mae_vit_large_patch16", "--world-size", "8", "--batch-size", "32",
+                        command=command)  # a batch alone keeps its meaning: per process, no recipe batch
+    assert (cfg["batch_size"], cfg["accum_iter"], cfg["recipe_batch"], cfg["effective_batch"]) == (32, 1, None, 256)
+    cfg = _print_config(capsys, "--world-size", "8", command=command)  # demo keeps its own batch per process
+    assert cfg["recipe_batch"] is None and cfg["accum_iter"] == 1 and cfg["effective_batch"] == 8 * cfg["batch_size"]
 
 
 def test_print_config_shows_the_batch_chosen_for_a_world_and_a_gpu(capsys):
@@ -252,3 +315,25 @@ def test_a_run_chooses_before_it_starts_and_says_so_first(tmp_path, caplog, caps
         "fastmae: error: --world-size 8, but this run has 1 process(es): --world-size plans a batch for "
         "--print-config; drop it, or start 8 processes (fastmae launch --nproc-per-node 8, or srun)"]  # fmt: skip
     assert not (tmp_path / "other").exists()  # refused before any folder was made
+
+
+@pytest.mark.parametrize("command", DOWNSTREAM)
+def test_finetune_and_linprobe_runs_log_the_choice_first(command, tmp_path, caplog):
+    """A downstream run chooses its batch at the start as pretraining does: the reasons are the first lines of the
+    recipe check in the log, and config.json holds them; --gpu-mem looks the model up in the command's own numbers."""
+    out = tmp_path / command
+    args = [command, "--img-size", "32", "--num-workers", "0", "--no-progress", "--recipe-batch", "64", "--gpu-mem",
+            "80", "--stop-after-steps", "1", "--output-dir", str(out)]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="fastmae"):
+        assert main([*args, *(["--knn-k", "0"] if command == "linprobe" else [])]) == 0
+    first = ["batch 64 x accum 1 x 1 process: recipe batch 64 / 1 process, no memory limit applied",
+             f"why: no memory numbers for mae_vit_tiny_patch16 in fastmae/batch_table.json's {command} section (it "
+             "holds mae_vit_base_patch16, mae_vit_large_patch16, mae_vit_huge_patch14)"]  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert (config["batch_size"], config["accum_iter"], config["effective_batch"]) == (64, 1, 64)
+    assert config["batch_choice"] == first and config["recipe_warnings"] == []
+    recipe = [r.getMessage() for r in caplog.records if r.getMessage().startswith("recipe: ")]
+    assert recipe[:3] == [*(f"recipe: {line}" for line in first),
+                          "recipe: effective batch 64 = 64 per step x 1 accumulation x 1 process"]  # fmt: skip
+    started = next(i for i, r in enumerate(caplog.records) if "effective batch 64, " in r.getMessage())
+    assert started > max(i for i, r in enumerate(caplog.records) if r.getMessage().startswith("recipe: "))
