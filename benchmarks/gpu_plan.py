@@ -4,7 +4,15 @@ number is marked: measured (which results file, when) or derived (from what). No
 generated from the GPU sittings' results JSONs and the models' own counts (parameters, FLOPs), and written between the
 ``gpu-plan`` markers of docs/pretraining.md.
 
-    python benchmarks/gpu_plan.py [--results JSON ...] [--readme docs/pretraining.md]
+    python benchmarks/gpu_plan.py [--results JSON ...] [--readme docs/pretraining.md] [--table]
+
+``--table`` also writes ``fastmae/batch_table.json``: the same state and activation bytes per model, which
+``fastmae.batching`` reads to choose a preset's batch per process and gradient accumulation at any GPU count; and the
+same for finetuning and linear probing, derived from pretraining's (nothing downstream is measured on a GPU):
+- finetuning: the encoder over every token (197 for ViT-B/L, 257 for ViT-H/14), no decoder; activations per image =
+  this model's pretraining activations x finetuning's sum over its blocks of tokens x width / pretraining's (d2's rule).
+- linear probing: the encoder frozen under ``no_grad``, so a block's activations are freed once the next has run;
+  activations per image = one block's share of the same (tokens x width of one block); the state is the fp32 weights.
 
 How each derived number is made (also stated under the table):
 - memory: a step's peak = the fixed state + batch x activations per image. Fixed state, from the parameter count:
@@ -33,12 +41,15 @@ from fastmae.files import update_readme
 from fastmae.models import create_model, flops_per_image, model_args
 
 RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+TABLE = ROOT / "fastmae" / "batch_table.json"  # --table: what fastmae.batching reads
 MODELS = ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14")
 SHORT = {"mae_vit_base_patch16": "ViT-B/16", "mae_vit_large_patch16": "ViT-L/16", "mae_vit_huge_patch14": "ViT-H/14"}
 DEFAULT_RESULTS = ("h200-20261130-pretrain-vit-b-dec8.json", "h200-20261130-pretrain-vit-l-dec8.json")
 SMI = "h200-20261130-nvidia-smi.txt"  # the H200's memory as nvidia-smi reported it at that sitting
 LOADER = "loader-cpu-20261203-025324.json"  # the CPU loader's rate per worker (benchmarks/bench_loader.py)
 IMAGENET = 1_281_167  # ImageNet-1k training images
+CLASSES = 1000  # ImageNet-1k classes: the finetuning head the batch table counts
 EPOCHS, GPUS, RECIPE_BATCH = 800, 8, 4096
 USABLE = 0.9  # of a card's memory: the CUDA context, the allocator's fragmentation and workspaces take the rest
 H100_BYTES = 80 * 2**30  # an H100 80 GB (its datasheet's 80 GB, taken as GiB)
@@ -57,6 +68,22 @@ def counts(name: str) -> dict:
             "flops": flops_per_image(model, 0.75, "visible")["total"],
             "token_width": a["depth"] * (kept + 1) * a["embed_dim"]
             + a["decoder_depth"] * (patches + 1) * a["decoder_embed_dim"]}  # fmt: skip
+
+
+def downstream_counts(name: str) -> dict:
+    """Parameters of the finetuned ViT (a ``CLASSES``-way head, all trained) and of the probed encoder (no head,
+    frozen), and the sums of tokens x width over the blocks that a finetuning step keeps for its backward (every
+    block, every token, cls included) and that a frozen forward holds at once (one block), at 224 px; built on the
+    meta device."""
+    from fastmae.interop import create_vit
+
+    with torch.device("meta"):
+        ft, lp = create_vit(name, CLASSES, 224, "avg"), create_vit(name, 0, 224, "token")
+    a = model_args(name)
+    tokens = ft.patch_embed.num_patches + 1
+    return {"ft_params": sum(p.numel() for p in ft.parameters()), "lp_params": sum(p.numel() for p in lp.parameters()),
+            "tokens": tokens, "ft_token_width": a["depth"] * tokens * a["embed_dim"],
+            "lp_token_width": tokens * a["embed_dim"], "depth": a["depth"], "width": a["embed_dim"]}  # fmt: skip
 
 
 def state_bytes(c: dict, ddp: bool) -> float:
@@ -111,12 +138,13 @@ def recipe_split(batch: int) -> str:
     return f"{b} x {want // b}"
 
 
-def table(paths: list[Path], smi: Path, loader: Path | None = None) -> str:
+def derive(paths: list[Path]) -> tuple[dict, dict, dict]:
+    """(the measured rows, each model's counts, each model's derived cells: rate, activations per image, their marks,
+    the DDP state) from the results JSONs: the numbers the table and the batch table share."""
     rows = measured_rows(paths)
     if "mae_vit_large_patch16" not in rows:
         raise SystemExit("the derivations start from a measured ViT-L/16 row; give its results JSON")
     c = {m: counts(m) for m in MODELS}
-    h200 = card_bytes(smi)
     ref = rows["mae_vit_large_patch16"]
     ref_act = (ref["peak_mem_gb"] * 1e9 - state_bytes(c[ref["model"]], False)) / ref["batch_size"]
     ref_flop_rate = ref["img_per_s"] * c[ref["model"]]["flops"]
@@ -132,9 +160,18 @@ def table(paths: list[Path], smi: Path, loader: Path | None = None) -> str:
             rate, rate_mark = ref_flop_rate / cm["flops"], "d3"
             act, act_mark = ref_act * cm["token_width"] / c[ref["model"]]["token_width"], "d2"
             peak = "-"
-        ddp = state_bytes(cm, True)
-        cells[m] = {"rate": rate, "rate_mark": rate_mark, "act": act, "act_mark": act_mark, "peak": peak, "ddp": ddp,
-                    "h100": largest(H100_BYTES, ddp, act), "h200": largest(h200, ddp, act)}  # fmt: skip
+        cells[m] = {"rate": rate, "rate_mark": rate_mark, "act": act, "act_mark": act_mark, "peak": peak,
+                    "ddp": state_bytes(cm, True)}  # fmt: skip
+    return rows, c, cells
+
+
+def table(paths: list[Path], smi: Path, loader: Path | None = None) -> str:
+    rows, c, cells = derive(paths)
+    h200 = card_bytes(smi)
+    ref = rows["mae_vit_large_patch16"]
+    ref_act = cells[ref["model"]]["act"]
+    for cell in cells.values():
+        cell.update(h100=largest(H100_BYTES, cell["ddp"], cell["act"]), h200=largest(h200, cell["ddp"], cell["act"]))
     check = ""
     if "mae_vit_base_patch16" in rows:
         b = cells["mae_vit_base_patch16"]["act"]
@@ -192,6 +229,81 @@ def table(paths: list[Path], smi: Path, loader: Path | None = None) -> str:
     return "\n".join(out + legend)
 
 
+def batch_table(paths: list[Path]) -> dict:
+    """What ``fastmae.batching`` sizes a per-process batch with (``fastmae/batch_table.json``): per command and model,
+    the bytes of state a process holds whatever its batch (weights, gradients, AdamW; DDP's buckets and the EMA apart)
+    and the bytes of activations per image, each marked measured (file, date) or derived (from what). Pretraining's
+    are the table's numbers; finetuning's and linear probing's are derived from them (see the module docstring)."""
+    rows, c, cells = derive(paths)
+    ref = rows["mae_vit_large_patch16"]
+    pretrain, finetune, linprobe = {}, {}, {}
+    for m in MODELS:
+        cm, r, d = c[m], rows.get(m), downstream_counts(m)
+        if r is not None:
+            act = {"mark": "derived", "from": f"(the peak {r['peak_mem_gb']:g} GB measured at batch {r['batch_size']}"
+                   " - state_bytes) / the batch (d1)", "file": f"benchmarks/results/{r['file']}", "date": r["date"],
+                   "gpu": r["gpu"]}  # fmt: skip
+        else:
+            act = {"mark": "derived", "from": f"{SHORT[ref['model']]}'s bytes_per_image x "
+                   f"{cm['token_width'] / c[ref['model']]['token_width']:.3f}, the ratio of the sums over the encoder's"
+                   " and decoder's blocks of tokens x width (d2); not measured"}  # fmt: skip
+        pretrain[m] = {
+            "state_bytes": {"value": int(state_bytes(cm, False)), "mark": "derived",
+                            "from": "4 B per parameter (fp32 weights) + 12 B per trained parameter (gradients, "
+                            f"AdamW's two moments), counted: {cm['params']:,} parameters, {cm['trained']:,} trained"},
+            "ddp_bytes": {"value": int(state_bytes(cm, True) - state_bytes(cm, False)), "mark": "derived",
+                          "from": "DDP's gradient buckets, 4 B per trained parameter (more than one process only)"},
+            "bytes_per_image": {"value": round(cells[m]["act"]), **act},
+        }  # fmt: skip
+        per_unit = cells[m]["act"] / cm["token_width"]  # pretraining's activation bytes per token x width
+        blocks = f"{d['depth']} x {d['tokens']} x {d['width']}"
+        finetune[m] = {
+            "state_bytes": {"value": 16 * d["ft_params"], "mark": "derived",
+                            "from": "16 B per parameter (fp32 weights, gradients, AdamW's two moments; every "
+                            f"parameter trained), counted: {d['ft_params']:,} with a {CLASSES}-class head"},
+            "ddp_bytes": {"value": 4 * d["ft_params"], "mark": "derived",
+                          "from": "DDP's gradient buckets, 4 B per parameter (more than one process only)"},
+            "ema_bytes": {"value": 4 * d["ft_params"], "mark": "derived",
+                          "from": "--ema's fp32 copy of the weights, 4 B per parameter (with --ema only)"},
+            "bytes_per_image": {"value": round(per_unit * d["ft_token_width"]), "mark": "derived",
+                                "from": f"pretraining's bytes_per_image x {d['ft_token_width'] / cm['token_width']:.3f}"
+                                f", finetuning's sum over its blocks of tokens x width ({blocks}: the encoder over "
+                                "every token, no decoder) over pretraining's (d2's rule); not measured"},
+        }  # fmt: skip
+        linprobe[m] = {
+            "state_bytes": {"value": 4 * d["lp_params"], "mark": "derived",
+                            "from": f"4 B per parameter (fp32 weights, frozen: no gradients or optimizer state), "
+                            f"counted: {d['lp_params']:,}; the probes (a few MB) are not counted"},
+            "bytes_per_image": {"value": round(per_unit * d["lp_token_width"]), "mark": "derived",
+                                "from": f"pretraining's bytes_per_image x {d['lp_token_width'] / cm['token_width']:.4f}"
+                                f", one block's tokens x width ({d['tokens']} x {d['width']}) over pretraining's sum "
+                                "(d2's rule): the encoder runs frozen under no_grad, so a block's activations are "
+                                "freed once the next block has run; not measured"},
+        }  # fmt: skip
+    check = ""
+    if "mae_vit_base_patch16" in rows:  # how far d2's rule is from a measurement it was not made from
+        base, large = c["mae_vit_base_patch16"]["token_width"], c[ref["model"]]["token_width"]
+        off = cells[ref["model"]]["act"] * base / large / cells["mae_vit_base_patch16"]["act"] - 1
+        check = (f" d2's rule predicts ViT-B/16's measured pretraining activations from ViT-L/16's {100 * off:+.0f}% "
+                 "off; it has not been checked on this command's step.")  # fmt: skip
+    step = "bf16, torch.compile, at img_size pixels"
+    return {"about": "Memory per process of a training step, per command and model; generated by `python "
+            "benchmarks/gpu_plan.py --table`, never edited by hand. fastmae.batching: the largest batch per process = "
+            "(usable x the GPU's memory - state_bytes - ddp_bytes (more than one process) - ema_bytes (--ema)) / "
+            "bytes_per_image, rounded down to a multiple of 8.",
+            "usable": USABLE, "img_size": 224,
+            "commands": {
+                "pretrain": {"about": f"a pretraining step ({step}, Triton ops, visible-only encoder, mask ratio 0.75, "
+                             "decoder depth 8)", "state": "weights, gradients, AdamW", "models": pretrain},
+                "finetune": {"about": f"a finetuning step ({step}, timm's ViT: every token through the encoder, no "
+                             "decoder), derived from pretraining's; nothing here is measured." + check,
+                             "state": "weights, gradients, AdamW", "models": finetune},
+                "linprobe": {"about": f"a linear-probing step ({step}, the encoder frozen under no_grad), derived from "
+                             "pretraining's; nothing here is measured." + check, "state": "frozen weights",
+                             "models": linprobe},
+            }}  # fmt: skip
+
+
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", nargs="+", default=[str(RESULTS / f) for f in DEFAULT_RESULTS],
@@ -200,7 +312,11 @@ def main(argv=None) -> str:
     ap.add_argument("--loader-results", default=str(RESULTS / LOADER),
                     help="a CPU loader benchmark's JSON (benchmarks/bench_loader.py): workers per GPU to keep up")
     ap.add_argument("--readme", default=None, help="the page to write (docs/pretraining.md), between gpu-plan markers")
+    ap.add_argument("--table", nargs="?", const=str(TABLE), default=None, metavar="JSON",
+                    help=f"also write the batch table fastmae sizes batches with (default: {TABLE.relative_to(ROOT)})")
     args = ap.parse_args(argv)
+    if args.table:
+        Path(args.table).write_text(json.dumps(batch_table([Path(p) for p in args.results]), indent=2) + "\n")
     text = table([Path(p) for p in args.results], Path(args.smi), Path(args.loader_results))
     if args.readme:
         update_readme(Path(args.readme), text, "gpu-plan")

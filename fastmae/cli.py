@@ -100,16 +100,19 @@ def _shown(value) -> str:
     return str(value)
 
 
-def _config_flags(p: argparse.ArgumentParser, cls, presets: dict | None = None, default_preset: str = "demo") -> None:
+def _config_flags(p: argparse.ArgumentParser, cls, presets: dict | None = None, default_preset: str = "demo",
+                  shown: str | None = None) -> None:  # fmt: skip
     """One flag per dataclass field (``--field-name``), and ``--preset`` when the command has presets; booleans get
     ``--x/--no-x``. The argparse default stays None (so that only the flags given override the chosen preset or the
-    dataclass's defaults); the help shows the value the default preset (or the dataclass) gives, or nothing where that
-    is None and the help says what None means."""
+    dataclass's defaults); the help shows the value the preset ``shown`` (the one on the command line, else the
+    default preset, or the dataclass) gives, or nothing where that is None and the help says what None means."""
+    shown = shown if presets is not None and shown in presets else default_preset
     if presets is not None:
         p.add_argument("--preset", default=default_preset, choices=list(presets),
-                       help="named configuration to start from; the values shown below are this preset's")  # fmt: skip
-    base = presets[default_preset] if presets is not None else cls()
-    shown_as = default_preset if presets is not None else "default"
+                       help=f"named configuration to start from; the values shown below are {shown}'s (`--preset "
+                       "NAME --help` shows another's)")  # fmt: skip
+    base = presets[shown] if presets is not None else cls()
+    shown_as = shown if presets is not None else "default"
     for f in cls.flags():
         flag = "--" + f.name.replace("_", "-")
         tp = _flag_type(f.type)
@@ -130,7 +133,26 @@ def _config_flags(p: argparse.ArgumentParser, cls, presets: dict | None = None, 
             p.add_argument(flag, dest=f.name, type=tp, default=None, metavar=f.name.upper(), help=text)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def asked_preset(argv: list[str]) -> str | None:
+    """The name after ``--preset`` (or in ``--preset=NAME``) in ``argv``, read before the parser is built so that
+    ``--help`` shows that preset's values; None when there is none."""
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        if arg == "--preset" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--preset="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+PRINT_CONFIG = ("print the resolved configuration as JSON, with the batch x accum-iter chosen for --world-size and "
+                "--gpu-mem and why, and exit (nothing is indexed, written or started on a GPU)")  # fmt: skip
+
+
+def build_parser(preset_shown: str | None = None) -> argparse.ArgumentParser:
+    """The ``fastmae`` parser; the training commands' help shows the values of preset ``preset_shown`` (when it is
+    one of theirs) instead of the default preset's."""
     parser = _Parser(prog="fastmae", description="Fast, verified Masked Autoencoder pretraining.")
     sub = parser.add_subparsers(dest="command", required=True)
     parser.commands = sub.choices
@@ -140,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="MAE pretraining. Flags override the preset's values.",
         formatter_class=_HelpFormatter,
     )
-    _config_flags(p, PretrainConfig, PRESETS)
+    _config_flags(p, PretrainConfig, PRESETS, shown=preset_shown)
+    p.add_argument("--print-config", action="store_true", help=PRINT_CONFIG)
     f = sub.add_parser(
         "finetune",
         help="finetune a pretrained encoder with the paper's recipe (default: a tiny ViT on scikit-learn's digits)",
@@ -148,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
         "random erasing). Flags override the preset's values.",
         formatter_class=_HelpFormatter,
     )
-    _config_flags(f, FinetuneConfig, FINETUNE_PRESETS)
+    _config_flags(f, FinetuneConfig, FINETUNE_PRESETS, shown=preset_shown)
+    f.add_argument("--print-config", action="store_true", help=PRINT_CONFIG)
     lp = sub.add_parser(
         "linprobe",
         help="linear probes (several lrs in one pass) and kNN on a frozen encoder (default: scikit-learn's digits)",
@@ -156,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
         "rates trained side by side on the same features, and a kNN evaluation. Flags override the preset's values.",
         formatter_class=_HelpFormatter,
     )
-    _config_flags(lp, LinprobeConfig, LINPROBE_PRESETS)
+    _config_flags(lp, LinprobeConfig, LINPROBE_PRESETS, shown=preset_shown)
+    lp.add_argument("--print-config", action="store_true", help=PRINT_CONFIG)
     e = sub.add_parser(
         "export",
         help="write a checkpoint for timm (encoder, strict load into vit_*_224), the official format, or transformers",
@@ -232,6 +257,7 @@ def config_from_args(args: argparse.Namespace, cls=PretrainConfig, presets: dict
     if presets is None:
         return cls(**given).validate()
     cfg = preset(args.preset) if presets is PRESETS else presets[args.preset].replace()
+    given = _batch_given(given, cfg.recipe_batch)
     if given.get("pretrained") == "none":  # a preset's checkpoint turned off: random weights
         given["pretrained"] = None
     pretrained = given.get("pretrained", cfg.pretrained)
@@ -247,6 +273,18 @@ def config_from_args(args: argparse.Namespace, cls=PretrainConfig, presets: dict
             fields = {"model": fields["model"]}
         cfg = cfg.replace(**fields)
     return cfg.replace(**given).validate()
+
+
+def _batch_given(given: dict, preset_recipe: int | None) -> dict:
+    """The batch flags as a run reads them: ``--batch-size`` alone keeps its per-process meaning (accumulation 1
+    unless ``--accum-iter``; the preset's recipe batch is dropped); with a recipe batch (``--recipe-batch``, or the
+    preset's), the batch and accumulation not given on the command line are chosen at the start (the preset's are
+    not kept)."""
+    if "batch_size" in given and "recipe_batch" not in given:
+        return {"accum_iter": 1, **given, "recipe_batch": None}
+    if given.get("recipe_batch", preset_recipe) is not None:
+        return {"batch_size": None, "accum_iter": None, **given}
+    return given
 
 
 class _BarSafeHandler(logging.StreamHandler):
@@ -284,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             from fastmae.train.launch import run_launch
 
             return run_launch(argv[1:], LAUNCH_HELP)
-        args = build_parser().parse_args(argv)
+        args = build_parser(asked_preset(argv)).parse_args(argv)
         _log_through_progress_bars()
         if args.command == "models":
             from .models import list_models
@@ -305,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.output} (loss on these images {loss:.4f})")
             return 0
         cfg = config_from_args(args, *COMMANDS[args.command])
+        if getattr(args, "print_config", False):
+            return _print_config(args.command, cfg)
         from fastmae.train.commands import run
 
         return run(args.command, cfg)
@@ -314,6 +354,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fastmae: interrupted", file=sys.stderr)
         return 130
+
+
+def _print_config(command: str, cfg) -> int:
+    """``--print-config``: the configuration as a run would resolve it (the batch per process and the accumulation
+    chosen for ``--world-size``, else the launcher's, and ``--gpu-mem``), as JSON on rank 0; no torch is imported."""
+    import json
+
+    from fastmae.train.job import dist_info  # the launcher's variables (no torch)
+
+    from .batching import choose_batch
+
+    rank, launched, _ = dist_info()
+    world = cfg.world_size or launched
+    reasons = choose_batch(cfg, world, cfg.gpu_mem, command, "--print-config does not look at a GPU: a run on one "
+                           "sizes the batch for its memory; --gpu-mem GIB shows that choice")  # fmt: skip
+    cfg.validate()
+    if rank == 0:
+        print(json.dumps({"command": command, **cfg.to_dict(), "world_size": world,
+                          "effective_batch": cfg.effective_batch(world), "lr": cfg.effective_lr(world),
+                          "batch_choice": reasons}, indent=2))  # fmt: skip
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -128,9 +128,19 @@ class Optimisation:
 
     epochs: int = _f(800, "epochs over the data set", positive=True)
     warmup_epochs: float = _f(40, "linear warmup length in epochs (then cosine decay per iteration)")
-    batch_size: int = _f(64, "images per step per process (effective batch = batch x accum-iter x world size)",
-                         positive=True)  # fmt: skip
-    accum_iter: int = _f(1, "accumulate gradients over N batches per optimizer step", positive=True)
+    batch_size: int | None = _f(
+        64, "images per step per process (effective batch = batch x accum-iter x processes); with a --recipe-batch "
+        "and no --batch-size, chosen to fit the GPU (docs/pretraining.md); --batch-size alone keeps its meaning and "
+        "drops the preset's recipe batch", positive=True
+    )  # fmt: skip
+    accum_iter: int | None = _f(
+        1, "accumulate gradients over N batches per optimizer step (with a --recipe-batch and no --accum-iter, "
+        "chosen with the batch)", positive=True
+    )  # fmt: skip
+    recipe_batch: int | None = _f(
+        None, "effective batch to keep at any number of processes (batch x accum-iter x processes): what of "
+        "--batch-size and --accum-iter is not given is chosen to make it (unset by default)", positive=True
+    )  # fmt: skip
     lr: float | None = _f(None, "absolute learning rate (overrides --blr; unset by default)")
     min_lr: float = _f(0.0, "floor of the cosine schedule")
     weight_decay: float = _f(0.05, "AdamW weight decay (not on biases, norms, tokens)")
@@ -170,6 +180,14 @@ class Run:
     )  # fmt: skip
     stop_after_steps: int | None = _f(None, "stop once the global step reaches N (schedule unchanged; off by default)",
                                       positive=True)  # fmt: skip
+    world_size: int | None = _f(
+        None, "processes the batch is chosen for (default: the launcher's, torchrun's WORLD_SIZE or SLURM_NTASKS, "
+        "else 1); a run checks it against the launcher's, --print-config plans with it", positive=True
+    )  # fmt: skip
+    gpu_mem: float | None = _f(
+        None, "GiB of memory per GPU that the batch is chosen to fit (default: the GPU's own; no limit without one)",
+        positive=True,
+    )
 
     def check(self) -> None:
         self.compile = check_compile(self.compile, self.compile_mode)
@@ -325,7 +343,23 @@ class TrainingConfig(CommandConfig):
     SECTIONS = SHARED
 
     def effective_batch(self, world_size: int = 1) -> int:
+        if self.batch_size is None or self.accum_iter is None:
+            raise FastMAEError("the batch and accumulation are not chosen yet (fastmae.batching.choose_batch chooses "
+                               f"them for --recipe-batch {self.recipe_batch} at the start of a run)")  # fmt: skip
         return self.batch_size * self.accum_iter * world_size
+
+    def batch_lines(self, world_size: int, batch_choice=()) -> list[str]:
+        """How the batch was chosen (``batch_choice``: :func:`fastmae.batching.resolve_batch`'s reasons), then the
+        effective batch it makes: the first lines of the recipe check."""
+        return [*batch_choice, f"effective batch {self.effective_batch(world_size)} = {self.batch_size} per step x "
+                f"{self.accum_iter} accumulation x {world_size} {'process' if world_size == 1 else 'processes'}"]
+
+    def recipe_check(self, world_size: int, steps_per_epoch: int, batch_choice=()) -> tuple[list[str], list[str]]:
+        """(summary lines, warnings) about the recipe this configuration amounts to, logged at the start of a run:
+        the batch, then the schedule's length."""
+        warmup = round(self.warmup_epochs * steps_per_epoch)
+        return [*self.batch_lines(world_size, batch_choice), f"{steps_per_epoch} steps/epoch, warmup {warmup} steps "
+                f"({self.warmup_epochs:g} epochs), {self.epochs * steps_per_epoch} steps"], []  # fmt: skip
 
     def scaled_lr(self, blr: float, world_size: int = 1) -> float:
         """The paper's rule: lr = blr x effective batch / 256."""
@@ -400,14 +434,14 @@ class PretrainConfig(TrainingConfig):
     def check(self) -> None:
         check_graph_mode(self.cuda_graphs, self.compile, self.compile_mode)
 
-    def recipe_check(self, world_size: int, steps_per_epoch: int) -> tuple[list[str], list[str]]:
-        """(summary lines, warnings) about the recipe this configuration amounts to, printed at the start."""
+    def recipe_check(self, world_size: int, steps_per_epoch: int, batch_choice=()) -> tuple[list[str], list[str]]:
+        """(summary lines, warnings) about the recipe this configuration amounts to, printed at the start; the lines
+        begin with ``batch_choice``, the reasons :func:`fastmae.batching.resolve_batch` gave for the batch."""
         eff = self.effective_batch(world_size)
         total = self.epochs * steps_per_epoch
         warmup = round(self.warmup_epochs * steps_per_epoch)
         lines = [
-            f"effective batch {eff} = {self.batch_size} per step x {self.accum_iter} accumulation x {world_size} "
-            + ("process" if world_size == 1 else "processes"),
+            *self.batch_lines(world_size, batch_choice),
             f"lr {self.effective_lr(world_size):.3g}"
             + ("" if self.lr is not None else f" = blr {self.blr:g} x {eff} / 256"),
             f"{steps_per_epoch} steps/epoch, warmup {warmup} steps ({self.warmup_epochs:g} epochs), {total} steps",
@@ -442,11 +476,14 @@ PRESETS: dict[str, PretrainConfig] = {
         blr=4e-3, norm_pix_loss=True, crop_scale=0.35, hflip=0.0, output_dir="output/digits", log_every=20,
         picture_every=500, picture_scale=4, num_reconstructions=8,
     ),
-    # The official MAE recipe (facebookresearch/mae PRETRAIN.md): batch 4096, blr 1.5e-4, 40 warmup epochs, norm-pix.
+    # The official MAE recipe (facebookresearch/mae PRETRAIN.md): effective batch 4096, blr 1.5e-4, 40 warmup epochs,
+    # norm-pix. 4096 is the effective batch: the batch per process and the accumulation are chosen at the start for
+    # the number of processes and the GPU's memory (fastmae/batching.py).
     **{
         name: PretrainConfig(
-            model=name, img_size=224, epochs=800, warmup_epochs=40, batch_size=4096, blr=1.5e-4, norm_pix_loss=True,
-            output_dir=f"output/{name}", log_every=20, save_every=1000,
+            model=name, img_size=224, epochs=800, warmup_epochs=40, batch_size=None, accum_iter=None,
+            recipe_batch=4096, blr=1.5e-4, norm_pix_loss=True, output_dir=f"output/{name}", log_every=20,
+            save_every=1000,
         )
         for name in ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14")
     },
@@ -521,7 +558,7 @@ class FinetuneConfig(TrainingConfig):
     CHOICES = DOWNSTREAM_CHOICES
 
     def check(self) -> None:
-        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
+        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size is not None and self.batch_size % 2:
             raise FastMAEError(f"mixup/cutmix need an even --batch-size, got {self.batch_size}")
 
 
@@ -571,7 +608,10 @@ class LinprobeConfig(TrainingConfig):
         return self.probe_lrs(world_size)[0]
 
 
-_OFFICIAL_FT = {  # FINETUNE.md: effective batch 1024, 5 warmup epochs, wd 0.05, mixup 0.8, cutmix 1.0, reprob 0.25
+# FINETUNE.md: effective batch 1024 (ViT-B: 32 per GPU x accum 4 x 8 GPUs, or x 32 GPUs without accumulation), 5 warmup
+# epochs, wd 0.05, mixup 0.8, cutmix 1.0, reprob 0.25. 1024 is the effective batch: the batch per process and the
+# accumulation are chosen at the start for the number of processes and the GPU's memory (fastmae/batching.py).
+_OFFICIAL_FT = {
     "mae_vit_base_patch16": dict(blr=5e-4, layer_decay=0.65, drop_path=0.1, epochs=100),
     "mae_vit_large_patch16": dict(blr=1e-3, layer_decay=0.75, drop_path=0.2, epochs=50),
     "mae_vit_huge_patch14": dict(blr=1e-3, layer_decay=0.75, drop_path=0.3, epochs=50),
@@ -591,8 +631,8 @@ FINETUNE_PRESETS: dict[str, FinetuneConfig] = {
                              cutmix=0.0, smoothing=0.1, rand_augment="none", reprob=0.0, crop_scale=0.35, hflip=0.0,
                              output_dir="output/finetune-digits", log_every=20),
     **{
-        name: FinetuneConfig(model=name, img_size=224, batch_size=1024, warmup_epochs=5, output_dir=f"output/ft-{name}",
-                             log_every=20, **kw)
+        name: FinetuneConfig(model=name, img_size=224, batch_size=None, accum_iter=None, recipe_batch=1024,
+                             warmup_epochs=5, output_dir=f"output/ft-{name}", log_every=20, **kw)
         for name, kw in _OFFICIAL_FT.items()
     },
 }  # fmt: skip
@@ -604,10 +644,11 @@ LINPROBE_PRESETS: dict[str, LinprobeConfig] = {
     "digits": LinprobeConfig(model="mae_vit_mini_patch4", pretrained=DIGITS_CHECKPOINT, img_size=32, epochs=10,
                              warmup_epochs=1, batch_size=64, probe_blrs="100,400,1600", crop_scale=0.35, hflip=0.0,
                              output_dir="output/linprobe-digits"),
-    # LINPROBE.md: batch 16384, blr 0.1, LARS, wd 0, 90 epochs, 10 warmup; cls token (H: 50 epochs)
+    # LINPROBE.md: effective batch 16384 (512 per GPU x 32 GPUs), blr 0.1, LARS, wd 0, 90 epochs, 10 warmup; cls token
+    # (H: 50 epochs). 16384 is the effective batch, chosen at the start as finetuning's (fastmae/batching.py).
     **{
-        name: LinprobeConfig(model=name, img_size=224, batch_size=16384, epochs=50 if "huge" in name else 90,
-                             output_dir=f"output/lp-{name}", log_every=20)
+        name: LinprobeConfig(model=name, img_size=224, batch_size=None, accum_iter=None, recipe_batch=16384,
+                             epochs=50 if "huge" in name else 90, output_dir=f"output/lp-{name}", log_every=20)
         for name in _OFFICIAL_FT
     },
 }  # fmt: skip

@@ -425,6 +425,32 @@ def test_sbatch_script_requeues_at_the_time_limit_signal(slurm_job, uninterrupte
     _assert_same_weights(out / "checkpoint-last.pth", uninterrupted)
 
 
+def test_sbatch_script_default_keeps_the_recipe_batch(tmp_path):
+    """examples/slurm/pretrain.sbatch as the README submits it (no PRESET, no EXTRA) under the stand-in srun with the
+    job's 64 tasks: ViT-L/16 at batch 64 x accum 1 x 64 tasks, the recipe's effective 4096 (each task resolves its
+    configuration and prints it instead of training: the FASTMAE stand-in adds --print-config)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN.format(python=sys.executable))
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (bin_dir / "fastmae").write_text(f'#!/bin/sh\nexec {sys.executable} -m fastmae.cli "$@" --print-config\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {k: v for k, v in ENV.items() if k not in LAUNCH_VARS}
+    env.update({"PATH": f"{bin_dir}:{env['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "64",
+                "SLURM_NTASKS_PER_NODE": "64", "SLURM_JOB_NODELIST": "localhost", "DATA": str(tmp_path),
+                "OUT": str(tmp_path / "run"), "FASTMAE": str(bin_dir / "fastmae")})  # fmt: skip
+    script = Path(__file__).resolve().parents[1] / "examples" / "slurm" / "pretrain.sbatch"
+    code, log = _finish(_start(["bash", str(script)], env, whole_env=True), 240)
+    assert code == 0, log[-3000:]
+    config, _ = json.JSONDecoder().raw_decode(log[log.index("{"):])  # rank 0's; the other tasks print nothing
+    assert log.count('"command": "pretrain"') == 1
+    assert (config["model"], config["world_size"], config["recipe_batch"]) == ("mae_vit_large_patch16", 64, 4096)
+    assert (config["batch_size"], config["accum_iter"], config["effective_batch"]) == (64, 1, 4096)
+    assert config["batch_choice"][0].startswith("batch 64 x accum 1 x 64 processes")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "scontrol.log").exists()  # nothing run or requeued
+
+
 def test_a_run_killed_with_its_workers_alive_frees_its_folder_at_once(images, tmp_path):
     """The OOM killer's case: the main process SIGKILLed while its 2 DataLoader workers live on (they notice a few
     seconds later). The folder's lock dies with the process that took it, so a restart at once (torchrun's, a job

@@ -195,11 +195,15 @@ def test_persistent_non_finite_steps_roll_back_then_stop(folder, tmp_path, monke
 
 
 def test_recipe_check_warns_about_suspicious_settings():
+    from fastmae.batching import choose_batch
     from fastmae.config import PretrainConfig, preset
 
-    lines, warns = preset("mae_vit_large_patch16").recipe_check(world_size=1, steps_per_epoch=312)
-    assert lines[0] == "effective batch 4096 = 4096 per step x 1 accumulation x 1 process"
-    assert lines[1] == "lr 0.0024 = blr 0.00015 x 4096 / 256" and warns == []
+    cfg = preset("mae_vit_large_patch16")  # the recipe's 4096 is the effective batch: chosen per process at the start
+    choice = choose_batch(cfg, world=8, gpu_mem_gib=80)
+    lines, warns = cfg.recipe_check(world_size=8, steps_per_epoch=312, batch_choice=choice)
+    assert lines[: len(choice)] == choice and choice[0].startswith("batch 512 x accum 1 x 8 processes: ")
+    assert lines[len(choice)] == "effective batch 4096 = 512 per step x 1 accumulation x 8 processes"
+    assert lines[len(choice) + 1] == "lr 0.0024 = blr 0.00015 x 4096 / 256" and warns == []
     cfg = PretrainConfig(model="mae_vit_base_patch16", batch_size=64, accum_iter=2, epochs=10, warmup_epochs=10,
                          mask_ratio=0.4)  # fmt: skip
     lines, warns = cfg.recipe_check(world_size=2, steps_per_epoch=100)

@@ -12,6 +12,7 @@ from fastmae.train.schedule import build_optimizer, lr_at
 from PIL import Image
 
 from fastmae import FastMAEError, MaskedAutoencoderViT
+from fastmae.batching import choose_batch
 from fastmae.config import PretrainConfig, preset
 from fastmae.files import save_torch as save_checkpoint
 
@@ -40,8 +41,12 @@ def test_weight_decay_groups_skip_biases_norms_tokens():
 
 def test_presets_follow_the_official_recipe():
     cfg = preset("mae_vit_large_patch16")
-    assert (cfg.batch_size, cfg.blr, cfg.warmup_epochs, cfg.weight_decay) == (4096, 1.5e-4, 40, 0.05)
-    assert cfg.effective_lr() == pytest.approx(1.5e-4 * 16) and cfg.norm_pix_loss
+    # 4096 is the recipe's effective batch; the batch per process and the accumulation are chosen at the start
+    assert (cfg.recipe_batch, cfg.batch_size, cfg.accum_iter) == (4096, None, None)
+    assert (cfg.blr, cfg.warmup_epochs, cfg.weight_decay) == (1.5e-4, 40, 0.05)
+    choose_batch(cfg, world=8, gpu_mem_gib=80)
+    assert (cfg.batch_size, cfg.accum_iter) == (512, 1)
+    assert cfg.effective_lr(8) == pytest.approx(1.5e-4 * 16) and cfg.norm_pix_loss
     with pytest.raises(FastMAEError, match="unknown preset"):
         preset("mae_vit_xl")
     with pytest.raises(FastMAEError, match="--loader must be one of"):

@@ -1,15 +1,17 @@
 """The run context: the run spec (every "can this run here?" decision, made once, before any data is indexed), the
 process group and the output folder.
 
-:func:`start_run` validates the configuration, decides the :class:`~fastmae.train.spec.RunSpec` (device
-``cuda:LOCAL_RANK``, precision and its one autocast, compile variant, CUDA graphs, loader, attention, kernels; every
-problem in one line), checks the output folder and the checkpoints to start from, then joins the process group and
-takes the folder's lock. The :class:`RunContext` it returns is what every later part asks (recipes, trainer,
-checkpointer, loaders), so that none decides again.
+:func:`start_run` validates the configuration, chooses the batch per process and the accumulation (a recipe's
+effective batch kept at this many processes, on this GPU: :func:`~fastmae.train.spec.plan_batch`), decides the
+:class:`~fastmae.train.spec.RunSpec` (device ``cuda:LOCAL_RANK``, precision and its one autocast, compile variant,
+CUDA graphs, loader, attention, kernels; every problem in one line), checks the output folder and the checkpoints to
+start from, then joins the process group and takes the folder's lock. The :class:`RunContext` it returns is what
+every later part asks (recipes, trainer, checkpointer, loaders), so that none decides again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from dataclasses import dataclass, field, fields
@@ -35,7 +37,7 @@ from .output import (
     release_output_dir,
     run_files,
 )
-from .spec import Asked, RunSpec, decide, resolve_device  # noqa: F401 (benchmarks import resolve_device)
+from .spec import Asked, RunSpec, decide, plan_batch, resolve_device  # noqa: F401 (benchmarks import resolve_device)
 
 logger = logging.getLogger("fastmae.context")
 
@@ -94,7 +96,8 @@ def start_run(cfg, command: str) -> RunContext:
     cfg.validate()
     export_slurm_env()  # SLURM tasks that cannot form one run stop here, each with one line, before any file exists
     rank, world, _ = dist_info()
-    spec = decide(Asked.of(cfg, command, world))
+    batch_choice = plan_batch(cfg, command, world)  # a recipe batch kept at this many processes, on this GPU
+    spec = dataclasses.replace(decide(Asked.of(cfg, command, world)), batch_choice=batch_choice)
     out = check_output_dir(cfg.output_dir)
     check_fresh_start(out, cfg.resume, cfg.overwrite)
     resume_path = resolve_resume(cfg.resume, out)

@@ -89,11 +89,6 @@ class Pretraining(Recipe):
     def prepare(self, state: TrainingState, log) -> dict:
         cfg, ctx = self.cfg, self.ctx
         self.log = log
-        recipe, warnings_ = cfg.recipe_check(ctx.dist.world_size, state.steps_per_epoch)
-        for line in recipe:
-            logger.info("recipe: %s", line)
-        for line in warnings_:
-            logger.warning("recipe: %s", line)
         # Fixed images (centre crops of the first decodable files) with a fixed mask: pictures and a comparable loss.
         self.eval_imgs = (sample_images(self.index, cfg.img_size, max(cfg.num_reconstructions, EVAL_IMAGES))
                           if self.index is not None else next(self.loader.epoch(0)).images[: cfg.num_reconstructions]
@@ -103,7 +98,7 @@ class Pretraining(Recipe):
                           sync=gradient_sync(self.step_module, self.model, ctx.dist),
                           reduce=ctx.dist.all_reduce_mean if ctx.dist.enabled else None)  # fmt: skip
         self.train_step = build_step(parts, ctx, cfg.optimisation)
-        return {"arch": model_arch(self.model), "recipe_warnings": warnings_,
+        return {"arch": model_arch(self.model),
                 "data": str(self.index.root) if self.index is not None else None,
                 "num_images": len(self.index) if self.index is not None else None}  # fmt: skip
 

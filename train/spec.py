@@ -89,6 +89,7 @@ class RunSpec:
     kernels: dict[str, str] | None = None  # {op: "triton" | "reference"} on this device
     world_size: int = 1
     strategy: str = "none"  # none (one process) | ddp | fsdp
+    batch_choice: tuple[str, ...] = ()  # how the batch per process and the accumulation were chosen (plan_batch)
 
     @property
     def cuda(self) -> bool:
@@ -128,6 +129,31 @@ class RunSpec:
         return {"device": self.device.type, "precision": self.precision, "compile": self.compile,
                 "cuda_graphs": self.graphs, "loader": self.loader, "world_size": self.world_size,
                 "parallel": self.strategy}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------ the batch
+def gpu_memory_gib(device: str, gpu_mem: float | None) -> float | None:
+    """GiB of memory per GPU to size the batch for: ``--gpu-mem`` when given, else this process's GPU's (when the run
+    is on CUDA), else None (no limit known)."""
+    if gpu_mem is not None:
+        return gpu_mem
+    resolved = resolve_device(device)
+    return torch.cuda.get_device_properties(resolved).total_memory / 2**30 if resolved.type == "cuda" else None
+
+
+def plan_batch(cfg, command: str, world: int) -> tuple[str, ...]:
+    """Choose ``cfg``'s batch per process and accumulation for ``world`` processes (:mod:`fastmae.batching`: a recipe
+    batch kept, the largest batch that fits the GPU), before :func:`decide` and before any data is indexed; returns
+    the reasons. A ``--world-size`` other than the launcher's is a one-line error."""
+    if cfg.world_size is not None and cfg.world_size != world:
+        raise FastMAEError(f"--world-size {cfg.world_size}, but this run has {world} process(es): --world-size plans a "
+                           f"batch for --print-config; drop it, or start {cfg.world_size} processes (fastmae launch "
+                           f"--nproc-per-node {cfg.world_size}, or srun)")  # fmt: skip
+    from fastmae.batching import choose_batch
+
+    reasons = choose_batch(cfg, world, gpu_memory_gib(cfg.device, cfg.gpu_mem), command)
+    cfg.validate()  # the chosen numbers, through the command's checks (an even batch for mixup)
+    return tuple(reasons)
 
 
 # ------------------------------------------------------------------------------------------------------- the checks
@@ -288,4 +314,4 @@ def local_spec(device: torch.device | str = "auto", precision: str = "auto", com
     return decide(asked, checks)
 
 
-__all__ = ["CHECKS", "Asked", "RunSpec", "decide", "graphs_unsupported", "local_spec", "resolve_device"]
+__all__ = ["CHECKS", "Asked", "RunSpec", "decide", "graphs_unsupported", "local_spec", "plan_batch", "resolve_device"]

@@ -154,8 +154,14 @@ class Trainer:
         ctx, cfg, world = self.ctx, self.cfg, self.ctx.dist.world_size
         self.log = RunLog(ctx.out, ctx.main, cfg.tensorboard, self.step if ctx.resume_path is not None else None)
         self.checkpointer.warn_if_no_room(self.recipe.copies)
+        recipe, warnings_ = cfg.recipe_check(world, self.steps_per_epoch, ctx.batch_choice)  # the batch chosen first
+        for line in recipe:
+            logger.info("recipe: %s", line)
+        for line in warnings_:
+            logger.warning("recipe: %s", line)
         resolved = {**cfg.to_dict(), **ctx.info(), "command": self.recipe.name, "steps_per_epoch": self.steps_per_epoch,
-                    "effective_batch": cfg.effective_batch(world), "total_steps": cfg.epochs * self.steps_per_epoch,
+                    "effective_batch": cfg.effective_batch(world), "batch_choice": list(ctx.batch_choice),
+                    "recipe_warnings": warnings_, "total_steps": cfg.epochs * self.steps_per_epoch,
                     "lr": self.recipe.base_lr}  # fmt: skip
         resolved.update(self.recipe.prepare(self.state(), self.log))
         self.checkpointer.config = resolved
