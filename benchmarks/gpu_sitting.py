@@ -63,6 +63,9 @@ sys.path.insert(0, str(HERE))
 from gpu_smoke import checks_by_status, failed_checks  # noqa: E402
 
 PY = sys.executable
+# The GPU tests run in this one process: pyproject's addopts ask pytest-xdist for parallel workers, and the GPU
+# machines' image has pytest without xdist (../shared/GPU.md), where `-n auto` would stop pytest at its arguments.
+PYTEST = (PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra")
 BENCH = [PY, "-m", "fastmae.cli", "bench"]
 PLAN = "smoke,step,codec,feed"  # benchmarks/sitting.sh's default, most value first
 PACK_EVERY = 5.0  # seconds between packs of the run folder while a command runs (a few ms each)
@@ -199,13 +202,13 @@ def stages(out: Path) -> dict[str, list[Cmd]]:
                      for n, budget, rows in (("a", 8, 3), ("b", 20, 30), ("c", 8, 3))],
         # The first sitting's headline (ran 2026-11-30), and the older stages.
         "quick": [smi,
-                  Cmd("gpu-tests", 60, [PY, "-m", "pytest", "-m", "gpu and not slow", "-q", "-p", "no:cacheprovider"]),
+                  Cmd("gpu-tests", 60, [*PYTEST, "-m", "gpu and not slow"]),
                   Cmd("l8", 160, [*pretrain, *fast, *large, *dec8, "--out", str(out / "l8.json")]),
                   Cmd("b8", 130, [*pretrain, *fast, *base, *dec8, "--out", str(out / "b8.json")]),
                   Cmd("loader", 95, [PY, str(HERE / "bench_loader.py"), *cuda, "--workers", "16", "--images", "10240",
                                      "--loaders", "official,fastmae,decode", "--rounds", "2",
                                      "--out", str(out / "loader.json")])],
-        2: [Cmd("gpu-tests-slow", 300, [PY, "-m", "pytest", "-m", "gpu and slow", "-q", "-p", "no:cacheprovider"]),
+        2: [Cmd("gpu-tests-slow", 300, [*PYTEST, "-m", "gpu and slow"]),
             Cmd("kernels", 180, [PY, str(HERE / "bench_kernels.py"), *cuda, "--out", str(out / "kernels.json")])],
         3: [Cmd("b1", 200, [*pretrain, *base, "--decoder-depths", "1", "--out", str(out / "b1.json")]),
             Cmd("l1", 280, [*pretrain, *large, "--decoder-depths", "1", "--out", str(out / "l1.json")])],

@@ -18,6 +18,17 @@ SQUARE = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=64, depth=2, num_
               decoder_depth=1, decoder_num_heads=4, mlp_ratio=2.0)  # fmt: skip
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, absent where it is not installed
+def pytest_xdist_auto_num_workers(config):
+    """Workers for ``-n auto`` (pyproject's addopts): one per core up to 4 on a CPU machine, each test file in one
+    worker. Many tests start processes of their own (torchrun pairs, DataLoader workers), and the fault tests bound
+    their waits in time: more workers than cores would only make them wait for each other. On a GPU machine one
+    worker: the GPU tests time and fill one device."""
+    if torch.cuda.is_available():
+        return 1
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` need CUDA: without it they are skipped, saying so (``pytest -m gpu`` selects them)."""
     if torch.cuda.is_available():

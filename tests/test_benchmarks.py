@@ -262,6 +262,22 @@ def test_gpu_sitting_stages_fit_their_budgets_and_one_call(tmp_path, capsys):
                 build_parser().parse_args(c.argv[c.argv.index("fastmae.cli") + 1 :])
 
 
+def test_gpu_sitting_runs_the_gpu_tests_where_pytest_has_no_xdist():
+    """The GPU machines' image has pytest without pytest-xdist, and pyproject's addopts ask for its workers: the
+    sitting's pytest command overrides them. Here xdist is blocked (``-p no:xdist``) to stand for its absence: the
+    sitting's form collects the GPU tests; the plain form stops at its arguments, as it would there."""
+    import subprocess
+
+    sitting = _load("gpu_sitting")
+    root = Path(__file__).resolve().parents[1]
+    argv = [*sitting.PYTEST, "-p", "no:xdist", "-m", "gpu and not slow", "--collect-only", "tests/test_gpu.py"]
+    done = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "tests/test_gpu.py::" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    plain = [sys.executable, "-m", "pytest", "-p", "no:xdist", "--collect-only", "tests/test_gpu.py"]
+    done = subprocess.run(plain, cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 4 and "unrecognized arguments: -n" in done.stderr, done.stderr[-2000:]
+
+
 def test_gpu_sitting_adapts_to_failed_smoke_checks_only(tmp_path, capsys):
     """A failed smoke check drops its lever; a check that timed out (slow) or was not run drops nothing."""
     sitting = _load("gpu_sitting")
