@@ -1,0 +1,111 @@
+"""Multispectral data end to end: the index routes rasters (.npy, TIFF, 16-bit PNG) with their bands and dtype, the
+loaders read them in their own dtype, the run's bands (selection, nodata, per-band statistics) are decided once and
+bound to the checkpoint, and the downstream commands enforce them."""
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from fastmae.train.data.decode import PNG16, RASTER
+from fastmae.train.data.index import index_data
+from PIL import Image
+
+from ._util import noise_pngs
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "make_multispectral.py"
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("make_multispectral", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def ex():
+    return _example()
+
+
+def _tiles(root: Path, count: int = 8, size: int = 24, classes: int = 2, **kw) -> Path:
+    """SYNTHETIC 13-band uint16 GeoTIFF tiles (examples/make_multispectral.py), ``classes`` class folders."""
+    _example().generate(root, count=count, size=size, classes=classes, **kw)
+    return root
+
+
+# ----------------------------------------------------------------------------------------------------- the index
+def test_index_routes_rasters_with_their_bands_and_skips_misfits_with_one_line(tmp_path, ex, caplog):
+    root = _tiles(tmp_path / "s2", count=6)
+    four = root / "water" / "zz_four.tif"
+    tifffile.imwrite(four, np.ones((24, 24, 4), np.uint16), photometric="minisblack", planarconfig="contig")
+    nan = root / "water" / "zz_nan.npy"
+    np.save(nan, np.full((24, 24, 13), np.nan, np.float32))  # another dtype too: counted as broken (NaN-only band)
+    byte = root / "water" / "zz_byte.npy"
+    np.save(byte, np.ones((24, 24, 13), np.uint8))
+    for folder in (root, root / "water", root / "forest"):  # written long before the run (not listed again)
+        os.utime(folder, (1.6e9, 1.6e9))
+    caplog.set_level(logging.INFO, "fastmae.data")
+    index = index_data(root)
+    assert len(index) == 6 and (index.routes == RASTER).all() and not index.rgb
+    assert (index.bands, index.dtype, index.band_names) == (13, "uint16", ex.BANDS)
+    assert sorted(index.bad) == sorted([
+        (str(byte), "other bands: 13 uint8 bands"), (str(four), "other bands: 4 uint16 bands"),
+        (str(nan), "band 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12 (from 0) is NaN everywhere"),
+    ])  # fmt: skip
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(lines) == 2 and lines[0].startswith("skipped 1 file that does not decode: ")
+    assert lines[1].startswith("skipped 2 files whose bands differ from the data's (13 uint16 bands, as in ")
+    assert "zz_four.tif (4 uint16 bands)" in lines[1] and "zz_byte.npy (13 uint8 bands)" in lines[1]
+    assert any("indexed 6 images (13 uint16 bands)" in r.getMessage() for r in caplog.records)
+    # cached: the second start validates nothing and knows the same
+    again = index_data(root)
+    assert again.stats["cache"] == "hit" and again.stats["validated"] == 0
+    assert (again.bands, again.dtype, again.band_names) == (13, "uint16", ex.BANDS)
+    assert sorted(again.bad) == sorted(index.bad)
+
+
+def test_index_npy_and_16_bit_png_data_sets(tmp_path):
+    npy = tmp_path / "npy"
+    npy.mkdir()
+    for k in range(3):
+        np.save(npy / f"{k}.npy", np.full((5, 10, 12), k, np.float32))  # C x H x W (first axis smaller)
+    index = index_data(npy)
+    assert (index.bands, index.dtype, index.band_names, len(index)) == (5, "float32", None, 3)
+    assert index.widths.tolist() == [12] * 3 and index.heights.tolist() == [10] * 3
+    png = tmp_path / "png"
+    png.mkdir()
+    for k in range(2):
+        Image.fromarray(np.full((9, 7), 1000 * k, np.uint16)).save(png / f"{k}.png")
+    index = index_data(png)
+    assert (index.bands, index.dtype, len(index)) == (1, "uint16", 2) and (index.routes == RASTER).all()
+
+
+def test_rgb_data_keeps_its_routes_and_a_16_bit_png_among_it_its_rgb_reading(tmp_path):
+    root = noise_pngs(tmp_path / "rgb", 4, seed=0)
+    Image.fromarray(np.full((9, 7), 1000, np.uint16)).save(root / "zz16.png")
+    index = index_data(root)
+    assert index.rgb and (index.bands, index.dtype) == (3, "uint8") and len(index) == 5 and not index.bad
+    assert int(index.routes[-1]) == PNG16  # as before rasters: converted to 8-bit RGB
+    assert RASTER not in index.routes.tolist()
+
+
+def test_shard_members_are_rasters_too(tmp_path):
+    import io
+    import tarfile
+
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for k in range(3):
+            buf = io.BytesIO()
+            np.save(buf, np.full((8, 8, 4), k, np.int16))
+            for name, data in ((f"s{k}.npy", buf.getvalue()), (f"s{k}.cls", str(k % 2).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    index = index_data(tmp_path / "s.tar")
+    assert (index.bands, index.dtype, len(index)) == (4, "int16", 3) and index.labels.tolist() == [0, 1, 0]
+    assert torch.equal(torch.as_tensor(np.load(io.BytesIO(index.read(1)))), torch.full((8, 8, 4), 1, dtype=torch.int16))
