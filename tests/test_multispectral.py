@@ -109,3 +109,52 @@ def test_shard_members_are_rasters_too(tmp_path):
     index = index_data(tmp_path / "s.tar")
     assert (index.bands, index.dtype, len(index)) == (4, "int16", 3) and index.labels.tolist() == [0, 1, 0]
     assert torch.equal(torch.as_tensor(np.load(io.BytesIO(index.read(1)))), torch.full((8, 8, 4), 1, dtype=torch.int16))
+
+
+# --------------------------------------------------------------------------------------------------- the loaders
+def _bands(index, indices=None, nodata=None, norm="given"):
+    """DataBands of ``index`` with made-up statistics (mean 1000 + 10 b, std 500 + b per file band b)."""
+    from fastmae.train.data.databands import DataBands
+
+    from fastmae.bands import BandSpec
+
+    files = BandSpec(index.bands, names=index.band_names, dtype=index.dtype, nodata=nodata)
+    idx = list(range(index.bands)) if indices is None else list(indices)
+    spec = files.subset(idx).with_stats([1000.0 + 10 * b for b in idx], [500.0 + b for b in idx], norm)
+    return DataBands(spec, None if indices is None else tuple(indices))
+
+
+def test_loader_batches_rasters_in_their_dtype_as_the_reference_crops_them(tmp_path):
+    from fastmae.train.data.loaders import ImageFiles, TorchvisionLoader, model_input, sample_images
+    from fastmae.train.data.normalize import normalize_bands
+    from fastmae.train.data.order import augment_params
+    from fastmae.train.data.resample import crop_resize_flip_reference, eval_resize_crop, fill_nodata
+
+    root = _tiles(tmp_path / "s2", count=5, size=20, nodata_every=2)  # tiles 1 and 3: a nodata (0) edge
+    index = index_data(root)
+    with pytest.raises(Exception, match="its loader needs the run's bands"):
+        TorchvisionLoader(index, 16, 2, seed=0)
+    bands = _bands(index, indices=[3, 2, 1, 7], nodata=0)  # B04, B03, B02, B08
+    loader = TorchvisionLoader(index, 16, 2, seed=3, pipeline="pretrain", bands=bands)
+    batch = next(loader.epoch(1))
+    assert batch.images.dtype == torch.uint16 and batch.images.shape == (2, 4, 16, 16)
+    boxes, flips = augment_params(index, batch.ids.numpy(), 3, 1, (0.2, 1.0), 0.5)
+    for j, i in enumerate(batch.ids.tolist()):
+        full = torch.from_numpy(tifffile.imread(index.key(i)).transpose(2, 0, 1).astype(np.int32)).to(torch.uint16)
+        chosen = fill_nodata(full[[3, 2, 1, 7]], 0, bands.spec.mean)
+        want = crop_resize_flip_reference(chosen, boxes[j], bool(flips[j]), 16)
+        assert (batch.images[j].int() - want.int()).abs().max() <= 1, index.key(i)  # float32 vs float64: 1 level
+    # the step's normalisation: one affine per band with the run's statistics
+    norm = model_input(batch.images, bands)
+    assert norm.dtype == torch.float32 and torch.equal(norm, normalize_bands(batch.images, bands.spec.mean,
+                                                                             bands.spec.std))  # fmt: skip
+    # eval view and the pictures' fixed images
+    ev = next(TorchvisionLoader(index, 16, 5, seed=0, pipeline="eval", bands=bands).epoch(0))
+    first = torch.from_numpy(tifffile.imread(index.key(0)).transpose(2, 0, 1).astype(np.int32)).to(torch.uint16)
+    want = eval_resize_crop(fill_nodata(first[[3, 2, 1, 7]], 0, bands.spec.mean), 16)
+    assert torch.equal(ev.images[0], want)
+    pics = sample_images(index, 16, 2, bands)
+    assert pics.shape == (2, 4, 16, 16) and torch.equal(pics[0], model_input(want[None], bands)[0])
+    # finetuning rasters: crops and flips in the native dtype (RandAugment needs 8-bit pictures)
+    ft = ImageFiles(index, "finetune", 16, 0, bands=bands)
+    assert not ft.timm and ft.image(0, 0).dtype == torch.uint16
