@@ -250,6 +250,6 @@ def resolve_bands(index: DataIndex, flags: BandFlags, seed: int = 0, group=None,
     else:
         spec = auto_stats(index, spec, idx, seed, group, workers)
     bands = DataBands(spec, idx)
-    if not bands.plain:
+    if not bands.plain and norm != "auto":  # auto logged its statistics already
         logger.info("bands: %s", bands.describe())
     return bands
