@@ -252,3 +252,140 @@ def test_band_flag_errors_are_one_line(s2, tmp_path, capsys, flags, message):
     err = capsys.readouterr().err
     assert err.startswith("fastmae: error: ") and message in err and err.count("\n") == 1, err
     assert not out.exists()  # refused before anything was written
+
+
+# ---------------------------------------------------------------------------------------------------- downstream
+FT = ["--img-size", "32", "--batch-size", "2", "--epochs", "1", "--warmup-epochs", "0", "--num-workers", "0",
+      "--no-progress", "--log-every", "1", "--no-tensorboard"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ckpt13(s2, tmp_path_factory):
+    """A 13-band pretraining checkpoint of the s2 tiles (--norm auto)."""
+    out = tmp_path_factory.mktemp("ckpt13") / "run"
+    assert main(["pretrain", *TINY, "--data", str(s2), "--epochs", "1", "--output-dir", str(out)]) == 0
+    return out / "checkpoint-last.pth"
+
+
+def _named_tiles(root: Path, names, count: int = 4, size: int = 40) -> Path:
+    """uint16 tiles whose GDAL band descriptions are ``names``, in 2 class folders."""
+    items = "".join(f'<Item name="DESCRIPTION" sample="{i}" role="description">{n}</Item>' for i, n in enumerate(names))
+    rng = np.random.default_rng(0)
+    for k in range(count):
+        folder = root / f"c{k % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(folder / f"t{k}.tif", rng.integers(1, 4000, (size, size, len(names)), dtype=np.uint16),
+                         photometric="minisblack", planarconfig="contig",
+                         extratags=[(42112, "s", 0, f"<GDALMetadata>{items}</GDALMetadata>", True)])  # fmt: skip
+    return root
+
+
+def test_finetune_a_4_band_subset_from_the_13_band_checkpoint(s2, ckpt13, tmp_path, capsys):
+    pre = torch.load(ckpt13, weights_only=True)
+    out = tmp_path / "ft"
+    assert main(["finetune", *FT, "--data", str(s2), "--pretrained", str(ckpt13), "--bands", "B02,B03,B04,B08",
+                 "--output-dir", str(out)]) == 0  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    pick = [1, 2, 3, 7]
+    saved = pre["config"]["bands"]
+    assert config["bands"] == {"count": 4, "names": ["B02", "B03", "B04", "B08"],
+                               "mean": [saved["mean"][i] for i in pick], "std": [saved["std"][i] for i in pick],
+                               "dtype": "uint16", "nodata": None, "norm": "auto"}  # fmt: skip
+    assert config["band_indices"] == pick and config["arch"]["in_chans"] == 4
+    assert config["band_transfer"] == {"rule": "names", "kept": ["B02", "B03", "B04", "B08"], "new": [],
+                                       "source_count": 13, "target_count": 4}  # fmt: skip
+    ft = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    assert ft["model"]["patch_embed.proj.weight"].shape[1] == 4 and ft["config"]["bands"] == config["bands"]
+    # without --bands the model takes the checkpoint's 13 bands, its statistics as they are
+    probe = tmp_path / "lp"
+    assert main(["linprobe", *FT, "--data", str(s2), "--pretrained", str(ckpt13), "--output-dir", str(probe),
+                 "--knn-k", "2"]) == 0  # fmt: skip
+    lp = json.loads((probe / "config.json").read_text())
+    assert lp["bands"] == saved and lp["band_indices"] is None and "band_transfer" not in lp
+    capsys.readouterr()
+
+
+def test_an_rgb_checkpoint_finetuned_on_1_band_data(tmp_path, caplog, capsys):
+    from fastmae.train.data.bandstats import band_statistics
+    from fastmae.train.data.labelled import labelled_splits
+    from fastmae.train.data.rasters import read_raster
+
+    import fastmae
+
+    torch.manual_seed(0)
+    rgb = tmp_path / "mae_rgb.pth"  # an official-format MAE: no band spec, 3 bands (ImageNet's RGB)
+    torch.save({"model": fastmae.create_model("mae_vit_tiny_patch16", kernels="reference").state_dict()}, rgb)
+    data = tmp_path / "gray"
+    rng = np.random.default_rng(1)
+    for k in range(6):
+        (data / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 60000, (36, 36), dtype=np.uint16)).save(data / f"c{k % 2}" / f"{k}.png")
+    out = tmp_path / "ft"
+    caplog.set_level(logging.INFO)
+    assert main(["finetune", *FT, "--data", str(data), "--pretrained", str(rgb), "--output-dir", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    train, _ = labelled_splits(str(data), 0.2, 0)  # the statistics are the training split's
+    want = band_statistics([train.key(i) for i in range(len(train))], read=read_raster, seed=0)
+    assert config["bands"] == {"count": 1, "names": None, "mean": want.mean.tolist(), "std": want.std.tolist(),
+                               "dtype": "uint16", "nodata": None, "norm": "auto"}  # fmt: skip
+    assert config["band_transfer"]["rule"] == "timm" and config["arch"]["in_chans"] == 1
+    assert any("trained on 3 RGB bands with ImageNet's statistics; the data has 1 uint16 band" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+    # the finetuned patch embedding started as the RGB filters summed (timm's adapt_input_conv)
+    from fastmae.interop import create_vit, load_pretrained
+
+    vit = create_vit({**fastmae.interop.read_checkpoint(rgb)[1], "in_chans": 1}, 2, 32)
+    load_pretrained(vit, rgb, None, bands=fastmae.BandSpec(1, dtype="uint16"))
+    sd = torch.load(rgb, weights_only=True)["model"]["patch_embed.proj.weight"]
+    assert torch.allclose(vit.patch_embed.proj.weight, sd.sum(1, keepdim=True))
+    capsys.readouterr()
+
+
+def test_downstream_band_mismatches_are_one_line_errors(s2, ckpt13, tmp_path, capsys):
+    other = _named_tiles(tmp_path / "other", [f"b{i}" for i in range(1, 14)])
+    four = tmp_path / "four"
+    for k in range(4):
+        (four / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+        np.save(four / f"c{k % 2}" / f"{k}.npy", np.full((36, 36, 4), k, np.uint16))
+    s2_names = "B01,B02,B03,B04,B05,B06,B07,B08,B8A,B09,B10,B11,B12"
+    cases = [
+        (other, [], f"--pretrained {ckpt13}: the checkpoint's bands ({s2_names}) are not the data's "
+                    "(b1,b2,b3,b4,b5,b6,b7,b8,b9,b10,b11,b12,b13): B01,B02,B03,B04,B05,B06,B07,B08,B8A,B09,B10,B11,B12 "
+                    "missing; choose the data's bands with --bands"),
+        (four, [], f"--pretrained {ckpt13}: the checkpoint has 13 bands ({s2_names}), the data 4 (4 unnamed bands); "
+                   "choose 13 of the data's bands with --bands"),
+        (s2, ["--bands", "B02,B99"], f"--bands: band B99 is not in the data's bands ({s2_names})"),
+    ]  # fmt: skip
+    for data, flags, message in cases:
+        assert main(["finetune", *FT, "--data", str(data), "--pretrained", str(ckpt13), "--output-dir",
+                     str(tmp_path / "x"), *flags]) == 2  # fmt: skip
+        err = capsys.readouterr().err
+        assert err == f"fastmae: error: {message}\n", err
+    # --bands maps them: naming the 4 unnamed bands keeps the checkpoint's filters and statistics for them
+    out = tmp_path / "mapped"
+    assert main(["finetune", *FT, "--data", str(four), "--pretrained", str(ckpt13), "--output-dir", str(out),
+                 "--bands", "B02,B03,B04,B08"]) == 0  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    saved = torch.load(ckpt13, weights_only=True)["config"]["bands"]
+    assert config["band_transfer"]["kept"] == ["B02", "B03", "B04", "B08"] and config["band_indices"] is None
+    assert config["bands"]["mean"] == [saved["mean"][i] for i in (1, 2, 3, 7)]
+    capsys.readouterr()
+
+
+def test_visualize_and_export_take_the_bands_from_the_checkpoint(s2, ckpt13, tmp_path, capsys):
+    pic = tmp_path / "rec.png"
+    assert main(["visualize", "--checkpoint", str(ckpt13), "--images", str(s2), "--output", str(pic), "--count",
+                 "2", "--show-bands", "B04,B03,B02"]) == 0  # fmt: skip
+    assert Image.open(pic).size[0] > 0
+    other = _named_tiles(tmp_path / "other", [f"b{i}" for i in range(1, 14)], count=2)
+    assert main(["visualize", "--checkpoint", str(ckpt13), "--images", str(other), "--output", str(pic)]) == 2
+    assert "the checkpoint's bands (B01," in capsys.readouterr().err
+    assert main(["visualize", "--checkpoint", str(ckpt13), "--images", str(other), "--output", str(pic), "--bands",
+                 "b1,b2,b3,b4,b5,b6,b7,b8,b9,b10,b11,b12,b13"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "reconstructs its own bands (B01,B02" in err and "the images give b1,b2" in err
+    enc = tmp_path / "enc.pth"
+    assert main(["export", str(ckpt13), str(enc)]) == 0
+    saved = torch.load(ckpt13, weights_only=True)["config"]["bands"]
+    assert json.loads((tmp_path / "enc.bands.json").read_text()) == saved
+    capsys.readouterr()

@@ -126,7 +126,7 @@ class Pretraining(Recipe):
         self.train_step = build_step(parts, ctx, cfg.optimisation)
         return {"arch": model_arch(self.model), "recipe_warnings": warnings_,
                 "bands": self.bands.spec.to_dict() if self.bands is not None else None,
-                "band_indices": list(self.bands.indices) if self.bands is not None and self.bands.indices else None,
+                "band_indices": self.bands.index_list if self.bands is not None else None,
                 "data": str(self.index.root) if self.index is not None else None,
                 "num_images": len(self.index) if self.index is not None else None}  # fmt: skip
 

@@ -27,7 +27,7 @@ import os
 import numpy as np
 import torch
 
-from fastmae.bands import IMAGENET, BandFlags, BandSpec, select_bands
+from fastmae.bands import IMAGENET, BandFlags, BandSpec, match_bands, select_bands
 from fastmae.errors import FastMAEError
 from fastmae.files import write_json
 
@@ -84,6 +84,11 @@ class DataBands:
     def for_loader(self) -> DataBands | None:
         """What the loaders and the step take: None for :attr:`plain` bands (today's RGB code), else this."""
         return None if self.plain else self
+
+    @property
+    def index_list(self) -> list[int] | None:
+        """:attr:`indices` as a list (``config.json``'s ``band_indices``), or None."""
+        return None if self.indices is None else list(self.indices)
 
     def select(self, img: torch.Tensor) -> torch.Tensor:
         """``img [C_file, ...]`` -> the run's bands ``[C, ...]`` (a copy of those bands only; ``img`` itself when all
@@ -253,3 +258,93 @@ def resolve_bands(index: DataIndex, flags: BandFlags, seed: int = 0, group=None,
     if not bands.plain and norm != "auto":  # auto logged its statistics already
         logger.info("bands: %s", bands.describe())
     return bands
+
+
+# ------------------------------------------------------------------------------------------------- downstream
+def checkpoint_spec(spec: BandSpec | None, in_chans: int) -> BandSpec:
+    """The bands a checkpoint was trained on: its spec, or for a checkpoint without one (an official MAE file, a run
+    before band specs) 3 bands are ImageNet's RGB and any other count is unnamed, without statistics."""
+    if spec is not None:
+        return spec
+    return IMAGENET if in_chans == 3 else BandSpec(in_chans)
+
+
+def _rgb_imagenet(spec: BandSpec) -> bool:
+    return spec.count == 3 and not spec.names and spec.dtype == "uint8" and spec.norm == "imagenet"
+
+
+def downstream_bands(index: DataIndex, flags: BandFlags, checkpoint: BandSpec | None, in_chans: int | None,
+                     seed: int = 0, group=None, what: str = "the checkpoint") -> DataBands:  # fmt: skip
+    """The bands of a finetune or probe on ``index`` from a checkpoint trained on ``checkpoint`` bands (None and
+    ``in_chans`` None: no checkpoint, decided as for pretraining by :func:`resolve_bands`).
+
+    Without ``--bands`` the model takes the checkpoint's bands: the data's are matched to them
+    (:func:`~fastmae.bands.match_bands`: by name, any order, a subset chosen; unnamed by count), and a mismatch is
+    one line naming both lists. One exception: a checkpoint of 3 RGB bands with ImageNet's statistics (an official
+    MAE, a run on photos) on other bands is adapted to them (the filters moved by timm's rule), with a warning.
+    With ``--bands`` the model takes the chosen bands and the weights move to them (by name, else timm's rule).
+
+    Statistics: ``--mean`` / ``--std`` or ``--norm`` when given (a warning where they replace the checkpoint's),
+    else the checkpoint's for each band it has (same dtype), else the data's own (``--norm auto``). ImageNet's
+    statistics on 3 bands that are not 8-bit RGB pictures are allowed, with a warning."""
+    if checkpoint is None and in_chans is None:
+        return resolve_bands(index, flags, seed, group)
+    ck = checkpoint_spec(checkpoint, in_chans)
+    files = files_spec(index, flags.nodata if flags.nodata is not None else ck.nodata)
+    if flags.bands is not None:
+        spec, idx = select(files, flags)
+    else:
+        try:
+            picked = match_bands(ck, files)
+        except FastMAEError as exc:
+            if not _rgb_imagenet(ck):
+                raise FastMAEError(f"{what}: {exc}") from None
+            logger.warning("%s was trained on 3 RGB bands with ImageNet's statistics; the data has %s: its patch "
+                           "embedding is adapted to them (timm's rule) and the data's own statistics are used", what,
+                           files.describe())  # fmt: skip
+            picked = list(range(files.count))
+            ck = BandSpec(files.count, dtype=files.dtype)  # nothing to take over but the weights
+        spec = files.subset(picked)
+        if ck.names and not spec.names:  # unnamed data matched by count: the bands are the checkpoint's
+            spec = dataclasses.replace(spec, names=ck.names)
+        idx = None if picked == list(range(files.count)) else tuple(picked)
+    spec = _downstream_stats(index, spec, idx, ck, flags, seed, group, what)
+    bands = DataBands(spec, idx)
+    logger.info("bands: %s", bands.describe())
+    return bands
+
+
+def _downstream_stats(index, spec: BandSpec, idx, ck: BandSpec, flags: BandFlags, seed, group, what) -> BandSpec:
+    if flags.norm is not None:  # given on the command line: it rules
+        if ck.has_stats:
+            logger.warning("%s replaces the statistics %s was trained with", flags.source or f"--norm {flags.norm}",
+                           what)  # fmt: skip
+        if flags.norm == "given":
+            return given_stats(spec, flags.stats, flags.source)
+        return imagenet_stats(spec) if flags.norm == "imagenet" else auto_stats(index, spec, idx, seed, group)
+    if _rgb_imagenet(ck) and spec.count == 3:
+        if spec.dtype != "uint8":
+            logger.warning("%s has ImageNet's statistics for 8-bit RGB, the data is %s: its own statistics are used",
+                           what, spec.describe())  # fmt: skip
+            return auto_stats(index, spec, idx, seed, group)
+        if not index.rgb:
+            logger.warning("%s has ImageNet's statistics for RGB photos; the data is %s rasters: they are used as they "
+                           "are", what, spec.describe())  # fmt: skip
+        return imagenet_stats(spec)
+    own = {}
+    if ck.has_stats and ck.dtype == spec.dtype:
+        if ck.names and spec.names:
+            own = {i: ck.names.index(n) for i, n in enumerate(spec.names) if n in ck.names}
+        elif not ck.names and ck.count == spec.count:
+            own = {i: i for i in range(spec.count)}
+    if len(own) == spec.count:
+        return spec.with_stats([ck.mean[own[i]] for i in range(spec.count)], [ck.std[own[i]] for i in
+                                                                              range(spec.count)], ck.norm)  # fmt: skip
+    data = auto_stats(index, spec, idx, seed, group)
+    if not own:
+        return data
+    logger.info("bands %s: the checkpoint's statistics; bands %s: the data's", ",".join(spec.label(i) for i in own),
+                ",".join(spec.label(i) for i in range(spec.count) if i not in own))  # fmt: skip
+    mean = [ck.mean[own[i]] if i in own else data.mean[i] for i in range(spec.count)]
+    std = [ck.std[own[i]] if i in own else data.std[i] for i in range(spec.count)]
+    return spec.with_stats(mean, std, "auto")
