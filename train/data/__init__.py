@@ -108,8 +108,9 @@ def make_loader(name: str, index: DataIndex, pipeline: str, cfg, device: torch.d
         return TorchvisionLoader(index, cfg.img_size, cfg.batch_size, cfg.seed, workers, pin=device.type == "cuda",
                                  pipeline=pipeline, rank=rank, world=world, augment=augment, bands=bands)  # fmt: skip
 
-    if bands is not None and name in ("gpu", "dali"):
-        why = f"the {name} loader reads 8-bit RGB with ImageNet's statistics, not {bands.describe()}"
+    if (bands is not None or not index.rgb) and name in ("gpu", "dali"):
+        what = bands.describe() if bands is not None else f"rasters ({index.bands} {index.dtype} bands)"
+        why = f"the {name} loader reads 8-bit RGB pictures with ImageNet's statistics, not {what}"
         if not fallback:
             raise FastMAEError(f"--loader {name}: {why}; use --loader torchvision")
         logger.info("loader auto -> torchvision (%s)", why)
