@@ -112,6 +112,11 @@ def test_shard_members_are_rasters_too(tmp_path):
     index = index_data(tmp_path / "s.tar")
     assert (index.bands, index.dtype, len(index)) == (4, "int16", 3) and index.labels.tolist() == [0, 1, 0]
     assert torch.equal(torch.as_tensor(np.load(io.BytesIO(index.read(1)))), torch.full((8, 8, 4), 1, dtype=torch.int16))
+    from fastmae.train.data.loaders import TorchvisionLoader
+
+    batch = next(TorchvisionLoader(index, 8, 3, seed=0, pipeline="eval", bands=_bands(index, [2, 0])).epoch(0))
+    assert batch.images.dtype == torch.int16 and batch.images.shape == (3, 2, 8, 8)
+    assert (batch.images == torch.arange(3, dtype=torch.int16).view(3, 1, 1, 1)).all()  # constant tiles stay so
 
 
 # --------------------------------------------------------------------------------------------------- the loaders
