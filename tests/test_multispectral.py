@@ -95,6 +95,9 @@ def test_rgb_data_keeps_its_routes_and_a_16_bit_png_among_it_its_rgb_reading(tmp
     assert index.rgb and (index.bands, index.dtype) == (3, "uint8") and len(index) == 5 and not index.bad
     assert int(index.routes[-1]) == PNG16  # as before rasters: converted to 8-bit RGB
     assert RASTER not in index.routes.tolist()
+    Image.fromarray(np.full((9, 7), 7, np.uint8)).save(root / "a-gray.tif")  # first, and Pillow reads it: still RGB
+    index = index_data(root)
+    assert index.rgb and len(index) == 6 and not index.bad and RASTER not in index.routes.tolist()
 
 
 def test_shard_members_are_rasters_too(tmp_path):

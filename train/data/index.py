@@ -248,6 +248,18 @@ def _band_names(index: DataIndex) -> tuple[str, ...] | None:
         return None
 
 
+def _data_kind(table: Table, readable: np.ndarray) -> tuple[int, int]:
+    """(bands, dtype code) of the data: the first valid file's; but when that file also reads as an RGB picture (a
+    16-bit PNG, a TIFF Pillow reads) and some file reads only as one (a JPEG), the data is RGB pictures, as it was
+    before rasters."""
+    first = int(np.argmax(readable))
+    kind = (int(table.bands[first]), int(table.dtype[first]))
+    if kind != RGB and table.route[first] == RASTER and table.alt_route[first] != BAD:
+        if (readable & (table.route != RASTER)).any():
+            return RGB
+    return kind
+
+
 def _index_of(table: Table, root: str, source: str) -> DataIndex:
     """The decodable entries of ``table`` as a :class:`DataIndex` (labels: ImageFolder classes, or ``.cls``)."""
     counts = np.diff(table.unit_start)
@@ -268,12 +280,11 @@ def _index_of(table: Table, root: str, source: str) -> DataIndex:
             labels = np.zeros(len(unit_of), np.int64)
     readable = table.route != BAD
     routes, good, kind = table.route, readable, RGB
-    if readable.any():  # the data's bands and dtype: the first valid file's
-        first = int(np.argmax(readable))
-        kind = (int(table.bands[first]), int(table.dtype[first]))
+    if readable.any():  # the data's bands and dtype: the first valid file's (see _data_kind)
+        kind = _data_kind(table, readable)
         fits = (table.bands == kind[0]) & (table.dtype == kind[1])
-        if kind == RGB:  # a raster that Pillow reads too keeps its RGB reading in an RGB data set
-            alt = readable & ~fits & (table.route == RASTER) & (table.alt_route != BAD)
+        if kind == RGB:  # a raster that Pillow reads too keeps its RGB reading (as before rasters) in an RGB data set
+            alt = readable & (table.route == RASTER) & (table.alt_route != BAD)
             if alt.any():
                 routes, fits = np.where(alt, table.alt_route, table.route).astype(np.uint8), fits | alt
         good = readable & fits

@@ -211,10 +211,10 @@ def validate(data, name: bytes) -> tuple[int, int, int, int, int, int] | str:
     member name, for its extension), or the one-line reason it does not read.
 
     ``.npy`` is a raster only (:func:`~.rasters.check_raster`). TIFF and 16-bit PNG are rasters when they read as one
-    (their own bands and dtype), with Pillow's RGB route beside it when Pillow reads them too: an RGB data set keeps
-    reading them as it did (converted to 8-bit RGB) instead of skipping them. A TIFF that reads only through Pillow
-    takes Pillow's route; one that reads neither way gives the raster reason. Every other file: Pillow's probe and
-    route, as before rasters (3 bands of uint8)."""
+    (their own bands and dtype), with Pillow's RGB route beside it when Pillow reads them too: in a data set of 8-bit
+    RGB pictures they keep that route, read as before rasters (converted to 8-bit RGB), instead of being skipped. A
+    TIFF that reads only through Pillow takes Pillow's route; one that reads neither way gives the raster reason.
+    Every other file: Pillow's probe and route, as before rasters (3 bands of uint8)."""
     if not _raster_first(data, name):
         return (*probe(data), *RGB, BAD)
     info = check_raster(data)
