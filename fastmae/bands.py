@@ -9,6 +9,8 @@ transformers ``config.json`` (:data:`HF_FIELD`). :data:`IMAGENET` is the one pla
 
 - :func:`select_bands`: ``--bands B02,B03,B04,B08`` (names of the data's bands, or 0-based indices) -> the subset.
 - :func:`match_bands`: which data band feeds each band a checkpoint was trained on; a mismatch names both lists.
+- :func:`parse_band_flags`: a run's ``--bands``, ``--nodata``, ``--norm``, ``--mean`` / ``--std`` checked before any
+  data is read (the data-dependent rest is ``fastmae.train.data.databands``').
 - :func:`plan_transfer` / :func:`transfer_state`: move pretrained weights (patch embedding, decoder output layer)
   to another band set (kept filters by name, new ones from the mean of the pretrained filters; without names,
   timm's ``adapt_input_conv``).
