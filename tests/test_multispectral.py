@@ -397,3 +397,22 @@ def test_visualize_and_export_take_the_bands_from_the_checkpoint(s2, ckpt13, tmp
     saved = torch.load(ckpt13, weights_only=True)["config"]["bands"]
     assert json.loads((tmp_path / "enc.bands.json").read_text()) == saved
     capsys.readouterr()
+
+
+def test_3_band_uint8_rasters_take_imagenet_statistics_and_the_raster_reader(tmp_path):
+    from fastmae.train.data import resolve_bands
+    from fastmae.train.data.loaders import ImageFiles
+
+    from fastmae.bands import IMAGENET, parse_band_flags
+
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        (tmp_path / "d" / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+        np.save(tmp_path / "d" / f"c{k % 2}" / f"{k}.npy", rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    index = index_data(tmp_path / "d")
+    assert (index.bands, index.dtype) == (3, "uint8") and not index.rgb and (index.routes == RASTER).all()
+    bands = resolve_bands(index, parse_band_flags(), seed=0)
+    assert bands.spec.same_stats(IMAGENET, rel=0) and bands.plain and bands.for_loader() is None
+    for pipeline in ("finetune", "eval"):  # no Pillow transforms for a raster: read and cropped in its dtype
+        files = ImageFiles(index, pipeline, 16, 0)
+        assert not files.timm and files.image(0, 0).shape == (3, 16, 16) and files.image(0, 0).dtype == torch.uint8

@@ -196,8 +196,9 @@ class ImageFiles(torch.utils.data.Dataset):
         self.bands = bands
         self.channels, self.dtype = (3, torch.uint8) if bands is None else (bands.count, bands.dtype)
         # timm's Pillow transforms: the finetune pipeline of 8-bit RGB pictures (decoded by the RGB routes)
-        rgb = bands is None or (index.rgb and bands.count == 3 and bands.indices is None and bands.spec.nodata is None)
-        self.timm = pipeline == "finetune" and rgb
+        pictures = index.rgb and (bands is None or (bands.count == 3 and bands.indices is None and
+                                                    bands.spec.nodata is None))  # fmt: skip
+        self.timm = pipeline == "finetune" and pictures
         self.transform = None
         if self.timm:
             stats = None if bands is None else bands.spec
