@@ -9,6 +9,8 @@ transformers ``config.json`` (:data:`HF_FIELD`). :data:`IMAGENET` is the one pla
 
 - :func:`select_bands`: ``--bands B02,B03,B04,B08`` (names of the data's bands, or 0-based indices) -> the subset.
 - :func:`match_bands`: which data band feeds each band a checkpoint was trained on; a mismatch names both lists.
+- :func:`parse_band_flags`: a run's ``--bands``, ``--nodata``, ``--norm``, ``--mean`` / ``--std`` checked before any
+  data is read (the data-dependent rest is ``fastmae.train.data.databands``').
 - :func:`plan_transfer` / :func:`transfer_state`: move pretrained weights (patch embedding, decoder output layer)
   to another band set (kept filters by name, new ones from the mean of the pretrained filters; without names,
   timm's ``adapt_input_conv``).
@@ -296,6 +298,105 @@ def match_bands(checkpoint: BandSpec, data: BandSpec) -> list[int]:
                            f"{data.count} ({_names_text(data)}); choose {checkpoint.count} of the data's bands with "
                            "--bands")  # fmt: skip
     return list(range(checkpoint.count))
+
+
+# ------------------------------------------------------------------------------------------ the run's flags
+NORM_CHOICES = ("auto", "imagenet")  # --norm, besides a JSON file
+
+
+@dataclasses.dataclass(frozen=True)
+class BandFlags:
+    """``--bands``, ``--nodata``, ``--norm`` and ``--mean`` / ``--std`` as a run gave them, parsed and checked before
+    any data is read (:func:`parse_band_flags`). ``bands``: names and 0-based indices; ``norm``: "auto", "imagenet",
+    "given" (``stats`` holds them: from ``--mean`` / ``--std`` or a file, ``source`` says which) or None (the data
+    decides: imagenet for 3 8-bit bands, else auto)."""
+
+    bands: tuple[int | str, ...] | None = None
+    nodata: float | None = None
+    norm: str | None = None
+    stats: BandSpec | None = None
+    source: str | None = None
+
+    @property
+    def given(self) -> list[str]:
+        """The flags given, in words (``--bands``, ``--nodata``, ``--norm auto``, ...), for messages."""
+        out = ["--bands"] if self.bands is not None else []
+        out += ["--nodata"] if self.nodata is not None else []
+        if self.norm in NORM_CHOICES:
+            out.append(f"--norm {self.norm}")
+        elif self.norm == "given":
+            out.append(self.source)
+        return out
+
+    @property
+    def default(self) -> bool:
+        """Nothing given: the data's bands, as stored, with the statistics the data calls for."""
+        return not self.given
+
+
+def _number_list(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(t) for t in str(text).split(","))
+    except ValueError:
+        raise FastMAEError(f"{flag} {text!r}: give comma-separated numbers, one per band") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise FastMAEError(f"{flag} {text!r}: give finite numbers, one per band")
+    return values
+
+
+def read_stats_file(path: str | os.PathLike, flag: str = "--norm") -> BandSpec:
+    """The statistics of a JSON file: ``{"mean": [...], "std": [...]}`` (``"names"``, ``"nodata"`` optional), a band
+    file beside exported weights, or a run's ``config.json`` (its ``"bands"``). A one-line error for a file that
+    does not read, or holds no statistics."""
+    where = f"{flag} {path}"
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise FastMAEError(f"{where}: {exc.strerror or exc} (give auto, imagenet or a JSON file)") from None
+    except ValueError as exc:
+        raise FastMAEError(f"{where} is not JSON ({str(exc).splitlines()[0]})") from None
+    if isinstance(data, Mapping) and isinstance(data.get(CONFIG_KEY), Mapping):
+        data = data[CONFIG_KEY]  # a run's config.json
+    spec = BandSpec.from_dict(data, where)
+    if not spec.has_stats:
+        raise FastMAEError(f"{where} holds no statistics: it needs \"mean\" and \"std\" lists, one value per band")
+    return spec
+
+
+def parse_band_flags(bands=None, nodata=None, norm=None, mean=None, std=None) -> BandFlags:
+    """Check the band flags of a run on their own (no data read yet): ``--bands`` parses; ``--norm`` is auto,
+    imagenet or a JSON file with statistics; ``--mean`` and ``--std`` come together, as numbers, one per band (std
+    positive) and not beside ``--norm``. Anything else is a one-line error naming the flag."""
+    picked = tuple(parse_band_list(bands)) if bands is not None else None
+    if nodata is not None:
+        try:
+            nodata = float(nodata)
+        except (TypeError, ValueError):
+            raise FastMAEError(f"--nodata must be a number (or nan), got {nodata!r}") from None
+    if (mean is None) != (std is None):
+        one, other = ("--mean", "--std") if mean is not None else ("--std", "--mean")
+        raise FastMAEError(f"{one} needs {other} too: per-band means and standard deviations, one each per band")
+    stats, source = None, None
+    if mean is not None:
+        if norm is not None:
+            raise FastMAEError(f"--mean/--std and --norm {norm} both give the statistics: use one of them")
+        m, s = _number_list(mean, "--mean"), _number_list(std, "--std")
+        if len(m) != len(s):
+            raise FastMAEError(f"--mean has {len(m)} values and --std {len(s)}: give one of each per band")
+        stats, source = BandSpec(len(m), mean=m, std=s, dtype="float32", norm="given"), "--mean/--std"
+        norm = "given"
+    elif norm is not None and norm not in NORM_CHOICES:
+        if not str(norm).lower().endswith(".json"):
+            raise FastMAEError(f"--norm {norm}: choose auto, imagenet or a JSON file of per-band mean and std")
+        stats, source, norm = read_stats_file(norm), f"--norm {norm}", "given"
+        if nodata is None:
+            nodata = stats.nodata
+    return BandFlags(picked, nodata, norm, stats, source)
+
+
+def band_flags_of(cfg) -> BandFlags:
+    """:func:`parse_band_flags` of a run configuration's fields (``bands``, ``nodata``, ``norm``, ``mean``, ``std``)."""
+    return parse_band_flags(*(getattr(cfg, f, None) for f in ("bands", "nodata", "norm", "mean", "std")))
 
 
 # ------------------------------------------------------------------------------------------ configs and files

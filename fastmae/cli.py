@@ -217,6 +217,9 @@ def build_parser(preset_shown: str | None = None) -> argparse.ArgumentParser:
     v.add_argument("--show-bands", default=None, metavar="BANDS",
                    help="bands to draw, names or 0-based indices: 3 as red,green,blue (e.g. 3,2,1) or 1 in gray "
                    "(default: RGB as it is; the first three bands, or the first in gray, stretched 2-98%%)")
+    v.add_argument("--bands", default=None, metavar="BANDS",
+                   help="the images' bands that feed the checkpoint's, in its order: names or 0-based indices "
+                   "(default: matched by name, or all of them when unnamed)")  # fmt: skip
     b = sub.add_parser(
         "bench",
         help="pretrain-step benchmark (eager, compiled-reference, fastmae, mask-token encoder): JSON, chart, table",
@@ -339,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             from fastmae.train.visualize import visualize_checkpoint
 
             loss = visualize_checkpoint(args.checkpoint, args.output, args.images, args.count, args.mask_ratio,
-                                        args.seed, args.scale, args.show_bands)  # fmt: skip
+                                        args.seed, args.scale, args.show_bands, args.bands)  # fmt: skip
             print(f"wrote {args.output} (loss on these images {loss:.4f})")
             return 0
         cfg = config_from_args(args, *COMMANDS[args.command])

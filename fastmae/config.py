@@ -116,10 +116,28 @@ class Data:
         "it faster) | torchvision | synthetic", choices=LOADERS
     )  # fmt: skip
     num_workers: int | None = _f(None, "loader processes (torchvision) or threads (dali); default min(8, CPU count)")
+    bands: str | None = _f(
+        None, "the data's bands to use, by name or 0-based index, comma-separated (e.g. B02,B03,B04,B08); as many "
+        "names as the data has unnamed bands name them (default: every band, as stored)"
+    )  # fmt: skip
+    nodata: float | None = _f(
+        None, "a pixel value that means no data (nan allowed): left out of the statistics and filled with its band's "
+        "mean before normalising (not set by default)"
+    )  # fmt: skip
+    norm: str | None = _f(
+        None, "per-band normalisation: auto (each band's mean and std from a seeded sample of the data, cached with "
+        "the index) | imagenet (3 8-bit bands) | FILE.json (mean and std lists, or a run's config.json) (default: "
+        "imagenet for 3 8-bit bands, else auto)"
+    )  # fmt: skip
+    mean: str | None = _f(None, "per-band means in the data's units, comma-separated, with --std (instead of --norm)")
+    std: str | None = _f(None, "per-band standard deviations in the data's units, comma-separated, with --mean")
 
     def check(self) -> None:
         if not 0 < self.crop_scale <= 1:
             raise FastMAEError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
+        from .bands import parse_band_flags
+
+        parse_band_flags(self.bands, self.nodata, self.norm, self.mean, self.std)  # each a one-line error, now
 
 
 @dataclass

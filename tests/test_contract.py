@@ -163,15 +163,18 @@ def test_bench_writes_into_the_current_folder(tmp_path, monkeypatch, capsys):
 
 
 def test_demo_data_skip_line_is_one_quiet_line(tmp_path, capsys, caplog):
-    """scikit-image's multipage TIFF: one line naming it, no object repr, no xformers advice on a CPU."""
+    """scikit-image's float64 .npy and multipage TIFF: one line naming both, no object repr, no xformers advice on a
+    CPU."""
     caplog.set_level("INFO")
     out = tmp_path / "demo"
     assert main(["pretrain", "--stop-after-steps", "1", "--num-workers", "0", "--no-progress", "--picture-every", "0",
                  "--no-tensorboard", "--output-dir", str(out)]) == 0  # fmt: skip
     text = caplog.text
     skipped = [r.getMessage() for r in caplog.records if "not decode" in r.getMessage()]
-    assert len(skipped) == 1 and skipped[0].startswith("skipped 1 file that does not decode: ")
-    assert skipped[0].endswith("multipage_rgb.tif (not an image Pillow can read)")
+    assert len(skipped) == 1 and skipped[0].startswith("skipped 2 files that do not decode: ")
+    assert "lfw_subset.npy (.npy array of dtype float64: fastmae reads uint8, uint16, int16, float32)" in skipped[0]
+    assert skipped[0].endswith("multipage_rgb.tif (TIFF of shape (2, 3, 10, 10) with axes QSYX: more than one axis "
+                               "besides Y and X)")  # fmt: skip
     assert "object at 0x" not in text and "pip install 'fastmae[xformers]'" not in text
     assert "1 process" in text and "process(es)" not in text and "(none)" not in text
 

@@ -247,6 +247,7 @@ class Checkpointer:
         path = self.ctx.resume_path
         ckpt = load_checkpoint(path)
         self.recipe.check_checkpoint(ckpt["model"], f"--resume {path}")
+        self.recipe.check_config(ckpt.get("config") or {}, f"--resume {path}")
         self._load_weights(ckpt, f"--resume {path}")
         if self.recipe.scaler is not None and "scaler" in ckpt:
             self.recipe.scaler.load_state_dict(ckpt["scaler"])

@@ -61,11 +61,14 @@ class RunContext(RunSpec):
     def main(self) -> bool:
         return self.dist.is_main
 
-    def loader_for(self, index, pipeline: str, cfg):
+    def loader_for(self, index, pipeline: str, cfg, bands=None):
         """The run's loader (chosen at the start) over ``index`` for this rank, as ``pipeline`` (pretrain, finetune,
-        linprobe, eval) reads it; under ``--loader auto`` a GPU route has the torchvision loader behind it."""
+        linprobe, eval) reads it, with the run's ``bands`` (a :class:`~fastmae.train.data.DataBands`, or None for
+        8-bit RGB with ImageNet's statistics); under ``--loader auto`` a GPU route has the torchvision loader behind
+        it."""
+        bands = bands.for_loader() if bands is not None else None
         return make_loader(self.loader, index, pipeline, cfg, self.device, self.dist.rank, self.dist.world_size,
-                           fallback=cfg.loader == "auto")  # fmt: skip
+                           fallback=cfg.loader == "auto", bands=bands)  # fmt: skip
 
     def close(self, clean: bool = False) -> None:
         if clean and self.dist.enabled:

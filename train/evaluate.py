@@ -24,9 +24,10 @@ def layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, device: torch.device, autocast, classes: int,
-             ctx: DistContext | None = None) -> dict:  # fmt: skip
+             ctx: DistContext | None = None, bands=None) -> dict:  # fmt: skip
     """Cross-entropy, top-1 and top-5 (%) over the whole validation set. Sums stay on the device (one host sync at
-    the end) and, under torchrun, are added up over the ranks' disjoint shards."""
+    the end) and, under torchrun, are added up over the ranks' disjoint shards. ``bands``: the run's, whose
+    statistics normalise the batches (None: 8-bit RGB, ImageNet's)."""
     was_training = model.training
     model.eval()
     k = min(5, classes)
@@ -34,7 +35,7 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, autocast, cla
     for batch in on_device(loader.epoch(0), device):
         labels = batch.labels
         with autocast():
-            logits = model(model_input(batch.images))
+            logits = model(model_input(batch.images, bands))
         logits = logits.float()
         hit = logits.topk(k, dim=1).indices == labels[:, None]  # [B, k]
         sums += torch.stack([
@@ -83,13 +84,13 @@ def gather_features(feats: torch.Tensor, labels: torch.Tensor, ctx: DistContext)
 
 @torch.no_grad()
 def extract(encoder: nn.Module, loader, device: torch.device, autocast, dim: int,
-            ctx: DistContext | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+            ctx: DistContext | None = None, bands=None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Features [N, D] (float32) and labels [N] of this rank's shard of an eval loader; with ``ctx``, every rank's
-    shard gathered (the whole set, each image once)."""
+    shard gathered (the whole set, each image once). ``bands``: as for :func:`evaluate`."""
     feats, labels = [torch.empty(0, dim, device=device)], [torch.empty(0, dtype=torch.long, device=device)]
     for batch in on_device(loader.epoch(0), device):
         with autocast():
-            feats.append(encoder(model_input(batch.images)).float())
+            feats.append(encoder(model_input(batch.images, bands)).float())
         labels.append(batch.labels)
     feats, labels = torch.cat(feats), torch.cat(labels)
     if ctx is not None:

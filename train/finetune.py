@@ -18,11 +18,13 @@ import logging
 
 import torch
 
+from fastmae.bands import band_flags_of
 from fastmae.config import FinetuneConfig
-from fastmae.interop import create_vit, encoder_arch, load_pretrained
+from fastmae.interop import create_vit, encoder_arch, load_pretrained, read_checkpoint
 
 from .context import RunContext, seed_all, start_run
 from .data import labelled_data
+from .data.databands import downstream_bands
 from .distributed import gradient_sync, wrap_model
 from .evaluate import evaluate, layer_decay_groups
 from .step import StepParts, build_step
@@ -76,9 +78,10 @@ class Finetuning(Recipe):
         # order and augmentations are drawn from (seed, epoch, sample) and do not depend on it.
         seed_all(cfg.seed + dist.rank)
         self.train_idx, self.val_idx, self.classes = labelled_data(cfg, dist)
-        self.arch = {**encoder_arch(cfg.model, cfg.pretrained), "img_size": cfg.img_size}
+        self.bands = pretrained_bands(cfg, self.train_idx, dist)  # the checkpoint's, matched to the data's
+        self.arch = {**encoder_arch(cfg.model, cfg.pretrained), "img_size": cfg.img_size, "in_chans": self.bands.count}
         self.model = create_vit(self.arch, self.classes, cfg.img_size, "avg", cfg.drop_path)
-        self.loaded = load_pretrained(self.model, cfg.pretrained, cfg.model)
+        self.loaded = load_pretrained(self.model, cfg.pretrained, cfg.model, bands=self.bands.spec)
         self.model.to(ctx.device)
         self.step_module = wrap_model(self.model, dist, ctx.device)
         self.base_lr = cfg.effective_lr(dist.world_size)
@@ -87,8 +90,9 @@ class Finetuning(Recipe):
         self.optimizer = torch.optim.AdamW(groups, lr=self.base_lr, fused=True)
         self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema else None
         self.mixup, self.criterion = mixing(self.classes, cfg.mixup, cfg.cutmix, cfg.smoothing)
-        self.loader = ctx.loader_for(self.train_idx, "finetune", cfg)
-        self.val_loader = ctx.loader_for(self.val_idx, "eval", cfg)
+        self.loader = ctx.loader_for(self.train_idx, "finetune", cfg, self.bands)
+        self.val_loader = ctx.loader_for(self.val_idx, "eval", cfg, self.bands)
+        self.feed = self.bands.for_loader()  # what the step and the evaluation normalise with (None: today's RGB)
         self.best = None
         self.fits = f"fit {cfg.model or 'this model'} with {self.classes} classes at {cfg.img_size} px"
         self.copies = 4 if cfg.ema else 3
@@ -111,9 +115,10 @@ class Finetuning(Recipe):
         ema = self.update_ema if self.ema is not None else None
         parts = StepParts(loss, self.optimizer, self.model.parameters(), after_update=ema,
                           sync=gradient_sync(self.step_module, self.model, ctx.dist),
-                          reduce=ctx.dist.all_reduce_mean if ctx.dist.enabled else None)  # fmt: skip
+                          reduce=ctx.dist.all_reduce_mean if ctx.dist.enabled else None, bands=self.feed)  # fmt: skip
         self.train_step = build_step(parts, ctx, cfg.optimisation)
         return {"arch": self.arch, "num_classes": self.classes, "classes": self.train_idx.classes,
+                "bands": self.bands.spec.to_dict(), "band_indices": self.bands.index_list,
                 "train_images": len(self.train_idx), "val_images": len(self.val_idx), **self.loaded}  # fmt: skip
 
     def update_ema(self) -> None:
@@ -126,7 +131,8 @@ class Finetuning(Recipe):
                 f"effective batch {cfg.effective_batch(self.ctx.dist.world_size)}, layer decay {cfg.layer_decay}")
 
     def score(self, module: torch.nn.Module) -> dict:
-        return evaluate(module, self.val_loader, self.ctx.device, self.ctx.autocast, self.classes, self.ctx.dist)
+        return evaluate(module, self.val_loader, self.ctx.device, self.ctx.autocast, self.classes, self.ctx.dist,
+                        self.feed)  # fmt: skip
 
     def begin(self, state: TrainingState) -> dict | None:
         start = None if state.resumed else self.score(self.model)
@@ -158,3 +164,15 @@ class Finetuning(Recipe):
                 "num_classes": self.classes, "skipped_files": len(self.loader.skipped | self.val_loader.skipped),
                 "decoders": {"train": self.loader.decoders, "val": self.val_loader.decoders},
                 **self.loaded}  # fmt: skip
+
+
+def pretrained_bands(cfg, index, group=None):
+    """The run's :class:`~fastmae.train.data.DataBands`: the ``--pretrained`` checkpoint's bands and statistics,
+    matched to ``index``'s (``--bands`` maps others; see :func:`~fastmae.train.data.databands.downstream_bands`);
+    without a checkpoint, the data's own, as pretraining decides them."""
+    flags = band_flags_of(cfg)
+    if cfg.pretrained is None:
+        return downstream_bands(index, flags, None, None, cfg.seed, group)
+    _, arch, info = read_checkpoint(cfg.pretrained)
+    return downstream_bands(index, flags, info["bands"], arch["in_chans"], cfg.seed, group,
+                            f"--pretrained {cfg.pretrained}")  # fmt: skip

@@ -27,6 +27,7 @@ from fastmae.interop import create_vit, encoder_arch, load_pretrained
 from .context import RunContext, seed_all, start_run
 from .data import labelled_data
 from .evaluate import extract, gather_features, knn_classify, lars_groups, make_probe, score_probes
+from .finetune import pretrained_bands
 from .step import StepParts, build_step
 from .trainer import Recipe, Trainer, TrainingState
 
@@ -48,9 +49,11 @@ class LinearProbing(Recipe):
         self.cfg, self.ctx, dist = cfg, ctx, ctx.dist
         seed_all(cfg.seed + dist.rank)
         self.train_idx, self.val_idx, self.classes = labelled_data(cfg, dist)
-        arch = encoder_arch(cfg.model, cfg.pretrained)
+        self.bands = pretrained_bands(cfg, self.train_idx, dist)  # the checkpoint's, matched to the data's
+        self.feed = self.bands.for_loader()  # what the features are normalised with (None: today's RGB)
+        arch = {**encoder_arch(cfg.model, cfg.pretrained), "in_chans": self.bands.count}
         self.encoder = create_vit(arch, 0, cfg.img_size, "avg" if cfg.global_pool else "token")
-        self.loaded = load_pretrained(self.encoder, cfg.pretrained, cfg.model)
+        self.loaded = load_pretrained(self.encoder, cfg.pretrained, cfg.model, bands=self.bands.spec)
         self.encoder.to(ctx.device).eval().requires_grad_(False)
         self.dim = self.encoder.num_features
         self.lrs, self.blr_list = cfg.probe_lrs(dist.world_size), ([None] if cfg.lr is not None else cfg.blrs())
@@ -60,8 +63,8 @@ class LinearProbing(Recipe):
             self.model = nn.ModuleList([make_probe(self.dim, self.classes) for _ in self.lrs]).to(ctx.device)
         self.optimizer = Lars(lars_groups(self.model, self.lrs, cfg.weight_decay), lr=self.lrs[0], momentum=0.9)
         # crop + flip for training; the evaluation view
-        self.loader = ctx.loader_for(self.train_idx, "linprobe", cfg)
-        self.val_loader = ctx.loader_for(self.val_idx, "eval", cfg)
+        self.loader = ctx.loader_for(self.train_idx, "linprobe", cfg, self.bands)
+        self.val_loader = ctx.loader_for(self.val_idx, "eval", cfg, self.bands)
         self.start_scores = None
         self.fits = f"hold {len(self.lrs)} probe(s) of {self.dim} features x {self.classes} classes"
 
@@ -85,8 +88,10 @@ class LinearProbing(Recipe):
                 return torch.stack([nn.functional.cross_entropy(p(feats), labels) for p in self.model])
 
         # every rank trains the same probes on the same gathered features: the losses need no reduction
-        self.train_step = build_step(StepParts(loss, self.optimizer, self.model.parameters()), ctx, cfg.optimisation)
-        return {"lrs": self.lrs, "num_classes": self.classes, "feature_dim": self.dim, **self.loaded}
+        parts = StepParts(loss, self.optimizer, self.model.parameters(), bands=self.feed)
+        self.train_step = build_step(parts, ctx, cfg.optimisation)
+        return {"lrs": self.lrs, "num_classes": self.classes, "feature_dim": self.dim,
+                "bands": self.bands.spec.to_dict(), "band_indices": self.bands.index_list, **self.loaded}
 
     def start_line(self) -> str:
         cfg = self.cfg
@@ -97,7 +102,7 @@ class LinearProbing(Recipe):
     def begin(self, state: TrainingState) -> None:
         # the whole validation set, on every rank
         self.val_f, self.val_y = extract(self.features, self.val_loader, self.ctx.device, self.ctx.autocast, self.dim,
-                                         self.ctx.dist)  # fmt: skip
+                                         self.ctx.dist, self.feed)  # fmt: skip
         self.start_scores = self.start_scores or score_probes(self.model, self.val_f, self.val_y, self.classes)
 
     def row(self, losses: list[float], finite: bool, lr: float) -> dict:
@@ -113,8 +118,8 @@ class LinearProbing(Recipe):
         scores = score_probes(self.model, self.val_f, self.val_y, self.classes)
         knn = None
         if cfg.knn_k > 0:  # training features without augmentation, each rank its shard
-            train_eval = ctx.loader_for(self.train_idx, "eval", cfg)
-            train_f, train_y = extract(self.features, train_eval, ctx.device, ctx.autocast, self.dim)
+            train_eval = ctx.loader_for(self.train_idx, "eval", cfg, self.bands)
+            train_f, train_y = extract(self.features, train_eval, ctx.device, ctx.autocast, self.dim, bands=self.feed)
             knn = knn_classify(train_f, train_y, self.val_f, self.val_y, self.classes, cfg.knn_k, cfg.knn_t,
                                ctx=ctx.dist)  # fmt: skip
         rows = zip(self.blr_list, self.lrs, scores, self.start_scores, strict=True)

@@ -1,7 +1,10 @@
 """MAE pretraining, the recipe: the official model and AdamW, per-sample masks, reconstruction pictures on fixed images.
 
 The loop, checkpoints, logs and faults are the :class:`~fastmae.train.trainer.Trainer`'s. What is pretraining's own:
-the data (any image folder, shards, the digits, or synthetic batches), the MAE (new, or from ``--pretrained``) wrapped
+the data (any image folder, shards, the digits, or synthetic batches) and its bands (``--bands``, ``--nodata``,
+``--norm``: :func:`~fastmae.train.data.resolve_bands`; the model's ``in_chans`` is their count, and the resolved
+:class:`~fastmae.bands.BandSpec` goes into ``config.json`` and every checkpoint as ``"bands"``), the MAE (new, or
+from ``--pretrained``, moved to the data's bands when they differ) wrapped
 for DDP / FSDP2, fused AdamW with the recipe's weight-decay groups, the loss (each sample's mask from
 ``(seed, epoch, sample id)``, :func:`mae_loss`), and a picture + fixed-image eval loss at the start, every
 ``--picture-every`` steps and at the end. Output folder: see docs/output.md (``config.json``, ``metrics.jsonl``,
@@ -15,12 +18,14 @@ import logging
 import torch
 
 import fastmae
+from fastmae.bands import band_flags_of, spec_from_config
 from fastmae.config import PretrainConfig
+from fastmae.errors import FastMAEError
 from fastmae.interop import check_model, from_pretrained
 from fastmae.models import model_arch
 
 from .context import RunContext, seed_all, start_run
-from .data import SyntheticLoader, pretrain_index, sample_images
+from .data import SyntheticLoader, pretrain_index, resolve_bands, sample_images
 from .distributed import gradient_sync, wrap_model
 from .noise import mask_noise
 from .schedule import build_optimizer
@@ -56,22 +61,27 @@ class Pretraining(Recipe):
     def __init__(self, cfg: PretrainConfig, ctx: RunContext):
         self.cfg, self.ctx, dist = cfg, ctx, ctx.dist
         seed_all(cfg.seed)
-        if cfg.loader == "synthetic":
-            self.index = None
+        flags = band_flags_of(cfg)
+        if cfg.loader == "synthetic":  # 3-band images: the run spec refused band flags (bands_reasons)
+            self.index = self.bands = None
             self.loader = SyntheticLoader(cfg.img_size, cfg.batch_size, cfg.synthetic_images, cfg.seed, ctx.device,
                                           dist.rank, dist.world_size)  # fmt: skip
         else:
             self.index = pretrain_index(cfg.data, dist, cfg.index_check)
-            self.loader = ctx.loader_for(self.index, "pretrain", cfg)
+            self.bands = resolve_bands(self.index, flags, cfg.seed, dist)  # the statistics at index time, cached
+            self.loader = ctx.loader_for(self.index, "pretrain", cfg, self.bands)
+        spec = self.bands.spec if self.bands is not None else None
         options = dict(ctx.model_options(), encoder_mode=cfg.encoder_mode)  # attention and kernels as the spec chose
         if cfg.pretrained is not None:  # continued pretraining: the checkpoint's architecture and weights
             self.model = from_pretrained(cfg.pretrained, cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size,
-                                         norm_pix_loss=cfg.norm_pix_loss, **options)  # fmt: skip
+                                         norm_pix_loss=cfg.norm_pix_loss, bands=spec, **options)  # fmt: skip
             logger.info("starting from the weights of %s", cfg.pretrained)
         else:
             patch = {"patch_size": cfg.patch_size} if cfg.patch_size is not None else {}
+            chans = {"in_chans": spec.count} if spec is not None else {}  # --in-chans: the data's (selected) bands
             self.model = fastmae.create_model(cfg.model, img_size=cfg.img_size, norm_pix_loss=cfg.norm_pix_loss,
-                                              **patch, **options)  # fmt: skip
+                                              **patch, **chans, **options)  # fmt: skip
+        self.model.bands = spec  # the pictures draw and un-normalise with them
         self.model.to(ctx.device)
         # auto: the measured table's fastest at this batch, per call site
         self.attn_used = self.model.resolve_attention(ctx.device, ctx.act_dtype, batch=cfg.batch_size)
@@ -86,19 +96,30 @@ class Pretraining(Recipe):
     def check_checkpoint(self, state: dict, what: str) -> None:
         check_model(state, self.cfg.model or "this model", what, model_arch(self.model))  # the architecture: one line
 
+    def check_config(self, config: dict, what: str) -> None:
+        """A resumed run's bands must be the checkpoint's: the same names, statistics and nodata."""
+        saved, now = spec_from_config(config, what), self.bands.spec if self.bands is not None else None
+        if saved is not None and now is not None and (saved.names != now.names or not saved.same_stats(now, 1e-12)
+                                                      or saved.to_dict()["nodata"] != now.to_dict()["nodata"]):
+            raise FastMAEError(f"{what} was trained on {saved.describe()}; this run has {now.describe()}: resume "
+                               "with the flags of the run that wrote it (its config.json)")  # fmt: skip
+
     def prepare(self, state: TrainingState, log) -> dict:
         cfg, ctx = self.cfg, self.ctx
         self.log = log
         # Fixed images (centre crops of the first decodable files) with a fixed mask: pictures and a comparable loss.
-        self.eval_imgs = (sample_images(self.index, cfg.img_size, max(cfg.num_reconstructions, EVAL_IMAGES))
+        feed = self.bands.for_loader() if self.bands is not None else None  # None: 8-bit RGB, ImageNet's statistics
+        self.eval_imgs = (sample_images(self.index, cfg.img_size, max(cfg.num_reconstructions, EVAL_IMAGES), feed)
                           if self.index is not None else next(self.loader.epoch(0)).images[: cfg.num_reconstructions]
                           .cpu())  # fmt: skip
         loss = mae_loss(self.model, ctx.compiled(self.step_module), ctx.device, cfg.seed, cfg.mask_ratio)
         parts = StepParts(loss, self.optimizer, self.model.parameters(), scaler=self.scaler,
                           sync=gradient_sync(self.step_module, self.model, ctx.dist),
-                          reduce=ctx.dist.all_reduce_mean if ctx.dist.enabled else None)  # fmt: skip
+                          reduce=ctx.dist.all_reduce_mean if ctx.dist.enabled else None, bands=feed)  # fmt: skip
         self.train_step = build_step(parts, ctx, cfg.optimisation)
         return {"arch": model_arch(self.model),
+                "bands": self.bands.spec.to_dict() if self.bands is not None else None,
+                "band_indices": self.bands.index_list if self.bands is not None else None,
                 "data": str(self.index.root) if self.index is not None else None,
                 "num_images": len(self.index) if self.index is not None else None}  # fmt: skip
 

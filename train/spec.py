@@ -65,14 +65,17 @@ class Asked:
     world_size: int = 1
     parallel: str = "ddp"
     tensorboard: bool | None = False
+    bands: tuple[str, ...] = ()  # the band flags given (--bands, --nodata, --norm auto, ...), in words
 
     @classmethod
     def of(cls, cfg, command: str, world_size: int | None = None) -> Asked:
         """What a training command's configuration asks for (``world_size``: the job's, from its launcher)."""
+        from fastmae.bands import band_flags_of
+
         return cls(command, cfg.device, cfg.precision, cfg.compile, cfg.compile_mode, cfg.get("cuda_graphs", False),
                    cfg.loader, cfg.get("kernels"), cfg.get("attn_backend"), cfg.model, cfg.accum_iter,
                    dist_info()[1] if world_size is None else world_size, cfg.get("parallel", "ddp"),
-                   cfg.tensorboard)  # fmt: skip
+                   cfg.tensorboard, tuple(band_flags_of(cfg).given))  # fmt: skip
 
 
 @dataclass
@@ -167,6 +170,18 @@ def loader_reasons(asked: Asked, spec: RunSpec) -> list[str]:
     return [problem] if (problem := loader_problem(asked.loader, spec.device, asked.command)[1]) else []
 
 
+def bands_reasons(asked: Asked, spec: RunSpec) -> list[str]:
+    """Band flags that an explicitly asked loader cannot serve: DALI and the GPU loader read 8-bit RGB with ImageNet's
+    statistics only (the torchvision loader reads any bands; ``auto`` takes it for them). The flags themselves were
+    checked with the configuration (:func:`fastmae.bands.parse_band_flags`); what depends on the data (a band name
+    it lacks, statistics for another count) is checked right after indexing, before any step."""
+    flags = [f for f in asked.bands if f != "--norm imagenet"]
+    if flags and asked.loader in ("dali", "gpu", "synthetic"):
+        what = "makes 3-band images" if asked.loader == "synthetic" else "reads 8-bit RGB with ImageNet's statistics"
+        return [f"--loader {asked.loader} {what}: {', '.join(flags)} need --loader torchvision (or auto)"]
+    return []
+
+
 def precision_reasons(asked: Asked, spec: RunSpec) -> list[str]:
     if spec.precision == "fp16" and spec.strategy == "fsdp":
         return ["--precision fp16 is not supported with --parallel fsdp; use bf16"]
@@ -258,6 +273,7 @@ def tensorboard_reasons(asked: Asked, spec: RunSpec) -> list[str]:
 
 CHECKS: tuple[Callable[[Asked, RunSpec], list[str]], ...] = (
     loader_reasons,
+    bands_reasons,
     precision_reasons,
     compile_reasons,
     graphs_reasons,

@@ -49,7 +49,9 @@ class StepParts:
     device; it returns a loss tensor (one, or one per probe), whose sum is backpropagated. ``params``: the trained
     parameters. ``sync(last)`` turns the gradient all-reduce of the next backward on or off (DDP / FSDP; None in one
     process); ``reduce(loss)`` averages the loss over ranks before the NaN guard, so that every rank skips alike
-    (None: every rank computes the same loss); ``after_update()`` runs after each update (an EMA)."""
+    (None: every rank computes the same loss); ``after_update()`` runs after each update (an EMA). ``bands``: the
+    run's bands (a :class:`~fastmae.train.data.DataBands` or :class:`~fastmae.bands.BandSpec`), whose statistics
+    normalise a batch in the data's own dtype on the device (None: 8-bit RGB with ImageNet's, today's)."""
 
     loss: Callable[[Batch], torch.Tensor]
     optimizer: torch.optim.Optimizer
@@ -58,6 +60,7 @@ class StepParts:
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     scaler: torch.amp.GradScaler | None = None
     after_update: Callable[[], None] | None = None
+    bands: object | None = None
 
 
 def build_step(parts: StepParts, spec, options: Optimisation | None = None, *, warmup: int = 3,
@@ -82,6 +85,7 @@ class TrainStep:
         self.params = [p for p in parts.params if p.requires_grad]
         self.sync, self.reduce, self.scaler, self.after_update = parts.sync, parts.reduce, parts.scaler, \
             parts.after_update  # fmt: skip
+        self.bands = parts.bands
         self.accum, self.nan_guard, self.clip_grad = accum, nan_guard, clip_grad
         self.fused = bool(self.optimizer.defaults.get("fused"))  # takes found_inf: skips on the device by itself
         self.nan_skipped = torch.zeros((), device=device)  # device-side counters, read on logging steps only
@@ -112,7 +116,7 @@ class TrainStep:
 
     def forward_backward(self, batch: Batch) -> torch.Tensor:
         """One micro-batch: forward under autocast, backward of loss / accum; returns the (detached, float32) loss."""
-        batch = dataclasses.replace(batch, images=model_input(batch.images))
+        batch = dataclasses.replace(batch, images=model_input(batch.images, self.bands))
         with self.autocast():
             loss = self.loss(batch)
         scaled = loss.sum() / self.accum

@@ -72,6 +72,9 @@ class Recipe:
     def check_checkpoint(self, state: dict, what: str) -> None:
         """A checkpoint's model state that cannot be this recipe's: a one-line error (before any loading)."""
 
+    def check_config(self, config: dict, what: str) -> None:
+        """A resumed checkpoint's configuration that this run cannot continue (other bands): a one-line error."""
+
     def extra_state(self) -> dict:
         """The recipe's own checkpoint entries."""
         return {}

@@ -138,11 +138,16 @@ def save_reconstructions(model, imgs: torch.Tensor, path: str | Path, mask_ratio
 
 def visualize_checkpoint(checkpoint: str | Path, output: str | Path, images: str | None = None, count: int = 8,
                          mask_ratio: float | None = None, seed: int = 0, scale: int | None = None,
-                         show_bands=None) -> float:  # fmt: skip
+                         show_bands=None, bands=None) -> float:  # fmt: skip
     """Reconstructions from any full MAE checkpoint (fastmae, official, transformers; the architecture and bands are
-    read from it); returns the loss on them. ``show_bands``: see :func:`picture_bands`."""
+    read from it); returns the loss on them. ``show_bands``: see :func:`picture_bands`. The images are read as the
+    checkpoint's bands with its statistics: their bands are matched to its by name (or count), or chosen with
+    ``bands`` (``--bands``: names or 0-based indices of the images' bands, in the checkpoint's order); images whose
+    bands are not the checkpoint's are a one-line error naming both lists."""
+    from fastmae.bands import parse_band_flags
     from fastmae.interop import DECODER_KEYS, mae_from_state, read_checkpoint
 
+    from .data.databands import downstream_bands
     from .data.index import index_data
     from .data.loaders import sample_images
 
@@ -156,8 +161,19 @@ def visualize_checkpoint(checkpoint: str | Path, output: str | Path, images: str
     model = mae_from_state(sd, arch, f"checkpoint {checkpoint}", encoder_mode=cfg.get("encoder_mode", "visible"),
                            source_bands=info["bands"])  # fmt: skip
     picture_bands(model.bands or model.in_chans, show_bands)  # a bad --show-bands ends here, before any image is read
+    flags = parse_band_flags(bands)
+    index = index_data(images)
+    what = f"checkpoint {checkpoint}"
+    data = downstream_bands(index, flags, info["bands"], model.in_chans, what=what)
+    mine = model.bands or BandSpec(model.in_chans)
+    if data.count != model.in_chans or (mine.names and data.spec.names and mine.names != data.spec.names):
+        have = ",".join(data.spec.names) if data.spec.names else f"{data.count} unnamed bands"
+        want = ",".join(mine.names) if mine.names else f"{model.in_chans} unnamed bands"
+        raise FastMAEError(f"{what} reconstructs its own bands ({want}), the images give {have}: choose the images' "
+                           "bands in the checkpoint's order with --bands")  # fmt: skip
+    model.bands = data.spec  # drawn and un-normalised with the statistics the images were normalised with
     size = model.patch_embed.img_size[0]
-    imgs = sample_images(index_data(images), size, count)
+    imgs = sample_images(index, size, count, data.for_loader())
     scale = auto_scale(size, scale or cfg.get("picture_scale"))
     step = f", step {info['step']}" if info.get("step") is not None else ""
     return save_reconstructions(model, imgs, output, mask_ratio or cfg.get("mask_ratio", 0.75), seed, scale,

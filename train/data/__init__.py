@@ -13,10 +13,11 @@
 - :mod:`.labelled`: labelled train/val splits and the built-in digits data set.
 - :mod:`.batch`: :class:`Batch` (images, labels, sample ids, epoch, position), the :class:`Loader` protocol every
   loader follows, and the one path onto the device ahead of the step.
-- Rasters of any band count and dtype (not yet wired into the index and loaders): :mod:`.rasters` (``.npy``, TIFF /
-  GeoTIFF, 8/16-bit PNG to native-dtype ``[C, H, W]``), :mod:`.resample` (crop / resize / flip in the native dtype,
-  nodata fill), :mod:`.bandstats` (per-band mean and std), :mod:`.normalize` (per-band affine on the device),
-  :mod:`.pack` (``fastmae pack``: tiles in one memory-mapped file).
+- Rasters of any band count and dtype: :mod:`.rasters` (``.npy``, TIFF / GeoTIFF, 8/16-bit PNG to native-dtype
+  ``[C, H, W]``; the index's raster route), :mod:`.resample` (crop / resize / flip in the native dtype, nodata fill),
+  :mod:`.bandstats` (per-band mean and std), :mod:`.normalize` (per-band affine on the device), :mod:`.databands`
+  (the run's bands: selection, nodata, statistics; what the torchvision loader and the step read), :mod:`.pack`
+  (``fastmae pack``: tiles in one memory-mapped file).
 
 :func:`make_loader` picks the implementation for one rank of the run (the run context says which).
 """
@@ -32,15 +33,16 @@ from fastmae.errors import FastMAEError
 
 from .batch import Batch, Loader, epochs, on_device
 from .dali import DALILoader, dali_unavailable_reason
+from .databands import DataBands, resolve_bands
 from .gpu_loader import GPULoader, gpu_loader_unavailable_reason
 from .index import DataIndex, index_data
 from .labelled import digits_folder, labelled_data, labelled_splits, num_classes
 from .loaders import Augment, FallbackLoader, SyntheticLoader, TorchvisionLoader, model_input, sample_images
 
 logger = logging.getLogger("fastmae.data")
-__all__ = ["Augment", "Batch", "DataIndex", "Loader", "SyntheticLoader", "digits_folder", "epochs", "index_data",
-           "labelled_data", "labelled_splits", "make_loader", "model_input", "num_classes", "on_device",
-           "pretrain_index", "resolve_loader", "sample_images"]  # fmt: skip
+__all__ = ["Augment", "Batch", "DataBands", "DataIndex", "Loader", "SyntheticLoader", "digits_folder", "epochs",
+           "index_data", "labelled_data", "labelled_splits", "make_loader", "model_input", "num_classes", "on_device",
+           "pretrain_index", "resolve_bands", "resolve_loader", "sample_images"]  # fmt: skip
 
 
 def pretrain_index(data: str | None, group=None, check: str = "listing") -> DataIndex:
@@ -91,18 +93,28 @@ def resolve_loader(name: str, device: torch.device, command: str = "pretrain") -
 
 
 def make_loader(name: str, index: DataIndex, pipeline: str, cfg, device: torch.device, rank: int = 0, world: int = 1,
-                fallback: bool = False):  # fmt: skip
+                fallback: bool = False, bands: DataBands | None = None):  # fmt: skip
     """A ``gpu``, ``dali`` or ``torchvision`` loader of ``pipeline`` (pretrain / linprobe / finetune / eval) over
     ``index`` for rank ``rank`` of ``world``, with the config's img_size, batch_size, seed and num_workers (default
     min(8, CPU count) processes or threads). ``fallback`` (``--loader auto`` chose it): a GPU route that fails in its
     first batches gives way to the torchvision loader, from the batch it had reached, with one logged line
-    (:class:`FallbackLoader`)."""
+    (:class:`FallbackLoader`). ``bands``: the run's bands (:class:`~.databands.DataBands`, from
+    ``DataBands.for_loader()``; None: 8-bit RGB with ImageNet's statistics), which only the torchvision loader reads:
+    ``--loader auto`` takes it for them, an explicit ``dali`` or ``gpu`` is a one-line error."""
     workers = cfg.num_workers if cfg.num_workers is not None else min(8, os.cpu_count() or 1)
     augment = Augment.of(cfg)  # the config's crop scale, flip, RandAugment and erasing (the recipe's by default)
 
     def torchvision_loader():
         return TorchvisionLoader(index, cfg.img_size, cfg.batch_size, cfg.seed, workers, pin=device.type == "cuda",
-                                 pipeline=pipeline, rank=rank, world=world, augment=augment)  # fmt: skip
+                                 pipeline=pipeline, rank=rank, world=world, augment=augment, bands=bands)  # fmt: skip
+
+    if (bands is not None or not index.rgb) and name in ("gpu", "dali"):
+        what = bands.describe() if bands is not None else f"rasters ({index.bands} {index.dtype} bands)"
+        why = f"the {name} loader reads 8-bit RGB pictures with ImageNet's statistics, not {what}"
+        if not fallback:
+            raise FastMAEError(f"--loader {name}: {why}; use --loader torchvision")
+        logger.info("loader auto -> torchvision (%s)", why)
+        name = "torchvision"
 
     if name == "gpu":
         loader = GPULoader(index, cfg.img_size, cfg.batch_size, cfg.seed, device, workers, rank=rank, world=world,
@@ -112,6 +124,9 @@ def make_loader(name: str, index: DataIndex, pipeline: str, cfg, device: torch.d
                             pipeline=pipeline, rank=rank, world=world, augment=augment)  # fmt: skip
     else:
         loader = torchvision_loader()
+        if pipeline == "finetune" and not loader.dataset.timm and (augment.rand_augment != "none" or augment.reprob):
+            logger.warning("finetuning on %s: RandAugment and random erasing work on 8-bit RGB pictures and are not "
+                           "applied; the crops and flips are", bands.describe())  # fmt: skip
     logger.info("decoders of the %s loader (%s): %s", loader.name, pipeline,
                 ", ".join(f"{route} -> {dec}" for route, dec in loader.decoders.items()))  # fmt: skip
     return FallbackLoader(loader, torchvision_loader) if fallback and name in ("gpu", "dali") else loader

@@ -35,17 +35,18 @@ from PIL import Image
 from fastmae.bands import IMAGENET
 from fastmae.errors import FastMAEError, one_line
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".npy")
 IMAGENET_MEAN = tuple(m / 255 for m in IMAGENET.mean)  # 0-1 units: (0.485, 0.456, 0.406) to the bit
 IMAGENET_STD = tuple(s / 255 for s in IMAGENET.std)  # (0.229, 0.224, 0.225)
 
-# Decode routes, one byte per sample in the index, found by :func:`probe`.
-BAD, JPEG, JPEG_CMYK, PNG, PNG16, OTHER_NATIVE, PIL_ONLY = range(7)
+# Decode routes, one byte per sample in the index, found by :func:`probe` (RASTER: by the index's raster check, read
+# by :func:`~fastmae.train.data.rasters.read_raster` in the file's own bands and dtype, never through these decoders).
+BAD, JPEG, JPEG_CMYK, PNG, PNG16, OTHER_NATIVE, PIL_ONLY, RASTER = range(8)
 UNKNOWN = 255  # not validated yet (only inside the index builder)
 FAST_ROUTES = (JPEG, PNG)  # TorchCodec and torchvision.io give Pillow's pixels exactly
 TORCHVISION = FAST_ROUTES  # the older name
 ROUTE_NAMES = {JPEG: "jpeg", JPEG_CMYK: "jpeg-cmyk", PNG: "png", PNG16: "png16", OTHER_NATIVE: "other",
-               PIL_ONLY: "pillow-only"}  # fmt: skip
+               PIL_ONLY: "pillow-only", RASTER: "raster"}  # fmt: skip
 DECODERS = ("auto", "torchcodec", "torchvision", "pillow")  # FASTMAE_DECODER; auto: the first that loads
 # DALI's decoders give load_rgb's pixels (checked in the tests); anything else reaches DALI as an uncompressed BMP.
 DALI_NATIVE = (JPEG, JPEG_CMYK, PNG, PNG16, OTHER_NATIVE)
@@ -226,6 +227,10 @@ def decoder_names(routes, decoder: str | None = None) -> dict[str, str]:
             out[ROUTE_NAMES[route]] = f"{chosen} {fast['version']}"
             if route == JPEG and chosen == "torchcodec":
                 out["jpeg with an EXIF orientation"] = pillow
+        elif route == RASTER:
+            from .rasters import raster_label
+
+            out[ROUTE_NAMES[route]] = raster_label()
         elif route in ROUTE_NAMES:
             out[ROUTE_NAMES[route]] = pillow
     return out

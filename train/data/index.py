@@ -41,9 +41,10 @@ import numpy as np
 from fastmae.config import INDEX_CHECKS
 from fastmae.errors import FastMAEError
 
-from .decode import BAD, DALI_NATIVE, IMAGE_EXTENSIONS
-from .index_build import FolderBuild, ShardBuild, Solo, read_bytes, resolve_sources, validation_workers
+from .decode import BAD, DALI_NATIVE, IMAGE_EXTENSIONS, RASTER
+from .index_build import RGB, FolderBuild, ShardBuild, Solo, read_bytes, resolve_sources, validation_workers
 from .index_cache import VERSION, StringTable, Table, cache_file, cache_token, load_cache, save_cache
+from .rasters import DTYPES, probe_raster
 
 logger = logging.getLogger("fastmae.data")
 
@@ -52,7 +53,9 @@ logger = logging.getLogger("fastmae.data")
 @dataclass(eq=False)
 class DataIndex:
     """The decodable images of a data set: where their bytes are, labels, sizes and decode routes, as numpy arrays;
-    and which files were skipped."""
+    and which files were skipped. Every sample has the data's ``bands`` and ``dtype`` (the first valid file's: 3 and
+    uint8 for images on the RGB routes); ``band_names``: the names that file carries (GDAL band descriptions), or
+    None."""
 
     root: str
     tar: bool  # samples are members of .tar shards (else files in folders)
@@ -68,6 +71,14 @@ class DataIndex:
     classes: list[str] = field(default_factory=list)
     bad: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) of files that do not decode
     stats: dict = field(default_factory=dict)  # how this index was built (cache use, files validated here)
+    bands: int = 3  # per sample, as its route reads it
+    dtype: str = "uint8"  # of the pixels as read (fastmae.train.data.rasters.DTYPES)
+    band_names: tuple[str, ...] | None = None
+
+    @property
+    def rgb(self) -> bool:
+        """Whether every sample is an 8-bit RGB image read by the decoders (none on the raster route)."""
+        return (self.bands, self.dtype) == (3, "uint8") and not (self.routes == RASTER).any()
 
     def __post_init__(self):
         self._root_b = os.fsencode(self.root)
@@ -100,13 +111,18 @@ class DataIndex:
     def read(self, i: int) -> bytearray:
         return read_bytes(self.path(i), int(self.offsets[i]), int(self.sizes[i]))
 
+    def source(self, i: int) -> str | bytearray:
+        """What :func:`~fastmae.train.data.rasters.read_raster` reads sample ``i`` from: its file's path (a ``.npy``
+        is then memory-mapped, so a crop reads only its rows), or its bytes (a shard member)."""
+        return self.read(i) if self.tar else os.fsdecode(self.path(i))
+
     def subset(self, ids) -> DataIndex:
         """The samples at positions ``ids`` (a split); classes kept, bad files stay with the whole."""
         ids = np.asarray(ids, dtype=np.int64)
         return DataIndex(
             self.root, self.tar, self.units, self.unit_of[ids], self.names.take(ids), self.offsets[ids],
             self.sizes[ids], self.labels[ids], self.widths[ids], self.heights[ids], self.routes[ids],
-            list(self.classes), [],
+            list(self.classes), [], bands=self.bands, dtype=self.dtype, band_names=self.band_names,
         )  # fmt: skip
 
 
@@ -183,6 +199,8 @@ def index_data(data: str | os.PathLike | None, cache: bool = True, workers: int 
         if group.rank != 0 and group.local_rank == 0 and fresh and cache_token(cache_path) != token:
             wrote = save_cache(cache_path, table, meta)
     index = _index_of(table, root, source)
+    if len(index):
+        index.band_names = _band_names(index)
     index.stats = {
         "entries": len(table.route), "validated": int(len(todo)), "validated_here": int(len(mine)),
         "cache": "none" if old is None else "stale" if fresh else "hit", "wrote_cache": wrote,
@@ -195,14 +213,51 @@ def index_data(data: str | os.PathLike | None, cache: bool = True, workers: int 
                     f"none of the {n} images under {root} decodes (e.g. {path}: {reason}); replace them")  # fmt: skip
             raise FastMAEError(f"{what}, or point --data at images that decode")
         raise FastMAEError(f"no images under {root} (looked for {', '.join(IMAGE_EXTENSIONS)} files and .tar shards)")
-    if index.bad:
-        n = len(index.bad)
-        listed = "; ".join(f"{k} ({r})" for k, r in index.bad[:3]) + ("; ..." if n > 3 else "")
+    broken = [(k, r) for k, r in index.bad if not r.startswith(MISFIT)]
+    if broken:
+        n = len(broken)
+        listed = "; ".join(f"{k} ({r})" for k, r in broken[:3]) + ("; ..." if n > 3 else "")
         logger.warning("skipped %s that %s not decode: %s", f"{n} file" + ("s" if n > 1 else ""),
                        "do" if n > 1 else "does", listed)  # fmt: skip
-    logger.info("indexed %d images under %s in %.1f s (cache %s)", len(index), root, index.stats["seconds"],
+    if misfits := [(k, r.removeprefix(MISFIT)) for k, r in index.bad if r.startswith(MISFIT)]:
+        n = len(misfits)
+        listed = "; ".join(f"{k} ({r})" for k, r in misfits[:3]) + ("; ..." if n > 3 else "")
+        logger.warning("skipped %s whose bands differ from the data's (%s, as in %s): %s",
+                       f"{n} file" + ("s" if n > 1 else ""), _kind(index.bands, index.dtype), index.key(0),
+                       listed)  # fmt: skip
+    what = "" if index.rgb else f" ({_kind(index.bands, index.dtype)})"
+    logger.info("indexed %d images%s under %s in %.1f s (cache %s)", len(index), what, root, index.stats["seconds"],
                 index.stats["cache"])  # fmt: skip
     return index
+
+
+MISFIT = "other bands: "  # the reason of a file whose bands or dtype are not the data's
+
+
+def _kind(bands: int, dtype: str) -> str:
+    return f"{bands} {dtype} band{'s' if bands != 1 else ''}"
+
+
+def _band_names(index: DataIndex) -> tuple[str, ...] | None:
+    """The band names the data's first file carries (a raster's GDAL band descriptions), or None."""
+    if int(index.routes[0]) != RASTER:
+        return None
+    try:
+        return probe_raster(index.source(0)).names or None
+    except Exception:  # noqa: BLE001 (changed since it was validated: the loaders will count it)
+        return None
+
+
+def _data_kind(table: Table, readable: np.ndarray) -> tuple[int, int]:
+    """(bands, dtype code) of the data: the first valid file's; but when that file also reads as an RGB picture (a
+    16-bit PNG, a TIFF Pillow reads) and some file reads only as one (a JPEG), the data is RGB pictures, as it was
+    before rasters."""
+    first = int(np.argmax(readable))
+    kind = (int(table.bands[first]), int(table.dtype[first]))
+    if kind != RGB and table.route[first] == RASTER and table.alt_route[first] != BAD:
+        if (readable & (table.route != RASTER)).any():
+            return RGB
+    return kind
 
 
 def _index_of(table: Table, root: str, source: str) -> DataIndex:
@@ -223,18 +278,33 @@ def _index_of(table: Table, root: str, source: str) -> DataIndex:
             labels = unit_label[unit_of]
         else:
             labels = np.zeros(len(unit_of), np.int64)
-    good = table.route != BAD
+    readable = table.route != BAD
+    routes, good, kind = table.route, readable, RGB
+    if readable.any():  # the data's bands and dtype: the first valid file's (see _data_kind)
+        kind = _data_kind(table, readable)
+        fits = (table.bands == kind[0]) & (table.dtype == kind[1])
+        if kind == RGB:  # a raster that Pillow reads too keeps its RGB reading (as before rasters) in an RGB data set
+            alt = readable & (table.route == RASTER) & (table.alt_route != BAD)
+            if alt.any():
+                routes, fits = np.where(alt, table.alt_route, table.route).astype(np.uint8), fits | alt
+        good = readable & fits
     ids = None if good.all() else np.flatnonzero(good)
     pick = (lambda a: a) if ids is None else (lambda a: a[ids])
     index = DataIndex(
         root=root, tar=source == "tar", units=table.units, unit_of=pick(unit_of),
         names=table.names if ids is None else table.names.take(ids), offsets=pick(table.offset),
         sizes=pick(table.size), labels=pick(labels).astype(np.int64, copy=False), widths=pick(table.width),
-        heights=pick(table.height), routes=pick(table.route), classes=classes,
+        heights=pick(table.height), routes=pick(routes), classes=classes, bands=kind[0], dtype=DTYPES[kind[1]],
     )  # fmt: skip
     if ids is not None:
         errors = table.errors()
         whole = DataIndex(root, source == "tar", table.units, unit_of, table.names, table.offset, table.size, labels,
                           table.width, table.height, table.route)  # fmt: skip
-        index.bad = [(whole.key(p), errors.get(int(p), "does not decode")) for p in np.flatnonzero(~good)]
+
+        def reason(p: int) -> str:
+            if readable[p]:
+                return MISFIT + _kind(int(table.bands[p]), DTYPES[int(table.dtype[p])])
+            return errors.get(p, "does not decode")
+
+        index.bad = [(whole.key(p), reason(int(p))) for p in np.flatnonzero(~good)]
     return index

@@ -21,9 +21,10 @@ import numpy as np
 from fastmae.errors import FastMAEError
 
 from ..job import local_world_size, usable_cpus
-from .decode import BAD, IMAGE_EXTENSIONS, UNKNOWN, probe
+from .decode import BAD, IMAGE_EXTENSIONS, RASTER, UNKNOWN, probe
 from .index_cache import StringTable, Table, TableBuilder, entries_of, reuse
 from .pool import lost_worker, process_pool
+from .rasters import DTYPES, check_raster
 
 logger = logging.getLogger("fastmae.data")
 
@@ -180,7 +181,7 @@ def _fresh_entries(files: list[tuple[bytes, int, int]], old: Table | None, u_old
         for j, (name, size, mtime) in enumerate(files):
             k = where.get(name)
             if k is not None and prev["size"][k] == size and prev["time"][k] == mtime:
-                for f in ("width", "height", "route"):
+                for f in Table.PROBED:
                     entries[f][j] = prev[f][k]
                 if k in prev_errors:
                     errors[j] = prev_errors[k]
@@ -196,15 +197,52 @@ def _reason(exc: Exception) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
-def probe_file(item: tuple[bytes, int, int]) -> tuple[int, int, int] | str:
-    path, offset, size = item
+RGB = (3, DTYPES.index("uint8"))  # what the RGB routes give: 3 bands of uint8
+
+
+def _raster_first(data, name: bytes) -> bool:
+    """Whether a file is read as a raster when it reads as one: ``.npy``, TIFF, and PNG of 16 bits (IHDR bit depth)."""
+    ext = name.rpartition(b".")[2].lower()
+    return ext in (b"npy", b"tif", b"tiff") or (ext == b"png" and len(data) > 24 and data[24] == 16)
+
+
+def validate(data, name: bytes) -> tuple[int, int, int, int, int, int] | str:
+    """(width, height, route, bands, dtype code, alternative RGB route) of one file's bytes (``name``: its file or
+    member name, for its extension), or the one-line reason it does not read.
+
+    ``.npy`` is a raster only (:func:`~.rasters.check_raster`). TIFF and 16-bit PNG are rasters when they read as one
+    (their own bands and dtype), with Pillow's RGB route beside it when Pillow reads them too: in a data set of 8-bit
+    RGB pictures they keep that route, read as before rasters (converted to 8-bit RGB), instead of being skipped. A
+    TIFF that reads only through Pillow takes Pillow's route; one that reads neither way gives the raster reason.
+    Every other file: Pillow's probe and route, as before rasters (3 bands of uint8)."""
+    if not _raster_first(data, name):
+        return (*probe(data), *RGB, BAD)
+    info = check_raster(data)
+    if name.lower().endswith(b".npy"):
+        return info if isinstance(info, str) else (info.width, info.height, RASTER, info.bands,
+                                                    DTYPES.index(info.dtype), BAD)  # fmt: skip
+    quiet = logging.getLogger("PIL.TiffImagePlugin")
+    if quiet.level == logging.NOTSET:  # its error line about a 13-band TIFF is no news: the raster route reads it
+        quiet.setLevel(logging.CRITICAL)
     try:
-        return probe(read_bytes(path, offset, size))
+        rgb = probe(data)
+    except Exception:  # noqa: BLE001 (Pillow does not read it: the raster reading alone counts)
+        rgb = None
+    if isinstance(info, str):
+        return info if rgb is None else (*rgb, *RGB, BAD)
+    return info.width, info.height, RASTER, info.bands, DTYPES.index(info.dtype), BAD if rgb is None else rgb[2]
+
+
+def probe_file(item: tuple) -> tuple[int, int, int, int, int, int] | str:
+    """:func:`validate` of a file ``(path, -1, 0)`` or a shard member ``(shard path, offset, size, member name)``."""
+    path, offset, size = item[:3]
+    try:
+        return validate(read_bytes(path, offset, size), item[3] if len(item) > 3 else path)
     except Exception as exc:  # any decode failure: recorded and skipped, never fatal
         return _reason(exc)
 
 
-def _probe_chunk(items: list[tuple[bytes, int, int]]) -> list:
+def _probe_chunk(items: list[tuple]) -> list:
     return [probe_file(item) for item in items]
 
 
@@ -231,7 +269,7 @@ def scan_shard(path: bytes) -> tuple[dict, dict[int, str]]:
                 rows.append((image.name.encode(), image.offset_data, image.size, label))
     except (OSError, tarfile.TarError) as exc:
         raise FastMAEError(f"cannot read tar shard {os.fsdecode(path)}: {exc}") from exc
-    found = _probe_chunk([(path, off, size) for _, off, size, _ in rows])
+    found = _probe_chunk([(path, off, size, name) for name, off, size, _ in rows])
     entries = entries_of([r[0] for r in rows], offset=[r[1] for r in rows], size=[r[2] for r in rows],
                        label=[r[3] for r in rows])  # fmt: skip
     errors = _fill(entries, range(len(rows)), found)
@@ -245,7 +283,8 @@ def _fill(entries: dict, positions: Iterable[int], found: list) -> dict[int, str
         if isinstance(res, str):
             entries["route"][p], errors[int(p)] = BAD, res
         else:
-            entries["width"][p], entries["height"][p], entries["route"][p] = res
+            for f, value in zip(Table.PROBED, res, strict=True):
+                entries[f][p] = value
     return errors
 
 
@@ -337,7 +376,7 @@ class FolderBuild:
     def merge(self, results: tuple[np.ndarray, list]) -> None:
         positions, found = results
         t = self.table_
-        self.errors.update(_fill({"width": t.width, "height": t.height, "route": t.route}, positions, found))
+        self.errors.update(_fill({f: getattr(t, f) for f in Table.PROBED}, positions, found))
 
     def table(self) -> Table:
         t = self.table_

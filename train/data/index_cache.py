@@ -1,7 +1,8 @@
 """The image index's cache: what a start learned about a data set (its folders or shards, their files or samples,
-each one's size, time, label, pixel size and decode route, and why the bad ones fail), as numpy arrays in one binary
-file per data set (``$FASTMAE_CACHE/index-<hash>.bin``, default ``~/.cache/fastmae``), written atomically and loaded
-in one read. :mod:`.index_build` makes and reuses the :class:`Table`; :mod:`.index` turns it into a ``DataIndex``.
+each one's size, time, label, pixel size, decode route, band count and dtype, and why the bad ones fail), as numpy
+arrays in one binary file per data set (``$FASTMAE_CACHE/index-<hash>.bin``, default ``~/.cache/fastmae``), written
+atomically and loaded in one read. :mod:`.index_build` makes and reuses the :class:`Table`; :mod:`.index` turns it
+into a ``DataIndex``.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ import numpy as np
 from fastmae.errors import NoRoom
 from fastmae.files import atomic_write
 
-from .decode import UNKNOWN
+from .decode import BAD, UNKNOWN
 
 logger = logging.getLogger("fastmae.data")
 
 MAGIC = b"FASTMAE-INDEX-2\n"
-VERSION = 3  # of what the cache's entries mean (routes, reasons): a cache of another version is validated anew
+VERSION = 4  # of what the cache's entries mean (routes, bands, reasons): a cache of another version is validated anew
+NO_DTYPE = 255  # the dtype code of an entry that is not (yet) a readable image
 
 
 # ------------------------------------------------------------------------------------------------- string tables
@@ -109,10 +111,14 @@ class Table:
     width: np.ndarray  # [E] int32
     height: np.ndarray  # [E] int32
     route: np.ndarray  # [E] uint8; BAD for files that do not decode, UNKNOWN before validation
+    bands: np.ndarray  # [E] int32 bands as the route reads them (3 for the RGB routes)
+    dtype: np.ndarray  # [E] uint8 code of the pixels' dtype (rasters.DTYPES; uint8 for the RGB routes)
+    alt_route: np.ndarray  # [E] uint8 the RGB route of a raster that Pillow also reads (16-bit PNG, TIFF), else BAD
     err_pos: np.ndarray  # [K] int64 entries with a recorded reason
     err_text: StringTable  # [K]
 
-    ENTRY_FIELDS = ("offset", "size", "time", "label", "width", "height", "route")
+    ENTRY_FIELDS = ("offset", "size", "time", "label", "width", "height", "route", "bands", "dtype", "alt_route")
+    PROBED = ("width", "height", "route", "bands", "dtype", "alt_route")  # what validation finds
 
     def unit_entries(self, u: int) -> tuple[int, int]:
         return int(self.unit_start[u]), int(self.unit_start[u + 1])
@@ -121,14 +127,17 @@ class Table:
         return {int(p): self.err_text[k].decode(errors="replace") for k, p in enumerate(self.err_pos)}
 
 
+ENTRY_DTYPES = {"offset": np.int64, "size": np.int64, "time": np.int64, "label": np.int64, "width": np.int32,
+                "height": np.int32, "route": np.uint8, "bands": np.int32, "dtype": np.uint8,
+                "alt_route": np.uint8}  # fmt: skip
+
+
 def entries_of(names: list[bytes], **columns) -> dict:
     """A unit's entries as arrays (the dtypes of :class:`Table`)."""
     n = len(names)
-    dtypes = {"offset": np.int64, "size": np.int64, "time": np.int64, "label": np.int64, "width": np.int32,
-              "height": np.int32, "route": np.uint8}  # fmt: skip
-    defaults = {"offset": -1, "label": -1, "route": UNKNOWN}
+    defaults = {"offset": -1, "label": -1, "route": UNKNOWN, "dtype": NO_DTYPE, "alt_route": BAD}
     out = {"names": StringTable.of(names)}
-    for name, dtype in dtypes.items():
+    for name, dtype in ENTRY_DTYPES.items():
         values = columns.get(name)
         out[name] = np.full(n, defaults.get(name, 0), dtype) if values is None else np.asarray(values, dtype)
     return out
@@ -158,8 +167,7 @@ class TableBuilder:
         rows = self.unit_rows
         counts = np.array([len(p["names"]) for p in self.parts], np.int64)
         cat = {f: (np.concatenate([p[f] for p in self.parts]) if self.parts else np.empty(0, dt))
-               for f, dt in (("offset", np.int64), ("size", np.int64), ("time", np.int64), ("label", np.int64),
-                             ("width", np.int32), ("height", np.int32), ("route", np.uint8))}  # fmt: skip
+               for f, dt in ENTRY_DTYPES.items()}  # fmt: skip
         err = sorted(self.errors.items())
         return Table(
             units=StringTable.of(r[0] for r in rows),

@@ -69,6 +69,9 @@ def labelled_splits(data: str | None, val_split: float, seed: int, group=None,
     if (root / "train").is_dir() and (root / "val").is_dir():
         train = index_data(root / "train", group=group, check=check)
         val = index_data(root / "val", group=group, check=check)
+        if (train.bands, train.dtype) != (val.bands, val.dtype):
+            raise FastMAEError(f"{root}/train has {train.bands} {train.dtype} band(s) but {root}/val has {val.bands} "
+                               f"{val.dtype}: they must match")  # fmt: skip
         if train.classes != val.classes:
             raise FastMAEError(
                 f"{root}/train has classes {train.classes[:5]}... but {root}/val has {val.classes[:5]}...; they must "

@@ -8,6 +8,15 @@ context gives it, and is resumable: ``epoch(e, start_batch)`` yields exactly the
 have seen, each :class:`~fastmae.train.data.batch.Batch` with its ids and position. Files that fail to decode are
 skipped, counted in ``skipped`` and reported. Images may be uint8 (normalised on the device by :func:`model_input`, in
 the step) or already normalised float32.
+
+Rasters (any band count; uint8, uint16, int16, float32) take the torchvision loader with the run's
+:class:`~fastmae.train.data.databands.DataBands` (``bands``): each file read in its own dtype
+(:func:`~fastmae.train.data.rasters.read_raster`; a ``.npy`` memory-mapped, so a crop reads its rows only), the
+run's bands kept, nodata filled with the band means, cropped, resized and flipped in the native dtype
+(:mod:`~fastmae.train.data.resample`) straight into the batch, which leaves the worker in that dtype: per 224 x 224
+image ``C x 224 x 224 x itemsize`` bytes cross shared memory and the bus (13 uint16 bands: 1,304,576 B, half of what
+float32 would be; 3 uint8 bands: 150,528 B), and become float only on the device (:func:`model_input`). ``bands``
+None is the RGB path, unchanged.
 """
 
 from __future__ import annotations
@@ -25,12 +34,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fastmae.bands import BandSpec
 from fastmae.errors import FastMAEError, RunFault, one_line
 
+from . import resample
 from .batch import Batch
+from .databands import TORCH_DTYPES, DataBands
 from .decode import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    RASTER,
     ROUTE_NAMES,
     crop_resize_flip,
     decode,
@@ -41,7 +54,9 @@ from .decode import (
     pillow_label,
 )
 from .index import DataIndex
+from .normalize import normalize_bands
 from .order import ShardedOrder, augment_params, sample_rng
+from .rasters import read_raster
 
 logger = logging.getLogger("fastmae.data")
 
@@ -54,10 +69,17 @@ FINETUNE_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
 RANDOM_ERASE_PROB = 0.25
 
 
-def model_input(imgs: torch.Tensor) -> torch.Tensor:
-    """Images as the model takes them: uint8 batches (copied to the device as they are, 4x fewer bytes than float)
-    are normalised where they are; float batches (finetune, DALI, synthetic) are already."""
-    return normalize(imgs) if imgs.dtype == torch.uint8 else imgs
+def model_input(imgs: torch.Tensor, bands: DataBands | BandSpec | None = None) -> torch.Tensor:
+    """Images as the model takes them: batches in the data's own dtype (copied to the device as they are: uint8 has
+    4x, uint16 2x fewer bytes than float32) are normalised where they are, one affine per band with ``bands``'
+    statistics (None: 8-bit RGB with ImageNet's, today's :func:`~.decode.normalize`); a batch in another dtype than
+    the data's (finetune's timm transforms, DALI, synthetic: float32 of 8-bit data) is normalised already."""
+    if bands is None:
+        return normalize(imgs) if imgs.dtype == torch.uint8 else imgs
+    spec = bands.spec if isinstance(bands, DataBands) else bands
+    if imgs.dtype != TORCH_DTYPES[spec.dtype]:
+        return imgs
+    return normalize_bands(imgs, spec.mean, spec.std)
 
 
 def eval_transform(img_size: int):
@@ -112,10 +134,10 @@ class Augment:
 RECIPE = Augment()  # the paper's augmentation
 
 
-def finetune_transform(img_size: int, augment: Augment = RECIPE):
+def finetune_transform(img_size: int, augment: Augment = RECIPE, stats: BandSpec | None = None):
     """The MAE finetune recipe through timm: RandomResizedCrop (0.08, 1) bicubic, flip, RandAugment
-    ``rand-m9-mstd0.5-inc1``, normalise, random erasing 0.25 (pixel mode), or what ``augment`` says instead.
-    Mixup/cutmix belong to the step."""
+    ``rand-m9-mstd0.5-inc1``, normalise (ImageNet's statistics, or ``stats``' 8-bit ones), random erasing 0.25 (pixel
+    mode), or what ``augment`` says instead. Mixup/cutmix belong to the step."""
     from timm.data import auto_augment, create_transform
 
     for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
@@ -124,7 +146,9 @@ def finetune_transform(img_size: int, augment: Augment = RECIPE):
     return create_transform(
         img_size, is_training=True, scale=augment.scale("finetune"), hflip=augment.hflip,
         auto_augment=None if augment.rand_augment == "none" else augment.rand_augment, interpolation="bicubic",
-        re_prob=augment.reprob, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        re_prob=augment.reprob, re_mode="pixel", re_count=1,
+        mean=IMAGENET_MEAN if stats is None else tuple(m / 255 for m in stats.mean),
+        std=IMAGENET_STD if stats is None else tuple(s / 255 for s in stats.std),
     )  # fmt: skip
 
 
@@ -155,13 +179,30 @@ class ImageFiles(torch.utils.data.Dataset):
     come out normalised float32. The augmentation of sample ``i`` in ``epoch`` depends on nothing else, so restarts
     and worker counts do not change it. ``decoder`` (None: the process's, :func:`~.decode.resolve_decoder`) is
     set before the workers start (the benchmarks compare decoders that way).
+
+    With ``bands`` (:class:`~.databands.DataBands`, see the module docstring) images are ``[C, S, S]`` in the data's
+    dtype. Finetuning 8-bit RGB keeps timm's transforms (normalised with the bands' statistics); finetuning other
+    rasters crops and flips as the linear probe does (RandAugment and random erasing work on 8-bit RGB pictures).
     """
 
     decoder: str | None = None
 
-    def __init__(self, index: DataIndex, pipeline: str, img_size: int, seed: int, augment: Augment = RECIPE):
+    def __init__(self, index: DataIndex, pipeline: str, img_size: int, seed: int, augment: Augment = RECIPE,
+                 bands: DataBands | None = None):  # fmt: skip
+        if bands is None and (index.bands, index.dtype) != (3, "uint8"):
+            raise FastMAEError(f"the data has {index.bands} {index.dtype} bands: its loader needs the run's bands "
+                               "(fastmae.train.data.databands.resolve_bands)")  # fmt: skip
         self.index, self.pipeline, self.img_size, self.seed, self.augment = index, pipeline, img_size, seed, augment
-        self.transform = finetune_transform(img_size, augment) if pipeline == "finetune" else None
+        self.bands = bands
+        self.channels, self.dtype = (3, torch.uint8) if bands is None else (bands.count, bands.dtype)
+        # timm's Pillow transforms: the finetune pipeline of 8-bit RGB pictures (decoded by the RGB routes)
+        pictures = index.rgb and (bands is None or (bands.count == 3 and bands.indices is None and
+                                                    bands.spec.nodata is None))  # fmt: skip
+        self.timm = pipeline == "finetune" and pictures
+        self.transform = None
+        if self.timm:
+            stats = None if bands is None else bands.spec
+            self.transform = finetune_transform(img_size, augment, stats)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -176,19 +217,22 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitems__(self, items: list[tuple[int, int]]):
         """A whole batch at once (the DataLoader calls this when it exists): crop boxes drawn together, images written
         straight into the batch, which lives in shared memory inside a worker (no copy on the way out)."""
-        if self.pipeline == "finetune":
+        if self.timm:
             return _collate([self[item] for item in items])
         epoch = items[0][0]
         ids = np.array([i for _, i in items], dtype=np.int64)
         if self.pipeline != "eval":
             boxes, flips = augment_params(self.index, ids, self.seed, epoch, self.augment.scale(self.pipeline),
                                           self.augment.hflip)  # fmt: skip
-        out = batch_tensor((len(items), 3, self.img_size, self.img_size))
+        out = batch_tensor((len(items), self.channels, self.img_size, self.img_size), self.dtype)
         good, failed = [], []
         for j, i in enumerate(ids.tolist()):
             try:
-                img = self.image(epoch, i, None if self.pipeline == "eval" else (boxes[j], bool(flips[j])))
-                out[len(good)].copy_(img)
+                crop = None if self.pipeline == "eval" else (boxes[j], bool(flips[j]))
+                if self.bands is None:
+                    out[len(good)].copy_(self.image(epoch, i, crop))
+                else:  # the native-dtype resample writes its result straight into the batch
+                    self.image(epoch, i, crop, out=out[len(good)])
                 good.append(i)
             except Exception:  # changed or unreadable since validation: skipped and counted, never fatal
                 failed.append(self.index.key(i))
@@ -197,20 +241,36 @@ class ImageFiles(torch.utils.data.Dataset):
         ids_t = torch.tensor(good)
         return out[: len(good)], torch.from_numpy(self.index.labels[good]), ids_t, failed
 
-    def image(self, epoch: int, i: int, crop: tuple | None = None) -> torch.Tensor:
-        """Sample ``i``'s image in ``epoch``; ``crop`` = (box, flip) when the caller drew them already (a batch)."""
-        data = self.index.read(i)
-        if self.pipeline == "finetune":
+    def image(self, epoch: int, i: int, crop: tuple | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Sample ``i``'s image in ``epoch``; ``crop`` = (box, flip) when the caller drew them already (a batch);
+        ``out``: a batch's slot to write it into (with bands)."""
+        if self.timm:
             with _seeded(sample_rng(self.seed, epoch, i)):
-                return self.transform(load_rgb(data))
-        img = decode(data, int(self.index.routes[i]), self.decoder)
-        if self.pipeline == "eval":
-            return eval_resize_crop(img, self.img_size)
-        if crop is None:
+                return self.transform(load_rgb(self.index.read(i)))
+        img = self.pixels(i)
+        if self.pipeline != "eval" and crop is None:
             scale = self.augment.scale(self.pipeline)
             boxes, flips = augment_params(self.index, np.array([i]), self.seed, epoch, scale, self.augment.hflip)
             crop = boxes[0], bool(flips[0])
-        return crop_resize_flip(img, crop[0], crop[1], self.img_size)
+        if self.bands is None:  # 8-bit RGB: today's uint8 path
+            if self.pipeline == "eval":
+                return eval_resize_crop(img, self.img_size)
+            return crop_resize_flip(img, crop[0], crop[1], self.img_size)
+        b = self.bands
+        if self.pipeline == "eval":
+            res = resample.eval_resize_crop(b.select(img), self.img_size, nodata=b.spec.nodata, fill=b.fill)
+            return res if out is None else out.copy_(res)
+        x, y, w, h = (int(v) for v in crop[0])
+        part = b.select(img[:, y : y + h, x : x + w])  # the box first: only its rows and bands are read and copied
+        return resample.crop_resize_flip(part, (0, 0, w, h), crop[1], self.img_size, nodata=b.spec.nodata,
+                                         fill=b.fill, out=out)  # fmt: skip
+
+    def pixels(self, i: int) -> torch.Tensor:
+        """Sample ``i``'s pixels ``[C, H, W]``: a raster in its own bands and dtype, else decoded 8-bit RGB."""
+        route = int(self.index.routes[i])
+        if route == RASTER:
+            return read_raster(self.index.source(i))
+        return decode(self.index.read(i), route, self.decoder)
 
 
 def batch_tensor(shape: tuple[int, ...], dtype=torch.uint8) -> torch.Tensor:
@@ -242,12 +302,12 @@ class IndexLoader:
     name = "base"
 
     def __init__(self, index: DataIndex, pipeline: str, img_size: int, batch_size: int, seed: int, rank: int = 0,
-                 world: int = 1, augment: Augment = RECIPE):  # fmt: skip
+                 world: int = 1, augment: Augment = RECIPE, bands: DataBands | None = None):  # fmt: skip
         if pipeline not in PIPELINES:
             raise FastMAEError(f"pipeline must be one of {', '.join(PIPELINES)}, got {pipeline!r}")
         train = pipeline != "eval"
         self.index, self.pipeline, self.img_size, self.batch_size = index, pipeline, img_size, batch_size
-        self.seed, self.augment = seed, augment
+        self.seed, self.augment, self.bands = seed, augment, bands
         self.order = ShardedOrder(len(index), batch_size, seed, rank, world, shuffle=train, drop_last=train)
         self.steps_per_epoch = self.order.steps_per_epoch
         self.skipped: set[str] = {key for key, _ in index.bad}
@@ -305,10 +365,10 @@ class TorchvisionLoader(IndexLoader):
     MAX_WORKER_RESTARTS = 3
 
     def __init__(self, index, img_size, batch_size, seed, num_workers=0, pin=False, pipeline="pretrain", rank=0,
-                 world=1, augment: Augment = RECIPE):  # fmt: skip
-        super().__init__(index, pipeline, img_size, batch_size, seed, rank, world, augment)
+                 world=1, augment: Augment = RECIPE, bands: DataBands | None = None):  # fmt: skip
+        super().__init__(index, pipeline, img_size, batch_size, seed, rank, world, augment, bands)
         self.sampler = _EpochBatches(self.order)
-        self.dataset = ImageFiles(index, pipeline, img_size, seed, augment)
+        self.dataset = ImageFiles(index, pipeline, img_size, seed, augment, bands)
         self.num_workers, self.pin = num_workers, pin
         self.worker_restarts = 0
         self.loader = self._data_loader()
@@ -318,7 +378,7 @@ class TorchvisionLoader(IndexLoader):
         """``{decode route: decoder and version}`` over the routes of this loader's index (finetune: Pillow for all,
         timm's RandAugment works on Pillow images): for ``summary.json`` and the log."""
         routes = np.unique(self.index.routes)
-        if self.pipeline == "finetune":
+        if self.dataset.timm:
             return {ROUTE_NAMES[int(r)]: pillow_label() for r in routes if int(r) in ROUTE_NAMES}
         return decoder_names(routes, self.dataset.decoder)
 
@@ -468,9 +528,13 @@ class SyntheticLoader:
             yield Batch(imgs, torch.zeros(self.batch_size, dtype=torch.long), ids, epoch, (epoch, b + 1))
 
 
-def sample_images(index: DataIndex, img_size: int, count: int) -> torch.Tensor:
+def sample_images(index: DataIndex, img_size: int, count: int, bands: DataBands | None = None) -> torch.Tensor:
     """``count`` decodable images spread evenly over the index (so over the classes of a sorted ImageFolder), as the
-    evaluation view, normalised: fixed inputs for reconstruction pictures."""
+    evaluation view, normalised (with ``bands``' statistics; None: 8-bit RGB, ImageNet's): fixed inputs for
+    reconstruction pictures."""
+    if bands is not None:
+        files = ImageFiles(index, "eval", img_size, 0, bands=bands)
+        view = files.image
     out: list[torch.Tensor] = []
     spread = np.unique(np.linspace(0, len(index) - 1, min(count, len(index))).round().astype(int)).tolist()
     chosen = set(spread)
@@ -479,7 +543,12 @@ def sample_images(index: DataIndex, img_size: int, count: int) -> torch.Tensor:
         if len(out) == count:
             break
         try:
-            out.append(eval_resize_crop(decode(index.read(i), int(index.routes[i])), img_size))
+            if bands is None:
+                out.append(eval_resize_crop(decode(index.read(i), int(index.routes[i])), img_size))
+            else:
+                out.append(view(0, i))
         except Exception:
             continue
+    if bands is not None:
+        return model_input(torch.stack(out), bands) if out else torch.empty(0, bands.count, img_size, img_size)
     return normalize(torch.stack(out)) if out else torch.empty(0, 3, img_size, img_size)

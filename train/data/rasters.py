@@ -349,6 +349,17 @@ def read_raster(source) -> torch.Tensor:
     return {"npy": _read_npy, "tiff": _read_tiff, "png": _read_png}[fmt](source)
 
 
+def raster_label() -> str:
+    """What reads the raster route, with versions: for ``summary.json`` and the log."""
+    try:
+        import tifffile
+
+        tiff = f"tifffile {tifffile.__version__}"
+    except ImportError:
+        tiff = "no tifffile"
+    return f"fastmae rasters (numpy {np.__version__}, {tiff})"
+
+
 def check_raster(source) -> RasterInfo | str:
     """Validate a raster once (the index's probe): header, full decode, decoded shape and dtype against the header's,
     no float band that is NaN everywhere. The :class:`RasterInfo`, or the one-line reason it is not readable."""
