@@ -18,6 +18,10 @@ SQUARE = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=64, depth=2, num_
               decoder_depth=1, decoder_num_heads=4, mlp_ratio=2.0)  # fmt: skip
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, absent where it is not installed
 def pytest_xdist_auto_num_workers(config):
     """Workers for ``-n auto`` (pyproject's addopts): one per core up to 4 on a CPU machine, each test file in one
@@ -26,7 +30,7 @@ def pytest_xdist_auto_num_workers(config):
     worker: the GPU tests time and fill one device."""
     if torch.cuda.is_available():
         return 1
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    return max(1, min(4, _cores()))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -53,9 +57,17 @@ def _index_cache(tmp_path_factory):
     yield
 
 
+# Threads per test process: the cores (at most 2) shared among pytest-xdist's workers. Two workers with two threads
+# each on 2 cores ran CPU-bound tests 3x slower than alone (OpenMP threads waiting on each other); the processes the
+# tests start (torchrun pairs, fastmae runs, DataLoader workers) inherit OMP_NUM_THREADS.
+THREADS = max(1, min(2, _cores()) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _threads():
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(autouse=True)
