@@ -18,13 +18,11 @@ import logging
 
 import torch
 
-from fastmae.bands import band_flags_of
 from fastmae.config import FinetuneConfig
-from fastmae.interop import create_vit, encoder_arch, load_pretrained, read_checkpoint
+from fastmae.interop import create_vit, encoder_arch, load_pretrained
 
 from .context import RunContext, seed_all, start_run
-from .data import labelled_data
-from .data.databands import downstream_bands
+from .data import labelled_data, pretrained_bands
 from .distributed import gradient_sync, wrap_model
 from .evaluate import evaluate, layer_decay_groups
 from .step import StepParts, build_step
@@ -165,14 +163,3 @@ class Finetuning(Recipe):
                 "decoders": {"train": self.loader.decoders, "val": self.val_loader.decoders},
                 **self.loaded}  # fmt: skip
 
-
-def pretrained_bands(cfg, index, group=None):
-    """The run's :class:`~fastmae.train.data.DataBands`: the ``--pretrained`` checkpoint's bands and statistics,
-    matched to ``index``'s (``--bands`` maps others; see :func:`~fastmae.train.data.databands.downstream_bands`);
-    without a checkpoint, the data's own, as pretraining decides them."""
-    flags = band_flags_of(cfg)
-    if cfg.pretrained is None:
-        return downstream_bands(index, flags, None, None, cfg.seed, group)
-    _, arch, info = read_checkpoint(cfg.pretrained)
-    return downstream_bands(index, flags, info["bands"], arch["in_chans"], cfg.seed, group,
-                            f"--pretrained {cfg.pretrained}")  # fmt: skip

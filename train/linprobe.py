@@ -25,9 +25,8 @@ from fastmae.config import LinprobeConfig
 from fastmae.interop import create_vit, encoder_arch, load_pretrained
 
 from .context import RunContext, seed_all, start_run
-from .data import labelled_data
+from .data import labelled_data, pretrained_bands
 from .evaluate import extract, gather_features, knn_classify, lars_groups, make_probe, score_probes
-from .finetune import pretrained_bands
 from .step import StepParts, build_step
 from .trainer import Recipe, Trainer, TrainingState
 

@@ -33,7 +33,7 @@ from fastmae.errors import FastMAEError
 
 from .batch import Batch, Loader, epochs, on_device
 from .dali import DALILoader, dali_unavailable_reason
-from .databands import DataBands, resolve_bands
+from .databands import DataBands, pretrained_bands, resolve_bands
 from .gpu_loader import GPULoader, gpu_loader_unavailable_reason
 from .index import DataIndex, index_data
 from .labelled import digits_folder, labelled_data, labelled_splits, num_classes
@@ -42,7 +42,7 @@ from .loaders import Augment, FallbackLoader, SyntheticLoader, TorchvisionLoader
 logger = logging.getLogger("fastmae.data")
 __all__ = ["Augment", "Batch", "DataBands", "DataIndex", "Loader", "SyntheticLoader", "digits_folder", "epochs",
            "index_data", "labelled_data", "labelled_splits", "make_loader", "model_input", "num_classes", "on_device",
-           "pretrain_index", "resolve_bands", "resolve_loader", "sample_images"]  # fmt: skip
+           "pretrain_index", "pretrained_bands", "resolve_bands", "resolve_loader", "sample_images"]  # fmt: skip
 
 
 def pretrain_index(data: str | None, group=None, check: str = "listing") -> DataIndex:

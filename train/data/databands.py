@@ -27,9 +27,10 @@ import os
 import numpy as np
 import torch
 
-from fastmae.bands import IMAGENET, BandFlags, BandSpec, match_bands, select_bands
+from fastmae.bands import IMAGENET, BandFlags, BandSpec, band_flags_of, match_bands, select_bands
 from fastmae.errors import FastMAEError
 from fastmae.files import write_json
+from fastmae.interop import read_checkpoint
 
 from .bandstats import DEFAULT_SAMPLE, band_statistics
 from .decode import RASTER, decode
@@ -348,3 +349,15 @@ def _downstream_stats(index, spec: BandSpec, idx, ck: BandSpec, flags: BandFlags
     mean = [ck.mean[own[i]] if i in own else data.mean[i] for i in range(spec.count)]
     std = [ck.std[own[i]] if i in own else data.std[i] for i in range(spec.count)]
     return spec.with_stats(mean, std, "auto")
+
+
+def pretrained_bands(cfg, index: DataIndex, group=None) -> DataBands:
+    """The run's :class:`~fastmae.train.data.DataBands`: the ``--pretrained`` checkpoint's bands and statistics,
+    matched to ``index``'s (``--bands`` maps others; see :func:`~fastmae.train.data.databands.downstream_bands`);
+    without a checkpoint, the data's own, as pretraining decides them."""
+    flags = band_flags_of(cfg)
+    if cfg.pretrained is None:
+        return downstream_bands(index, flags, None, None, cfg.seed, group)
+    _, arch, info = read_checkpoint(cfg.pretrained)
+    return downstream_bands(index, flags, info["bands"], arch["in_chans"], cfg.seed, group,
+                            f"--pretrained {cfg.pretrained}")  # fmt: skip
