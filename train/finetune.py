@@ -23,6 +23,7 @@ from fastmae.interop import create_vit, encoder_arch, load_pretrained
 
 from .context import RunContext, seed_all, start_run
 from .data import labelled_data, pretrained_bands
+from .data.databands import recorded
 from .distributed import gradient_sync, wrap_model
 from .evaluate import evaluate, layer_decay_groups
 from .step import StepParts, build_step
@@ -116,7 +117,7 @@ class Finetuning(Recipe):
                           reduce=ctx.dist.all_reduce_mean if ctx.dist.enabled else None, bands=self.feed)  # fmt: skip
         self.train_step = build_step(parts, ctx, cfg.optimisation)
         return {"arch": self.arch, "num_classes": self.classes, "classes": self.train_idx.classes,
-                "bands": self.bands.spec.to_dict(), "band_indices": self.bands.index_list,
+                **recorded(self.bands),
                 "train_images": len(self.train_idx), "val_images": len(self.val_idx), **self.loaded}  # fmt: skip
 
     def update_ema(self) -> None:

@@ -26,6 +26,7 @@ from fastmae.interop import create_vit, encoder_arch, load_pretrained
 
 from .context import RunContext, seed_all, start_run
 from .data import labelled_data, pretrained_bands
+from .data.databands import recorded
 from .evaluate import extract, gather_features, knn_classify, lars_groups, make_probe, score_probes
 from .step import StepParts, build_step
 from .trainer import Recipe, Trainer, TrainingState
@@ -90,7 +91,7 @@ class LinearProbing(Recipe):
         parts = StepParts(loss, self.optimizer, self.model.parameters(), bands=self.feed)
         self.train_step = build_step(parts, ctx, cfg.optimisation)
         return {"lrs": self.lrs, "num_classes": self.classes, "feature_dim": self.dim,
-                "bands": self.bands.spec.to_dict(), "band_indices": self.bands.index_list, **self.loaded}
+                **recorded(self.bands), **self.loaded}
 
     def start_line(self) -> str:
         cfg = self.cfg

@@ -18,14 +18,14 @@ import logging
 import torch
 
 import fastmae
-from fastmae.bands import band_flags_of, spec_from_config
+from fastmae.bands import band_flags_of
 from fastmae.config import PretrainConfig
-from fastmae.errors import FastMAEError
 from fastmae.interop import check_model, from_pretrained
 from fastmae.models import model_arch
 
 from .context import RunContext, seed_all, start_run
 from .data import SyntheticLoader, pretrain_index, resolve_bands, sample_images
+from .data.databands import check_resumed, recorded
 from .distributed import gradient_sync, wrap_model
 from .noise import mask_noise
 from .schedule import build_optimizer
@@ -97,12 +97,7 @@ class Pretraining(Recipe):
         check_model(state, self.cfg.model or "this model", what, model_arch(self.model))  # the architecture: one line
 
     def check_config(self, config: dict, what: str) -> None:
-        """A resumed run's bands must be the checkpoint's: the same names, statistics and nodata."""
-        saved, now = spec_from_config(config, what), self.bands.spec if self.bands is not None else None
-        if saved is not None and now is not None and (saved.names != now.names or not saved.same_stats(now, 1e-12)
-                                                      or saved.to_dict()["nodata"] != now.to_dict()["nodata"]):
-            raise FastMAEError(f"{what} was trained on {saved.describe()}; this run has {now.describe()}: resume "
-                               "with the flags of the run that wrote it (its config.json)")  # fmt: skip
+        check_resumed(config, self.bands, what)  # the checkpoint's bands, names, statistics and nodata: one line
 
     def prepare(self, state: TrainingState, log) -> dict:
         cfg, ctx = self.cfg, self.ctx
@@ -117,9 +112,7 @@ class Pretraining(Recipe):
                           sync=gradient_sync(self.step_module, self.model, ctx.dist),
                           reduce=ctx.dist.all_reduce_mean if ctx.dist.enabled else None, bands=feed)  # fmt: skip
         self.train_step = build_step(parts, ctx, cfg.optimisation)
-        return {"arch": model_arch(self.model),
-                "bands": self.bands.spec.to_dict() if self.bands is not None else None,
-                "band_indices": self.bands.index_list if self.bands is not None else None,
+        return {"arch": model_arch(self.model), **recorded(self.bands),
                 "data": str(self.index.root) if self.index is not None else None,
                 "num_images": len(self.index) if self.index is not None else None}  # fmt: skip
 

@@ -27,7 +27,7 @@ import os
 import numpy as np
 import torch
 
-from fastmae.bands import IMAGENET, BandFlags, BandSpec, band_flags_of, match_bands, select_bands
+from fastmae.bands import IMAGENET, BandFlags, BandSpec, band_flags_of, match_bands, select_bands, spec_from_config
 from fastmae.errors import FastMAEError
 from fastmae.files import write_json
 from fastmae.interop import read_checkpoint
@@ -103,6 +103,24 @@ class DataBands:
     def describe(self) -> str:
         taken = "" if self.indices is None else f" (the files' bands {','.join(map(str, self.indices))})"
         return self.spec.describe() + taken
+
+
+def recorded(bands: DataBands | None) -> dict:
+    """What ``config.json`` and every checkpoint record of a run's bands: ``bands`` (the spec) and ``band_indices``;
+    None for both where the run has none (synthetic batches)."""
+    if bands is None:
+        return {"bands": None, "band_indices": None}
+    return {"bands": bands.spec.to_dict(), "band_indices": bands.index_list}
+
+
+def check_resumed(config: dict, bands: DataBands | None, what: str) -> None:
+    """A resumed run's bands must be those ``config`` (its checkpoint's) recorded: the same names, statistics and
+    nodata; anything else is one line naming both."""
+    saved, now = spec_from_config(config, what), bands.spec if bands is not None else None
+    if saved is not None and now is not None and (saved.names != now.names or not saved.same_stats(now, 1e-12)
+                                                  or saved.to_dict()["nodata"] != now.to_dict()["nodata"]):
+        raise FastMAEError(f"{what} was trained on {saved.describe()}; this run has {now.describe()}: resume "
+                           "with the flags of the run that wrote it (its config.json)")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- the files' bands
