@@ -36,3 +36,32 @@ def die(_source):
     import signal
 
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def losses(out) -> list[tuple[int, float]]:
+    """(step, loss) of each logged step of the run in ``out`` (its metrics.jsonl)."""
+    import json
+
+    rows = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def resumed_run_is_bit_identical(main, base: list[str], tmp_path, between=None) -> dict:
+    """``fastmae pretrain BASE`` 5 steps straight, and 2 steps, stopped, resumed to 5 (``between(folder)`` runs at the
+    stop): the same losses at every step, the same weights and AdamW state at the end. Returns the last checkpoint."""
+    import torch
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(["pretrain", *base, "--output-dir", str(straight), "--stop-after-steps", "5"]) == 0
+    assert main(["pretrain", *base, "--output-dir", str(split), "--stop-after-steps", "2"]) == 0
+    if between is not None:
+        between(split)
+    assert main(["pretrain", *base, "--output-dir", str(split), "--stop-after-steps", "5", "--resume", "auto"]) == 0
+    assert losses(split) == losses(straight) and [s for s, _ in losses(split)] == [1, 2, 3, 4, 5]
+    a = torch.load(straight / "checkpoint-last.pth", weights_only=True)
+    b = torch.load(split / "checkpoint-last.pth", weights_only=True)
+    assert a["step"] == b["step"] == 5
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
+    return a

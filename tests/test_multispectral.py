@@ -18,7 +18,7 @@ from PIL import Image
 
 from fastmae.cli import main
 
-from ._util import noise_pngs
+from ._util import noise_pngs, resumed_run_is_bit_identical
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "make_multispectral.py"
 
@@ -183,57 +183,18 @@ def s2(tmp_path_factory):
     return _tiles(tmp_path_factory.mktemp("s2") / "data", count=6, size=40, nodata_every=2)
 
 
-def _losses(out):
-    rows = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
-
-
-def test_pretrain_on_13_band_tiffs_binds_the_data_statistics_to_config_and_checkpoint(s2, tmp_path, ex, capsys):
-    from fastmae.train.data.bandstats import band_statistics
-    from fastmae.train.data.rasters import read_raster
-
-    out = tmp_path / "run"
-    assert main(["pretrain", *TINY, "--data", str(s2), "--epochs", "1", "--output-dir", str(out)]) == 0
-    config = json.loads((out / "config.json").read_text())
-    index = index_data(s2)
-    want = band_statistics([index.key(i) for i in range(len(index))], read=read_raster, seed=0)
-    assert config["bands"] == {"count": 13, "names": list(ex.BANDS), "mean": want.mean.tolist(),
-                               "std": want.std.tolist(), "dtype": "uint16", "nodata": None, "norm": "auto"}  # fmt: skip
-    assert config["arch"]["in_chans"] == 13
-    ckpt = torch.load(out / "checkpoint-last.pth", weights_only=True)
-    assert ckpt["config"]["bands"] == config["bands"] and ckpt["model"]["patch_embed.proj.weight"].shape[1] == 13
-    summary = json.loads((out / "summary.json").read_text())
-    assert list(summary["decoders"]) == ["raster"] and summary["skipped_files"] == 0
-    # a run's config.json gives its statistics to the next (--norm FILE), and --mean/--std give them by hand
-    again = tmp_path / "again"
-    assert main(["pretrain", *TINY, "--data", str(s2), "--epochs", "1", "--stop-after-steps", "1", "--output-dir",
-                 str(again), "--norm", str(out / "config.json")]) == 0  # fmt: skip
-    given = json.loads((again / "config.json").read_text())["bands"]
-    assert given == {**config["bands"], "norm": "given"}
-    capsys.readouterr()
-
-
 def test_a_resumed_13_band_run_is_bit_identical_and_keeps_its_bands(s2, tmp_path, capsys):
     """4 of the 13 bands by name, nodata 0 filled with their means: 5 steps straight == 2 steps, stop, resume to 5
     (a mid-epoch restart and an epoch end between). Resuming with other bands is one line."""
     base = [*TINY, "--data", str(s2), "--epochs", "4", "--bands", "B04,B03,B02,B08", "--nodata", "0"]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert main(["pretrain", *base, "--output-dir", str(straight), "--stop-after-steps", "5"]) == 0
-    assert main(["pretrain", *base, "--output-dir", str(split), "--stop-after-steps", "2"]) == 0
-    assert main(["pretrain", *base, "--output-dir", str(split), "--stop-after-steps", "5", "--resume", "auto"]) == 0
-    assert _losses(split) == _losses(straight) and [s for s, _ in _losses(split)] == [1, 2, 3, 4, 5]
-    a = torch.load(straight / "checkpoint-last.pth", weights_only=True)
-    b = torch.load(split / "checkpoint-last.pth", weights_only=True)
-    assert a["step"] == b["step"] == 5
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
-    assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
+    a = resumed_run_is_bit_identical(main, base, tmp_path)
     bands = a["config"]["bands"]
     assert bands["names"] == ["B04", "B03", "B02", "B08"] and bands["nodata"] == 0 and a["config"]["band_indices"] == [
         3, 2, 1, 7]  # fmt: skip
     assert a["model"]["patch_embed.proj.weight"].shape[1] == 4
     capsys.readouterr()
     other = [*TINY, "--data", str(s2), "--epochs", "4", "--bands", "B04,B03,B02,B8A", "--nodata", "0"]
+    split = tmp_path / "split"
     assert main(["pretrain", *other, "--output-dir", str(split), "--stop-after-steps", "6", "--resume", "auto"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fastmae: error: --resume ") and "was trained on 4 uint16 bands (B04,B03,B02,B08)" in err

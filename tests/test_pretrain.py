@@ -17,6 +17,7 @@ from PIL import Image
 
 from fastmae.cli import main
 
+from ._util import losses, resumed_run_is_bit_identical
 from ._util import noise_pngs as _noise_pngs
 from ._util import torchrun as _torchrun
 
@@ -46,27 +47,14 @@ def test_mask_noise_is_per_sample():
     assert (kept / 4096 - 0.25).abs().max() < 0.04
 
 
-def _losses(out):
-    rows = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
-
-
 def test_interrupted_and_resumed_run_is_bit_identical(folder, tmp_path, capsys):
     """5 steps straight == 2 steps, stop, resume to 5 (mid-epoch restart, epoch boundary at 3 in between)."""
-    base = [*TINY, "--data", str(folder), "--epochs", "4"]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert main(["pretrain", *base, "--output-dir", str(straight), "--stop-after-steps", "5"]) == 0
-    assert main(["pretrain", *base, "--output-dir", str(split), "--stop-after-steps", "2"]) == 0
-    mid = torch.load(split / "checkpoint-last.pth", weights_only=True)
-    assert mid["step"] == 2 and mid["data_position"] == [0, 2]
-    assert main(["pretrain", *base, "--output-dir", str(split), "--stop-after-steps", "5", "--resume", "auto"]) == 0
-    assert _losses(split) == _losses(straight) and [s for s, _ in _losses(split)] == [1, 2, 3, 4, 5]
-    a = torch.load(straight / "checkpoint-last.pth", weights_only=True)
-    b = torch.load(split / "checkpoint-last.pth", weights_only=True)
-    assert a["step"] == b["step"] == 5
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
-    assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
+
+    def stopped(split):
+        mid = torch.load(split / "checkpoint-last.pth", weights_only=True)
+        assert mid["step"] == 2 and mid["data_position"] == [0, 2]
+
+    resumed_run_is_bit_identical(main, [*TINY, "--data", str(folder), "--epochs", "4"], tmp_path, stopped)
     capsys.readouterr()
 
 
@@ -230,16 +218,16 @@ def test_fp16_grad_scaler_tensorboard_and_pictures_every_n_steps(folder, tmp_pat
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     assert [s for s, _ in evals] == [2] and math.isfinite(evals[0][1])  # step 4 is the end: summary's eval_loss_end
-    losses = _losses(out)
-    assert all(math.isfinite(v) for _, v in losses)
+    logged = losses(out)
+    assert all(math.isfinite(v) for _, v in logged)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     assert {"loss", "lr", "img_per_s", "eval_loss"} <= set(events.Tags()["scalars"])
-    assert [(e.step, round(e.value, 5)) for e in events.Scalars("loss")] == [(s, round(v, 5)) for s, v in losses]
+    assert [(e.step, round(e.value, 5)) for e in events.Scalars("loss")] == [(s, round(v, 5)) for s, v in logged]
     assert main(["pretrain", *args, "--stop-after-steps", "5", "--resume", "auto"]) == 0
-    assert [s for s, _ in _losses(out)][-1] == 5
+    assert [s for s, _ in losses(out)][-1] == 5
 
 
 def test_tensorboard_requested_but_missing_is_one_line(folder, tmp_path, monkeypatch, capsys):
@@ -272,7 +260,7 @@ def test_two_process_ddp_and_fsdp_match_one_process(folder8, tmp_path):
     assert main(["pretrain", *base, "--batch-size", "4", "--output-dir", str(single)]) == 0
     _torchrun(["pretrain", *base, "--batch-size", "1", "--accum-iter", "2", "--output-dir", str(ddp)])
     _torchrun(["pretrain", *base, "--batch-size", "2", "--parallel", "fsdp", "--output-dir", str(fsdp)])
-    ref = _losses(single)
+    ref = losses(single)
     assert [s for s, _ in ref] == [1, 2, 3, 4]
     want = torch.load(single / "checkpoint-last.pth", weights_only=True)
     for out, parallel in ((ddp, "ddp"), (fsdp, "fsdp")):
@@ -281,7 +269,7 @@ def test_two_process_ddp_and_fsdp_match_one_process(folder8, tmp_path):
         assert summary["images_seen"] == 16
         config = json.loads((out / "config.json").read_text())
         assert config["effective_batch"] == 4 and config["lr"] == pytest.approx(1e-2 * 4 / 256)
-        got = _losses(out)
+        got = losses(out)
         assert [s for s, _ in got] == [1, 2, 3, 4]
         assert np.allclose([v for _, v in got], [v for _, v in ref], rtol=1e-5, atol=1e-6), (parallel, got, ref)
         ckpt = torch.load(out / "checkpoint-last.pth", weights_only=True)
@@ -294,7 +282,7 @@ def test_two_process_ddp_and_fsdp_match_one_process(folder8, tmp_path):
     # a one-process run resumes the FSDP checkpoint (different world size: a warning, then it goes on)
     assert main(["pretrain", *base, "--batch-size", "4", "--epochs", "3", "--output-dir", str(fsdp), "--resume",
                  "auto"]) == 0  # fmt: skip
-    assert [s for s, _ in _losses(fsdp)][-2:] == [5, 6]
+    assert [s for s, _ in losses(fsdp)][-2:] == [5, 6]
 
 
 def test_visualize_any_checkpoint_and_loss_curve(folder, tmp_path, capsys):
