@@ -145,7 +145,8 @@ def readme_table(saved: dict, json_name: str) -> str:
 
     lines = [
         f"Measured on **{env.get('cpu') or 'cpu'}, {env['threads']} threads** (torch {env['torch']}), git "
-        f"`{str(env.get('git_sha'))[:12]}`, {len(seeds)} seeds ({', '.join(map(str, seeds))}); raw JSON "
+        f"`{str(env.get('git_sha'))[:12]}`, {len(seeds)} seed{'s' if len(seeds) != 1 else ''} "
+        f"({', '.join(map(str, seeds))}); raw JSON "
         f"`benchmarks/results/{json_name}`. Pretraining {pre['minutes']:.1f} min ({pre['summary']['steps']} steps, "
         f"loss {pre['summary']['first_logged_loss']:.3f} -> {pre['summary']['final_loss']:.3f}); each finetune "
         f"{minutes('finetune')} min, each probe {minutes('linprobe')} min; {saved['total_minutes']:.0f} min in all.",

@@ -208,7 +208,8 @@ def build_parser(preset_shown: str | None = None) -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     v.add_argument("--checkpoint", required=True, help="a checkpoint-*.pth written by fastmae pretrain")
-    v.add_argument("--images", default=None, help="images to draw (default: scikit-image's bundled photos)")
+    v.add_argument("--images", default=None, help="images to draw (default: scikit-image's bundled photos; for a "
+                   "checkpoint pretrained on the digits, their validation split)")  # fmt: skip
     v.add_argument("--output", default="reconstructions.png", help="PNG to write")
     v.add_argument("--count", type=int, default=8, help="how many images")
     v.add_argument("--mask-ratio", type=float, default=None, help="default: the checkpoint's")

@@ -486,9 +486,10 @@ PRESETS: dict[str, PretrainConfig] = {
         output_dir="output/demo", log_every=5, picture_every=250,
     ),
     # MAE on small images: the training split of scikit-learn's digits (1438 images, 8x8 upscaled to 32 px, labels
-    # unused), patch 4, a 6-block ViT. Changed from the ImageNet recipe for 1.4k images and 2 CPU cores (timed in docs):
-    # batch 64 (22 steps/epoch) with a larger blr (lr 1e-3), 10 warmup epochs; crops keep most of a digit (scale 0.35:
-    # at 0.2 an 8-pixel digit becomes a stroke) and no flips (a mirrored digit is another symbol).
+    # unused; one gray band, so in_chans 1 with the digits' own statistics), patch 4, a 6-block ViT. Changed from the
+    # ImageNet recipe for 1.4k images and 2 CPU cores (timed in docs): batch 64 (22 steps/epoch) with a larger blr
+    # (lr 1e-3), 10 warmup epochs; crops keep most of a digit (scale 0.35: at 0.2 an 8-pixel digit becomes a stroke)
+    # and no flips (a mirrored digit is another symbol).
     "digits": PretrainConfig(
         model="mae_vit_mini_patch4", img_size=32, data="digits", epochs=100, warmup_epochs=10, batch_size=64,
         blr=4e-3, norm_pix_loss=True, crop_scale=0.35, hflip=0.0, output_dir="output/digits", log_every=20,
@@ -688,6 +689,9 @@ class Bench:
     )
     decoder_depths: str = _f("8,1", "decoder depths to run for each model")
     configs: str = _f(",".join(BENCH_CONFIGS), f"pretrain configurations to run: {', '.join(BENCH_CONFIGS)}")
+    in_chans: str = _f("3", "input bands of the models, comma-separated (3,13: every configuration at each): 3 are "
+                       "uint8 RGB batches with ImageNet's statistics, any other count uint16 batches normalised per "
+                       "band on the device, as a raster run's")  # fmt: skip
     batch: int | None = _f(None, "images per step (default: B 256, L 128, H 64, fixed per model)", positive=True)
     batches: str | None = _f(
         None, "batch sweep of the fastmae rows beside the fixed batch, e.g. 64,256,512 (img/s, peak memory, knee)"
@@ -737,6 +741,7 @@ class BenchConfig(CommandConfig):
             raise FastMAEError(f"--configs: unknown {', '.join(sorted(unknown))}; choose from "
                                f"{', '.join(BENCH_CONFIGS)}")  # fmt: skip
         self.batch_sizes  # noqa: B018 (a one-line error when they are not numbers)
+        self.channels  # noqa: B018
         try:
             self.depths  # noqa: B018
         except ValueError:
@@ -777,3 +782,14 @@ class BenchConfig(CommandConfig):
     @property
     def variants(self) -> tuple[str, ...]:
         return tuple(_csv(self.compile))
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        """``--in-chans`` as band counts."""
+        try:
+            counts = tuple(int(c) for c in _csv(self.in_chans))
+        except ValueError:
+            counts = ()
+        if not counts or min(counts) < 1:
+            raise FastMAEError(f"--in-chans must be positive whole numbers separated by commas, got {self.in_chans!r}")
+        return counts

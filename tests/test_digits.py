@@ -35,16 +35,46 @@ def test_digits_pretraining_sees_only_the_training_split(patch4_ckpt):
     assert all(str(digits_folder() / "train") in k for k in pre.keys[:5])
     cfg = json.loads((patch4_ckpt.parent / "config.json").read_text())
     assert cfg["num_images"] == 1438 and cfg["arch"]["patch_size"] == 4 and cfg["model"] == "mae_vit_mini_patch4"
-    # the pictures are drawn 4x: a person can read a 32-px digit
+    # the pictures are drawn 4x: a person can read a 32-px digit; one band, drawn in gray (no tint)
     from PIL import Image
 
     with Image.open(sorted((patch4_ckpt.parent / "reconstructions").glob("*.png"))[-1]) as im:
         assert im.size == (3 * 32 * 4, 8 * 32 * 4 + 34)  # under the header (step, eval loss, column labels)
+        rgb = np.asarray(im.convert("RGB"))
+    assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+    assert len(np.unique(rgb[34:])) > 16  # a picture, not a blank
+
+
+def test_digits_are_one_band_with_their_own_statistics(patch4_ckpt):
+    """The digits are written as one-band uint8 rasters (scikit-learn's 0..16 scaled to 0..255): the digits preset
+    trains a one-channel model, normalised with the data's own statistics, which the checkpoint carries."""
+    from fastmae.train.data import digits_folder, pretrain_index
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    files = sorted((digits_folder() / "train").rglob("*.npy"))
+    assert len(files) == 1438 and not list(digits_folder().rglob("*.png"))
+    first = np.load(files[0])
+    i, label = int(files[0].stem), int(files[0].parent.name)
+    assert first.shape == (8, 8) and first.dtype == np.uint8 and digits.target[i] == label
+    np.testing.assert_array_equal(first, (digits.images[i] * (255 / 16)).round().astype(np.uint8))
+    index = pretrain_index("digits")
+    assert (index.bands, index.dtype) == (1, "uint8")
+    cfg = json.loads((patch4_ckpt.parent / "config.json").read_text())
+    bands = cfg["bands"]
+    assert cfg["arch"]["in_chans"] == 1 and (bands["count"], bands["dtype"], bands["norm"]) == (1, "uint8", "auto")
+    pixels = np.stack([np.load(f) for f in files]).astype(np.float64)  # every training digit
+    # a seeded sample of 512 of the 1438 files: close to the statistics of all of them
+    assert bands["mean"][0] == pytest.approx(pixels.mean(), rel=0.03)
+    assert bands["std"][0] == pytest.approx(pixels.std(), rel=0.03)
+    ckpt = torch.load(patch4_ckpt, weights_only=True)
+    assert ckpt["config"]["bands"] == bands and ckpt["model"]["patch_embed.proj.weight"].shape[1] == 1
 
 
 def test_patch4_checkpoint_goes_downstream_without_model(patch4_ckpt, tmp_path, capsys):
     """finetune, linprobe, export and visualize read the architecture from the checkpoint (no --model), and the
     exported encoder loads into timm strictly and computes what fastmae's encoder computes."""
+    pretrained_bands = json.loads((patch4_ckpt.parent / "config.json").read_text())["bands"]
     for command in ("finetune", "linprobe"):
         out = tmp_path / command
         assert main([command, "--preset", "digits", "--pretrained", str(patch4_ckpt), *FAST, "--stop-after-steps",
@@ -53,6 +83,7 @@ def test_patch4_checkpoint_goes_downstream_without_model(patch4_ckpt, tmp_path, 
         assert set(summary["missing_keys"]) <= {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
         cfg = json.loads((out / "config.json").read_text())
         assert cfg["model"] == "mae_vit_mini_patch4" and cfg["pretrained"] == str(patch4_ckpt)
+        assert cfg["bands"] == pretrained_bands  # one band, with the pretraining's statistics
     export = tmp_path / "enc.safetensors"
     assert main(["export", str(patch4_ckpt), str(export), "--to", "timm"]) == 0
     printed = capsys.readouterr().out
@@ -60,18 +91,22 @@ def test_patch4_checkpoint_goes_downstream_without_model(patch4_ckpt, tmp_path, 
     from safetensors.torch import load_file
     from timm.models.vision_transformer import VisionTransformer
 
-    vit = VisionTransformer(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, num_classes=0).eval()
+    assert "in_chans=1," in printed
+    vit = VisionTransformer(img_size=32, patch_size=4, in_chans=1, embed_dim=192, depth=6, num_heads=3,
+                            num_classes=0).eval()  # fmt: skip
     vit.load_state_dict(load_file(str(export)), strict=True)
     mae = fastmae.from_pretrained(patch4_ckpt).eval()
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(vit.forward_features(x), mae.forward_features(x), rtol=1e-5, atol=1e-5)
     assert main(["visualize", "--checkpoint", str(patch4_ckpt), "--output", str(tmp_path / "v.png"), "--count",
                  "2"]) == 0  # fmt: skip
     from PIL import Image
 
-    with Image.open(tmp_path / "v.png") as im:
+    with Image.open(tmp_path / "v.png") as im:  # without --images: the digits' validation split, in gray
         assert im.size == (3 * 32 * 4, 2 * 32 * 4 + 34)  # the run's picture scale, under the header
+        rgb = np.asarray(im.convert("RGB"))
+    assert (rgb[..., 0] == rgb[..., 2]).all() and len(np.unique(rgb[34:])) > 16
     capsys.readouterr()
 
 

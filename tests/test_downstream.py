@@ -156,7 +156,7 @@ def check_finetune_export(ckpt, tmp_path, capsys, size: int) -> str:
     classes = saved["model"]["head.weight"].shape[0]
     ours = create_vit(saved["config"]["arch"], classes, size).eval()  # the model fastmae finetune trains
     ours.load_state_dict(saved["model"], strict=True)
-    x = torch.randn(3, 3, size, size)
+    x = torch.randn(3, saved["config"]["arch"]["in_chans"], size, size)
     for out in (tmp_path / "ft.safetensors", tmp_path / "ft.pth"):
         theirs = _timm_from_export([str(ckpt), str(out), "--to", "timm"], capsys)
         assert theirs.num_classes == classes and theirs.global_pool == "avg"
@@ -209,6 +209,8 @@ def test_wrong_architecture_is_one_line(official_ckpts, tmp_path, capsys):
 
 
 def test_finetune_on_digits_learns_then_resumes(official_ckpts, tmp_path, capsys):
+    """An RGB checkpoint finetuned on the one-band digits (its patch embedding adapted by timm's rule), the paper's
+    recipe stopped mid-epoch and resumed."""
     out = tmp_path / "ft"
     args = ["finetune", *FAST, "--epochs", "2", "--warmup-epochs", "0.2", "--batch-size", "32", "--blr", "4e-3",
             "--pretrained", str(official_ckpts / "mae_pretrain_vit_tiny.pth"), "--output-dir", str(out)]  # fmt: skip
@@ -219,8 +221,10 @@ def test_finetune_on_digits_learns_then_resumes(official_ckpts, tmp_path, capsys
     assert sorted(s["missing_keys"]) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
     best = torch.load(out / "checkpoint-best.pth", weights_only=True)
     assert best["best_top1"] == s["best_top1"] and best["model"]["head.weight"].shape == (10, 192)
+    assert best["model"]["patch_embed.proj.weight"].shape[1] == 1 and best["config"]["bands"]["count"] == 1
     assert check_finetune_export(out / "checkpoint-best.pth", tmp_path, capsys, 32) == (  # the run's own checkpoint
-        'timm.create_model("vit_tiny_patch16_224", num_classes=10, global_pool="avg", img_size=32)')
+        "timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=16, in_chans=1, embed_dim=192, "
+        'depth=12, num_heads=3, mlp_ratio=4, num_classes=10, global_pool="avg")')
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if "top1" in r] == [1, 2]
     # the paper's full recipe (mixup + cutmix + smoothing, EMA), stopped mid-epoch and resumed
@@ -236,11 +240,11 @@ def test_finetune_on_digits_learns_then_resumes(official_ckpts, tmp_path, capsys
     assert logged[logged.index(30) + 1] == 35  # the step count goes on after the resume
 
 
-def test_finetune_with_dali_loader(official_ckpts, tmp_path):
+def test_finetune_with_dali_loader(labelled, tmp_path):
     pytest.importorskip("nvidia.dali")
-    out = tmp_path / "dali"
-    assert main(["finetune", *FAST, "--loader", "dali", "--stop-after-steps", "3", "--batch-size", "16",
-                 "--output-dir", str(out)]) == 0  # fmt: skip
+    out = tmp_path / "dali"  # DALI reads 8-bit pictures (the digits are one-band rasters)
+    assert main(["finetune", *FAST, "--loader", "dali", "--data", str(labelled), "--stop-after-steps", "3",
+                 "--batch-size", "4", "--output-dir", str(out)]) == 0  # fmt: skip
     s = json.loads((out / "summary.json").read_text())
     assert s["loader"] == "dali" and s["steps"] == 3 and 0 <= s["top1"] <= 100
 
@@ -364,12 +368,12 @@ def test_linprobe_resumes_mid_epoch_exactly(labelled, official_ckpts, tmp_path, 
 
 def test_digits_are_written_once_even_by_processes_starting_together(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTMAE_CACHE", str(tmp_path))
-    (tmp_path / "digits-v1" / "val").mkdir(parents=True)  # an incomplete copy from an interrupted first run
+    (tmp_path / "digits-v2" / "val").mkdir(parents=True)  # an incomplete copy from an interrupted first run
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         roots = list(pool.map(lambda _: digits_folder(), range(2)))
-    assert roots[0] == roots[1] == tmp_path / "digits-v1"
-    assert len(list(roots[0].rglob("*.png"))) == 1797 and (roots[0] / "done").is_file()
-    assert [p.name for p in tmp_path.iterdir()] == ["digits-v1"]  # no private copy left behind
+    assert roots[0] == roots[1] == tmp_path / "digits-v2"
+    assert len(list(roots[0].rglob("*.npy"))) == 1797 and (roots[0] / "done").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["digits-v2"]  # no private copy left behind
 
 
 @pytest.mark.parametrize(

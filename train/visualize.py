@@ -143,12 +143,14 @@ def visualize_checkpoint(checkpoint: str | Path, output: str | Path, images: str
     read from it); returns the loss on them. ``show_bands``: see :func:`picture_bands`. The images are read as the
     checkpoint's bands with its statistics: their bands are matched to its by name (or count), or chosen with
     ``bands`` (``--bands``: names or 0-based indices of the images' bands, in the checkpoint's order); images whose
-    bands are not the checkpoint's are a one-line error naming both lists."""
+    bands are not the checkpoint's are a one-line error naming both lists. ``images`` None: the bundled photos, or for
+    a checkpoint pretrained on the digits (one band) their validation split, which pretraining never saw."""
     from fastmae.bands import parse_band_flags
     from fastmae.interop import DECODER_KEYS, mae_from_state, read_checkpoint
 
     from .data.databands import downstream_bands
     from .data.index import index_data
+    from .data.labelled import digits_folder, is_digits
     from .data.loaders import sample_images
 
     sd, arch, info = read_checkpoint(checkpoint)
@@ -162,6 +164,8 @@ def visualize_checkpoint(checkpoint: str | Path, output: str | Path, images: str
                            source_bands=info["bands"])  # fmt: skip
     picture_bands(model.bands or model.in_chans, show_bands)  # a bad --show-bands ends here, before any image is read
     flags = parse_band_flags(bands)
+    if images is None and is_digits(cfg.get("data")):
+        images = digits_folder() / "val"
     index = index_data(images)
     what = f"checkpoint {checkpoint}"
     data = downstream_bands(index, flags, info["bands"], model.in_chans, what=what)

@@ -1,5 +1,6 @@
 """Labelled data for finetuning and probing: train/val splits of an ImageFolder, and the no-download default
-(scikit-learn's 8x8 handwritten digits, written once as PNG files so both loaders read them like any folder)."""
+(scikit-learn's 8x8 handwritten digits, written once as one-band uint8 ``.npy`` rasters, so the loaders read them like
+any folder of rasters: one channel, with the data's own statistics)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from fastmae.errors import FastMAEError
 
@@ -19,13 +19,16 @@ from .index_cache import cache_folder
 
 logger = logging.getLogger("fastmae.data")
 DIGITS_VAL_FRACTION = 0.2
+DIGITS = "digits-v2"  # the cache folder of the digits as written now (one band)
 
 
 def digits_folder() -> Path:
-    """scikit-learn's digits (1797 images, 10 classes) as ``train/<digit>/*.png`` and ``val/<digit>/*.png`` (a fixed
-    80/20 split) under the fastmae cache folder; written on first use into a private folder that is then renamed into
-    place, so processes starting together (torchrun) never read a half-written copy."""
-    root = cache_folder() / "digits-v1"
+    """scikit-learn's digits (1797 images, 10 classes) as ``train/<digit>/*.npy`` and ``val/<digit>/*.npy`` (a fixed
+    80/20 split) under the fastmae cache folder: each an ``8 x 8`` uint8 array (one band, 0..16 scaled to 0..255),
+    read on the raster route, so a model on them has one input channel (``digits-v1`` held them as RGB PNGs, one
+    gray band copied three times). Written on first use into a private folder that is then renamed into place, so
+    processes starting together (torchrun) never read a half-written copy."""
+    root = cache_folder() / DIGITS
     if (root / "done").is_file():
         return root
     from sklearn.datasets import load_digits
@@ -40,7 +43,7 @@ def digits_folder() -> Path:
         folder = tmp / split / str(int(digits.target[i]))
         folder.mkdir(parents=True, exist_ok=True)
         pixels = (digits.images[i] * (255 / 16)).round().astype(np.uint8)  # 0..16 -> 0..255
-        Image.fromarray(pixels).save(folder / f"{i:04d}.png")
+        np.save(folder / f"{i:04d}.npy", pixels)  # [8, 8]: one band
     (tmp / "done").write_text("ok\n")
     if root.exists() and not (root / "done").is_file():  # an incomplete copy left by an older version
         shutil.rmtree(root, ignore_errors=True)
@@ -49,6 +52,12 @@ def digits_folder() -> Path:
     except OSError:  # another process put its copy in place first: use that one
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def is_digits(data) -> bool:
+    """Whether a run's ``data`` (``"digits"``, or a split of the digits' folder as config.json records it) is the
+    built-in digits."""
+    return data == "digits" or (isinstance(data, str) and Path(data).parent.name == DIGITS)
 
 
 def num_classes(index: DataIndex) -> int:
