@@ -390,9 +390,12 @@ def readme_table(saved: dict, json_name: str) -> str:
             vs += f" (vs plain-npy {r['vs_plain_npy']:.2f}x)"
         lines.append(f"| {r['loader']} | {reads[r['format']]} | {r['output']} ({r['bytes_per_image_out']:,}) | "
                      f"{r['workers']} | {r['img_per_s']:.0f} | {r['img_per_s_per_worker']:.0f} | {vs} |")  # fmt: skip
-    paths = {r["loader"]: r["path"] for r in rows if r.get("path")}
+    paths: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("path") and r["loader"] not in paths.setdefault(r["path"], []):
+            paths[r["path"]].append(r["loader"])
     if paths:
-        lines += ["", "How each row loads: " + "; ".join(f"{k}: {v}" for k, v in paths.items()) + "."]
+        lines += ["", "How each row loads: " + "; ".join(f"{' / '.join(v)}: {k}" for k, v in paths.items()) + "."]
     norm = next((r["normalize_on_device_ms_per_batch"] for r in rows if r.get("normalize_on_device_ms_per_batch")),
                 None)  # fmt: skip
     if norm is not None and gpu:

@@ -71,7 +71,7 @@ def test_bands_benchmark_writes_rows_and_its_table(tmp_path):
     # the fastmae rows of folders are the run's loader; the pack's (which the loader does not read) by hand
     assert loaders["fastmae-npy"]["path"] == loaders["fastmae-tiff"]["path"] == (
         "fastmae's loader (TorchvisionLoader, the run's DataBands)")  # fmt: skip
-    assert "by hand" in loaders["fastmae-pack"]["path"] and "How each row loads: plain-tiff: " in table
+    assert "by hand" in loaders["fastmae-pack"]["path"] and "How each row loads: plain-tiff / plain-npy: " in table
 
 
 def test_finetune_benchmark_writes_rows(tmp_path, capsys):
