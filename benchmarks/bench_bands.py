@@ -6,12 +6,18 @@ SSL4EO-S12 size; SYNTHETIC tiles from ``examples/make_multispectral.py``) throug
   ``torchvision.transforms.v2`` ``RandomResizedCrop(224, scale=(0.2, 1), bicubic, antialias)`` +
   ``RandomHorizontalFlip`` + ``Normalize`` (the data's per-band mean and std) in the workers, torch's default collate:
   float32 batches out of the workers;
-- ``fastmae-tiff`` / ``fastmae-npy`` / ``fastmae-pack``: fastmae's raster path: :func:`~fastmae.train.data.rasters.
-  read_raster` (a ``.npy`` memory-mapped, so only the crop's rows are read) or a tile of the packed store
-  (``fastmae pack``), the crop box and flip of :mod:`fastmae.train.data.order`, :func:`~fastmae.train.data.resample.
-  crop_resize_flip` in the native dtype, written straight into a uint16 batch in shared memory: uint16
-  batches out of the workers, normalised on the device by the step (here the CPU, timed apart:
-  ``normalize_on_device_ms_per_batch``).
+- ``fastmae-tiff`` / ``fastmae-npy``: the loader a run uses, :class:`~fastmae.train.data.loaders.TorchvisionLoader`
+  over :func:`~fastmae.train.data.index.index_data` of the folder, with the run's
+  :class:`~fastmae.train.data.databands.DataBands` from :func:`~fastmae.train.data.databands.resolve_bands` (13 uint16
+  bands, ``--norm auto``): each file read in its dtype (a ``.npy`` memory-mapped, so only the crop's rows are read),
+  the crop box and flip of :mod:`fastmae.train.data.order`, crop / resize / flip in the native dtype straight into a
+  uint16 batch in shared memory; uint16 batches out of the workers, normalised on the device by the step;
+- ``fastmae-pack``: the same path over a tile of the packed store (``fastmae pack``), written here by hand (the
+  loader does not read a pack yet): :func:`~fastmae.train.data.resample.crop_resize_flip` of each tile into a batch.
+
+``--device cuda`` moves every batch to the GPU as the step takes it and normalises the uint16 ones there (the plain
+batches were normalised in the workers), inside the timed loop; on a CPU the batches stay where they are and the
+normalisation is timed apart (``normalize_on_device_ms_per_batch``).
 
 ``vs_plain`` is each fastmae row's rate over the plain row of the same format (the pack: over ``plain-tiff``, the files
 it was packed from, and ``vs_plain_npy`` over ``plain-npy``) in the same run at the same worker count. Rates are medians
@@ -19,6 +25,7 @@ of interleaved rounds over an endless order. ``--stages`` also times each step o
 process (read, float cast, resize, normalise, collate) and writes them as ``stage`` rows: where the time goes.
 
     python benchmarks/bench_bands.py [--workers 1,2] [--images 320] [--batch 64] [--rounds 3] [--stages]
+    python benchmarks/bench_bands.py --device cuda --workers 4,8,16 --images 2048 --loaders plain-npy,fastmae-npy
     python benchmarks/bench_bands.py --report JSON [--readme docs/data.md]     # the table of a results JSON
 """
 
@@ -35,14 +42,19 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import Rows, cli, env_info, median, report  # noqa: E402
-from bench_loader import PREFETCH, timed  # noqa: E402
-from fastmae.train.data.bandstats import band_statistics  # noqa: E402
+from _harness import Rows, cli, env_info, median, report, sync  # noqa: E402
+from bench_loader import PREFETCH, endless  # noqa: E402
+from fastmae.train.context import resolve_device  # noqa: E402
+from fastmae.train.data.databands import DataBands, files_spec, resolve_bands  # noqa: E402
+from fastmae.train.data.index import index_data  # noqa: E402
+from fastmae.train.data.loaders import TorchvisionLoader  # noqa: E402
 from fastmae.train.data.normalize import normalize_bands  # noqa: E402
 from fastmae.train.data.order import random_resized_crop, sample_rng  # noqa: E402
 from fastmae.train.data.pack import PackedTiles, list_rasters, pack  # noqa: E402
 from fastmae.train.data.rasters import read_raster  # noqa: E402
 from fastmae.train.data.resample import crop_resize_flip  # noqa: E402
+
+from fastmae.bands import parse_band_flags  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE = (0.2, 1.0)
@@ -85,10 +97,11 @@ class PlainTiles(torch.utils.data.Dataset):
         return self.transform(x), self.labels[i]
 
 
-# -------------------------------------------------------------------------------------------- fastmae's path
+# ------------------------------------------------------------------------------------ fastmae's path over a pack
 class RasterTiles(torch.utils.data.Dataset):
-    """fastmae's raster path, a batch at a time: crop boxes and flips of ``(seed, epoch, sample)``, native-dtype
-    crop / resize / flip written into a batch that lives in shared memory inside a worker."""
+    """fastmae's raster path over a packed store (the loader reads folders and shards, not a pack yet), a batch at a
+    time: crop boxes and flips of ``(seed, epoch, sample)``, native-dtype crop / resize / flip written into a batch
+    that lives in shared memory inside a worker."""
 
     def __init__(self, paths: list[str] | None, labels, img_size: int, pack_path: str | None = None, seed: int = 0):
         self.paths, self.labels, self.img_size, self.seed = paths, np.asarray(labels), img_size, seed
@@ -141,25 +154,50 @@ def _identity(batch):
     return batch
 
 
-def sources(names, data: dict, img_size: int, batch: int, workers: int, mean, std) -> dict:
-    """An endless iterator of image batches per loader name, each in its own DataLoader with ``workers`` workers."""
+def sources(names, data: dict, img_size: int, batch: int, workers: int, bands: dict, pin: bool = False) -> dict:
+    """An endless iterator of image batches per loader name, each with ``workers`` worker processes: the plain
+    pipeline's DataLoader, fastmae's loader (``TorchvisionLoader`` over the format's index with its ``bands``), or the
+    pack's DataLoader."""
     out = {}
+    mean, std = bands["npy"].spec.mean, bands["npy"].spec.std
     for name in names:
         kind, fmt = name.split("-")
-        paths, labels = data[fmt if fmt != "pack" else "tiff"]
-        common = dict(num_workers=workers, persistent_workers=workers > 0, prefetch_factor=PREFETCH if workers else
-                      None)  # fmt: skip
+        common = dict(num_workers=workers, persistent_workers=workers > 0, pin_memory=pin,
+                      prefetch_factor=PREFETCH if workers else None)  # fmt: skip
         if kind == "plain":
+            paths, labels = data[fmt]
             ds = PlainTiles(paths, labels, img_size, mean, std)
             sampler = torch.utils.data.RandomSampler(range(len(ds)), replacement=True, num_samples=2**40)
             loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, drop_last=True, **common)
-        else:
-            ds = RasterTiles(None if fmt == "pack" else paths, labels, img_size, data["pack"] if fmt == "pack"
-                             else None)  # fmt: skip
+            out[name] = (x for x, _ in loader)
+        elif fmt == "pack":
+            ds = RasterTiles(None, data["pack_labels"], img_size, data["pack"])
             loader = torch.utils.data.DataLoader(ds, batch_sampler=EndlessItems(len(ds), batch), collate_fn=_identity,
                                                  **common)  # fmt: skip
-        out[name] = (x for x, _ in loader)
+            out[name] = (x for x, _ in loader)
+        else:  # the run's loader, as make_loader builds it for a raster run
+            out[name] = endless(TorchvisionLoader(data["index"][fmt], img_size, batch, seed=0, num_workers=workers,
+                                                  pin=pin, bands=bands[fmt].for_loader()))  # fmt: skip
     return out
+
+
+def timed(batches_of, device: torch.device, batches: int, batch: int, bands: DataBands) -> float:
+    """Images per second over ``batches`` batches after two warm-up batches (worker start). On a GPU each batch is
+    moved there as the step takes it, and a uint16 one normalised there with ``bands``' statistics (the plain
+    batches are float32, normalised in the workers already)."""
+    it = iter(batches_of)
+    for _ in range(2):
+        next(it)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        imgs = next(it)
+        if device.type == "cuda":
+            imgs = imgs.to(device, non_blocking=True)
+            if imgs.dtype == torch.uint16:
+                imgs = normalize_bands(imgs, bands.spec.mean, bands.spec.std)
+    sync(device)
+    return batches * batch / (time.perf_counter() - t0)
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -225,18 +263,37 @@ def _yxhw(box):
 
 
 # --------------------------------------------------------------------------------------------------- main
-def make_data(folder: Path, images: int) -> dict:
-    """The generated TIFFs and the same tiles as ``.npy``, and the pack of the TIFFs."""
+def make_data(folder: Path, images: int, formats: set[str], workers: int = 2) -> dict:
+    """The generated tiles: always as ``.npy`` (the statistics are taken from them), as TIFF when a TIFF or pack row
+    is asked for, and the pack of the TIFFs; each folder listed and indexed as a run indexes it."""
     ex = _example()
     t0 = time.perf_counter()
-    ex.generate(folder / "tiff", count=images, size=264, classes=4, seed=0)
-    ex.generate(folder / "npy", count=images, size=264, classes=4, seed=0, npy=True)
-    done = pack(folder / "tiff", folder / "tiles.pack", workers=2)
-    print(f"wrote {images} SYNTHETIC 13-band tiles as TIFF and .npy, and the pack ({done.count} tiles), in "
-          f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
-    paths, labels, _ = list_rasters(folder / "tiff")
-    npy_paths, npy_labels, _ = list_rasters(folder / "npy")
-    return {"tiff": (paths, labels), "npy": (npy_paths, npy_labels), "pack": str(folder / "tiles.pack")}
+    tiff = bool(formats & {"tiff", "pack"})
+    if tiff:
+        ex.generate(folder / "tiff", count=images, size=264, classes=4, seed=0, threads=workers)
+    ex.generate(folder / "npy", count=images, size=264, classes=4, seed=0, npy=True, threads=workers)
+    data: dict = {"index": {}}
+    if "pack" in formats:
+        done = pack(folder / "tiff", folder / "tiles.pack", workers=workers if workers > 1 else 0)
+        data["pack"], data["pack_labels"] = str(folder / "tiles.pack"), list_rasters(folder / "tiff")[1][: done.count]
+    for fmt in ("tiff", "npy") if tiff else ("npy",):
+        paths, labels, _ = list_rasters(folder / fmt)
+        data[fmt] = (paths, labels)
+        data["index"][fmt] = index_data(folder / fmt, cache=False, workers=workers)
+    made = ", ".join(["TIFF"] * tiff + [".npy"] + ["the pack"] * ("pack" in formats))
+    print(f"wrote {images} SYNTHETIC 13-band tiles ({made}) and indexed them in {time.perf_counter() - t0:.0f} s")
+    return data
+
+
+def run_bands(data: dict) -> dict:
+    """The run's bands per format, as ``fastmae pretrain`` decides them (``--norm auto``: per-band statistics of a
+    seeded sample of the ``.npy`` tiles); the TIFFs are the same tiles, with their GDAL band names."""
+    npy = resolve_bands(data["index"]["npy"], parse_band_flags(), seed=0)
+    bands = {"npy": npy}
+    if "tiff" in data["index"]:
+        spec = files_spec(data["index"]["tiff"]).with_stats(npy.spec.mean, npy.spec.std, "auto")
+        bands["tiff"] = DataBands(spec)
+    return bands
 
 
 def main(argv=None) -> dict:
@@ -248,11 +305,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--workers", default="1,2", help="DataLoader worker counts")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved measurements per loader (median kept)")
     ap.add_argument("--loaders", default=",".join(LOADERS))
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | auto: where the batches go (cuda: moved there and "
+                    "normalised there, as the step takes them)")  # fmt: skip
     ap.add_argument("--stages", action="store_true", help="also time each step on one core (stage rows)")
     ap.add_argument("--settle", type=float, default=1.0, help="least rest after each measurement (seconds; longer "
                     "when the loader just timed needs longer to refill its prefetch queues)")  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script works (seconds)")
-    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/bands-cpu-<date>.json)")
+    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/bands-<device>-<date>.json)")
     ap.add_argument("--report", default=None, metavar="JSON", help="only print the table of a results JSON")
     ap.add_argument("--readme", default=None, help="with --report: the page to write (docs/data.md), between its "
                     "bands-bench markers")  # fmt: skip
@@ -265,33 +324,38 @@ def main(argv=None) -> dict:
         args.images, args.img_size, args.batch, args.batches, args.rounds, args.settle = 16, 32, 4, 2, 1, 0.0
     counts = [int(w) for w in args.workers.split(",")]
     names = args.loaders.split(",")
-    device = torch.device("cpu")
-    results = Rows("bands", env_info(device), args.out)
+    if unknown := [n for n in names if n not in LOADERS]:
+        raise SystemExit(f"bench_bands: unknown loader(s) {', '.join(unknown)}; choose from {', '.join(LOADERS)}")
+    formats = {n.split("-")[1] for n in names} | ({"tiff", "pack"} if args.stages else set())
+    device = resolve_device(args.device)  # first: --device cuda without one stops here, before any data is written
+    per_epoch = args.images // args.batch
+    if per_epoch < max(counts) * PREFETCH:
+        raise SystemExit(f"bench_bands: {per_epoch} batches an epoch, fewer than {max(counts)} workers x "
+                         f"{PREFETCH} prefetched; use --images {max(counts) * PREFETCH * args.batch} or more")
+    env = env_info(device)
+    results = Rows("bands", env, args.out)
     with tempfile.TemporaryDirectory() as tmp:
-        data = make_data(Path(tmp), args.images)
-        per_epoch = args.images // args.batch
-        if per_epoch < max(counts) * PREFETCH:
-            raise SystemExit(f"bench_bands: {per_epoch} batches an epoch, fewer than {max(counts)} workers x "
-                             f"{PREFETCH} prefetched; use --images {max(counts) * PREFETCH * args.batch} or more")
-        stats = band_statistics(data["npy"][0], sample=64, pixels=4096, seed=0)
-        mean, std = stats.mean.tolist(), stats.std.tolist()
+        data = make_data(Path(tmp), args.images, formats, max(2, min(max(counts), 16)))
+        bands = run_bands(data)
+        mean, std = bands["npy"].spec.mean, bands["npy"].spec.std
         batch_u16 = torch.randint(0, 10000, (args.batch, 13, args.img_size, args.img_size)).to(torch.uint16)
-        normalize_ms = _ms(lambda: normalize_bands(batch_u16, mean, std), 5)
+        batch_u16 = batch_u16.to(device)
+        normalize_ms = _ms(lambda: (normalize_bands(batch_u16, mean, std), sync(device)), 5)
         if args.stages:
             results.rows += stage_rows(data, args.img_size, mean, std, reps=3 if args.smoke else 30)
             results.write()
         for workers in counts:
-            loaders = sources(names, data, args.img_size, args.batch, workers, mean, std)
+            loaders = sources(names, data, args.img_size, args.batch, workers, bands, pin=device.type == "cuda")
             rates: dict[str, list[float]] = {k: [] for k in loaders}
             done = len(results.rows)
             for _ in range(args.rounds):
                 for name, src in loaders.items():
-                    rate = timed(src, device, args.batches, args.batch, 0.0)
+                    rate = timed(src, device, args.batches, args.batch, bands["npy"])
                     rates[name].append(rate)
                     # the workers of the loader just timed now refill their prefetch queues (PREFETCH batches each),
                     # which must not be charged to the next loader: for the slow ones that is seconds, not a fixed rest
                     time.sleep(max(args.settle, 1.2 * PREFETCH * args.batch * max(workers, 1) / rate))
-                    results.rows[done:] = _rows(rates, workers, args, normalize_ms)
+                    results.rows[done:] = _rows(rates, workers, args, normalize_ms, device)
                     results.write()
             for row in results.rows[done:]:
                 vs = "" if row["vs_plain"] is None else f"  {row['vs_plain']:.2f}x plain"
@@ -306,8 +370,11 @@ def readme_table(saved: dict, json_name: str) -> str:
     """The docs table of a results JSON: one row per loader and worker count, then where the time goes."""
     env, rows = saved["env"], [r for r in saved["rows"] if r["name"] == "loader"]
     first = rows[0]
+    gpu = first.get("device") == "cuda"
+    where = f", batches moved to the **{env.get('gpu')}** and the uint16 ones normalised there" if gpu else ""
     lines = [
-        f"Measured on **{env.get('cpu', 'cpu')}** ({env.get('cpu_threads')} threads, shared), batch "
+        f"Measured on **{env.get('cpu', 'cpu')}** ({env.get('cpu_threads')} threads{'' if gpu else ', shared'})"
+        f"{where}, batch "
         f"{first['batch_size']}, {first['img_size']} px, {first['images']} tiles per format ({first['data']}); torch "
         f"{env.get('torch')}, git `{str(env.get('git_sha'))[:12]}`, {str(env.get('date', ''))[:10]}; raw JSON "
         f"`benchmarks/results/{json_name}`.",
@@ -323,9 +390,18 @@ def readme_table(saved: dict, json_name: str) -> str:
             vs += f" (vs plain-npy {r['vs_plain_npy']:.2f}x)"
         lines.append(f"| {r['loader']} | {reads[r['format']]} | {r['output']} ({r['bytes_per_image_out']:,}) | "
                      f"{r['workers']} | {r['img_per_s']:.0f} | {r['img_per_s_per_worker']:.0f} | {vs} |")  # fmt: skip
+    paths: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("path") and r["loader"] not in paths.setdefault(r["path"], []):
+            paths[r["path"]].append(r["loader"])
+    if paths:
+        lines += ["", "How each row loads: " + "; ".join(f"{' / '.join(v)}: {k}" for k, v in paths.items()) + "."]
     norm = next((r["normalize_on_device_ms_per_batch"] for r in rows if r.get("normalize_on_device_ms_per_batch")),
                 None)  # fmt: skip
-    if norm is not None:
+    if norm is not None and gpu:
+        lines += ["", f"fastmae's batches leave the workers as uint16 and are normalised on the GPU inside the timed "
+                      f"loop ({norm:.2f} ms per batch of {first['batch_size']} alone)."]
+    elif norm is not None:
         lines += ["", f"fastmae's batches leave the workers as uint16; the step normalises them on its device (here "
                       f"the CPU: {norm:.1f} ms per batch of {first['batch_size']}, outside the loader's time)."]
     stages = [r for r in saved["rows"] if r["name"] == "stage"]
@@ -337,7 +413,12 @@ def readme_table(saved: dict, json_name: str) -> str:
     return "\n".join(lines)
 
 
-def _rows(rates: dict[str, list[float]], workers: int, args, normalize_ms: float) -> list[dict]:
+PATHS = {"plain": "tifffile / np.load, float32, torchvision v2 in the workers",
+         "fastmae": "fastmae's loader (TorchvisionLoader, the run's DataBands)",
+         "fastmae-pack": "fastmae's crop / resize / flip over the pack's tiles, by hand (the loader reads no pack)"}
+
+
+def _rows(rates: dict[str, list[float]], workers: int, args, normalize_ms: float, device) -> list[dict]:
     rows = []
     for name, xs in rates.items():
         if not xs:
@@ -346,7 +427,8 @@ def _rows(rates: dict[str, list[float]], workers: int, args, normalize_ms: float
         rate = median(xs)
         base = rates.get("plain-tiff" if fmt == "pack" else f"plain-{fmt}")
         base_npy = rates.get("plain-npy")
-        row = {"name": "loader", "loader": name, "format": fmt, "workers": workers, "img_per_s": rate,
+        row = {"name": "loader", "loader": name, "path": PATHS.get(name, PATHS[kind]), "device": device.type,
+               "format": fmt, "workers": workers, "img_per_s": rate,
                "img_per_s_per_worker": rate / max(workers, 1),
                "vs_plain": rate / median(base) if kind == "fastmae" and base else None,
                "output": "uint16" if kind == "fastmae" else "float32",

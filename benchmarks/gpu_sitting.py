@@ -15,7 +15,9 @@ The plan (:data:`PLAN`, most value first; one call of 540 s holds about smoke an
 ``smoke`` (every GPU-only path once, the real loop's fast path included), ``step`` (the step's ratio to eager and to
 the compiled reference and its MFU at ViT-L and ViT-B, compiled per block, plain and as one CUDA graph; then ViT-L
 compiled whole: regional against full compile time), ``codec`` (xformers' step, the attention table, TorchCodec's
-decode), ``feed`` (the GPU loader's loop against the synthetic one, the loaders).
+decode), ``feed`` (the GPU loader's loop against the synthetic one, the loaders). Outside the plan: ``feed2``,
+``step2``, ``bands`` (issue 43: the ViT-B step at 13 bands beside 3, and loading 13-band tiles on 16 cores), and older
+stages.
 
 What a sitting brings back even when it is cut short:
 
@@ -99,8 +101,8 @@ class Cmd:
 
 
 # seconds per stage; a stage's commands add up to at most its budget
-BUDGETS = {"smoke": 110, "step": 310, "codec": 150, "feed": 340, "feed2": 380, "step2": 435, "rehearse": 40,
-           "quick": 450, 2: 480, 3: 480, 4: 480, 5: 480}  # fmt: skip
+BUDGETS = {"smoke": 110, "step": 310, "codec": 150, "feed": 340, "feed2": 380, "step2": 435, "bands": 260,
+           "rehearse": 40, "quick": 450, 2: 480, 3: 480, 4: 480, 5: 480}  # fmt: skip
 NO_GRAPHS = {"graphs-full": {"--graphs": None}}
 NO_REGIONAL_GRAPHS = {"graphs-regional": {"--graphs": None}}
 
@@ -195,6 +197,16 @@ def stages(out: Path) -> dict[str, list[Cmd]]:
                   Cmd("l8-batches", 45, [*pretrain, *large, *dec8, "--configs", "fastmae", "--compile", "regional",
                                          "--batches", "256,512", *fast, "--out", str(out / "l8-batches.json")]),
                   b8_auto],
+        # Issue 43's multispectral row: the ViT-B step at 13 uint16 bands (normalised per band on the device) beside
+        # 3 uint8 ones, same run, compiled per block; then loading 13-band tiles (SYNTHETIC, 264 px) with the
+        # machine's 16 cores: fastmae's loader against the plain tifffile / numpy + torchvision v2 pipeline, batches
+        # moved to the GPU (and the uint16 ones normalised there). 2048 tiles: 16 workers x 2 prefetched x batch 64
+        # (written by 16 threads: about 110 ms a tile as TIFF and .npy on one core here, 2x with 2 threads).
+        "bands": [Cmd("b8-bands", 110, [*pretrain, *base, *dec8, "--configs", "fastmae", "--compile", "regional",
+                                        "--in-chans", "3,13", *fast, "--out", str(out / "b8-bands.json")]),
+                  Cmd("loader-bands", 150, [PY, str(HERE / "bench_bands.py"), *cuda, "--images", "2048", "--workers",
+                                            "16", "--batch", "64", "--batches", "10", "--rounds", "2", "--out",
+                                            str(out / "bands-loader.json")])],
         # Stand-ins for the CPU rehearsals of a stop (tests/test_benchmarks.py, benchmarks/results/rehearsal-*): each
         # writes a JSON row every half second as a benchmark does; b first starts a child in a session of its own.
         "rehearse": [Cmd(n, budget, [PY, str(HERE / "gpu_sitting.py"), "--stand-in", str(out / f"rows-{n}.json"),
@@ -674,18 +686,23 @@ def table(folder: Path) -> str:
     JSON in ``folder``; then the facts, the probes, the smoke checks by status and every command's end."""
     lines = ["| file | model | dec | config | encoder | compile | variant | img/s | MFU | warm-up s | top kernel |",
              "| --- | --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | --- |"]  # fmt: skip
-    others = {}
+    others, band_rates = {}, []
     for path in sorted(folder.glob("*.json")):
         try:
             rows = json.loads(path.read_text()).get("rows", [])
         except (OSError, ValueError, AttributeError):
             continue
         for r in rows:
+            if r.get("name") == "loader" and r.get("bands") and "img_per_s" in r:  # bench_bands.py's rows
+                vs = "" if r.get("vs_plain") is None else f" ({r['vs_plain']:.2f}x plain)"
+                band_rates.append(f"{r['loader']} ({r['bands']} bands) {r['workers']} workers {r['img_per_s']:.0f} "
+                                  f"img/s{vs}")  # fmt: skip
             if r.get("name") != "pretrain_step":
                 others[r.get("name", "?")] = others.get(r.get("name", "?"), 0) + 1
                 continue
-            head = (f"| {path.name} | {r['model']} | {r['decoder_depth']} | {r['config']} | {r['encoder_mode']} | "
-                    f"{r.get('compile')} | {r.get('variant', 'plain')} |")  # fmt: skip
+            bands = "" if r.get("in_chans", 3) == 3 else f" ({r['in_chans']} bands)"
+            head = (f"| {path.name} | {r['model']}{bands} | {r['decoder_depth']} | {r['config']} | "
+                    f"{r['encoder_mode']} | {r.get('compile')} | {r.get('variant', 'plain')} |")  # fmt: skip
             if r.get("error") or r.get("oom"):
                 lines.append(f"{head} failed: {(r.get('error') or 'out of memory')[:80]} | | | |")
                 continue
@@ -695,6 +712,8 @@ def table(folder: Path) -> str:
             kernel = f"{top['kernel'][:40]} {100 * top['share']:.0f}%" if top else "-"
             lines.append(f"{head} {r['img_per_s']:.1f} | {mfu} | {warm} | {kernel} |")
     lines.append("other rows: " + (", ".join(f"{k} {v}" for k, v in sorted(others.items())) or "none"))
+    if band_rates:
+        lines.append("band loaders: " + "; ".join(band_rates))
     facts_file = folder / "facts.json"
     if facts_file.exists():
         f = json.loads(facts_file.read_text())

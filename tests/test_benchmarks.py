@@ -68,6 +68,10 @@ def test_bands_benchmark_writes_rows_and_its_table(tmp_path):
     table = _load("bench_bands").main(["--report", str(out)])["table"]
     assert "| fastmae-pack | pack (of the TIFFs) | uint16 (26,624) | 0 |" in table
     assert "Where the time goes" in table
+    # the fastmae rows of folders are the run's loader; the pack's (which the loader does not read) by hand
+    assert loaders["fastmae-npy"]["path"] == loaders["fastmae-tiff"]["path"] == (
+        "fastmae's loader (TorchvisionLoader, the run's DataBands)")  # fmt: skip
+    assert "by hand" in loaders["fastmae-pack"]["path"] and "How each row loads: plain-tiff / plain-npy: " in table
 
 
 def test_finetune_benchmark_writes_rows(tmp_path, capsys):
@@ -262,6 +266,57 @@ def test_gpu_sitting_stages_fit_their_budgets_and_one_call(tmp_path, capsys):
                 build_parser().parse_args(c.argv[c.argv.index("fastmae.cli") + 1 :])
 
 
+def _on_cpu(argv: list[str], out: Path, *extra: str, **flags: str) -> list[str]:
+    """A sitting command's arguments for a tiny rehearsal here: --device cpu, --out ``out``, flags replaced."""
+    args = ["cpu" if a == "cuda" else a for a in argv]
+    args[args.index("--out") + 1] = str(out)
+    for flag, value in flags.items():
+        args[args.index(f"--{flag.replace('_', '-')}") + 1] = value
+    return [*args, *extra]
+
+
+def test_gpu_sitting_bands_stage_holds_the_multispectral_row_and_rehearses_on_cpu(tmp_path, capsys):
+    """Issue 43's GPU half: the bands stage (outside the plan) times the ViT-B step at 13 bands beside 3 in one run,
+    then the 13-band loader with the machine's 16 cores; its dry run lists both, and each command runs for real on
+    this CPU at tiny shapes (the step with --quick, the loader with --smoke and one worker)."""
+    sitting = _load("gpu_sitting")
+    plan = sitting.stages(tmp_path / "run")
+    assert [c.name for c in plan["bands"]] == ["b8-bands", "loader-bands"] and "bands" not in sitting.PLAN
+    assert sitting.main(["--stage", "bands", "--dry-run", "--out", str(tmp_path / "run")]) == 0
+    assert [n for _, n, _ in _sitting_lines(capsys.readouterr().out.splitlines())] == ["b8-bands", "loader-bands"]
+    step, loader = (c.argv for c in plan["bands"])
+    assert step[step.index("--in-chans") + 1] == "3,13" and "mae_vit_base_patch16" in step
+    assert step[step.index("--configs") + 1] == "fastmae" and step[step.index("--compile") + 1] == "regional"
+    workers = [int(w) for w in loader[loader.index("--workers") + 1].split(",")]
+    images, batch = int(loader[loader.index("--images") + 1]), int(loader[loader.index("--batch") + 1])
+    assert max(workers) == 16 and images >= 16 * 2 * batch  # every worker has its prefetched batches
+    from fastmae.cli import main
+
+    out = tmp_path / "b8-bands.json"
+    bench = step[step.index("bench") :]
+    del bench[bench.index("--attn-table") : bench.index("--attn-table") + 2]  # the sitting's measured table: none here
+    assert main(_on_cpu(bench, out, "--quick")) == 0
+    saved = json.loads(out.read_text())
+    rows = [r for r in saved["rows"] if r["name"] == "pretrain_step"]
+    assert [(r["in_chans"], r["input_dtype"], r["input_bytes_per_image"]) for r in rows] == [
+        (3, "uint8", 3 * 32 * 32), (13, "uint16", 13 * 32 * 32 * 2)]  # fmt: skip
+    assert all(r["img_per_s"] > 0 and not r.get("error") for r in rows)
+    checks = [r for r in saved["rows"] if r["name"] == "equivalence"]
+    assert [(r["in_chans"], r["ok"]) for r in checks] == [(3, True), (13, True)]
+    assert [s["in_chans"] for s in saved["speedups"]] == [3, 13]
+    from fastmae.train.bench_report import results_table
+
+    assert "| mae_vit_tiny_patch16 (13 bands) | 8 | fastmae |" in results_table(saved, "b.json")
+    out = tmp_path / "bands.json"
+    _load("bench_bands").main(_on_cpu(loader[2:], out, "--smoke", workers="1"))
+    rows = {r["loader"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"plain-tiff", "fastmae-tiff", "plain-npy", "fastmae-npy", "fastmae-pack"}
+    assert all(r["workers"] == 1 and r["device"] == "cpu" and r["img_per_s"] > 0 for r in rows.values())
+    assert main(["bench", "--in-chans", "3,0", "--quick", "--out", str(tmp_path / "no.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["fastmae: error: --in-chans must be positive whole numbers separated by commas, got '3,0'"]
+
+
 def test_gpu_sitting_runs_the_gpu_tests_where_pytest_has_no_xdist():
     """The GPU machines' image has pytest without pytest-xdist, and pyproject's addopts ask for its workers: the
     sitting's pytest command overrides them. Here xdist is blocked (``-p no:xdist``) to stand for its absence: the
@@ -350,12 +405,21 @@ def test_gpu_sitting_table_reads_rows_errors_smoke_and_exits(tmp_path, capsys):
                                                         "error": "timed out after 80 s"}) + "\n")  # fmt: skip
     (tmp_path / "sitting.jsonl").write_text(json.dumps({"stage": "step", "command": "l8", "exit": 2, "run": True,
                                                         "stopped": False}) + "\n")  # fmt: skip
+    step13 = {"name": "pretrain_step", "model": "mae_vit_base_patch16", "decoder_depth": 8, "in_chans": 13,
+              "config": "fastmae", "encoder_mode": "visible", "compile": "regional", "variant": "plain",
+              "img_per_s": 4000.0, "mfu": 0.3, "warmup_s": 30.0}  # fmt: skip
+    loader = {"name": "loader", "loader": "fastmae-npy", "bands": 13, "workers": 16, "img_per_s": 900.0,
+              "vs_plain": 3.0}  # fmt: skip
+    (tmp_path / "bands.json").write_text(json.dumps({"env": {}, "rows": [step13, loader]}))
     capsys.readouterr()
     assert sitting.main(["--table", str(tmp_path)]) == 0
     table = capsys.readouterr().out
+    assert "| bands.json | mae_vit_base_patch16 (13 bands) | 8 | fastmae | visible | regional | plain | 4000.0 |" in (
+        table)  # fmt: skip
+    assert "band loaders: fastmae-npy (13 bands) 16 workers 900 img/s (3.00x plain)" in table
     assert "| q.json | mae_vit_tiny_patch16 | 1 | eager | visible | off | plain |" in table
     assert "| q.json | mae_vit_tiny_patch16 | 1 | fastmae | visible | off | plain | failed: " in table
-    assert "other rows: equivalence 1" in table and "step/l8 failed (exit 2)" in table
+    assert "other rows: equivalence 1, loader 1" in table and "step/l8 failed (exit 2)" in table
     assert "fail 1 (cuda); timed out 1 (graphs-full)" in table
     with pytest.raises(SystemExit):
         sitting.main(["--stage", "9", "--dry-run"])

@@ -10,16 +10,17 @@ Configurations (``config`` x ``encoder_mode``):
   ``torch.compile`` (on CUDA).
 - ``fastmae`` / ``mask_token``: the same fast settings with the encoder run on every patch (the paper's baseline).
 
-Every configuration runs the training loop's own step (:func:`fastmae.train.step.build_step`): a uint8 batch
-normalised on the device, per-sample mask noise from the sample ids, bf16 autocast on CUDA (fp32 on CPU), forward,
-backward, NaN guard and fused AdamW over the recipe's parameter groups. Before timing, the fast configuration's loss is
-checked against the eager one on the same weights, images and masks (an ``equivalence`` row). Rows record what
-actually ran (attention backend per call site, kernels, compile variant and mode, graphs), img/s, model TFLOP/s (3x
-the forward FLOPs of :func:`fastmae.flops_per_image`: matmuls and attention), MFU against the GPU's spec dense bf16
-peak (``mfu``, the field's convention) and against the measured matmul peak (``mfu_measured_peak``), and peak memory
-per image (with graphs: from the capture on, where the step's activations are allocated), the warm-up's seconds
-(``warmup_s``: a configuration's compile time in its first row) and the recompile-limit hits seen while the row ran
-(a row with one fails: part of its step ran uncompiled). The results file is rewritten after every row; a
+Every configuration runs the training loop's own step (:func:`fastmae.train.step.build_step`): a uint8 batch normalised
+on the device (``--in-chans 13``: a uint16 batch of 13 bands, normalised per band on the device, as a 13-band raster
+run's; each band count is its own group of rows, ``in_chans``), per-sample mask noise from the sample ids, bf16 autocast
+on CUDA (fp32 on CPU), forward, backward, NaN guard and fused AdamW over the recipe's parameter groups. Before timing,
+the fast configuration's loss is checked against the eager one on the same weights, images and masks (an ``equivalence``
+row). Rows record what actually ran (attention backend per call site, kernels, compile variant and mode, graphs), img/s,
+model TFLOP/s (3x the forward FLOPs of :func:`fastmae.flops_per_image`: matmuls and attention), MFU against the GPU's
+spec dense bf16 peak (``mfu``, the field's convention) and against the measured matmul peak (``mfu_measured_peak``), and
+peak memory per image (with graphs: from the capture on, where the step's activations are allocated), the warm-up's
+seconds (``warmup_s``: a configuration's compile time in its first row) and the recompile-limit hits seen while the row
+ran (a row with one fails: part of its step ran uncompiled). The results file is rewritten after every row; a
 configuration that fails is a row with its ``error``, and the suite goes on.
 
 Levers, each measured side by side in the same run: ``--graphs`` adds a ``graphs`` variant of every compiled
@@ -40,12 +41,13 @@ import time
 
 import torch
 
+from fastmae.bands import BandSpec
 from fastmae.compiling import recompile_limit_hits
 from fastmae.config import BenchConfig
 from fastmae.errors import FastMAEError
 from fastmae.models import create_model, flops_per_image
 
-from .bench_report import CONFIG_NAMES, default_results_path, mfu_of, peak_tflops, speedups
+from .bench_report import CONFIG_NAMES, default_results_path, group_label, mfu_of, peak_tflops, speedups
 from .data import Batch
 from .harness import Rows, env_info, free_memory, is_oom, row_error, sync
 from .pretrain import mae_loss
@@ -69,9 +71,30 @@ def _spec(config: str, device: torch.device, compile_variant: str = "off", compi
     return local_spec(device, "auto", variant, compile_mode, kernels=kernels, attn_backend=attn_backend, model=model)
 
 
-def _build(model_name, decoder_depth, mode, spec: RunSpec, quick: dict | None):
-    kw = dict(quick or {}, decoder_depth=decoder_depth, encoder_mode=mode, **spec.model_options())
+def _build(model_name, decoder_depth, mode, spec: RunSpec, quick: dict | None, in_chans: int = 3):
+    kw = dict(quick or {}, decoder_depth=decoder_depth, encoder_mode=mode, in_chans=in_chans, **spec.model_options())
     return create_model(model_name, **kw).to(spec.device)
+
+
+RASTER_MAX = 10000  # a raster bench batch: uint16 reflectance x 10000, uniform; its per-band statistics below
+
+
+def bench_bands(in_chans: int) -> BandSpec | None:
+    """The bands of a bench batch: None for 3 (uint8 RGB, ImageNet's statistics: today's step), else ``in_chans``
+    uint16 bands with the statistics of a uniform 0..10000 (normalised per band on the device in the step)."""
+    if in_chans == 3:
+        return None
+    return BandSpec(in_chans, dtype="uint16", mean=[RASTER_MAX / 2] * in_chans,
+                    std=[RASTER_MAX / 12**0.5] * in_chans)  # fmt: skip
+
+
+def bench_images(batch: int, in_chans: int, size, device: torch.device, generator) -> torch.Tensor:
+    """A fixed batch in the data's dtype, as a loader hands it over: uint8 for 3 bands, uint16 otherwise."""
+    if in_chans == 3:
+        return torch.randint(0, 256, (batch, 3, *size), dtype=torch.uint8, device=device, generator=generator)
+    high = RASTER_MAX + 1
+    pixels = torch.randint(0, high, (batch, in_chans, *size), dtype=torch.int32, device=device, generator=generator)
+    return pixels.to(torch.uint16)  # [B, C, H, W]
 
 
 def _top_kernels(prof, cuda: bool, steps: int, top: int = 10) -> list[dict]:
@@ -114,20 +137,21 @@ class StepBench:
     code. ``eager`` never compiles, nor anything on a CPU."""
 
     def __init__(self, model_name, decoder_depth, config, mode, batch, device, quick=None, attn=None,
-                 compile_mode: str = "default", compile_variant: str = "full"):  # fmt: skip
+                 compile_mode: str = "default", compile_variant: str = "full", in_chans: int = 3):  # fmt: skip
         torch.manual_seed(0)
         self.device, self.batch, self.config, self.mode = device, batch, config, mode
         self.model_name, self.decoder_depth, self.compile_mode = model_name, decoder_depth, compile_mode
+        self.in_chans, self.bands = in_chans, bench_bands(in_chans)
         self.spec = _spec(config, device, compile_variant, compile_mode, attn, model_name)
         self.compile = self.spec.compile
-        self.model = _build(model_name, decoder_depth, mode, self.spec, quick)
+        self.model = _build(model_name, decoder_depth, mode, self.spec, quick, in_chans)
         self.step_fn = self.spec.compiled(self.model)
         # The recipe's AdamW (no weight decay on norms, biases, tokens), fused: the optimizer the loop runs.
         self.optimizer = build_optimizer(self.model, 1e-4, 0.05, (0.9, 0.95), fused=True)
         self.attn_backend = self.model.resolve_attention(device, self.spec.act_dtype, batch=batch)
         size = self.model.patch_embed.img_size
         g = torch.Generator(device=device).manual_seed(0)
-        self.imgs = torch.randint(0, 256, (batch, 3, *size), dtype=torch.uint8, device=device, generator=g)
+        self.imgs = bench_images(batch, in_chans, size, device, g)
         self.labels = torch.zeros(batch, dtype=torch.long, device=device)
         self.calls = 0
 
@@ -135,7 +159,7 @@ class StepBench:
         """The loop's pretraining step over this configuration's model (as one CUDA graph with ``graphs``)."""
         self.spec.graphs = graphs
         loss = mae_loss(self.model, self.step_fn, self.device, seed=0, mask_ratio=0.75)
-        return build_step(StepParts(loss, self.optimizer, self.model.parameters()), self.spec)
+        return build_step(StepParts(loss, self.optimizer, self.model.parameters(), bands=self.bands), self.spec)
 
     def _run_once(self, step):
         """One step on the fixed images with new sample ids (so new masks) every call."""
@@ -177,7 +201,9 @@ class StepBench:
         hits = recompile_limit_hits()
         return {
             "name": "pretrain_step", "model": self.model_name, "decoder_depth": self.decoder_depth,
-            "encoder_mode": self.mode, "config": self.config, "variant": variant, "batch_size": self.batch,
+            "in_chans": self.in_chans, "input_dtype": str(self.imgs.dtype).removeprefix("torch."),
+            "input_bytes_per_image": self.imgs[0].numel() * self.imgs.element_size(), "encoder_mode": self.mode,
+            "config": self.config, "variant": variant, "batch_size": self.batch,
             "img_size": self.model.patch_embed.img_size[0], "dtype": self.spec.precision,
             "attn_backend": self.attn_backend, "kernels": self.model.kernels_used(device), "embed": embed,
             "compile": self.compile, "compile_mode": self.compile_mode if self.compile != "off" else None,
@@ -195,14 +221,14 @@ def pretrain_step_row(model_name, decoder_depth, config, mode, batch, device, st
     return StepBench(model_name, decoder_depth, config, mode, batch, device, quick).row("plain", steps, warmup, profile)
 
 
-def check_fast_matches_eager(model_name, decoder_depth, device, quick=None, batch=2) -> float:
+def check_fast_matches_eager(model_name, decoder_depth, device, quick=None, batch=2, in_chans: int = 3) -> float:
     """Loss of the fast configuration vs eager on the same weights, images and masks; raises if they disagree."""
-    eager = _build(model_name, decoder_depth, "visible", _spec("eager", device), quick)
-    fast = _build(model_name, decoder_depth, "visible", _spec("fastmae", device), quick)
+    eager = _build(model_name, decoder_depth, "visible", _spec("eager", device), quick, in_chans)
+    fast = _build(model_name, decoder_depth, "visible", _spec("fastmae", device), quick, in_chans)
     fast.load_state_dict(eager.state_dict())
     g = torch.Generator(device=device).manual_seed(0)
     size = eager.patch_embed.img_size
-    imgs = torch.randn(batch, 3, *size, generator=g, device=device)
+    imgs = torch.randn(batch, in_chans, *size, generator=g, device=device)
     noise = torch.rand(batch, eager.patch_embed.num_patches, generator=g, device=device)
     cuda = device.type == "cuda"
     with torch.no_grad(), local_spec(device).autocast():  # the loop's autocast (bf16 on CUDA, none on a CPU)
@@ -210,7 +236,9 @@ def check_fast_matches_eager(model_name, decoder_depth, device, quick=None, batc
         b = fast(imgs, mask_ratio=0.75, noise=noise)[0].float().item()
     rel = abs(a - b) / max(abs(a), 1e-12)
     if rel > (3e-2 if cuda else 1e-4):
-        raise FastMAEError(f"{model_name}: fast loss {b:.6f} differs from eager {a:.6f} (rel {rel:.2e}); not timing")
+        bands = "" if in_chans == 3 else f" at {in_chans} bands"
+        raise FastMAEError(f"{model_name}{bands}: fast loss {b:.6f} differs from eager {a:.6f} (rel {rel:.2e}); not "
+                           "timing")  # fmt: skip
     return rel
 
 
@@ -257,6 +285,7 @@ def run_suite(cfg: BenchConfig, device: torch.device, log=print, on_row=None) ->
         models, steps, warmup = ["mae_vit_tiny_patch16"], min(steps, 2), min(warmup, 1)
         decoder_depths = decoder_depths if cfg.decoder_depths != "8,1" else [2, 1]
     quick, batch, profile, graphs, batches = cfg.quick, cfg.batch, cfg.profile, cfg.graphs, cfg.batch_sizes
+    channels = cfg.channels
     attn, compile_mode, compile_variants = cfg.attn_backend, cfg.compile_mode, cfg.variants
     tiny = dict(img_size=32) if quick else None
     chosen = [CONFIG_NAMES[c] for c in cfg.config_names]
@@ -268,19 +297,20 @@ def run_suite(cfg: BenchConfig, device: torch.device, log=print, on_row=None) ->
         if on_row is not None:
             on_row(row)
 
-    def measure(name, depth, config, mode, b, variants, variant_compile, sweep=False):
-        base = {"name": "pretrain_step", "model": name, "decoder_depth": depth, "config": config,
+    def measure(name, depth, chans, config, mode, b, variants, variant_compile, sweep=False):
+        base = {"name": "pretrain_step", "model": name, "decoder_depth": depth, "in_chans": chans, "config": config,
                 "encoder_mode": mode, "batch_size": b, "sweep": sweep,
                 "compile": variant_compile if config != "eager" and cuda else "off"}  # fmt: skip
+        label = f"{name} dec{depth}" + ("" if chans == 3 else f" {chans} bands")
         bench = None
         try:
             bench = StepBench(name, depth, config, mode, b, device, tiny, attn if config == "fastmae" else None,
-                              compile_mode, variant_compile)  # fmt: skip
+                              compile_mode, variant_compile, chans)  # fmt: skip
         except Exception as exc:
             add({**base, "variant": variants[0], "error": row_error(exc), "oom": is_oom(exc)})
-            log(f"{name} dec{depth} {config} {mode} batch {b}: {row_error(exc)}")
+            log(f"{label} {config} {mode} batch {b}: {row_error(exc)}")
         for variant in variants if bench is not None else ():
-            what = f"{name} dec{depth} {config:18s} {mode:10s} {bench.compile:8s} {variant:6s} batch {b}"
+            what = f"{label} {config:18s} {mode:10s} {bench.compile:8s} {variant:6s} batch {b}"
             try:
                 row = {**bench.row(variant, steps, warmup, profile and not sweep), "sweep": sweep}
             except Exception as exc:
@@ -305,27 +335,29 @@ def run_suite(cfg: BenchConfig, device: torch.device, log=print, on_row=None) ->
 
     for name in models:
         for depth in decoder_depths:
-            try:
-                rel = check_fast_matches_eager(name, depth, device, tiny)
-                add({"name": "equivalence", "model": name, "decoder_depth": depth, "ok": True, "rel_loss_diff": rel})
-            except Exception as exc:
-                add({"name": "equivalence", "model": name, "decoder_depth": depth, "ok": False,
-                     "error": row_error(exc)})  # fmt: skip
-                log(f"{name} dec{depth}: not timed: {row_error(exc)}")
-                free_memory(device)
-                continue
-            b = batch or (2 if quick else BATCH.get(name, 64))
-            for config, mode in chosen:
-                with_graphs = graphs and config != "eager" and cuda
-                variants = ["plain", "graphs"] if with_graphs else ["plain"]
-                for variant_compile in compile_variants if config != "eager" and cuda else ("off",):
-                    measure(name, depth, config, mode, b, variants, variant_compile)
-            for sweep_batch in batches:
-                if sweep_batch == b:
+            for chans in channels:
+                key = {"model": name, "decoder_depth": depth, "in_chans": chans}
+                try:
+                    rel = check_fast_matches_eager(name, depth, device, tiny, in_chans=chans)
+                    add({"name": "equivalence", **key, "ok": True, "rel_loss_diff": rel})
+                except Exception as exc:
+                    add({"name": "equivalence", **key, "ok": False, "error": row_error(exc)})
+                    log(f"{name} dec{depth} {chans} bands: not timed: {row_error(exc)}")
+                    free_memory(device)
                     continue
+                b = batch or (2 if quick else BATCH.get(name, 64))
                 for config, mode in chosen:
-                    if config == "fastmae":
-                        measure(name, depth, config, mode, sweep_batch, ["plain"], compile_variants[0], sweep=True)
+                    with_graphs = graphs and config != "eager" and cuda
+                    variants = ["plain", "graphs"] if with_graphs else ["plain"]
+                    for variant_compile in compile_variants if config != "eager" and cuda else ("off",):
+                        measure(name, depth, chans, config, mode, b, variants, variant_compile)
+                for sweep_batch in batches:
+                    if sweep_batch == b:
+                        continue
+                    for config, mode in chosen:
+                        if config == "fastmae":
+                            measure(name, depth, chans, config, mode, sweep_batch, ["plain"], compile_variants[0],
+                                    sweep=True)  # fmt: skip
         if cfg.optimizer_bench:
             try:
                 for row in optimizer_rows(name, device, tiny):
@@ -354,7 +386,7 @@ def bench(cfg: BenchConfig) -> int:
                    summary=lambda rows: {"speedups": speedups(rows)})  # rewritten after every row
     run_suite(cfg, device, on_row=results.add)
     for s in speedups(results.rows):
-        print(f"{s['model']} dec{s['decoder_depth']}: fastmae {_fmt(s['fastmae_vs_eager'])}x eager, "
+        print(f"{group_label(s)}: fastmae {_fmt(s['fastmae_vs_eager'])}x eager, "
               f"{_fmt(s['fastmae_vs_compiled_reference'])}x compiled-reference, visible "
               f"{_fmt(s['visible_vs_mask_token'])}x mask-token ({s['best_variant']})")  # fmt: skip
     print(f"wrote {results.path}; chart and table: fastmae bench --report {results.path} "

@@ -43,6 +43,17 @@ def default_results_path(env: dict) -> Path:
     return Path.cwd() / f"fastmae-bench-{gpu}-{time.strftime('%Y%m%d-%H%M%S')}.json"
 
 
+def group_key(row: dict) -> tuple[str, int, int]:
+    """(model, decoder depth, input bands): the rows compared with each other (rows before ``--in-chans``: 3)."""
+    return row["model"], row["decoder_depth"], row.get("in_chans", 3)
+
+
+def group_label(row: dict) -> str:
+    """A group in words: ``mae_vit_base_patch16 dec8``, with `` 13 bands`` when not 3."""
+    model, depth, chans = group_key(row)
+    return f"{model} dec{depth}" + ("" if chans == 3 else f" {chans} bands")
+
+
 def _best(rows: list[dict], config: str, mode: str) -> dict | None:
     """The fastest variant of a configuration among ``rows`` (plain or graphs), None when it did not run."""
     hit = [r for r in rows if (r["config"], r["encoder_mode"]) == (config, mode) and _ran(r)]
@@ -67,18 +78,18 @@ def _per_batch(rows: list[dict]) -> list[dict]:
 
 
 def speedups(rows: list[dict]) -> list[dict]:
-    """Same-run ratios per (model, decoder depth) at the fixed batch, each configuration at its best variant:
-    fastmae vs eager, vs compiled-reference, visible vs mask-token, memory ratio; and, with a batch sweep, the best
-    batch and the knee of the fastmae visible rows."""
+    """Same-run ratios per (model, decoder depth, input bands) at the fixed batch, each configuration at its best
+    variant: fastmae vs eager, vs compiled-reference, visible vs mask-token, memory ratio; and, with a batch sweep, the
+    best batch and the knee of the fastmae visible rows."""
     out = []
     steps = [r for r in rows if r["name"] == "pretrain_step"]
-    keys = sorted({(r["model"], r["decoder_depth"]) for r in steps})
-    for model, depth in keys:
-        mine = [r for r in steps if (r["model"], r["decoder_depth"]) == (model, depth)]
+    keys = sorted({group_key(r) for r in steps})
+    for model, depth, chans in keys:
+        mine = [r for r in steps if group_key(r) == (model, depth, chans)]
         fixed = [r for r in mine if not r.get("sweep")]
         e, f = _best(fixed, "eager", "visible"), _best(fixed, "fastmae", "visible")
         c, m = _best(fixed, "compiled-reference", "visible"), _best(fixed, "fastmae", "mask_token")
-        ratio = {"model": model, "decoder_depth": depth}
+        ratio = {"model": model, "decoder_depth": depth, "in_chans": chans}
         ratio["fastmae_vs_eager"] = f["img_per_s"] / e["img_per_s"] if e and f else None
         ratio["fastmae_vs_compiled_reference"] = f["img_per_s"] / c["img_per_s"] if c and f else None
         ratio["visible_vs_mask_token"] = f["img_per_s"] / m["img_per_s"] if f and m else None
@@ -118,6 +129,11 @@ def _compiled(row: dict) -> str:
     return variant + (f" {mode}" if mode and mode != "default" else "")
 
 
+def _bands(row: dict) -> str:
+    chans = row.get("in_chans", 3)
+    return "" if chans == 3 else f" ({chans} bands)"
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -129,7 +145,7 @@ def results_table(results: dict, source: str) -> str:
     convention read the same way."""
     env = results["env"]
     gpu = env.get("gpu") or "cpu"
-    ratios = {(s["model"], s["decoder_depth"]): s for s in results.get("speedups") or speedups(results["rows"])}
+    ratios = {group_key(s): s for s in results.get("speedups") or speedups(results["rows"])}
     lines = [
         f"Measured on **{gpu}** (torch {env['torch']}, triton {env.get('triton')}, xformers "
         f"{env.get('xformers') or 'not installed'}), git `{(env.get('git_sha') or '?')[:12]}`, {env['date']}; raw "
@@ -144,17 +160,17 @@ def results_table(results: dict, source: str) -> str:
     steps = [r for r in results["rows"] if r["name"] == "pretrain_step" and not r.get("sweep")]
     best = {}
     for key in ratios:
-        mine = [r for r in steps if (r["model"], r["decoder_depth"]) == key]
+        mine = [r for r in steps if group_key(r) == key]
         best[key] = _best(mine, "fastmae", "visible")
     for r in steps:
         if not _ran(r):
             continue
-        s = ratios.get((r["model"], r["decoder_depth"]), {})
-        lead = r is best.get((r["model"], r["decoder_depth"]))
+        s = ratios.get(group_key(r), {})
+        lead = r is best.get(group_key(r))
         kernels = ",".join(sorted(set(r["kernels"].values())))
         mfu, mfu_measured = mfu_of(r["tflops"], gpu)
         lines.append(
-            f"| {r['model']} | {r['decoder_depth']} | {r['config']} | {r['encoder_mode']} | "
+            f"| {r['model']}{_bands(r)} | {r['decoder_depth']} | {r['config']} | {r['encoder_mode']} | "
             f"{r.get('variant', 'plain')} | {r['batch_size']} | {r['dtype']} | {r['attn_backend']} | {kernels} | "
             f"{_compiled(r)} | {r['img_per_s']:.1f} | {r['tflops']:.2f} | {_pct(mfu)} | {_pct(mfu_measured)} | "
             f"{_fmt(r['peak_mem_gb_per_image'], '.3f')} | "
@@ -165,13 +181,13 @@ def results_table(results: dict, source: str) -> str:
     for s in ratios.values():
         if s.get("best_batch") is not None:
             sweep = _per_batch([r for r in results["rows"] if r["name"] == "pretrain_step" and
-                                (r["model"], r["decoder_depth"]) == (s["model"], s["decoder_depth"])])  # fmt: skip
+                                group_key(r) == group_key(s)])  # fmt: skip
             seen = ", ".join(f"{r['batch_size']}: " + ("out of memory" if r.get("oom") else f"failed ({r['error']})"
                              if r.get("error") else f"{r['img_per_s']:.0f} img/s, {_fmt(r.get('peak_mem_gb'), '.1f')} "
                              "GB") for r in sweep)  # fmt: skip
             top = next(r for r in sweep if _ran(r) and r["batch_size"] == s["best_batch"])
             top_mfu = mfu_of(top["tflops"], gpu)[0]
-            lines += ["", f"Batch sweep, {s['model']} dec{s['decoder_depth']} fastmae visible: {seen}; best batch "
+            lines += ["", f"Batch sweep, {group_label(s)} fastmae visible: {seen}; best batch "
                       f"{s['best_batch']} ({s['best_batch_img_per_s']:.0f} img/s, MFU {_pct(top_mfu)}), knee "
                       f"{s['knee_batch']} (the smallest batch within 5% of the best)."]  # fmt: skip
     opt = [r for r in results["rows"] if r["name"] == "optimizer_step" and "ms" in r]
@@ -180,8 +196,9 @@ def results_table(results: dict, source: str) -> str:
     failed = [r for r in results["rows"] if r.get("error") or r.get("ok") is False]
     if failed:
         lines += ["", "Did not run: " + "; ".join(
-            f"{r.get('model')} dec{r.get('decoder_depth')} {r.get('config', r['name'])} {r.get('encoder_mode', '')} "
-            f"{r.get('variant', '')} ({r.get('error') or 'loss differs from eager'})".replace("  ", " ")
+            f"{r.get('model')} dec{r.get('decoder_depth')}{_bands(r)} {r.get('config', r['name'])} "
+            f"{r.get('encoder_mode', '')} {r.get('variant', '')} "
+            f"({r.get('error') or 'loss differs from eager'})".replace("  ", " ")
             for r in failed)]  # fmt: skip
     return "\n".join(lines)
 
@@ -194,23 +211,25 @@ def plot(results: dict, png: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = [r for r in results["rows"] if r["name"] == "pretrain_step" and not r.get("sweep") and _ran(r)]
-    groups = sorted({(r["model"], r["decoder_depth"]) for r in rows}, key=lambda g: (MODELS + (g[0],)).index(g[0]))
+    groups = sorted({group_key(r) for r in rows}, key=lambda g: ((MODELS + (g[0],)).index(g[0]), g[1:]))
     fig, ax = plt.subplots(figsize=(max(6, 2.4 * len(groups)), 4.2))
     width = 0.8 / len(CASES)
     for c, (config, mode) in enumerate(CASES):
         xs, ys = [], []
-        for g, (model, depth) in enumerate(groups):
-            hit = _best([r for r in rows if (r["model"], r["decoder_depth"]) == (model, depth)], config, mode)
+        for g, key in enumerate(groups):
+            hit = _best([r for r in rows if group_key(r) == key], config, mode)
             if hit:
                 xs.append(g + (c - (len(CASES) - 1) / 2) * width)
                 ys.append(hit["img_per_s"])
         bars = ax.bar(xs, ys, width, label=f"{config} / {mode}")
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
-    ratios = {(s["model"], s["decoder_depth"]): s for s in results.get("speedups") or speedups(results["rows"])}
+    ratios = {group_key(s): s for s in results.get("speedups") or speedups(results["rows"])}
     labels = []
-    for model, depth in groups:
-        s = ratios.get((model, depth), {})
-        labels.append(f"{model.replace('mae_vit_', '')}\ndec{depth}\n{_fmt(s.get('fastmae_vs_eager'), '.2f')}x eager, "
+    for model, depth, chans in groups:
+        s = ratios.get((model, depth, chans), {})
+        bands = "" if chans == 3 else f", {chans} bands"
+        labels.append(f"{model.replace('mae_vit_', '')}\ndec{depth}{bands}\n"
+                      f"{_fmt(s.get('fastmae_vs_eager'), '.2f')}x eager, "
                       f"{_fmt(s.get('visible_vs_mask_token'), '.2f')}x [M]")  # fmt: skip
     ax.set_xticks(range(len(groups)), labels, fontsize=8)
     ax.set_ylabel("images / s (pretrain step)")
