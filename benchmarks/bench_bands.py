@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _harness import Rows, cli, env_info, median, report, sync  # noqa: E402
-from bench_loader import PREFETCH, endless  # noqa: E402
+from bench_loader import PREFETCH, endless, timed  # noqa: E402
 from fastmae.train.context import resolve_device  # noqa: E402
 from fastmae.train.data.databands import DataBands, files_spec, resolve_bands  # noqa: E402
 from fastmae.train.data.index import index_data  # noqa: E402
@@ -179,25 +179,6 @@ def sources(names, data: dict, img_size: int, batch: int, workers: int, bands: d
             out[name] = endless(TorchvisionLoader(data["index"][fmt], img_size, batch, seed=0, num_workers=workers,
                                                   pin=pin, bands=bands[fmt].for_loader()))  # fmt: skip
     return out
-
-
-def timed(batches_of, device: torch.device, batches: int, batch: int, bands: DataBands) -> float:
-    """Images per second over ``batches`` batches after two warm-up batches (worker start). On a GPU each batch is
-    moved there as the step takes it, and a uint16 one normalised there with ``bands``' statistics (the plain
-    batches are float32, normalised in the workers already)."""
-    it = iter(batches_of)
-    for _ in range(2):
-        next(it)
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        imgs = next(it)
-        if device.type == "cuda":
-            imgs = imgs.to(device, non_blocking=True)
-            if imgs.dtype == torch.uint16:
-                imgs = normalize_bands(imgs, bands.spec.mean, bands.spec.std)
-    sync(device)
-    return batches * batch / (time.perf_counter() - t0)
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -350,7 +331,7 @@ def main(argv=None) -> dict:
             done = len(results.rows)
             for _ in range(args.rounds):
                 for name, src in loaders.items():
-                    rate = timed(src, device, args.batches, args.batch, bands["npy"])
+                    rate = timed(src, device, args.batches, args.batch, bands=bands["npy"])
                     rates[name].append(rate)
                     # the workers of the loader just timed now refill their prefetch queues (PREFETCH batches each),
                     # which must not be charged to the next loader: for the slow ones that is seconds, not a fixed rest

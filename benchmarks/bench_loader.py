@@ -136,8 +136,9 @@ def _forever(make_epoch):
         epoch += 1
 
 
-def timed(batches_of, device: torch.device, batches: int, batch: int, settle: float) -> float:
-    """Images per second over ``batches`` batches (on a GPU moved there, uint8 ones normalised there), after two
+def timed(batches_of, device: torch.device, batches: int, batch: int, settle: float = 0.0, bands=None) -> float:
+    """Images per second over ``batches`` batches (on a GPU moved there and normalised there as the step does: 8-bit
+    RGB, or a batch in ``bands``' dtype with their statistics; a float32 one is normalised already), after two
     warm-up batches (worker start). Then ``settle`` seconds of rest: the workers of the loader just timed fill their
     prefetch queues in the background, which must not be charged to the next loader."""
     it = iter(batches_of)
@@ -148,7 +149,7 @@ def timed(batches_of, device: torch.device, batches: int, batch: int, settle: fl
     for _ in range(batches):
         imgs = next(it)
         if device.type == "cuda":  # as the step takes them; on a CPU the step normalises in its own time
-            imgs = model_input(imgs.to(device, non_blocking=True))
+            imgs = model_input(imgs.to(device, non_blocking=True), bands)
     sync(device)
     rate = batches * batch / (time.perf_counter() - t0)
     time.sleep(settle)
