@@ -9,11 +9,11 @@ SSL4EO-S12 size; SYNTHETIC tiles from ``examples/make_multispectral.py``) throug
 - ``fastmae-tiff`` / ``fastmae-npy``: the loader a run uses, :class:`~fastmae.train.data.loaders.TorchvisionLoader`
   over :func:`~fastmae.train.data.index.index_data` of the folder, with the run's
   :class:`~fastmae.train.data.databands.DataBands` from :func:`~fastmae.train.data.databands.resolve_bands` (13 uint16
-  bands, ``--norm auto``): each file read in its dtype (a ``.npy`` memory-mapped, so only the crop's rows are read),
-  the crop box and flip of :mod:`fastmae.train.data.order`, crop / resize / flip in the native dtype straight into a
-  uint16 batch in shared memory; uint16 batches out of the workers, normalised on the device by the step;
-- ``fastmae-pack``: the same path over a tile of the packed store (``fastmae pack``), written here by hand (the
-  loader does not read a pack yet): :func:`~fastmae.train.data.resample.crop_resize_flip` of each tile into a batch.
+  bands, ``--norm auto``): each file read in its dtype (a ``.npy``: only the crop's rows, with ``pread``), the crop
+  box and flip of :mod:`fastmae.train.data.order`, crop / resize / flip in the native dtype straight into a uint16
+  batch in shared memory; uint16 batches out of the workers, normalised on the device by the step;
+- ``fastmae-pack``: the same loader over the packed store of the TIFFs (``fastmae pack``; ``--data tiles.pack``):
+  the crop's rows of each band plane read from the pack with ``pread``, no decoding.
 
 ``--device cuda`` moves every batch to the GPU as the step takes it and normalises the uint16 ones there (the plain
 batches were normalised in the workers), inside the timed loop; on a CPU the batches stay where they are and the
@@ -51,7 +51,7 @@ from fastmae.train.data.loaders import TorchvisionLoader  # noqa: E402
 from fastmae.train.data.normalize import normalize_bands  # noqa: E402
 from fastmae.train.data.order import random_resized_crop, sample_rng  # noqa: E402
 from fastmae.train.data.pack import PackedTiles, list_rasters, pack  # noqa: E402
-from fastmae.train.data.rasters import read_raster  # noqa: E402
+from fastmae.train.data.rasters import read_raster, read_raster_rows  # noqa: E402
 from fastmae.train.data.resample import crop_resize_flip  # noqa: E402
 
 from fastmae.bands import parse_band_flags  # noqa: E402
@@ -97,67 +97,10 @@ class PlainTiles(torch.utils.data.Dataset):
         return self.transform(x), self.labels[i]
 
 
-# ------------------------------------------------------------------------------------ fastmae's path over a pack
-class RasterTiles(torch.utils.data.Dataset):
-    """fastmae's raster path over a packed store (the loader reads folders and shards, not a pack yet), a batch at a
-    time: crop boxes and flips of ``(seed, epoch, sample)``, native-dtype crop / resize / flip written into a batch
-    that lives in shared memory inside a worker."""
-
-    def __init__(self, paths: list[str] | None, labels, img_size: int, pack_path: str | None = None, seed: int = 0):
-        self.paths, self.labels, self.img_size, self.seed = paths, np.asarray(labels), img_size, seed
-        self.pack_path = pack_path
-        self.tiles = PackedTiles(pack_path) if pack_path else None
-        first = self.tiles.tile(0) if self.tiles is not None else read_raster(paths[0])
-        self.bands, self.height, self.width = first.shape
-        self.dtype = first.dtype
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def image(self, i: int) -> torch.Tensor:
-        return self.tiles.tile(i) if self.tiles is not None else read_raster(self.paths[i])
-
-    def __getitems__(self, items: list[tuple[int, int]]):
-        s, n = self.img_size, len(items)
-        out = _shared((n, self.bands, s, s), self.dtype)  # [B, C, S, S]
-        for j, (epoch, i) in enumerate(items):
-            rng = sample_rng(self.seed, epoch, i)
-            box = random_resized_crop(rng, self.width, self.height, SCALE)
-            crop_resize_flip(self.image(i), box, rng.random() < 0.5, s, out=out[j])
-        return out, torch.from_numpy(self.labels[[i for _, i in items]])
-
-
-def _shared(shape, dtype) -> torch.Tensor:
-    """An empty tensor, in shared memory inside a DataLoader worker (handing it over copies nothing)."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes)).view(shape)
-
-
-class EndlessItems(torch.utils.data.Sampler):
-    """Batches of ``(epoch, sample)`` over seeded shuffles, epoch after epoch, without end."""
-
-    def __init__(self, n: int, batch: int, seed: int = 0):
-        self.n, self.batch, self.seed = n, batch, seed
-
-    def __iter__(self):
-        epoch = 0
-        while True:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            for b in range(self.n // self.batch):
-                yield [(epoch, int(i)) for i in perm[b * self.batch : (b + 1) * self.batch]]
-            epoch += 1
-
-
-def _identity(batch):
-    return batch
-
-
 def sources(names, data: dict, img_size: int, batch: int, workers: int, bands: dict, pin: bool = False) -> dict:
     """An endless iterator of image batches per loader name, each with ``workers`` worker processes: the plain
-    pipeline's DataLoader, fastmae's loader (``TorchvisionLoader`` over the format's index with its ``bands``), or the
-    pack's DataLoader."""
+    pipeline's DataLoader, or fastmae's loader (``TorchvisionLoader`` over the format's index, a folder's or the pack's,
+    with its ``bands``)."""
     out = {}
     mean, std = bands["npy"].spec.mean, bands["npy"].spec.std
     for name in names:
@@ -169,11 +112,6 @@ def sources(names, data: dict, img_size: int, batch: int, workers: int, bands: d
             ds = PlainTiles(paths, labels, img_size, mean, std)
             sampler = torch.utils.data.RandomSampler(range(len(ds)), replacement=True, num_samples=2**40)
             loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, drop_last=True, **common)
-            out[name] = (x for x, _ in loader)
-        elif fmt == "pack":
-            ds = RasterTiles(None, data["pack_labels"], img_size, data["pack"])
-            loader = torch.utils.data.DataLoader(ds, batch_sampler=EndlessItems(len(ds), batch), collate_fn=_identity,
-                                                 **common)  # fmt: skip
             out[name] = (x for x, _ in loader)
         else:  # the run's loader, as make_loader builds it for a raster run
             out[name] = endless(TorchvisionLoader(data["index"][fmt], img_size, batch, seed=0, num_workers=workers,
@@ -215,6 +153,11 @@ def stage_rows(data: dict, img_size: int, mean, std, reps: int = 30) -> list[dic
     norm = T.Normalize(list(mean), list(std))
     resized = F.resized_crop(x, 0, 0, 200, 200, [img_size, img_size], InterpolationMode.BICUBIC, antialias=True)
     native = read_raster(npy)
+    rows = (30, 230)  # 200 rows: a crop of the usual size
+
+    def fresh_batch():  # 16 images of fresh shared memory, written once: what every batch a worker hands over costs
+        nbytes = 16 * 13 * img_size * img_size * 2
+        torch.empty(0, dtype=torch.uint16).set_(torch.UntypedStorage._new_shared(nbytes)).fill_(1)
     stages = {
         "read tiff (tifffile, deflate)": lambda: tifffile.imread(tif),
         "read npy (np.load)": lambda: np.load(npy),
@@ -223,14 +166,15 @@ def stage_rows(data: dict, img_size: int, mean, std, reps: int = 30) -> list[dic
                                                                    InterpolationMode.BICUBIC, antialias=True),
         "plain normalize (v2)": lambda: norm(resized),
         "plain collate (stack float32, per image)": lambda: torch.stack([resized] * 16),
-        "fastmae read npy (memory map)": lambda: read_raster(npy),
-        "fastmae read pack tile": lambda: tiles.tile(3),
-        "fastmae crop/resize/flip uint16 (npy map)": lambda: crop_resize_flip(native, box(), True, img_size),
-        "fastmae crop/resize/flip uint16 (pack)": lambda: crop_resize_flip(tiles.tile(3), box(), True, img_size),
+        "fastmae read npy, 200 rows (pread)": lambda: read_raster_rows(npy, *rows),
+        "fastmae read pack tile, 200 rows (pread)": lambda: tiles.rows(3, *rows),
+        "fastmae crop/resize/flip uint16 (H x W x C)": lambda: crop_resize_flip(native, box(), True, img_size),
+        "fastmae crop/resize/flip uint16 (C x H x W)": lambda: crop_resize_flip(tiles.tile(3), box(), True, img_size),
+        "fresh shared batch memory, uint16 (per image)": fresh_batch,
     }
     rows = []
     for name, fn in stages.items():
-        per = 16 if "collate" in name else 1
+        per = 16 if "collate" in name or "batch memory" in name else 1
         ms = _ms(fn, reps) / per
         fastest = _ms(fn, reps, min) / per  # the least disturbed call: on a shared machine, the cost itself
         rows.append({"name": "stage", "stage": name, "ms_per_image": ms, "ms_min": fastest, "img_size": img_size})
@@ -255,8 +199,9 @@ def make_data(folder: Path, images: int, formats: set[str], workers: int = 2) ->
     ex.generate(folder / "npy", count=images, size=264, classes=4, seed=0, npy=True, threads=workers)
     data: dict = {"index": {}}
     if "pack" in formats:
-        done = pack(folder / "tiff", folder / "tiles.pack", workers=workers if workers > 1 else 0)
-        data["pack"], data["pack_labels"] = str(folder / "tiles.pack"), list_rasters(folder / "tiff")[1][: done.count]
+        pack(folder / "tiff", folder / "tiles.pack", workers=workers if workers > 1 else 0)
+        data["pack"] = str(folder / "tiles.pack")
+        data["index"]["pack"] = index_data(data["pack"])  # the pack's own index: what --data tiles.pack reads
     for fmt in ("tiff", "npy") if tiff else ("npy",):
         paths, labels, _ = list_rasters(folder / fmt)
         data[fmt] = (paths, labels)
@@ -271,9 +216,10 @@ def run_bands(data: dict) -> dict:
     seeded sample of the ``.npy`` tiles); the TIFFs are the same tiles, with their GDAL band names."""
     npy = resolve_bands(data["index"]["npy"], parse_band_flags(), seed=0)
     bands = {"npy": npy}
-    if "tiff" in data["index"]:
-        spec = files_spec(data["index"]["tiff"]).with_stats(npy.spec.mean, npy.spec.std, "auto")
-        bands["tiff"] = DataBands(spec)
+    for fmt in ("tiff", "pack"):
+        if fmt in data["index"]:
+            spec = files_spec(data["index"][fmt]).with_stats(npy.spec.mean, npy.spec.std, "auto")
+            bands[fmt] = DataBands(spec)
     return bands
 
 
@@ -396,7 +342,7 @@ def readme_table(saved: dict, json_name: str) -> str:
 
 PATHS = {"plain": "tifffile / np.load, float32, torchvision v2 in the workers",
          "fastmae": "fastmae's loader (TorchvisionLoader, the run's DataBands)",
-         "fastmae-pack": "fastmae's crop / resize / flip over the pack's tiles, by hand (the loader reads no pack)"}
+         "fastmae-pack": "fastmae's loader over the pack (index_data of the .pack file)"}
 
 
 def _rows(rates: dict[str, list[float]], workers: int, args, normalize_ms: float, device) -> list[dict]:

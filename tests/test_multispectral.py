@@ -171,6 +171,46 @@ def test_loader_batches_rasters_in_their_dtype_as_the_reference_crops_them(tmp_p
     assert not ft.timm and ft.image(0, 0).dtype == torch.uint16
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF")  # Pillow's, probing the broken file
+def test_a_pack_is_data_the_loader_reads_as_it_reads_the_files(tmp_path, caplog):
+    """``--data tiles.pack``: the pack's index has the folder's samples, labels, classes and band names; the loader
+    crops each tile as it crops the file; the statistics are the files'."""
+    from fastmae.train.data.databands import resolve_bands
+    from fastmae.train.data.loaders import ImageFiles, TorchvisionLoader
+    from fastmae.train.data.order import augment_params
+    from fastmae.train.data.pack import pack
+
+    from fastmae.bands import parse_band_flags
+
+    root = _tiles(tmp_path / "s2", count=6, size=40, nodata_every=3)
+    (root / "forest" / "broken.tif").write_bytes(b"II*\x00 not a tiff")
+    pack(root, tmp_path / "tiles.pack")
+    caplog.set_level(logging.INFO)
+    folder, packed = index_data(root), index_data(tmp_path / "tiles.pack")
+    assert packed.pack is not None and "indexed 6 tiles (13 uint16 bands) of the pack" in caplog.text
+    assert "the pack " in caplog.text and "left out 1 file(s) when it was written, e.g. " in caplog.text
+    assert [k.split(".pack:", 1)[1] for k in packed.keys] == list(folder.keys)
+    np.testing.assert_array_equal(packed.labels, folder.labels)
+    assert packed.classes == folder.classes and packed.band_names == folder.band_names
+    assert (packed.bands, packed.dtype, packed.band_names[8]) == (13, "uint16", "B8A") and not packed.rgb
+    flags = parse_band_flags(bands="B04,B03,B02,B08", nodata=0)
+    a, b = resolve_bands(folder, flags), resolve_bands(packed, flags)
+    np.testing.assert_allclose(b.spec.mean, a.spec.mean, rtol=1e-12)
+    np.testing.assert_allclose(b.spec.std, a.spec.std, rtol=1e-12)
+    ids = np.arange(6)
+    boxes, flips = augment_params(folder, ids, 5, 2, (0.2, 1.0), 0.5)  # every tile has the folder's size: same boxes
+    from_files = ImageFiles(folder, "pretrain", 16, 5, bands=a)
+    from_pack = ImageFiles(packed, "pretrain", 16, 5, bands=a)
+    for i in ids.tolist():
+        crop = (boxes[i], bool(flips[i]))
+        assert torch.equal(from_pack.image(2, i, crop), from_files.image(2, i, crop))
+    # a subset (a finetuning split) reads the pack's tiles by their number, through worker processes
+    part = packed.subset([4, 1, 5])
+    batch = next(TorchvisionLoader(part, 16, 3, seed=0, num_workers=2, pipeline="eval", bands=a).epoch(0))
+    whole = next(TorchvisionLoader(folder.subset([4, 1, 5]), 16, 3, seed=0, pipeline="eval", bands=a).epoch(0))
+    assert torch.equal(batch.images, whole.images) and torch.equal(batch.labels, whole.labels)
+
+
 # ------------------------------------------------------------------------------------------------ fastmae pretrain
 TINY = ["--model", "mae_vit_tiny_patch16", "--img-size", "32", "--batch-size", "2", "--warmup-epochs", "1",
         "--num-workers", "0", "--no-progress", "--log-every", "1", "--blr", "1e-2", "--num-reconstructions", "2",
@@ -199,6 +239,23 @@ def test_a_resumed_13_band_run_is_bit_identical_and_keeps_its_bands(s2, tmp_path
     err = capsys.readouterr().err.strip()
     assert err.startswith("fastmae: error: --resume ") and "was trained on 4 uint16 bands (B04,B03,B02,B08)" in err
     assert "this run has 4 uint16 bands (B04,B03,B02,B8A)" in err and err.count("\n") == 0
+
+
+def test_pretrain_and_finetune_on_a_pack(s2, tmp_path, capsys):
+    from fastmae.train.data.pack import pack
+
+    pack(s2, tmp_path / "s2.pack")
+    data = str(tmp_path / "s2.pack")
+    pre = tmp_path / "pre"
+    assert main(["pretrain", *TINY, "--data", data, "--epochs", "1", "--nodata", "0", "--output-dir", str(pre)]) == 0
+    config = json.loads((pre / "config.json").read_text())
+    assert config["data"] == data and config["bands"]["names"][8] == "B8A" and config["bands"]["nodata"] == 0
+    ft = tmp_path / "ft"
+    assert main(["finetune", *FT, "--data", data, "--pretrained", str(pre / "checkpoint-last.pth"), "--bands",
+                 "B02,B03,B04,B08", "--output-dir", str(ft)]) == 0  # fmt: skip
+    summary = json.loads((ft / "summary.json").read_text())
+    assert json.loads((ft / "config.json").read_text())["arch"]["in_chans"] == 4 and summary["steps"] >= 1
+    capsys.readouterr()
 
 
 @pytest.mark.parametrize(("flags", "message"), [

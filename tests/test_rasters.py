@@ -17,7 +17,14 @@ import torch
 from fastmae.train.data import pack as pack_mod
 from fastmae.train.data import rasters
 from fastmae.train.data.pack import PackedTiles, list_rasters, pack
-from fastmae.train.data.rasters import RasterError, check_raster, probe_raster, raster_format, read_raster
+from fastmae.train.data.rasters import (
+    RasterError,
+    check_raster,
+    probe_raster,
+    raster_format,
+    read_raster,
+    read_raster_rows,
+)
 
 from fastmae import FastMAEError
 
@@ -66,6 +73,20 @@ def test_npy_round_trip_every_dtype_and_layout(tmp_path, dtype, layout):
         assert str(got.dtype) == f"torch.{dtype}"
         np.testing.assert_array_equal(_chw(got), want)
         assert check_raster(source) == info
+        for y0, y1 in ((0, h), (2, 5), (6, 7)):  # a crop's rows: read alone (pread) from a file, sliced otherwise
+            rows = read_raster_rows(source, y0, y1)
+            assert rows.dtype == got.dtype and rows.shape == (want.shape[0], y1 - y0, w)
+            np.testing.assert_array_equal(_chw(rows), want[:, y0:y1])
+
+
+def test_npy_rows_of_a_truncated_file_are_a_raster_error(tmp_path):
+    path = tmp_path / "cut.npy"
+    np.save(path, _pixels(np.uint16, (20, 30, 13)))
+    path.write_bytes(path.read_bytes()[:-30 * 13 * 2 * 3])  # the last three rows gone
+    whole = _pixels(np.uint16, (20, 30, 13)).transpose(2, 0, 1)
+    np.testing.assert_array_equal(_chw(read_raster_rows(path, 0, 17)), whole[:, :17])  # the rows that are there
+    with pytest.raises(RasterError, match=r"\.npy data is truncated \(rows 10-20 of band 0: 5460 of 7800 bytes\)"):
+        read_raster_rows(path, 10, 20)
 
 
 def test_npy_from_a_path_is_memory_mapped_and_the_file_untouched(tmp_path):
@@ -348,6 +369,13 @@ def test_pack_reads_back_what_tifffile_and_numpy_read(tile_folder, tmp_path):
         assert tile.dtype == torch.uint16 and tile.shape == (13, 16, 20)
         np.testing.assert_array_equal(_chw(tile), ref)
     assert [tuple(s) for s in packed.skipped] == [tuple(s) for s in done.skipped]
+    for i, (y0, y1) in enumerate([(0, 16), (3, 9), (15, 16), (0, 1), (7, 12), (1, 15)]):  # a crop's rows (pread)
+        rows = packed.rows(i, y0, y1)
+        assert rows.dtype == torch.uint16 and rows.shape == (13, y1 - y0, 20)
+        np.testing.assert_array_equal(_chw(rows), _chw(packed.tile(i))[:, y0:y1])
+    for bad in ((6, 0, 1), (0, 0, 17), (0, 5, 5)):
+        with pytest.raises(IndexError):
+            packed.rows(*bad)
     again = pickle.loads(pickle.dumps(packed))  # a spawned worker maps the file again
     np.testing.assert_array_equal(_chw(again.tile(5)), _chw(packed.tile(5)))
 

@@ -37,6 +37,7 @@ from .decode import RASTER, decode
 from .index import DataIndex
 from .index_build import Solo, read_bytes, validation_workers
 from .index_cache import cache_folder
+from .pack import open_pack
 from .rasters import read_raster
 
 logger = logging.getLogger("fastmae.data")
@@ -130,10 +131,15 @@ def files_spec(index: DataIndex, nodata: float | None = None) -> BandSpec:
     return BandSpec(int(index.bands), names=index.band_names, dtype=index.dtype, nodata=nodata)
 
 
+PACKED = -1  # the route of an item that is a pack's tile: (pack path, tile, size, PACKED)
+
+
 def read_pixels(item) -> torch.Tensor:
     """``[C, H, W]`` pixels of one indexed sample ``(path, offset, size, route)`` in the files' dtype (the RGB routes:
     uint8 RGB): module-level, so that :func:`~.bandstats.band_statistics` can send it to its worker processes."""
     path, offset, size, route = item
+    if route == PACKED:
+        return open_pack(path).tile(offset)
     if route == RASTER:
         return read_raster(read_bytes(path, offset, size) if offset >= 0 else os.fsdecode(path))
     return decode(read_bytes(path, offset, size), route)
@@ -205,6 +211,8 @@ class _Items:
 
     def __getitem__(self, i: int):
         ix = self.index
+        if ix.pack is not None:
+            return str(ix.pack.path), int(ix.offsets[i]), int(ix.sizes[i]), PACKED
         return ix.path(i), int(ix.offsets[i]), int(ix.sizes[i]), int(ix.routes[i])
 
 

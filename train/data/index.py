@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fastmae.config import INDEX_CHECKS
 from fastmae.errors import FastMAEError
@@ -44,7 +45,8 @@ from fastmae.errors import FastMAEError
 from .decode import BAD, DALI_NATIVE, IMAGE_EXTENSIONS, RASTER
 from .index_build import RGB, FolderBuild, ShardBuild, Solo, read_bytes, resolve_sources, validation_workers
 from .index_cache import VERSION, StringTable, Table, cache_file, cache_token, load_cache, save_cache
-from .rasters import DTYPES, probe_raster
+from .pack import PackedTiles, is_pack
+from .rasters import DTYPES, probe_raster, read_raster, read_raster_rows
 
 logger = logging.getLogger("fastmae.data")
 
@@ -74,6 +76,7 @@ class DataIndex:
     bands: int = 3  # per sample, as its route reads it
     dtype: str = "uint8"  # of the pixels as read (fastmae.train.data.rasters.DTYPES)
     band_names: tuple[str, ...] | None = None
+    pack: PackedTiles | None = field(default=None, repr=False)  # the samples are tiles of this pack (offsets: tile)
 
     @property
     def rgb(self) -> bool:
@@ -94,7 +97,9 @@ class DataIndex:
         return b"/".join((self._root_b, unit, self.names[i])) if unit else self._root_b + b"/" + self.names[i]
 
     def key(self, i: int) -> str:
-        """Sample ``i``'s name in messages: its file path, or ``shard.tar/member``."""
+        """Sample ``i``'s name in messages: its file path, ``shard.tar/member``, or ``data.pack:source`` (a tile)."""
+        if self.pack is not None:
+            return f"{self.root}:{os.fsdecode(self.names[i])}"
         if self.tar:
             return os.fsdecode(self.units[self.unit_of[i]] + b"/" + self.names[i])
         return os.fsdecode(self.path(i))
@@ -116,13 +121,26 @@ class DataIndex:
         is then memory-mapped, so a crop reads only its rows), or its bytes (a shard member)."""
         return self.read(i) if self.tar else os.fsdecode(self.path(i))
 
+    def raster(self, i: int) -> torch.Tensor:
+        """Raster sample ``i``'s pixels ``[C, H, W]`` in the data's dtype (a tile of the pack, or the file read)."""
+        if self.pack is not None:
+            return self.pack.tile(int(self.offsets[i]))
+        return read_raster(self.source(i))
+
+    def raster_rows(self, i: int, y0: int, y1: int) -> torch.Tensor:
+        """Rows ``y0:y1`` of raster sample ``i`` (``[C, y1 - y0, W]``), read without the rest where the format
+        allows (a pack's tile, a ``.npy`` file)."""
+        if self.pack is not None:
+            return self.pack.rows(int(self.offsets[i]), y0, y1)
+        return read_raster_rows(self.source(i), y0, y1)
+
     def subset(self, ids) -> DataIndex:
         """The samples at positions ``ids`` (a split); classes kept, bad files stay with the whole."""
         ids = np.asarray(ids, dtype=np.int64)
         return DataIndex(
             self.root, self.tar, self.units, self.unit_of[ids], self.names.take(ids), self.offsets[ids],
             self.sizes[ids], self.labels[ids], self.widths[ids], self.heights[ids], self.routes[ids],
-            list(self.classes), [], bands=self.bands, dtype=self.dtype, band_names=self.band_names,
+            list(self.classes), [], bands=self.bands, dtype=self.dtype, band_names=self.band_names, pack=self.pack,
         )  # fmt: skip
 
 
@@ -159,6 +177,8 @@ def index_data(data: str | os.PathLike | None, cache: bool = True, workers: int 
     if check not in INDEX_CHECKS:
         raise FastMAEError(f"--index-check must be one of {', '.join(INDEX_CHECKS)}, got {check!r}")
     t0 = time.perf_counter()
+    if data is not None and os.path.isfile(data) and is_pack(data):
+        return pack_index(data)
     group = group if group is not None and group.world_size > 1 else Solo()
     root, shards, folder = resolve_sources(bundled_images_dir() if data is None else data)
     source = "tar" if folder is None else "folder"
@@ -231,6 +251,31 @@ def index_data(data: str | os.PathLike | None, cache: bool = True, workers: int 
     return index
 
 
+def pack_index(path: str | os.PathLike) -> DataIndex:
+    """The index of a pack (``fastmae pack``): its tiles in order, labels and classes as packed, the files the pack
+    skipped as ``bad``; nothing validated or cached (the pack checked every tile when it was written)."""
+    t0 = time.perf_counter()
+    tiles = PackedTiles(path)
+    n = tiles.count
+    if not n:
+        raise FastMAEError(f"the pack {path} holds no tiles")
+    c, h, w = tiles.shape
+    index = DataIndex(
+        root=str(path), tar=False, units=StringTable.of([b""]), unit_of=np.zeros(n, np.int32),
+        names=StringTable.of(os.fsencode(tiles.key(i)) for i in range(n)), offsets=np.arange(n, dtype=np.int64),
+        sizes=np.full(n, c * h * w * np.dtype(tiles.dtype).itemsize, np.int64), labels=tiles.labels.copy(),
+        widths=np.full(n, w, np.int32), heights=np.full(n, h, np.int32), routes=np.full(n, RASTER, np.uint8),
+        classes=list(tiles.classes), bad=[tuple(b) for b in tiles.skipped], bands=c, dtype=tiles.dtype,
+        band_names=tiles.band_names, pack=tiles,
+    )  # fmt: skip
+    index.stats = {"entries": n, "validated": 0, "cache": "pack", "seconds": time.perf_counter() - t0}
+    if index.bad:
+        logger.warning("the pack %s left out %d file(s) when it was written, e.g. %s (%s)", path, len(index.bad),
+                       *index.bad[0])  # fmt: skip
+    logger.info("indexed %d tiles (%s) of the pack %s", n, _kind(c, tiles.dtype), path)
+    return index
+
+
 MISFIT = "other bands: "  # the reason of a file whose bands or dtype are not the data's
 
 
@@ -242,6 +287,8 @@ def _band_names(index: DataIndex) -> tuple[str, ...] | None:
     """The band names the data's first file carries (a raster's GDAL band descriptions), or None."""
     if int(index.routes[0]) != RASTER:
         return None
+    if index.pack is not None:
+        return index.pack.band_names
     try:
         return probe_raster(index.source(0)).names or None
     except Exception:  # noqa: BLE001 (changed since it was validated: the loaders will count it)

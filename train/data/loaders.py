@@ -11,7 +11,7 @@ the step) or already normalised float32.
 
 Rasters (any band count; uint8, uint16, int16, float32) take the torchvision loader with the run's
 :class:`~fastmae.train.data.databands.DataBands` (``bands``): each file read in its own dtype
-(:func:`~fastmae.train.data.rasters.read_raster`; a ``.npy`` memory-mapped, so a crop reads its rows only), the
+(:meth:`~fastmae.train.data.index.DataIndex.raster_rows`: a crop reads only its rows from a ``.npy`` or a pack), the
 run's bands kept, nodata filled with the band means, cropped, resized and flipped in the native dtype
 (:mod:`~fastmae.train.data.resample`) straight into the batch, which leaves the worker in that dtype: per 224 x 224
 image ``C x 224 x 224 x itemsize`` bytes cross shared memory and the bus (13 uint16 bands: 1,304,576 B, half of what
@@ -56,7 +56,6 @@ from .decode import (
 from .index import DataIndex
 from .normalize import normalize_bands
 from .order import ShardedOrder, augment_params, sample_rng
-from .rasters import read_raster
 
 logger = logging.getLogger("fastmae.data")
 
@@ -247,29 +246,35 @@ class ImageFiles(torch.utils.data.Dataset):
         if self.timm:
             with _seeded(sample_rng(self.seed, epoch, i)):
                 return self.transform(load_rgb(self.index.read(i)))
-        img = self.pixels(i)
         if self.pipeline != "eval" and crop is None:
             scale = self.augment.scale(self.pipeline)
             boxes, flips = augment_params(self.index, np.array([i]), self.seed, epoch, scale, self.augment.hflip)
             crop = boxes[0], bool(flips[0])
-        if self.bands is None:  # 8-bit RGB: today's uint8 path
-            if self.pipeline == "eval":
-                return eval_resize_crop(img, self.img_size)
-            return crop_resize_flip(img, crop[0], crop[1], self.img_size)
         b = self.bands
-        if self.pipeline == "eval":
+        if b is None or self.pipeline == "eval":
+            img = self.pixels(i)
+            if b is None:  # 8-bit RGB: today's uint8 path
+                if self.pipeline == "eval":
+                    return eval_resize_crop(img, self.img_size)
+                return crop_resize_flip(img, crop[0], crop[1], self.img_size)
             res = resample.eval_resize_crop(b.select(img), self.img_size, nodata=b.spec.nodata, fill=b.fill)
             return res if out is None else out.copy_(res)
         x, y, w, h = (int(v) for v in crop[0])
-        part = b.select(img[:, y : y + h, x : x + w])  # the box first: only its rows and bands are read and copied
+        part = b.select(self.rows(i, y, y + h)[:, :, x : x + w])  # only the box's rows are read, its bands copied
         return resample.crop_resize_flip(part, (0, 0, w, h), crop[1], self.img_size, nodata=b.spec.nodata,
                                          fill=b.fill, out=out)  # fmt: skip
+
+    def rows(self, i: int, y0: int, y1: int) -> torch.Tensor:
+        """Rows ``y0:y1`` of raster sample ``i`` ``[C, y1 - y0, W]`` (:meth:`~.index.DataIndex.raster_rows`)."""
+        if int(self.index.routes[i]) != RASTER:
+            return self.pixels(i)[:, y0:y1]
+        return self.index.raster_rows(i, y0, y1)
 
     def pixels(self, i: int) -> torch.Tensor:
         """Sample ``i``'s pixels ``[C, H, W]``: a raster in its own bands and dtype, else decoded 8-bit RGB."""
         route = int(self.index.routes[i])
         if route == RASTER:
-            return read_raster(self.index.source(i))
+            return self.index.raster(i)
         return decode(self.index.read(i), route, self.decoder)
 
 

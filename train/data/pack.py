@@ -24,6 +24,7 @@ does not, or that does not read, is skipped and counted with its reason (:attr:`
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
 import os
 import shutil
@@ -141,11 +142,12 @@ def pack(data, out: str | os.PathLike, *, labels: Sequence[int] | None = None, c
         raise FastMAEError("nothing to pack: no files given")
     out = Path(out)
     want = None if shape is None else (tuple(int(v) for v in shape), str(dtype or ""))
-    if want is None:  # the first file that reads sets the tile (header only: cheap)
+    names: tuple[str, ...] = ()
+    if want is None:  # the first file that reads sets the tile (and names its bands, when it does)
         for s in sources:
             got = check_raster(s)
             if not isinstance(got, str):
-                want = (got.shape, got.dtype)
+                want, names = (got.shape, got.dtype), got.names
                 break
         if want is None:
             raise FastMAEError(f"none of the {len(sources)} files of {source_label} reads (e.g. {sources[0]}: "
@@ -189,7 +191,8 @@ def pack(data, out: str | os.PathLike, *, labels: Sequence[int] | None = None, c
         f.write(b"".join(keys))
         manifest = {
             "format": "fastmae-pack", "version": VERSION, "count": n, "bands": c, "height": h, "width": w,
-            "dtype": dt, "layout": "NCHW", "tile_offset": TILE_OFFSET, "tile_bytes": tile_bytes,
+            "dtype": dt, "band_names": list(names) or None, "layout": "NCHW", "tile_offset": TILE_OFFSET,
+            "tile_bytes": tile_bytes,
             "labels_offset": labels_at, "key_ends_offset": ends_at, "keys_offset": keys_at, "classes": list(classes),
             "source": source_label, "skipped": skipped, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }  # fmt: skip
@@ -239,6 +242,7 @@ class PackedTiles:
                                f"{VERSION} (NCHW): pack the data again")  # fmt: skip
         self.count, self.bands, self.height, self.width = m["count"], m["bands"], m["height"], m["width"]
         self.dtype: str = m["dtype"]
+        self.band_names: tuple[str, ...] | None = tuple(m["band_names"]) if m.get("band_names") else None
         self.classes: list[str] = m["classes"]
         self.skipped: list[tuple[str, str]] = [tuple(s) for s in m["skipped"]]
         tiles_end = m["tile_offset"] + self.count * m["tile_bytes"]
@@ -257,6 +261,11 @@ class PackedTiles:
         self._keys = np.fromfile(self.path, dtype=np.uint8, count=total, offset=m["keys_offset"])
         if len(self.labels) != n or len(self._keys) != total:
             raise FastMAEError(f"{self.path}: pack is truncated")
+        self._fd = None  # opened on first use by rows(); pread takes its offset, so forked processes share it
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
     def __getstate__(self):
         return {"path": self.path}
@@ -275,9 +284,44 @@ class PackedTiles:
         """Tile ``i``: ``[C, H, W]`` in the pack's dtype, a view of the mapped file (nothing read until used)."""
         return torch.from_numpy(self.tiles[i])
 
+    def rows(self, i: int, y0: int, y1: int) -> torch.Tensor:
+        """Rows ``y0:y1`` of tile ``i``, ``[C, y1 - y0, W]``: read (``pread``, one call per band plane) into memory of
+        this process, what a crop needs. Not the memory map: a loader over more tiles than stay mapped would pay a
+        page fault per 4 KiB of every crop."""
+        if not (0 <= i < self.count and 0 <= y0 < y1 <= self.height):
+            raise IndexError(f"rows {y0}:{y1} of tile {i} of {self.path} ({self.count} tiles of {self.height} rows)")
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        dt = np.dtype(self.dtype)
+        row = self.width * dt.itemsize
+        n = y1 - y0
+        arr = np.empty((self.bands, n, self.width), dtype=dt)
+        flat = memoryview(arr.reshape(-1)).cast("B")
+        tile_at = self.manifest["tile_offset"] + i * self.manifest["tile_bytes"]
+        for b in range(self.bands):
+            got = os.preadv(self._fd, [flat[b * n * row : (b + 1) * n * row]], tile_at + (b * self.height + y0) * row)
+            if got != n * row:
+                raise FastMAEError(f"{self.path}: tile {i} is truncated (band {b}: {got} of {n * row} bytes)")
+        return torch.from_numpy(arr)
+
     def key(self, i: int) -> str:
         start = int(self._ends[i - 1]) if i else 0
         return self._keys[start : int(self._ends[i])].tobytes().decode()
+
+
+def is_pack(path) -> bool:
+    """Whether ``path`` is a file that starts as a fastmae pack does."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+@functools.lru_cache(maxsize=8)
+def open_pack(path: str) -> PackedTiles:
+    """A pack opened once per process (what the band statistics' workers read tiles through)."""
+    return PackedTiles(path)
 
 
 def pack_command(data: str, out: str, workers: int | None = None) -> int:
