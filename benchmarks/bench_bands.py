@@ -153,7 +153,7 @@ def stage_rows(data: dict, img_size: int, mean, std, reps: int = 30) -> list[dic
     norm = T.Normalize(list(mean), list(std))
     resized = F.resized_crop(x, 0, 0, 200, 200, [img_size, img_size], InterpolationMode.BICUBIC, antialias=True)
     native = read_raster(npy)
-    rows = (30, 230)  # 200 rows: a crop of the usual size
+    crop_rows = (30, 230)  # 200 rows: a crop of the usual size
 
     def fresh_batch():  # 16 images of fresh shared memory, written once: what every batch a worker hands over costs
         nbytes = 16 * 13 * img_size * img_size * 2
@@ -166,8 +166,8 @@ def stage_rows(data: dict, img_size: int, mean, std, reps: int = 30) -> list[dic
                                                                    InterpolationMode.BICUBIC, antialias=True),
         "plain normalize (v2)": lambda: norm(resized),
         "plain collate (stack float32, per image)": lambda: torch.stack([resized] * 16),
-        "fastmae read npy, 200 rows (pread)": lambda: read_raster_rows(npy, *rows),
-        "fastmae read pack tile, 200 rows (pread)": lambda: tiles.rows(3, *rows),
+        "fastmae read npy, 200 rows (pread)": lambda: read_raster_rows(npy, *crop_rows),
+        "fastmae read pack tile, 200 rows (pread)": lambda: tiles.rows(3, *crop_rows),
         "fastmae crop/resize/flip uint16 (H x W x C)": lambda: crop_resize_flip(native, box(), True, img_size),
         "fastmae crop/resize/flip uint16 (C x H x W)": lambda: crop_resize_flip(tiles.tile(3), box(), True, img_size),
         "fresh shared batch memory, uint16 (per image)": fresh_batch,

@@ -211,6 +211,41 @@ def test_a_pack_is_data_the_loader_reads_as_it_reads_the_files(tmp_path, caplog)
     assert torch.equal(batch.images, whole.images) and torch.equal(batch.labels, whole.labels)
 
 
+def test_batch_memory_reused_by_the_workers_never_overwrites_a_batch_still_held(tmp_path, monkeypatch):
+    """Workers write batches into their slots again once the main process has freed them (train/data/slots.py):
+    every batch, held or not, keeps the pixels it arrived with; a held batch keeps its slot (the worker takes fresh
+    memory)."""
+    from fastmae.train.data import slots
+    from fastmae.train.data.loaders import TorchvisionLoader
+
+    root = _tiles(tmp_path / "s2", count=12, size=20, npy=True)
+    index = index_data(root)
+    bands = _bands(index)
+    want = [b.images.clone() for e in range(4) for b in TorchvisionLoader(index, 16, 2, 0, bands=bands).epoch(e)]
+    freed = []  # the slots the main process gave back, one entry per batch that came in a slot
+    real = slots._release
+    monkeypatch.setattr(slots, "_release", lambda busy, slot: freed.append(slot) or real(busy, slot))
+    loader = TorchvisionLoader(index, 16, 2, 0, num_workers=2, bands=bands)
+    busy = loader.dataset.slots.busy
+    held, seen = [], []
+    for e in range(4):
+        for b in loader.epoch(e):
+            seen.append(b.images.clone())
+            if e == 1:
+                held.append(b.images[:1])  # a slice holds the whole slot
+    assert len(seen) == len(want) == 24 and all(torch.equal(a, b) for a, b in zip(seen, want, strict=True))
+    assert all(torch.equal(h, want[6 + k][:1]) for k, h in enumerate(held))  # written over by nothing since
+    assert int(busy.sum()) >= 1
+    del held, b
+    import gc
+
+    gc.collect()
+    assert int(busy.sum()) == 0  # every slot free once nothing of its batch is left
+    assert 6 < len(freed) < 24 and set(freed) == set(range(6))  # slots went round; held ones made workers take fresh
+    monkeypatch.setenv("FASTMAE_BATCH_SLOTS", "0")  # the switch back: fresh memory for every batch
+    assert TorchvisionLoader(index, 16, 2, 0, num_workers=2, bands=bands).dataset.slots is None
+
+
 # ------------------------------------------------------------------------------------------------ fastmae pretrain
 TINY = ["--model", "mae_vit_tiny_patch16", "--img-size", "32", "--batch-size", "2", "--warmup-epochs", "1",
         "--num-workers", "0", "--no-progress", "--log-every", "1", "--blr", "1e-2", "--num-reconstructions", "2",

@@ -56,6 +56,8 @@ from .decode import (
 from .index import DataIndex
 from .normalize import normalize_bands
 from .order import ShardedOrder, augment_params, sample_rng
+from .slots import BatchSlots
+from .slots import enabled as slots_enabled
 
 logger = logging.getLogger("fastmae.data")
 
@@ -185,6 +187,7 @@ class ImageFiles(torch.utils.data.Dataset):
     """
 
     decoder: str | None = None
+    slots: BatchSlots | None = None  # set by the loader before its workers start: batch memory they reuse
 
     def __init__(self, index: DataIndex, pipeline: str, img_size: int, seed: int, augment: Augment = RECIPE,
                  bands: DataBands | None = None):  # fmt: skip
@@ -223,7 +226,11 @@ class ImageFiles(torch.utils.data.Dataset):
         if self.pipeline != "eval":
             boxes, flips = augment_params(self.index, ids, self.seed, epoch, self.augment.scale(self.pipeline),
                                           self.augment.hflip)  # fmt: skip
-        out = batch_tensor((len(items), self.channels, self.img_size, self.img_size), self.dtype)
+        shape = (len(items), self.channels, self.img_size, self.img_size)
+        if self.slots is not None and torch.utils.data.get_worker_info() is not None:
+            out, slot = self.slots.batch(shape, self.dtype)
+        else:
+            out, slot = batch_tensor(shape, self.dtype), -1
         good, failed = [], []
         for j, i in enumerate(ids.tolist()):
             try:
@@ -236,9 +243,11 @@ class ImageFiles(torch.utils.data.Dataset):
             except Exception:  # changed or unreadable since validation: skipped and counted, never fatal
                 failed.append(self.index.key(i))
         if not good:
+            if slot >= 0:
+                self.slots.unused(slot)
             return None, None, None, failed
-        ids_t = torch.tensor(good)
-        return out[: len(good)], torch.from_numpy(self.index.labels[good]), ids_t, failed
+        imgs = out[: len(good)] if slot < 0 else self.slots.handed(out[: len(good)], slot)
+        return imgs, torch.from_numpy(self.index.labels[good]), torch.tensor(good), failed
 
     def image(self, epoch: int, i: int, crop: tuple | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Sample ``i``'s image in ``epoch``; ``crop`` = (box, flip) when the caller drew them already (a batch);
@@ -388,6 +397,8 @@ class TorchvisionLoader(IndexLoader):
         return decoder_names(routes, self.dataset.decoder)
 
     def _data_loader(self) -> torch.utils.data.DataLoader:
+        # each DataLoader's workers their own batch memory, reused (train/data/slots.py); the timm path collates
+        self.dataset.slots = BatchSlots(self.num_workers) if self.num_workers and slots_enabled() else None
         return torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=self.sampler,
