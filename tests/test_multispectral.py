@@ -231,7 +231,7 @@ def test_batch_memory_reused_by_the_workers_never_overwrites_a_batch_still_held(
     for e in range(4):
         for b in loader.epoch(e):
             seen.append(b.images.clone())
-            if e == 1:
+            if e in (1, 2):  # 6 batches per worker held: more than its slots
                 held.append(b.images[:1])  # a slice holds the whole slot
     assert len(seen) == len(want) == 24 and all(torch.equal(a, b) for a, b in zip(seen, want, strict=True))
     assert all(torch.equal(h, want[6 + k][:1]) for k, h in enumerate(held))  # written over by nothing since
@@ -241,7 +241,13 @@ def test_batch_memory_reused_by_the_workers_never_overwrites_a_batch_still_held(
 
     gc.collect()
     assert int(busy.sum()) == 0  # every slot free once nothing of its batch is left
-    assert 6 < len(freed) < 24 and set(freed) == set(range(6))  # slots went round; held ones made workers take fresh
+    per_worker = slots.slots_per_worker(pin=False)
+    assert per_worker == 4 and set(freed) == set(range(2 * per_worker))
+    assert 2 * per_worker < len(freed) < 24  # slots went round; held ones made the workers take fresh memory
+    for f in root.rglob("*.npy"):  # every file gone: no batch leaves a worker, and no slot stays taken
+        f.unlink()
+    gone = TorchvisionLoader(index, 16, 2, 0, num_workers=2, bands=bands)
+    assert list(gone.epoch(0)) == [] and len(gone.skipped) == 12 and int(gone.dataset.slots.busy.sum()) == 0
     monkeypatch.setenv("FASTMAE_BATCH_SLOTS", "0")  # the switch back: fresh memory for every batch
     assert TorchvisionLoader(index, 16, 2, 0, num_workers=2, bands=bands).dataset.slots is None
 

@@ -56,7 +56,7 @@ from .decode import (
 from .index import DataIndex
 from .normalize import normalize_bands
 from .order import ShardedOrder, augment_params, sample_rng
-from .slots import BatchSlots
+from .slots import BatchSlots, slots_per_worker
 from .slots import enabled as slots_enabled
 
 logger = logging.getLogger("fastmae.data")
@@ -223,14 +223,27 @@ class ImageFiles(torch.utils.data.Dataset):
             return _collate([self[item] for item in items])
         epoch = items[0][0]
         ids = np.array([i for _, i in items], dtype=np.int64)
+        boxes = flips = None
         if self.pipeline != "eval":
             boxes, flips = augment_params(self.index, ids, self.seed, epoch, self.augment.scale(self.pipeline),
                                           self.augment.hflip)  # fmt: skip
         shape = (len(items), self.channels, self.img_size, self.img_size)
-        if self.slots is not None and torch.utils.data.get_worker_info() is not None:
-            out, slot = self.slots.batch(shape, self.dtype)
-        else:
-            out, slot = batch_tensor(shape, self.dtype), -1
+        if self.slots is None or torch.utils.data.get_worker_info() is None:
+            return self._fill(batch_tensor(shape, self.dtype), epoch, ids, boxes, flips)
+        out, slot = self.slots.batch(shape, self.dtype)
+        try:
+            imgs, labels, ids_t, failed = self._fill(out, epoch, ids, boxes, flips)
+        except BaseException:
+            self.slots.unused(slot)  # nothing leaves in it
+            raise
+        if imgs is None:
+            self.slots.unused(slot)
+            return imgs, labels, ids_t, failed
+        return self.slots.handed(imgs, slot), labels, ids_t, failed
+
+    def _fill(self, out: torch.Tensor, epoch: int, ids: np.ndarray, boxes, flips):
+        """Write the images of ``ids`` into ``out`` (a file that fails is skipped and named in ``failed``): (images,
+        labels, ids, failed), images None when every file failed."""
         good, failed = [], []
         for j, i in enumerate(ids.tolist()):
             try:
@@ -243,11 +256,8 @@ class ImageFiles(torch.utils.data.Dataset):
             except Exception:  # changed or unreadable since validation: skipped and counted, never fatal
                 failed.append(self.index.key(i))
         if not good:
-            if slot >= 0:
-                self.slots.unused(slot)
             return None, None, None, failed
-        imgs = out[: len(good)] if slot < 0 else self.slots.handed(out[: len(good)], slot)
-        return imgs, torch.from_numpy(self.index.labels[good]), torch.tensor(good), failed
+        return out[: len(good)], torch.from_numpy(self.index.labels[good]), torch.tensor(good), failed
 
     def image(self, epoch: int, i: int, crop: tuple | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Sample ``i``'s image in ``epoch``; ``crop`` = (box, flip) when the caller drew them already (a batch);
@@ -398,7 +408,8 @@ class TorchvisionLoader(IndexLoader):
 
     def _data_loader(self) -> torch.utils.data.DataLoader:
         # each DataLoader's workers their own batch memory, reused (train/data/slots.py); the timm path collates
-        self.dataset.slots = BatchSlots(self.num_workers) if self.num_workers and slots_enabled() else None
+        self.dataset.slots = BatchSlots(self.num_workers, slots_per_worker(self.pin)) \
+            if self.num_workers and slots_enabled() else None  # fmt: skip
         return torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=self.sampler,

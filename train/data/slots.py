@@ -6,8 +6,8 @@ fault and a zeroed page per 4 KiB the first time it is written. For a 64 x 13 x 
 0.9 ms per image on one core of the 2-core development machine (``benchmarks/bench_bands.py --stages``, "fresh shared
 batch memory"), a third of the loader's whole time per image there. Memory written before costs none of that.
 
-How a slot goes round (``SLOTS_PER_WORKER`` per worker; ``busy``: one shared int32 per slot, made by the main process
-before the workers start, so they share it):
+How a slot goes round (:func:`slots_per_worker` per worker: 3 when the batches are pinned, else 4; ``busy``: one
+shared int32 per slot, made by the main process before the workers start, so they share it):
 
 1. the worker takes one of its slots whose ``busy`` is 0 (its memory allocated on first use, or again when a batch is
    larger), sets ``busy`` to 1 and writes the batch into it; when none is free it takes fresh shared memory as before,
@@ -19,8 +19,8 @@ before the workers start, so they share it):
    a DataLoader drops (a reset, the end of a run) frees it.
 
 So a batch the main process still holds is never written over. ``FASTMAE_BATCH_SLOTS=0`` turns it off (fresh memory
-for every batch, as before). It costs ``SLOTS_PER_WORKER`` batches of shared memory per worker for as long as the
-workers live.
+for every batch, as before). It costs 3 or 4 batches of shared memory per worker for as long as the workers live (a
+13-band uint16 batch of 64 at 224 px: 83 MB; an RGB uint8 one: 9.6 MB).
 """
 
 from __future__ import annotations
@@ -31,7 +31,13 @@ import weakref
 import numpy as np
 import torch
 
-SLOTS_PER_WORKER = 3  # the DataLoader's prefetch (2 batches per worker) and the one the main process is using
+PREFETCH = 2  # batches per worker the DataLoader asks for ahead (its default prefetch_factor)
+
+
+def slots_per_worker(pin: bool) -> int:
+    """The DataLoader's prefetch, plus the batch the main process is using (copied to pinned memory at once when
+    ``pin``), plus, without pinning, the previous one, which the loader's generators hold until the next arrives."""
+    return PREFETCH + (1 if pin else 2)
 
 
 def enabled() -> bool:
@@ -48,7 +54,7 @@ class BatchSlots:
     """The slots of one DataLoader's workers (see the module's notes). Made in the main process; pickles with its
     shared ``busy`` flags, so that spawned workers see the same ones."""
 
-    def __init__(self, workers: int, per_worker: int = SLOTS_PER_WORKER):
+    def __init__(self, workers: int, per_worker: int):
         self.per_worker = per_worker
         self.busy = torch.zeros(max(workers, 1) * per_worker, dtype=torch.int32).share_memory_()
         self._mine: dict[int, torch.UntypedStorage] = {}  # in a worker: its slots' memory, by slot number
@@ -96,7 +102,7 @@ class _Handed:
 
 
 def _arrived(imgs: torch.Tensor, slot: int, busy: torch.Tensor) -> torch.Tensor:
-    weakref.finalize(imgs.untyped_storage(), _release, busy, slot)
+    weakref.finalize(imgs.untyped_storage(), _release, busy, slot).atexit = False  # nothing to free at exit
     return imgs
 
 
