@@ -228,7 +228,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--images", type=int, default=320, help="tiles generated (each format)")
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--batches", type=int, default=6, help="batches timed per measurement")
+    ap.add_argument("--batches", type=int, default=12, help="batches timed per measurement")
     ap.add_argument("--workers", default="1,2", help="DataLoader worker counts")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved measurements per loader (median kept)")
     ap.add_argument("--loaders", default=",".join(LOADERS))
