@@ -27,6 +27,7 @@ keep them.
 
     python benchmarks/bench_loader.py [--data DIR] [--workers 4,8,16] [--batch 256] [--batches 30] [--images N]
     python benchmarks/bench_loader.py --make-data DIR --images 20480      # only write the JPEGs
+    python benchmarks/bench_loader.py --bands [--workers 1,2] [--stages]  # 13-band tiles (bench_bands.py)
 """
 
 from __future__ import annotations
@@ -234,7 +235,14 @@ def sources_for(index, root: Path, args, device: torch.device, workers: int, bat
 
 
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--bands" in argv:  # the 13-band row set: benchmarks/bench_bands.py, given the other arguments
+        import bench_bands
+
+        return bench_bands.main([a for a in argv if a != "--bands"])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bands", action="store_true", help="the 13-band uint16 rows instead (benchmarks/bench_bands.py "
+                    "with the other arguments; its --help lists them)")
     ap.add_argument("--data", default=None, help="ImageFolder tree (default: generated JPEGs)")
     ap.add_argument("--make-data", default=None, metavar="DIR", help="write --images JPEGs to DIR, then stop; with "
                     "--data DIR as well: write them only when DIR does not exist, then measure on them")

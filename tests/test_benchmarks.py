@@ -55,7 +55,7 @@ def test_loader_benchmark_puts_the_decoders_side_by_side(tmp_path):
 def test_bands_benchmark_writes_rows_and_its_table(tmp_path):
     """13-band tiles: the plain pipeline and fastmae's raster path per format, stage rows, the docs table."""
     out = tmp_path / "bands.json"
-    _load("bench_bands").main(["--smoke", "--workers", "0", "--stages", "--out", str(out)])
+    _load("bench_loader").main(["--bands", "--smoke", "--workers", "0", "--stages", "--out", str(out)])  # bench_bands
     rows = json.loads(out.read_text())["rows"]
     loaders = {r["loader"]: r for r in rows if r["name"] == "loader"}
     assert set(loaders) == {"plain-tiff", "fastmae-tiff", "plain-npy", "fastmae-npy", "fastmae-pack"}
@@ -64,14 +64,16 @@ def test_bands_benchmark_writes_rows_and_its_table(tmp_path):
     assert loaders["fastmae-pack"]["vs_plain_npy"] > 0 and loaders["fastmae-tiff"]["output"].startswith("uint16")
     assert loaders["fastmae-tiff"]["bytes_per_image_out"] * 2 == loaders["plain-tiff"]["bytes_per_image_out"]
     stages = {r["stage"] for r in rows if r["name"] == "stage"}
-    assert {"read tiff (tifffile, deflate)", "fastmae crop/resize/flip uint16 (pack)"} <= stages
+    assert {"read tiff (tifffile, deflate)", "fastmae crop/resize/flip uint16 (C x H x W)",
+            "fresh shared batch memory, uint16 (per image)"} <= stages
     table = _load("bench_bands").main(["--report", str(out)])["table"]
     assert "| fastmae-pack | pack (of the TIFFs) | uint16 (26,624) | 0 |" in table
     assert "Where the time goes" in table
-    # the fastmae rows of folders are the run's loader; the pack's (which the loader does not read) by hand
+    # every fastmae row is the run's loader, over a folder or over the pack
     assert loaders["fastmae-npy"]["path"] == loaders["fastmae-tiff"]["path"] == (
         "fastmae's loader (TorchvisionLoader, the run's DataBands)")  # fmt: skip
-    assert "by hand" in loaders["fastmae-pack"]["path"] and "How each row loads: plain-tiff / plain-npy: " in table
+    assert loaders["fastmae-pack"]["path"] == "fastmae's loader over the pack (index_data of the .pack file)"
+    assert "How each row loads: plain-tiff / plain-npy: " in table
 
 
 def test_finetune_benchmark_writes_rows(tmp_path, capsys):
