@@ -297,6 +297,15 @@ def test_pretrain_and_finetune_on_a_pack(s2, tmp_path, capsys):
     summary = json.loads((ft / "summary.json").read_text())
     assert json.loads((ft / "config.json").read_text())["arch"]["in_chans"] == 4 and summary["steps"] >= 1
     capsys.readouterr()
+    whole = (tmp_path / "s2.pack").read_bytes()
+    (tmp_path / "cut.pack").write_bytes(whole[: len(whole) // 2])  # a copy that stopped half way
+    (tmp_path / "other.bin").write_bytes(b"not a pack")
+    for bad, message in (("cut.pack", "the pack's manifest does not read (truncated?"),
+                         ("other.bin", "is a file; give a folder of images, .tar shards, a brace pattern or a pack")):
+        assert main(["pretrain", *TINY, "--data", str(tmp_path / bad), "--epochs", "1", "--output-dir",
+                     str(tmp_path / "bad")]) == 2  # fmt: skip
+        err = capsys.readouterr().err
+        assert err.startswith("fastmae: error: ") and message in err and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize(("flags", "message"), [

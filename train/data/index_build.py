@@ -89,7 +89,8 @@ def resolve_sources(data: str | os.PathLike) -> tuple[str, list[Path], Path | No
         raise FastMAEError(f"--data {path} does not exist")
     if path.is_file():
         if path.suffix != ".tar":
-            raise FastMAEError(f"--data {path} is a file; give a folder of images, .tar shards or a brace pattern")
+            raise FastMAEError(f"--data {path} is a file; give a folder of images, .tar shards, a brace pattern or a "
+                               "pack (fastmae pack)")  # fmt: skip
         return str(path.resolve()), [path], None
     with os.scandir(path) as it:
         top = [(e.name, e.is_dir()) for e in it if not e.name.startswith(".")]
