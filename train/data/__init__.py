@@ -1,6 +1,6 @@
 """fastmae.train.data: the data layer every recipe reads through.
 
-- :mod:`.index`: find, validate, cache: folders, webdataset shards and brace patterns indexed into numpy arrays,
+- :mod:`.index`: find, validate, cache: folders, webdataset shards, brace patterns and packs indexed into numpy arrays,
   broken files counted, a binary cache that makes a later start cost what changed; the work split over torchrun ranks.
 - :mod:`.order`: the sharded, resumable sample order, and each sample's crop box and flip drawn from
   (seed, epoch, sample).
@@ -17,7 +17,8 @@
   ``[C, H, W]``; the index's raster route), :mod:`.resample` (crop / resize / flip in the native dtype, nodata fill),
   :mod:`.bandstats` (per-band mean and std), :mod:`.normalize` (per-band affine on the device), :mod:`.databands`
   (the run's bands: selection, nodata, statistics; what the torchvision loader and the step read), :mod:`.pack`
-  (``fastmae pack``: tiles in one memory-mapped file).
+  (``fastmae pack``: tiles in one file, decoded once; ``--data`` of a pack indexes it).
+- :mod:`.slots`: the shared-memory batches each loader worker writes again once the main process has freed them.
 
 :func:`make_loader` picks the implementation for one rank of the run (the run context says which).
 """
