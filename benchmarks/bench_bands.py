@@ -53,6 +53,7 @@ from fastmae.train.data.order import random_resized_crop, sample_rng  # noqa: E4
 from fastmae.train.data.pack import PackedTiles, list_rasters, pack  # noqa: E402
 from fastmae.train.data.rasters import read_raster, read_raster_rows  # noqa: E402
 from fastmae.train.data.resample import crop_resize_flip  # noqa: E402
+from fastmae.train.data.slots import fresh_shared  # noqa: E402
 
 from fastmae.bands import parse_band_flags  # noqa: E402
 
@@ -156,8 +157,7 @@ def stage_rows(data: dict, img_size: int, mean, std, reps: int = 30) -> list[dic
     crop_rows = (30, 230)  # 200 rows: a crop of the usual size
 
     def fresh_batch():  # 16 images of fresh shared memory, written once: what every batch a worker hands over costs
-        nbytes = 16 * 13 * img_size * img_size * 2
-        torch.empty(0, dtype=torch.uint16).set_(torch.UntypedStorage._new_shared(nbytes)).fill_(1)
+        fresh_shared((16, 13, img_size, img_size), torch.uint16).fill_(1)
     stages = {
         "read tiff (tifffile, deflate)": lambda: tifffile.imread(tif),
         "read npy (np.load)": lambda: np.load(npy),

@@ -375,9 +375,13 @@ class TrainingConfig(CommandConfig):
     def recipe_check(self, world_size: int, steps_per_epoch: int, batch_choice=()) -> tuple[list[str], list[str]]:
         """(summary lines, warnings) about the recipe this configuration amounts to, logged at the start of a run:
         the batch, then the schedule's length."""
+        return [*self.batch_lines(world_size, batch_choice), self.schedule_line(steps_per_epoch)], []
+
+    def schedule_line(self, steps_per_epoch: int) -> str:
+        """The schedule's length, as the recipe check states it."""
         warmup = round(self.warmup_epochs * steps_per_epoch)
-        return [*self.batch_lines(world_size, batch_choice), f"{steps_per_epoch} steps/epoch, warmup {warmup} steps "
-                f"({self.warmup_epochs:g} epochs), {self.epochs * steps_per_epoch} steps"], []  # fmt: skip
+        return (f"{steps_per_epoch} steps/epoch, warmup {warmup} steps ({self.warmup_epochs:g} epochs), "
+                f"{self.epochs * steps_per_epoch} steps")  # fmt: skip
 
     def scaled_lr(self, blr: float, world_size: int = 1) -> float:
         """The paper's rule: lr = blr x effective batch / 256."""
@@ -462,7 +466,7 @@ class PretrainConfig(TrainingConfig):
             *self.batch_lines(world_size, batch_choice),
             f"lr {self.effective_lr(world_size):.3g}"
             + ("" if self.lr is not None else f" = blr {self.blr:g} x {eff} / 256"),
-            f"{steps_per_epoch} steps/epoch, warmup {warmup} steps ({self.warmup_epochs:g} epochs), {total} steps",
+            self.schedule_line(steps_per_epoch),
         ]
         warns = []
         if self.stop_after_steps is None and warmup >= total:

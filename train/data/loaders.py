@@ -56,7 +56,7 @@ from .decode import (
 from .index import DataIndex
 from .normalize import normalize_bands
 from .order import ShardedOrder, augment_params, sample_rng
-from .slots import BatchSlots, slots_per_worker
+from .slots import BatchSlots, fresh_shared, slots_per_worker
 from .slots import enabled as slots_enabled
 
 logger = logging.getLogger("fastmae.data")
@@ -302,9 +302,7 @@ def batch_tensor(shape: tuple[int, ...], dtype=torch.uint8) -> torch.Tensor:
     it, so handing it to the main process copies nothing."""
     if torch.utils.data.get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
-    numel = int(np.prod(shape))
-    storage = torch.UntypedStorage._new_shared(numel * torch.empty((), dtype=dtype).element_size())
-    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+    return fresh_shared(shape, dtype)
 
 
 def _collate(items):

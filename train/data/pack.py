@@ -41,7 +41,7 @@ from fastmae.errors import FastMAEError, NoRoom
 from fastmae.files import atomic_write, mb
 
 from .pool import lost_worker, process_pool
-from .rasters import RASTER_EXTENSIONS, check_raster, read_raster
+from .rasters import RASTER_EXTENSIONS, check_raster, pread_planes, read_raster
 
 MAGIC = b"FASTMAE-PACK-01\n"
 VERSION = 1
@@ -292,16 +292,10 @@ class PackedTiles:
             raise IndexError(f"rows {y0}:{y1} of tile {i} of {self.path} ({self.count} tiles of {self.height} rows)")
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        dt = np.dtype(self.dtype)
-        row = self.width * dt.itemsize
-        n = y1 - y0
-        arr = np.empty((self.bands, n, self.width), dtype=dt)
-        flat = memoryview(arr.reshape(-1)).cast("B")
+        arr = np.empty((self.bands, y1 - y0, self.width), dtype=self.dtype)
+        row = self.width * arr.itemsize
         tile_at = self.manifest["tile_offset"] + i * self.manifest["tile_bytes"]
-        for b in range(self.bands):
-            got = os.preadv(self._fd, [flat[b * n * row : (b + 1) * n * row]], tile_at + (b * self.height + y0) * row)
-            if got != n * row:
-                raise FastMAEError(f"{self.path}: tile {i} is truncated (band {b}: {got} of {n * row} bytes)")
+        pread_planes(self._fd, arr, self.bands, tile_at + y0 * row, self.height * row, f"{self.path}: tile {i}")
         return torch.from_numpy(arr)
 
     def key(self, i: int) -> str:

@@ -367,21 +367,29 @@ def _pread_npy_rows(path, info: RasterInfo, offset: int, dtype: np.dtype, layout
     c, h, w = info.shape
     n = y1 - y0
     row = w * (c if layout == "hwc" else 1) * dtype.itemsize  # bytes of one row of one plane
+    planes = c if layout == "chw" else 1  # a C x H x W file: each band's rows are their own byte range
     arr = np.empty((c, n, w) if layout == "chw" else (n, w, c) if layout == "hwc" else (n, w), dtype=dtype)
-    flat = memoryview(arr.reshape(-1)).cast("B")
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
-        planes = c if layout == "chw" else 1
-        for b in range(planes):  # a C x H x W file: each band's rows are their own byte range
-            want = n * row
-            start = offset + (b * h + y0) * row
-            got = os.preadv(fd, [flat[b * want : (b + 1) * want]], start)
-            if got != want:
-                raise RasterError(f".npy data is truncated (rows {y0}-{y1} of band {b}: {got} of {want} bytes)")
+        pread_planes(fd, arr, planes, offset + y0 * row, h * row, ".npy data", f"rows {y0}-{y1} of ")
     finally:
         os.close(fd)
     t = torch.from_numpy(arr)
     return t.unsqueeze(0) if layout == "hw" else t.permute(2, 0, 1) if layout == "hwc" else t
+
+
+def pread_planes(fd: int, arr: np.ndarray, planes: int, start: int, stride: int, what: str,
+                 where: str = "") -> np.ndarray:  # fmt: skip
+    """Fill ``arr`` (C-contiguous) from file ``fd``: its ``planes`` equal parts from the byte ranges at ``start``,
+    ``start + stride``, ..., one ``pread`` each. A short read is a :class:`RasterError`: ``what`` is truncated
+    (``where`` band ...)."""
+    flat = memoryview(arr.reshape(-1)).cast("B")
+    size = len(flat) // planes
+    for b in range(planes):
+        got = os.preadv(fd, [flat[b * size : (b + 1) * size]], start + b * stride)
+        if got != size:
+            raise RasterError(f"{what} is truncated ({where}band {b}: {got} of {size} bytes)")
+    return arr
 
 
 def raster_label() -> str:
