@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from fastmae.train.data import decode
+from fastmae.train.data import decode, resample
 from fastmae.train.data.bandstats import band_statistics, sample_files
 from fastmae.train.data.normalize import band_affine, normalize_bands
 from fastmae.train.data.rasters import read_raster
@@ -22,6 +22,7 @@ from fastmae.train.data.resample import (
 from fastmae import FastMAEError
 
 NATIVE = (torch.uint16, torch.int16, torch.float32)
+FAST = ("compiled", "matmul")  # the two fast paths; "compiled" must be built where the tests run (a C compiler)
 # (box x, y, w, h), flip, size on a 37 x 45 image: shrink, enlarge, aspect change, thin, whole, 1 px, odd sizes
 BOXES = [((3, 5, 40, 30), True, 17), ((0, 0, 45, 37), False, 45), ((10, 2, 13, 31), False, 29), ((7, 0, 2, 37),
          True, 9), ((44, 36, 1, 1), False, 3), ((1, 1, 43, 35), True, 97)]  # fmt: skip
@@ -42,20 +43,77 @@ def _smooth(dtype, c=13, h=37, w=45, seed=0):
 
 
 # ----------------------------------------------------------------------------------------- crop / resize / flip
+def _layout(img: torch.Tensor, layout: str) -> torch.Tensor:
+    """``img [C, H, W]`` as band planes, or as a view of pixel-interleaved memory (``H x W x C``, as .npy and TIFF
+    files hold it)."""
+    return img if layout == "planes" else img.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+
+
+def _assert_rounded_once(got: torch.Tensor, img: torch.Tensor, box, flip: bool, size: int):
+    """An integer result against the exact (float64) resampling: at most 1 apart, and only where the exact value is
+    within float32's summation error of a rounding boundary (x.5): one rounding, at the end."""
+    x, y, w, h = box
+    exact = torch.einsum("oy,cyx,px->cop", torch.from_numpy(resize_matrix(h, size).copy()),
+                         img[:, y : y + h, x : x + w].double(),
+                         torch.from_numpy(resize_matrix(w, size, flip).copy()))  # fmt: skip
+    lo, hi = resample._INT_RANGE[img.dtype]
+    want = torch.floor(exact + 0.5).clamp(lo, hi)
+    off = got.double() != want
+    assert (got.double() - want).abs().max() <= 1, (box, flip, size)
+    slack = 8 * 2.0**-23 * float(img.double().abs().max())  # 8 float32 epsilons of the largest value
+    assert ((exact - torch.floor(exact) - 0.5).abs()[off] <= slack).all(), (box, flip, size, exact[off])
+
+
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype", NATIVE)
-@pytest.mark.parametrize("bands", [1, 2, 13])
-def test_crop_resize_flip_matches_the_float64_reference(dtype, bands):
-    img = _smooth(dtype, bands)
+@pytest.mark.parametrize("bands", [1, 2, 5, 13, 17])
+def test_crop_resize_flip_matches_the_float64_reference(backend, dtype, bands):
+    """Both fast paths, band counts on each side of the compiled path's 4- and 8-lane blocks, band planes and
+    pixel-interleaved memory."""
+    for layout in ("planes", "interleaved"):
+        img = _layout(_smooth(dtype, bands), layout)
+        for box, flip, size in BOXES:
+            got = crop_resize_flip(img, box, flip, size, backend=backend)
+            assert got.dtype == dtype and got.shape == (bands, size, size) and got.is_contiguous()
+            if dtype == torch.float32:  # float32 products of ~1e3 values: a few ulps of the values
+                ref = crop_resize_flip_reference(img, box, flip, size)
+                assert (got.double() - ref.double()).abs().max() <= 1e-5 * ref.double().abs().max() + 1e-4, box
+            else:
+                _assert_rounded_once(got, img, box, flip, size)
+            assert torch.equal(got, crop_resize_flip(img, box, flip, size, backend=backend))  # deterministic
+
+
+def test_the_compiled_path_on_uint8_and_any_output_strides():
+    """uint8 (what the loader sends it with nodata) rounds once, unlike the uint8 path's two 8-bit passes; the output
+    may be a channels-last batch's slot or any strided view; a wrong output is refused before any C runs."""
+    img = _smooth(torch.uint8, 3)
     for box, flip, size in BOXES:
-        got = crop_resize_flip(img, box, flip, size)
-        ref = crop_resize_flip_reference(img, box, flip, size)
-        assert got.dtype == dtype and got.shape == (bands, size, size)
-        diff = (got.double() - ref.double()).abs()
-        if dtype == torch.float32:  # float32 products of ~1e3 values: a few ulps of the values
-            assert diff.max() <= 1e-5 * ref.double().abs().max() + 1e-4, (box, diff.max())
-        else:  # one rounding: only values within float32's error of .5 may land on the other side
-            assert diff.max() <= 1 and (diff > 0).double().mean() < 0.01, (box, diff.max())
-        assert torch.equal(got, crop_resize_flip(img, box, flip, size))  # deterministic
+        _assert_rounded_once(crop_resize_flip(img, box, flip, size, backend="compiled"), img, box, flip, size)
+    f32 = _smooth(torch.float32, 13)
+    want = crop_resize_flip(f32, (1, 2, 30, 20), True, 24, backend="compiled")
+    slot = torch.zeros(2, 24, 24, 13).permute(0, 3, 1, 2)  # channels-last
+    got = crop_resize_flip(f32, (1, 2, 30, 20), True, 24, out=slot[1], backend="compiled")
+    assert got.data_ptr() == slot[1].data_ptr() and torch.equal(slot[1], want) and not slot[0].any()
+    wide = torch.zeros(13, 24, 50)
+    crop_resize_flip(f32, (1, 2, 30, 20), True, 24, out=wide[:, :, 3:27], backend="compiled")
+    assert torch.equal(wide[:, :, 3:27], want) and not wide[:, :, :3].any() and not wide[:, :, 27:].any()
+    with pytest.raises(FastMAEError, match=r"the output \[13, 24, 23\] torch.float32 does not take"):
+        crop_resize_flip(f32, (1, 2, 30, 20), True, 24, out=torch.empty(13, 24, 23), backend="compiled")
+    with pytest.raises(FastMAEError, match="does not take a 13 x 24 x 24 torch.float32"):
+        crop_resize_flip(f32, (1, 2, 30, 20), True, 24, out=torch.empty(13, 24, 24, dtype=torch.uint16),
+                         backend="compiled")  # fmt: skip
+
+
+def test_the_compiled_path_in_threads_gives_the_serial_results():
+    """The C code runs without the GIL, each thread with its own work buffers (the loader's thread pools)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    imgs = [_layout(_smooth(torch.uint16, 13, 60, 70, seed=s), "interleaved") for s in range(4)]
+    jobs = [(imgs[i % 4], (i % 9, i % 7, 40 + i % 20, 35 + i % 15), bool(i % 2), 32 + i % 5) for i in range(48)]
+    serial = [crop_resize_flip(*job, backend="compiled") for job in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda job: crop_resize_flip(*job, backend="compiled"), jobs))
+    assert all(torch.equal(a, b) for a, b in zip(serial, threaded, strict=True))
 
 
 def test_the_reference_is_torchvisions_antialiased_bicubic():
@@ -82,14 +140,15 @@ def test_uint8_takes_todays_uint8_path_bit_for_bit(bands):
     assert torch.equal(eval_resize_crop(img, 24), decode.eval_resize_crop(img, 24))
 
 
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype", NATIVE)
-def test_eval_view_is_resize_then_centre_crop(dtype):
+def test_eval_view_is_resize_then_centre_crop(backend, dtype):
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
     for h, w in [(37, 45), (45, 37), (30, 30)]:
         img = _smooth(dtype, 4, h, w)
-        got = eval_resize_crop(img, 24)
+        got = eval_resize_crop(img, 24, backend=backend)
         ref = eval_resize_crop(img, 24, backend="reference")
         assert got.shape == (4, 24, 24) and got.dtype == dtype
         assert (got.double() - ref.double()).abs().max() <= (1 if dtype != torch.float32 else 0.05)
@@ -103,22 +162,38 @@ def test_backend_switch_and_refusals(monkeypatch):
     monkeypatch.setenv("FASTMAE_RESAMPLE", "reference")
     assert torch.equal(crop_resize_flip(img, (1, 2, 20, 30), True, 16),
                        crop_resize_flip_reference(img, (1, 2, 20, 30), True, 16))  # fmt: skip
+    assert resample.backend_label() == "float64 reference (FASTMAE_RESAMPLE=reference)"
     monkeypatch.setenv("FASTMAE_RESAMPLE", "fastest")
     with pytest.raises(FastMAEError, match="unknown resample backend 'fastest'"):
         crop_resize_flip(img, (1, 2, 20, 30), True, 16)
+    monkeypatch.setenv("FASTMAE_RESAMPLE", "matmul")
+    assert torch.equal(crop_resize_flip(img, (1, 2, 20, 30), True, 16),
+                       crop_resize_flip(img, (1, 2, 20, 30), True, 16, backend="matmul"))  # fmt: skip
     monkeypatch.delenv("FASTMAE_RESAMPLE")
+    assert resample.backend_label().startswith("compiled taps (")  # fast = compiled where it is built
+    assert torch.equal(crop_resize_flip(img, (1, 2, 20, 30), True, 16),
+                       crop_resize_flip(img, (1, 2, 20, 30), True, 16, backend="compiled"))  # fmt: skip
+    monkeypatch.setattr(resample, "_compiled", None)  # as where no C compiler was found at install
+    monkeypatch.setattr(resample, "COMPILED_MISSING", "fastmae's compiled resampler is not built (no module)")
+    assert torch.equal(crop_resize_flip(img, (1, 2, 20, 30), True, 16),
+                       crop_resize_flip(img, (1, 2, 20, 30), True, 16, backend="matmul"))  # fmt: skip
+    assert resample.backend_label() == "torch matmul (fastmae's compiled resampler is not built (no module))"
+    with pytest.raises(FastMAEError, match=r"resample backend 'compiled' \(FASTMAE_RESAMPLE\): fastmae's compiled"):
+        crop_resize_flip(img, (1, 2, 20, 30), True, 16, backend="compiled")
     with pytest.raises(FastMAEError, match="dtype torch.int32"):
         crop_resize_flip(img.int(), (0, 0, 4, 4), False, 4)
 
 
-def test_integers_are_rounded_half_up_and_clamped():
+@pytest.mark.parametrize("backend", FAST)
+def test_integers_are_rounded_half_up_and_clamped(backend):
     """A constant image stays constant exactly; overshoot at a sharp edge is clamped to the dtype's range."""
     for dtype, (lo, hi) in [(torch.uint16, (0, 65535)), (torch.int16, (-32768, 32767))]:
         flat = torch.full((2, 20, 20), 1234, dtype=dtype)
-        assert torch.equal(crop_resize_flip(flat, (3, 3, 11, 13), True, 29), torch.full((2, 29, 29), 1234, dtype=dtype))
+        assert torch.equal(crop_resize_flip(flat, (3, 3, 11, 13), True, 29, backend=backend),
+                           torch.full((2, 29, 29), 1234, dtype=dtype))  # fmt: skip
         edge = torch.full((1, 20, 20), lo, dtype=dtype)
         edge[:, :, 10:] = hi  # bicubic rings past both ends here
-        out = crop_resize_flip(edge, (0, 0, 20, 20), False, 57)
+        out = crop_resize_flip(edge, (0, 0, 20, 20), False, 57, backend=backend)
         ref = torch.einsum("oy,cyx,px->cop", torch.from_numpy(resize_matrix(20, 57).copy()), edge.double(),
                            torch.from_numpy(resize_matrix(20, 57).copy()))  # fmt: skip
         assert ref.max() > hi and ref.min() < lo  # it does ring
@@ -138,15 +213,17 @@ def test_resize_matrices_are_the_gpu_kernels():
             assert np.array_equal(ours != 0, kernel != 0) and np.abs(ours - kernel).max() <= 1e-15
 
 
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype", NATIVE)
-def test_results_survive_the_next_call(dtype):
+def test_results_survive_the_next_call(backend, dtype):
     """The work buffers are reused from call to call; what a call returned is not among them."""
-    first = crop_resize_flip(_smooth(dtype, 3, seed=1), (2, 3, 30, 20), False, 16)
+    first = crop_resize_flip(_smooth(dtype, 3, seed=1), (2, 3, 30, 20), False, 16, backend=backend)
     kept = first.clone()
-    crop_resize_flip(_smooth(dtype, 3, seed=2) * (2 if dtype == torch.float32 else 1), (0, 0, 45, 37), True, 16)
-    view = eval_resize_crop(_smooth(dtype, 3, seed=3), 16)
+    crop_resize_flip(_smooth(dtype, 3, seed=2) * (2 if dtype == torch.float32 else 1), (0, 0, 45, 37), True, 16,
+                     backend=backend)  # fmt: skip
+    view = eval_resize_crop(_smooth(dtype, 3, seed=3), 16, backend=backend)
     kept_view = view.clone()
-    eval_resize_crop(_smooth(dtype, 3, seed=4), 16)
+    eval_resize_crop(_smooth(dtype, 3, seed=4), 16, backend=backend)
     assert torch.equal(first, kept) and torch.equal(view, kept_view)
 
 
@@ -178,6 +255,24 @@ def test_fill_nodata_per_band_nan_and_integer_rounding():
         fill_nodata(img, [0, 0, 0], 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.int16, torch.float32])
+def test_the_compiled_fill_follows_fill_nodatas_rules(dtype):
+    """The compiled path fills nodata on its float copy of the crop: the same pixels as fill_nodata then the resize,
+    per band, with values the dtype cannot hold matching nothing and integer fills rounded and clamped."""
+    img = _layout(_smooth(dtype, 4, seed=5), "interleaved").clone()
+    if dtype == torch.float32:
+        img[0, 3:9, 4:20], img[1, 10:12] = math.nan, 5.0
+        nodata, fill = [math.nan, 5.0, math.nan, 7.25], [10.5, -3.0, 0.0, 1.0]
+    else:
+        lo, hi = resample._INT_RANGE[dtype]
+        img[0, 3:9, 4:20], img[1, 10:12], img[3, 20:] = 9, lo, hi
+        nodata, fill = [9, lo, -0.5 if lo == 0 else 0.5, hi], [20.6, 1e9, 3, -1e9]  # band 2: nothing matches
+    for box, flip, size in BOXES:
+        got = crop_resize_flip(img, box, flip, size, nodata=nodata, fill=fill, backend="compiled")
+        want = crop_resize_flip(fill_nodata(img, nodata, fill), box, flip, size, backend="compiled")
+        assert torch.equal(got, want), box
+
+
 @pytest.mark.parametrize("dtype", [torch.int16, torch.float32])
 def test_nodata_filled_before_the_resize_does_not_leak(dtype):
     """A tile of 1000 with a block of nodata (-9999, or NaN for floats): filled with 1000 before resampling, every
@@ -186,7 +281,7 @@ def test_nodata_filled_before_the_resize_does_not_leak(dtype):
     img = torch.full((3, 30, 30), 1000, dtype=dtype)
     img[:, 10:18, 5:25] = nodata
     tol = 0 if dtype == torch.int16 else 1e-3  # float32 weights sum to 1 within a few ulps
-    for backend in ("fast", "reference"):
+    for backend in ("compiled", "matmul", "reference"):
         out = crop_resize_flip(img, (2, 2, 26, 26), True, 41, nodata=nodata, fill=1000, backend=backend)
         assert out.dtype == dtype and (out.double() - 1000).abs().max() <= tol
         view = eval_resize_crop(img, 16, nodata=nodata, fill=1000, backend=backend)

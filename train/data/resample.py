@@ -6,18 +6,26 @@ a = -0.5, the support scaled by the reduction, weights normalised per output pix
 crop, with no rounding between the two passes; integers are rounded (half up) and clamped to their dtype once at the
 end, float32 stays float32. uint8 images take the uint8 path itself, so RGB batches are bit for bit today's.
 
-How it is fast (``benchmarks/bench_bands.py``, stage rows): torch's float antialiased ``interpolate`` walks its
-taps pixel by pixel; here each pass is a few matrix products. The crop is copied once, cast to float32 and laid out
-``[h, C, w]`` (rows, then bands, then columns). The vertical pass is ``R_y @ src.view(h, C*w)`` (``R_y``: the
-``[S, h]`` resampling matrix), leaving ``[S, C, w]``; the horizontal pass multiplies on the right,
-``tmp.view(S*C, w) @ R_x^T`` (rows of ``R_x`` mirrored for a flip), leaving ``[S, C, S]``, and one casting copy
-writes ``[C, S, S]``. No transpose between the passes: each product reads its operands with their rows whole. ``R``
-is banded (each output takes 4 to ~10 neighbouring inputs), so each product runs over blocks of :data:`BLOCK` outputs
-and only the inputs they touch. Work buffers are kept per thread and reused. About 2.5x torch's ``interpolate`` on
-a 13-band 264 px tile on one core.
+Three ways to compute it (``FASTMAE_RESAMPLE`` or ``backend=``):
 
-``FASTMAE_RESAMPLE=reference`` (or ``backend="reference"``) switches to :func:`crop_resize_flip_reference`: the same
-resampling matrices in float64, one image at a time; the tests bound the fast path against it.
+- ``compiled`` (``fastmae/_resample.c``, built by pip where a C compiler is found): the crop is read once into a
+  float32 pixel-interleaved buffer ``[h, w, C]``; the vertical pass sums each output row's taps over whole rows
+  (``w * C`` floats, vectorised, in strips that stay in the core's L2); the horizontal pass sums each output pixel's
+  taps with the bands as the vector (8 lanes at a time, four pixels in flight); each output row is rounded, clamped
+  and written band by band. The hot loops are compiled for AVX2 + FMA and for the x86-64 baseline, picked when the
+  module loads. About 2x the matrix path on a 13-band 264 px tile (``benchmarks/bench_bands.py``, stage rows).
+- ``matmul``: torch only. The crop is copied once, cast to float32 and laid out ``[h, C, w]`` (rows, then bands,
+  then columns). The vertical pass is ``R_y @ src.view(h, C*w)`` (``R_y``: the ``[S, h]`` resampling matrix),
+  leaving ``[S, C, w]``; the horizontal pass multiplies on the right, ``tmp.view(S*C, w) @ R_x^T`` (rows of ``R_x``
+  mirrored for a flip), leaving ``[S, C, S]``, and one casting copy writes ``[C, S, S]``. ``R`` is banded (each output
+  takes 4 to ~10 neighbouring inputs), so each product runs over blocks of :data:`BLOCK` outputs and only the inputs
+  they touch. About 2.5x torch's ``interpolate`` (which walks its taps pixel by pixel) on one core.
+- ``reference``: :func:`crop_resize_flip_reference`, the same resampling matrices in float64, one image at a time;
+  the tests bound both fast paths against it.
+
+``fast`` (the default) is ``compiled`` where the extension is built, else ``matmul``; :func:`backend_label` says
+which, and why (the loader logs it). Both use the same float32 taps (the matrix's rows) and differ only in the order
+of the sums; work buffers are kept per thread and reused.
 """
 
 from __future__ import annotations
@@ -35,7 +43,16 @@ from fastmae.errors import FastMAEError
 from .decode import crop_resize_flip as crop_resize_flip_uint8
 from .decode import eval_resize_crop as eval_resize_crop_uint8
 
-BACKENDS = ("fast", "reference")
+try:  # the compiled taps (fastmae/_resample.c): built by pip install where a C compiler is found, optional
+    from fastmae import _resample as _compiled
+
+    COMPILED_MISSING = ""
+except ImportError as err:  # pragma: no cover - depends on how fastmae was installed
+    _compiled = None
+    COMPILED_MISSING = (f"fastmae's compiled resampler is not built ({err}); reinstall fastmae where a C compiler "
+                        "and Python's headers are found")
+
+BACKENDS = ("fast", "compiled", "matmul", "reference")
 BLOCK = 16  # output rows per banded block: 16 was fastest of 8/16/32/64 on a 13-band 264 px tile (x86, one core)
 EVAL_CROP = 0.875  # the evaluation view resizes the shorter side to size / 0.875, then takes the centre
 _INT_RANGE = {torch.uint8: (0, 255), torch.uint16: (0, 65535), torch.int16: (-32768, 32767)}
@@ -139,6 +156,78 @@ def _resize_float(crop: torch.Tensor, size_hw: tuple[int, int], flip: bool, noda
     return out.view(s_h, c, s_w)
 
 
+_DTYPE_CODE = {torch.uint8: 0, torch.uint16: 1, torch.int16: 2, torch.float32: 3}  # fastmae/_resample.c's codes
+
+
+@functools.lru_cache(maxsize=4096)
+def _taps(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``resize_matrix(n_in, n_out)`` as taps: the first input of each output row (int32 ``[n_out]``) and ``k``
+    weights from there (float32 ``[n_out, k]``, zeros after a shorter row's last tap), ``k`` the widest row."""
+    m = resize_matrix(n_in, n_out)
+    nz = m != 0
+    first = nz.argmax(1)
+    last = n_in - 1 - nz[:, ::-1].argmax(1)
+    k = int((last - first).max()) + 1
+    lo = np.minimum(first, n_in - k)  # a row near the end starts earlier: its first weights are then zeros
+    w = m[np.arange(n_out)[:, None], lo[:, None] + np.arange(k)[None, :]]
+    return torch.from_numpy(lo.astype(np.int32)), torch.from_numpy(np.ascontiguousarray(w, np.float32)), k
+
+
+def _nodata_arrays(c: int, dtype: torch.dtype, nodata, fill):
+    """:func:`fill_nodata`'s rules as the compiled path's per-band arrays: which bands have a nodata value that the
+    dtype can hold (uint8 ``[C]``), the value and the fill (float32 ``[C]``, the fill rounded and clamped for
+    integers)."""
+    nd = torch.as_tensor(nodata, dtype=torch.float64).flatten()
+    fv = torch.as_tensor(fill, dtype=torch.float64).flatten()
+    if nd.numel() not in (1, c) or fv.numel() not in (1, c):
+        raise FastMAEError(f"nodata ({nd.numel()} values) and fill ({fv.numel()} values) need 1 or {c} values, one "
+                           "per band")  # fmt: skip
+    nd, fv = nd.expand(c).clone(), fv.expand(c).clone()
+    if dtype == torch.float32:
+        has = torch.ones(c, dtype=torch.uint8)  # NaN matches NaN there
+    else:
+        lo, hi = _INT_RANGE[dtype]
+        has = (~torch.isnan(nd) & (nd == torch.round(nd)) & (nd >= lo) & (nd <= hi)).to(torch.uint8)
+        fv = torch.floor(fv + 0.5).clamp(lo, hi)
+    return has, nd.float(), fv.float()
+
+
+def _resize_compiled(crop: torch.Tensor, size_hw: tuple[int, int], flip: bool, nodata=None, fill=None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """``crop [C, h, w]`` (any strides) resized to ``[C, S_h, S_w]`` in its dtype by the compiled taps, into ``out``
+    (any strides) or a new contiguous tensor. Every pointer, size and stride handed to C is checked here."""
+    c, h, w = crop.shape
+    s_h, s_w = size_hw
+    if min(c, h, w, s_h, s_w) < 1:
+        raise FastMAEError(f"cannot resample a crop of shape {list(crop.shape)} to {s_h} x {s_w}")
+    if out is None:
+        out = torch.empty(c, s_h, s_w, dtype=crop.dtype)
+    elif out.shape != (c, s_h, s_w) or out.dtype != crop.dtype:
+        raise FastMAEError(f"the output {list(out.shape)} {out.dtype} does not take a {c} x {s_h} x {s_w} "
+                           f"{crop.dtype} resize")  # fmt: skip
+    ylo, yw, ky = _taps(h, s_h)
+    xlo, xw, kx = _taps(w, s_w)
+    work = _scratch(3, (_compiled.work_floats(c, h, w, s_h, s_w),))
+    has = nd = fv = None
+    if nodata is not None:
+        has, nd, fv = _nodata_arrays(c, crop.dtype, nodata, fill)
+    _compiled.resample(crop.data_ptr(), _DTYPE_CODE[crop.dtype], c, h, w, *crop.stride(), ylo.data_ptr(),
+                       yw.data_ptr(), ky, s_h, xlo.data_ptr(), xw.data_ptr(), kx, s_w, bool(flip), out.data_ptr(),
+                       *out.stride(), work.data_ptr(), has.data_ptr() if has is not None else 0,
+                       nd.data_ptr() if nd is not None else 0, fv.data_ptr() if fv is not None else 0)  # fmt: skip
+    return out
+
+
+def backend_label(backend: str | None = None) -> str:
+    """What resamples non-8-bit crops in this process, for the log and the benchmarks' results."""
+    chosen = _backend(backend)
+    if chosen in ("fast", "compiled") and _compiled is not None:
+        return f"compiled taps ({_compiled.isa()})"
+    if chosen == "reference":
+        return "float64 reference (FASTMAE_RESAMPLE=reference)"
+    return "torch matmul" + (f" ({COMPILED_MISSING})" if chosen == "fast" else "")
+
+
 def _to_dtype(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """float32 ``x [S_h, C, S_w]`` (a work buffer) as ``[C, S_h, S_w]`` in ``dtype``: integers rounded half up and
     clamped to the dtype's range (in place on ``x``), then one casting copy into ``out``, or a new contiguous tensor."""
@@ -165,6 +254,15 @@ def _backend(backend: str | None) -> str:
     if backend not in BACKENDS:
         raise FastMAEError(f"unknown resample backend {backend!r} (FASTMAE_RESAMPLE); choose one of "
                            f"{', '.join(BACKENDS)}")  # fmt: skip
+    if backend == "compiled" and _compiled is None:
+        raise FastMAEError(f"resample backend 'compiled' (FASTMAE_RESAMPLE): {COMPILED_MISSING}")
+    return backend
+
+
+def _float_path(backend: str) -> str:
+    """The path that computes non-uint8 crops: ``compiled``, ``matmul`` or ``reference``."""
+    if backend == "fast":
+        return "compiled" if _compiled is not None else "matmul"
     return backend
 
 
@@ -178,12 +276,16 @@ def crop_resize_flip(img: torch.Tensor, box, flip: bool, size: int, *, nodata=No
     _check(img)
     x, y, w, h = (int(v) for v in box)
     crop = img[:, y : y + h, x : x + w]
-    if _backend(backend) == "reference":
+    chosen = _backend(backend)
+    path = _float_path(chosen)
+    if path == "reference":
         if nodata is not None:
             crop = fill_nodata(crop, nodata, fill)
         res = crop_resize_flip_reference(crop, (0, 0, w, h), flip, size)
-    elif img.dtype == torch.uint8 and nodata is None:
+    elif img.dtype == torch.uint8 and nodata is None and chosen != "compiled":
         res = crop_resize_flip_uint8(img, box, flip, size)
+    elif path == "compiled":
+        return _resize_compiled(crop, (size, size), bool(flip), nodata, fill, out)
     else:
         return _to_dtype(_resize_float(crop, (size, size), bool(flip), nodata, fill), img.dtype, out)
     return res if out is None else out.copy_(res)
@@ -203,13 +305,17 @@ def eval_resize_crop(img: torch.Tensor, size: int, *, nodata=None, fill=None, ba
     then the centre ``size`` x ``size`` (:func:`~.decode.eval_resize_crop`'s geometry), in ``img``'s dtype."""
     _check(img)
     c, height, width = img.shape
-    if _backend(backend) == "fast" and img.dtype == torch.uint8 and nodata is None:
+    chosen = _backend(backend)
+    path = _float_path(chosen)
+    if chosen in ("fast", "matmul") and img.dtype == torch.uint8 and nodata is None:
         return eval_resize_crop_uint8(img, size)
     rh, rw = eval_size(height, width, size)
     top, left = int(round((rh - size) / 2.0)), int(round((rw - size) / 2.0))  # torchvision's center_crop
-    if _backend(backend) == "reference":
+    if path == "reference":
         src = fill_nodata(img, nodata, fill) if nodata is not None else img
         full = _reference(src, (0, 0, width, height), False, (rh, rw))
+    elif path == "compiled":
+        full = _resize_compiled(img, (rh, rw), False, nodata, fill)
     else:
         full = _to_dtype(_resize_float(img, (rh, rw), False, nodata, fill), img.dtype)
     return full[:, top : top + size, left : left + size]
