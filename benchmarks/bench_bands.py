@@ -52,7 +52,7 @@ from fastmae.train.data.normalize import normalize_bands  # noqa: E402
 from fastmae.train.data.order import random_resized_crop, sample_rng  # noqa: E402
 from fastmae.train.data.pack import PackedTiles, list_rasters, pack  # noqa: E402
 from fastmae.train.data.rasters import read_raster, read_raster_rows  # noqa: E402
-from fastmae.train.data.resample import crop_resize_flip  # noqa: E402
+from fastmae.train.data.resample import backend_label, crop_resize_flip  # noqa: E402
 from fastmae.train.data.slots import fresh_shared  # noqa: E402
 
 from fastmae.bands import parse_band_flags  # noqa: E402
@@ -151,6 +151,7 @@ def stage_rows(data: dict, img_size: int, mean, std, reps: int = 30) -> list[dic
 
     for b in boxes:  # the resampling matrices of these crop sizes, made once per process (as a warm worker has them)
         crop_resize_flip(read_raster(npy), b, True, img_size)
+        crop_resize_flip(read_raster(npy), b, True, img_size, backend="matmul")
     norm = T.Normalize(list(mean), list(std))
     resized = F.resized_crop(x, 0, 0, 200, 200, [img_size, img_size], InterpolationMode.BICUBIC, antialias=True)
     native = read_raster(npy)
@@ -170,6 +171,11 @@ def stage_rows(data: dict, img_size: int, mean, std, reps: int = 30) -> list[dic
         "fastmae read pack tile, 200 rows (pread)": lambda: tiles.rows(3, *crop_rows),
         "fastmae crop/resize/flip uint16 (H x W x C)": lambda: crop_resize_flip(native, box(), True, img_size),
         "fastmae crop/resize/flip uint16 (C x H x W)": lambda: crop_resize_flip(tiles.tile(3), box(), True, img_size),
+        # the switch back, same boxes: torch's matrix products (FASTMAE_RESAMPLE=matmul)
+        "torch matmul crop/resize/flip uint16 (H x W x C)": lambda: crop_resize_flip(native, box(), True, img_size,
+                                                                                    backend="matmul"),
+        "torch matmul crop/resize/flip uint16 (C x H x W)": lambda: crop_resize_flip(tiles.tile(3), box(), True,
+                                                                                    img_size, backend="matmul"),
         "fresh shared batch memory, uint16 (per image)": fresh_batch,
     }
     rows = []
@@ -260,6 +266,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"bench_bands: {per_epoch} batches an epoch, fewer than {max(counts)} workers x "
                          f"{PREFETCH} prefetched; use --images {max(counts) * PREFETCH * args.batch} or more")
     env = env_info(device)
+    env["resample"] = backend_label()  # what crops fastmae's rows: the compiled taps, or torch where they are not built
     results = Rows("bands", env, args.out)
     with tempfile.TemporaryDirectory() as tmp:
         data = make_data(Path(tmp), args.images, formats, max(2, min(max(counts), 16)))
@@ -302,7 +309,8 @@ def readme_table(saved: dict, json_name: str) -> str:
     lines = [
         f"Measured on **{env.get('cpu', 'cpu')}** ({env.get('cpu_threads')} threads{'' if gpu else ', shared'})"
         f"{where}, batch "
-        f"{first['batch_size']}, {first['img_size']} px, {first['images']} tiles per format ({first['data']}); torch "
+        f"{first['batch_size']}, {first['img_size']} px, {first['images']} tiles per format ({first['data']}); "
+        f"fastmae's crops by {env.get('resample', 'torch matmul')}; torch "
         f"{env.get('torch')}, git `{str(env.get('git_sha'))[:12]}`, {str(env.get('date', ''))[:10]}; raw JSON "
         f"`benchmarks/results/{json_name}`.",
         "",

@@ -65,9 +65,11 @@ def test_bands_benchmark_writes_rows_and_its_table(tmp_path):
     assert loaders["fastmae-tiff"]["bytes_per_image_out"] * 2 == loaders["plain-tiff"]["bytes_per_image_out"]
     stages = {r["stage"] for r in rows if r["name"] == "stage"}
     assert {"read tiff (tifffile, deflate)", "fastmae crop/resize/flip uint16 (C x H x W)",
+            "torch matmul crop/resize/flip uint16 (C x H x W)",
             "fresh shared batch memory, uint16 (per image)"} <= stages
     table = _load("bench_bands").main(["--report", str(out)])["table"]
     assert "| fastmae-pack | pack (of the TIFFs) | uint16 (26,624) | 0 |" in table
+    assert "fastmae's crops by compiled taps (" in table  # the resampler that ran, from the results' env
     assert "Where the time goes" in table
     # every fastmae row is the run's loader, over a folder or over the pack
     assert loaders["fastmae-npy"]["path"] == loaders["fastmae-tiff"]["path"] == (

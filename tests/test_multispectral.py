@@ -136,6 +136,7 @@ def _bands(index, indices=None, nodata=None, norm="given"):
 
 
 def test_loader_batches_rasters_in_their_dtype_as_the_reference_crops_them(tmp_path):
+    from fastmae.train.data import resample
     from fastmae.train.data.loaders import ImageFiles, TorchvisionLoader, model_input, sample_images
     from fastmae.train.data.normalize import normalize_bands
     from fastmae.train.data.order import augment_params
@@ -147,6 +148,8 @@ def test_loader_batches_rasters_in_their_dtype_as_the_reference_crops_them(tmp_p
         TorchvisionLoader(index, 16, 2, seed=0)
     bands = _bands(index, indices=[3, 2, 1, 7], nodata=0)  # B04, B03, B02, B08
     loader = TorchvisionLoader(index, 16, 2, seed=3, pipeline="pretrain", bands=bands)
+    assert loader.decoders["crop/resize"] == resample.backend_label()  # logged and in summary.json
+    assert loader.decoders["crop/resize"].startswith("compiled taps")
     batch = next(loader.epoch(1))
     assert batch.images.dtype == torch.uint16 and batch.images.shape == (2, 4, 16, 16)
     boxes, flips = augment_params(index, batch.ids.numpy(), 3, 1, (0.2, 1.0), 0.5)

@@ -402,7 +402,11 @@ class TorchvisionLoader(IndexLoader):
         routes = np.unique(self.index.routes)
         if self.dataset.timm:
             return {ROUTE_NAMES[int(r)]: pillow_label() for r in routes if int(r) in ROUTE_NAMES}
-        return decoder_names(routes, self.dataset.decoder)
+        names = decoder_names(routes, self.dataset.decoder)
+        bands = self.dataset.bands
+        if self.index.dtype != "uint8" or (bands is not None and bands.spec.nodata is not None):
+            names["crop/resize"] = resample.backend_label()  # what resamples these bands (compiled or torch)
+        return names
 
     def _data_loader(self) -> torch.utils.data.DataLoader:
         # each DataLoader's workers their own batch memory, reused (train/data/slots.py); the timm path collates
