@@ -184,7 +184,7 @@ def stage_rows(data: dict, img_size: int, mean, std, reps: int = 30) -> list[dic
         ms = _ms(fn, reps) / per
         fastest = _ms(fn, reps, min) / per  # the least disturbed call: on a shared machine, the cost itself
         rows.append({"name": "stage", "stage": name, "ms_per_image": ms, "ms_min": fastest, "img_size": img_size})
-        print(f"  {name:45s} {ms:7.2f} ms per image (median), {fastest:6.2f} (fastest)")
+        print(f"  {name:50s} {ms:7.2f} ms per image (median), {fastest:6.2f} (fastest)")
     return rows
 
 

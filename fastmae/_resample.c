@@ -122,7 +122,8 @@ static void vertical(const float *buf, ssize n, const int32_t *lo, const float *
  * multiply-adds; 8 lanes at a time, with two output pixels in flight so that the chains overlap. */
 typedef float v8f __attribute__((vector_size(32)));
 
-static inline v8f load8(const float *p) {
+/* always inlined: a 32-byte vector returned from a baseline copy into the AVX2 clone would take another ABI */
+static inline __attribute__((always_inline)) v8f load8(const float *p) {
     v8f v;
     __builtin_memcpy(&v, p, sizeof v); /* an unaligned load */
     return v;
@@ -184,7 +185,7 @@ HOT static void horizontal_row(const float *row, int c, int cp, const int32_t *l
             T *dst = out + b * osc;                                                                                   \
             for (int p = 0; p < s_w; p++) {                                                                           \
                 float v = line[(ssize)p * cp + b] + (0.5f - (LO));                                                    \
-                v = v < 0.0f ? 0.0f : (v > (HI) - (LO) ? (HI) - (LO) : v);                                            \
+                v = !(v > 0.0f) ? 0.0f : (v > (HI) - (LO) ? (HI) - (LO) : v); /* NaN -> LO: never cast */             \
                 dst[(flip ? s_w - 1 - p : p) * osx] = (T)((int32_t)v + (int32_t)(LO));                                \
             }                                                                                                         \
         }                                                                                                             \

@@ -104,6 +104,21 @@ def test_the_compiled_path_on_uint8_and_any_output_strides():
                          backend="compiled")  # fmt: skip
 
 
+def test_the_compiled_path_refuses_what_it_cannot_take():
+    """Tensors off the CPU (a device pointer handed to C would crash the process) and a fill that an integer image
+    cannot hold are one-line errors; ``fast`` leaves tensors off the CPU to torch."""
+    img = _smooth(torch.int16, 3)
+    meta = torch.empty(3, 8, 8, dtype=torch.int16, device="meta")
+    with pytest.raises(FastMAEError, match=r"works on CPU tensors \(the image is on meta\)"):
+        crop_resize_flip(meta, (0, 0, 8, 8), False, 4, backend="compiled")
+    with pytest.raises(FastMAEError, match=r"the image is on cpu, the output on meta\)"):
+        crop_resize_flip(img, (0, 0, 8, 8), False, 4, out=meta[:, :4, :4], backend="compiled")
+    assert resample._float_path("fast", img, None) == "compiled" and resample._float_path("fast", meta) == "matmul"
+    for backend in ("compiled", "matmul", "reference"):
+        with pytest.raises(FastMAEError, match=r"the nodata fill \[nan, 1.0, 1.0\] of a torch.int16 image must be"):
+            crop_resize_flip(img, (0, 0, 8, 8), False, 4, nodata=0, fill=[math.nan, 1, 1], backend=backend)
+
+
 def test_the_compiled_path_in_threads_gives_the_serial_results():
     """The C code runs without the GIL, each thread with its own work buffers (the loader's thread pools)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -256,8 +271,8 @@ def test_fill_nodata_per_band_nan_and_integer_rounding():
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.int16, torch.float32])
-def test_the_compiled_fill_follows_fill_nodatas_rules(dtype):
-    """The compiled path fills nodata on its float copy of the crop: the same pixels as fill_nodata then the resize,
+def test_the_fast_paths_fill_as_fill_nodata_does(dtype):
+    """Both fast paths fill nodata on their float copy of the crop: the same pixels as fill_nodata then the resize,
     per band, with values the dtype cannot hold matching nothing and integer fills rounded and clamped."""
     img = _layout(_smooth(dtype, 4, seed=5), "interleaved").clone()
     if dtype == torch.float32:
@@ -267,10 +282,15 @@ def test_the_compiled_fill_follows_fill_nodatas_rules(dtype):
         lo, hi = resample._INT_RANGE[dtype]
         img[0, 3:9, 4:20], img[1, 10:12], img[3, 20:] = 9, lo, hi
         nodata, fill = [9, lo, -0.5 if lo == 0 else 0.5, hi], [20.6, 1e9, 3, -1e9]  # band 2: nothing matches
-    for box, flip, size in BOXES:
-        got = crop_resize_flip(img, box, flip, size, nodata=nodata, fill=fill, backend="compiled")
-        want = crop_resize_flip(fill_nodata(img, nodata, fill), box, flip, size, backend="compiled")
-        assert torch.equal(got, want), box
+    for backend in FAST:
+        for box, flip, size in BOXES:
+            got = crop_resize_flip(img, box, flip, size, nodata=nodata, fill=fill, backend=backend)
+            if dtype == torch.uint8 and backend == "matmul":  # uint8 without nodata takes the 8-bit (Pillow) path
+                want = crop_resize_flip(fill_nodata(img, nodata, fill), box, flip, size, backend="compiled")
+                assert (got.int() - want.int()).abs().max() <= 1, (backend, box)
+                continue
+            want = crop_resize_flip(fill_nodata(img, nodata, fill), box, flip, size, backend=backend)
+            assert torch.equal(got, want), (backend, box)
 
 
 @pytest.mark.parametrize("dtype", [torch.int16, torch.float32])

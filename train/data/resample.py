@@ -149,7 +149,8 @@ def _resize_float(crop: torch.Tensor, size_hw: tuple[int, int], flip: bool, noda
     s_h, s_w = size_hw
     src = _scratch(0, (h, c, w))
     src.copy_(crop.permute(1, 0, 2))  # one read of the crop, cast on the way (a row at a time for H x W x C memory)
-    if nodata is not None:
+    if nodata is not None:  # on the float copy, with the fill an integer image would take (rounded, clamped)
+        fill = _nodata_arrays(c, crop.dtype, nodata, fill)[2] if crop.dtype != torch.float32 else fill
         fill_nodata(src.permute(1, 0, 2), nodata, fill, inplace=True)
     tmp = _banded(_blocks(h, s_h, False), src.view(h, c * w), _scratch(1, (s_h, c * w)))  # [S_h, C, w]
     out = _banded_right(tmp.view(s_h * c, w), _blocks_t(w, s_w, flip), _scratch(2, (s_h * c, s_w)))
@@ -183,6 +184,7 @@ def _nodata_arrays(c: int, dtype: torch.dtype, nodata, fill):
         raise FastMAEError(f"nodata ({nd.numel()} values) and fill ({fv.numel()} values) need 1 or {c} values, one "
                            "per band")  # fmt: skip
     nd, fv = nd.expand(c).clone(), fv.expand(c).clone()
+    _check_fill(fv, dtype)
     if dtype == torch.float32:
         has = torch.ones(c, dtype=torch.uint8)  # NaN matches NaN there
     else:
@@ -192,12 +194,21 @@ def _nodata_arrays(c: int, dtype: torch.dtype, nodata, fill):
     return has, nd.float(), fv.float()
 
 
+def _check_fill(fv: torch.Tensor, dtype: torch.dtype) -> None:
+    if dtype != torch.float32 and not torch.isfinite(fv).all():
+        raise FastMAEError(f"the nodata fill {fv.tolist()} of a {dtype} image must be finite (one value per band, "
+                           "usually the band means)")  # fmt: skip
+
+
 def _resize_compiled(crop: torch.Tensor, size_hw: tuple[int, int], flip: bool, nodata=None, fill=None,
                      out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """``crop [C, h, w]`` (any strides) resized to ``[C, S_h, S_w]`` in its dtype by the compiled taps, into ``out``
     (any strides) or a new contiguous tensor. Every pointer, size and stride handed to C is checked here."""
     c, h, w = crop.shape
     s_h, s_w = size_hw
+    if crop.device.type != "cpu" or (out is not None and out.device.type != "cpu"):
+        raise FastMAEError(f"the compiled resampler works on CPU tensors (the image is on {crop.device}"
+                           + (f", the output on {out.device})" if out is not None else ")"))  # fmt: skip
     if min(c, h, w, s_h, s_w) < 1:
         raise FastMAEError(f"cannot resample a crop of shape {list(crop.shape)} to {s_h} x {s_w}")
     if out is None:
@@ -259,10 +270,12 @@ def _backend(backend: str | None) -> str:
     return backend
 
 
-def _float_path(backend: str) -> str:
-    """The path that computes non-uint8 crops: ``compiled``, ``matmul`` or ``reference``."""
+def _float_path(backend: str, *tensors: torch.Tensor | None) -> str:
+    """The path that computes non-uint8 crops: ``compiled``, ``matmul`` or ``reference``; ``fast`` is ``compiled``
+    where it is built and every tensor is on the CPU."""
     if backend == "fast":
-        return "compiled" if _compiled is not None else "matmul"
+        on_cpu = all(t is None or t.device.type == "cpu" for t in tensors)
+        return "compiled" if _compiled is not None and on_cpu else "matmul"
     return backend
 
 
@@ -277,7 +290,7 @@ def crop_resize_flip(img: torch.Tensor, box, flip: bool, size: int, *, nodata=No
     x, y, w, h = (int(v) for v in box)
     crop = img[:, y : y + h, x : x + w]
     chosen = _backend(backend)
-    path = _float_path(chosen)
+    path = _float_path(chosen, img, out)
     if path == "reference":
         if nodata is not None:
             crop = fill_nodata(crop, nodata, fill)
@@ -306,7 +319,7 @@ def eval_resize_crop(img: torch.Tensor, size: int, *, nodata=None, fill=None, ba
     _check(img)
     c, height, width = img.shape
     chosen = _backend(backend)
-    path = _float_path(chosen)
+    path = _float_path(chosen, img)
     if chosen in ("fast", "matmul") and img.dtype == torch.uint8 and nodata is None:
         return eval_resize_crop_uint8(img, size)
     rh, rw = eval_size(height, width, size)
@@ -365,6 +378,7 @@ def fill_nodata(img: torch.Tensor, nodata, fill, inplace: bool = False) -> torch
                            "per band")  # fmt: skip
     nd, fv = nd.expand(c).tolist(), fv.expand(c)
     floating = img.is_floating_point()
+    _check_fill(fv, img.dtype)
     if not floating:
         lo, hi = _INT_RANGE[img.dtype]
         fv = torch.floor(fv + 0.5).clamp(lo, hi)
