@@ -23,7 +23,9 @@ typedef ptrdiff_t ssize; /* Py_ssize_t's type */
 
 /* The hot loops are compiled twice on x86-64: for AVX2 + FMA (x86-64-v3) and for the baseline; the loader picks
  * one when the module loads (GCC's function multi-versioning). Elsewhere, the compiler's defaults. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTMAE_RESAMPLE_ONE_ISA)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 &&                             \
+    !defined(FASTMAE_RESAMPLE_ONE_ISA)
+#define FASTMAE_CLONES 1 /* GCC 11 knows x86-64-v3 */
 #define HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define HOT
@@ -268,10 +270,16 @@ PyDoc_STRVAR(isa_doc, "isa(): the instruction set the hot loops run with on this
 static PyObject *isa(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FASTMAE_RESAMPLE_ONE_ISA)
+#ifdef FASTMAE_CLONES
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return PyUnicode_FromString("x86-64-v3");
     return PyUnicode_FromString("x86-64");
+#elif defined(__AVX2__) && defined(__FMA__)
+    return PyUnicode_FromString("x86-64-v3");
+#elif defined(__x86_64__)
+    return PyUnicode_FromString("x86-64");
+#elif defined(__aarch64__)
+    return PyUnicode_FromString("aarch64");
 #else
     return PyUnicode_FromString("compiler default");
 #endif

@@ -195,6 +195,11 @@ def test_backend_switch_and_refusals(monkeypatch):
     assert resample.backend_label() == "torch matmul (fastmae's compiled resampler is not built (no module))"
     with pytest.raises(FastMAEError, match=r"resample backend 'compiled' \(FASTMAE_RESAMPLE\): fastmae's compiled"):
         crop_resize_flip(img, (1, 2, 20, 30), True, 16, backend="compiled")
+    monkeypatch.undo()
+    monkeypatch.setattr(resample, "COMPILED_ISA", "x86-64")  # a CPU without AVX2: the baseline clone, not faster
+    assert resample._float_path("fast", img) == "matmul" and resample._float_path("compiled", img) == "compiled"
+    assert resample.backend_label().startswith("torch matmul (the compiled taps run x86-64 code on this CPU")
+    assert resample.backend_label("compiled") == "compiled taps (x86-64)"
     with pytest.raises(FastMAEError, match="dtype torch.int32"):
         crop_resize_flip(img.int(), (0, 0, 4, 4), False, 4)
 

@@ -47,12 +47,18 @@ try:  # the compiled taps (fastmae/_resample.c): built by pip install where a C 
     from fastmae import _resample as _compiled
 
     COMPILED_MISSING = ""
+    COMPILED_ISA = _compiled.isa()  # the instruction set its hot loops run with on this CPU
 except ImportError as err:  # pragma: no cover - depends on how fastmae was installed
     _compiled = None
+    COMPILED_ISA = None
     COMPILED_MISSING = (f"fastmae's compiled resampler is not built ({err}); reinstall fastmae where a C compiler "
                         "and Python's headers are found")
 
 BACKENDS = ("fast", "compiled", "matmul", "reference")
+# where `fast` takes the compiled taps: where they measured faster than torch's products. On x86-64 with AVX2 + FMA,
+# 2.0x (pixel-interleaved crops) and 1.5x (band planes); their x86-64 baseline clone (SSE2) was 1.04x and 1.32x
+# slower than torch (13-band 264 px tiles, one core; benchmarks/bench_bands.py --stages). Elsewhere not measured.
+FASTER_ISAS = ("x86-64-v3",)
 BLOCK = 16  # output rows per banded block: 16 was fastest of 8/16/32/64 on a 13-band 264 px tile (x86, one core)
 EVAL_CROP = 0.875  # the evaluation view resizes the shorter side to size / 0.875, then takes the centre
 _INT_RANGE = {torch.uint8: (0, 255), torch.uint16: (0, 65535), torch.int16: (-32768, 32767)}
@@ -178,12 +184,7 @@ def _nodata_arrays(c: int, dtype: torch.dtype, nodata, fill):
     """:func:`fill_nodata`'s rules as the compiled path's per-band arrays: which bands have a nodata value that the
     dtype can hold (uint8 ``[C]``), the value and the fill (float32 ``[C]``, the fill rounded and clamped for
     integers)."""
-    nd = torch.as_tensor(nodata, dtype=torch.float64).flatten()
-    fv = torch.as_tensor(fill, dtype=torch.float64).flatten()
-    if nd.numel() not in (1, c) or fv.numel() not in (1, c):
-        raise FastMAEError(f"nodata ({nd.numel()} values) and fill ({fv.numel()} values) need 1 or {c} values, one "
-                           "per band")  # fmt: skip
-    nd, fv = nd.expand(c).clone(), fv.expand(c).clone()
+    nd, fv = _per_band(c, nodata, fill)
     _check_fill(fv, dtype)
     if dtype == torch.float32:
         has = torch.ones(c, dtype=torch.uint8)  # NaN matches NaN there
@@ -194,8 +195,18 @@ def _nodata_arrays(c: int, dtype: torch.dtype, nodata, fill):
     return has, nd.float(), fv.float()
 
 
+def _per_band(c: int, nodata, fill) -> tuple[torch.Tensor, torch.Tensor]:
+    """``nodata`` and ``fill`` (one value, or one per band) as float64 ``[C]`` each."""
+    nd = torch.as_tensor(nodata, dtype=torch.float64).flatten()
+    fv = torch.as_tensor(fill, dtype=torch.float64).flatten()
+    if nd.numel() not in (1, c) or fv.numel() not in (1, c):
+        raise FastMAEError(f"nodata ({nd.numel()} values) and fill ({fv.numel()} values) need 1 or {c} values, one "
+                           "per band")  # fmt: skip
+    return nd.expand(c).clone(), fv.expand(c).clone()
+
+
 def _check_fill(fv: torch.Tensor, dtype: torch.dtype) -> None:
-    if dtype != torch.float32 and not torch.isfinite(fv).all():
+    if not dtype.is_floating_point and not torch.isfinite(fv).all():
         raise FastMAEError(f"the nodata fill {fv.tolist()} of a {dtype} image must be finite (one value per band, "
                            "usually the band means)")  # fmt: skip
 
@@ -232,11 +243,16 @@ def _resize_compiled(crop: torch.Tensor, size_hw: tuple[int, int], flip: bool, n
 def backend_label(backend: str | None = None) -> str:
     """What resamples non-8-bit crops in this process, for the log and the benchmarks' results."""
     chosen = _backend(backend)
-    if chosen in ("fast", "compiled") and _compiled is not None:
-        return f"compiled taps ({_compiled.isa()})"
     if chosen == "reference":
         return "float64 reference (FASTMAE_RESAMPLE=reference)"
-    return "torch matmul" + (f" ({COMPILED_MISSING})" if chosen == "fast" else "")
+    if chosen == "compiled" or (chosen == "fast" and _float_path("fast") == "compiled"):
+        return f"compiled taps ({COMPILED_ISA})"
+    if chosen == "matmul":
+        return "torch matmul"
+    if _compiled is None:
+        return f"torch matmul ({COMPILED_MISSING})"
+    return (f"torch matmul (the compiled taps run {COMPILED_ISA} code on this CPU, not measured faster there; "
+            "FASTMAE_RESAMPLE=compiled takes them)")
 
 
 def _to_dtype(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -275,7 +291,7 @@ def _float_path(backend: str, *tensors: torch.Tensor | None) -> str:
     where it is built and every tensor is on the CPU."""
     if backend == "fast":
         on_cpu = all(t is None or t.device.type == "cpu" for t in tensors)
-        return "compiled" if _compiled is not None and on_cpu else "matmul"
+        return "compiled" if _compiled is not None and COMPILED_ISA in FASTER_ISAS and on_cpu else "matmul"
     return backend
 
 
@@ -371,12 +387,8 @@ def fill_nodata(img: torch.Tensor, nodata, fill, inplace: bool = False) -> torch
     crop (no extra pass over the tile).
     """
     c = img.shape[0]
-    nd = torch.as_tensor(nodata, dtype=torch.float64).flatten()
-    fv = torch.as_tensor(fill, dtype=torch.float64).flatten()
-    if nd.numel() not in (1, c) or fv.numel() not in (1, c):
-        raise FastMAEError(f"nodata ({nd.numel()} values) and fill ({fv.numel()} values) need 1 or {c} values, one "
-                           "per band")  # fmt: skip
-    nd, fv = nd.expand(c).tolist(), fv.expand(c)
+    nd, fv = _per_band(c, nodata, fill)
+    nd = nd.tolist()
     floating = img.is_floating_point()
     _check_fill(fv, img.dtype)
     if not floating:
