@@ -639,8 +639,9 @@ print(json.dumps(info))
     "fastmae": """
 import json, torch, fastmae
 from fastmae.kernels import _common
+from fastmae.train.data.resample import backend_label
 print(json.dumps({"fastmae": fastmae.__version__, "file": fastmae.__file__, "triton_interpreted": _common.INTERPRETED,
-                  "cuda": torch.cuda.is_available()}))
+                  "cuda": torch.cuda.is_available(), "resample": backend_label()}))
 """,
 }
 
