@@ -149,12 +149,12 @@ def stage_rows(data: dict, img_size: int, mean, std, reps: int = 30) -> list[dic
     def box():
         return boxes[next(k) % len(boxes)]
 
+    native = read_raster(npy)
     for b in boxes:  # the resampling matrices of these crop sizes, made once per process (as a warm worker has them)
-        crop_resize_flip(read_raster(npy), b, True, img_size)
-        crop_resize_flip(read_raster(npy), b, True, img_size, backend="matmul")
+        crop_resize_flip(native, b, True, img_size)
+        crop_resize_flip(native, b, True, img_size, backend="matmul")
     norm = T.Normalize(list(mean), list(std))
     resized = F.resized_crop(x, 0, 0, 200, 200, [img_size, img_size], InterpolationMode.BICUBIC, antialias=True)
-    native = read_raster(npy)
     crop_rows = (30, 230)  # 200 rows: a crop of the usual size
 
     def fresh_batch():  # 16 images of fresh shared memory, written once: what every batch a worker hands over costs

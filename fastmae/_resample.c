@@ -121,7 +121,8 @@ static void vertical(const float *buf, ssize n, const int32_t *lo, const float *
 
 /* ------------------------------------------------------------------------------------------ 3. horizontal */
 /* line[p] ([cp] floats) = sum_t wt[p, t] * row[lo[p] + t] (pixels of c floats). Each sum is a chain of k dependent
- * multiply-adds; 8 lanes at a time, with two output pixels in flight so that the chains overlap. */
+ * multiply-adds; 8 lanes at a time, with four output pixels in flight so that the chains overlap (one pixel at a
+ * time measured ~1.15x slower on a 13-band crop; two and four alike). */
 typedef float v8f __attribute__((vector_size(32)));
 
 /* always inlined: a 32-byte vector returned from a baseline copy into the AVX2 clone would take another ABI */

@@ -23,9 +23,10 @@ Three ways to compute it (``FASTMAE_RESAMPLE`` or ``backend=``):
 - ``reference``: :func:`crop_resize_flip_reference`, the same resampling matrices in float64, one image at a time;
   the tests bound both fast paths against it.
 
-``fast`` (the default) is ``compiled`` where the extension is built, else ``matmul``; :func:`backend_label` says
-which, and why (the loader logs it). Both use the same float32 taps (the matrix's rows) and differ only in the order
-of the sums; work buffers are kept per thread and reused.
+``fast`` (the default) is ``compiled`` where the extension is built and :data:`FASTER_ISAS` holds what it runs on this
+CPU (AVX2 + FMA), else ``matmul``; :func:`backend_label` says which, and why (the loader logs it). Both use the same
+float32 taps (the matrix's rows) and differ only in the order of the sums; work buffers are kept per thread and
+reused.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def _resize_float(crop: torch.Tensor, size_hw: tuple[int, int], flip: bool, noda
     src = _scratch(0, (h, c, w))
     src.copy_(crop.permute(1, 0, 2))  # one read of the crop, cast on the way (a row at a time for H x W x C memory)
     if nodata is not None:  # on the float copy, with the fill an integer image would take (rounded, clamped)
-        fill = _nodata_arrays(c, crop.dtype, nodata, fill)[2] if crop.dtype != torch.float32 else fill
+        fill = _per_band(c, nodata, fill, crop.dtype)[1]
         fill_nodata(src.permute(1, 0, 2), nodata, fill, inplace=True)
     tmp = _banded(_blocks(h, s_h, False), src.view(h, c * w), _scratch(1, (s_h, c * w)))  # [S_h, C, w]
     out = _banded_right(tmp.view(s_h * c, w), _blocks_t(w, s_w, flip), _scratch(2, (s_h * c, s_w)))
@@ -184,31 +185,31 @@ def _nodata_arrays(c: int, dtype: torch.dtype, nodata, fill):
     """:func:`fill_nodata`'s rules as the compiled path's per-band arrays: which bands have a nodata value that the
     dtype can hold (uint8 ``[C]``), the value and the fill (float32 ``[C]``, the fill rounded and clamped for
     integers)."""
-    nd, fv = _per_band(c, nodata, fill)
-    _check_fill(fv, dtype)
+    nd, fv = _per_band(c, nodata, fill, dtype)
     if dtype == torch.float32:
         has = torch.ones(c, dtype=torch.uint8)  # NaN matches NaN there
     else:
         lo, hi = _INT_RANGE[dtype]
         has = (~torch.isnan(nd) & (nd == torch.round(nd)) & (nd >= lo) & (nd <= hi)).to(torch.uint8)
-        fv = torch.floor(fv + 0.5).clamp(lo, hi)
     return has, nd.float(), fv.float()
 
 
-def _per_band(c: int, nodata, fill) -> tuple[torch.Tensor, torch.Tensor]:
-    """``nodata`` and ``fill`` (one value, or one per band) as float64 ``[C]`` each."""
+def _per_band(c: int, nodata, fill, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``nodata`` and ``fill`` (one value, or one per band) as float64 ``[C]`` each, the fill as an image of
+    ``dtype`` takes it: for integers finite, rounded half up and clamped to the dtype."""
     nd = torch.as_tensor(nodata, dtype=torch.float64).flatten()
     fv = torch.as_tensor(fill, dtype=torch.float64).flatten()
     if nd.numel() not in (1, c) or fv.numel() not in (1, c):
         raise FastMAEError(f"nodata ({nd.numel()} values) and fill ({fv.numel()} values) need 1 or {c} values, one "
                            "per band")  # fmt: skip
-    return nd.expand(c).clone(), fv.expand(c).clone()
-
-
-def _check_fill(fv: torch.Tensor, dtype: torch.dtype) -> None:
-    if not dtype.is_floating_point and not torch.isfinite(fv).all():
-        raise FastMAEError(f"the nodata fill {fv.tolist()} of a {dtype} image must be finite (one value per band, "
-                           "usually the band means)")  # fmt: skip
+    nd, fv = nd.expand(c).clone(), fv.expand(c).clone()
+    if not dtype.is_floating_point:
+        if not torch.isfinite(fv).all():
+            raise FastMAEError(f"the nodata fill {fv.tolist()} of a {dtype} image must be finite (one value per "
+                               "band, usually the band means)")  # fmt: skip
+        lo, hi = _INT_RANGE[dtype]
+        fv = torch.floor(fv + 0.5).clamp(lo, hi)
+    return nd, fv
 
 
 def _resize_compiled(crop: torch.Tensor, size_hw: tuple[int, int], flip: bool, nodata=None, fill=None,
@@ -311,7 +312,7 @@ def crop_resize_flip(img: torch.Tensor, box, flip: bool, size: int, *, nodata=No
         if nodata is not None:
             crop = fill_nodata(crop, nodata, fill)
         res = crop_resize_flip_reference(crop, (0, 0, w, h), flip, size)
-    elif img.dtype == torch.uint8 and nodata is None and chosen != "compiled":
+    elif chosen in ("fast", "matmul") and img.dtype == torch.uint8 and nodata is None:
         res = crop_resize_flip_uint8(img, box, flip, size)
     elif path == "compiled":
         return _resize_compiled(crop, (size, size), bool(flip), nodata, fill, out)
@@ -387,14 +388,11 @@ def fill_nodata(img: torch.Tensor, nodata, fill, inplace: bool = False) -> torch
     crop (no extra pass over the tile).
     """
     c = img.shape[0]
-    nd, fv = _per_band(c, nodata, fill)
-    nd = nd.tolist()
+    nd, fv = _per_band(c, nodata, fill, img.dtype)
+    nd, fv = nd.tolist(), fv.tolist()
     floating = img.is_floating_point()
-    _check_fill(fv, img.dtype)
     if not floating:
         lo, hi = _INT_RANGE[img.dtype]
-        fv = torch.floor(fv + 0.5).clamp(lo, hi)
-    fv = fv.tolist()
     out = img if inplace else img.clone()
     bits = out.view(torch.int16) if out.dtype == torch.uint16 else out  # torch has no masked_fill for uint16
 
